@@ -16,27 +16,37 @@ def sgd_step(
     lr: float | Tensor,
     *,
     first_order: bool = False,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    momentum_buffers: Mapping[str, Tensor | None] | None = None,
 ) -> dict[str, Tensor]:
-    """θ′ = θ − lr·∇θ loss for every named weight, differentiable through the gradient.
+    """θ′ = θ − lr·d for every named weight, differentiable through the gradient.
 
-    ``create_graph`` is on unless ``first_order``, so θ′ carries second-order history back to
-    whatever ``loss`` depends on (per-example weights ε, a weighting net). Weights that ``loss``
-    does not reach are returned unchanged.
+    d is the plain gradient ∇θ loss by default. With ``weight_decay``/``momentum``/``nesterov``
+    it is the direction ``torch.optim.SGD`` would take from its current ``momentum_buffers``
+    (detached, by name; a missing buffer means SGD's first step), so a virtual step can replay
+    the real optimizer. ``create_graph`` is on unless ``first_order``, so θ′ carries
+    second-order history back to whatever ``loss`` depends on (per-example weights ε, a
+    weighting net). Weights that ``loss`` does not reach are returned unchanged.
     """
-    names = list(params)
-    tensors = [params[n] for n in names]
+    names = [n for n, t in params.items() if t.requires_grad]
     grads = torch.autograd.grad(
-        loss,
-        [t for t in tensors if t.requires_grad],
-        create_graph=not first_order,
-        allow_unused=True,
+        loss, [params[n] for n in names], create_graph=not first_order, allow_unused=True
     )
-    it = iter(grads)
-    new: dict[str, Tensor] = {}
-    for name, theta in zip(names, tensors, strict=True):
-        g = next(it) if theta.requires_grad else None
+    new = dict(params)
+    buffers = momentum_buffers or {}
+    for name, g in zip(names, grads, strict=True):
         if g is None:
-            new[name] = theta
-        else:
-            new[name] = theta - lr * (g.detach() if first_order else g)
+            continue
+        theta = params[name]
+        d = g.detach() if first_order else g
+        if weight_decay:
+            d = d + weight_decay * theta.detach()
+        if momentum:
+            buf = buffers.get(name)
+            buf = d if buf is None else momentum * buf.detach() + (1 - dampening) * d
+            d = d + momentum * buf if nesterov else buf
+        new[name] = theta - lr * d
     return new

@@ -18,7 +18,7 @@ Example:
     >>> torch.equal(twin(x), model(x))
     True
     >>> loss = twin(x).pow(2).mean()
-    >>> twin.virtual_step(loss, lr=0.1)  # θ′ = θ − 0.1·∇θ loss, with history
+    >>> new = twin.virtual_step(loss, lr=0.1)  # θ′ = θ − 0.1·∇θ loss, with history
     >>> [name for name, _ in twin.named_params()]
     ['0.weight', '0.bias', '2.weight', '2.bias']
     >>> twin.bind(model)  # back to the model's own parameters
@@ -30,7 +30,6 @@ import copy
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -44,14 +43,17 @@ __all__ = [
     "MetaModule",
     "MetaModuleDict",
     "MetaModuleList",
-    "MetaSyncBatchNorm",
     "MetaSequential",
+    "MetaSyncBatchNorm",
     "bufferize_",
     "to_meta",
 ]
 
 # Attribute on every converted module listing the buffer names that hold its weights.
 _META_NAMES = "_meta_param_names"
+# Attribute listing the (non-weight) buffers a twin shares with its source model, read-only:
+# BatchNorm running statistics. ``bind`` re-points only these; other buffers stay copies.
+_SHARED_NAMES = "_meta_shared_buffers"
 
 # Layer types whose forward does not read its weights through attributes: converting them
 # generically would silently keep using stale copies of the weights.
@@ -85,7 +87,7 @@ class MetaModule(nn.Module):
     """
 
     def named_params(self, prefix: str = "") -> Iterator[tuple[str, Tensor]]:
-        """Yield ``(name, tensor)`` for every meta weight in this tree (``None`` weights skipped)."""
+        """Yield ``(name, tensor)`` for every meta weight in this tree (skipping ``None``)."""
         for mod_name, mod in self.named_modules(prefix=prefix, remove_duplicate=True):
             for name in getattr(mod, _META_NAMES, ()):
                 value = mod._buffers.get(name)
@@ -133,9 +135,8 @@ class MetaModule(nn.Module):
             if src is None:
                 raise KeyError(f"bind: {name!r} has no counterpart in {type(source).__name__}")
             mod.training = src.training
-            for buf_name, buf in src._buffers.items():
-                if buf_name in mod._buffers and buf_name not in getattr(mod, _META_NAMES, ()):
-                    mod._buffers[buf_name] = buf
+            for buf_name in getattr(mod, _SHARED_NAMES, ()):
+                mod._buffers[buf_name] = src._buffers[buf_name]
 
     def virtual_step(
         self,
@@ -195,7 +196,7 @@ class _MetaBatchNorm(_MetaInit, MetaModule):
     it normalises with the running statistics, like the real layer.
     """
 
-    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 (torch's argument name)
+    def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)  # type: ignore[attr-defined]
         use_batch_stats = self.training or self.running_mean is None  # type: ignore[attr-defined]
         return F.batch_norm(
@@ -297,14 +298,24 @@ def to_meta(module: nn.Module) -> MetaModule:
             )
     bn_types = tuple(t for t in _COUNTERPARTS if issubclass(t, nn.modules.batchnorm._BatchNorm))
     memo: dict[int, Any] = {id(p): p for p in module.parameters()}
+    shared_names: list[tuple[str, ...]] = []
     for mod in module.modules():
-        shared = set(getattr(mod, _META_NAMES, ()))
+        weights = set(getattr(mod, _META_NAMES, ()))
+        shared = ()
         if isinstance(mod, (*bn_types, _MetaBatchNorm)):
-            shared |= set(mod._buffers)
-        memo.update({id(b): b for n, b in mod._buffers.items() if n in shared and b is not None})
+            shared = tuple(n for n, b in mod._buffers.items() if b is not None and n not in weights)
+        shared_names.append(shared)
+        memo.update(
+            {
+                id(b): b
+                for n, b in mod._buffers.items()
+                if (n in weights or n in shared) and b is not None
+            }
+        )
     twin = copy.deepcopy(module, memo)
-    for mod in twin.modules():
+    for mod, shared in zip(twin.modules(), shared_names, strict=True):
         bufferize_(mod)
+        setattr(mod, _SHARED_NAMES, shared)
         mod.__class__ = _meta_class(type(mod))
     assert isinstance(twin, MetaModule)
     return twin

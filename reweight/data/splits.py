@@ -1,0 +1,303 @@
+"""Meta/train splits, long-tail subsampling and corruption as pure functions on label tensors.
+
+Nothing here touches files: every dataset protocol is a ``plan_*`` function that takes the
+labels of a source split and a ``torch.Generator`` seeded with the dataset seed, and returns a
+:class:`SplitPlan` (which source indices go to the meta and training sets, with which labels).
+The torchvision-facing loaders only apply a plan to the images, so the protocols are tested on
+synthetic label arrays without the CIFAR files.
+
+Example::
+
+    >>> import torch
+    >>> labels = torch.arange(10).repeat(500)  # 500 per class
+    >>> plan = plan_long_tail(labels, 10, meta_per_class=10, imbalance_factor=100,
+    ...                       generator=torch.Generator().manual_seed(0))
+    >>> plan.info["long_tail_counts"][0], plan.info["long_tail_counts"][-1]
+    (490, 4)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from reweight.data._validate import (
+    check_at_least,
+    check_bool,
+    check_int,
+    check_label_tensor,
+    check_open_unit,
+)
+from reweight.data.noise import (
+    corrupt_labels,
+    empirical_transition,
+    expected_noise_rate,
+    noise_matrix,
+)
+from reweight.data.noise import noise_rate as measured_noise_rate
+
+__all__ = [
+    "SplitPlan",
+    "class_counts",
+    "long_tail_counts",
+    "plan_binary_imbalance",
+    "plan_human_noise",
+    "plan_long_tail",
+    "plan_noisy",
+    "split_meta",
+    "subsample_per_class",
+]
+
+
+@dataclass
+class SplitPlan:
+    """Which examples of a source dataset form the meta and training sets, and their labels.
+
+    Indices are int64 positions in the source training split, sorted ascending. Labels are in the
+    task's label space (e.g. 0/1 for the binary MNIST task). ``test_indices``/``test_labels`` are
+    ``None`` when the whole test split is used with its own labels.
+    """
+
+    num_classes: int
+    train_indices: Tensor  # (N,) int64
+    train_labels: Tensor  # (N,) int64, observed (possibly corrupted)
+    true_labels: Tensor  # (N,) int64, original
+    meta_indices: Tensor  # (M,) int64
+    meta_labels: Tensor  # (M,) int64, clean
+    info: dict[str, Any] = field(default_factory=dict)
+    test_indices: Tensor | None = None
+    test_labels: Tensor | None = None
+
+    @property
+    def corrupted(self) -> Tensor:
+        """(N,) bool: the observed label differs from the original."""
+        return self.train_labels != self.true_labels
+
+
+def class_counts(labels: Tensor, num_classes: int) -> list[int]:
+    """Number of examples of each class, as a list of length ``num_classes``."""
+    check_label_tensor("labels", labels, num_classes)
+    return torch.bincount(labels.to(torch.int64), minlength=num_classes).tolist()
+
+
+def _class_groups(labels: Tensor, num_classes: int) -> list[Tensor]:
+    """For each class, the ascending indices of its examples (one stable sort, not K scans)."""
+    labels = labels.to(torch.int64)
+    order = torch.argsort(labels, stable=True)
+    return list(torch.split(order, torch.bincount(labels, minlength=num_classes).tolist()))
+
+
+def _shuffle(indices: Tensor, generator: torch.Generator) -> Tensor:
+    return indices[torch.randperm(indices.numel(), generator=generator)]
+
+
+def split_meta(
+    labels: Tensor, num_classes: int, meta_per_class: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """Hold out ``meta_per_class`` random examples of every class.
+
+    Returns ``(meta_indices, rest_indices)``, both sorted, partitioning ``range(len(labels))``.
+    At least one example of each class must remain outside the meta set.
+    """
+    k = check_int("meta_per_class", meta_per_class, minimum=1)
+    counts = class_counts(labels, num_classes)
+    smallest = min(counts)
+    if k >= smallest:
+        c = counts.index(smallest)
+        raise ValueError(
+            f"meta_per_class={k} is larger than what is available: class {c} has {smallest} "
+            f"examples and at least one must stay in the training set (allowed: 1 <= "
+            f"meta_per_class <= {smallest - 1})"
+        )
+    meta = [_shuffle(group, generator)[:k] for group in _class_groups(labels, num_classes)]
+    meta = torch.cat(meta).sort().values
+    keep = torch.ones(labels.shape[0], dtype=torch.bool)
+    keep[meta] = False
+    return meta, keep.nonzero().squeeze(1)
+
+
+def subsample_per_class(labels: Tensor, counts: list[int], generator: torch.Generator) -> Tensor:
+    """Sorted indices of ``counts[c]`` random examples of each class ``c``."""
+    available = class_counts(labels, len(counts))
+    for c, (want, have) in enumerate(zip(counts, available, strict=True)):
+        if not 0 <= want <= have:
+            raise ValueError(f"cannot keep {want} examples of class {c}: {have} are available")
+    groups = _class_groups(labels, len(counts))
+    kept = [_shuffle(group, generator)[:n] for group, n in zip(groups, counts, strict=True)]
+    return torch.cat(kept).sort().values
+
+
+def long_tail_counts(n_per_class: int, num_classes: int, imbalance_factor: float) -> list[int]:
+    """Per-class sizes of a long-tailed set: class ``i`` keeps ``int(n * rho ** (-i / (K - 1)))``.
+
+    Class 0 is the head (``n`` examples), class ``K - 1`` the tail (``int(n / rho)``). This is the
+    exponential profile of Cui et al. (CVPR 2019), used by LDAM-DRW and Meta-Weight-Net for
+    CIFAR-LT, with ``rho`` = ``imbalance_factor`` in {200, 100, 50, 20, 10, 1} in those papers.
+
+    >>> long_tail_counts(4990, 10, 100)
+    [4990, 2991, 1793, 1075, 644, 386, 231, 138, 83, 49]
+    """
+    n = check_int("n_per_class", n_per_class, minimum=1)
+    k = check_int("num_classes", num_classes, minimum=2)
+    rho = check_at_least("imbalance_factor", imbalance_factor, 1.0)
+    return [int(n * rho ** (-i / (k - 1))) for i in range(k)]
+
+
+def _noise_info(true: Tensor, noisy: Tensor, T: Tensor) -> dict[str, Any]:
+    return {
+        "noise_matrix": T.tolist(),
+        "noise_rate_measured": measured_noise_rate(noisy, true),
+        "noise_rate_expected": expected_noise_rate(T, true),
+    }
+
+
+def plan_noisy(
+    labels: Tensor,
+    num_classes: int,
+    *,
+    meta_per_class: int,
+    noise_type: str,
+    noise_rate: float,
+    generator: torch.Generator,
+) -> SplitPlan:
+    """Clean class-balanced meta set, then synthetic noise on the rest (MW-Net's protocol).
+
+    Generator order: noise matrix (``flip``/``flip2`` only), meta split, corruption.
+    ``info`` records the matrix ``T``, the requested rate, the measured rate (fraction of training
+    labels changed) and the rate expected from ``T``.
+    """
+    T = noise_matrix(noise_type, num_classes, noise_rate, generator)
+    meta, rest = split_meta(labels, num_classes, meta_per_class, generator)
+    true = labels[rest].to(torch.int64)
+    noisy = corrupt_labels(true, T, generator)
+    info = {"noise_type": noise_type, "noise_rate": float(noise_rate),
+            **_noise_info(true, noisy, T)}
+    return SplitPlan(num_classes, rest, noisy, true, meta, labels[meta].to(torch.int64), info)
+
+
+def plan_long_tail(
+    labels: Tensor,
+    num_classes: int,
+    *,
+    meta_per_class: int,
+    imbalance_factor: float,
+    generator: torch.Generator,
+) -> SplitPlan:
+    """Clean meta set of ``meta_per_class`` per class removed first, then class ``i`` keeps
+    ``int(n * rho ** (-i / (K - 1)))`` random examples, ``n`` the per-class count left (the
+    smallest class count if the source is not balanced). Labels are not corrupted."""
+    check_at_least("imbalance_factor", imbalance_factor, 1.0)
+    meta, rest = split_meta(labels, num_classes, meta_per_class, generator)
+    rest_labels = labels[rest].to(torch.int64)
+    n = min(class_counts(rest_labels, num_classes))
+    counts = long_tail_counts(n, num_classes, imbalance_factor)
+    train = rest[subsample_per_class(rest_labels, counts, generator)]
+    true = labels[train].to(torch.int64)
+    info = {"imbalance_factor": float(imbalance_factor), "n_per_class": n,
+            "long_tail_counts": counts}
+    meta_labels = labels[meta].to(torch.int64)
+    return SplitPlan(num_classes, train, true.clone(), true, meta, meta_labels, info)
+
+
+def plan_human_noise(
+    clean: Tensor,
+    noisy: Tensor,
+    num_classes: int,
+    *,
+    meta_per_class: int,
+    generator: torch.Generator,
+) -> SplitPlan:
+    """Real noisy labels (CIFAR-N): a clean class-balanced meta set chosen by the clean labels,
+    the rest trained with the given noisy labels. ``info`` records the measured noise rate and the
+    empirical transition matrix."""
+    if clean.shape != noisy.shape:
+        raise ValueError(f"clean and noisy labels must have the same shape; got "
+                         f"{tuple(clean.shape)} and {tuple(noisy.shape)}")
+    check_label_tensor("noisy", noisy, num_classes)
+    meta, rest = split_meta(clean, num_classes, meta_per_class, generator)
+    true = clean[rest].to(torch.int64)
+    observed = noisy[rest].to(torch.int64)
+    T = empirical_transition(true, observed, num_classes)
+    info = {
+        "noise_type": "human",
+        "noise_matrix_empirical": T.tolist(),
+        "noise_rate_measured": measured_noise_rate(observed, true),
+    }
+    return SplitPlan(num_classes, rest, observed, true, meta, clean[meta].to(torch.int64), info)
+
+
+def plan_binary_imbalance(
+    train_targets: Tensor,
+    test_targets: Tensor,
+    *,
+    minority: int,
+    majority: int,
+    n_train: int,
+    proportion: float,
+    meta_per_class: int,
+    test_balanced: bool,
+    generator: torch.Generator,
+) -> SplitPlan:
+    """L2RW's imbalanced binary task (Ren et al., ICML 2018, Sec. 5.1, with 4 vs 9 on MNIST).
+
+    ``round(n_train * proportion)`` majority and ``n_train - round(n_train * proportion)``
+    minority examples are drawn from the training split; ``meta_per_class`` of each are held out
+    as the balanced clean meta set. Labels: 0 = minority, 1 = majority. The test set has every
+    minority test example and, if ``test_balanced``, as many random majority ones (else all).
+    With n_train = 5000: 20 / 4970 training examples at p = 0.995 and 495 / 4495 at p = 0.9.
+    """
+    p = check_open_unit("proportion", proportion)
+    n = check_int("n_train", n_train, minimum=2)
+    k = check_int("meta_per_class", meta_per_class, minimum=1)
+    check_bool("test_balanced", test_balanced)
+    n_major = round(n * p)
+    n_minor = n - n_major
+    num_digits = max(minority, majority) + 1
+    train_groups = _class_groups(train_targets, num_digits)
+    test_groups = _class_groups(test_targets, num_digits)
+    draws = {}
+    for cls, want, role in ((minority, n_minor, "minority"), (majority, n_major, "majority")):
+        if k >= want:
+            raise ValueError(
+                f"meta_per_class={k} is larger than what is available: n_train={n} and "
+                f"proportion={p} give {want} {role} images (digit {cls}) and at least one must "
+                f"stay in the training set (allowed: 1 <= meta_per_class <= {want - 1})"
+            )
+        pool = _shuffle(train_groups[cls], generator)
+        if want > pool.numel():
+            raise ValueError(
+                f"n_train={n} with proportion={p} needs {want} {role} images (digit {cls}) but "
+                f"the training split has {pool.numel()}; lower n_train"
+            )
+        draws[role] = pool[:want]
+    meta = torch.cat([draws["minority"][:k], draws["majority"][:k]]).sort().values
+    train = torch.cat([draws["minority"][k:], draws["majority"][k:]]).sort().values
+
+    test_minor = test_groups[minority]
+    test_major = _shuffle(test_groups[majority], generator)
+    if test_balanced:
+        if test_major.numel() < test_minor.numel():
+            raise ValueError(
+                f"test_balanced=true needs {test_minor.numel()} majority test images but only "
+                f"{test_major.numel()} exist; set test_balanced=false"
+            )
+        test_major = test_major[: test_minor.numel()]
+    test = torch.cat([test_minor, test_major]).sort().values
+
+    def binary(targets: Tensor, idx: Tensor) -> Tensor:
+        return (targets[idx] == majority).to(torch.int64)
+
+    true = binary(train_targets, train)
+    info = {
+        "minority_class": minority,
+        "majority_class": majority,
+        "n_minority_drawn": n_minor,
+        "n_majority_drawn": n_major,
+    }
+    return SplitPlan(
+        2, train, true.clone(), true, meta, binary(train_targets, meta), info,
+        test_indices=test, test_labels=binary(test_targets, test),
+    )

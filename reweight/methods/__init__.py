@@ -1,0 +1,45 @@
+"""Methods: each turns a training batch into per-example weights for the real update."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from reweight.methods.base import Method, MethodOutput, StepInputs
+from reweight.methods.baselines import ERM, ClassBalanced, RandomWeights
+from reweight.methods.l2rw import L2RW
+from reweight.methods.mwnet import MWNet, WeightNet
+
+__all__ = [
+    "ERM",
+    "L2RW",
+    "METHODS",
+    "ClassBalanced",
+    "MWNet",
+    "Method",
+    "MethodOutput",
+    "RandomWeights",
+    "StepInputs",
+    "WeightNet",
+    "build_method",
+]
+
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls for cls in (ERM, RandomWeights, ClassBalanced, L2RW, MWNet)
+}
+
+
+def build_method(name: str, **kwargs: Any) -> Method:
+    """A method by name (``erm``, ``random``, ``class_balanced``, ``l2rw``, ``mwnet``)."""
+    try:
+        cls = METHODS[name]
+    except KeyError:
+        raise ValueError(f"method.name must be one of {sorted(METHODS)}, got {name!r}") from None
+    params = inspect.signature(cls).parameters.values()
+    allowed = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"method {name!r} has no option {', '.join(unknown)}; allowed: {allowed or 'none'}"
+        )
+    return cls(**kwargs)

@@ -1,0 +1,152 @@
+"""Meta-Weight-Net (Shu et al., NeurIPS 2019)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from reweight.functional import check_meta_grad, mwnet_meta_grads, mwnet_weights
+from reweight.meta import MetaModule, to_meta
+from reweight.methods.base import Method, MethodOutput, StepInputs
+
+__all__ = ["MWNet", "WeightNet"]
+
+
+class WeightNet(nn.Module):
+    """The weighting function v(ℓ; φ): an MLP 1 → hidden → 1 with ReLU and a sigmoid output."""
+
+    def __init__(self, hidden: int = 100) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, loss: Tensor) -> Tensor:  # (B, 1) -> (B, 1)
+        return torch.sigmoid(self.net(loss))
+
+
+class MWNet(Method):
+    """Learn a weighting net on the per-example loss by a meta step on a clean batch.
+
+    Per step (as in the reference code): losses ℓ(θ) on the training batch; a virtual step
+    θ′ = θ − lr·∇θ Σ wᵢ(φ)ℓᵢ at the real optimizer's current learning rate; the meta loss at
+    θ′; one Adam step on φ; then the real step uses weights from the *updated* net.
+
+    Switches (defaults as in the reference code):
+        normalize: ``"none"`` (w = v/B, the mean weighted loss) or ``"sum"`` (w = v/Σv).
+        detach_loss: feed ℓ.detach() to the net (True), or let the virtual step also
+            differentiate through the net's input.
+        replay_optimizer: the virtual step repeats the real SGD optimizer's momentum and
+            weight decay (False: a plain SGD step, as in the reference code).
+    """
+
+    name: ClassVar[str] = "mwnet"
+    needs_meta: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        hidden: int = 100,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        normalize: str = "none",
+        detach_loss: bool = True,
+        replay_optimizer: bool = False,
+        meta_grad: str = "unrolled",
+    ) -> None:
+        if normalize not in ("none", "sum"):
+            raise ValueError(f"method.normalize must be one of ['none', 'sum'], got {normalize!r}")
+        if lr <= 0:
+            raise ValueError(f"method.lr must be > 0, got {lr}")
+        self.meta_grad = check_meta_grad(meta_grad)
+        self.hidden, self.lr, self.weight_decay = hidden, lr, weight_decay
+        self.normalize, self.detach_loss = normalize, detach_loss
+        self.replay_optimizer = replay_optimizer
+        self.vnet = WeightNet(hidden)
+        self.optimizer = torch.optim.Adam(self.vnet.parameters(), lr=lr, weight_decay=weight_decay)
+        self._twin: MetaModule | None = None
+
+    def setup(self, *, model: nn.Module, device: torch.device, **_: Any) -> None:
+        dtype = next(model.parameters()).dtype
+        self.vnet.to(device=device, dtype=dtype)
+        self._twin = to_meta(model)
+
+    def sgd_kwargs(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+        """Arguments that make ``sgd_step`` replay ``optimizer`` (empty unless enabled)."""
+        if not self.replay_optimizer:
+            return {}
+        if not isinstance(optimizer, torch.optim.SGD):
+            raise ValueError(
+                "method.replay_optimizer=true needs the real optimizer to be SGD, got "
+                f"{type(optimizer).__name__}"
+            )
+        group = optimizer.param_groups[0]
+        if len(optimizer.param_groups) > 1:
+            raise ValueError("method.replay_optimizer supports one parameter group only")
+        return {
+            "momentum": group["momentum"],
+            "weight_decay": group["weight_decay"],
+            "dampening": group["dampening"],
+            "nesterov": group["nesterov"],
+            "momentum_buffers": {
+                n: optimizer.state.get(p, {}).get("momentum_buffer")
+                for n, p in model.named_parameters()
+            },
+        }
+
+    def step(self, batch: StepInputs) -> MethodOutput:
+        assert batch.meta_inputs is not None and batch.meta_targets is not None
+        if self.meta_grad == "fast":
+            from reweight.fast import mwnet_fast_step
+
+            grads, losses, meta_loss = mwnet_fast_step(self, batch)
+        else:
+            if self._twin is None:
+                self._twin = to_meta(batch.model)
+            twin = self._twin
+            twin.bind(batch.model)
+            losses = batch.loss_fn(batch.model(batch.inputs), batch.targets, reduction="none")
+            grads, meta_loss = mwnet_meta_grads(
+                twin,
+                losses,
+                self.vnet,
+                batch.meta_inputs,
+                batch.meta_targets,
+                batch.lr,
+                batch.loss_fn,
+                normalize=self.normalize,
+                detach_loss=self.detach_loss,
+                sgd_kwargs=self.sgd_kwargs(batch.model, batch.optimizer),
+            )
+            twin.bind(batch.model)
+        self.optimizer.zero_grad(set_to_none=True)
+        for p, g in zip(self.vnet.parameters(), grads, strict=True):
+            p.grad = g.detach()
+        self.optimizer.step()
+        with torch.no_grad():
+            weights = mwnet_weights(self.vnet, losses.detach(), self.normalize)
+        return MethodOutput(
+            weights=weights,
+            losses=losses,
+            meta_loss=float(meta_loss),
+            zero_sum=not bool(weights.any()),
+        )
+
+    @torch.no_grad()
+    def weigh(self, batch: StepInputs) -> Tensor:
+        twin = self._twin if self._twin is not None else to_meta(batch.model)
+        twin.bind(batch.model)  # the twin's BatchNorm never writes running statistics
+        losses = batch.loss_fn(twin(batch.inputs), batch.targets, reduction="none")
+        return mwnet_weights(self.vnet, losses, self.normalize)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"vnet": self.vnet.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.vnet.load_state_dict(state["vnet"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def __repr__(self) -> str:
+        return (
+            f"MWNet(normalize={self.normalize!r}, detach_loss={self.detach_loss}, "
+            f"replay_optimizer={self.replay_optimizer}, meta_grad={self.meta_grad!r})"
+        )

@@ -1,0 +1,40 @@
+"""Shared test settings: the real MNIST of the shared data folder, one torch thread."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Tests read real MNIST from the shared data folder unless REWEIGHT_DATA_DIR says otherwise;
+# they never download.
+os.environ.setdefault("REWEIGHT_DATA_DIR", str(SHARED_DATA))
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = Path(os.environ["REWEIGHT_DATA_DIR"])
+    raw = root / "MNIST" / "raw"
+    missing = [
+        f for f in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte") if not (raw / f).exists()
+    ]
+    if missing:
+        pytest.fail(
+            f"real MNIST not found: {raw} lacks {missing}. Set REWEIGHT_DATA_DIR to a folder with "
+            "MNIST/raw/ (the four IDX files)."
+        )
+    return root
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Deterministic, and fair to the 2-core CI machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,305 @@
+"""The Trainer: methods end to end, BatchNorm policy, NaN stops, checkpoints, baselines."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from reweight import MWNet, Trainer, TrainerConfig
+from reweight.methods.baselines import effective_number_weights
+from reweight.metrics import auc
+from reweight.trainer import _BatchStream
+
+SGD = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)
+
+
+def two_blobs(seed: int, n: int, flip: float = 0.45):
+    """Two Gaussian blobs at x₀ = ±1 (σ 0.5), two thirds of class 0. A fraction ``flip`` of
+    class 0 is relabelled 1 (0.45: 30 % of all labels), which shifts ERM's boundary into
+    class 0; flipped examples stay a minority in class 0's region."""
+    g = torch.Generator().manual_seed(seed)
+    y = (torch.rand(n, generator=g) > 2 / 3).long()
+    x = torch.randn(n, 2, generator=g) * 0.5 + torch.stack([y * 2.0 - 1, torch.zeros(n)], 1)
+    flipped = (y == 0) & (torch.rand(n, generator=g) < flip)
+    return x, torch.where(flipped, 1 - y, y), flipped
+
+
+def fit_blobs(method, steps: int = 400):
+    x, noisy, flipped = two_blobs(0, 2000)
+    xm, ym, _ = two_blobs(1, 100, 0.0)
+    xt, yt, _ = two_blobs(2, 4000, 0.0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 2))
+    trainer = Trainer(
+        model,
+        TensorDataset(x, noisy),
+        TensorDataset(xm, ym),
+        TensorDataset(xt, yt),
+        method=method,
+        optimizer=SGD,
+        train_labels=noisy,
+        corrupted=flipped,
+        config=TrainerConfig(
+            max_steps=steps, batch_size=100, log_every=100, eval_every=200, progress=False
+        ),
+    )
+    return trainer.fit()
+
+
+@pytest.fixture(scope="module")
+def blob_results():
+    return {
+        "erm": fit_blobs("erm"),
+        "l2rw": fit_blobs("l2rw"),
+        "mwnet": fit_blobs(MWNet(lr=1e-2)),
+    }
+
+
+def test_flipped_labels_are_found_and_test_accuracy_beats_erm(blob_results):
+    erm = blob_results["erm"].metrics
+    assert 0.8 < erm["test_accuracy"] < 0.96  # ERM is hurt by the noise (clean optimum ≈ 0.98)
+    assert erm["weight_auc"] == 0.5  # uniform weights separate nothing
+    for name in ("l2rw", "mwnet"):
+        m = blob_results[name].metrics
+        assert m["weight_auc"] >= 0.9, name
+        assert m["weight_mean_clean"] > 3 * m["weight_mean_corrupted"], name
+        assert m["test_accuracy"] > erm["test_accuracy"] + 0.01, name
+
+
+def test_history_rows_and_summary_keys(blob_results):
+    res = blob_results["l2rw"]
+    assert [r["step"] for r in res.history] == [100, 200, 300, 400]
+    assert "test_accuracy" in res.history[1] and "test_accuracy" not in res.history[0]
+    row = res.history[-1]
+    for key in (
+        "train_loss",
+        "meta_loss",
+        "weight_mean",
+        "weight_auc",
+        "weight_mean_clean",
+        "weight_mean_corrupted",
+        "weight_mean_class0",
+        "zero_sum_batches",
+        "lr",
+    ):
+        assert key in row, key
+    m = res.metrics
+    assert m["steps"] == 400 and m["method"] == "l2rw"
+    assert m["test_error"] == pytest.approx(1 - m["test_accuracy"])
+    assert m["best_test_accuracy"] >= m["test_accuracy"]
+    assert len(m["per_class_accuracy"]) == 2 and len(m["weight_mean_per_class"]) == 2
+    # relative weights average 1 unless a batch was all zero
+    assert row["weight_mean"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_auc_against_pairwise_definition():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (60,), generator=g).double()  # many ties
+    pos = torch.rand(60, generator=g) < 0.4
+    p, n = scores[pos], scores[~pos]
+    want = ((p[:, None] > n[None]).double() + 0.5 * (p[:, None] == n[None]).double()).mean()
+    assert auc(scores, pos) == pytest.approx(float(want), abs=1e-12)
+
+
+class BNNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(3, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.fc2 = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.bn(self.fc1(x))))
+
+
+@pytest.mark.parametrize("method", ["l2rw", "mwnet"])
+def test_batchnorm_statistics_move_only_through_the_real_step(method: str):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 3, generator=g), torch.randint(0, 2, (64,), generator=g)
+    torch.manual_seed(0)
+    model = BNNet()
+    reference = copy.deepcopy(model).train()
+    cfg = TrainerConfig(
+        max_steps=3,
+        batch_size=16,
+        meta_batch_size=8,
+        log_every=1,
+        progress=False,
+        final_weights=False,
+    )
+    # lr = 0 keeps θ fixed, so the expected statistics are exactly those of one train-mode
+    # forward per step on that step's batch; a twin writing them would add more updates.
+    Trainer(
+        model,
+        TensorDataset(x, y),
+        TensorDataset(x[:8], y[:8]),
+        method=method,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.0),
+        config=cfg,
+    ).fit()
+    stream = _BatchStream(TensorDataset(x, y), 16, cfg.seed, 0, True, 0, False).iterate(0)
+    for _ in range(3):
+        _, xb, _ = next(stream)
+        reference(xb)
+    torch.testing.assert_close(model.bn.running_mean, reference.bn.running_mean)
+    torch.testing.assert_close(model.bn.running_var, reference.bn.running_var)
+    assert int(model.bn.num_batches_tracked) == 3
+
+
+def test_nan_in_the_loss_stops_with_the_step():
+    x, y = torch.randn(40, 2), torch.randint(0, 2, (40,))
+    x[5:] = float("nan")
+    trainer = Trainer(
+        nn.Linear(2, 2),
+        TensorDataset(x, y),
+        method="erm",
+        optimizer=SGD,
+        config=TrainerConfig(max_steps=5, batch_size=10, progress=False),
+    )
+    with pytest.raises(FloatingPointError, match=r"training loss is nan at step 1 \(method erm\)"):
+        trainer.fit()
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _kill_at(step: int):
+    def callback(row):
+        if row["step"] >= step:
+            raise Interrupt
+
+    return callback
+
+
+def _run(tmp_path, method, steps, resume=False, seed=0, ckpt_every=0, callbacks=()):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(300, 4, generator=g), torch.randint(0, 3, (300,), generator=g)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.2), nn.ReLU(), nn.Linear(16, 3))
+    trainer = Trainer(
+        model,
+        TensorDataset(x, y),
+        TensorDataset(x[:30], y[:30]),
+        TensorDataset(x, y),
+        method=method,
+        optimizer=SGD,
+        scheduler=functools.partial(torch.optim.lr_scheduler.MultiStepLR, milestones=[7]),
+        train_labels=y,
+        checkpoint_path=tmp_path / "ckpt.pt",
+        callbacks=callbacks,
+        config=TrainerConfig(
+            max_steps=steps,
+            batch_size=32,
+            meta_batch_size=16,
+            log_every=2,
+            eval_every=4,
+            checkpoint_every=ckpt_every,
+            seed=seed,
+            progress=False,
+            final_weights=False,
+        ),
+    )
+    return trainer, trainer.fit(resume=resume)
+
+
+@pytest.mark.parametrize("method", ["random", "l2rw", "mwnet"])
+def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, method: str):
+    full, full_res = _run(tmp_path / "a", method, 12)
+    with pytest.raises(Interrupt):  # checkpoints at 5 and 10, dies at the log row of step 8
+        _run(tmp_path / "b", method, 12, ckpt_every=5, callbacks=[_kill_at(8)])
+    state = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    assert state["step"] == 5  # mid log window: steps 5 and 6 share a row
+    resumed, res = _run(tmp_path / "b", method, 12, resume=True, ckpt_every=5)
+    for (n, p), q in zip(
+        full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(p, q), n
+    for r, f in zip(res.history, full_res.history, strict=True):
+        assert {k: v for k, v in r.items() if k != "time_s"} == pytest.approx(
+            {k: v for k, v in f.items() if k != "time_s"}, nan_ok=True
+        )
+    assert res.metrics["test_accuracy"] == full_res.metrics["test_accuracy"]
+
+
+def test_same_seed_same_result_other_seed_differs(tmp_path):
+    a, _ = _run(tmp_path / "a", "l2rw", 6, seed=1)
+    b, _ = _run(tmp_path / "b", "l2rw", 6, seed=1)
+    c, _ = _run(tmp_path / "c", "l2rw", 6, seed=2)
+    wa, wb, wc = (t.model[0].weight for t in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+
+
+def test_class_balanced_weights_follow_effective_numbers():
+    counts = torch.tensor([20, 4970])
+    w = effective_number_weights(counts, 0.9999)
+    e = (1 - 0.9999 ** counts.double()) / (1 - 0.9999)  # Cui et al., Eq. 3
+    torch.testing.assert_close(w[0] / w[1], e[1] / e[0])
+    assert float(w.sum()) == pytest.approx(2.0)
+    torch.testing.assert_close(
+        effective_number_weights(torch.tensor([7, 7, 7]), 0.99), torch.ones(3, dtype=torch.float64)
+    )
+
+
+@pytest.mark.parametrize("method", ["random", "class_balanced"])
+def test_cheap_baselines_train(method: str):
+    x, y = torch.randn(100, 2), torch.cat([torch.zeros(90), torch.ones(10)]).long()
+    res = Trainer(
+        nn.Linear(2, 2),
+        TensorDataset(x, y),
+        test_data=TensorDataset(x, y),
+        method=method,
+        optimizer=SGD,
+        train_labels=y,
+        config=TrainerConfig(max_steps=4, batch_size=50, log_every=2, progress=False),
+    ).fit()
+    per_class = res.metrics["weight_mean_per_class"]
+    if method == "class_balanced":  # the minority class weighs more
+        assert per_class[1] > 5 * per_class[0]
+    assert res.metrics["steps"] == 4
+
+
+def test_bad_settings_are_named():
+    data = TensorDataset(torch.randn(4, 2), torch.zeros(4).long())
+    with pytest.raises(ValueError, match=r"trainer.max_steps must be >= 1, got 0"):
+        TrainerConfig(max_steps=0)
+    with pytest.raises(ValueError, match=r"trainer.grad_clip must be > 0 or null, got -1"):
+        TrainerConfig(grad_clip=-1)
+    with pytest.raises(ValueError, match="method 'l2rw' needs a clean meta set"):
+        Trainer(nn.Linear(2, 2), data, method="l2rw")
+    with pytest.raises(ValueError, match=r"trainer.bf16=true needs a CUDA device"):
+        Trainer(nn.Linear(2, 2), data, config=TrainerConfig(bf16=True))
+    with pytest.raises(ValueError, match="corrupted has 3 entries, train_data 4"):
+        Trainer(nn.Linear(2, 2), data, corrupted=torch.zeros(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="class_balanced needs the training labels"):
+        Trainer(
+            nn.Linear(2, 2), data, method="class_balanced", config=TrainerConfig(progress=False)
+        ).fit()
+
+
+def test_example_weights_change_nothing():
+    x, y = torch.randn(64, 3), torch.randint(0, 2, (64,))
+    torch.manual_seed(0)
+    trainer = Trainer(
+        BNNet(),
+        TensorDataset(x, y),
+        TensorDataset(x[:8], y[:8]),
+        method="mwnet",
+        config=TrainerConfig(max_steps=1, batch_size=16, progress=False),
+    )
+    trainer.fit()
+    state = copy.deepcopy(trainer.model.state_dict())
+    vnet = copy.deepcopy(trainer.method.vnet.state_dict())
+    w = trainer.example_weights()
+    assert w.shape == (64,) and (w > 0).all()
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    for k, v in trainer.method.vnet.state_dict().items():
+        assert torch.equal(v, vnet[k]), k
+    assert F.cross_entropy is trainer.loss_fn

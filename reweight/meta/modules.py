@@ -282,7 +282,7 @@ def to_meta(module: nn.Module) -> MetaModule:
     so that a forward through the twin cannot write to the model.
 
     Example:
-        >>> import torchvision
+        >>> import torch, torchvision
         >>> model = torchvision.models.resnet18(num_classes=10)
         >>> twin = to_meta(model.eval())
         >>> x = torch.randn(2, 3, 32, 32)

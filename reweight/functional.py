@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 LossFn = Callable[..., Tensor]
+Reduce = Callable[[Tensor], Tensor]  # Σ over data-parallel ranks
 META_GRAD_MODES = ("unrolled", "fast")
 
 
@@ -43,13 +44,14 @@ def check_meta_grad(meta_grad: str) -> str:
     return meta_grad
 
 
-def normalize_l2rw(eps_grad: Tensor) -> Tensor:
+def normalize_l2rw(eps_grad: Tensor, reduce: Reduce | None = None) -> Tensor:
     """w = max(−g, 0) / Σ max(−g, 0); all zeros when every clamped weight is 0.
 
     The zero-sum rule follows the L2RW reference code: such a batch contributes no gradient.
+    ``reduce`` sums the denominator over ranks in data-parallel training.
     """
     w = torch.clamp(-eps_grad.detach(), min=0)
-    total = w.sum()
+    total = w.sum() if reduce is None else reduce(w.sum())
     return torch.where(total > 0, w / torch.where(total > 0, total, 1), w)
 
 
@@ -148,17 +150,26 @@ def l2rw_weights(
     )
 
 
-def mwnet_weights(vnet: nn.Module, losses: Tensor, normalize: str = "none") -> Tensor:
+def mwnet_weights(
+    vnet: nn.Module,
+    losses: Tensor,
+    normalize: str = "none",
+    *,
+    n_global: int | None = None,
+    reduce: Reduce | None = None,
+) -> Tensor:
     """Per-example weights from a weighting net, scaled so that the training loss is Σ wᵢℓᵢ.
 
     v = vnet(ℓ) of shape (B,); ``normalize="none"`` gives w = v / B (the mean weighted loss of
-    MW-Net's reference code), ``"sum"`` gives w = v / Σv (all zeros if Σv = 0).
+    MW-Net's reference code), ``"sum"`` gives w = v / Σv (all zeros if Σv = 0). In
+    data-parallel training B is the global batch size (``n_global``) and ``reduce`` sums Σv
+    over ranks (differentiably, when the weights are differentiated).
     """
     v = vnet(losses.reshape(-1, 1)).reshape(-1)
     if normalize == "none":
-        return v / len(v)
+        return v / (n_global or len(v))
     if normalize == "sum":
-        total = v.sum()
+        total = v.sum() if reduce is None else reduce(v.sum())
         return torch.where(total > 0, v / torch.where(total > 0, total, 1), v)
     raise ValueError(f"normalize must be one of ['none', 'sum'], got {normalize!r}")
 
@@ -175,6 +186,9 @@ def mwnet_meta_grads(
     normalize: str = "none",
     detach_loss: bool = True,
     sgd_kwargs: dict | None = None,
+    n_global: int | None = None,
+    reduce: Reduce | None = None,
+    world_size: int = 1,
 ) -> tuple[list[Tensor], Tensor]:
     """∂L_meta(θ′(φ))/∂φ for the weighting net's parameters φ, and the meta loss.
 
@@ -182,10 +196,28 @@ def mwnet_meta_grads(
     weights. ``sgd_kwargs`` (momentum, weight_decay, momentum_buffers, ...) make the virtual
     step replay the real SGD optimizer. On return the twin holds θ′; the graph of ``losses`` is
     kept for the caller's real update.
+
+    Data-parallel: ``reduce`` is a *differentiable* sum over ranks, applied to the virtual
+    step's gradient (θ′ needs the global Σ wᵢ∇θℓᵢ) and to Σv; every rank evaluates the same
+    meta batch, so the meta loss is divided by ``world_size`` and the returned gradients are
+    this rank's share: their sum over ranks is the single-process hypergradient.
     """
-    w = mwnet_weights(vnet, losses.detach() if detach_loss else losses, normalize)
-    new = sgd_step(dict(twin.named_params()), (w * losses).sum(), lr, **(sgd_kwargs or {}))
+    w = mwnet_weights(
+        vnet,
+        losses.detach() if detach_loss else losses,
+        normalize,
+        n_global=n_global,
+        reduce=reduce,
+    )
+    reduce_grads = None if reduce is None else (lambda gs: [reduce(g) for g in gs])
+    new = sgd_step(
+        dict(twin.named_params()),
+        (w * losses).sum(),
+        lr,
+        reduce_grads=reduce_grads,
+        **(sgd_kwargs or {}),
+    )
     twin.set_params(new)
     meta_loss = loss_fn(twin(meta_inputs), meta_targets)
-    grads = torch.autograd.grad(meta_loss, list(vnet.parameters()), retain_graph=True)
+    grads = torch.autograd.grad(meta_loss / world_size, list(vnet.parameters()), retain_graph=True)
     return list(grads), meta_loss.detach()

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from reweight.distributed import DistContext
 from reweight.functional import LossFn
 from reweight.methods import Method, MethodOutput, StepInputs, build_method
 from reweight.metrics import auc, per_class_accuracy
@@ -98,8 +99,10 @@ class _BatchStream:
         drop_last: bool,
         num_workers: int,
         pin_memory: bool,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         self.dataset = dataset
+        self.rank, self.world = shard
         self.n = len(dataset)  # type: ignore[arg-type]
         self.batch_size = min(batch_size, self.n)
         self.seed, self.stream = seed, stream
@@ -120,7 +123,9 @@ class _BatchStream:
     def iterate(self, position: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         epoch, offset = divmod(position, self.per_epoch)
         while True:
-            batches = self._epoch_batches(epoch)[offset:]
+            global_batches = self._epoch_batches(epoch)[offset:]
+            k = self.batch_size // self.world  # this rank's contiguous slice of each batch
+            batches = [b[self.rank * k : (self.rank + 1) * k] for b in global_batches]
             # The loader's own generator (not the global RNG) seeds its workers, so starting
             # a loader mid-epoch on resume leaves the global RNG stream untouched.
             loader = DataLoader(
@@ -155,8 +160,11 @@ class _WeightStats:
         self.mean_losses: list[float] = []
         self.meta_losses: list[float] = []
 
-    def add(self, out: MethodOutput, idx: Tensor, y: Tensor, loss: float, mean_loss: float) -> None:
-        rel = out.weights.detach().float().cpu() * len(out.weights)  # 1 = uniform weight
+    def add(
+        self, w: Tensor, out: MethodOutput, idx: Tensor, y: Tensor, loss: float, mean_loss: float
+    ) -> None:
+        """Record a (global) batch's weights ``w``; ``out`` for the meta loss and zero sum."""
+        rel = w.detach().float().cpu() * len(w)  # 1 = uniform weight
         self.received.index_add_(0, idx.cpu(), rel.double())
         self.visits.index_add_(0, idx.cpu(), torch.ones_like(rel, dtype=torch.float64))
         self.w.append(rel)
@@ -272,8 +280,15 @@ class Trainer:
         num_classes: int | None = None,
         checkpoint_path: str | os.PathLike | None = None,
         callbacks: Sequence[Callable[[dict[str, float]], None]] = (),
+        process_group: Any = None,
     ) -> None:
         self.config = cfg = config or TrainerConfig()
+        self.dist = _dist_context(process_group)
+        if self.dist is not None and cfg.batch_size % self.dist.world_size:
+            raise ValueError(
+                f"trainer.batch_size ({cfg.batch_size}) must be divisible by the number of "
+                f"processes ({self.dist.world_size}): each takes an equal shard of every batch"
+            )
         self.device = _resolve_device(cfg.device)
         if cfg.bf16 and self.device.type != "cuda":
             raise ValueError(
@@ -339,8 +354,9 @@ class Trainer:
             torch.manual_seed(cfg.seed)
         self._setup()
         pin = self.device.type == "cuda"
+        shard = (self.dist.rank, self.dist.world_size) if self.dist else (0, 1)
         train_iter = _BatchStream(
-            self.train_data, cfg.batch_size, cfg.seed, 0, True, cfg.num_workers, pin
+            self.train_data, cfg.batch_size, cfg.seed, 0, True, cfg.num_workers, pin, shard
         ).iterate(self.step)
         meta_iter = None
         if self.method.needs_meta:
@@ -352,7 +368,7 @@ class Trainer:
             total=cfg.max_steps,
             initial=self.step,
             desc=f"train {self.method.name}",
-            disable=not _show_progress(cfg),
+            disable=not (_show_progress(cfg) and self.is_main),
             dynamic_ncols=True,
         )
         t0 = time.perf_counter() - self._elapsed
@@ -367,8 +383,20 @@ class Trainer:
             # 2. the method's weights (a meta step for l2rw / mwnet)
             self.model.train()
             lr = float(self.optimizer.param_groups[0]["lr"])
+            n_local = len(y)
             batch = StepInputs(
-                self.model, x, y, mx, my, lr, self.loss_fn, self.optimizer, self.step
+                self.model,
+                x,
+                y,
+                mx,
+                my,
+                lr,
+                self.loss_fn,
+                self.optimizer,
+                self.step,
+                dist=self.dist,
+                global_batch_size=n_local * self.dist.world_size if self.dist else None,
+                offset=n_local * self.dist.rank if self.dist else 0,
             )
             with self._autocast():
                 out = self.method.step(batch)
@@ -377,10 +405,17 @@ class Trainer:
                     losses = self.loss_fn(self.model(x), y, reduction="none")  # (B,)
             # 3. the real update on Σ wᵢℓᵢ
             loss = (out.weights.to(losses.dtype) * losses).sum()
-            loss_value = float(loss.detach())  # CPU-GPU sync, once per step
+            loss_sum = losses.detach().sum()
+            if self.dist is not None:  # the global loss, for logging and the NaN check
+                loss_value = float(self.dist.all_reduce_sum(loss.detach()))
+                loss_sum = self.dist.all_reduce_sum(loss_sum)
+            else:
+                loss_value = float(loss.detach())  # CPU-GPU sync, once per step
             self._check_finite(loss_value, out)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.dist is not None:  # Σ over ranks = the single-process gradient
+                self.dist.sum_gradients(list(self.model.parameters()))
             if cfg.grad_clip is not None:
                 nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.optimizer.step()
@@ -389,7 +424,13 @@ class Trainer:
             self.step += 1
             bar.update(1)
             # 4. bookkeeping: weight statistics, log rows, evaluation, checkpoints
-            self._stats.add(out, idx, y, loss_value, float(losses.detach().mean()))
+            n_global = batch.n_global
+            w = out.weights.detach()
+            if self.dist is not None:  # statistics over the global batch, on every rank
+                w = self.dist.all_gather_cat(w)
+                idx = self.dist.all_gather_cat(idx.to(self.device)).cpu()
+                y = self.dist.all_gather_cat(y)
+            self._stats.add(w, out, idx, y, loss_value, float(loss_sum) / n_global)
             self._elapsed = time.perf_counter() - t0
             is_eval = (
                 cfg.eval_every and self.step % cfg.eval_every == 0
@@ -410,9 +451,13 @@ class Trainer:
                 row["time_s"] = self._elapsed
                 self._emit(row)
                 bar.set_postfix(loss=f"{row['train_loss']:.4f}", refresh=False)
-            if self.checkpoint_path is not None and (
-                (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)
-                or self.step == cfg.max_steps
+            if (
+                self.checkpoint_path is not None
+                and self.is_main
+                and (
+                    (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)
+                    or self.step == cfg.max_steps
+                )
             ):
                 self.save_checkpoint(self.checkpoint_path)
         bar.close()
@@ -625,8 +670,15 @@ class Trainer:
                 f"meta loss is {out.meta_loss} at step {self.step + 1} (method {self.method.name})"
             )
 
+    @property
+    def is_main(self) -> bool:
+        """True in one process, and on rank 0 in data-parallel training (the one that writes)."""
+        return self.dist is None or self.dist.is_main
+
     def _emit(self, row: dict[str, float]) -> None:
         self.history.append(row)
+        if not self.is_main:
+            return
         log.info(
             "step %d: %s",
             int(row["step"]),
@@ -652,6 +704,16 @@ def weight_diagnostics(
             for k in range(num_classes)
         ]
     return out
+
+
+def _dist_context(process_group: Any) -> DistContext | None:
+    """Data-parallel when given a process group, or when torch.distributed runs with W > 1."""
+    import torch.distributed as dist
+
+    if process_group is None and not (dist.is_available() and dist.is_initialized()):
+        return None
+    ctx = DistContext.from_group(process_group)
+    return ctx if ctx.world_size > 1 else None
 
 
 def _resolve_device(device: str) -> torch.device:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -21,6 +21,7 @@ def sgd_step(
     dampening: float = 0.0,
     nesterov: bool = False,
     momentum_buffers: Mapping[str, Tensor | None] | None = None,
+    reduce_grads: Callable[[list[Tensor]], list[Tensor]] | None = None,
 ) -> dict[str, Tensor]:
     """θ′ = θ − lr·d for every named weight, differentiable through the gradient.
 
@@ -30,11 +31,18 @@ def sgd_step(
     the real optimizer. ``create_graph`` is on unless ``first_order``, so θ′ carries
     second-order history back to whatever ``loss`` depends on (per-example weights ε, a
     weighting net). Weights that ``loss`` does not reach are returned unchanged.
+    ``reduce_grads`` transforms the gradients first (e.g. a sum over data-parallel ranks).
     """
     names = [n for n, t in params.items() if t.requires_grad]
     grads = torch.autograd.grad(
         loss, [params[n] for n in names], create_graph=not first_order, allow_unused=True
     )
+    if reduce_grads is not None:
+        present = [i for i, g in enumerate(grads) if g is not None]
+        reduced = reduce_grads([grads[i] for i in present])
+        grads = list(grads)
+        for i, g in zip(present, reduced, strict=True):
+            grads[i] = g
     new = dict(params)
     buffers = momentum_buffers or {}
     for name, g in zip(names, grads, strict=True):

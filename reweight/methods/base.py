@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from reweight.distributed import DistContext
 from reweight.functional import LossFn
 
 __all__ = ["Method", "MethodOutput", "StepInputs"]
@@ -27,6 +28,20 @@ class StepInputs:
     loss_fn: LossFn
     optimizer: torch.optim.Optimizer | None = None
     step: int = 0
+    # Data-parallel training: this rank holds ``inputs`` = global batch[offset : offset + B_local]
+    dist: DistContext | None = None
+    global_batch_size: int | None = None  # None: the batch is the whole global batch
+    offset: int = 0
+
+    @property
+    def n_global(self) -> int:
+        return self.global_batch_size or len(self.targets)
+
+    def global_sum(self, tensor: Tensor, differentiable: bool = False) -> Tensor:
+        """Σ over ranks (the tensor itself in one process)."""
+        if self.dist is None:
+            return tensor
+        return self.dist.all_reduce_sum(tensor, differentiable)
 
 
 @dataclass

@@ -19,7 +19,9 @@ class ERM(Method):
 
     def step(self, batch: StepInputs) -> MethodOutput:
         n = len(batch.targets)
-        return MethodOutput(weights=torch.full((n,), 1.0 / n, device=batch.targets.device))
+        return MethodOutput(
+            weights=torch.full((n,), 1.0 / batch.n_global, device=batch.targets.device)
+        )
 
 
 class RandomWeights(Method):
@@ -35,9 +37,11 @@ class RandomWeights(Method):
         self.generator = torch.Generator().manual_seed(seed)
 
     def step(self, batch: StepInputs) -> MethodOutput:
-        z = torch.randn(len(batch.targets), generator=self.generator).clamp_(min=0)
+        # draw for the whole global batch so every rank (and one process) sees the same numbers
+        z = torch.randn(batch.n_global, generator=self.generator).clamp_(min=0)
         total = z.sum()
         w = z / total if total > 0 else z
+        w = w[batch.offset : batch.offset + len(batch.targets)]
         return MethodOutput(weights=w.to(batch.targets.device), zero_sum=bool(total == 0))
 
     def weigh(self, batch: StepInputs) -> Tensor:
@@ -103,7 +107,7 @@ class ClassBalanced(Method):
     def step(self, batch: StepInputs) -> MethodOutput:
         if self.class_weights is None:
             raise RuntimeError("class_balanced: setup() was not called")
-        w = self.class_weights[batch.targets] / len(batch.targets)
+        w = self.class_weights[batch.targets] / batch.n_global
         return MethodOutput(weights=w)
 
     def __repr__(self) -> str:

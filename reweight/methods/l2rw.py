@@ -58,8 +58,8 @@ class L2RW(Method):
             )
             twin.bind(batch.model)  # drop θ′ and its graph
             meta_loss = float(meta_loss_t)
-        weights = normalize_l2rw(eps_grad)
-        zero_sum = not bool(weights.any())
+        weights = normalize_l2rw(eps_grad, reduce=batch.global_sum if batch.dist else None)
+        zero_sum = not bool(batch.global_sum(weights.sum()) > 0)
         self.zero_sum_batches += int(zero_sum)
         return MethodOutput(
             weights=weights,

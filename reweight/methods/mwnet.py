@@ -96,6 +96,11 @@ class MWNet(Method):
     def step(self, batch: StepInputs) -> MethodOutput:
         assert batch.meta_inputs is not None and batch.meta_targets is not None
         if self.meta_grad == "fast":
+            if batch.dist is not None:
+                raise ValueError(
+                    "method.meta_grad=fast for mwnet is not supported in data-parallel training "
+                    "yet; use method.meta_grad=unrolled"
+                )
             from reweight.fast import mwnet_fast_step
 
             grads, losses, meta_loss = mwnet_fast_step(self, batch)
@@ -116,19 +121,30 @@ class MWNet(Method):
                 normalize=self.normalize,
                 detach_loss=self.detach_loss,
                 sgd_kwargs=self.sgd_kwargs(batch.model, batch.optimizer),
+                n_global=batch.n_global,
+                reduce=(lambda t: batch.global_sum(t, differentiable=True)) if batch.dist else None,
+                world_size=batch.dist.world_size if batch.dist else 1,
             )
             twin.bind(batch.model)
+            if batch.dist is not None:  # each rank holds its share of the hypergradient
+                grads = [batch.global_sum(g) for g in grads]
         self.optimizer.zero_grad(set_to_none=True)
         for p, g in zip(self.vnet.parameters(), grads, strict=True):
             p.grad = g.detach()
         self.optimizer.step()
         with torch.no_grad():
-            weights = mwnet_weights(self.vnet, losses.detach(), self.normalize)
+            weights = mwnet_weights(
+                self.vnet,
+                losses.detach(),
+                self.normalize,
+                n_global=batch.n_global,
+                reduce=batch.global_sum if batch.dist else None,
+            )
         return MethodOutput(
             weights=weights,
             losses=losses,
             meta_loss=float(meta_loss),
-            zero_sum=not bool(weights.any()),
+            zero_sum=not bool(batch.global_sum(weights.sum()) > 0),
         )
 
     @torch.no_grad()

@@ -1,0 +1,113 @@
+"""Data-parallel training on ``torch.distributed``, exact against one process.
+
+What is global and what is local, for a world of W ranks and a global batch of B examples:
+
+- **Training batch: sharded.** Every rank draws the same global batch (same seed) and keeps its
+  contiguous B/W slice; only that slice is loaded.
+- **Meta batch: replicated.** Every rank uses the same clean batch, so ∇θL_meta and everything
+  derived from it are identical on every rank without communication.
+- **Weights: normalised globally.** L2RW divides by Σ max(−g, 0) over the global batch (one
+  all-reduce of a scalar); ERM and MW-Net's ``none`` use 1/B for the global B.
+- **L2RW's ε-gradient: local, exactly.** At ε = 0 the virtual step is the identity, so
+  ∂L_meta/∂εᵢ depends only on example i and the (replicated) meta gradient.
+- **MW-Net's virtual step: global.** θ′ = θ − lr·Σ_global wᵢ∇θℓᵢ needs the global weighted
+  gradient, summed by a differentiable all-reduce; the weighting net's gradients are summed
+  across ranks, so its Adam step is identical everywhere.
+- **Real update: gradients summed.** Each rank backpropagates Σ_local wᵢℓᵢ and the gradients are
+  all-reduced (SUM, one flat buffer), which is exactly the single-process gradient of
+  Σ_global wᵢℓᵢ. We do this instead of wrapping the model in DistributedDataParallel, whose
+  reducer supports neither ``torch.autograd.grad``/double backward on the wrapped module nor a
+  forward that happened outside it (ours is shared with the meta step).
+- **BatchNorm: per rank.** Batch statistics are those of the local shard, and each rank keeps
+  its own running statistics (rank 0's are saved and evaluated), unless the model uses
+  ``nn.SyncBatchNorm`` for the real step; a virtual step always uses local batch statistics.
+- **Outputs: rank 0.** Only rank 0 writes checkpoints and run outputs; every rank reads the
+  checkpoint when resuming.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["DistContext", "init_from_env"]
+
+
+@dataclass
+class DistContext:
+    """A process group and this process's place in it."""
+
+    group: Any  # dist.ProcessGroup | None (None: the default group)
+    rank: int
+    world_size: int
+
+    @classmethod
+    def from_group(cls, group: Any = None) -> DistContext:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "torch.distributed is not initialised: call init_process_group "
+                "first, or start with torchrun"
+            )
+        return cls(group, dist.get_rank(group), dist.get_world_size(group))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum(self, tensor: Tensor, differentiable: bool = False) -> Tensor:
+        """Σ over ranks. With ``differentiable``, backward sums the incoming gradients too."""
+        if differentiable:
+            import torch.distributed.nn.functional as dist_nn
+
+            return dist_nn.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        out = tensor.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
+        return out
+
+    def all_gather_cat(self, tensor: Tensor) -> Tensor:
+        """Concatenate equal-shaped tensors from every rank, in rank order."""
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor.contiguous(), group=self.group)
+        return torch.cat(parts)
+
+    def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """All-reduce (SUM) the ``.grad`` of ``params`` in one flat buffer."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src=src, group=self.group)
+        return box[0]
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.group)
+
+
+def init_from_env(backend: str | None = None) -> DistContext | None:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1), or return None.
+
+    The backend defaults to NCCL when CUDA is available and gloo otherwise. Each rank uses
+    the GPU of its ``LOCAL_RANK``.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+    return DistContext.from_group(None)

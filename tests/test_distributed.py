@@ -1,0 +1,117 @@
+"""Data-parallel training on 2 CPU processes (gloo) equals one process on the global batch."""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from reweight import MWNet, Trainer, TrainerConfig, build_method
+
+STEPS = 6
+CASES = {
+    "erm": lambda: build_method("erm"),
+    "random": lambda: build_method("random", seed=3),
+    "class_balanced": lambda: build_method("class_balanced"),
+    "l2rw": lambda: build_method("l2rw"),
+    "mwnet": lambda: MWNet(hidden=8, lr=1e-2),
+    "mwnet_sum": lambda: MWNet(hidden=8, lr=1e-2, normalize="sum"),
+    "mwnet_replay": lambda: MWNet(hidden=8, lr=1e-2, replay_optimizer=True),
+}
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(160, 5, generator=g, dtype=torch.float64)
+    y = (x[:, 0] + 0.5 * torch.randn(160, generator=g, dtype=torch.float64) > 0).long()
+    y[:40] = 1 - y[:40]  # some flipped labels
+    return x, y
+
+
+def train(case: str, out: Path | None = None) -> dict[str, torch.Tensor]:
+    x, y = data()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 2)).double()
+    trainer = Trainer(
+        model,
+        TensorDataset(x, y),
+        TensorDataset(x[:20], y[:20]),
+        TensorDataset(x, y),
+        method=CASES[case](),
+        train_labels=y,
+        optimizer=functools.partial(torch.optim.SGD, lr=0.2, momentum=0.9, weight_decay=1e-3),
+        checkpoint_path=out / f"{case}.pt" if out else None,
+        config=TrainerConfig(
+            max_steps=STEPS,
+            batch_size=32,
+            meta_batch_size=10,
+            log_every=2,
+            eval_every=3,
+            progress=False,
+            final_weights=0,
+        ),
+    )
+    result = trainer.fit()
+    state = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    state["_history_loss"] = torch.tensor([r["train_loss"] for r in result.history])
+    return state
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        x, y = data()
+        try:  # 33 examples cannot be split evenly between 2 processes
+            Trainer(nn.Linear(5, 2), TensorDataset(x, y), config=TrainerConfig(batch_size=33))
+            error = ""
+        except ValueError as err:
+            error = str(err)
+        results = {case: train(case, Path(out)) for case in CASES}
+        results["_error"] = error
+        if rank == 0:
+            torch.save(results, Path(out) / "results.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    return out, torch.load(out / "results.pt", weights_only=True)
+
+
+def test_uneven_batch_is_refused_with_the_key(two_process_results):
+    _, results = two_process_results
+    assert results["_error"] == (
+        "trainer.batch_size (33) must be divisible by the number of processes (2): each takes "
+        "an equal shard of every batch"
+    )
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_two_processes_equal_one(two_process_results, case: str):
+    out, results = two_process_results
+    single = train(case)
+    for key, value in single.items():
+        torch.testing.assert_close(results[case][key], value, rtol=0, atol=1e-6, msg=key)
+    # rank 0 wrote the checkpoint; it holds the same parameters
+    ckpt = torch.load(out / f"{case}.pt", weights_only=True)
+    assert ckpt["step"] == STEPS
+    torch.testing.assert_close(ckpt["model"]["0.weight"], single["0.weight"], rtol=0, atol=1e-6)

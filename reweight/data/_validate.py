@@ -73,8 +73,11 @@ def check_bool(key: str, value: Any) -> bool:
 
 def check_label_tensor(key: str, labels: Tensor, num_classes: int) -> None:
     """Check that ``labels`` is a 1-D integer tensor with values in ``[0, num_classes)``."""
-    if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype.is_complex or (
-        labels.dtype == torch.bool
+    if (
+        labels.dim() != 1
+        or labels.dtype.is_floating_point
+        or labels.dtype.is_complex
+        or (labels.dtype == torch.bool)
     ):
         raise ValueError(
             f"{key} must be a 1-D integer tensor; got dtype {labels.dtype}, "

@@ -48,19 +48,23 @@ _REGISTRY: dict[str, _Spec] = {
     ),
     "mnist_noisy": _Spec(build_mnist_noisy, {**_NOISY, "meta_per_class": 10}),
     "cifar10_noisy": _Spec(
-        build_cifar_noisy, {**_NOISY, "meta_per_class": 100, "augment": True},
+        build_cifar_noisy,
+        {**_NOISY, "meta_per_class": 100, "augment": True},
         {"variant": "cifar10"},
     ),
     "cifar100_noisy": _Spec(
-        build_cifar_noisy, {**_NOISY, "meta_per_class": 10, "augment": True},
+        build_cifar_noisy,
+        {**_NOISY, "meta_per_class": 10, "augment": True},
         {"variant": "cifar100"},
     ),
     "cifar10_lt": _Spec(
-        build_cifar_lt, {"imbalance_factor": 100, "meta_per_class": 10, "augment": True},
+        build_cifar_lt,
+        {"imbalance_factor": 100, "meta_per_class": 10, "augment": True},
         {"variant": "cifar10"},
     ),
     "cifar100_lt": _Spec(
-        build_cifar_lt, {"imbalance_factor": 100, "meta_per_class": 10, "augment": True},
+        build_cifar_lt,
+        {"imbalance_factor": 100, "meta_per_class": 10, "augment": True},
         {"variant": "cifar100"},
     ),
     "cifar10n": _Spec(
@@ -116,34 +120,44 @@ def build_dataset(
     resolved = {**spec.defaults, **params}
     data_root = resolve_data_root(root)
     generator = torch.Generator().manual_seed(seed)
-    bundle = spec.builder(data_root, generator=generator, download=download,
-                          **spec.fixed, **resolved)
+    bundle = spec.builder(
+        data_root, generator=generator, download=download, **spec.fixed, **resolved
+    )
 
     k = bundle.num_classes
     meta_labels, test_labels = bundle.meta.labels, bundle.test.labels
     bundle.info = {
         "name": name,
-        "params": {k: os.fspath(v) if isinstance(v, os.PathLike) else v
-                   for k, v in resolved.items()},
+        "params": {
+            k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in resolved.items()
+        },
         "seed": seed,
         "root": str(data_root.resolve()),
         "num_classes": k,
         "class_names": bundle.class_names,
-        "split_sizes": {"train": len(bundle.train), "meta": len(bundle.meta),
-                        "test": len(bundle.test)},
+        "split_sizes": {
+            "train": len(bundle.train),
+            "meta": len(bundle.meta),
+            "test": len(bundle.test),
+        },
         "train_class_counts": class_counts(bundle.train_labels, k),
         "true_class_counts": class_counts(bundle.true_labels, k),
         "meta_class_counts": class_counts(meta_labels, k),
         "test_class_counts": class_counts(test_labels, k),
         "num_corrupted": int(bundle.corrupted.sum()),
-        "indices_hash": tensor_hash(bundle.train.source_indices, bundle.meta.source_indices,
-                                    bundle.test.source_indices),
+        "indices_hash": tensor_hash(
+            bundle.train.source_indices, bundle.meta.source_indices, bundle.test.source_indices
+        ),
         "labels_hash": tensor_hash(bundle.train_labels, bundle.true_labels),
         **bundle.info,
     }
     logger.info(
         "dataset %s (seed %d): %d train (%d corrupted), %d meta, %d test",
-        name, seed, len(bundle.train), bundle.info["num_corrupted"], len(bundle.meta),
+        name,
+        seed,
+        len(bundle.train),
+        bundle.info["num_corrupted"],
+        len(bundle.meta),
         len(bundle.test),
     )
     return bundle

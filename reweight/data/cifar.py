@@ -158,12 +158,15 @@ def load_cifar(variant: str, root: Path, *, download: bool) -> tuple[Dataset, Da
             f"{cls.base_folder}/."
         )
         if not download:
-            raise FileNotFoundError(f"{variant} not found at {expected} and download=false. "
-                                    f"{instructions}")
+            raise FileNotFoundError(
+                f"{variant} not found at {expected} and download=false. {instructions}"
+            )
         download_atomically(
-            root, cls.base_folder,
+            root,
+            cls.base_folder,
             lambda tmp: cls(tmp, train=True, download=True),
-            what=variant, instructions=instructions,
+            what=variant,
+            instructions=instructions,
         )
     try:
         train = cls(root, train=True, download=False)
@@ -194,16 +197,23 @@ def _bundle(
         name=name,
         train=RelabeledSubset(train_base, plan.train_indices, plan.train_labels, train_tf),
         meta=RelabeledSubset(train_base, plan.meta_indices, plan.meta_labels, train_tf),
-        test=RelabeledSubset(test_base, torch.arange(test_targets.shape[0]), test_targets,
-                             cifar_transform(variant, train=False)),
+        test=RelabeledSubset(
+            test_base,
+            torch.arange(test_targets.shape[0]),
+            test_targets,
+            cifar_transform(variant, train=False),
+        ),
         num_classes=plan.num_classes,
         train_labels=plan.train_labels,
         true_labels=plan.true_labels,
         corrupted=plan.corrupted,
         class_names=list(train_base.classes),
         in_channels=3,
-        info={"source": f"torchvision.datasets.{type(train_base).__name__}", "augment": augment,
-              **plan.info},
+        info={
+            "source": f"torchvision.datasets.{type(train_base).__name__}",
+            "augment": augment,
+            **plan.info,
+        },
     )
 
 
@@ -227,8 +237,14 @@ def build_cifar_noisy(
     check_bool("augment", augment)
     check_bool("download", download)
     train, test = load_cifar(variant, root, download=download)
-    plan = plan_noisy(_targets(train), len(train.classes), meta_per_class=meta_per_class,
-                      noise_type=noise_type, noise_rate=noise_rate, generator=generator)
+    plan = plan_noisy(
+        _targets(train),
+        len(train.classes),
+        meta_per_class=meta_per_class,
+        noise_type=noise_type,
+        noise_rate=noise_rate,
+        generator=generator,
+    )
     return _bundle(f"{variant}_noisy", variant, plan, train, test, augment)
 
 
@@ -250,8 +266,13 @@ def build_cifar_lt(
     check_bool("augment", augment)
     check_bool("download", download)
     train, test = load_cifar(variant, root, download=download)
-    plan = plan_long_tail(_targets(train), len(train.classes), meta_per_class=meta_per_class,
-                          imbalance_factor=imbalance_factor, generator=generator)
+    plan = plan_long_tail(
+        _targets(train),
+        len(train.classes),
+        meta_per_class=meta_per_class,
+        imbalance_factor=imbalance_factor,
+        generator=generator,
+    )
     return _bundle(f"{variant}_lt", variant, plan, train, test, augment)
 
 
@@ -259,8 +280,10 @@ def _numpy_safe_globals() -> list[Any]:
     """What ``torch.load(weights_only=True)`` must accept to read pickled numpy integer arrays,
     under the module names of both numpy 1 (which wrote CIFAR-N's files) and numpy 2."""
     reconstruct = np.arange(1).__reduce__()[0]
-    dtypes = [type(np.dtype(t)) for t in (np.int8, np.int16, np.int32, np.int64,
-                                            np.uint8, np.uint16, np.uint32, np.uint64)]
+    dtypes = [
+        type(np.dtype(t))
+        for t in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64)
+    ]
     return [
         (reconstruct, "numpy.core.multiarray._reconstruct"),
         (reconstruct, "numpy._core.multiarray._reconstruct"),
@@ -319,13 +342,21 @@ def build_cifar10n(
         raise ValueError(f"label_key={label_key!r} is not in {path}; it holds {sorted(labels)}")
     noisy = labels[label_key]
     if noisy.shape != clean.shape:
-        raise ValueError(f"{path}[{label_key!r}] has {noisy.numel()} labels; CIFAR-10's training "
-                         f"split has {clean.numel()}")
+        raise ValueError(
+            f"{path}[{label_key!r}] has {noisy.numel()} labels; CIFAR-10's training "
+            f"split has {clean.numel()}"
+        )
     if "clean_label" in labels and not torch.equal(labels["clean_label"], clean):
-        raise ValueError(f"{path}['clean_label'] differs from torchvision's CIFAR-10 training "
-                         f"labels: the file does not follow the training split's order")
+        raise ValueError(
+            f"{path}['clean_label'] differs from torchvision's CIFAR-10 training "
+            f"labels: the file does not follow the training split's order"
+        )
     plan = plan_human_noise(clean, noisy, 10, meta_per_class=meta_per_class, generator=generator)
-    logger.info("CIFAR-10N %s from %s: %.2f%% of training labels differ from the clean ones",
-                label_key, path, 100 * plan.info["noise_rate_measured"])
+    logger.info(
+        "CIFAR-10N %s from %s: %.2f%% of training labels differ from the clean ones",
+        label_key,
+        path,
+        100 * plan.info["noise_rate_measured"],
+    )
     plan.info.update(label_key=label_key, label_file=str(path.resolve()))
     return _bundle("cifar10n", "cifar10", plan, train, test, augment)

@@ -198,8 +198,12 @@ def save_labels(bundle: DataBundle, out_dir: str | os.PathLike) -> Path:
     path = atomic_write(out / LABELS_FILE, lambda f: torch.save(payload, f))
     text = json.dumps(bundle.info, indent=2, sort_keys=True).encode()
     atomic_write(out / INFO_FILE, lambda f: f.write(text))
-    logger.info("saved %d training labels (%d corrupted) to %s",
-                payload["train_labels"].numel(), int(payload["corrupted"].sum()), path)
+    logger.info(
+        "saved %d training labels (%d corrupted) to %s",
+        payload["train_labels"].numel(),
+        int(payload["corrupted"].sum()),
+        path,
+    )
     return path
 
 

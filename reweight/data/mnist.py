@@ -76,12 +76,15 @@ def load_mnist(root: Path, *, download: bool) -> tuple[Tensor, Tensor, Tensor, T
             f"contains MNIST/raw/."
         )
         if not download:
-            raise FileNotFoundError(f"MNIST not found at {expected} and download=false. "
-                                    f"{instructions}")
+            raise FileNotFoundError(
+                f"MNIST not found at {expected} and download=false. {instructions}"
+            )
         download_atomically(
-            root, _FOLDER,
+            root,
+            _FOLDER,
             lambda tmp: torchvision.datasets.MNIST(tmp, train=True, download=True),
-            what="MNIST", instructions=instructions,
+            what="MNIST",
+            instructions=instructions,
         )
     return _read_mnist(str(root.resolve()))
 
@@ -101,15 +104,18 @@ def _bundle(
     class_names: list[str],
 ) -> DataBundle:
     train_images, test_images = images
-    test_idx = plan.test_indices if plan.test_indices is not None else torch.arange(
-        test_targets.shape[0])
+    test_idx = (
+        plan.test_indices if plan.test_indices is not None else torch.arange(test_targets.shape[0])
+    )
     test_labels = plan.test_labels if plan.test_labels is not None else test_targets
     return DataBundle(
         name=name,
-        train=TensorData(_normalise(train_images[plan.train_indices]), plan.train_labels,
-                         plan.train_indices),
-        meta=TensorData(_normalise(train_images[plan.meta_indices]), plan.meta_labels,
-                        plan.meta_indices),
+        train=TensorData(
+            _normalise(train_images[plan.train_indices]), plan.train_labels, plan.train_indices
+        ),
+        meta=TensorData(
+            _normalise(train_images[plan.meta_indices]), plan.meta_labels, plan.meta_indices
+        ),
         test=TensorData(_normalise(test_images[test_idx]), test_labels, test_idx),
         num_classes=plan.num_classes,
         train_labels=plan.train_labels,
@@ -143,8 +149,15 @@ def build_mnist_imbalanced(
     check_bool("download", download)
     train_x, train_y, test_x, test_y = load_mnist(root, download=download)
     plan = plan_binary_imbalance(
-        train_y, test_y, minority=4, majority=9, n_train=n_train, proportion=proportion,
-        meta_per_class=meta_per_class, test_balanced=test_balanced, generator=generator,
+        train_y,
+        test_y,
+        minority=4,
+        majority=9,
+        n_train=n_train,
+        proportion=proportion,
+        meta_per_class=meta_per_class,
+        test_balanced=test_balanced,
+        generator=generator,
     )
     return _bundle("mnist_imbalanced", plan, (train_x, test_x), test_y, ["4", "9"])
 
@@ -166,6 +179,12 @@ def build_mnist_noisy(
     check_int("meta_per_class", meta_per_class, minimum=1)
     check_bool("download", download)
     train_x, train_y, test_x, test_y = load_mnist(root, download=download)
-    plan = plan_noisy(train_y, 10, meta_per_class=meta_per_class, noise_type=noise_type,
-                      noise_rate=noise_rate, generator=generator)
+    plan = plan_noisy(
+        train_y,
+        10,
+        meta_per_class=meta_per_class,
+        noise_type=noise_type,
+        noise_rate=noise_rate,
+        generator=generator,
+    )
     return _bundle("mnist_noisy", plan, (train_x, test_x), test_y, [str(d) for d in range(10)])

@@ -132,8 +132,10 @@ def corrupt_labels(labels: Tensor, T: Tensor, generator: torch.Generator) -> Ten
 def noise_rate(noisy: Tensor, true: Tensor) -> float:
     """Measured noise rate: the fraction of labels that differ from the original (0.0 if empty)."""
     if noisy.shape != true.shape:
-        raise ValueError(f"noisy and true must have the same shape; got {tuple(noisy.shape)} "
-                         f"and {tuple(true.shape)}")
+        raise ValueError(
+            f"noisy and true must have the same shape; got {tuple(noisy.shape)} "
+            f"and {tuple(true.shape)}"
+        )
     if noisy.numel() == 0:
         return 0.0
     return float((noisy != true).to(torch.float64).mean())
@@ -156,8 +158,10 @@ def empirical_transition(true: Tensor, noisy: Tensor, num_classes: int) -> Tenso
     check_label_tensor("true", true, num_classes)
     check_label_tensor("noisy", noisy, num_classes)
     if true.shape != noisy.shape:
-        raise ValueError(f"true and noisy must have the same shape; got {tuple(true.shape)} "
-                         f"and {tuple(noisy.shape)}")
+        raise ValueError(
+            f"true and noisy must have the same shape; got {tuple(true.shape)} "
+            f"and {tuple(noisy.shape)}"
+        )
     pairs = true.to(torch.int64) * num_classes + noisy.to(torch.int64)
     counts = torch.bincount(pairs, minlength=num_classes * num_classes)
     counts = counts.reshape(num_classes, num_classes).to(torch.float64)

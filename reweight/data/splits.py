@@ -173,8 +173,11 @@ def plan_noisy(
     meta, rest = split_meta(labels, num_classes, meta_per_class, generator)
     true = labels[rest].to(torch.int64)
     noisy = corrupt_labels(true, T, generator)
-    info = {"noise_type": noise_type, "noise_rate": float(noise_rate),
-            **_noise_info(true, noisy, T)}
+    info = {
+        "noise_type": noise_type,
+        "noise_rate": float(noise_rate),
+        **_noise_info(true, noisy, T),
+    }
     return SplitPlan(num_classes, rest, noisy, true, meta, labels[meta].to(torch.int64), info)
 
 
@@ -196,8 +199,11 @@ def plan_long_tail(
     counts = long_tail_counts(n, num_classes, imbalance_factor)
     train = rest[subsample_per_class(rest_labels, counts, generator)]
     true = labels[train].to(torch.int64)
-    info = {"imbalance_factor": float(imbalance_factor), "n_per_class": n,
-            "long_tail_counts": counts}
+    info = {
+        "imbalance_factor": float(imbalance_factor),
+        "n_per_class": n,
+        "long_tail_counts": counts,
+    }
     meta_labels = labels[meta].to(torch.int64)
     return SplitPlan(num_classes, train, true.clone(), true, meta, meta_labels, info)
 
@@ -214,8 +220,10 @@ def plan_human_noise(
     the rest trained with the given noisy labels. ``info`` records the measured noise rate and the
     empirical transition matrix."""
     if clean.shape != noisy.shape:
-        raise ValueError(f"clean and noisy labels must have the same shape; got "
-                         f"{tuple(clean.shape)} and {tuple(noisy.shape)}")
+        raise ValueError(
+            f"clean and noisy labels must have the same shape; got "
+            f"{tuple(clean.shape)} and {tuple(noisy.shape)}"
+        )
     check_label_tensor("noisy", noisy, num_classes)
     meta, rest = split_meta(clean, num_classes, meta_per_class, generator)
     true = clean[rest].to(torch.int64)
@@ -298,6 +306,13 @@ def plan_binary_imbalance(
         "n_majority_drawn": n_major,
     }
     return SplitPlan(
-        2, train, true.clone(), true, meta, binary(train_targets, meta), info,
-        test_indices=test, test_labels=binary(test_targets, test),
+        2,
+        train,
+        true.clone(),
+        true,
+        meta,
+        binary(train_targets, meta),
+        info,
+        test_indices=test,
+        test_labels=binary(test_targets, test),
     )

@@ -1,0 +1,414 @@
+"""The command line: ``python -m reweight [KEY=VALUE ...]``, a Hydra app over ``conf/``.
+
+``train(cfg)`` is a plain function from a composed config to the final test accuracy; ``main()``
+is the thin ``@hydra.main`` wrapper around it that ``python -m reweight`` and the ``reweight``
+script run. One run, into ``outputs/<dataset>/<method>/<overrides>/seed<seed>``::
+
+    python -m reweight dataset=mnist_imbalanced trainer.max_steps=20
+
+and a sweep, one job per combination, with a table of mean ± std in the sweep directory::
+
+    python -m reweight -m method=erm,l2rw,mwnet seed=0,1,2
+
+From Python (e.g. a notebook), with Hydra's compose API and a directory of your choice::
+
+    from hydra import compose, initialize_config_module
+    with initialize_config_module("reweight.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["trainer.max_steps=20"])
+    accuracy = train(cfg, run_dir="runs/smoke")
+
+The configs ship inside the package as ``reweight.conf`` (the top-level ``conf/`` folder of the
+source tree, mapped by ``pyproject.toml``), so the app works from a checkout and from a wheel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import inspect
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, InstantiationException, MissingConfigException
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from reweight.data import build_dataset, save_labels
+from reweight.data.core import atomic_write
+from reweight.methods import build_method
+from reweight.outputs import (
+    MetricsCSV,
+    aggregate_sweep,
+    plot_learning_curves,
+    plot_weight_histogram,
+    write_summary,
+)
+from reweight.trainer import Trainer, TrainerConfig
+
+__all__ = ["CONFIG_PATH", "AggregateSweep", "main", "train"]
+
+log = logging.getLogger(__name__)
+
+
+def _config_path() -> str:
+    """The package ``reweight.conf`` when installed (wheel or editable); in a checkout that is
+    only on ``sys.path`` (``PYTHONPATH=.``, no install), the top-level ``conf/`` folder."""
+    if importlib.util.find_spec("reweight.conf") is None:
+        source = Path(__file__).resolve().parent.parent / "conf"
+        if (source / "config.yaml").is_file():
+            return str(source)
+    return "pkg://reweight.conf"
+
+
+CONFIG_PATH = _config_path()
+"""Where Hydra finds ``config.yaml``: ``pkg://reweight.conf`` once the package is installed."""
+
+# Files a run writes into its directory.
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.csv"
+SUMMARY = "summary.json"
+RESOLVED_CONFIG = "config.yaml"
+WEIGHTS = "weights.pt"
+CURVES_PNG = "learning_curves.png"
+HISTOGRAM_PNG = "weight_histogram.png"
+
+# Exceptions that mean "the configuration is wrong": reported as one line, exit status 2.
+# FileNotFoundError covers a missing data root (the data module names the expected folder).
+_CONFIG_ERRORS = (ValueError, FileNotFoundError, HydraException, OmegaConfBaseException)
+
+
+def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> float:
+    """Run one experiment described by ``cfg`` (the composed ``conf/config.yaml``).
+
+    Writes into ``run_dir`` (default: Hydra's output directory of this job) the resolved
+    ``config.yaml``, ``labels.pt`` / ``dataset.json``, ``checkpoint.pt`` (every
+    ``trainer.checkpoint_every`` steps), ``metrics.csv`` (as rows are made), ``summary.json``,
+    ``weights.pt`` and the plots, and returns the final test accuracy (what a sweeper such as
+    Optuna maximises). With ``cfg.resume`` it continues from ``run_dir/checkpoint.pt``.
+    Configuration errors raise ``ValueError`` naming the key and the allowed values.
+    """
+    if run_dir is None:
+        if not HydraConfig.initialized():
+            raise TypeError("train(cfg) outside a Hydra app needs run_dir=<folder>")
+        run_dir = HydraConfig.get().runtime.output_dir
+    run_dir = Path(run_dir)
+    # 0. check what is cheap to check before reading any data
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ValueError(f"{missing[0]} has no value (???): set it, e.g. {missing[0]}=<value>")
+    seed = _check_int("seed", cfg.seed, minimum=0)
+    resume = cfg.resume
+    if not isinstance(resume, bool):
+        raise ValueError(f"resume must be true or false, got {resume!r}")
+    threads = cfg.get("threads")
+    if threads is not None:
+        torch.set_num_threads(_check_int("threads", threads, minimum=1))
+    trainer_config = _trainer_config(cfg.trainer, seed)
+    build_method(**_container(cfg.method))  # validates the method's keys (discarded: see 2.)
+    optimizer = _partial(cfg.optimizer, "optimizer")
+    schedule = cfg.get("scheduler")  # {} for scheduler=none
+    scheduler = _partial(schedule, "scheduler") if schedule and "_target_" in schedule else None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    text = OmegaConf.to_yaml(cfg, resolve=True).encode()
+    atomic_write(run_dir / RESOLVED_CONFIG, lambda f: f.write(text))
+
+    # 1. data: the (possibly corrupted) training set, the clean meta set, the test set
+    bundle = build_dataset(**_container(cfg.dataset))
+    save_labels(bundle, run_dir)
+    input_shape = list(bundle.test[0][0].shape)  # (C, H, W); test items are not augmented
+
+    # 2. the model, then the method (MW-Net's weighting net draws from the global RNG after
+    #    the model, so every method starts from the same model for one seed)
+    torch.manual_seed(seed)
+    model = hydra.utils.instantiate(
+        cfg.model,
+        num_classes=bundle.num_classes,
+        in_channels=bundle.in_channels,
+        input_shape=input_shape,
+        _convert_="all",
+    )
+    method = build_method(**_container(cfg.method))
+
+    # 3. the loop; metrics.csv follows the Trainer's history (rows from before a resume too)
+    trainer = Trainer.from_bundle(
+        model,
+        bundle,
+        method=method,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        config=trainer_config,
+        checkpoint_path=run_dir / CHECKPOINT,
+    )
+    metrics_csv = MetricsCSV(run_dir / METRICS, history=lambda: trainer.history)
+    trainer.callbacks.append(metrics_csv)
+    log.info("run directory: %s", run_dir.resolve())
+    result = trainer.fit(resume=resume)
+
+    # 4. outputs
+    metrics_csv.write()
+    weights = getattr(trainer, "final_example_weights", None)
+    if weights is not None:
+        payload = {"weights": weights.detach().cpu().clone(), "step": trainer.step}
+        atomic_write(run_dir / WEIGHTS, lambda f: torch.save(payload, f))
+    info = bundle.info
+    summary = {
+        "method": result.metrics["method"],
+        "dataset": info.get("name", cfg.dataset.name),
+        **result.metrics,
+        "seed": seed,
+        "dataset_seed": info.get("seed"),
+        "model": cfg.model.get("name"),
+        "run_dir": str(run_dir.resolve()),
+        "dataset_info": info,
+    }
+    write_summary(run_dir / SUMMARY, summary)
+    title = f"{summary['method']} on {summary['dataset']} (seed {seed})"
+    plot_learning_curves(result.history, run_dir / CURVES_PNG, title=title)
+    if weights is not None:
+        plot_weight_histogram(
+            weights,
+            bundle.corrupted,
+            run_dir / HISTOGRAM_PNG,
+            labels=bundle.train_labels,
+            class_names=bundle.class_names,
+            title=title,
+        )
+    accuracy = float(result.metrics.get("test_accuracy", math.nan))
+    log.info(
+        "done: step %d, test accuracy %.4f, balanced %.4f -> %s",
+        trainer.step,
+        accuracy,
+        result.metrics.get("test_balanced_accuracy", math.nan),
+        run_dir / SUMMARY,
+    )
+    return accuracy
+
+
+class AggregateSweep(Callback):
+    """At the end of a multirun, write ``results.csv`` and ``results.md`` into the sweep dir.
+
+    Configured in ``conf/config.yaml`` under ``hydra.callbacks``; by hand:
+    ``python -m reweight.outputs <sweep_dir>``.
+    """
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        if sweep_dir.is_dir():
+            aggregate_sweep(sweep_dir)
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")
+def _app(cfg: DictConfig) -> float:
+    return train(cfg)
+
+
+def main() -> None:
+    """``python -m reweight``: run the Hydra app; a configuration error is one line on stderr.
+
+    Hydra prints its own errors over several lines (and ours with a traceback), so this runs
+    the app with ``HYDRA_FULL_ERROR=1`` (errors propagate here) and reports a configuration
+    error as ``error: <message>`` with exit status 2. Anything else keeps its traceback. Set
+    ``HYDRA_FULL_ERROR=1`` yourself to see the traceback of configuration errors too.
+    """
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    if previous == "1":
+        _app()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    stderr = sys.stderr
+    sys.stderr = _JobErrorFilter(stderr)  # type: ignore[assignment]
+    try:
+        _app()
+    except Exception as err:
+        if not _is_config_error(err):
+            raise  # a bug, not a bad override: keep the traceback
+        failed = sys.stderr.failed_job if isinstance(sys.stderr, _JobErrorFilter) else None
+        where = f" (job with overrides {failed})" if failed and _is_multirun() else ""
+        print(f"error: {_one_line(err)}{where}", file=stderr)
+        sys.exit(2)
+    finally:
+        sys.stderr = stderr
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
+
+
+class _JobErrorFilter:
+    """stderr, minus Hydra's "Error executing job with overrides: [...]" line (which ``main``
+    folds into its one-line error); everything else, tqdm included, passes through."""
+
+    _PREFIX = "Error executing job with overrides: "
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.failed_job: str | None = None
+
+    def write(self, text: str) -> int:
+        if text.startswith(self._PREFIX):
+            self.failed_job = text[len(self._PREFIX) :].strip()
+            return len(text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _is_config_error(err: BaseException) -> bool:
+    if isinstance(err, InstantiationException) and err.__cause__ is not None:
+        # the target refused its arguments, or the _target_ itself is wrong
+        return isinstance(err.__cause__, (*_CONFIG_ERRORS, TypeError, ImportError))
+    return isinstance(err, _CONFIG_ERRORS)
+
+
+def _is_multirun() -> bool:
+    return any(arg in ("-m", "--multirun") for arg in sys.argv[1:])
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _container(node: Any) -> dict[str, Any]:
+    return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
+
+
+def _partial(node: Any, key: str) -> functools.partial:
+    """The ``_partial_`` factory of an optimizer or scheduler config, checked now rather than
+    deep in the Trainer: unknown keywords, values of the wrong type, and whatever the target
+    itself refuses when built on a stand-in parameter (e.g. a negative learning rate)."""
+    factory = hydra.utils.instantiate(node, _convert_="all")
+    if not isinstance(factory, functools.partial):
+        raise ValueError(
+            f"{key} must be a _partial_: true config (the Trainer binds its first argument)"
+        )
+    name = getattr(factory.func, "__name__", str(factory.func))
+    try:
+        params = inspect.signature(factory.func).parameters
+    except (TypeError, ValueError):  # no signature to check against
+        params = {}
+    if params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(factory.keywords) - set(params))
+        if unknown:
+            allowed = [p for p in params if p not in ("self", "params", "optimizer")]
+            raise ValueError(
+                f"{key}.{unknown[0]} is not an argument of {name}; allowed: {', '.join(allowed)}"
+            )
+    for arg, value in factory.keywords.items():
+        default = params[arg].default if arg in params else None
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ValueError(f"{key}.{arg} must be true or false, got {value!r}")
+        if isinstance(default, int | float) and not isinstance(default, bool):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{key}.{arg} must be a number, got {value!r}")
+    stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    try:  # an optimizer takes parameters, a scheduler an optimizer
+        factory(stand_in if key == "scheduler" else stand_in.param_groups[0]["params"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{key} ({name}): {err}") from err
+    return factory
+
+
+def _check_int(key: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _trainer_config(node: Any, seed: int) -> TrainerConfig:
+    """``TrainerConfig`` from the ``trainer`` block, each value checked against its field's type
+    (the YAML has no schema, so ``trainer.max_steps=ten`` must fail here with the key's name)."""
+    values = _container(node)
+    fields = {f.name: f for f in dataclasses.fields(TrainerConfig) if f.name != "seed"}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        hint = "; the training seed is the top-level key seed=" if "seed" in unknown else ""
+        raise ValueError(
+            f"trainer.{unknown[0]} is not a trainer key{hint}; allowed: {', '.join(fields)}"
+        )
+    for key, value in values.items():
+        values[key] = _check_type(f"trainer.{key}", value, str(fields[key].type))
+    return TrainerConfig(**values, seed=seed)
+
+
+def _check_type(key: str, value: Any, annotation: str) -> Any:
+    """``value`` if it fits ``annotation`` (``"int"``, ``"float | None"``, ...), else ValueError."""
+    kinds = [a.strip() for a in annotation.split("|")]
+    if value is None:
+        if "None" in kinds:
+            return None
+        raise ValueError(f"{key} must not be null")
+    if isinstance(value, bool):
+        if "bool" in kinds:
+            return value
+    elif isinstance(value, int) and ("int" in kinds or "float" in kinds):
+        return value if "int" in kinds else float(value)
+    elif isinstance(value, float) and "float" in kinds:
+        return value
+    elif isinstance(value, str) and "str" in kinds:
+        return value
+    names = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+    allowed = " or ".join(names.get(k, "null" if k == "None" else k) for k in kinds)
+    raise ValueError(f"{key} must be {allowed}, got {value!r}")
+
+
+_NOISE_PREFIXES = (
+    "Config search path",
+    "provider=",
+    "object_type=",
+    "reference_type=",
+    "Set the environment variable HYDRA_FULL_ERROR",
+)
+
+
+def _one_line(err: BaseException) -> str:
+    """A configuration error as one line: Hydra's multi-line messages condensed, instantiate's
+    wrapper unwrapped to the root cause, a missing group option turned into the allowed list."""
+    if isinstance(err, MissingConfigException) and err.options and err.missing_cfg_file:
+        group, _, option = err.missing_cfg_file.rpartition("/")
+        if group:
+            return f"{group}={option} is not an option of '{group}'; allowed: " + ", ".join(
+                sorted(err.options)
+            )
+    cause = err.__cause__
+    if isinstance(cause, ConfigAttributeError | ConfigKeyError) and cause.full_key:
+        parent = getattr(cause, "parent_node", None)
+        if isinstance(parent, DictConfig):
+            group = cause.full_key.rpartition(".")[0] or "the root config"
+            return (
+                f"{cause.full_key} is not a config key; keys of {group}: "
+                + ", ".join(str(k) for k in parent.keys())
+                + f" (to add a new key: +{cause.full_key}=...)"
+            )
+    if isinstance(err, InstantiationException) and err.__cause__ is not None:
+        # "Error in call to target ...\nValueError(...)\nfull_key: model" -> the cause, keyed
+        full_key = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in str(err).splitlines()
+                if line.startswith("full_key:")
+            ),
+            "",
+        )
+        cause = _one_line(err.__cause__)
+        if isinstance(err.__cause__, _CONFIG_ERRORS):
+            return f"{full_key}: {cause}" if full_key and not cause.startswith(full_key) else cause
+        return f"{full_key}: {type(err.__cause__).__name__}: {cause}" if full_key else cause
+    parts = [str(err)]
+    if isinstance(err, HydraException) and isinstance(err.__cause__, OmegaConfBaseException):
+        parts.append(str(err.__cause__))
+    lines = [
+        line.strip()
+        for part in parts
+        for line in part.splitlines()
+        if line.strip() and not line.strip().startswith(_NOISE_PREFIXES)
+    ]
+    return " ".join(dict.fromkeys(lines)) or type(err).__name__

@@ -44,6 +44,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from reweight.data import build_dataset, save_labels
 from reweight.data.core import atomic_write
+from reweight.distributed import init_from_env
 from reweight.methods import build_method
 from reweight.outputs import (
     MetricsCSV,
@@ -113,17 +114,27 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> float:
     if threads is not None:
         torch.set_num_threads(_check_int("threads", threads, minimum=1))
     trainer_config = _trainer_config(cfg.trainer, seed)
+    # torchrun: join the process group; rank 0 alone writes the run's files (see distributed.py)
+    ctx = init_from_env()
+    main_rank = ctx is None or ctx.is_main
     build_method(**_container(cfg.method))  # validates the method's keys (discarded: see 2.)
     optimizer = _partial(cfg.optimizer, "optimizer")
     schedule = cfg.get("scheduler")  # {} for scheduler=none
     scheduler = _partial(schedule, "scheduler") if schedule and "_target_" in schedule else None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    text = OmegaConf.to_yaml(cfg, resolve=True).encode()
-    atomic_write(run_dir / RESOLVED_CONFIG, lambda f: f.write(text))
+    if main_rank:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        text = OmegaConf.to_yaml(cfg, resolve=True).encode()
+        atomic_write(run_dir / RESOLVED_CONFIG, lambda f: f.write(text))
 
     # 1. data: the (possibly corrupted) training set, the clean meta set, the test set
+    #    (rank 0 first, so that a download happens once)
+    if ctx is not None and not ctx.is_main:
+        ctx.barrier()
     bundle = build_dataset(**_container(cfg.dataset))
-    save_labels(bundle, run_dir)
+    if ctx is not None and ctx.is_main:
+        ctx.barrier()
+    if main_rank:
+        save_labels(bundle, run_dir)
     input_shape = list(bundle.test[0][0].shape)  # (C, H, W); test items are not augmented
 
     # 2. the model, then the method (MW-Net's weighting net draws from the global RNG after
@@ -152,6 +163,9 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> float:
     trainer.callbacks.append(metrics_csv)
     log.info("run directory: %s", run_dir.resolve())
     result = trainer.fit(resume=resume)
+    accuracy = float(result.metrics.get("test_accuracy", math.nan))
+    if not main_rank:
+        return accuracy
 
     # 4. outputs
     metrics_csv.write()
@@ -182,7 +196,6 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> float:
             class_names=bundle.class_names,
             title=title,
         )
-    accuracy = float(result.metrics.get("test_accuracy", math.nan))
     log.info(
         "done: step %d, test accuracy %.4f, balanced %.4f -> %s",
         trainer.step,
@@ -214,11 +227,16 @@ def _app(cfg: DictConfig) -> float:
 def main() -> None:
     """``python -m reweight``: run the Hydra app; a configuration error is one line on stderr.
 
+    Under ``torchrun`` every rank runs this; ranks other than 0 write no Hydra files (no
+    ``.hydra/``, no log file) into the run directory they share with rank 0.
+
     Hydra prints its own errors over several lines (and ours with a traceback), so this runs
     the app with ``HYDRA_FULL_ERROR=1`` (errors propagate here) and reports a configuration
     error as ``error: <message>`` with exit status 2. Anything else keeps its traceback. Set
     ``HYDRA_FULL_ERROR=1`` yourself to see the traceback of configuration errors too.
     """
+    if int(os.environ.get("RANK", "0")) > 0:
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
     previous = os.environ.get("HYDRA_FULL_ERROR")
     if previous == "1":
         _app()

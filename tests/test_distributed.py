@@ -115,3 +115,51 @@ def test_two_processes_equal_one(two_process_results, case: str):
     ckpt = torch.load(out / f"{case}.pt", weights_only=True)
     assert ckpt["step"] == STEPS
     torch.testing.assert_close(ckpt["model"]["0.weight"], single["0.weight"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_torchrun_cli_writes_one_set_of_outputs_equal_to_one_process(tmp_path, data_root):
+    """`torchrun --nproc_per_node=2 -m reweight ...` on CPU: one run directory, rank 0's
+    files only, and the parameters of a single-process run of the same command."""
+    import subprocess
+    import sys
+
+    args = [
+        "dataset=mnist_imbalanced",
+        "trainer.max_steps=20",
+        "trainer.eval_every=0",
+        "trainer.final_weights=0",
+    ]
+    env = {**os.environ, "REWEIGHT_DATA_DIR": str(data_root), "PYTHONUNBUFFERED": "1"}
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master-port={_free_port()}",
+        "-m",
+        "reweight",
+    ]
+    for cmd, run in ((torchrun, "ddp"), ([sys.executable, "-m", "reweight"], "single")):
+        proc = subprocess.run(
+            [*cmd, *args, f"hydra.run.dir={tmp_path / run}"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    assert sorted(p.name for p in ddp.iterdir()) == sorted(p.name for p in single.iterdir())
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] in (
+        ["ddp", "single"],
+        ["single", "ddp"],
+    )
+    log = (ddp / "train.log").read_text()
+    assert log.count("run directory:") == 1  # rank 1 did not write into the log file
+    a = torch.load(ddp / "checkpoint.pt", weights_only=True)
+    b = torch.load(single / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 20
+    for key, value in b["model"].items():
+        torch.testing.assert_close(a["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)

@@ -323,6 +323,7 @@ class Trainer:
         self.best_test_accuracy = float("nan")
         self._stats = _WeightStats(num_classes, self.corrupted, len(train_data))  # type: ignore[arg-type]
         self._setup_done = False
+        self._test_eval: tuple[int, dict[str, Any]] | None = None  # (step, result)
         self._elapsed = 0.0
 
     @classmethod
@@ -441,7 +442,7 @@ class Trainer:
                     row.update(
                         {
                             f"test_{k}": v
-                            for k, v in self.evaluate(self.test_data).items()
+                            for k, v in self._evaluate_test().items()
                             if not isinstance(v, list)
                         }
                     )
@@ -472,7 +473,7 @@ class Trainer:
         """
         metrics: dict[str, Any] = {"method": self.method.name, "steps": self.step}
         if self.test_data is not None:
-            ev = self.evaluate(self.test_data)
+            ev = self._evaluate_test()
             best = self.best_test_accuracy
             metrics.update(
                 {
@@ -557,6 +558,13 @@ class Trainer:
         finally:
             self.model.train(was_training)
         return weights
+
+    def _evaluate_test(self) -> dict[str, Any]:
+        """``evaluate(test_data)``, once per step (the last step's is reused by the summary)."""
+        assert self.test_data is not None
+        if self._test_eval is None or self._test_eval[0] != self.step:
+            self._test_eval = (self.step, self.evaluate(self.test_data))
+        return self._test_eval[1]
 
     @torch.no_grad()
     def evaluate(self, data: Dataset) -> dict[str, Any]:

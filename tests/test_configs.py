@@ -157,7 +157,7 @@ def test_dataset_option(option):
 def test_method_option(option):
     cfg = cfg_of(f"method={option}")
     assert cfg.method.name == option and option in METHODS
-    method = build_method(**OmegaConf.to_container(cfg.method))
+    method = build_method(**OmegaConf.to_container(cfg.method, resolve=True))
     assert method.name == option
     assert set(options("method")) == set(METHODS)  # one config per method
 

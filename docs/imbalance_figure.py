@@ -53,8 +53,11 @@ def table(results: dict[str, dict[float, list[float]]]) -> str:
             cells.append(f"{m:.2f} ± {s:.2f} (n={len(xs)})" if xs else "–")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     for method, by_p in PAPER.items():
-        lines.append(f"| {method} (paper, read off the plot) | "
-                     + " | ".join(f"≈{by_p.get(p, math.nan):g}" for p in props) + " |")
+        lines.append(
+            f"| {method} (paper, read off the plot) | "
+            + " | ".join(f"≈{by_p.get(p, math.nan):g}" for p in props)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -68,8 +71,14 @@ def figure(results: dict[str, dict[float, list[float]]], path: Path) -> None:
     for method in sorted(results):
         props = sorted(results[method])
         stats = [mean_std(results[method][p]) for p in props]
-        ax.errorbar(props, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o",
-                    capsize=3, label=method)
+        ax.errorbar(
+            props,
+            [m for m, _ in stats],
+            yerr=[s for _, s in stats],
+            marker="o",
+            capsize=3,
+            label=method,
+        )
     for method, by_p in PAPER.items():
         ax.plot(list(by_p), list(by_p.values()), ls=":", color="grey", marker="x")
         ax.annotate(f"{method} (paper)", (0.995, by_p[0.995]), fontsize=7, color="grey")

@@ -460,9 +460,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         aggregate_sweep(args.sweep_dir, seed_keys=args.seed_keys)
     except (OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        sys.stderr.write(f"error: {err}\n")
         return 2
-    print((Path(args.sweep_dir) / RESULTS_MD).read_text(), end="")
+    sys.stdout.write((Path(args.sweep_dir) / RESULTS_MD).read_text())
     return 0
 
 

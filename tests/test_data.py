@@ -95,8 +95,9 @@ def mnist_targets() -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def noisy_bundle() -> DataBundle:
-    return build_dataset("mnist_noisy", root=_check_shared_mnist(), seed=0, noise_type="flip",
-                         noise_rate=0.4)
+    return build_dataset(
+        "mnist_noisy", root=_check_shared_mnist(), seed=0, noise_type="flip", noise_rate=0.4
+    )
 
 
 # --- public surface ------------------------------------------------------------------------------
@@ -105,11 +106,27 @@ def noisy_bundle() -> DataBundle:
 def test_public_names() -> None:
     for name in reweight.data.__all__:
         assert getattr(reweight.data, name) is not None
-    expected = {"DataBundle", "build_dataset", "resolve_data_root", "save_labels", "noise_matrix",
-                "corrupt_labels", "long_tail_counts", "DATASETS", "TensorData"}
+    expected = {
+        "DataBundle",
+        "build_dataset",
+        "resolve_data_root",
+        "save_labels",
+        "noise_matrix",
+        "corrupt_labels",
+        "long_tail_counts",
+        "DATASETS",
+        "TensorData",
+    }
     assert set(reweight.data.__all__) == expected
-    assert DATASETS == ("mnist_imbalanced", "mnist_noisy", "cifar10_noisy", "cifar100_noisy",
-                        "cifar10_lt", "cifar100_lt", "cifar10n")
+    assert DATASETS == (
+        "mnist_imbalanced",
+        "mnist_noisy",
+        "cifar10_noisy",
+        "cifar100_noisy",
+        "cifar10_lt",
+        "cifar100_lt",
+        "cifar10n",
+    )
 
 
 @pytest.mark.parametrize("module", ["core", "noise", "splits", "build", "mnist", "cifar"])
@@ -147,8 +164,11 @@ def test_mnist_imbalanced_counts(
 
     # labels agree with MNIST's own: 0 is digit 4, 1 is digit 9
     digits = torch.tensor([4, 9])
-    for ds, targets in ((bundle.train, train_targets), (bundle.meta, train_targets),
-                        (bundle.test, test_targets)):
+    for ds, targets in (
+        (bundle.train, train_targets),
+        (bundle.meta, train_targets),
+        (bundle.test, test_targets),
+    ):
         assert torch.equal(targets[ds.source_indices], digits[ds.labels])
 
     # disjoint: meta and training come from MNIST's training split, test from its test split
@@ -206,16 +226,20 @@ def test_tensor_data_batches_with_one_index(
 
 
 def test_tensor_data_rejects_mismatched_lengths() -> None:
-    with pytest.raises(ValueError, match=r"inputs and labels must have the same length; got 3 "
-                                         r"inputs and 2 labels"):
+    with pytest.raises(
+        ValueError,
+        match=r"inputs and labels must have the same length; got 3 "
+        r"inputs and 2 labels",
+    ):
         TensorData(torch.zeros(3, 1), torch.zeros(2, dtype=torch.int64))
 
 
 # --- mnist_noisy on the real files -------------------------------------------------------------
 
 
-def test_mnist_noisy(noisy_bundle: DataBundle, mnist_targets: tuple[torch.Tensor, torch.Tensor]
-                     ) -> None:
+def test_mnist_noisy(
+    noisy_bundle: DataBundle, mnist_targets: tuple[torch.Tensor, torch.Tensor]
+) -> None:
     b = noisy_bundle
     train_targets, _ = mnist_targets
     assert b.num_classes == 10 and len(b.meta) == 100 and len(b.test) == 10_000
@@ -274,8 +298,11 @@ def test_bad_noise_rate(empty_root: Path, name: str, rate: float) -> None:
 
 @pytest.mark.parametrize("name", ["mnist_noisy", "cifar10_noisy", "cifar100_noisy"])
 def test_bad_noise_type(empty_root: Path, name: str) -> None:
-    with pytest.raises(ValueError, match=r"noise_type must be one of uniform, symmetric, flip, "
-                                         r"flip2, pair; got 'asymmetric'"):
+    with pytest.raises(
+        ValueError,
+        match=r"noise_type must be one of uniform, symmetric, flip, "
+        r"flip2, pair; got 'asymmetric'",
+    ):
         build_dataset(name, root=empty_root, download=False, noise_type="asymmetric")
 
 
@@ -294,12 +321,18 @@ def test_bad_proportion(empty_root: Path, p: float) -> None:
 
 def test_meta_set_larger_than_available(mnist_env: Path) -> None:
     # p = 0.995 draws 25 fours: a meta set of 25 per class leaves none to train on
-    with pytest.raises(ValueError, match=r"meta_per_class=25 is larger than what is available: "
-                                         r"n_train=5000 and proportion=0.995 give 25 minority "
-                                         r"images .*allowed: 1 <= meta_per_class <= 24"):
+    with pytest.raises(
+        ValueError,
+        match=r"meta_per_class=25 is larger than what is available: "
+        r"n_train=5000 and proportion=0.995 give 25 minority "
+        r"images .*allowed: 1 <= meta_per_class <= 24",
+    ):
         build_dataset("mnist_imbalanced", meta_per_class=25)
-    with pytest.raises(ValueError, match=r"meta_per_class=6000 is larger than what is available: "
-                                         r"class 5 has 5421 examples"):
+    with pytest.raises(
+        ValueError,
+        match=r"meta_per_class=6000 is larger than what is available: "
+        r"class 5 has 5421 examples",
+    ):
         build_dataset("mnist_noisy", meta_per_class=6000)
 
 
@@ -310,20 +343,29 @@ def test_bad_meta_per_class(empty_root: Path, name: str) -> None:
 
 
 def test_unknown_dataset(empty_root: Path) -> None:
-    with pytest.raises(ValueError, match=r"name must be one of mnist_imbalanced, mnist_noisy, "
-                                         r"cifar10_noisy, cifar100_noisy, cifar10_lt, "
-                                         r"cifar100_lt, cifar10n; got 'svhn'"):
+    with pytest.raises(
+        ValueError,
+        match=r"name must be one of mnist_imbalanced, mnist_noisy, "
+        r"cifar10_noisy, cifar100_noisy, cifar10_lt, "
+        r"cifar100_lt, cifar10n; got 'svhn'",
+    ):
         build_dataset("svhn", root=empty_root)
 
 
 def test_unknown_parameter(empty_root: Path) -> None:
-    with pytest.raises(ValueError, match=r"unknown parameter 'noise_rat' for dataset "
-                                         r"'cifar10_noisy'; allowed keys: name, root, seed, "
-                                         r"download, noise_type, noise_rate, meta_per_class, "
-                                         r"augment"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown parameter 'noise_rat' for dataset "
+        r"'cifar10_noisy'; allowed keys: name, root, seed, "
+        r"download, noise_type, noise_rate, meta_per_class, "
+        r"augment",
+    ):
         build_dataset("cifar10_noisy", root=empty_root, noise_rat=0.2)
-    with pytest.raises(ValueError, match=r"unknown parameter 'noise_rate' for dataset "
-                                         r"'cifar10_lt'"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown parameter 'noise_rate' for dataset "
+        r"'cifar10_lt'",
+    ):
         build_dataset("cifar10_lt", root=empty_root, noise_rate=0.2)
 
 
@@ -333,26 +375,34 @@ def test_bad_seed(empty_root: Path, seed: object) -> None:
         build_dataset("mnist_noisy", root=empty_root, seed=seed)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("key", "value", "message"), [
-    ("n_train", 1, r"n_train must be an integer >= 2; got 1"),
-    ("test_balanced", "no", r"test_balanced must be true or false; got 'no'"),
-])
-def test_bad_mnist_imbalanced_keys(empty_root: Path, key: str, value: object, message: str
-                                   ) -> None:
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("n_train", 1, r"n_train must be an integer >= 2; got 1"),
+        ("test_balanced", "no", r"test_balanced must be true or false; got 'no'"),
+    ],
+)
+def test_bad_mnist_imbalanced_keys(empty_root: Path, key: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         build_dataset("mnist_imbalanced", root=empty_root, **{key: value})
 
 
 def test_n_train_beyond_the_split(mnist_env: Path) -> None:
-    with pytest.raises(ValueError, match=r"n_train=20000 with proportion=0.5 needs 10000 minority "
-                                         r"images \(digit 4\) but the training split has 5842"):
+    with pytest.raises(
+        ValueError,
+        match=r"n_train=20000 with proportion=0.5 needs 10000 minority "
+        r"images \(digit 4\) but the training split has 5842",
+    ):
         build_dataset("mnist_imbalanced", n_train=20_000, proportion=0.5)
 
 
 def test_missing_mnist_without_download(tmp_path: Path) -> None:
     expected = str((tmp_path / "MNIST" / "raw").resolve())
-    with pytest.raises(FileNotFoundError, match=rf"MNIST not found at {expected} and "
-                                                rf"download=false"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"MNIST not found at {expected} and "
+        rf"download=false",
+    ):
         build_dataset("mnist_noisy", root=tmp_path, download=False)
     assert list(tmp_path.iterdir()) == []
 
@@ -424,8 +474,12 @@ def test_config_keys_match_build_dataset(name: str, monkeypatch: pytest.MonkeyPa
 
 def test_papers_defaults() -> None:
     assert dataset_defaults("mnist_imbalanced")["proportion"] == 0.995
-    assert dataset_defaults("cifar10_noisy") == {"noise_type": "uniform", "noise_rate": 0.4,
-                                                 "meta_per_class": 100, "augment": True}
+    assert dataset_defaults("cifar10_noisy") == {
+        "noise_type": "uniform",
+        "noise_rate": 0.4,
+        "meta_per_class": 100,
+        "augment": True,
+    }
     assert dataset_defaults("cifar100_noisy")["meta_per_class"] * 100 == 1000
     assert dataset_defaults("cifar10_lt")["imbalance_factor"] == 100
 

@@ -66,8 +66,10 @@ def write_fake_cifar(root: Path, variant: str) -> Path:
     for (name, _), idx in zip(cls.train_list, chunks, strict=True):
         dump(name, {"data": _images(idx), label_key: train_labels[idx].tolist()})
     test_labels = np.tile(np.arange(k), PER_CLASS_TEST)
-    dump(cls.test_list[0][0], {"data": _images(np.arange(test_labels.size)),
-                               label_key: test_labels.tolist()})
+    dump(
+        cls.test_list[0][0],
+        {"data": _images(np.arange(test_labels.size)), label_key: test_labels.tolist()},
+    )
     dump(cls.meta["filename"], {cls.meta["key"]: [f"class{c}" for c in range(k)]})
     return folder
 
@@ -88,8 +90,13 @@ def fake_torchvision(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     def exists(fpath: str, md5: str | None = None) -> bool:
         return os.path.isfile(fpath)
 
-    def fake_download(url: str, download_root: str, filename: str | None = None,
-                      md5: str | None = None, **kwargs: object) -> None:
+    def fake_download(
+        url: str,
+        download_root: str,
+        filename: str | None = None,
+        md5: str | None = None,
+        **kwargs: object,
+    ) -> None:
         calls.append(url)
         write_fake_cifar(Path(download_root), "cifar100" if "100" in url else "cifar10")
 
@@ -117,8 +124,11 @@ def check_bundle(bundle: DataBundle, variant: str) -> None:
     assert torch.equal(bundle.meta.labels, source_labels[meta_idx])  # meta is clean
     assert torch.equal(bundle.corrupted, bundle.train_labels != bundle.true_labels)
     assert len(bundle.test) == k * PER_CLASS_TEST
-    assert bundle.info["split_sizes"] == {"train": len(bundle.train), "meta": len(bundle.meta),
-                                          "test": len(bundle.test)}
+    assert bundle.info["split_sizes"] == {
+        "train": len(bundle.train),
+        "meta": len(bundle.meta),
+        "test": len(bundle.test),
+    }
     json.dumps(bundle.info)  # serialisable
     # items: the right image (identified by its pixels) with the observed label
     for i in (0, len(bundle.train) // 2, len(bundle.train) - 1):
@@ -135,14 +145,23 @@ def check_bundle(bundle: DataBundle, variant: str) -> None:
 
 
 def test_cifar10_noisy(cifar10_root: Path) -> None:
-    bundle = build_dataset("cifar10_noisy", root=cifar10_root, seed=0, noise_type="flip",
-                           noise_rate=0.4, meta_per_class=5, augment=False)
+    bundle = build_dataset(
+        "cifar10_noisy",
+        root=cifar10_root,
+        seed=0,
+        noise_type="flip",
+        noise_rate=0.4,
+        meta_per_class=5,
+        augment=False,
+    )
     check_bundle(bundle, "cifar10")
     assert len(bundle.meta) == 50 and len(bundle.train) == 250
     assert torch.bincount(bundle.meta.labels).tolist() == [5] * 10
     assert bundle.info["noise_rate_measured"] == bundle.corrupted.to(torch.float64).mean().item()
-    assert bundle.info["noise_matrix"] == noise_matrix(
-        "flip", 10, 0.4, torch.Generator().manual_seed(0)).tolist()
+    assert (
+        bundle.info["noise_matrix"]
+        == noise_matrix("flip", 10, 0.4, torch.Generator().manual_seed(0)).tolist()
+    )
     assert bundle.info["source"] == "torchvision.datasets.CIFAR10"
     # a DataLoader yields exactly train_labels, in order
     ys = torch.cat([y for _, y in DataLoader(bundle.train, batch_size=64)])
@@ -158,8 +177,7 @@ def test_cifar_augmentation_on_train_and_meta_only(cifar10_root: Path) -> None:
         assert names == ["RandomCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
         crop = ds.transform.transforms[0]
         assert crop.size == (32, 32) and crop.padding == 4
-    assert [type(t).__name__ for t in bundle.test.transform.transforms] == ["ToTensor",
-                                                                            "Normalize"]
+    assert [type(t).__name__ for t in bundle.test.transform.transforms] == ["ToTensor", "Normalize"]
     # a padded crop of a constant non-black image shows the zero padding in some draws
     last = len(bundle.train) - 1
     assert int(bundle.train.source_indices[last]) % 256 != 0
@@ -169,8 +187,9 @@ def test_cifar_augmentation_on_train_and_meta_only(cifar10_root: Path) -> None:
 
 
 def test_cifar10_lt(cifar10_root: Path) -> None:
-    bundle = build_dataset("cifar10_lt", root=cifar10_root, imbalance_factor=10,
-                           meta_per_class=5, augment=False)
+    bundle = build_dataset(
+        "cifar10_lt", root=cifar10_root, imbalance_factor=10, meta_per_class=5, augment=False
+    )
     check_bundle(bundle, "cifar10")
     expected = [int(25 * 10 ** (-i / 9)) for i in range(10)]
     assert torch.bincount(bundle.train_labels, minlength=10).tolist() == expected
@@ -180,29 +199,40 @@ def test_cifar10_lt(cifar10_root: Path) -> None:
 
 
 def test_cifar100_noisy_and_lt_download_once(tmp_path: Path, fake_torchvision: list[str]) -> None:
-    noisy = build_dataset("cifar100_noisy", root=tmp_path, noise_type="pair", noise_rate=0.2,
-                          meta_per_class=3, augment=False)
+    noisy = build_dataset(
+        "cifar100_noisy",
+        root=tmp_path,
+        noise_type="pair",
+        noise_rate=0.2,
+        meta_per_class=3,
+        augment=False,
+    )
     check_bundle(noisy, "cifar100")
     assert fake_torchvision == ["https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"]
     lt = build_dataset("cifar100_lt", root=tmp_path, imbalance_factor=20, meta_per_class=3)
     assert fake_torchvision == ["https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"]
     assert torch.bincount(lt.train_labels, minlength=100).tolist() == [
-        int(27 * 20 ** (-i / 99)) for i in range(100)]
+        int(27 * 20 ** (-i / 99)) for i in range(100)
+    ]
     # only the dataset folder is left: no archive, no temporary folder
     assert [p.name for p in tmp_path.iterdir()] == ["cifar-100-python"]
 
 
 def test_meta_set_larger_than_the_fake_class(cifar10_root: Path) -> None:
-    with pytest.raises(ValueError, match=r"meta_per_class=100 is larger than what is available: "
-                                         r"class 0 has 30 examples"):
+    with pytest.raises(
+        ValueError,
+        match=r"meta_per_class=100 is larger than what is available: "
+        r"class 0 has 30 examples",
+    ):
         build_dataset("cifar10_noisy", root=cifar10_root)  # the default 100 per class
 
 
 # --- download: atomic, and a clear message offline ----------------------------------------------
 
 
-def test_download_moves_a_complete_folder_into_place(tmp_path: Path,
-                                                     fake_torchvision: list[str]) -> None:
+def test_download_moves_a_complete_folder_into_place(
+    tmp_path: Path, fake_torchvision: list[str]
+) -> None:
     root = tmp_path / "new" / "data"  # does not exist yet
     bundle = build_dataset("cifar10_noisy", root=root, meta_per_class=5)
     assert len(fake_torchvision) == 1 and len(bundle.train) == 250
@@ -233,20 +263,27 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("offline")
-@pytest.mark.parametrize(("name", "folder", "archive"), [
-    ("cifar10_noisy", "cifar-10-batches-py", "cifar-10-python.tar.gz"),
-    ("cifar100_lt", "cifar-100-python", "cifar-100-python.tar.gz"),
-])
-def test_offline_download_fails_cleanly(tmp_path: Path, name: str, folder: str,
-                                        archive: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "folder", "archive"),
+    [
+        ("cifar10_noisy", "cifar-10-batches-py", "cifar-10-python.tar.gz"),
+        ("cifar100_lt", "cifar-100-python", "cifar-100-python.tar.gz"),
+    ],
+)
+def test_offline_download_fails_cleanly(
+    tmp_path: Path, name: str, folder: str, archive: str
+) -> None:
     root = tmp_path / "data"
     root.mkdir()
     expected = str((root / folder).resolve())
     with pytest.raises(FileNotFoundError) as info:
         build_dataset(name, root=root)
     message = str(info.value)
-    assert re.search(rf"not found at {re.escape(expected)} and the download failed "
-                     rf"\(URLError: .*Temporary failure", message), message
+    assert re.search(
+        rf"not found at {re.escape(expected)} and the download failed "
+        rf"\(URLError: .*Temporary failure",
+        message,
+    ), message
     assert archive in message and "REWEIGHT_DATA_DIR" in message  # how to provide the files
     assert list(root.iterdir()) == []  # no archive, no temporary folder, no partial dataset
 
@@ -261,16 +298,22 @@ def test_offline_download_removes_the_folders_it_created(tmp_path: Path) -> None
 @pytest.mark.usefixtures("offline")
 def test_offline_mnist(tmp_path: Path) -> None:
     expected = re.escape(str((tmp_path / "MNIST").resolve()))
-    with pytest.raises(FileNotFoundError, match=rf"MNIST not found at {expected} and the "
-                                                rf"download failed \(RuntimeError"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"MNIST not found at {expected} and the "
+        rf"download failed \(RuntimeError",
+    ):
         build_dataset("mnist_imbalanced", root=tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_no_download_when_disallowed(tmp_path: Path, fake_torchvision: list[str]) -> None:
     expected = re.escape(str((tmp_path / "cifar-10-batches-py").resolve()))
-    with pytest.raises(FileNotFoundError, match=rf"cifar10 not found at {expected} and "
-                                                rf"download=false"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"cifar10 not found at {expected} and "
+        rf"download=false",
+    ):
         build_dataset("cifar10_noisy", root=tmp_path, download=False)
     assert fake_torchvision == [] and list(tmp_path.iterdir()) == []
 
@@ -298,8 +341,9 @@ def test_data_root_from_environment(cifar10_root: Path, monkeypatch: pytest.Monk
 def write_human_labels(path: Path, clean: np.ndarray, **extra: np.ndarray) -> np.ndarray:
     worse = clean.copy()
     worse[::3] = (worse[::3] + 1) % 10  # a third of the labels wrong
-    torch.save({"clean_label": clean, "worse_label": worse, "aggre_label": clean.copy(),
-                **extra}, path)
+    torch.save(
+        {"clean_label": clean, "worse_label": worse, "aggre_label": clean.copy(), **extra}, path
+    )
     return worse
 
 
@@ -314,33 +358,40 @@ def test_cifar10n(cifar10_root: Path) -> None:
     assert bundle.corrupted.any()
     assert bundle.info["noise_rate_measured"] == bundle.corrupted.to(torch.float64).mean().item()
     assert bundle.info["label_key"] == "worse_label"
-    aggre = build_dataset("cifar10n", root=cifar10_root, label_key="aggre_label",
-                          meta_per_class=5)
+    aggre = build_dataset("cifar10n", root=cifar10_root, label_key="aggre_label", meta_per_class=5)
     assert not aggre.corrupted.any()
 
 
-def test_cifar10n_label_file_option(cifar10_root: Path, tmp_path_factory: pytest.TempPathFactory
-                                    ) -> None:
+def test_cifar10n_label_file_option(
+    cifar10_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     elsewhere = tmp_path_factory.mktemp("labels") / "human.pt"
     write_human_labels(elsewhere, np.tile(np.arange(10), PER_CLASS_TRAIN))
-    bundle = build_dataset("cifar10n", root=cifar10_root, label_file=str(elsewhere),
-                           meta_per_class=5)
+    bundle = build_dataset(
+        "cifar10n", root=cifar10_root, label_file=str(elsewhere), meta_per_class=5
+    )
     assert bundle.info["label_file"] == str(elsewhere.resolve())
 
 
 def test_cifar10n_missing_label_file(tmp_path: Path, fake_torchvision: list[str]) -> None:
     expected = re.escape(str((tmp_path / CIFAR10N_FILE).resolve()))
-    with pytest.raises(FileNotFoundError, match=rf"CIFAR-10N label file not found: expected "
-                                                rf"{expected}\. Download CIFAR-10_human\.pt from "
-                                                rf"https://github\.com/UCSC-REAL/cifar-10-100n"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"CIFAR-10N label file not found: expected "
+        rf"{expected}\. Download CIFAR-10_human\.pt from "
+        rf"https://github\.com/UCSC-REAL/cifar-10-100n",
+    ):
         build_dataset("cifar10n", root=tmp_path)
     assert fake_torchvision == []  # checked before any download
 
 
 def test_cifar10n_bad_label_key(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"label_key must be one of aggre_label, worse_label, "
-                                         r"random_label1, random_label2, random_label3, "
-                                         r"clean_label; got 'noisy_label'"):
+    with pytest.raises(
+        ValueError,
+        match=r"label_key must be one of aggre_label, worse_label, "
+        r"random_label1, random_label2, random_label3, "
+        r"clean_label; got 'noisy_label'",
+    ):
         build_dataset("cifar10n", root=tmp_path, label_key="noisy_label")
 
 
@@ -350,12 +401,18 @@ def test_cifar10n_file_checks(cifar10_root: Path) -> None:
     torch.save({"worse_label": clean[:-1]}, path)
     with pytest.raises(ValueError, match=r"has 299 labels; CIFAR-10's training split has 300"):
         build_dataset("cifar10n", root=cifar10_root, meta_per_class=5)
-    with pytest.raises(ValueError, match=r"label_key='random_label1' is not in .*it holds "
-                                         r"\['worse_label'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"label_key='random_label1' is not in .*it holds "
+        r"\['worse_label'\]",
+    ):
         build_dataset("cifar10n", root=cifar10_root, label_key="random_label1", meta_per_class=5)
     write_human_labels(path, np.roll(clean, 1))
-    with pytest.raises(ValueError, match=r"\['clean_label'\] differs from torchvision's CIFAR-10 "
-                                         r"training labels"):
+    with pytest.raises(
+        ValueError,
+        match=r"\['clean_label'\] differs from torchvision's CIFAR-10 "
+        r"training labels",
+    ):
         build_dataset("cifar10n", root=cifar10_root, meta_per_class=5)
 
 
@@ -363,8 +420,7 @@ def test_cifar10n_labels_load_safely(tmp_path: Path) -> None:
     path = tmp_path / CIFAR10N_FILE
     torch.save({"a": np.arange(4, dtype=np.int64), "b": [1, 2], "c": torch.tensor([3])}, path)
     labels = load_cifar10n_labels(path)
-    assert {k: v.tolist() for k, v in labels.items()} == {"a": [0, 1, 2, 3], "b": [1, 2],
-                                                          "c": [3]}
+    assert {k: v.tolist() for k, v in labels.items()} == {"a": [0, 1, 2, 3], "b": [1, 2], "c": [3]}
     assert all(v.dtype == torch.int64 for v in labels.values())
     torch.save({"a": np.arange(3, dtype=np.float32)}, path)  # float32 dtype is not allowlisted
     with pytest.raises(ValueError, match=r"is not a CIFAR-10N label file of integer arrays"):

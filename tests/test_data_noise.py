@@ -83,8 +83,9 @@ def test_noise_matrix_conventions() -> None:
 
     symmetric = noise_matrix("symmetric", k, r, gen())
     torch.testing.assert_close(symmetric.diagonal(), torch.full((k,), 1 - r, dtype=torch.float64))
-    torch.testing.assert_close(symmetric[~eye.bool()], torch.full((k * k - k,), r / (k - 1),
-                                                                  dtype=torch.float64))
+    torch.testing.assert_close(
+        symmetric[~eye.bool()], torch.full((k * k - k,), r / (k - 1), dtype=torch.float64)
+    )
 
     pair = noise_matrix("pair", k, r, gen())
     for i in range(k):
@@ -95,10 +96,10 @@ def test_noise_matrix_conventions() -> None:
     flip = noise_matrix("flip", k, r, gen())
     flip2 = noise_matrix("flip2", k, r, gen())
     for i in range(k):
-        off = torch.cat([flip[i, :i], flip[i, i + 1:]])
+        off = torch.cat([flip[i, :i], flip[i, i + 1 :]])
         assert flip[i, i] == pytest.approx(1 - r)
         assert sorted(off[off > 0].tolist()) == pytest.approx([r])  # all of r to one other class
-        off2 = torch.cat([flip2[i, :i], flip2[i, i + 1:]])
+        off2 = torch.cat([flip2[i, :i], flip2[i, i + 1 :]])
         assert flip2[i, i] == pytest.approx(1 - r)
         assert sorted(off2[off2 > 0].tolist()) == pytest.approx([r / 2, r / 2])
 
@@ -199,8 +200,9 @@ def test_imbalance_factor_below_one(rho: float) -> None:
     with pytest.raises(ValueError, match=r"imbalance_factor must be a number >= 1; got"):
         long_tail_counts(100, 10, rho)
     with pytest.raises(ValueError, match=r"imbalance_factor must be a number >= 1; got"):
-        plan_long_tail(balanced_labels(10, 50), 10, meta_per_class=5, imbalance_factor=rho,
-                       generator=gen())
+        plan_long_tail(
+            balanced_labels(10, 50), 10, meta_per_class=5, imbalance_factor=rho, generator=gen()
+        )
 
 
 def test_meta_set_larger_than_available() -> None:
@@ -208,10 +210,11 @@ def test_meta_set_larger_than_available() -> None:
     with pytest.raises(
         ValueError,
         match=r"meta_per_class=5000 is larger than what is available: class 0 has 5000 .*"
-              r"allowed: 1 <= meta_per_class <= 4999",
+        r"allowed: 1 <= meta_per_class <= 4999",
     ):
-        plan_noisy(labels, 10, meta_per_class=5000, noise_type="uniform", noise_rate=0.4,
-                   generator=gen())
+        plan_noisy(
+            labels, 10, meta_per_class=5000, noise_type="uniform", noise_rate=0.4, generator=gen()
+        )
     with pytest.raises(ValueError, match=r"meta_per_class must be an integer >= 1; got 0"):
         split_meta(labels, 10, 0, gen())
 
@@ -231,8 +234,9 @@ def test_split_meta_is_balanced_and_disjoint() -> None:
 @pytest.mark.parametrize("noise_type", NOISE_TYPES)
 def test_plan_noisy_records_the_measured_rate(noise_type: str) -> None:
     labels = balanced_labels(10, 5000)  # CIFAR-10's training split
-    plan = plan_noisy(labels, 10, meta_per_class=100, noise_type=noise_type, noise_rate=0.4,
-                      generator=gen())
+    plan = plan_noisy(
+        labels, 10, meta_per_class=100, noise_type=noise_type, noise_rate=0.4, generator=gen()
+    )
     measured = (plan.train_labels != plan.true_labels).to(torch.float64).mean().item()
     assert plan.info["noise_rate_measured"] == measured
     assert torch.equal(plan.corrupted, plan.train_labels != plan.true_labels)
@@ -251,8 +255,9 @@ def test_plan_noisy_same_seed_same_labels() -> None:
     labels = balanced_labels(10, 5000)
 
     def labels_hash(seed: int) -> str:
-        plan = plan_noisy(labels, 10, meta_per_class=100, noise_type="flip", noise_rate=0.4,
-                          generator=gen(seed))
+        plan = plan_noisy(
+            labels, 10, meta_per_class=100, noise_type="flip", noise_rate=0.4, generator=gen(seed)
+        )
         return tensor_hash(plan.train_indices, plan.meta_indices, plan.train_labels)
 
     assert labels_hash(0) == labels_hash(0)
@@ -315,28 +320,60 @@ def test_plan_binary_imbalance_on_synthetic_labels() -> None:
     train = balanced_labels(10, 6000)
     test = balanced_labels(10, 1000)
     test = torch.cat([test, torch.full((50,), 9)])  # more 9s than 4s in the test split
-    plan = plan_binary_imbalance(train, test, minority=4, majority=9, n_train=5000,
-                                 proportion=0.995, meta_per_class=5, test_balanced=True,
-                                 generator=gen())
+    plan = plan_binary_imbalance(
+        train,
+        test,
+        minority=4,
+        majority=9,
+        n_train=5000,
+        proportion=0.995,
+        meta_per_class=5,
+        test_balanced=True,
+        generator=gen(),
+    )
     assert class_counts(plan.train_labels, 2) == [20, 4970]
     assert class_counts(plan.meta_labels, 2) == [5, 5]
     assert class_counts(plan.test_labels, 2) == [1000, 1000]
-    unbalanced = plan_binary_imbalance(train, test, minority=4, majority=9, n_train=5000,
-                                       proportion=0.995, meta_per_class=5, test_balanced=False,
-                                       generator=gen())
+    unbalanced = plan_binary_imbalance(
+        train,
+        test,
+        minority=4,
+        majority=9,
+        n_train=5000,
+        proportion=0.995,
+        meta_per_class=5,
+        test_balanced=False,
+        generator=gen(),
+    )
     assert class_counts(unbalanced.test_labels, 2) == [1000, 1050]
 
 
 @pytest.mark.parametrize("p", [0, 1, 1.2, -0.5])
 def test_proportion_outside_open_interval(p: float) -> None:
     with pytest.raises(ValueError, match=r"proportion must be a number in \(0, 1\); got"):
-        plan_binary_imbalance(balanced_labels(10, 10), balanced_labels(10, 10), minority=4,
-                              majority=9, n_train=50, proportion=p, meta_per_class=1,
-                              test_balanced=True, generator=gen())
+        plan_binary_imbalance(
+            balanced_labels(10, 10),
+            balanced_labels(10, 10),
+            minority=4,
+            majority=9,
+            n_train=50,
+            proportion=p,
+            meta_per_class=1,
+            test_balanced=True,
+            generator=gen(),
+        )
 
 
 def test_binary_task_needs_enough_images() -> None:
     with pytest.raises(ValueError, match=r"n_train=5000 with proportion=0.5 needs 2500 minority"):
-        plan_binary_imbalance(balanced_labels(10, 100), balanced_labels(10, 10), minority=4,
-                              majority=9, n_train=5000, proportion=0.5, meta_per_class=5,
-                              test_balanced=True, generator=gen())
+        plan_binary_imbalance(
+            balanced_labels(10, 100),
+            balanced_labels(10, 10),
+            minority=4,
+            majority=9,
+            n_train=5000,
+            proportion=0.5,
+            meta_per_class=5,
+            test_balanced=True,
+            generator=gen(),
+        )

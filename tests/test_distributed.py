@@ -22,6 +22,7 @@ CASES = {
     "random": lambda: build_method("random", seed=3),
     "class_balanced": lambda: build_method("class_balanced"),
     "l2rw": lambda: build_method("l2rw"),
+    "l2rw_fast": lambda: build_method("l2rw", meta_grad="fast"),
     "mwnet": lambda: MWNet(hidden=8, lr=1e-2),
     "mwnet_sum": lambda: MWNet(hidden=8, lr=1e-2, normalize="sum"),
     "mwnet_replay": lambda: MWNet(hidden=8, lr=1e-2, replay_optimizer=True),

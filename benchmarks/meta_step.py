@@ -1,0 +1,402 @@
+"""Milliseconds and peak memory of one training step: plain SGD, ERM, L2RW and MW-Net.
+
+Every variant is a callable doing one *full* training step on its own copy of the model (the
+method's step, the real weighted backward, the optimizer step), on fixed pre-generated random
+batches. All variants live in one process and are run interleaved, one step each per round
+(the order rotates every round), so a slow patch of a shared machine hits them alike; the
+median over the timed rounds is reported with its ratio to the plain step.
+
+    plain            forward, mean loss, backward, SGD step: the unit every ratio divides by
+    erm              the Trainer's path with ERM (method.step, then Σ wᵢℓᵢ as the loss)
+    l2rw/unrolled    virtual step through the meta twin with a double backward (the reference)
+    l2rw/fast        the exact forward-mode identity (reweight.fast)
+    mwnet/unrolled   likewise for Meta-Weight-Net
+    mwnet/fast
+    l2rw/higher      peer: the usual `higher.innerloop_ctx` L2RW step (when higher imports)
+
+Peak memory is the highest amount of tensor memory the step holds above what was live when it
+started (model, optimizer state and batches excluded): on CUDA from the caching allocator's
+counters, on CPU from the allocation events of ``torch.profiler`` (``profile_memory=True``),
+one profiled step per variant after the timing.
+
+Usage:
+    python benchmarks/meta_step.py                       # CPU at 1 thread and all cores (+ CUDA)
+    python benchmarks/meta_step.py --threads 1 --steps 30 --json out.json
+    python benchmarks/meta_step.py --models lenet --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from reweight import ERM, L2RW, MWNet, normalize_l2rw
+from reweight.methods import Method, StepInputs
+from reweight.models import build_model
+
+log = logging.getLogger("meta_step")
+
+VARIANTS = (
+    "plain",
+    "erm",
+    "l2rw/unrolled",
+    "l2rw/fast",
+    "mwnet/unrolled",
+    "mwnet/fast",
+    "l2rw/higher",
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    batch: int
+    meta_batch: int
+    shape: tuple[int, ...]
+    num_classes: int
+
+
+CASES = {
+    "lenet": [
+        Case("lenet", 100, 100, (1, 28, 28), 2),
+        Case("lenet", 100, 10, (1, 28, 28), 2),
+    ],
+    "resnet32": [Case("resnet32", 100, 100, (3, 32, 32), 10)],
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# One training step per variant
+
+
+def _trainer_step(
+    method: Method,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    data: tuple[Tensor, ...],
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> None:
+    """Steps 2–3 of ``Trainer.fit``: the method's weights, then the real update on Σ wᵢℓᵢ."""
+    x, y, mx, my = data
+    model.train()
+    lr = float(opt.param_groups[0]["lr"])
+    batch = StepInputs(model, x, y, mx, my, lr, F.cross_entropy, opt)
+    with autocast():
+        out = method.step(batch)
+        losses = out.losses
+        if losses is None:
+            losses = F.cross_entropy(model(x), y, reduction="none")
+    loss = (out.weights.to(losses.dtype) * losses).sum()
+    float(loss.detach())  # the Trainer's one sync per step
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def _plain_step(model, opt, data, autocast) -> None:
+    x, y, _, _ = data
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    with autocast():
+        loss = F.cross_entropy(model(x), y)
+    float(loss.detach())
+    loss.backward()
+    opt.step()
+
+
+def _higher_step(higher, model, opt, data, autocast) -> None:
+    """L2RW as usually written with ``higher``: a functional copy per step, a differentiable
+    inner SGD step on Σ εᵢℓᵢ, the meta loss, ∂/∂ε; then a separate real forward and backward."""
+    x, y, mx, my = data
+    model.train()
+    lr = float(opt.param_groups[0]["lr"])
+    inner = torch.optim.SGD(model.parameters(), lr=lr)
+    with autocast():
+        with higher.innerloop_ctx(model, inner) as (fmodel, diffopt):
+            losses = F.cross_entropy(fmodel(x), y, reduction="none")
+            eps = torch.zeros_like(losses, requires_grad=True)
+            diffopt.step((eps * losses).sum())
+            meta_loss = F.cross_entropy(fmodel(mx), my)
+            (grad,) = torch.autograd.grad(meta_loss, eps)
+        w = normalize_l2rw(grad)
+        losses = F.cross_entropy(model(x), y, reduction="none")
+    loss = (w.to(losses.dtype) * losses).sum()
+    float(loss.detach())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def build_variants(
+    case: Case, device: torch.device, bf16: bool, data: tuple[Tensor, ...]
+) -> tuple[dict[str, Callable[[], None]], dict[str, torch.optim.Optimizer], str | None]:
+    """One step callable per variant (each on its own copy of one initial model)."""
+    torch.manual_seed(0)
+    in_channels = case.shape[0]
+    base = build_model(case.model, num_classes=case.num_classes, in_channels=in_channels)
+    base = base.to(device)
+
+    def autocast() -> contextlib.AbstractContextManager:
+        if bf16:
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def sgd(model: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    steps: dict[str, Callable[[], None]] = {}
+    opts: dict[str, torch.optim.Optimizer] = {}
+    skipped = None
+    for name in VARIANTS:
+        model = copy.deepcopy(base)
+        opt = sgd(model)
+        opts[name] = opt
+        if name == "plain":
+            steps[name] = lambda m=model, o=opt: _plain_step(m, o, data, autocast)
+            continue
+        if name == "l2rw/higher":
+            try:
+                import higher  # the optional peer
+
+                _higher_step(higher, copy.deepcopy(base), sgd(copy.deepcopy(base)), data, autocast)
+            except Exception as err:  # the peer row is optional: say why it is missing
+                skipped = f"l2rw/higher skipped: {type(err).__name__}: {err}"
+                del opts[name]
+                continue
+            steps[name] = lambda m=model, o=opt, h=higher: _higher_step(h, m, o, data, autocast)
+            continue
+        method: Method
+        if name == "erm":
+            method = ERM()
+        elif name.startswith("l2rw/"):
+            method = L2RW(meta_grad=name.split("/")[1])
+        else:
+            method = MWNet(meta_grad=name.split("/")[1])
+        method.setup(model=model, train_labels=None, num_classes=case.num_classes, device=device)
+        steps[name] = lambda me=method, m=model, o=opt: _trainer_step(me, m, o, data, autocast)
+    return steps, opts, skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing and memory
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(
+    steps: dict[str, Callable[[], None]], device: torch.device, warmup: int, rounds: int
+) -> dict[str, list[float]]:
+    """Seconds per step for every variant, one step each per round, order rotating."""
+    names = list(steps)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(warmup + rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            _sync(device)
+            t0 = time.perf_counter()
+            steps[name]()
+            _sync(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def peak_memory(
+    step: Callable[[], None], opt: torch.optim.Optimizer, device: torch.device
+) -> float:
+    """Peak tensor bytes a step holds above the bytes live when it starts (gradients freed)."""
+    opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return float(torch.cuda.max_memory_allocated(device) - start)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return float(peak)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs and the table
+
+
+def run_case(
+    case: Case,
+    device: torch.device,
+    threads: int | None,
+    bf16: bool,
+    warmup: int,
+    rounds: int,
+    memory: bool,
+) -> list[dict]:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(case.batch, *case.shape, generator=gen)
+    y = torch.randint(0, case.num_classes, (case.batch,), generator=gen)
+    mx = torch.randn(case.meta_batch, *case.shape, generator=gen)
+    my = torch.randint(0, case.num_classes, (case.meta_batch,), generator=gen)
+    data = tuple(t.to(device) for t in (x, y, mx, my))
+    steps, opts, skipped = build_variants(case, device, bf16, data)
+    if skipped:
+        log.warning("%s", skipped)
+    times = time_interleaved(steps, device, warmup, rounds)
+    peaks = {n: peak_memory(steps[n], opts[n], device) if memory else float("nan") for n in steps}
+    base_t = statistics.median(times["plain"])
+    rows = []
+    for name in steps:
+        ts = sorted(times[name])
+        q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+        rows.append(
+            {
+                "model": case.model,
+                "batch": case.batch,
+                "meta_batch": case.meta_batch,
+                "device": device.type,
+                "threads": threads,
+                "dtype": "bf16-autocast" if bf16 else "fp32",
+                "variant": name,
+                "median_ms": statistics.median(ts) * 1e3,
+                "p25_ms": q[0] * 1e3,
+                "p75_ms": q[2] * 1e3,
+                "ratio": statistics.median(ts) / base_t,
+                "peak_mb": peaks[name] / 2**20,
+                "peak_ratio": peaks[name] / peaks["plain"] if peaks["plain"] else float("nan"),
+                "steps": len(ts),
+            }
+        )
+    if skipped:
+        rows.append({**rows[0], "variant": "l2rw/higher", "skipped": skipped})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (
+        "| model | batch / meta | device | threads | dtype | variant | ms / step (median) "
+        "| p25–p75 ms | × plain | peak MB | × plain |\n"
+        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|"
+    )
+    lines = [head]
+    for r in rows:
+        where = f"| {r['model']} | {r['batch']} / {r['meta_batch']} | {r['device']} | "
+        where += f"{r['threads'] if r['threads'] is not None else '-'} | {r['dtype']} | "
+        if "skipped" in r:
+            lines.append(where + f"{r['variant']} | {r['skipped']} | | | | |")
+            continue
+        lines.append(
+            where + f"{r['variant']} | {r['median_ms']:.1f} | {r['p25_ms']:.1f}–{r['p75_ms']:.1f} "
+            f"| {r['ratio']:.2f} | {r['peak_mb']:.1f} | {r['peak_ratio']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, str | int]:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            cpu = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu
+            )
+    info: dict[str, str | int] = {
+        "cpu": cpu,
+        "cores": os.cpu_count() or 1,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", default="1,all", help="CPU threads: 1, all, or 1,all")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per variant (>= 20)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed rounds first")
+    parser.add_argument(
+        "--models", default="lenet,resnet32", help="comma-separated: lenet,resnet32"
+    )
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    parser.add_argument("--json", default=None, help="write the rows and the machine here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.steps < 20:
+        parser.error(f"--steps must be >= 20, got {args.steps}")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(models) - set(CASES))
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; choose from {sorted(CASES)}")
+    thread_settings = []
+    for t in args.threads.split(","):
+        t = t.strip()
+        if t not in ("1", "all"):
+            parser.error(f"--threads must be 1, all or 1,all, got {args.threads!r}")
+        thread_settings.append(1 if t == "1" else os.cpu_count() or 1)
+
+    runs: list[tuple[torch.device, int | None, bool]] = []
+    if args.device in ("auto", "cpu"):
+        runs += [(torch.device("cpu"), n, False) for n in thread_settings]
+    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: CUDA is not available")
+        runs += [(torch.device("cuda"), None, False), (torch.device("cuda"), None, True)]
+    else:
+        log.info("no CUDA device: CPU rows only")
+
+    info = machine()
+    log.info("machine: %s", info)
+    rows: list[dict] = []
+    for device, threads, bf16 in runs:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        for model in models:
+            for case in CASES[model]:
+                log.info(
+                    "%s batch %d meta %d on %s%s%s ...",
+                    case.model,
+                    case.batch,
+                    case.meta_batch,
+                    device.type,
+                    f" ({threads} threads)" if threads else "",
+                    " bf16" if bf16 else "",
+                )
+                case_rows = run_case(
+                    case, device, threads, bf16, args.warmup, args.steps, not args.no_memory
+                )
+                print(format_table(case_rows), flush=True)
+                rows += case_rows
+    print()
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "argv": sys.argv, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

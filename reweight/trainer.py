@@ -312,7 +312,9 @@ class Trainer:
                 f"corrupted has {len(corrupted)} entries, train_data {len(train_data)}"
             )  # type: ignore[arg-type]
         self.train_labels = train_labels
-        self.corrupted = corrupted.bool().cpu() if corrupted is not None else None
+        # clean-vs-corrupted diagnostics only when something is corrupted (not for pure imbalance)
+        has_corrupted = corrupted is not None and bool(corrupted.any())
+        self.corrupted = corrupted.bool().cpu() if has_corrupted else None
         if num_classes is None and train_labels is not None:
             num_classes = int(train_labels.max()) + 1
         self.num_classes = num_classes

@@ -10,7 +10,6 @@ from __future__ import annotations
 import doctest
 import importlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,17 +39,6 @@ MNIST_FILES = (
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """Run this module's many small tensor ops on one thread. On a busy 2-core machine an OpenMP
-    thread waiting for a descheduled partner made each op 10-50x slower (this file took 3x longer
-    with two threads); the results do not depend on the thread count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _check_shared_mnist() -> Path:

@@ -13,7 +13,6 @@ import os
 import pickle
 import re
 import urllib.error
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,17 +27,6 @@ from reweight.data.core import DATA_DIR_ENV, download_atomically
 
 PER_CLASS_TRAIN = 30  # CIFAR-10 fake: 300 training images; CIFAR-100 fake: 3000
 PER_CLASS_TEST = 2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """Run this module's many small tensor ops on one thread. On a busy 2-core machine an OpenMP
-    thread waiting for a descheduled partner made each op 10-50x slower (this file took 3x longer
-    with two threads); the results do not depend on the thread count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _images(indices: np.ndarray) -> np.ndarray:

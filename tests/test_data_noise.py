@@ -7,7 +7,6 @@ test_data_cifar.py and the real-MNIST datasets in test_data.py.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -35,17 +34,6 @@ from reweight.data.splits import (
 # about 1% over the ~21,000 non-zero entries checked below (structural zeros are checked exactly).
 # The seeds are fixed, so the outcome is reproducible, never flaky.
 N_SIGMA = 5.0
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """Run this module's many small tensor ops on one thread. On a busy 2-core machine an OpenMP
-    thread waiting for a descheduled partner made each op 10-50x slower (this file took 3x longer
-    with two threads); the results do not depend on the thread count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def gen(seed: int = 0) -> torch.Generator:

@@ -6,7 +6,7 @@ import copy
 import doctest
 import importlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra.utils
@@ -38,15 +38,6 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
 
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny batches: one intra-op thread is as fast and does not stall when the cores are busy.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

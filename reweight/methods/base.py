@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from reweight.distributed import DistContext
 from reweight.functional import LossFn
+from reweight.meta import MetaModule, to_meta
 
 __all__ = ["Method", "MethodOutput", "StepInputs"]
 
@@ -90,6 +91,14 @@ class Method(ABC):
         """The weights this method would give ``batch`` now, changing nothing: not the
         method's state, not the model, not its BatchNorm statistics. For diagnostics."""
         return self.step(batch).weights
+
+    def bound_twin(self, model: nn.Module) -> MetaModule:
+        """The model's buffer-backed twin, built on first use and bound to its current weights."""
+        twin = getattr(self, "_twin", None)
+        if twin is None:
+            twin = self._twin = to_meta(model)
+        twin.bind(model)
+        return twin
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from reweight.functional import (
     check_meta_grad,
@@ -12,7 +12,6 @@ from reweight.functional import (
     l2rw_eps_grad_from_losses,
     normalize_l2rw,
 )
-from reweight.meta import MetaModule, to_meta
 from reweight.methods.base import Method, MethodOutput, StepInputs
 
 __all__ = ["L2RW"]
@@ -36,10 +35,6 @@ class L2RW(Method):
     def __init__(self, meta_grad: str = "unrolled") -> None:
         self.meta_grad = check_meta_grad(meta_grad)
         self.zero_sum_batches = 0
-        self._twin: MetaModule | None = None
-
-    def setup(self, *, model: nn.Module, **_: Any) -> None:
-        self._twin = to_meta(model)
 
     def step(self, batch: StepInputs) -> MethodOutput:
         assert batch.meta_inputs is not None and batch.meta_targets is not None
@@ -48,10 +43,7 @@ class L2RW(Method):
 
             eps_grad, losses, meta_loss = l2rw_fast_step(batch)
         else:
-            if self._twin is None:
-                self._twin = to_meta(batch.model)
-            twin = self._twin
-            twin.bind(batch.model)
+            twin = self.bound_twin(batch.model)
             losses = batch.loss_fn(batch.model(batch.inputs), batch.targets, reduction="none")
             eps_grad, meta_loss_t = l2rw_eps_grad_from_losses(
                 twin, losses, batch.meta_inputs, batch.meta_targets, batch.lr, batch.loss_fn

@@ -8,7 +8,6 @@ import torch
 from torch import Tensor, nn
 
 from reweight.functional import check_meta_grad, mwnet_meta_grads, mwnet_weights
-from reweight.meta import MetaModule, to_meta
 from reweight.methods.base import Method, MethodOutput, StepInputs
 
 __all__ = ["MWNet", "WeightNet"]
@@ -63,12 +62,10 @@ class MWNet(Method):
         self.replay_optimizer = replay_optimizer
         self.vnet = WeightNet(hidden)
         self.optimizer = torch.optim.Adam(self.vnet.parameters(), lr=lr, weight_decay=weight_decay)
-        self._twin: MetaModule | None = None
 
     def setup(self, *, model: nn.Module, device: torch.device, **_: Any) -> None:
         dtype = next(model.parameters()).dtype
         self.vnet.to(device=device, dtype=dtype)
-        self._twin = to_meta(model)
 
     def sgd_kwargs(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
         """Arguments that make ``sgd_step`` replay ``optimizer`` (empty unless enabled)."""
@@ -96,19 +93,11 @@ class MWNet(Method):
     def step(self, batch: StepInputs) -> MethodOutput:
         assert batch.meta_inputs is not None and batch.meta_targets is not None
         if self.meta_grad == "fast":
-            if batch.dist is not None:
-                raise ValueError(
-                    "method.meta_grad=fast for mwnet is not supported in data-parallel training "
-                    "yet; use method.meta_grad=unrolled"
-                )
             from reweight.fast import mwnet_fast_step
 
             grads, losses, meta_loss = mwnet_fast_step(self, batch)
         else:
-            if self._twin is None:
-                self._twin = to_meta(batch.model)
-            twin = self._twin
-            twin.bind(batch.model)
+            twin = self.bound_twin(batch.model)
             losses = batch.loss_fn(batch.model(batch.inputs), batch.targets, reduction="none")
             grads, meta_loss = mwnet_meta_grads(
                 twin,
@@ -149,8 +138,7 @@ class MWNet(Method):
 
     @torch.no_grad()
     def weigh(self, batch: StepInputs) -> Tensor:
-        twin = self._twin if self._twin is not None else to_meta(batch.model)
-        twin.bind(batch.model)  # the twin's BatchNorm never writes running statistics
+        twin = self.bound_twin(batch.model)  # its BatchNorm never writes running statistics
         losses = batch.loss_fn(twin(batch.inputs), batch.targets, reduction="none")
         return mwnet_weights(self.vnet, losses, self.normalize)
 

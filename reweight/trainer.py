@@ -61,6 +61,7 @@ class TrainerConfig:
     seed: int = 0  # training seed: data order, dropout, augmentation (not data corruption)
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", or "auto"
     bf16: bool = False  # bf16 autocast for forward passes (CUDA only)
+    channels_last: bool = False  # NHWC memory format for the model and 4-D inputs (convnets)
     num_workers: int = 0  # DataLoader workers
     checkpoint_every: int = 0  # write the checkpoint every N steps (0: only at the end)
     progress: bool | None = None  # tqdm bars; None: only when stderr is a terminal
@@ -298,6 +299,8 @@ class Trainer:
         if self.method.needs_meta and meta_data is None:
             raise ValueError(f"method {self.method.name!r} needs a clean meta set (meta_data)")
         self.model = model.to(self.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.train_data, self.meta_data, self.test_data = train_data, meta_data, test_data
         self.loss_fn = loss_fn
         factory = optimizer or (lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9))
@@ -378,11 +381,11 @@ class Trainer:
         while self.step < cfg.max_steps:
             # 1. a training batch and, for meta methods, a clean batch
             idx, x, y = next(train_iter)
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y = self._inputs(x), y.to(self.device, non_blocking=True)
             mx = my = None
             if meta_iter is not None:
                 _, mx, my = next(meta_iter)
-                mx, my = mx.to(self.device), my.to(self.device)
+                mx, my = self._inputs(mx), my.to(self.device)
             # 2. the method's weights (a meta step for l2rw / mwnet)
             self.model.train()
             lr = float(self.optimizer.param_groups[0]["lr"])
@@ -542,10 +545,10 @@ class Trainer:
                     mx = my = None
                     if meta_iter is not None:
                         _, mx, my = next(meta_iter)
-                        mx, my = mx.to(self.device), my.to(self.device)
+                        mx, my = self._inputs(mx), my.to(self.device)
                     batch = StepInputs(
                         self.model,
-                        x.to(self.device),
+                        self._inputs(x),
                         torch.as_tensor(y).to(self.device),
                         mx,
                         my,
@@ -581,7 +584,7 @@ class Trainer:
             generator=torch.Generator().manual_seed(0),
         )  # keep global RNG intact
         for x, y in tqdm(loader, desc="eval", leave=False, disable=not _show_progress(self.config)):
-            x, y = x.to(self.device), torch.as_tensor(y).to(self.device)
+            x, y = self._inputs(x), torch.as_tensor(y).to(self.device)
             with self._autocast():
                 out = self.model(x)
             loss_sum += float(self.loss_fn(out.float(), y, reduction="sum"))
@@ -663,6 +666,13 @@ class Trainer:
                 device=self.device,
             )
             self._setup_done = True
+
+    def _inputs(self, x: Tensor) -> Tensor:
+        """A batch of inputs on the device, NHWC when ``channels_last`` and the batch is 4-D."""
+        x = x.to(self.device, non_blocking=True)
+        if self.config.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.config.bf16:

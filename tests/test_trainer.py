@@ -301,3 +301,48 @@ def test_example_weights_change_nothing():
         assert torch.equal(v, state[k]), k
     for k, v in trainer.method.vnet.state_dict().items():
         assert torch.equal(v, vnet[k]), k
+
+
+@pytest.mark.parametrize("method", ["erm", "l2rw", "l2rw-fast", "mwnet"])
+def test_channels_last_is_the_same_training_in_another_memory_format(method: str):
+    """trainer.channels_last=true feeds NHWC batches to an NHWC model and changes no number
+    (float64, where the two layouts' convolutions agree to rounding)."""
+    from reweight import L2RW
+    from reweight.models import LeNet
+
+    g = torch.Generator().manual_seed(0)
+    x, xm = torch.randn(64, 1, 28, 28, generator=g), torch.randn(16, 1, 28, 28, generator=g)
+    y, ym = torch.randint(0, 2, (64,), generator=g), torch.randint(0, 2, (16,), generator=g)
+    seen: list[bool] = []
+
+    def fit(channels_last: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = LeNet(num_classes=2).double()
+        model.features[3].register_forward_pre_hook(  # conv2: 16 channels, so the layout shows
+            lambda _, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+        )
+        chosen = L2RW(meta_grad="fast") if method == "l2rw-fast" else method
+        trainer = Trainer(
+            model,
+            TensorDataset(x.double(), y),
+            TensorDataset(xm.double(), ym),
+            TensorDataset(x[:32].double(), y[:32]),
+            method=chosen,
+            optimizer=SGD,
+            config=TrainerConfig(
+                max_steps=4, batch_size=32, meta_batch_size=16, eval_every=0, progress=False,
+                channels_last=channels_last, final_weights=0,
+            ),
+        )
+        trainer.fit()
+        weight = model.features[3].weight
+        assert weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    reference = fit(False)
+    assert not any(seen)
+    seen.clear()
+    nhwc = fit(True)
+    assert seen and all(seen)
+    for key, value in reference.items():
+        torch.testing.assert_close(nhwc[key], value, rtol=1e-10, atol=1e-12, msg=key)

@@ -56,5 +56,17 @@ def sgd_step(
             buf = buffers.get(name)
             buf = d if buf is None else momentum * buf.detach() + (1 - dampening) * d
             d = d + momentum * buf if nesterov else buf
-        new[name] = theta - lr * d
+        new[name] = _like(theta - lr * d, theta)
     return new
+
+
+def _like(value: Tensor, template: Tensor) -> Tensor:
+    """``value`` laid out with ``template``'s strides (differentiably), so that a channels-last
+    weight stays channels-last after a virtual step and the twin's convolutions keep their
+    memory format (autograd may return a gradient in another layout)."""
+    if value.stride() == template.stride():
+        return value
+    out = torch.empty_strided(
+        template.shape, template.stride(), dtype=value.dtype, device=value.device
+    )
+    return out.copy_(value)

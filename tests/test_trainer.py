@@ -330,8 +330,13 @@ def test_channels_last_is_the_same_training_in_another_memory_format(method: str
             method=chosen,
             optimizer=SGD,
             config=TrainerConfig(
-                max_steps=4, batch_size=32, meta_batch_size=16, eval_every=0, progress=False,
-                channels_last=channels_last, final_weights=0,
+                max_steps=4,
+                batch_size=32,
+                meta_batch_size=16,
+                eval_every=0,
+                progress=False,
+                channels_last=channels_last,
+                final_weights=0,
             ),
         )
         trainer.fit()

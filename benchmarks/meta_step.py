@@ -12,6 +12,7 @@ median over the timed rounds is reported with its ratio to the plain step.
     l2rw/fast        the exact forward-mode identity (reweight.fast)
     mwnet/unrolled   likewise for Meta-Weight-Net
     mwnet/fast
+    mwnet/fast-chunks4  mwnet/fast with method.meta_chunks=4 (less memory; models without BatchNorm)
     l2rw/higher      peer: the usual `higher.innerloop_ctx` L2RW step (when higher imports)
 
 Peak memory is the highest amount of tensor memory the step holds above what was live when it
@@ -57,6 +58,7 @@ VARIANTS = (
     "l2rw/fast",
     "mwnet/unrolled",
     "mwnet/fast",
+    "mwnet/fast-chunks4",
     "l2rw/higher",
 )
 
@@ -142,13 +144,19 @@ def _higher_step(higher, model, opt, data, autocast) -> None:
 
 
 def build_variants(
-    case: Case, device: torch.device, bf16: bool, data: tuple[Tensor, ...]
+    case: Case,
+    device: torch.device,
+    bf16: bool,
+    data: tuple[Tensor, ...],
+    channels_last: bool = False,
 ) -> tuple[dict[str, Callable[[], None]], dict[str, torch.optim.Optimizer], str | None]:
     """One step callable per variant (each on its own copy of one initial model)."""
     torch.manual_seed(0)
     in_channels = case.shape[0]
     base = build_model(case.model, num_classes=case.num_classes, in_channels=in_channels)
     base = base.to(device)
+    if channels_last:  # as trainer.channels_last=true does: NHWC weights (the batches are NHWC)
+        base = base.to(memory_format=torch.channels_last)
 
     def autocast() -> contextlib.AbstractContextManager:
         if bf16:
@@ -184,6 +192,11 @@ def build_variants(
             method = ERM()
         elif name.startswith("l2rw/"):
             method = L2RW(meta_grad=name.split("/")[1])
+        elif name == "mwnet/fast-chunks4":
+            if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in base.modules()):
+                del opts[name]  # slices of the meta batch would change BatchNorm's statistics
+                continue
+            method = MWNet(meta_grad="fast", meta_chunks=4)
         else:
             method = MWNet(meta_grad=name.split("/")[1])
         method.setup(model=model, train_labels=None, num_classes=case.num_classes, device=device)
@@ -255,6 +268,7 @@ def run_case(
     warmup: int,
     rounds: int,
     memory: bool,
+    channels_last: bool = False,
 ) -> list[dict]:
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(case.batch, *case.shape, generator=gen)
@@ -262,7 +276,11 @@ def run_case(
     mx = torch.randn(case.meta_batch, *case.shape, generator=gen)
     my = torch.randint(0, case.num_classes, (case.meta_batch,), generator=gen)
     data = tuple(t.to(device) for t in (x, y, mx, my))
-    steps, opts, skipped = build_variants(case, device, bf16, data)
+    if channels_last:
+        data = tuple(
+            t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in data
+        )
+    steps, opts, skipped = build_variants(case, device, bf16, data, channels_last)
     if skipped:
         log.warning("%s", skipped)
     times = time_interleaved(steps, device, warmup, rounds)
@@ -279,7 +297,8 @@ def run_case(
                 "meta_batch": case.meta_batch,
                 "device": device.type,
                 "threads": threads,
-                "dtype": "bf16-autocast" if bf16 else "fp32",
+                "dtype": ("bf16-autocast" if bf16 else "fp32")
+                + (", NHWC" if channels_last else ""),
                 "variant": name,
                 "median_ms": statistics.median(ts) * 1e3,
                 "p25_ms": q[0] * 1e3,
@@ -343,6 +362,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    parser.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="NHWC model and batches for every variant (as trainer.channels_last=true)",
+    )
     parser.add_argument("--json", default=None, help="write the rows and the machine here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -387,7 +411,14 @@ def main(argv: list[str] | None = None) -> None:
                     " bf16" if bf16 else "",
                 )
                 case_rows = run_case(
-                    case, device, threads, bf16, args.warmup, args.steps, not args.no_memory
+                    case,
+                    device,
+                    threads,
+                    bf16,
+                    args.warmup,
+                    args.steps,
+                    not args.no_memory,
+                    args.channels_last,
                 )
                 print(format_table(case_rows), flush=True)
                 rows += case_rows

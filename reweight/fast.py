@@ -183,22 +183,40 @@ def _meta_grad(
     meta_inputs: Tensor,
     meta_targets: Tensor,
     loss_fn: LossFn,
+    chunks: int = 1,
 ) -> tuple[list[Tensor], Tensor]:
     """∇L_meta at ``at`` (at θ when None) through the bound twin, and L_meta.
 
     Nothing accumulates into ``.grad`` and no running statistics are written (the twin's
     BatchNorm uses batch statistics in training mode and never writes its running ones).
+    With ``chunks`` > 1 the clean batch is taken in that many slices, one forward and backward
+    each, L_meta = Σ (nₖ/n)·L_meta(slice k): the same mean loss and gradient for a model whose
+    examples do not interact, with one slice's activations alive at a time.
     """
     if at is None:
-        meta_loss = loss_fn(twin(meta_inputs), meta_targets)
-        grads = torch.autograd.grad(meta_loss, weights, allow_unused=True)
+        leaves, scope = list(weights), contextlib.nullcontext()
     else:
         leaves = [t.detach().requires_grad_() for t in at]
-        new = {id(p): q for p, q in zip(weights, leaves, strict=True)}
-        with _substituted(_slots(twin, weights), new):
-            meta_loss = loss_fn(twin(meta_inputs), meta_targets)
-        grads = torch.autograd.grad(meta_loss, leaves, allow_unused=True)
-    return _zeros_for_none(grads, weights), meta_loss.detach()
+        scope = _substituted(
+            _slots(twin, weights), {id(p): q for p, q in zip(weights, leaves, strict=True)}
+        )
+    n = len(meta_targets)
+    total: list[Tensor | None] = [None] * len(leaves)
+    losses = []
+    with scope:
+        for x, y in zip(
+            meta_inputs.tensor_split(chunks), meta_targets.tensor_split(chunks), strict=True
+        ):
+            if not len(y):
+                continue
+            loss = loss_fn(twin(x), y)
+            if chunks > 1:
+                loss = loss * (len(y) / n)
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            total = [_add(a, g) for a, g in zip(total, grads, strict=True)]
+            losses.append(loss.detach())
+    meta_loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+    return _zeros_for_none(total, weights), meta_loss
 
 
 def _dual_forward(
@@ -976,7 +994,13 @@ def mwnet_fast_step(method: MWNet, batch: StepInputs) -> tuple[list[Tensor], Ten
     del grads
     # 3. the meta gradient at θ′
     v, meta_loss = _meta_grad(
-        _bound_twin(model), weights, new, batch.meta_inputs, batch.meta_targets, loss_fn
+        _bound_twin(model),
+        weights,
+        new,
+        batch.meta_inputs,
+        batch.meta_targets,
+        loss_fn,
+        method.meta_chunks,
     )
     del new
     # 4. c = J(θ)·(κ v′), then the VJP into φ

@@ -101,7 +101,7 @@ def test_l2rw_fast_equals_unrolled(name: str):
     assert_equal(tape_grad, want)
     assert losses.grad_fn is not None and losses.shape == (len(x),)
     want_loss = F.cross_entropy(to_meta(model)(xv), yv).detach()
-    assert meta_loss == pytest.approx(float(want_loss), abs=1e-12)
+    assert meta_loss == pytest.approx(float(want_loss), rel=1e-12, abs=1e-12)
 
 
 def test_l2rw_fast_is_the_closed_form_without_batchnorm():
@@ -174,7 +174,9 @@ def test_batchnorm_statistics_move_once_per_fast_step(method):
 # Meta-Weight-Net
 
 
-def mwnet_pair(model, x, y, xv, yv, *, normalize: str, replay: dict | None, warm: bool):
+def mwnet_pair(
+    model, x, y, xv, yv, *, normalize: str, replay: dict | None, warm: bool, chunks: int = 1
+):
     """∂L_meta/∂φ by fast and by unrolled from the same state (and a real optimizer)."""
     opt = None
     if replay is not None:
@@ -186,7 +188,13 @@ def mwnet_pair(model, x, y, xv, yv, *, normalize: str, replay: dict | None, warm
             opt.step()
             opt.zero_grad(set_to_none=True)
     torch.manual_seed(1)
-    method = MWNet(hidden=5, normalize=normalize, replay_optimizer=replay is not None)
+    method = MWNet(
+        hidden=5,
+        normalize=normalize,
+        replay_optimizer=replay is not None,
+        meta_grad="fast",
+        meta_chunks=chunks,
+    )
     method.setup(model=model, device=torch.device("cpu"))
     start = state_of(model)
     got, losses, meta_loss = mwnet_fast_step(
@@ -205,7 +213,7 @@ def mwnet_pair(model, x, y, xv, yv, *, normalize: str, replay: dict | None, warm
         normalize=normalize,
         sgd_kwargs=method.sgd_kwargs(model, opt),
     )
-    assert meta_loss == pytest.approx(float(want_loss), abs=1e-12)
+    assert meta_loss == pytest.approx(float(want_loss), rel=1e-12, abs=1e-12)
     return got, want
 
 
@@ -248,6 +256,40 @@ def test_dual_number_path_of_the_steps(name: str, monkeypatch: pytest.MonkeyPatc
     )
     for a, b in zip(got, want, strict=True):
         assert_equal(a, b)
+
+
+@pytest.mark.parametrize("chunks", [2, 3, 7, 9])
+@pytest.mark.parametrize("name", ["mlp", "lenet"])
+def test_mwnet_meta_chunks_give_the_same_gradient(name: str, chunks: int):
+    """The meta batch (7 examples) in uneven slices, more slices than examples included."""
+    model, x, y, xv, yv = model_and_batches(name)
+    got, want = mwnet_pair(
+        model, x, y, xv, yv, normalize="sum", replay=REPLAYS["momentum"], warm=True, chunks=chunks
+    )
+    for a, b in zip(got, want, strict=True):
+        assert b.abs().max() > 0
+        assert_equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["resnet", "resnet32"])
+def test_mwnet_meta_chunks_refuse_batchnorm(name: str):
+    model = model_and_batches(name)[0]
+    method = MWNet(meta_grad="fast", meta_chunks=2)
+    with pytest.raises(ValueError, match=r"method\.meta_chunks=2 would change .* BatchNorm"):
+        method.setup(model=model, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"meta_chunks": 0}, r"method\.meta_chunks must be an integer >= 1, got 0"),
+        ({"meta_chunks": 2.5, "meta_grad": "fast"}, r"meta_chunks must be an integer"),
+        ({"meta_chunks": 2}, r"method\.meta_chunks=2 needs meta_grad=fast"),
+    ],
+)
+def test_mwnet_meta_chunks_bad_values(kwargs: dict, match: str):
+    with pytest.raises(ValueError, match=match):
+        MWNet(**kwargs)
 
 
 def test_mwnet_fast_needs_detached_losses():

@@ -37,6 +37,13 @@ class MWNet(Method):
             differentiate through the net's input.
         replay_optimizer: the virtual step repeats the real SGD optimizer's momentum and
             weight decay (False: a plain SGD step, as in the reference code).
+        meta_chunks: with ``meta_grad="fast"``, take the meta gradient at θ′ over this many
+            slices of the clean batch, one after another. The result is the same (a mean loss
+            is a weighted sum of the slices' means) while the slices' activations, not the
+            whole batch's, sit next to the training graph the real update still needs: the
+            step's peak memory drops from about train + meta activations to train + meta/k.
+            Exact only for a model whose examples do not interact, so a model with BatchNorm
+            in training mode is refused (1, the default, is exact for every model).
     """
 
     name: ClassVar[str] = "mwnet"
@@ -51,12 +58,21 @@ class MWNet(Method):
         detach_loss: bool = True,
         replay_optimizer: bool = False,
         meta_grad: str = "unrolled",
+        meta_chunks: int = 1,
     ) -> None:
         if normalize not in ("none", "sum"):
             raise ValueError(f"method.normalize must be one of ['none', 'sum'], got {normalize!r}")
         if lr <= 0:
             raise ValueError(f"method.lr must be > 0, got {lr}")
         self.meta_grad = check_meta_grad(meta_grad)
+        if isinstance(meta_chunks, bool) or not isinstance(meta_chunks, int) or meta_chunks < 1:
+            raise ValueError(f"method.meta_chunks must be an integer >= 1, got {meta_chunks!r}")
+        if meta_chunks > 1 and self.meta_grad != "fast":
+            raise ValueError(
+                f"method.meta_chunks={meta_chunks} needs meta_grad=fast (the unrolled meta "
+                "gradient differentiates through the whole virtual step); use meta_chunks=1"
+            )
+        self.meta_chunks = meta_chunks
         self.hidden, self.lr, self.weight_decay = hidden, lr, weight_decay
         self.normalize, self.detach_loss = normalize, detach_loss
         self.replay_optimizer = replay_optimizer
@@ -66,6 +82,18 @@ class MWNet(Method):
     def setup(self, *, model: nn.Module, device: torch.device, **_: Any) -> None:
         dtype = next(model.parameters()).dtype
         self.vnet.to(device=device, dtype=dtype)
+        if self.meta_chunks > 1:
+            coupled = [
+                name
+                for name, m in model.named_modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            ]
+            if coupled:
+                raise ValueError(
+                    f"method.meta_chunks={self.meta_chunks} would change the meta gradient of "
+                    f"this model: its BatchNorm layers ({', '.join(coupled[:3])}) couple the "
+                    "examples of a batch through the batch statistics; use meta_chunks=1"
+                )
 
     def sgd_kwargs(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
         """Arguments that make ``sgd_step`` replay ``optimizer`` (empty unless enabled)."""
@@ -152,5 +180,6 @@ class MWNet(Method):
     def __repr__(self) -> str:
         return (
             f"MWNet(normalize={self.normalize!r}, detach_loss={self.detach_loss}, "
-            f"replay_optimizer={self.replay_optimizer}, meta_grad={self.meta_grad!r})"
+            f"replay_optimizer={self.replay_optimizer}, meta_grad={self.meta_grad!r}, "
+            f"meta_chunks={self.meta_chunks})"
         )

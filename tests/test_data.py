@@ -482,3 +482,23 @@ def test_compose_and_build(name: str, mnist_env: Path) -> None:
     bundle = build_dataset(**cfg.dataset)
     assert bundle.name == name and bundle.info["seed"] == 2
     assert bundle.info["params"] == dataset_defaults(name)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_write_gives_the_usual_permissions(tmp_path: Path, umask: int) -> None:
+    """Run outputs are readable as a plain open() would make them, not mkstemp's 0600."""
+    import os
+    import stat
+
+    from reweight.data.core import atomic_write
+
+    old = os.umask(umask)
+    try:
+        path = atomic_write(tmp_path / "out.bin", lambda f: f.write(b"x"))
+        plain = tmp_path / "plain.bin"
+        plain.write_bytes(b"x")
+    finally:
+        os.umask(old)
+    assert path.read_bytes() == b"x"
+    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

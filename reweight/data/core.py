@@ -164,15 +164,31 @@ def tensor_hash(*tensors: Tensor) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    """The process's umask: from /proc on Linux (no side effect), else by setting it back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Write a file through ``write(f)`` into a temporary file next to ``path``, then
-    ``os.replace`` it onto ``path``: readers see the old file or the complete new one."""
+    ``os.replace`` it onto ``path``: readers see the old file or the complete new one. The file
+    gets the permissions a plain ``open(path, "w")`` would (0666 less the umask), not
+    ``mkstemp``'s owner-only 0600, so that others on a shared cluster can read run outputs."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:

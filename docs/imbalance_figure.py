@@ -25,16 +25,37 @@ PAPER = {
 }
 
 
-def collect(sweep: Path, metric: str) -> dict[str, dict[float, list[float]]]:
-    """{method: {proportion: [metric in %, one per seed]}} from a sweep directory."""
+def collect(
+    sweep: Path, metric: str, scale: float = 100.0
+) -> dict[str, dict[float, list[float]]]:
+    """{method: {proportion: [metric × scale, one per seed]}} from a sweep directory (or a
+    folder of several): every job that has finished, i.e. has a summary.json."""
     out: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     for summary in sorted(sweep.glob("**/summary.json")):
         cfg = OmegaConf.load(summary.parent / ".hydra" / "config.yaml")
         values = json.loads(summary.read_text())
-        out[cfg.method.name][float(cfg.dataset.proportion)].append(100 * values[metric])
+        out[cfg.method.name][float(cfg.dataset.proportion)].append(scale * values[metric])
     if not out:
         raise SystemExit(f"no summary.json under {sweep}")
     return out
+
+
+def cost_table(sweep: Path) -> str:
+    """Wall time per job and, for L2RW, the batches whose weights were all zero."""
+    wall = collect(sweep, "wall_time_s", 1.0)
+    zero = collect(sweep, "zero_sum_batches", 1.0)
+    lines = [
+        "| method | p | jobs | wall time per job (s, mean) | zero-sum batches (mean) |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for method in sorted(wall):
+        for p in sorted(wall[method]):
+            times, zeros = wall[method][p], zero[method][p]
+            lines.append(
+                f"| {method} | {p} | {len(times)} | {statistics.fmean(times):.0f} | "
+                f"{statistics.fmean(zeros):.0f} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
@@ -100,7 +121,7 @@ def main() -> None:
     args = parser.parse_args()
     results = collect(args.sweep, args.metric)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text(table(results))
+    args.out.with_suffix(".md").write_text(table(results) + "\n" + cost_table(args.sweep))
     figure(results, args.out.with_suffix(".png"))
     print(args.out.with_suffix(".md").read_text())
 

@@ -49,3 +49,39 @@ def test_public_surface_imports():
         mod = importlib.import_module(sub)
         for name in mod.__all__:
             assert hasattr(mod, name), f"{sub}.{name}"
+
+
+def test_imbalance_figure_script(tmp_path: Path):
+    """docs/imbalance_figure.py: mean ± std over the finished jobs, wall time, the figure."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    jobs = [("l2rw", 0.995, 0.02, 100), ("l2rw", 0.995, 0.04, 300), ("erm", 0.995, 0.3, 0)]
+    for i, (method, p, err, zero) in enumerate(jobs):
+        job = tmp_path / str(i)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "config.yaml").write_text(
+            f"method:\n  name: {method}\ndataset:\n  proportion: {p}\n"
+        )
+        summary = {"test_balanced_error": err, "wall_time_s": 10.0 * (i + 1)}
+        (job / "summary.json").write_text(json.dumps(summary | {"zero_sum_batches": zero}))
+    (tmp_path / "3" / ".hydra").mkdir(parents=True)  # a job still running: no summary yet
+    out = tmp_path / "fig"
+    subprocess.run(
+        [
+            sys.executable,
+            str(root / "docs" / "imbalance_figure.py"),
+            str(tmp_path),
+            "--out",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    text = out.with_suffix(".md").read_text()
+    assert "| l2rw | 3.00 ± 1.41 (n=2) |" in text  # mean and sample std of 2 % and 4 %
+    assert "| erm | 30.00 ± 0.00 (n=1) |" in text
+    assert "| l2rw | 0.995 | 2 | 15 | 200 |" in text
+    assert out.with_suffix(".png").stat().st_size > 0

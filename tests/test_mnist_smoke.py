@@ -92,7 +92,7 @@ def test_fast_meta_gradient_reaches_the_same_accuracy(results):
     unrolled, fast = results["l2rw"], results["l2rw_fast"]
     assert fast["test_balanced_accuracy"] > 0.85
     assert fast["test_balanced_accuracy"] > results["erm"]["test_balanced_accuracy"] + 0.2
-    assert abs(fast["test_balanced_accuracy"] - unrolled["test_balanced_accuracy"]) < 0.04
+    assert abs(fast["test_balanced_accuracy"] - unrolled["test_balanced_accuracy"]) < 0.05
 
 
 @pytest.mark.slow

@@ -43,7 +43,7 @@ class MWNet(Method):
             whole batch's, sit next to the training graph the real update still needs: the
             step's peak memory drops from about train + meta activations to train + meta/k.
             Exact only for a model whose examples do not interact, so a model with BatchNorm
-            in training mode is refused (1, the default, is exact for every model).
+            layers is refused (1, the default, is exact for every model).
     """
 
     name: ClassVar[str] = "mwnet"

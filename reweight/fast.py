@@ -68,6 +68,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from reweight.functional import LossFn, mwnet_weights
 from reweight.meta import MetaModule, to_meta
+from reweight.meta.functional import keep_layout
 
 if TYPE_CHECKING:
     from reweight.methods.base import StepInputs
@@ -942,7 +943,7 @@ def _replay_step(
             else:
                 buf, k_buf = momentum * buf.detach() + (1 - dampening) * d, 1 - dampening
             d, k = (d + momentum * buf, 1 + momentum * k_buf) if nesterov else (buf, k_buf)
-        new.append((theta.detach() - lr * d).detach())
+        new.append(keep_layout((theta.detach() - lr * d).detach(), theta))
         kappa.append(k)
     return new, kappa
 

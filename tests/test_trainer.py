@@ -303,7 +303,7 @@ def test_example_weights_change_nothing():
         assert torch.equal(v, vnet[k]), k
 
 
-@pytest.mark.parametrize("method", ["erm", "l2rw", "l2rw-fast", "mwnet"])
+@pytest.mark.parametrize("method", ["erm", "l2rw", "l2rw-fast", "mwnet", "mwnet-fast"])
 def test_channels_last_is_the_same_training_in_another_memory_format(method: str):
     """trainer.channels_last=true feeds NHWC batches to an NHWC model and changes no number
     (float64, where the two layouts' convolutions agree to rounding)."""
@@ -321,7 +321,8 @@ def test_channels_last_is_the_same_training_in_another_memory_format(method: str
         model.features[3].register_forward_pre_hook(  # conv2: 16 channels, so the layout shows
             lambda _, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
         )
-        chosen = L2RW(meta_grad="fast") if method == "l2rw-fast" else method
+        fast = {"l2rw-fast": L2RW(meta_grad="fast"), "mwnet-fast": MWNet(meta_grad="fast")}
+        chosen = fast.get(method, method)
         trainer = Trainer(
             model,
             TensorDataset(x.double(), y),

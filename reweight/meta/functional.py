@@ -56,11 +56,11 @@ def sgd_step(
             buf = buffers.get(name)
             buf = d if buf is None else momentum * buf.detach() + (1 - dampening) * d
             d = d + momentum * buf if nesterov else buf
-        new[name] = _like(theta - lr * d, theta)
+        new[name] = keep_layout(theta - lr * d, theta)
     return new
 
 
-def _like(value: Tensor, template: Tensor) -> Tensor:
+def keep_layout(value: Tensor, template: Tensor) -> Tensor:
     """``value`` laid out with ``template``'s strides (differentiably), so that a channels-last
     weight stays channels-last after a virtual step and the twin's convolutions keep their
     memory format (autograd may return a gradient in another layout)."""

@@ -31,9 +31,20 @@ other than dropout) makes the step fall back, with a warning, to a dual-number f
 the model's twin: exact as well, at the cost of one more forward (and, should the model draw
 random numbers, with masks of its own).
 
-Per step, with F a forward and B a backward of one batch (a plain step is F + B):
-    L2RW fast:   meta F + B at θ → the real F (taped) → tangent replay → the real B
-    MW-Net fast: the real F (taped) → B for θ′ → meta F + B at θ′ → tangent replay → the real B
+MW-Net's fast step needs two weighted backwards of the training batch (one for θ′, one for the
+real update) with the meta pass in between, so through the tape it would hold the training
+graph across the meta pass. For a model whose examples do not interact (checked on its first
+step) it takes the per-layer path of ``reweight.ghost`` instead: one forward and a backward
+that stops at the layer outputs keep, per linear or convolutional layer, the input and the
+output gradient; both weighted gradients are then each layer's weight-gradient op, and the JVP
+one linear op per layer. The training graph is freed before the meta pass, and both batch
+passes can be taken in slices (``meta_chunks``).
+
+Per step, with F a forward and B a backward of one batch (a plain step is F + B; B_in and B_w
+its input- and weight-gradient halves; the per-layer JVP costs about one F):
+    L2RW fast:    meta F + B at θ → the real F (taped) → tangent replay → the real B
+    MW-Net fast:  the real F → B_in → B_w for θ′ → meta F + B at θ′ → JVP → B_w (the real one)
+      (general:   the real F (taped) → B for θ′ → meta F + B at θ′ → tangent replay → the real B)
 
 Example:
     >>> import torch, torch.nn as nn
@@ -66,6 +77,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from reweight import ghost
 from reweight.functional import LossFn, mwnet_weights
 from reweight.meta import MetaModule, to_meta
 from reweight.meta.functional import keep_layout
@@ -74,7 +86,13 @@ if TYPE_CHECKING:
     from reweight.methods.base import StepInputs
     from reweight.methods.mwnet import MWNet
 
-__all__ = ["TAPE_DEVICES", "l2rw_eps_grad_fast", "l2rw_fast_step", "mwnet_fast_step"]
+__all__ = [
+    "PER_LAYER",
+    "TAPE_DEVICES",
+    "l2rw_eps_grad_fast",
+    "l2rw_fast_step",
+    "mwnet_fast_step",
+]
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -86,6 +104,12 @@ aten = torch.ops.aten
 # Elsewhere the steps use a dual-number forward (C++ forward AD): L2RW one forward of the real
 # model that yields losses and JVP together, MW-Net one more forward through the twin.
 TAPE_DEVICES: set[str] = {"cpu"}
+
+# Whether MW-Net's fast step may take the per-layer path (``reweight.ghost``) for models whose
+# examples do not interact: one forward and a backward to the layer outputs give the JVP and
+# every weighted gradient, and the training graph is freed before the meta pass. Off: the tape
+# (or dual numbers) for every model.
+PER_LAYER: bool = True
 
 
 @functools.cache
@@ -850,6 +874,144 @@ def _warn_fallback(model: str, reason: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The real step's forward: per layer, taped, or plain (then dual numbers), and its JVPs
+
+# model -> (key, verdict, layers): verdict "ok" (use the per-layer path), "check" (its first
+# step: run the general path and compare), or "no"
+_PER_LAYER: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str, dict]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _per_layer_state(
+    model: nn.Module, weights: Sequence[Tensor], device: torch.device
+) -> tuple[str, dict]:
+    """("ok" | "check" | "no", layers) for this model in its current structure and modes."""
+    if not PER_LAYER or torch.is_autocast_enabled(device.type):
+        return "no", {}
+    key = (
+        _signature(model),
+        tuple(m.training for m in model.modules()),
+        tuple(id(w) for w in weights),
+    )
+    entry = _PER_LAYER.get(model)
+    if entry is None or entry[0] != key:
+        try:
+            entry = (key, "check", ghost.ghost_layers(model, weights))
+        except ghost.Ineligible as err:
+            log.debug("per-layer path off for %s: %s", type(model).__name__, err)
+            entry = (key, "no", {})
+        _PER_LAYER[model] = entry
+    return entry[1], entry[2]
+
+
+def _set_per_layer(model: nn.Module, verdict: str) -> None:
+    entry = _PER_LAYER.get(model)
+    if entry is not None:
+        _PER_LAYER[model] = (entry[0], verdict, entry[2] if verdict == "ok" else {})
+
+
+class _TrainForward:
+    """The real model's forward on the training batch: ``losses`` (B,), whose backward is the
+    real update's, and ``jvp(u)`` = ⟨∇θℓᵢ(θ), u⟩ for every i.
+
+    With ``per_layer``, per layer when the model qualifies (``reweight.ghost``; in ``chunks``
+    slices of the batch, each slice's graph freed before the next is made). Otherwise recorded
+    on the tangent tape (``TAPE_DEVICES``), or else a plain forward, the JVP then a
+    dual-number forward through the twin; with ``direction`` known before the forward (L2RW),
+    that last case is instead one dual-number forward of the real model giving both. The first
+    step of a model that qualifies runs the general path and compares the two JVPs, to decide.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        weights: Sequence[Tensor],
+        inputs: Tensor,
+        targets: Tensor,
+        loss_fn: LossFn,
+        direction: Sequence[Tensor] | None = None,
+        *,
+        per_layer: bool = False,
+        chunks: int = 1,
+    ) -> None:
+        self.model, self.weights = model, weights
+        self.inputs, self.targets, self.loss_fn = inputs, targets, loss_fn
+        self.records: list[ghost.GhostRecord] = []
+        self.tape: _TangentTape | None = None
+        self._jvp: Tensor | None = None
+        self.checking = False
+        verdict, layers = (
+            _per_layer_state(model, weights, inputs.device) if per_layer else ("no", {})
+        )
+        if verdict == "ok":
+            try:
+                for x, y in zip(
+                    inputs.tensor_split(chunks), targets.tensor_split(chunks), strict=True
+                ):
+                    if len(y):
+                        with ghost.recording(layers) as calls:
+                            losses = loss_fn(model(x), y, reduction="none")
+                        self.records.append(ghost.finish(weights, calls, losses))
+                        del calls, losses
+                self.losses = ghost.losses_of(self.records)
+                return
+            except ghost.Ineligible as err:
+                _set_per_layer(model, "no")
+                self.records = []
+                log.warning("per-layer path off for %s: %s", type(model).__name__, err)
+        self.checking = verdict == "check"
+        scope = ghost.recording(layers) if self.checking else contextlib.nullcontext([])
+        try:
+            with scope as calls:
+                if inputs.device.type in TAPE_DEVICES:
+                    self.losses, self.tape = _taped_losses(model, weights, inputs, targets, loss_fn)
+                elif direction is not None and not self.checking:
+                    self.losses, self._jvp = _dual_forward(
+                        model, weights, direction, inputs, targets, loss_fn
+                    )
+                else:
+                    self.losses = loss_fn(model(inputs), targets, reduction="none")
+            if self.checking:
+                self.records = [ghost.finish(weights, calls, self.losses, keep_graph=True)]
+        except ghost.Ineligible as err:
+            _set_per_layer(model, "no")
+            log.debug("per-layer path off for %s: %s", type(model).__name__, err)
+            self.checking, self.records = False, []
+            if not hasattr(self, "losses"):
+                raise RuntimeError("internal error: the checked forward did not finish") from err
+
+    def jvp(self, direction: Sequence[Tensor]) -> Tensor:
+        if self.records and not self.checking:
+            return ghost.jvp_of(self.records, direction)
+        if self._jvp is not None:
+            return self._jvp
+        exact = _tape_or_dual_jvp(
+            self.tape,
+            self.losses,
+            self.model,
+            self.weights,
+            direction,
+            self.inputs,
+            self.targets,
+            self.loss_fn,
+        )
+        if self.checking and self.records:
+            if ghost.agree(ghost.jvp_of(self.records, direction), exact):
+                _set_per_layer(self.model, "ok")
+            else:
+                _set_per_layer(self.model, "no")
+                log.warning(
+                    "meta_grad='fast': %s does not fit the per-layer path (its per-layer JVP "
+                    "differs from the exact one: the forward mixes the examples of a batch or "
+                    "uses a weight outside its layer); keeping the general path",
+                    type(self.model).__name__,
+                )
+            self.records = []
+        return exact
+
+
+# ---------------------------------------------------------------------------------------------
 # L2RW
 
 
@@ -895,13 +1057,8 @@ def l2rw_fast_step(batch: StepInputs) -> tuple[Tensor, Tensor, float | None]:
     v, meta_loss = _meta_grad(
         _bound_twin(model), weights, None, batch.meta_inputs, batch.meta_targets, loss_fn
     )
-    x, y = batch.inputs, batch.targets
-    if x.device.type in TAPE_DEVICES:
-        losses, tape = _taped_losses(model, weights, x, y, loss_fn)
-        jvp = _tape_or_dual_jvp(tape, losses, model, weights, v, x, y, loss_fn)
-    else:
-        losses, jvp = _dual_forward(model, weights, v, x, y, loss_fn)
-    return -batch.lr * jvp, losses, float(meta_loss)
+    fwd = _TrainForward(model, weights, batch.inputs, batch.targets, loss_fn, direction=v)
+    return -batch.lr * fwd.jvp(v), fwd.losses, float(meta_loss)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -951,15 +1108,17 @@ def _replay_step(
 def mwnet_fast_step(method: MWNet, batch: StepInputs) -> tuple[list[Tensor], Tensor, float]:
     """One MW-Net meta step by the exact identity: (∂L_meta(θ′)/∂φ, losses (B,), L_meta(θ′)).
 
-    1. ℓ = the real model's per-example losses at θ, recorded on a tangent tape (the real
-       step's forward, kept for the real update; not taped on devices outside
+    1. ℓ = the real model's per-example losses at θ (the real step's forward, kept for the
+       real update): per layer for a model that qualifies (``reweight.ghost``; in slices with
+       ``meta_chunks``), else recorded on a tangent tape (plain on devices outside
        ``TAPE_DEVICES``, where 4 runs a dual-number forward of the twin instead);
        w = mwnet_weights(vnet, ℓ.detach()).
-    2. g = ∇θ Σ wᵢℓᵢ (a backward that keeps the graph); θ′ = θ − lr·d(g), replaying the real
-       SGD optimizer when ``method.replay_optimizer`` says so (values only: how θ′ depends on φ
-       is the identity's business).
-    3. v′ = ∇θL_meta(θ′): a meta forward and backward through the twin at θ′.
-    4. cᵢ = ⟨∇θℓᵢ(θ), κ·v′⟩ by replaying the tape's tangents; then ∂L_meta/∂φ =
+    2. g = ∇θ Σ wᵢℓᵢ (each layer's weight gradient, or a backward that keeps the graph);
+       θ′ = θ − lr·d(g), replaying the real SGD optimizer when ``method.replay_optimizer``
+       says so (values only: how θ′ depends on φ is the identity's business).
+    3. v′ = ∇θL_meta(θ′): a meta forward and backward through the twin at θ′ (in slices with
+       ``meta_chunks``).
+    4. cᵢ = ⟨∇θℓᵢ(θ), κ·v′⟩ per layer or by replaying the tape's tangents; then ∂L_meta/∂φ =
        −lr·Σᵢ cᵢ·∂wᵢ/∂φ, a vector-Jacobian product through the weighting net (it covers both
        normalisations).
     """
@@ -978,12 +1137,13 @@ def mwnet_fast_step(method: MWNet, batch: StepInputs) -> tuple[list[Tensor], Ten
     model, lr, loss_fn = batch.model, batch.lr, batch.loss_fn
     names, weights = _trainable(model)
     # 1. the real step's forward, taped; the weights of the current net
-    x, y = batch.inputs, batch.targets
-    tape = None
-    if x.device.type in TAPE_DEVICES:
-        losses, tape = _taped_losses(model, weights, x, y, loss_fn)  # (B,)
-    else:
-        losses = loss_fn(model(x), y, reduction="none")
+    chunks = method.meta_chunks
+    if chunks == "auto":  # slices once the model is known to keep its examples apart
+        chunks = 2 if _per_layer_state(model, weights, batch.inputs.device)[0] == "ok" else 1
+    fwd = _TrainForward(
+        model, weights, batch.inputs, batch.targets, loss_fn, per_layer=True, chunks=chunks
+    )
+    losses = fwd.losses  # (B,)
     w = mwnet_weights(method.vnet, losses.detach(), method.normalize)  # (B,), graph to φ
     # 2. the virtual step θ′
     grads = torch.autograd.grad(
@@ -1001,14 +1161,13 @@ def mwnet_fast_step(method: MWNet, batch: StepInputs) -> tuple[list[Tensor], Ten
         batch.meta_inputs,
         batch.meta_targets,
         loss_fn,
-        method.meta_chunks,
+        chunks,
     )
     del new
     # 4. c = J(θ)·(κ v′), then the VJP into φ
     direction = [d if k == 1 else k * d for k, d in zip(kappa, v, strict=True)]
-    c = _tape_or_dual_jvp(
-        tape, losses, model, weights, direction, batch.inputs, batch.targets, loss_fn
-    )
+    c = fwd.jvp(direction)
+    del fwd
     phi = list(method.vnet.parameters())
     vnet_grads = torch.autograd.grad(w, phi, grad_outputs=(-lr * c).to(w.dtype), allow_unused=True)
     return _zeros_for_none(vnet_grads, phi), losses, float(meta_loss)

@@ -282,8 +282,9 @@ def test_mwnet_meta_chunks_refuse_batchnorm(name: str):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"meta_chunks": 0}, r"method\.meta_chunks must be an integer >= 1, got 0"),
-        ({"meta_chunks": 2.5, "meta_grad": "fast"}, r"meta_chunks must be an integer"),
+        ({"meta_chunks": 0}, r"method\.meta_chunks must be 'auto' or an integer >= 1, got 0"),
+        ({"meta_chunks": 2.5, "meta_grad": "fast"}, r"meta_chunks must be 'auto' or an integer"),
+        ({"meta_chunks": "some"}, r"meta_chunks must be 'auto' or an integer >= 1, got 'some'"),
         ({"meta_chunks": 2}, r"method\.meta_chunks=2 needs meta_grad=fast"),
     ],
 )
@@ -304,15 +305,14 @@ def test_mwnet_fast_needs_detached_losses():
 # Training: fast and unrolled follow the same trajectory
 
 
-def train(method, steps: int = 30) -> nn.Module:
+def train(method, steps: int = 30, batchnorm: bool = True) -> nn.Module:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(400, 5, generator=g, dtype=torch.float64)
     y = (x[:, 0] + 0.5 * torch.randn(400, generator=g, dtype=torch.float64) > 0).long()
     y[:100] = 1 - y[:100]  # some flipped labels
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Linear(5, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2)
-    ).double()
+    norm = nn.BatchNorm1d(16) if batchnorm else nn.Identity()
+    model = nn.Sequential(nn.Linear(5, 16), norm, nn.ReLU(), nn.Linear(16, 2)).double()
     Trainer(
         model,
         TensorDataset(x, y),
@@ -336,9 +336,14 @@ def train(method, steps: int = 30) -> nn.Module:
     ],
     ids=["l2rw", "mwnet"],
 )
-def test_training_fast_follows_unrolled(make_method):
-    fast, unrolled = train(make_method("fast")), train(make_method("unrolled"))
-    moved = train(make_method("fast"), steps=1)
+@pytest.mark.parametrize("batchnorm", [True, False], ids=["batchnorm", "per-layer"])
+def test_training_fast_follows_unrolled(make_method, batchnorm: bool):
+    """With BatchNorm the tape; without, MW-Net's steps after the first are per layer."""
+    fast = train(make_method("fast"), batchnorm=batchnorm)
+    unrolled = train(make_method("unrolled"), batchnorm=batchnorm)
+    moved = train(make_method("fast"), steps=1, batchnorm=batchnorm)
+    if not batchnorm and isinstance(make_method("fast"), MWNet):  # checked, then taken
+        assert reweight.fast._PER_LAYER[fast][1] == "ok"
     for (name, a), b, c in zip(
         fast.state_dict().items(),
         unrolled.state_dict().values(),

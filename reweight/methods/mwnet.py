@@ -37,13 +37,15 @@ class MWNet(Method):
             differentiate through the net's input.
         replay_optimizer: the virtual step repeats the real SGD optimizer's momentum and
             weight decay (False: a plain SGD step, as in the reference code).
-        meta_chunks: with ``meta_grad="fast"``, take the meta gradient at θ′ over this many
-            slices of the clean batch, one after another. The result is the same (a mean loss
-            is a weighted sum of the slices' means) while the slices' activations, not the
-            whole batch's, sit next to the training graph the real update still needs: the
-            step's peak memory drops from about train + meta activations to train + meta/k.
-            Exact only for a model whose examples do not interact, so a model with BatchNorm
-            layers is refused (1, the default, is exact for every model).
+        meta_chunks: with ``meta_grad="fast"``, run the meta step's two batch passes, the
+            training forward it records and the meta gradient at θ′, in this many slices of
+            the batch. The result is the same (a mean loss is a weighted sum of the slices'
+            means) while only one slice's activations are alive at a time: the step's peak
+            memory falls to about a plain step's at k = 2 (LeNet: 0.96×, against 1.40× in
+            one piece; ~5 % more time). Exact only for a model whose examples do not
+            interact, so an integer k > 1 refuses models with BatchNorm layers. ``"auto"``
+            (the default) takes 2 once the first step has verified that the model treats the
+            examples of a batch independently (``reweight.ghost``), else 1.
     """
 
     name: ClassVar[str] = "mwnet"
@@ -58,16 +60,20 @@ class MWNet(Method):
         detach_loss: bool = True,
         replay_optimizer: bool = False,
         meta_grad: str = "unrolled",
-        meta_chunks: int = 1,
+        meta_chunks: int | str = "auto",
     ) -> None:
         if normalize not in ("none", "sum"):
             raise ValueError(f"method.normalize must be one of ['none', 'sum'], got {normalize!r}")
         if lr <= 0:
             raise ValueError(f"method.lr must be > 0, got {lr}")
         self.meta_grad = check_meta_grad(meta_grad)
-        if isinstance(meta_chunks, bool) or not isinstance(meta_chunks, int) or meta_chunks < 1:
-            raise ValueError(f"method.meta_chunks must be an integer >= 1, got {meta_chunks!r}")
-        if meta_chunks > 1 and self.meta_grad != "fast":
+        if meta_chunks != "auto" and (
+            isinstance(meta_chunks, bool) or not isinstance(meta_chunks, int) or meta_chunks < 1
+        ):
+            raise ValueError(
+                f"method.meta_chunks must be 'auto' or an integer >= 1, got {meta_chunks!r}"
+            )
+        if meta_chunks != "auto" and meta_chunks > 1 and self.meta_grad != "fast":
             raise ValueError(
                 f"method.meta_chunks={meta_chunks} needs meta_grad=fast (the unrolled meta "
                 "gradient differentiates through the whole virtual step); use meta_chunks=1"
@@ -82,7 +88,7 @@ class MWNet(Method):
     def setup(self, *, model: nn.Module, device: torch.device, **_: Any) -> None:
         dtype = next(model.parameters()).dtype
         self.vnet.to(device=device, dtype=dtype)
-        if self.meta_chunks > 1:
+        if self.meta_chunks != "auto" and self.meta_chunks > 1:
             coupled = [
                 name
                 for name, m in model.named_modules()

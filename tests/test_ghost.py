@@ -1,0 +1,302 @@
+"""The per-layer path (``reweight.ghost``) against independent references, in float64.
+
+Its JVPs and weighted gradients are checked against per-example gradients from
+``torch.func`` (vmap of grad), one layer type and layout at a time; the MW-Net step that uses
+it against the unrolled double backward; and the check that keeps models which mix the
+examples of a batch off it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+import reweight.fast
+from reweight import MWNet, ghost
+from reweight.fast import _per_layer_state, _set_per_layer, _trainable, mwnet_fast_step
+from reweight.methods import StepInputs
+from reweight.models import build_model
+
+from .test_fast import REPLAYS, assert_equal, model_and_batches, mwnet_pair
+
+DT = torch.float64
+
+
+class Twice(nn.Module):
+    """One linear layer called twice per forward (its weights get two calls' gradients)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(torch.tanh(self.a(x)))))
+
+
+class Sequence3d(nn.Module):
+    """Linear layers on (B, T, features) inputs, as in a per-token head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x))).mean(1)
+
+
+def conv_net(dims: int, **conv) -> nn.Module:
+    cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+    pool = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}[dims]
+    return nn.Sequential(
+        cls(2, 4, 3, **conv), nn.Tanh(), cls(4, 6, 3, padding=1), nn.ReLU(), pool(2),
+        nn.Flatten(), nn.Linear(6 * 2**dims, 3),
+    )  # fmt: skip
+
+
+def frozen_bias() -> nn.Module:
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    model[0].bias.requires_grad_(False)
+    return model
+
+
+CASES = {
+    # name: (model factory, input shape); the first convolutions here keep per-example
+    # gradients (few weights, a large output), the others their input and output gradient
+    "mlp": (lambda: nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)), (5,)),
+    "lenet": (lambda: build_model("lenet", num_classes=3, in_channels=1), (1, 28, 28)),
+    "conv1d-same": (lambda: conv_net(1, padding="same"), (2, 12)),
+    "conv2d-stride-dilation": (lambda: conv_net(2, stride=2, dilation=2, padding=2), (2, 11, 9)),
+    "conv2d-groups-nobias": (lambda: conv_net(2, groups=2, bias=False), (2, 8, 8)),
+    "conv3d-valid": (lambda: conv_net(3, padding="valid"), (2, 6, 6, 6)),
+    "linear-3d": (Sequence3d, (7, 4)),
+    "called-twice": (Twice, (4,)),
+    "frozen-bias": (frozen_bias, (5,)),
+}
+
+
+def case(name: str, n: int = 6, channels_last: bool = False):
+    torch.manual_seed(0)
+    factory, shape = CASES[name]
+    model = factory().to(DT)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, *shape, generator=g, dtype=DT)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    return model, x, torch.randint(0, 3, (n,), generator=g)
+
+
+def per_example_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """(B, *weight.shape) per trainable weight: the reference, by torch.func."""
+    names, weights = _trainable(model)
+    frozen = {k: v for k, v in model.named_parameters() if not v.requires_grad}
+
+    def loss(params: dict, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, params | frozen, (xi[None],))
+        return F.cross_entropy(out, yi[None])
+
+    params = {n: w.detach() for n, w in zip(names, weights, strict=True)}
+    per = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    return [per[n] for n in names]
+
+
+def records(model, x, y, slices: int = 1) -> list[ghost.GhostRecord]:
+    _, weights = _trainable(model)
+    layers = ghost.ghost_layers(model, weights)
+    out = []
+    for xs, ys in zip(x.tensor_split(slices), y.tensor_split(slices), strict=True):
+        with ghost.recording(layers) as calls:
+            losses = F.cross_entropy(model(xs), ys, reduction="none")
+        out.append(ghost.finish(weights, calls, losses))
+    return out
+
+
+@pytest.mark.parametrize("slices", [1, 4])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_jvp_and_weighted_gradients_equal_per_example_gradients(name: str, slices: int):
+    model, x, y = case(name)
+    _, weights = _trainable(model)
+    per = per_example_grads(model, x, y)
+    recs = records(model, x, y, slices)
+    g = torch.Generator().manual_seed(2)
+    u = [torch.randn(w.shape, generator=g, dtype=DT) for w in weights]
+    want = sum(p.flatten(1) @ d.flatten() for p, d in zip(per, u, strict=True))
+    assert_equal(ghost.jvp_of(recs, u), want)
+    # the losses' backward, for two seed vectors from one record (as MW-Net's two updates)
+    losses = ghost.losses_of(recs)
+    assert_equal(losses.detach(), F.cross_entropy(model(x), y, reduction="none").detach())
+    for k in range(2):
+        seeds = torch.rand(len(y), generator=g, dtype=DT) - 0.3 * k
+        got = torch.autograd.grad((seeds * losses).sum(), weights, retain_graph=True)
+        for a, p in zip(got, per, strict=True):
+            assert_equal(a, torch.einsum("b,b...->...", seeds, p))
+
+
+def test_the_first_convolution_keeps_per_example_gradients():
+    model, x, y = case("lenet")
+    (rec,) = records(model, x, y)
+    kept = [c.per_example is not None for c in rec.calls]
+    assert kept == [True, False, False, False, False]  # 1→16 channels, 5×5: 416 numbers each
+    assert rec.calls[0].x is None and rec.calls[0].g is None
+
+
+def test_channels_last_lenet():
+    model, x, y = case("lenet", channels_last=True)
+    _, weights = _trainable(model)
+    per = per_example_grads(model, x, y)
+    (rec,) = records(model, x, y)
+    assert rec.calls[1].x.is_contiguous(memory_format=torch.channels_last)
+    u = [torch.ones_like(w) for w in weights]
+    assert_equal(rec.jvp(u), sum(p.flatten(1).sum(1) for p in per))
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), r"BatchNorm in training"),
+        (lambda: nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).eval(), r"BatchNorm1d\) has"),
+        (lambda: nn.Sequential(nn.Linear(3, 4), nn.PReLU()), r"PReLU\) has trainable weights"),
+        (lambda: nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), r"padding_mode"),
+        (lambda: nn.Conv2d(2, 2, 4, padding="same"), r"asymmetric 'same' padding"),
+    ],
+)
+def test_structures_the_path_does_not_cover(make, match: str):
+    model = make().to(DT)
+    with pytest.raises(ghost.Ineligible, match=match):
+        ghost.ghost_layers(model, _trainable(model)[1])
+
+
+def test_eval_mode_batchnorm_without_weights_is_covered():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, affine=False), nn.Linear(4, 2))
+    model.eval()
+    assert len(ghost.ghost_layers(model, _trainable(model)[1])) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# MW-Net's fast step on the per-layer path
+
+
+def verdict(model: nn.Module) -> str:
+    return _per_layer_state(model, _trainable(model)[1], torch.device("cpu"))[0]
+
+
+def is_per_layer(losses: torch.Tensor) -> bool:
+    return type(losses.grad_fn).__name__ == "_GhostLossesBackward"
+
+
+@pytest.mark.parametrize("chunks", [1, 3, "auto"])
+@pytest.mark.parametrize("replay", ["plain", "nesterov"])
+@pytest.mark.parametrize("name", ["lenet", "mlp-plain"])
+def test_mwnet_per_layer_step_equals_unrolled(name: str, replay: str, chunks):
+    model, x, y, xv, yv = plain_model_and_batches(name)
+    verdict(model)
+    _set_per_layer(model, "ok")  # as after a successful first step
+    got, want = mwnet_pair(
+        model, x, y, xv, yv, normalize="sum", replay=REPLAYS[replay], warm=True, chunks=chunks
+    )
+    for a, b in zip(got, want, strict=True):
+        assert b.abs().max() > 0
+        assert_equal(a, b)
+
+
+def plain_model_and_batches(name: str):
+    if name != "mlp-plain":
+        return model_and_batches(name)
+    model, x, y = case("mlp", n=6)
+    g = torch.Generator().manual_seed(3)
+    return model, x, y, torch.randn(7, 5, generator=g, dtype=DT), torch.randint(0, 3, (7,))
+
+
+def mwnet_step(model, x, y, xv, yv, chunks="auto"):
+    torch.manual_seed(1)
+    method = MWNet(hidden=5, normalize="sum", meta_grad="fast", meta_chunks=chunks)
+    method.setup(model=model, device=torch.device("cpu"))
+    return mwnet_fast_step(method, StepInputs(model, x, y, xv, yv, 0.5, F.cross_entropy))
+
+
+def test_the_first_step_checks_then_the_path_is_taken():
+    model, x, y, xv, yv = model_and_batches("lenet")
+    assert verdict(model) == "check"
+    first, losses, _ = mwnet_step(model, x, y, xv, yv)
+    assert not is_per_layer(losses) and verdict(model) == "ok"
+    second, losses, _ = mwnet_step(model, x, y, xv, yv)
+    assert is_per_layer(losses)
+    for a, b in zip(first, second, strict=True):
+        assert_equal(a, b)
+    # a change of mode is a new structure: checked again
+    model.eval()
+    assert verdict(model) == "check"
+
+
+def test_auto_takes_two_slices_only_on_the_path(monkeypatch: pytest.MonkeyPatch):
+    seen = []
+    meta_grad = reweight.fast._meta_grad
+
+    def spy(*args):
+        seen.append(args[-1])
+        return meta_grad(*args)
+
+    monkeypatch.setattr(reweight.fast, "_meta_grad", spy)
+    model, x, y, xv, yv = model_and_batches("lenet")
+    for _ in range(2):
+        mwnet_step(model, x, y, xv, yv)
+    model, x, y, xv, yv = model_and_batches("resnet")  # BatchNorm: one piece, no error
+    mwnet_step(model, x, y, xv, yv)
+    assert seen == [1, 2, 1]
+
+
+class MixesExamples(nn.Module):
+    """Subtracts the batch mean between its layers: the examples interact, without BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 7), nn.Linear(7, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.b(torch.tanh(h - h.mean(0, keepdim=True)))
+
+
+class WeightOutsideItsLayer(nn.Module):
+    """Uses a layer's weight a second time directly (a tied head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        return self.b(h + F.linear(h, self.a.weight))
+
+
+@pytest.mark.parametrize("cls", [MixesExamples, WeightOutsideItsLayer])
+def test_the_check_keeps_models_off_the_path(cls, caplog: pytest.LogCaptureFixture):
+    torch.manual_seed(0)
+    model = cls().to(DT)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 5, generator=g, dtype=DT), torch.randint(0, 3, (6,), generator=g)
+    xv, yv = torch.randn(7, 5, generator=g, dtype=DT), torch.randint(0, 3, (7,), generator=g)
+    assert verdict(model) == "check"  # its structure looks fine
+    records(model, x, y)  # and it records without complaint
+    with caplog.at_level(logging.WARNING, logger="reweight.fast"):
+        mwnet_step(model, x, y, xv, yv)
+    assert verdict(model) == "no"
+    assert "does not fit the per-layer path" in caplog.text
+    got, want = mwnet_pair(model, x, y, xv, yv, normalize="sum", replay=None, warm=False)
+    for a, b in zip(got, want, strict=True):  # exact on the general path
+        assert_equal(a, b)
+    _, losses, _ = mwnet_step(model, x, y, xv, yv, chunks=1)
+    assert not is_per_layer(losses)
+
+
+def test_per_layer_switch_off(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(reweight.fast, "PER_LAYER", False)
+    model, x, y, xv, yv = model_and_batches("lenet")
+    for _ in range(2):
+        _, losses, _ = mwnet_step(model, x, y, xv, yv)
+        assert not is_per_layer(losses)

@@ -11,8 +11,10 @@ median over the timed rounds is reported with its ratio to the plain step.
     l2rw/unrolled    virtual step through the meta twin with a double backward (the reference)
     l2rw/fast        the exact forward-mode identity (reweight.fast)
     mwnet/unrolled   likewise for Meta-Weight-Net
-    mwnet/fast
-    mwnet/fast-chunks4  mwnet/fast with method.meta_chunks=4 (less memory; models without BatchNorm)
+    mwnet/fast       the identity, per layer when the model qualifies (reweight.ghost)
+    mwnet/fast-tape  mwnet/fast with the per-layer path off (reweight.fast.PER_LAYER), as for a
+                     model that does not qualify: the tangent tape (dual numbers off CPU)
+    mwnet/fast-chunksK  mwnet/fast with method.meta_chunks=K (less memory; models without BatchNorm)
     l2rw/higher      peer: the usual `higher.innerloop_ctx` L2RW step (when higher imports)
 
 Peak memory is the highest amount of tensor memory the step holds above what was live when it
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import logging
 import os
@@ -38,13 +41,14 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import reweight.fast
 from reweight import ERM, L2RW, MWNet, normalize_l2rw
 from reweight.methods import Method, StepInputs
 from reweight.models import build_model
@@ -58,6 +62,9 @@ VARIANTS = (
     "l2rw/fast",
     "mwnet/unrolled",
     "mwnet/fast",
+    "mwnet/fast-tape",
+    "mwnet/fast-chunks1",
+    "mwnet/fast-chunks2",
     "mwnet/fast-chunks4",
     "l2rw/higher",
 )
@@ -149,6 +156,7 @@ def build_variants(
     bf16: bool,
     data: tuple[Tensor, ...],
     channels_last: bool = False,
+    variants: Sequence[str] = VARIANTS,
 ) -> tuple[dict[str, Callable[[], None]], dict[str, torch.optim.Optimizer], str | None]:
     """One step callable per variant (each on its own copy of one initial model)."""
     torch.manual_seed(0)
@@ -169,7 +177,7 @@ def build_variants(
     steps: dict[str, Callable[[], None]] = {}
     opts: dict[str, torch.optim.Optimizer] = {}
     skipped = None
-    for name in VARIANTS:
+    for name in variants:
         model = copy.deepcopy(base)
         opt = sgd(model)
         opts[name] = opt
@@ -191,11 +199,13 @@ def build_variants(
         if name == "erm":
             method = ERM()
         elif name.startswith("l2rw/"):
-            method = L2RW(meta_grad=name.split("/")[1])
-        elif name == "mwnet/fast-chunks4":
-            method = MWNet(meta_grad="fast", meta_chunks=4)
+            method = L2RW(meta_grad=name.split("/")[1].split("-")[0])
+        elif name.startswith("mwnet/fast-chunks"):
+            method = MWNet(
+                meta_grad="fast", meta_chunks=int(name.removeprefix("mwnet/fast-chunks"))
+            )
         else:
-            method = MWNet(meta_grad=name.split("/")[1])
+            method = MWNet(meta_grad=name.split("/")[1].split("-")[0])
         try:
             method.setup(
                 model=model, train_labels=None, num_classes=case.num_classes, device=device
@@ -204,8 +214,23 @@ def build_variants(
             log.info("%s skipped for %s: %s", name, case.model, err)
             del opts[name]
             continue
-        steps[name] = lambda me=method, m=model, o=opt: _trainer_step(me, m, o, data, autocast)
+        step = functools.partial(_trainer_step, method, model, opt, data, autocast)
+        steps[name] = _general_path(step) if name.endswith("-tape") else step
     return steps, opts, skipped
+
+
+def _general_path(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` with the per-layer path off (``reweight.fast.PER_LAYER``): the tangent tape on
+    CPU, dual numbers elsewhere, as for a model that does not qualify."""
+
+    def run() -> None:
+        saved, reweight.fast.PER_LAYER = reweight.fast.PER_LAYER, False
+        try:
+            step()
+        finally:
+            reweight.fast.PER_LAYER = saved
+
+    return run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,6 +298,7 @@ def run_case(
     rounds: int,
     memory: bool,
     channels_last: bool = False,
+    variants: Sequence[str] = VARIANTS,
 ) -> list[dict]:
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(case.batch, *case.shape, generator=gen)
@@ -284,7 +310,7 @@ def run_case(
         data = tuple(
             t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in data
         )
-    steps, opts, skipped = build_variants(case, device, bf16, data, channels_last)
+    steps, opts, skipped = build_variants(case, device, bf16, data, channels_last, variants)
     if skipped:
         log.warning("%s", skipped)
     times = time_interleaved(steps, device, warmup, rounds)
@@ -371,6 +397,16 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="NHWC model and batches for every variant (as trainer.channels_last=true)",
     )
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="comma-separated subset of the variants (plain, the unit, is always run)",
+    )
+    parser.add_argument(
+        "--cases",
+        default=None,
+        help="comma-separated batch/meta pairs to keep, e.g. 100/100 (default: all)",
+    )
     parser.add_argument("--json", default=None, help="write the rows and the machine here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -380,6 +416,11 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(models) - set(CASES))
     if unknown:
         parser.error(f"--models: unknown {unknown}; choose from {sorted(CASES)}")
+    variants = ["plain"] + [v.strip() for v in args.variants.split(",") if v.strip() != "plain"]
+    bad = sorted(set(variants) - set(VARIANTS))
+    if bad:
+        parser.error(f"--variants: unknown {bad}; choose from {list(VARIANTS)}")
+    cases = None if args.cases is None else {c.strip() for c in args.cases.split(",")}
     thread_settings = []
     for t in args.threads.split(","):
         t = t.strip()
@@ -405,6 +446,8 @@ def main(argv: list[str] | None = None) -> None:
             torch.set_num_threads(threads)
         for model in models:
             for case in CASES[model]:
+                if cases is not None and f"{case.batch}/{case.meta_batch}" not in cases:
+                    continue
                 log.info(
                     "%s batch %d meta %d on %s%s%s ...",
                     case.model,
@@ -423,6 +466,7 @@ def main(argv: list[str] | None = None) -> None:
                     args.steps,
                     not args.no_memory,
                     args.channels_last,
+                    variants,
                 )
                 print(format_table(case_rows), flush=True)
                 rows += case_rows

@@ -25,9 +25,7 @@ PAPER = {
 }
 
 
-def collect(
-    sweep: Path, metric: str, scale: float = 100.0
-) -> dict[str, dict[float, list[float]]]:
+def collect(sweep: Path, metric: str, scale: float = 100.0) -> dict[str, dict[float, list[float]]]:
     """{method: {proportion: [metric × scale, one per seed]}} from a sweep directory (or a
     folder of several): every job that has finished, i.e. has a summary.json."""
     out: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))

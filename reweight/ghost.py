@@ -66,6 +66,7 @@ class _Layer:
     z: Tensor | None = None  # output, with graph, until the backward has run
     g: Tensor | None = None  # ∂Σℓ/∂z (B, ...), detached
     per_example: Tensor | None = None  # (B, weight.numel() [+ bias.numel()]) instead of x, g
+    versions: tuple[int, int] = (0, 0)  # of x and z when recorded: in-place writes show later
 
     # -- the layer's maths -----------------------------------------------------------------
 
@@ -234,7 +235,7 @@ def recording(layers: dict[nn.Module, tuple]) -> Iterator[list[_Layer]]:
         if not isinstance(x, Tensor) or not isinstance(out, Tensor) or not out.requires_grad:
             raise Ineligible(f"{type(module).__name__}: unexpected input or output")
         w, b = layers[module]
-        calls.append(_Layer(module, w, b, x=x.detach(), z=out))
+        calls.append(_Layer(module, w, b, x=x.detach(), z=out, versions=(x._version, out._version)))
 
     handle = nn.modules.module.register_module_forward_hook(hook)
     try:
@@ -253,8 +254,13 @@ def finish(
     """
     n = losses.shape[0]
     for c in calls:
+        name = type(c.module).__name__
         if c.x is None or c.x.dim() < 2 or c.x.shape[0] != n or c.z is None or c.z.shape[0] != n:
-            raise Ineligible(f"{type(c.module).__name__}: input not batched like the losses")
+            raise Ineligible(f"{name}: input not batched like the losses")
+        if (c.x._version, c.z._version) != c.versions:
+            # e.g. ReLU(inplace=True) on a layer's output: autograd would then differentiate
+            # with respect to the ReLU's result, not the layer's output
+            raise Ineligible(f"{name}: its input or output was modified in place")
     zs = [c.z for c in calls]
     gs = torch.autograd.grad(losses.sum(), zs, retain_graph=keep_graph, allow_unused=True)
     for c, g in zip(calls, gs, strict=True):

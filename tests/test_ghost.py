@@ -274,6 +274,22 @@ class WeightOutsideItsLayer(nn.Module):
         return self.b(h + F.linear(h, self.a.weight))
 
 
+def test_an_output_modified_in_place_is_refused():
+    """ReLU(inplace=True) right after a layer rewrites the output the record would hold."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(inplace=True), nn.Linear(7, 3)).to(DT)
+    x, y = torch.randn(6, 5, dtype=DT), torch.randint(0, 3, (6,))
+    with pytest.raises(ghost.Ineligible, match=r"Linear: its input or output was modified"):
+        records(model, x, y)
+    # the step's first (checking) forward finds it too, and stays on the exact general path
+    xv, yv = torch.randn(7, 5, dtype=DT), torch.randint(0, 3, (7,))
+    mwnet_step(model, x, y, xv, yv)
+    assert verdict(model) == "no"
+    got, want = mwnet_pair(model, x, y, xv, yv, normalize="sum", replay=None, warm=False)
+    for a, b in zip(got, want, strict=True):
+        assert_equal(a, b)
+
+
 @pytest.mark.parametrize("cls", [MixesExamples, WeightOutsideItsLayer])
 def test_the_check_keeps_models_off_the_path(cls, caplog: pytest.LogCaptureFixture):
     torch.manual_seed(0)

@@ -19,7 +19,8 @@ channels) keeps those instead of Xᵢ and Gᵢ.
 
 Whether a model qualifies is decided in two stages. By structure: every trainable tensor is the
 weight or bias of an ``nn.Linear`` or ``nn.Conv1d/2d/3d`` (zero padding, not transposed), no
-BatchNorm is in training mode, and every layer's input and output are batched. By measurement,
+BatchNorm is in training mode, and every layer's input and output are batched and not written
+in place later in the forward (``ReLU(inplace=True)`` right after a layer is). By measurement,
 because a model's own code may still mix examples or use a weight outside its layer: the first
 step of every (model, structure, mode) computes the JVP both ways (this one and the exact tangent
 tape or dual-number forward) and the per-layer path is used from then on only if they agree to

@@ -1136,7 +1136,7 @@ def mwnet_fast_step(method: MWNet, batch: StepInputs) -> tuple[list[Tensor], Ten
     assert batch.meta_inputs is not None and batch.meta_targets is not None
     model, lr, loss_fn = batch.model, batch.lr, batch.loss_fn
     names, weights = _trainable(model)
-    # 1. the real step's forward, taped; the weights of the current net
+    # 1. the real step's forward (per layer, or taped); the current net's weights
     chunks = method.meta_chunks
     if chunks == "auto":  # slices once the model is known to keep its examples apart
         chunks = 2 if _per_layer_state(model, weights, batch.inputs.device)[0] == "ok" else 1

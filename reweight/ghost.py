@@ -68,6 +68,7 @@ class _Layer:
     g: Tensor | None = None  # ∂Σℓ/∂z (B, ...), detached
     per_example: Tensor | None = None  # (B, weight.numel() [+ bias.numel()]) instead of x, g
     versions: tuple[int, int] = (0, 0)  # of x and z when recorded: in-place writes show later
+    problem: str | None = None  # why this call cannot be used (raised by ``finish``)
 
     # -- the layer's maths -----------------------------------------------------------------
 
@@ -232,10 +233,13 @@ def recording(layers: dict[nn.Module, tuple]) -> Iterator[list[_Layer]]:
     def hook(module: nn.Module, args: tuple, out: object) -> None:
         if module not in layers:
             return
+        # never raise here: that would abort the model's forward, which may be the real one
         x = args[0] if args else None
-        if not isinstance(x, Tensor) or not isinstance(out, Tensor) or not out.requires_grad:
-            raise Ineligible(f"{type(module).__name__}: unexpected input or output")
         w, b = layers[module]
+        if not isinstance(x, Tensor) or not isinstance(out, Tensor) or not out.requires_grad:
+            problem = f"{type(module).__name__}: not called on one tensor with a graph"
+            calls.append(_Layer(module, w, b, problem=problem))
+            return
         calls.append(_Layer(module, w, b, x=x.detach(), z=out, versions=(x._version, out._version)))
 
     handle = nn.modules.module.register_module_forward_hook(hook)
@@ -256,6 +260,8 @@ def finish(
     n = losses.shape[0]
     for c in calls:
         name = type(c.module).__name__
+        if c.problem is not None:
+            raise Ineligible(c.problem)
         if c.x is None or c.x.dim() < 2 or c.x.shape[0] != n or c.z is None or c.z.shape[0] != n:
             raise Ineligible(f"{name}: input not batched like the losses")
         if (c.x._version, c.z._version) != c.versions:

@@ -290,6 +290,31 @@ def test_an_output_modified_in_place_is_refused():
         assert_equal(a, b)
 
 
+class KeywordCall(nn.Module):
+    """Calls a layer with a keyword argument: the recording cannot see its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 7), nn.Linear(7, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(input=torch.tanh(self.a(x)))
+
+
+def test_a_call_the_recording_cannot_read_is_refused_without_breaking_the_forward():
+    torch.manual_seed(0)
+    model = KeywordCall().to(DT)
+    x, y = torch.randn(6, 5, dtype=DT), torch.randint(0, 3, (6,))
+    with pytest.raises(ghost.Ineligible, match=r"Linear: not called on one tensor with a graph"):
+        records(model, x, y)
+    xv, yv = torch.randn(7, 5, dtype=DT), torch.randint(0, 3, (7,))
+    mwnet_step(model, x, y, xv, yv)  # the checking step finishes on the general path
+    assert verdict(model) == "no"
+    got, want = mwnet_pair(model, x, y, xv, yv, normalize="sum", replay=None, warm=False)
+    for a, b in zip(got, want, strict=True):
+        assert_equal(a, b)
+
+
 @pytest.mark.parametrize("cls", [MixesExamples, WeightOutsideItsLayer])
 def test_the_check_keeps_models_off_the_path(cls, caplog: pytest.LogCaptureFixture):
     torch.manual_seed(0)

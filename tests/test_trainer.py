@@ -29,11 +29,12 @@ def two_blobs(seed: int, n: int, flip: float = 0.45):
     return x, torch.where(flipped, 1 - y, y), flipped
 
 
-def fit_blobs(method, steps: int = 400):
-    x, noisy, flipped = two_blobs(0, 2000)
-    xm, ym, _ = two_blobs(1, 100, 0.0)
-    xt, yt, _ = two_blobs(2, 4000, 0.0)
-    torch.manual_seed(0)
+def fit_blobs(method, steps: int = 400, seed: int = 0):
+    """Train on the noisy blobs of draw ``seed`` (training seed = data seed = ``seed``)."""
+    x, noisy, flipped = two_blobs(3 * seed, 2000)
+    xm, ym, _ = two_blobs(3 * seed + 1, 100, 0.0)
+    xt, yt, _ = two_blobs(3 * seed + 2, 4000, 0.0)
+    torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 2))
     trainer = Trainer(
         model,
@@ -45,34 +46,53 @@ def fit_blobs(method, steps: int = 400):
         train_labels=noisy,
         corrupted=flipped,
         config=TrainerConfig(
-            max_steps=steps, batch_size=100, log_every=100, eval_every=200, progress=False
+            max_steps=steps,
+            batch_size=100,
+            log_every=100,
+            eval_every=200,
+            progress=False,
+            seed=seed,
         ),
     )
     return trainer.fit()
 
 
+BLOB_SEEDS = (0, 1, 2)
+BLOB_METHODS = {"erm": lambda: "erm", "l2rw": lambda: "l2rw", "mwnet": lambda: MWNet(lr=1e-2)}
+
+
 @pytest.fixture(scope="module")
 def blob_results():
+    """{method: [FitResult per seed]} over three draws of data, model and batch order."""
     return {
-        "erm": fit_blobs("erm"),
-        "l2rw": fit_blobs("l2rw"),
-        "mwnet": fit_blobs(MWNet(lr=1e-2)),
+        name: [fit_blobs(make(), seed=s) for s in BLOB_SEEDS] for name, make in BLOB_METHODS.items()
     }
 
 
 def test_flipped_labels_are_found_and_test_accuracy_beats_erm(blob_results):
-    erm = blob_results["erm"].metrics
-    assert 0.8 < erm["test_accuracy"] < 0.96  # ERM is hurt by the noise (clean optimum ≈ 0.98)
-    assert erm["weight_auc"] == 0.5  # uniform weights separate nothing
+    """A learning outcome, asserted over three seeds with margin: one seed's AUC moves with the
+    torch build (L2RW's final-weight AUC spans 0.76-0.98 over seeds; MW-Net inverted on one
+    seed of six measured), so medians and means over seeds carry the claim, not one draw.
+    Measured on torch 2.14.1, seeds 0-2: ERM accuracy 0.81-0.95 (mean 0.89); l2rw and mwnet
+    0.96-0.98; median final-weight AUC l2rw 0.90, mwnet 0.995; median mean-weight-over-
+    training AUC l2rw 0.89, mwnet 0.99; median clean/corrupted weight ratio l2rw 81, mwnet 25."""
+
+    def values(name, key):
+        return torch.tensor([r.metrics[key] for r in blob_results[name]], dtype=torch.float64)
+
+    erm_acc = values("erm", "test_accuracy")
+    assert float(erm_acc.median()) < 0.95  # ERM is hurt by the noise (clean optimum ≈ 0.98)
+    assert bool((values("erm", "weight_auc") == 0.5).all())  # uniform weights separate nothing
     for name in ("l2rw", "mwnet"):
-        m = blob_results[name].metrics
-        assert m["weight_auc"] >= 0.9, name
-        assert m["weight_mean_clean"] > 3 * m["weight_mean_corrupted"], name
-        assert m["test_accuracy"] > erm["test_accuracy"] + 0.01, name
+        assert float(values(name, "weight_auc").median()) >= 0.8, name
+        assert float(values(name, "train_weight_auc").median()) >= 0.8, name
+        ratio = values(name, "weight_mean_clean") / values(name, "weight_mean_corrupted")
+        assert float(ratio.median()) > 3, name
+        assert float(values(name, "test_accuracy").mean()) > float(erm_acc.mean()) + 0.03, name
 
 
 def test_history_rows_and_summary_keys(blob_results):
-    res = blob_results["l2rw"]
+    res = blob_results["l2rw"][0]
     assert [r["step"] for r in res.history] == [100, 200, 300, 400]
     assert "test_accuracy" in res.history[1] and "test_accuracy" not in res.history[0]
     row = res.history[-1]

@@ -43,8 +43,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from reweight.data import build_dataset, save_labels
-from reweight.data.core import atomic_write
 from reweight.distributed import init_from_env
+from reweight.fileio import atomic_write
 from reweight.methods import build_method
 from reweight.outputs import (
     MetricsCSV,

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from reweight.distributed import DistContext
+from reweight.fileio import atomic_write
 from reweight.functional import LossFn
 from reweight.methods import Method, MethodOutput, StepInputs, build_method
 from reweight.metrics import auc, per_class_accuracy
@@ -645,12 +646,11 @@ class Trainer:
         self._elapsed = float(state["elapsed"])
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
-        """Write ``state_dict()`` atomically: a temporary file, then a rename."""
+        """Write ``state_dict()`` atomically (``reweight.fileio.atomic_write``)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        state = self.state_dict()
+        atomic_write(path, lambda f: torch.save(state, f))
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))

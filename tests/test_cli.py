@@ -89,8 +89,12 @@ def run_dirs(root: Path) -> list[Path]:
 
 @pytest.mark.slow
 def test_single_run_writes_every_output(tmp_path, data_root):
-    """The acceptance command, in a subprocess, on the real MNIST."""
-    proc = run_cli(["dataset=mnist_imbalanced", "trainer.max_steps=20"], cwd=tmp_path)
+    """The acceptance command, in a subprocess, on the real MNIST, under umask 022."""
+    umask = os.umask(0o022)
+    try:
+        proc = run_cli(["dataset=mnist_imbalanced", "trainer.max_steps=20"], cwd=tmp_path)
+    finally:
+        os.umask(umask)
     run_dir = tmp_path / "outputs" / "mnist_imbalanced" / "l2rw" / "trainer.max_steps=20" / "seed0"
     assert run_dirs(tmp_path) == [run_dir]
 
@@ -129,6 +133,10 @@ def test_single_run_writes_every_output(tmp_path, data_root):
     labels = torch.load(run_dir / "labels.pt", weights_only=True)
     assert labels["train_labels"].bincount().tolist() == [20, 4970]
     assert "it/s" not in proc.stderr  # no tqdm bars when stderr is not a terminal
+    # every file a run writes, through the one atomic writer or Hydra's open(): 0666 less umask
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in run_dir.rglob("*") if p.is_file()}
+    assert {"summary.json", "metrics.csv", "checkpoint.pt", "learning_curves.png"} <= set(modes)
+    assert set(modes.values()) == {"0o644"}, modes
 
 
 def test_train_function_returns_the_final_test_accuracy(tmp_path):

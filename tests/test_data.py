@@ -490,7 +490,7 @@ def test_atomic_write_gives_the_usual_permissions(tmp_path: Path, umask: int) ->
     import os
     import stat
 
-    from reweight.data.core import atomic_write
+    from reweight.fileio import atomic_write
 
     old = os.umask(umask)
     try:

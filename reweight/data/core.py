@@ -23,11 +23,13 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from reweight.fileio import atomic_write
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -35,7 +37,6 @@ __all__ = [
     "LABELS_FILE",
     "DataBundle",
     "TensorData",
-    "atomic_write",
     "download_atomically",
     "resolve_data_root",
     "save_labels",
@@ -162,39 +163,6 @@ def tensor_hash(*tensors: Tensor) -> str:
         h.update(f"{t.dtype}{tuple(t.shape)};".encode())
         h.update(t.numpy().tobytes())
     return h.hexdigest()
-
-
-def _umask() -> int:
-    """The process's umask: from /proc on Linux (no side effect), else by setting it back."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
-    """Write a file through ``write(f)`` into a temporary file next to ``path``, then
-    ``os.replace`` it onto ``path``: readers see the old file or the complete new one. The file
-    gets the permissions a plain ``open(path, "w")`` would (0666 less the umask), not
-    ``mkstemp``'s owner-only 0600, so that others on a shared cluster can read run outputs."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def save_labels(bundle: DataBundle, out_dir: str | os.PathLike) -> Path:

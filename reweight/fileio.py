@@ -1,0 +1,61 @@
+"""The one atomic writer: every file a run writes (checkpoint, labels, CSV, JSON, PNG) goes
+through ``atomic_write``, so that a reader, or a run killed mid-write, sees either the old file
+or the complete new one, and every file gets the same permissions.
+
+Example:
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> path = atomic_write_text(Path(tempfile.mkdtemp()) / "note.txt", "done\\n")
+    >>> path.read_text()
+    'done\\n'
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+__all__ = ["atomic_write", "atomic_write_text"]
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write a file through ``write(f)`` (a binary file object) into a temporary file next to
+    ``path``, then ``os.replace`` it onto ``path``. The file gets the permissions a plain
+    ``open(path, "w")`` would (0666 less the umask), not ``mkstemp``'s owner-only 0600, so that
+    others on a shared cluster can read run outputs. The temporary file never outlives a
+    failure. The parent folder must exist."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """``atomic_write`` of ``text`` as UTF-8, newlines as given."""
+    data = text.encode("utf-8")
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def _umask() -> int:
+    """The process's umask: from /proc on Linux (no side effect), else by setting it back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

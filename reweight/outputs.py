@@ -2,8 +2,8 @@
 
 - ``MetricsCSV``: a ``Trainer`` callback that keeps ``metrics.csv`` equal to the history so far.
 - ``write_summary``: ``summary.json``, atomically, NaN written as ``null``.
-- ``plot_learning_curves`` / ``plot_weight_histogram``: PNGs (matplotlib, imported lazily; when it
-  is missing they log a warning and return ``None``).
+- ``plot_learning_curves`` / ``plot_weight_histogram``: PNGs (matplotlib, imported lazily; should
+  it fail to import, one warning and ``None``).
 - ``aggregate_sweep``: mean ± std of the final test accuracy per configuration of a sweep, from
   each job's ``summary.json`` and ``.hydra/overrides.yaml``, into ``results.csv`` and
   ``results.md``. From the shell: ``python -m reweight.outputs <sweep_dir>``.
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import logging
@@ -35,10 +36,11 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from reweight.fileio import atomic_write, atomic_write_text
 
 __all__ = [
     "RESULTS_CSV",
@@ -65,21 +67,6 @@ _TABLE_METRICS = (
 )
 
 
-def _atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to a temporary file beside ``path``, then rename it onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 # -- metrics.csv --------------------------------------------------------------------------------
 
 
@@ -97,7 +84,7 @@ def write_metrics_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]
     writer.writeheader()
     for row in rows:
         writer.writerow({k: _csv_value(k, v) for k, v in row.items()})
-    return _atomic_write_text(path, out.getvalue())
+    return atomic_write_text(path, out.getvalue())
 
 
 def _csv_value(key: str, value: Any) -> Any:
@@ -167,18 +154,20 @@ def write_summary(
     """
     payload = _jsonable({**metrics, **(extra or {})})
     text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
-    return _atomic_write_text(path, text)
+    return atomic_write_text(path, text)
 
 
 # -- plots --------------------------------------------------------------------------------------
 
 
+@functools.cache
 def _pyplot() -> Any:
-    """matplotlib's pyplot on the Agg backend, or None (with a warning) when not installed."""
+    """matplotlib's pyplot on the Agg backend, or None when it cannot be imported (a base
+    dependency, so only a broken install; warned once per process, not once per plot)."""
     try:
         import matplotlib
-    except ImportError:
-        log.warning("matplotlib is not installed: no plots (pip install 'reweight[plots]')")
+    except ImportError as err:
+        log.warning("matplotlib cannot be imported (%s): no plots; pip install matplotlib", err)
         return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -246,10 +235,10 @@ def plot_learning_curves(
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
     if title:
         fig.suptitle(title)
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    try:
+        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)
 
 
 def plot_weight_histogram(
@@ -304,10 +293,10 @@ def plot_weight_histogram(
     ax.grid(alpha=0.3)
     if title:
         ax.set_title(title)
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    try:
+        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)
 
 
 def _tolist(values: Any) -> list:
@@ -406,7 +395,7 @@ def _write_results_csv(path: Path, rows: list[dict[str, Any]], keys: list[str]) 
     writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write_text(path, out.getvalue())
+    atomic_write_text(path, out.getvalue())
 
 
 def _pct(mean: float, std: float) -> str:
@@ -439,7 +428,7 @@ def _write_results_md(
     lines.append("Final test accuracy, mean ± sample std over the seeds (n) of each configuration.")
     if unfinished:
         lines += ["", f"Left out: {unfinished} job(s) without a summary (failed or unfinished)."]
-    _atomic_write_text(path, "\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,6 +16,13 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 os.environ.setdefault("REWEIGHT_DATA_DIR", str(SHARED_DATA))
 
 
+def pytest_report_header(config) -> str:
+    """Which torch this pass runs (CI runs the suite on the newest and the oldest allowed)."""
+    import torchvision
+
+    return f"torch {torch.__version__}, torchvision {torchvision.__version__}"
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     root = Path(os.environ["REWEIGHT_DATA_DIR"])

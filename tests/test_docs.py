@@ -40,7 +40,17 @@ def test_readme_commands_are_what_ci_runs():
     commands = re.findall(r"```bash\n(.*?)\n```", README, flags=re.S)
     test_command = next(c for c in commands if "pytest" in c)
     ci = (REPO / ".ci" / "run").read_text()
-    assert test_command in ci.splitlines()
+    # twice: the newest torch, then the oldest the declared range allows (.ci/oldest-torch.txt)
+    assert ci.splitlines().count(test_command) == 2
+    floor = dict(
+        line.split("==")
+        for line in (REPO / ".ci" / "oldest-torch.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    pyproject = (REPO / "pyproject.toml").read_text()
+    for package, version in floor.items():
+        major_minor = ".".join(version.split(".")[:2])
+        assert f'"{package}>={major_minor}"' in pyproject, package
     main_command = commands[0]
     assert main_command.endswith("python -m reweight dataset=mnist_imbalanced")
 

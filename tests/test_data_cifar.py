@@ -231,7 +231,7 @@ def test_download_completes_a_partial_folder(tmp_path: Path) -> None:
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
     (folder / "data_batch_1").write_bytes(b"truncated")
-    bundle = build_dataset("cifar10_lt", root=tmp_path, meta_per_class=5)
+    bundle = build_dataset("cifar10_lt", root=tmp_path, meta_per_class=5, imbalance_factor=10)
     assert len(bundle.meta) == 50
     assert (folder / "data_batch_1").stat().st_size > 9
     assert [p.name for p in tmp_path.iterdir()] == ["cifar-10-batches-py"]
@@ -319,7 +319,7 @@ def test_download_atomically_propagates_interrupts(tmp_path: Path) -> None:
 
 def test_data_root_from_environment(cifar10_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(DATA_DIR_ENV, str(cifar10_root))
-    bundle = build_dataset("cifar10_lt", meta_per_class=5)
+    bundle = build_dataset("cifar10_lt", meta_per_class=5, imbalance_factor=10)
     assert bundle.info["root"] == str(cifar10_root.resolve())
 
 

@@ -28,7 +28,12 @@ from reweight.data._validate import (
 )
 from reweight.data.core import DataBundle, TensorData, download_atomically
 from reweight.data.noise import NOISE_TYPES
-from reweight.data.splits import SplitPlan, plan_binary_imbalance, plan_noisy
+from reweight.data.splits import (
+    SplitPlan,
+    binary_imbalance_counts,
+    plan_binary_imbalance,
+    plan_noisy,
+)
 
 __all__ = [
     "MNIST_MEAN",
@@ -147,6 +152,9 @@ def build_mnist_imbalanced(
     check_int("meta_per_class", meta_per_class, minimum=1)
     check_bool("test_balanced", test_balanced)
     check_bool("download", download)
+    binary_imbalance_counts(  # too few examples for the meta set: say so before reading files
+        n_train, proportion, meta_per_class, minority="digit 4", majority="digit 9"
+    )
     train_x, train_y, test_x, test_y = load_mnist(root, download=download)
     plan = plan_binary_imbalance(
         train_y,

@@ -1,4 +1,5 @@
-"""Shared test settings: the real MNIST of the shared data folder, one torch thread."""
+"""Shared test settings: the real MNIST of the shared data folder, one torch thread, and MD5
+records (reweight.data.checksums) in a temporary folder rather than the user's cache."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from reweight.data.checksums import CACHE_DIR_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -36,6 +39,18 @@ def data_root() -> Path:
             "MNIST/raw/ (the four IDX files)."
         )
     return root
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _md5_records_in_tmp(tmp_path_factory: pytest.TempPathFactory):
+    """Point REWEIGHT_CACHE_DIR (inherited by CLI subprocesses) at a session folder."""
+    previous = os.environ.get(CACHE_DIR_ENV)
+    os.environ[CACHE_DIR_ENV] = str(tmp_path_factory.mktemp("reweight-cache"))
+    yield
+    if previous is None:
+        os.environ.pop(CACHE_DIR_ENV, None)
+    else:
+        os.environ[CACHE_DIR_ENV] = previous
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -117,7 +117,9 @@ def test_public_names() -> None:
     )
 
 
-@pytest.mark.parametrize("module", ["core", "noise", "splits", "build", "mnist", "cifar"])
+@pytest.mark.parametrize(
+    "module", ["core", "noise", "splits", "build", "mnist", "cifar", "checksums"]
+)
 def test_module_all_and_doctests(module: str) -> None:
     mod = importlib.import_module(f"reweight.data.{module}")
     for name in mod.__all__:
@@ -309,19 +311,55 @@ def test_bad_proportion(empty_root: Path, p: float) -> None:
 
 def test_meta_set_larger_than_available(mnist_env: Path) -> None:
     # p = 0.995 draws 25 fours: a meta set of 25 per class leaves none to train on
-    with pytest.raises(
-        ValueError,
-        match=r"meta_per_class=25 is larger than what is available: "
-        r"n_train=5000 and proportion=0.995 give 25 minority "
-        r"images .*allowed: 1 <= meta_per_class <= 24",
-    ):
+    with pytest.raises(ValueError) as info:
         build_dataset("mnist_imbalanced", meta_per_class=25)
+    assert str(info.value) == (
+        "proportion=0.995 with n_train=5000 draws 25 images of digit 4 (the minority class), "
+        "but the meta set takes meta_per_class=25 of them and at least one must stay for "
+        "training; use proportion <= 0.9948 or meta_per_class <= 24"
+    )
     with pytest.raises(
         ValueError,
         match=r"meta_per_class=6000 is larger than what is available: "
         r"class 5 has 5421 examples",
     ):
         build_dataset("mnist_noisy", meta_per_class=6000)
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        (
+            {"proportion": 0.9999},
+            "proportion=0.9999 with n_train=5000 draws 0 images of digit 4 (the minority class), "
+            "but the meta set takes meta_per_class=5 of them and at least one must stay for "
+            "training; use proportion <= 0.9988",
+        ),
+        (
+            {"proportion": 0.0004, "meta_per_class": 2},
+            "proportion=0.0004 with n_train=5000 draws 2 images of digit 9 (the majority class), "
+            "but the meta set takes meta_per_class=2 of them and at least one must stay for "
+            "training; use proportion >= 0.0006 or meta_per_class <= 1",
+        ),
+        (
+            {"proportion": 0.999},
+            "proportion=0.999 with n_train=5000 draws 5 images of digit 4 (the minority class), "
+            "but the meta set takes meta_per_class=5 of them and at least one must stay for "
+            "training; use proportion <= 0.9988 or meta_per_class <= 4",
+        ),
+        (
+            {"n_train": 10},
+            "n_train=10 is too small for meta_per_class=5: each of the two classes needs 5 meta "
+            "images and at least one training image; use n_train >= 12",
+        ),
+    ],
+)
+def test_too_few_examples_for_the_meta_set(empty_root: Path, params: dict, message: str) -> None:
+    """Said in the task's terms (which digit, how many drawn, which proportions work), with
+    bounds that are never empty or negative, and before any file is read (empty_root)."""
+    with pytest.raises(ValueError) as info:
+        build_dataset("mnist_imbalanced", root=empty_root, download=False, **params)
+    assert str(info.value) == message
 
 
 @pytest.mark.parametrize("name", ["mnist_noisy", "cifar10_noisy", "cifar10_lt", "cifar10n"])
@@ -379,19 +417,20 @@ def test_n_train_beyond_the_split(mnist_env: Path) -> None:
     with pytest.raises(
         ValueError,
         match=r"n_train=20000 with proportion=0.5 needs 10000 minority "
-        r"images \(digit 4\) but the training split has 5842",
+        r"images \(digit 4\) but the training split has 5842; use n_train <= 11684$",
     ):
         build_dataset("mnist_imbalanced", n_train=20_000, proportion=0.5)
 
 
 def test_missing_mnist_without_download(tmp_path: Path) -> None:
-    expected = str((tmp_path / "MNIST" / "raw").resolve())
-    with pytest.raises(
-        FileNotFoundError,
-        match=rf"MNIST not found at {expected} and "
-        rf"download=false",
-    ):
+    with pytest.raises(FileNotFoundError) as info:
         build_dataset("mnist_noisy", root=tmp_path, download=False)
+    assert str(info.value) == (
+        f"MNIST not found at {(tmp_path / 'MNIST' / 'raw').resolve()} and download=false: put "
+        f"the four uncompressed IDX files there (train-images-idx3-ubyte, "
+        f"train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte) or set "
+        f"dataset.root / REWEIGHT_DATA_DIR"
+    )
     assert list(tmp_path.iterdir()) == []
 
 

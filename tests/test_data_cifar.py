@@ -1,9 +1,10 @@
 """The CIFAR datasets through the torchvision layer, without the real files or the network.
 
 Small fake CIFAR folders in torchvision's pickle format stand in for the real ones (torchvision's
-md5 check is replaced by an existence check), and torchvision's download function is replaced by
-one that writes such a folder, or by one that fails like an offline machine. Every image encodes
-its own index in the source split, so the tests can check which image each item is.
+table of known MD5s, which both torchvision and our check read, is replaced by the fakes' MD5s),
+and torchvision's download function is replaced by one that writes such a folder, or by one that
+fails like an offline machine. Every image encodes its own index in the source split, so the
+tests can check which image each item is.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import pickle
 import re
 import urllib.error
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +23,17 @@ import torch
 import torchvision
 from torch.utils.data import DataLoader
 
-from reweight.data import DataBundle, build_dataset, noise_matrix
+from reweight.data import DataBundle, build_dataset, checksums, core, noise_matrix
+from reweight.data.checksums import file_md5
 from reweight.data.cifar import CIFAR10N_FILE, CIFAR_STATS, load_cifar10n_labels
 from reweight.data.core import DATA_DIR_ENV, download_atomically
 
 PER_CLASS_TRAIN = 30  # CIFAR-10 fake: 300 training images; CIFAR-100 fake: 3000
 PER_CLASS_TEST = 2
+
+
+def _tv_class(variant: str) -> type[torchvision.datasets.CIFAR10]:
+    return torchvision.datasets.CIFAR10 if variant == "cifar10" else torchvision.datasets.CIFAR100
 
 
 def _images(indices: np.ndarray) -> np.ndarray:
@@ -39,7 +46,7 @@ def _images(indices: np.ndarray) -> np.ndarray:
 
 def write_fake_cifar(root: Path, variant: str) -> Path:
     """A CIFAR folder in torchvision's format with tiny balanced splits (labels interleaved)."""
-    cls = torchvision.datasets.CIFAR10 if variant == "cifar10" else torchvision.datasets.CIFAR100
+    cls = _tv_class(variant)
     k = 10 if variant == "cifar10" else 100
     label_key = "labels" if variant == "cifar10" else "fine_labels"
     folder = root / cls.base_folder
@@ -70,13 +77,29 @@ def source_index(x: torch.Tensor, variant: str) -> int:
     return low + 256 * high
 
 
-@pytest.fixture(autouse=True)
-def fake_torchvision(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Checksums become existence checks; a download writes a fake folder (and is recorded)."""
-    calls: list[str] = []
+@pytest.fixture(scope="session")
+def fake_md5s(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, str]]:
+    """``{variant: {file name: MD5}}`` of the fake folders (write_fake_cifar is deterministic)."""
+    md5s = {}
+    for variant in ("cifar10", "cifar100"):
+        folder = write_fake_cifar(tmp_path_factory.mktemp(variant), variant)
+        md5s[variant] = {path.name: file_md5(path) for path in folder.iterdir()}
+    return md5s
 
-    def exists(fpath: str, md5: str | None = None) -> bool:
-        return os.path.isfile(fpath)
+
+@pytest.fixture(autouse=True)
+def fake_torchvision(
+    monkeypatch: pytest.MonkeyPatch, fake_md5s: dict[str, dict[str, str]]
+) -> list[str]:
+    """torchvision's known MD5s become the fakes'; a download writes a fake folder (and is
+    recorded)."""
+    calls: list[str] = []
+    for variant, md5s in fake_md5s.items():
+        cls = _tv_class(variant)
+        for table in ("train_list", "test_list"):
+            entries = [[name, md5s[name]] for name, _ in getattr(cls, table)]
+            monkeypatch.setattr(cls, table, entries)
+        monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5s[cls.meta["filename"]]})
 
     def fake_download(
         url: str,
@@ -88,7 +111,6 @@ def fake_torchvision(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         calls.append(url)
         write_fake_cifar(Path(download_root), "cifar100" if "100" in url else "cifar10")
 
-    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", exists)
     monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", fake_download)
     monkeypatch.delenv(DATA_DIR_ENV, raising=False)
     return calls
@@ -231,7 +253,7 @@ def test_download_completes_a_partial_folder(tmp_path: Path) -> None:
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
     (folder / "data_batch_1").write_bytes(b"truncated")
-    bundle = build_dataset("cifar10_lt", root=tmp_path, meta_per_class=5)
+    bundle = build_dataset("cifar10_lt", root=tmp_path, meta_per_class=5, imbalance_factor=10)
     assert len(bundle.meta) == 50
     assert (folder / "data_batch_1").stat().st_size > 9
     assert [p.name for p in tmp_path.iterdir()] == ["cifar-10-batches-py"]
@@ -252,27 +274,26 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.usefixtures("offline")
 @pytest.mark.parametrize(
-    ("name", "folder", "archive"),
+    ("name", "variant", "folder", "archive"),
     [
-        ("cifar10_noisy", "cifar-10-batches-py", "cifar-10-python.tar.gz"),
-        ("cifar100_lt", "cifar-100-python", "cifar-100-python.tar.gz"),
+        ("cifar10_noisy", "cifar10", "cifar-10-batches-py", "cifar-10-python.tar.gz"),
+        ("cifar100_lt", "cifar100", "cifar-100-python", "cifar-100-python.tar.gz"),
     ],
 )
 def test_offline_download_fails_cleanly(
-    tmp_path: Path, name: str, folder: str, archive: str
+    tmp_path: Path, name: str, variant: str, folder: str, archive: str
 ) -> None:
     root = tmp_path / "data"
     root.mkdir()
-    expected = str((root / folder).resolve())
     with pytest.raises(FileNotFoundError) as info:
         build_dataset(name, root=root)
-    message = str(info.value)
-    assert re.search(
-        rf"not found at {re.escape(expected)} and the download failed "
-        rf"\(URLError: .*Temporary failure",
-        message,
-    ), message
-    assert archive in message and "REWEIGHT_DATA_DIR" in message  # how to provide the files
+    assert str(info.value) == (  # one line: where, why in short, and how to provide the files
+        f"{variant} not found at {(root / folder).resolve()} and the download failed (offline? "
+        f"[Errno -3] Temporary failure in name resolution): download "
+        f"https://www.cs.toronto.edu/~kriz/{archive} and extract it into {root.resolve()}, or "
+        f"set dataset.root / REWEIGHT_DATA_DIR"
+    )
+    assert isinstance(info.value.__cause__, urllib.error.URLError)  # the full error, chained
     assert list(root.iterdir()) == []  # no archive, no temporary folder, no partial dataset
 
 
@@ -285,14 +306,54 @@ def test_offline_download_removes_the_folders_it_created(tmp_path: Path) -> None
 
 @pytest.mark.usefixtures("offline")
 def test_offline_mnist(tmp_path: Path) -> None:
-    expected = re.escape(str((tmp_path / "MNIST").resolve()))
+    """torchvision's MNIST joins the errors of its two mirrors into a multi-line RuntimeError:
+    the message keeps one line of it (it used to end in a dangling 'got: )')."""
+    with pytest.raises(FileNotFoundError) as info:
+        build_dataset("mnist_imbalanced", root=tmp_path)
+    assert str(info.value) == (
+        f"MNIST not found at {(tmp_path / 'MNIST' / 'raw').resolve()} and the download failed "
+        f"(offline? [Errno -3] Temporary failure in name resolution): put the four uncompressed "
+        f"IDX files there (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+        f"t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte) or set dataset.root / REWEIGHT_DATA_DIR"
+    )
+    assert "Tried https://" in str(info.value.__cause__)  # torchvision's own report, chained
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_download_that_is_not_the_network(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bad archive is not called offline."""
+
+    def corrupted(url: str, download_root: str, **kwargs: object) -> None:
+        raise RuntimeError("File not found or corrupted.")
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", corrupted)
     with pytest.raises(
         FileNotFoundError,
-        match=rf"MNIST not found at {expected} and the "
-        rf"download failed \(RuntimeError",
+        match=r"cifar-10-batches-py and the download failed \(File not found or corrupted\.\): "
+        r"download https://",
     ):
-        build_dataset("mnist_imbalanced", root=tmp_path)
+        build_dataset("cifar10_lt", root=tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_data_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nowhere to download into (a read-only data root) is the same one-line error, not a
+    PermissionError traceback. (Simulated: the tests run as root, which ignores chmod.)"""
+
+    def read_only(*args: object, **kwargs: object) -> str:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(core.tempfile, "mkdtemp", read_only)
+    with pytest.raises(FileNotFoundError) as info:
+        build_dataset("cifar10_lt", root=tmp_path / "data")
+    assert str(info.value).startswith(
+        f"cifar10 not found at {(tmp_path / 'data' / 'cifar-10-batches-py').resolve()} and the "
+        f"download failed (cannot write into {(tmp_path / 'data').resolve()}: Permission "
+        f"denied): download https://"
+    )
+    assert list(tmp_path.iterdir()) == []  # the data folder it had to create is removed
 
 
 def test_no_download_when_disallowed(tmp_path: Path, fake_torchvision: list[str]) -> None:
@@ -313,14 +374,101 @@ def test_download_atomically_propagates_interrupts(tmp_path: Path) -> None:
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        download_atomically(tmp_path, "target", interrupted, what="x", instructions="")
+        download_atomically(tmp_path, "target", interrupted, what="x", not_found=str)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_data_root_from_environment(cifar10_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(DATA_DIR_ENV, str(cifar10_root))
-    bundle = build_dataset("cifar10_lt", meta_per_class=5)
+    bundle = build_dataset("cifar10_lt", meta_per_class=5, imbalance_factor=10)
     assert bundle.info["root"] == str(cifar10_root.resolve())
+
+
+# --- damaged files: torchvision's MD5s, checked once --------------------------------------------
+
+CIFAR10_FIX = (
+    "delete it to download cifar10 again, or replace it with the one in "
+    "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+)
+# torchvision's own table, read at import, before the autouse fixture replaces it
+TORCHVISION_CIFAR10_MD5S = {
+    "train_list": torchvision.datasets.CIFAR10.train_list,
+    "test_list": torchvision.datasets.CIFAR10.test_list,
+    "meta": torchvision.datasets.CIFAR10.meta,
+}
+
+
+def _truncate(path: Path) -> None:
+    os.truncate(path, path.stat().st_size // 2)
+
+
+def _garble(path: Path) -> None:
+    """Same size, 1 kB of inverted bytes in the middle: unpickles to garbage or fails."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 1000] = bytes(b ^ 0xFF for b in data[middle : middle + 1000])
+    path.write_bytes(bytes(data))
+
+
+def _empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+@pytest.mark.parametrize(
+    ("name", "damage"),
+    [("data_batch_1", _truncate), ("test_batch", _garble), ("batches.meta", _empty)],
+)
+def test_damaged_batch_file_is_named(
+    cifar10_root: Path,
+    fake_md5s: dict[str, dict[str, str]],
+    name: str,
+    damage: Callable[[Path], None],
+) -> None:
+    path = cifar10_root / "cifar-10-batches-py" / name
+    damage(path)
+    with pytest.raises(ValueError) as info:
+        build_dataset("cifar10_noisy", root=cifar10_root, meta_per_class=5)
+    assert str(info.value) == (
+        f"cifar10 file {path} is damaged: its MD5 is {file_md5(path)} ({path.stat().st_size} "
+        f"bytes), expected {fake_md5s['cifar10'][name]}: {CIFAR10_FIX}"
+    )
+
+
+def test_torchvision_md5s_are_the_reference(
+    cifar10_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With torchvision's real table the fake files are damaged, and its MD5 is the one quoted."""
+    for attribute, value in TORCHVISION_CIFAR10_MD5S.items():
+        monkeypatch.setattr(torchvision.datasets.CIFAR10, attribute, value)
+    first, md5 = TORCHVISION_CIFAR10_MD5S["train_list"][0]
+    with pytest.raises(ValueError, match=rf"{first} is damaged: its MD5 is .*, expected {md5}: "):
+        build_dataset("cifar10_noisy", root=cifar10_root, meta_per_class=5)
+
+
+def test_cifar_md5s_are_computed_once(cifar10_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    real = checksums.file_md5
+    monkeypatch.setattr(checksums, "file_md5", lambda path: calls.append(path.name) or real(path))
+    build_dataset("cifar10_noisy", root=cifar10_root, meta_per_class=5)
+    assert len(calls) == 7  # 5 training batches, the test batch, the meta file
+    build_dataset("cifar10_lt", root=cifar10_root, meta_per_class=5, imbalance_factor=10)
+    assert len(calls) == 7
+
+
+def test_unreadable_files_with_the_known_md5(
+    cifar10_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If torchvision's table ever vouched for a file it cannot read, the error still names the
+    folder and the fix (not an unpickling traceback)."""
+    folder = cifar10_root / "cifar-10-batches-py"
+    (folder / "data_batch_1").write_bytes(b"not a pickle")
+    table = [list(entry) for entry in torchvision.datasets.CIFAR10.train_list]
+    table[0][1] = file_md5(folder / "data_batch_1")
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "train_list", table)
+    with pytest.raises(ValueError) as info:
+        build_dataset("cifar10_noisy", root=cifar10_root, meta_per_class=5)
+    assert str(info.value).startswith(f"torchvision cannot read cifar10 from {folder} (")
+    assert str(info.value).endswith("): delete that folder to download it again")
 
 
 # --- CIFAR-10N ---------------------------------------------------------------------------------

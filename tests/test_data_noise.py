@@ -20,6 +20,7 @@ from reweight.data.noise import (
     noise_rate,
 )
 from reweight.data.splits import (
+    binary_imbalance_counts,
     class_counts,
     plan_binary_imbalance,
     plan_human_noise,
@@ -365,3 +366,55 @@ def test_binary_task_needs_enough_images() -> None:
             test_balanced=True,
             generator=gen(),
         )
+
+
+@pytest.mark.parametrize("n", [14, 15, 50, 999, 5000, 12345, 60_000])
+@pytest.mark.parametrize("k", [1, 5, 6])
+def test_suggested_proportions_work(n: int, k: int) -> None:
+    """The bounds a refusal suggests are themselves accepted."""
+    with pytest.raises(ValueError, match=r"draws 0 images of a .*use proportion <= ") as high:
+        binary_imbalance_counts(n, 1 - 1e-9, k, minority="a", majority="b")
+    with pytest.raises(ValueError, match=r"draws 0 images of b .*use proportion >= ") as low:
+        binary_imbalance_counts(n, 1e-9, k, minority="a", majority="b")
+    hi = float(high.value.args[0].split("proportion <= ")[1].split()[0])
+    lo = float(low.value.args[0].split("proportion >= ")[1].split()[0])
+    assert 0 < lo <= hi < 1
+    for p in (lo, hi):
+        n_minor, n_major = binary_imbalance_counts(n, p, k, minority="a", majority="b")
+        assert n_minor > k and n_major > k and n_minor + n_major == n
+    assert "or meta_per_class" not in high.value.args[0]  # 0 drawn: no meta_per_class helps
+
+
+def test_binary_task_too_small_for_any_proportion() -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"^n_train=11 is too small for meta_per_class=5: each of the two classes needs 5 "
+        r"meta images and at least one training image; use n_train >= 12$",
+    ):
+        binary_imbalance_counts(11, 0.5, 5, minority="a", majority="b")
+
+
+@pytest.mark.parametrize("available", [0, 1])
+def test_meta_split_of_a_class_too_small_for_any_meta_set(available: int) -> None:
+    """No range like '1 <= meta_per_class <= -1' when no meta_per_class can work."""
+    labels = torch.cat([balanced_labels(3, 10), torch.full((available,), 3)])
+    with pytest.raises(ValueError) as info:
+        split_meta(labels, 4, 1, gen())
+    assert str(info.value) == (
+        f"meta_per_class=1 is larger than what is available: class 3 has {available} "
+        f"example{'' if available == 1 else 's'}, and a meta set needs at least 2 of every "
+        f"class (one for the meta set, one left for training)"
+    )
+
+
+def test_long_tail_that_empties_the_tail_class() -> None:
+    labels = balanced_labels(10, 30)  # 25 per class once 5 go to the meta set
+    with pytest.raises(ValueError) as info:
+        plan_long_tail(labels, 10, meta_per_class=5, imbalance_factor=100, generator=gen())
+    assert str(info.value) == (
+        "imbalance_factor=100 leaves 0 training examples of class 9: the head class has 25 "
+        "after meta_per_class=5 went to the meta set, and the tail class keeps "
+        "int(25 / imbalance_factor); use imbalance_factor <= 25"
+    )
+    plan = plan_long_tail(labels, 10, meta_per_class=5, imbalance_factor=25, generator=gen())
+    assert class_counts(plan.train_labels, 10)[-1] == 1  # the suggested bound works

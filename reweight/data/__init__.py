@@ -11,7 +11,8 @@ whether it is corrupted. One entry point, :func:`build_dataset`::
 Modules: :mod:`~reweight.data.noise` (transition matrices, corruption), :mod:`~reweight.data.splits`
 (meta split, long tail; pure functions on label tensors), :mod:`~reweight.data.mnist`,
 :mod:`~reweight.data.cifar` (thin torchvision layers), :mod:`~reweight.data.core` (containers,
-data root, atomic files) and :mod:`~reweight.data.build` (the registry).
+data root, atomic files), :mod:`~reweight.data.checksums` (MD5 checks of raw files, recorded in
+``$REWEIGHT_CACHE_DIR``) and :mod:`~reweight.data.build` (the registry).
 """
 
 from reweight.data.build import DATASETS, build_dataset

@@ -38,7 +38,8 @@ from reweight.data._validate import (
     check_int,
     check_rate,
 )
-from reweight.data.core import DataBundle, download_atomically
+from reweight.data.checksums import verify_md5
+from reweight.data.core import DATA_DIR_ENV, DataBundle, download_atomically
 from reweight.data.noise import NOISE_TYPES
 from reweight.data.splits import SplitPlan, plan_human_noise, plan_long_tail, plan_noisy
 
@@ -135,46 +136,63 @@ class RelabeledSubset(Dataset):
         return image, int(self.labels[index])
 
 
-def _cifar_present(root: Path, cls: type[torchvision.datasets.CIFAR10]) -> bool:
-    names = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
-    return all((root / cls.base_folder / name).is_file() for name in names)
+def _known_md5s(cls: type[torchvision.datasets.CIFAR10]) -> dict[str, str]:
+    """``{file name: MD5}`` of every file of ``cls``'s folder, from torchvision's own tables
+    (``train_list``, ``test_list``, ``meta``: the same since torchvision 0.2, and what its
+    download and ``_check_integrity`` use), so a torchvision update that fixes one reaches us."""
+    pairs = [*cls.train_list, *cls.test_list, (cls.meta["filename"], cls.meta["md5"])]
+    return {str(name): str(md5) for name, md5 in pairs}
 
 
-def load_cifar(variant: str, root: Path, *, download: bool) -> tuple[Dataset, Dataset]:
+def _not_found(variant: str, root: Path, folder: Path, missing: list[str], why: str) -> str:
+    """The one-line message for CIFAR files that are missing and cannot be downloaded."""
+    which = f" ({', '.join(missing)} missing)" if folder.is_dir() else ""
+    return (
+        f"{variant} not found at {folder.resolve()}{which} and {why}: download {_URLS[variant]} "
+        f"and extract it into {root.resolve()}, or set dataset.root / {DATA_DIR_ENV}"
+    )
+
+
+def load_cifar(
+    variant: str, root: Path, *, download: bool, cache_dir: Path | None = None
+) -> tuple[Dataset, Dataset]:
     """The torchvision (train, test) datasets of ``variant`` under ``root``, without transforms.
 
     Missing files are downloaded into a temporary folder next to ``root/<base folder>`` and
-    moved into place only when complete; if that fails (e.g. offline) a ``FileNotFoundError``
-    says where the files were expected and how to provide them.
+    moved into place only when complete; if that fails (e.g. offline) a one-line
+    ``FileNotFoundError`` says where the files were expected and how to provide them. Every file
+    is then checked against torchvision's MD5 once (the verdict is recorded in ``cache_dir``:
+    :func:`reweight.data.checksums.verify_md5`), so a truncated or damaged batch file is a
+    ``ValueError`` naming it rather than an unpickling traceback.
     """
     cls = _tv_class(variant)
     root = Path(root)
-    expected = (root / cls.base_folder).resolve()
-    if not _cifar_present(root, cls):
-        instructions = (
-            f"To provide it by hand, download {_URLS[variant]} and extract it into "
-            f"{root.resolve()} (giving {expected}), or set dataset.root (or the "
-            f"REWEIGHT_DATA_DIR environment variable) to a folder that contains "
-            f"{cls.base_folder}/."
-        )
+    folder = root / cls.base_folder
+    known = _known_md5s(cls)
+    missing = [name for name in known if not (folder / name).is_file()]
+    if missing:
         if not download:
-            raise FileNotFoundError(
-                f"{variant} not found at {expected} and download=false. {instructions}"
-            )
+            raise FileNotFoundError(_not_found(variant, root, folder, missing, "download=false"))
         download_atomically(
             root,
             cls.base_folder,
             lambda tmp: cls(tmp, train=True, download=True),
             what=variant,
-            instructions=instructions,
+            not_found=lambda reason: _not_found(
+                variant, root, folder, missing, f"the download failed ({reason})"
+            ),
         )
+    fix = f"delete it to download {variant} again, or replace it with the one in {_URLS[variant]}"
+    for name, md5 in known.items():
+        verify_md5(folder / name, md5, fix=fix, what=f"{variant} file", cache_dir=cache_dir)
     try:
         train = cls(root, train=True, download=False)
         test = cls(root, train=False, download=False)
-    except RuntimeError as err:  # torchvision's checksum test failed
-        raise RuntimeError(
-            f"{variant} files under {expected} failed torchvision's integrity check ({err}); "
-            f"delete that folder to download them again"
+    except (RuntimeError, pickle.UnpicklingError, EOFError, KeyError, ValueError) as err:
+        # the files match the MD5s torchvision's own tables give, yet it cannot read them
+        raise ValueError(
+            f"torchvision cannot read {variant} from {folder.resolve()} "
+            f"({type(err).__name__}: {err}): delete that folder to download it again"
         ) from err
     return train, test
 

@@ -197,13 +197,27 @@ def save_labels(bundle: DataBundle, out_dir: str | os.PathLike) -> Path:
 _DOWNLOAD_ERRORS = (OSError, RuntimeError, tarfile.TarError, EOFError)
 
 
+def _download_failure(err: BaseException) -> str:
+    """A short reason for a failed download, e.g. ``offline? [Errno 111] Connection refused``.
+
+    torchvision's MNIST joins the error of every mirror into one multi-line RuntimeError
+    ("Error downloading x:\nTried m, got:\n<urlopen error ...>"): its last line that is not a
+    heading is the cause. The full error stays chained to the raised one."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.endswith(":")] or [type(err).__name__]
+    reason = lines[-1].strip("<>").removeprefix("urlopen error ").strip()
+    if isinstance(err, OSError) or "urlopen error" in str(err):  # the network, not the data
+        reason = f"offline? {reason}"
+    return reason if len(reason) <= 120 else reason[:117] + "..."
+
+
 def download_atomically(
     root: Path,
     target: str,
     fetch: Callable[[Path], Any],
     *,
     what: str,
-    instructions: str,
+    not_found: Callable[[str], str],
 ) -> Path:
     """Download a dataset folder ``root/target`` without ever leaving a partial one behind.
 
@@ -214,8 +228,9 @@ def download_atomically(
     with an atomic ``os.replace``. Whatever happens, the temporary directory is removed, and so are
     the folders this call created if nothing was put in them.
 
-    A failed download raises ``FileNotFoundError`` naming the expected location and
-    ``instructions`` (how to provide the files by hand).
+    A failed download (or a ``root`` that cannot be written) raises ``FileNotFoundError`` with the
+    one-line message ``not_found(reason)``, ``reason`` being short (e.g. ``offline? [Errno 111]
+    Connection refused``): the caller says where the files were expected and how to provide them.
     """
     dest = root / target
     created = []  # folders above the target that this call creates, deepest first
@@ -223,27 +238,36 @@ def download_atomically(
     while not parent.exists():
         created.append(parent)
         parent = parent.parent
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{Path(target).name}.download-", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{Path(target).name}.download-", dir=root))
+    except OSError as err:  # e.g. a read-only data root: nowhere to download into
+        _remove_empty(created)
+        raise FileNotFoundError(
+            not_found(f"cannot write into {root.resolve()}: {err.strerror or err}")
+        ) from err
     try:
         logger.info("downloading %s into %s", what, dest)
         try:
             fetch(tmp)
         except _DOWNLOAD_ERRORS as err:
-            raise FileNotFoundError(
-                f"{what} not found at {dest.resolve()} and the download failed "
-                f"({type(err).__name__}: {err}). {instructions}"
-            ) from err
+            logger.debug("downloading %s failed: %s", what, err)
+            raise FileNotFoundError(not_found(_download_failure(err))) from err
         staged = tmp / target
         if not staged.is_dir():
             raise RuntimeError(f"downloading {what} did not produce the folder {target!r}")
         _move_into_place(staged, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        for folder in created:
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+        _remove_empty(created)
     return dest
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove each of ``folders`` (deepest first) that exists and is empty."""
+    for folder in folders:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def _move_into_place(src: Path, dest: Path) -> None:

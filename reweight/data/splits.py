@@ -41,6 +41,7 @@ from reweight.data.noise import noise_rate as measured_noise_rate
 
 __all__ = [
     "SplitPlan",
+    "binary_imbalance_counts",
     "class_counts",
     "long_tail_counts",
     "plan_binary_imbalance",
@@ -107,6 +108,12 @@ def split_meta(
     smallest = min(counts)
     if k >= smallest:
         c = counts.index(smallest)
+        if smallest < 2:  # no meta_per_class works: say so rather than give an empty range
+            raise ValueError(
+                f"meta_per_class={k} is larger than what is available: class {c} has "
+                f"{smallest} example{'' if smallest == 1 else 's'}, and a meta set needs at least "
+                f"2 of every class (one for the meta set, one left for training)"
+            )
         raise ValueError(
             f"meta_per_class={k} is larger than what is available: class {c} has {smallest} "
             f"examples and at least one must stay in the training set (allowed: 1 <= "
@@ -197,6 +204,15 @@ def plan_long_tail(
     rest_labels = labels[rest].to(torch.int64)
     n = min(class_counts(rest_labels, num_classes))
     counts = long_tail_counts(n, num_classes, imbalance_factor)
+    if counts[-1] == 0:
+        # the tail keeps int(n / rho): rho = n keeps one, unless float rounding says otherwise
+        most = n if long_tail_counts(n, num_classes, n)[-1] >= 1 else n - 1
+        raise ValueError(
+            f"imbalance_factor={imbalance_factor:g} leaves 0 training examples of class "
+            f"{num_classes - 1}: the head class has {n} after meta_per_class={meta_per_class} "
+            f"went to the meta set, and the tail class keeps int({n} / imbalance_factor); use "
+            f"imbalance_factor <= {most}"
+        )
     train = rest[subsample_per_class(rest_labels, counts, generator)]
     true = labels[train].to(torch.int64)
     info = {
@@ -237,6 +253,71 @@ def plan_human_noise(
     return SplitPlan(num_classes, rest, observed, true, meta, clean[meta].to(torch.int64), info)
 
 
+def _decimal(numerator: int, denominator: int, digits: int, *, up: bool) -> str:
+    """``numerator / denominator`` rounded up or down to ``digits`` decimals, exactly (integer
+    arithmetic: a bound printed for the user must itself satisfy the bound)."""
+    scaled = numerator * 10**digits
+    q = -(-scaled // denominator) if up else scaled // denominator
+    text = str(q).rjust(digits + 1, "0")
+    return f"{text[:-digits]}.{text[-digits:]}".rstrip("0").rstrip(".")
+
+
+def _proportion_range(n: int, k: int) -> tuple[str, str]:
+    """Printable bounds ``lo <= proportion <= hi`` that leave at least ``k + 1`` examples of
+    each class among ``n`` (for ``n >= 2 * (k + 1)``), with as few decimals as keep lo <= hi."""
+    for digits in range(4, 16):
+        lo = _decimal(k + 1, n, digits, up=True)
+        hi = _decimal(n - k - 1, n, digits, up=False)
+        if float(lo) <= float(hi):
+            break
+    return lo, hi
+
+
+def binary_imbalance_counts(
+    n_train: int, proportion: float, meta_per_class: int, *, minority: str, majority: str
+) -> tuple[int, int]:
+    """``(n_minority, n_majority)`` drawn for the binary imbalance task: ``n_train -
+    round(n_train * proportion)`` and ``round(n_train * proportion)``.
+
+    Raises ``ValueError`` in the user's terms if either class would have no example left for
+    training once ``meta_per_class`` of it go to the meta set, with the proportions (or
+    ``meta_per_class``) that work; ``minority``/``majority`` name the classes (e.g. ``"digit
+    4"``). Pure arithmetic, so the dataset builder calls it before reading any file.
+
+    >>> binary_imbalance_counts(5000, 0.995, 5, minority="digit 4", majority="digit 9")
+    (25, 4975)
+    """
+    n, p, k = n_train, proportion, meta_per_class
+    n_major = round(n * p)
+    n_minor = n - n_major
+    if n < 2 * (k + 1):
+        raise ValueError(
+            f"n_train={n} is too small for meta_per_class={k}: each of the two classes needs "
+            f"{k} meta images and at least one training image; use n_train >= {2 * (k + 1)}"
+        )
+    lo, hi = _proportion_range(n, k)
+    for want, name, role, bound in (
+        (n_minor, minority, "minority", f"proportion <= {hi}"),
+        (n_major, majority, "majority", f"proportion >= {lo}"),
+    ):
+        if want <= k:
+            other = f" or meta_per_class <= {want - 1}" if want >= 2 else ""
+            raise ValueError(
+                f"proportion={p} with n_train={n} draws {want} images of {name} (the {role} "
+                f"class), but the meta set takes meta_per_class={k} of them and at least one "
+                f"must stay for training; use {bound}{other}"
+            )
+    return n_minor, n_major
+
+
+def _largest_n_train(p: float, minor_available: int, major_available: int) -> int:
+    """The largest ``n_train`` whose draws at proportion ``p`` fit in the available images."""
+    n = int(min(minor_available / (1 - p), major_available / p)) + 2
+    while n > 2 and (n - round(n * p) > minor_available or round(n * p) > major_available):
+        n -= 1
+    return n
+
+
 def plan_binary_imbalance(
     train_targets: Tensor,
     test_targets: Tensor,
@@ -261,24 +342,22 @@ def plan_binary_imbalance(
     n = check_int("n_train", n_train, minimum=2)
     k = check_int("meta_per_class", meta_per_class, minimum=1)
     check_bool("test_balanced", test_balanced)
-    n_major = round(n * p)
-    n_minor = n - n_major
+    n_minor, n_major = binary_imbalance_counts(
+        n, p, k, minority=f"digit {minority}", majority=f"digit {majority}"
+    )
     num_digits = max(minority, majority) + 1
     train_groups = _class_groups(train_targets, num_digits)
     test_groups = _class_groups(test_targets, num_digits)
     draws = {}
     for cls, want, role in ((minority, n_minor, "minority"), (majority, n_major, "majority")):
-        if k >= want:
-            raise ValueError(
-                f"meta_per_class={k} is larger than what is available: n_train={n} and "
-                f"proportion={p} give {want} {role} images (digit {cls}) and at least one must "
-                f"stay in the training set (allowed: 1 <= meta_per_class <= {want - 1})"
-            )
         pool = _shuffle(train_groups[cls], generator)
         if want > pool.numel():
+            most = _largest_n_train(
+                p, train_groups[minority].numel(), train_groups[majority].numel()
+            )
             raise ValueError(
                 f"n_train={n} with proportion={p} needs {want} {role} images (digit {cls}) but "
-                f"the training split has {pool.numel()}; lower n_train"
+                f"the training split has {pool.numel()}; use n_train <= {most}"
             )
         draws[role] = pool[:want]
     meta = torch.cat([draws["minority"][:k], draws["majority"][:k]]).sort().values

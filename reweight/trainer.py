@@ -595,7 +595,7 @@ class Trainer:
                 self.scheduler.step()
             self.step += 1
             bar.update(1)
-            # 4. bookkeeping: weight statistics, log rows, evaluation, checkpoints
+            # 4. bookkeeping: weight statistics, log rows, evaluation
             n_global = batch.n_global
             w = out.weights.detach()
             if self.dist is not None:  # statistics over the global batch, on every rank
@@ -623,7 +623,8 @@ class Trainer:
                 row["time_s"] = self._elapsed
                 self._emit(row)
                 bar.set_postfix(loss=f"{row['train_loss']:.4f}", refresh=False)
-            # 5. a stop request: a signal to any rank (the max over ranks: one tiny all-reduce)
+            # 5. the checkpoint, when due or when a signal asks to stop (SIGINT/SIGTERM to any
+            #    rank: its number, max-reduced over ranks, one int per step)
             signum = (
                 stop.signum if self.dist is None else self.dist.max_int(stop.signum, self.device)
             )

@@ -93,7 +93,7 @@ def handlers() -> tuple[object, object]:
     return signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_first_signal_finishes_the_step_checkpoints_and_raises(tmp_path, python_sigint, signum):
     path = tmp_path / "checkpoint.pt"
     before = handlers()
@@ -372,7 +372,9 @@ def uninterrupted(tmp_path_factory, data_root) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize(
+    ("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"]
+)
 def test_interrupted_run_continues_bit_for_bit(tmp_path, uninterrupted, signum, status):
     """Signal a run after step 10 of 40: one line on stderr, exit 128 + signal, a checkpoint
     of that step and nothing of a finished run; the same command again ends with the model

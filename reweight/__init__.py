@@ -25,12 +25,19 @@ from reweight.methods import (
     WeightNet,
     build_method,
 )
-from reweight.trainer import FitResult, Trainer, TrainerConfig
+from reweight.trainer import (
+    CheckpointError,
+    FitResult,
+    Trainer,
+    TrainerConfig,
+    TrainingInterrupted,
+)
 
 __all__ = [
     "ERM",
     "L2RW",
     "METHODS",
+    "CheckpointError",
     "ClassBalanced",
     "FitResult",
     "MWNet",
@@ -41,6 +48,7 @@ __all__ = [
     "StepInputs",
     "Trainer",
     "TrainerConfig",
+    "TrainingInterrupted",
     "WeightNet",
     "build_method",
     "l2rw_eps_grad",

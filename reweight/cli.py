@@ -53,7 +53,7 @@ from reweight.outputs import (
     plot_weight_histogram,
     write_summary,
 )
-from reweight.trainer import Trainer, TrainerConfig
+from reweight.trainer import Trainer, TrainerConfig, TrainingInterrupted
 
 __all__ = ["CONFIG_PATH", "AggregateSweep", "main", "train"]
 
@@ -234,18 +234,22 @@ def main() -> None:
     the app with ``HYDRA_FULL_ERROR=1`` (errors propagate here) and reports a configuration
     error as ``error: <message>`` with exit status 2. Anything else keeps its traceback. Set
     ``HYDRA_FULL_ERROR=1`` yourself to see the traceback of configuration errors too.
+
+    Ctrl-C or SIGTERM during training stops after the current step with the checkpoint written
+    and one line, ``interrupted at step N; run the same command to continue``, exit status 130
+    or 143 (see ``Trainer.fit``); a second Ctrl-C aborts at once.
     """
     if int(os.environ.get("RANK", "0")) > 0:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
     previous = os.environ.get("HYDRA_FULL_ERROR")
     if previous == "1":
-        _app()
+        _run_app()
         return
     os.environ["HYDRA_FULL_ERROR"] = "1"
     stderr = sys.stderr
     sys.stderr = _JobErrorFilter(stderr)  # type: ignore[assignment]
     try:
-        _app()
+        _run_app()
     except Exception as err:
         if not _is_config_error(err):
             raise  # a bug, not a bad override: keep the traceback
@@ -259,6 +263,22 @@ def main() -> None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = previous
+
+
+def _run_app() -> None:
+    """``_app()``; a run stopped by SIGINT or SIGTERM (``TrainingInterrupted``, raised after its
+    checkpoint is written) ends with one line on stderr, from rank 0 only, and the exit status
+    of death by that signal (130, 143). A sweep stops at the interrupted job: the exception is
+    a KeyboardInterrupt, which Hydra's job runner does not catch."""
+    try:
+        _app()
+    except TrainingInterrupted as stop:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(
+                f"interrupted at step {stop.step}; run the same command to continue",
+                file=sys.stderr,
+            )
+        sys.exit(stop.exit_status)
 
 
 class _JobErrorFilter:

@@ -23,6 +23,12 @@ What is global and what is local, for a world of W ranks and a global batch of B
   ``nn.SyncBatchNorm`` for the real step; a virtual step always uses local batch statistics.
 - **Outputs: rank 0.** Only rank 0 writes checkpoints and run outputs; every rank reads the
   checkpoint when resuming.
+- **Stopping: together.** Each step ends with an all-reduce (MAX) of one int, the signal number
+  a rank has received (SIGINT/SIGTERM; 0 for none), so a signal to any rank stops every rank
+  after the same step; rank 0 writes the checkpoint and the others wait for it (a barrier)
+  before raising ``TrainingInterrupted``. torchrun starts each worker in a session of its own
+  (the terminal's Ctrl-C reaches only torchrun) and forwards SIGINT/SIGTERM to every worker,
+  then kills those still running after ``--shutdown-timeout`` seconds (30).
 """
 
 from __future__ import annotations
@@ -68,6 +74,13 @@ class DistContext:
         out = tensor.detach().clone()
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
         return out
+
+    def max_int(self, value: int, device: torch.device) -> int:
+        """The max of a small integer over ranks: one int64 all-reduce (on ``device``, which
+        must be a GPU for NCCL). The Trainer's stop request (a signal number, or 0) each step."""
+        out = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.group)
+        return int(out.item())
 
     def all_gather_cat(self, tensor: Tensor) -> Tensor:
         """Concatenate equal-shaped tensors from every rank, in rank order."""

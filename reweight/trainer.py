@@ -21,11 +21,16 @@ import contextlib
 import logging
 import math
 import os
+import pickle
+import signal
 import sys
+import threading
 import time
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -40,7 +45,15 @@ from reweight.functional import LossFn
 from reweight.methods import Method, MethodOutput, StepInputs, build_method
 from reweight.metrics import auc, per_class_accuracy
 
-__all__ = ["FitResult", "Trainer", "TrainerConfig", "weight_diagnostics"]
+__all__ = [
+    "CheckpointError",
+    "FitResult",
+    "Trainer",
+    "TrainerConfig",
+    "TrainingInterrupted",
+    "read_checkpoint",
+    "weight_diagnostics",
+]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +96,143 @@ class TrainerConfig:
 class FitResult:
     history: list[dict[str, float]]  # one row per log step (and per evaluation)
     metrics: dict[str, Any]  # final metrics: test accuracy, per-class accuracy, weight stats
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """``Trainer.fit`` stopped on SIGINT or SIGTERM after ``step`` complete steps.
+
+    When the Trainer has a ``checkpoint_path``, ``checkpoint`` is that file and holds exactly
+    this step, so ``fit(resume=True)`` continues as if nothing had happened. A KeyboardInterrupt,
+    so that ``except Exception`` does not swallow a request to stop (Hydra's job runner, a loop
+    over configurations) and code that already handles Ctrl-C keeps working.
+    ``exit_status`` is the shell's convention for death by that signal: 130 for SIGINT, 143 for
+    SIGTERM.
+    """
+
+    def __init__(self, step: int, signum: int, checkpoint: Path | None = None) -> None:
+        super().__init__(step, signum, checkpoint)
+        self.step, self.signum, self.checkpoint = step, signum, checkpoint
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum
+
+    def __str__(self) -> str:
+        saved = f"; checkpoint {self.checkpoint}" if self.checkpoint is not None else ""
+        return f"{signal.Signals(self.signum).name} at step {self.step}{saved}"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from: damaged, empty, or not a Trainer's.
+
+    A ValueError, because the fix is the user's (delete the file or start over), and the command
+    line reports ValueErrors as one ``error:`` line.
+    """
+
+
+# What every Trainer checkpoint holds (``Trainer.state_dict``); checked before anything is loaded.
+_CHECKPOINT_KEYS = ("step", "model", "optimizer", "method", "rng", "history", "stats")
+
+
+def read_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device | None = None
+) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` of a ``Trainer`` checkpoint, checked.
+
+    A file that torch cannot read (truncated by a full disk, empty, overwritten) or that is not
+    a Trainer's raises ``CheckpointError`` naming the file, the reason in a few words and the
+    fix, instead of torch's messages (one of which recommends ``weights_only=False``, i.e.
+    running whatever code the file holds). Errors of the file system itself (missing file, no
+    permission) propagate unchanged: their message already names the file. The file is only
+    read, never changed.
+    """
+    path = Path(path)
+    with path.open("rb") as f:  # a missing file, no permission: the OS's error, naming the file
+        try:
+            state = torch.load(f, map_location=map_location, weights_only=True)
+        except Exception as err:  # RuntimeError, EOFError, UnpicklingError, OSError, KeyError...
+            # from None: the cause's text is what this message replaces
+            raise CheckpointError(_unreadable(path, _unreadable_reason(path, err))) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            _unreadable(path, f"not a Trainer checkpoint: it holds a {type(state).__name__}")
+        )
+    missing = [key for key in _CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(
+            _unreadable(path, f"not a Trainer checkpoint: no {', '.join(map(repr, missing))}")
+        )
+    return state
+
+
+def _unreadable(path: Path, reason: str) -> str:
+    return (
+        f"checkpoint {path} cannot be read ({reason}): delete it, or run with resume=false to "
+        "start over"
+    )
+
+
+def _unreadable_reason(path: Path, err: Exception) -> str:
+    """A few words on why ``torch.load`` failed, from the file itself where it can tell."""
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty"
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive, complete or not at all
+        return f"{size} bytes that are not a complete PyTorch zip archive: truncated or overwritten"
+    if isinstance(err, pickle.UnpicklingError) or "weights_only" in str(err):
+        return "it holds Python objects other than tensors and plain containers"
+    first = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+class _StopOnSignal:
+    """SIGINT and SIGTERM handlers for the duration of ``Trainer.fit`` (a context manager).
+
+    The first signal only records its number; the loop reads ``signum`` at each step boundary,
+    writes the checkpoint and raises ``TrainingInterrupted``. Once the loop is over (the last
+    checkpoint written, the final metrics being computed) ``steps_done`` is set and the first
+    signal raises ``TrainingInterrupted`` at once: there is nothing left to save. A second
+    signal does what it did before ``fit``: KeyboardInterrupt for SIGINT under Python's default
+    handler, death for SIGTERM. Handlers are installed only in the main thread (the only one
+    Python delivers signals to), never over a signal that is ignored (``nohup``, a background
+    job), and the previous ones are restored on exit.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, checkpoint: Path | None) -> None:
+        self.checkpoint = checkpoint
+        self.signum = 0  # the first signal received, 0 until then
+        self.steps_done: int | None = None  # set when no step is left to finish
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                previous = signal.getsignal(sig)
+                if previous is not signal.SIG_IGN:
+                    self._previous[sig] = previous
+                    signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            # None: a handler installed outside Python, which Python cannot reinstall
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum:  # the second signal: abort as it would have without us
+            previous = self._previous.get(signum)
+            if callable(previous):
+                previous(signum, frame)  # Python's default SIGINT handler raises KeyboardInterrupt
+            elif previous is not signal.SIG_IGN:
+                signal.signal(signum, signal.SIG_DFL)
+                signal.raise_signal(signum)
+            return
+        self.signum = signum
+        if self.steps_done is not None:
+            raise TrainingInterrupted(self.steps_done, signum, self.checkpoint)
 
 
 class _BatchStream:
@@ -261,7 +411,8 @@ class Trainer:
             diagnostics); ``from_bundle`` fills them from a ``reweight.data.DataBundle``.
         loss_fn: called as ``loss_fn(outputs, targets, reduction="none")`` and
             ``loss_fn(outputs, targets)``.
-        checkpoint_path: where ``fit`` writes the last state (atomically).
+        checkpoint_path: where ``fit`` writes the last state (atomically), and its state when
+            interrupted (see ``fit``).
         callbacks: called with each history row as it is made.
     """
 
@@ -352,7 +503,22 @@ class Trainer:
         """Train to ``config.max_steps``; with ``resume`` continue from ``checkpoint_path``.
 
         Returns the history and the final metrics (the same keys as ``summary.json``).
+
+        Interrupts: while ``fit`` runs in the main thread, SIGINT (Ctrl-C) and SIGTERM (what
+        SLURM and most schedulers send before they kill a job) do not kill the process
+        mid-step. The first one lets the current step finish; then the checkpoint is written
+        (when there is a ``checkpoint_path``) and ``fit`` raises ``TrainingInterrupted(step,
+        signum)``, so ``fit(resume=True)`` later continues bit for bit. During the final
+        metrics (after the last step and its checkpoint) it raises at once. A second signal
+        aborts at once: KeyboardInterrupt for SIGINT, as usual. In data-parallel training a
+        signal to any process stops every process after the same step (one all-reduce of the
+        signal number per step); rank 0 writes the checkpoint and every rank raises. The
+        previous signal handlers are restored when ``fit`` returns or raises.
         """
+        with _StopOnSignal(self.checkpoint_path) as stop:
+            return self._fit(resume, stop)
+
+    def _fit(self, resume: bool, stop: _StopOnSignal) -> FitResult:
         cfg = self.config
         if resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
             self.load_checkpoint(self.checkpoint_path)
@@ -430,7 +596,7 @@ class Trainer:
                 self.scheduler.step()
             self.step += 1
             bar.update(1)
-            # 4. bookkeeping: weight statistics, log rows, evaluation, checkpoints
+            # 4. bookkeeping: weight statistics, log rows, evaluation
             n_global = batch.n_global
             w = out.weights.detach()
             if self.dist is not None:  # statistics over the global batch, on every rank
@@ -458,17 +624,41 @@ class Trainer:
                 row["time_s"] = self._elapsed
                 self._emit(row)
                 bar.set_postfix(loss=f"{row['train_loss']:.4f}", refresh=False)
+            # 5. the checkpoint, when due or when a signal asks to stop (SIGINT/SIGTERM to any
+            #    rank: its number, max-reduced over ranks, one int per step)
+            signum = (
+                stop.signum if self.dist is None else self.dist.max_int(stop.signum, self.device)
+            )
             if (
                 self.checkpoint_path is not None
                 and self.is_main
                 and (
                     (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)
                     or self.step == cfg.max_steps
+                    or signum
                 )
             ):
                 self.save_checkpoint(self.checkpoint_path)
+            if signum:
+                self._stop(signum, bar)
         bar.close()
+        stop.steps_done = self.step  # the last checkpoint is written: a signal now stops at once
+        if stop.signum:  # one that came after the last step's check
+            raise TrainingInterrupted(self.step, stop.signum, self.checkpoint_path)
         return FitResult(self.history, self.final_metrics())
+
+    def _stop(self, signum: int, bar: Any) -> None:
+        """Raise ``TrainingInterrupted`` after the checkpoint of this step is on disk."""
+        bar.close()
+        if self.dist is not None:
+            # No rank exits before rank 0 has written: torchrun answers the first rank to exit
+            # by sending SIGTERM to the others.
+            self.dist.barrier()
+        checkpoint = self.checkpoint_path
+        if self.is_main:
+            where = f"; checkpoint {checkpoint}" if checkpoint is not None else ""
+            log.info("%s: stopped after step %d%s", signal.Signals(signum).name, self.step, where)
+        raise TrainingInterrupted(self.step, signum, checkpoint)
 
     def final_metrics(self) -> dict[str, Any]:
         """Test metrics of the current model plus run statistics (the summary's keys).
@@ -653,7 +843,9 @@ class Trainer:
         atomic_write(path, lambda f: torch.save(state, f))
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        """Resume from the file ``save_checkpoint`` wrote; ``CheckpointError`` if it cannot be
+        read (see ``read_checkpoint``)."""
+        self.load_state_dict(read_checkpoint(path, map_location=self.device))
 
     # -- helpers -----------------------------------------------------------------------------
 

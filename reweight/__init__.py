@@ -4,6 +4,7 @@ The public surface: ``Trainer`` (the loop), the methods, the per-batch helpers
 ``l2rw_weights`` / ``l2rw_eps_grad`` and the meta layer ``to_meta`` / ``MetaModule``.
 """
 
+from reweight.checkpoint import CheckpointError
 from reweight.functional import (
     l2rw_eps_grad,
     l2rw_weights,
@@ -25,13 +26,8 @@ from reweight.methods import (
     WeightNet,
     build_method,
 )
-from reweight.trainer import (
-    CheckpointError,
-    FitResult,
-    Trainer,
-    TrainerConfig,
-    TrainingInterrupted,
-)
+from reweight.signals import TrainingInterrupted
+from reweight.trainer import FitResult, Trainer, TrainerConfig
 
 __all__ = [
     "ERM",

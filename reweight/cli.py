@@ -53,7 +53,8 @@ from reweight.outputs import (
     plot_weight_histogram,
     write_summary,
 )
-from reweight.trainer import Trainer, TrainerConfig, TrainingInterrupted
+from reweight.signals import TrainingInterrupted
+from reweight.trainer import Trainer, TrainerConfig
 
 __all__ = ["CONFIG_PATH", "AggregateSweep", "main", "train"]
 

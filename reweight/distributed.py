@@ -61,6 +61,15 @@ class DistContext:
             )
         return cls(group, dist.get_rank(group), dist.get_world_size(group))
 
+    @classmethod
+    def for_training(cls, group: Any = None) -> DistContext | None:
+        """Data-parallel when given a process group, or when torch.distributed runs with W > 1;
+        None for one process."""
+        if group is None and not (dist.is_available() and dist.is_initialized()):
+            return None
+        ctx = cls.from_group(group)
+        return ctx if ctx.world_size > 1 else None
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0

@@ -1,11 +1,17 @@
-"""Metrics: AUC of weights against a corruption mask, accuracy per class."""
+"""Metrics: AUC of weights against a corruption mask, accuracy per class, evaluation."""
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+import contextlib
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
 
-__all__ = ["auc", "per_class_accuracy"]
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+__all__ = ["auc", "evaluate_classifier", "per_class_accuracy", "summarize_test"]
 
 
 def auc(scores: Tensor, positive: Tensor) -> float:
@@ -39,3 +45,57 @@ def per_class_accuracy(correct: Tensor, targets: Tensor, num_classes: int) -> li
     totals = torch.bincount(targets, minlength=num_classes).double()
     acc = hits / totals
     return [float(a) for a in acc]
+
+
+@torch.no_grad()
+def evaluate_classifier(
+    model: nn.Module,
+    batches: Iterable[tuple[Any, Any]],
+    loss_fn: Callable[..., Tensor],
+    *,
+    prepare: Callable[[Any, Any], tuple[Tensor, Tensor]] = lambda x, y: (x, y),
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    num_classes: int | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Accuracy, balanced (mean per-class, over the classes present) accuracy, per-class
+    accuracy and mean loss of ``model`` in eval mode over ``batches`` of ``(x, y)``; the
+    model's mode is restored. ``prepare`` moves a batch to the model's device."""
+    was_training = model.training
+    model.eval()
+    preds, targets, loss_sum = [], [], 0.0
+    try:
+        for x, y in tqdm(batches, desc="eval", leave=False, disable=not progress):
+            x, y = prepare(x, y)
+            with autocast():
+                out = model(x)
+            loss_sum += float(loss_fn(out.float(), y, reduction="sum"))
+            preds.append(out.argmax(1).cpu())
+            targets.append(y.cpu())
+    finally:
+        model.train(was_training)
+    pred, target = torch.cat(preds), torch.cat(targets)
+    k = num_classes or int(max(pred.max(), target.max())) + 1
+    per_class = per_class_accuracy(pred == target, target, k)
+    present = [a for a in per_class if not math.isnan(a)]
+    return {
+        "accuracy": float((pred == target).double().mean()),
+        "balanced_accuracy": sum(present) / len(present),
+        "loss": loss_sum / len(target),
+        "per_class_accuracy": per_class,
+    }
+
+
+def summarize_test(evaluation: dict[str, Any], best_accuracy: float) -> dict[str, Any]:
+    """The summary's ``test_*`` keys from an ``evaluate_classifier`` result, and the best test
+    accuracy seen (``best_accuracy``, NaN when none was evaluated before)."""
+    acc, balanced = evaluation["accuracy"], evaluation["balanced_accuracy"]
+    return {
+        "test_accuracy": acc,
+        "test_error": 1 - acc,
+        "test_balanced_accuracy": balanced,
+        "test_balanced_error": 1 - balanced,
+        "test_loss": evaluation["loss"],
+        "best_test_accuracy": acc if math.isnan(best_accuracy) else max(best_accuracy, acc),
+        "per_class_accuracy": evaluation["per_class_accuracy"],
+    }

@@ -21,16 +21,12 @@ import contextlib
 import logging
 import math
 import os
-import pickle
 import signal
 import sys
-import threading
 import time
-import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import torch
@@ -39,21 +35,16 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from reweight.batches import BatchStream
+from reweight.checkpoint import read_checkpoint, write_checkpoint
 from reweight.distributed import DistContext
-from reweight.fileio import atomic_write
 from reweight.functional import LossFn
 from reweight.methods import Method, MethodOutput, StepInputs, build_method
-from reweight.metrics import auc, per_class_accuracy
+from reweight.metrics import evaluate_classifier, summarize_test
+from reweight.signals import StopOnSignal, TrainingInterrupted
+from reweight.weight_stats import WeightStats, weight_diagnostics
 
-__all__ = [
-    "CheckpointError",
-    "FitResult",
-    "Trainer",
-    "TrainerConfig",
-    "TrainingInterrupted",
-    "read_checkpoint",
-    "weight_diagnostics",
-]
+__all__ = ["FitResult", "StepResult", "Trainer", "TrainerConfig"]
 
 log = logging.getLogger(__name__)
 
@@ -98,294 +89,14 @@ class FitResult:
     metrics: dict[str, Any]  # final metrics: test accuracy, per-class accuracy, weight stats
 
 
-class TrainingInterrupted(KeyboardInterrupt):
-    """``Trainer.fit`` stopped on SIGINT or SIGTERM after ``step`` complete steps.
+@dataclass
+class StepResult:
+    """What one real update did (``Trainer.train_step``)."""
 
-    When the Trainer has a ``checkpoint_path``, ``checkpoint`` is that file and holds exactly
-    this step, so ``fit(resume=True)`` continues as if nothing had happened. A KeyboardInterrupt,
-    so that ``except Exception`` does not swallow a request to stop (Hydra's job runner, a loop
-    over configurations) and code that already handles Ctrl-C keeps working.
-    ``exit_status`` is the shell's convention for death by that signal: 130 for SIGINT, 143 for
-    SIGTERM.
-    """
-
-    def __init__(self, step: int, signum: int, checkpoint: Path | None = None) -> None:
-        super().__init__(step, signum, checkpoint)
-        self.step, self.signum, self.checkpoint = step, signum, checkpoint
-
-    @property
-    def exit_status(self) -> int:
-        return 128 + self.signum
-
-    def __str__(self) -> str:
-        saved = f"; checkpoint {self.checkpoint}" if self.checkpoint is not None else ""
-        return f"{signal.Signals(self.signum).name} at step {self.step}{saved}"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed from: damaged, empty, or not a Trainer's.
-
-    A ValueError, because the fix is the user's (delete the file or start over), and the command
-    line reports ValueErrors as one ``error:`` line.
-    """
-
-
-# What every Trainer checkpoint holds (``Trainer.state_dict``); checked before anything is loaded.
-_CHECKPOINT_KEYS = ("step", "model", "optimizer", "method", "rng", "history", "stats")
-
-
-def read_checkpoint(
-    path: str | os.PathLike, map_location: str | torch.device | None = None
-) -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)`` of a ``Trainer`` checkpoint, checked.
-
-    A file that torch cannot read (truncated by a full disk, empty, overwritten) or that is not
-    a Trainer's raises ``CheckpointError`` naming the file, the reason in a few words and the
-    fix, instead of torch's messages (one of which recommends ``weights_only=False``, i.e.
-    running whatever code the file holds). Errors of the file system itself (missing file, no
-    permission) propagate unchanged: their message already names the file. The file is only
-    read, never changed.
-    """
-    path = Path(path)
-    with path.open("rb") as f:  # a missing file, no permission: the OS's error, naming the file
-        try:
-            state = torch.load(f, map_location=map_location, weights_only=True)
-        except Exception as err:  # RuntimeError, EOFError, UnpicklingError, OSError, KeyError...
-            # from None: the cause's text is what this message replaces
-            raise CheckpointError(_unreadable(path, _unreadable_reason(path, err))) from None
-    if not isinstance(state, dict):
-        raise CheckpointError(
-            _unreadable(path, f"not a Trainer checkpoint: it holds a {type(state).__name__}")
-        )
-    missing = [key for key in _CHECKPOINT_KEYS if key not in state]
-    if missing:
-        raise CheckpointError(
-            _unreadable(path, f"not a Trainer checkpoint: no {', '.join(map(repr, missing))}")
-        )
-    return state
-
-
-def _unreadable(path: Path, reason: str) -> str:
-    return (
-        f"checkpoint {path} cannot be read ({reason}): delete it, or run with resume=false to "
-        "start over"
-    )
-
-
-def _unreadable_reason(path: Path, err: Exception) -> str:
-    """A few words on why ``torch.load`` failed, from the file itself where it can tell."""
-    size = path.stat().st_size
-    if size == 0:
-        return "the file is empty"
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive, complete or not at all
-        return f"{size} bytes that are not a complete PyTorch zip archive: truncated or overwritten"
-    if isinstance(err, pickle.UnpicklingError) or "weights_only" in str(err):
-        return "it holds Python objects other than tensors and plain containers"
-    first = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else ""
-    return f"{type(err).__name__}: {first}" if first else type(err).__name__
-
-
-class _StopOnSignal:
-    """SIGINT and SIGTERM handlers for the duration of ``Trainer.fit`` (a context manager).
-
-    The first signal only records its number; the loop reads ``signum`` at each step boundary,
-    writes the checkpoint and raises ``TrainingInterrupted``. Once the loop is over (the last
-    checkpoint written, the final metrics being computed) ``steps_done`` is set and the first
-    signal raises ``TrainingInterrupted`` at once: there is nothing left to save. A second
-    signal does what it did before ``fit``: KeyboardInterrupt for SIGINT under Python's default
-    handler, death for SIGTERM. Handlers are installed only in the main thread (the only one
-    Python delivers signals to), never over a signal that is ignored (``nohup``, a background
-    job), and the previous ones are restored on exit.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, checkpoint: Path | None) -> None:
-        self.checkpoint = checkpoint
-        self.signum = 0  # the first signal received, 0 until then
-        self.steps_done: int | None = None  # set when no step is left to finish
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopOnSignal:
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                previous = signal.getsignal(sig)
-                if previous is not signal.SIG_IGN:
-                    self._previous[sig] = previous
-                    signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, previous in self._previous.items():
-            # None: a handler installed outside Python, which Python cannot reinstall
-            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
-        self._previous.clear()
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum:  # the second signal: abort as it would have without us
-            previous = self._previous.get(signum)
-            if callable(previous):
-                previous(signum, frame)  # Python's default SIGINT handler raises KeyboardInterrupt
-            elif previous is not signal.SIG_IGN:
-                signal.signal(signum, signal.SIG_DFL)
-                signal.raise_signal(signum)
-            return
-        self.signum = signum
-        if self.steps_done is not None:
-            raise TrainingInterrupted(self.steps_done, signum, self.checkpoint)
-
-
-class _BatchStream:
-    """Deterministic, resumable batches: epoch e is a permutation seeded by (seed, stream, e).
-
-    The position is the number of batches drawn so far, so a resumed run continues with
-    exactly the batches an uninterrupted one would have drawn.
-    """
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        batch_size: int,
-        seed: int,
-        stream: int,
-        drop_last: bool,
-        num_workers: int,
-        pin_memory: bool,
-        shard: tuple[int, int] = (0, 1),
-    ) -> None:
-        self.dataset = dataset
-        self.rank, self.world = shard
-        self.n = len(dataset)  # type: ignore[arg-type]
-        self.batch_size = min(batch_size, self.n)
-        self.seed, self.stream = seed, stream
-        self.per_epoch = (
-            self.n // self.batch_size if drop_last else math.ceil(self.n / self.batch_size)
-        )
-        self.num_workers, self.pin_memory = num_workers, pin_memory
-
-    def _generator(self, epoch: int, offset: int = 0) -> torch.Generator:
-        key = self.seed * 1_000_003 + self.stream * 7_919 + epoch * 104_729 + offset
-        return torch.Generator().manual_seed(key % 2**62)
-
-    def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        perm = torch.randperm(self.n, generator=self._generator(epoch)).tolist()
-        b = self.batch_size
-        return [perm[i * b : (i + 1) * b] for i in range(self.per_epoch)]
-
-    def iterate(self, position: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        epoch, offset = divmod(position, self.per_epoch)
-        while True:
-            global_batches = self._epoch_batches(epoch)[offset:]
-            k = self.batch_size // self.world  # this rank's contiguous slice of each batch
-            batches = [b[self.rank * k : (self.rank + 1) * k] for b in global_batches]
-            # The loader's own generator (not the global RNG) seeds its workers, so starting
-            # a loader mid-epoch on resume leaves the global RNG stream untouched.
-            loader = DataLoader(
-                self.dataset,
-                batch_sampler=batches,
-                num_workers=self.num_workers,
-                pin_memory=self.pin_memory,
-                generator=self._generator(epoch, offset + 1),
-            )
-            for idx, (x, y) in zip(batches, loader, strict=True):
-                yield torch.as_tensor(idx), x, torch.as_tensor(y)
-            epoch, offset = epoch + 1, 0
-
-
-class _WeightStats:
-    """Running statistics of the weights: a window (reset at each log row) and run totals."""
-
-    def __init__(self, num_classes: int | None, corrupted: Tensor | None, n: int) -> None:
-        self.num_classes = num_classes
-        self.corrupted = corrupted
-        # per-example sums of the relative weight received in real updates
-        self.received = torch.zeros(n, dtype=torch.float64)
-        self.visits = torch.zeros(n, dtype=torch.float64)
-        self.totals: dict[str, float] = {"zero_sum_batches": 0.0}
-        self.reset_window()
-
-    def reset_window(self) -> None:
-        self.w: list[Tensor] = []
-        self.idx: list[Tensor] = []
-        self.y: list[Tensor] = []
-        self.losses: list[float] = []
-        self.mean_losses: list[float] = []
-        self.meta_losses: list[float] = []
-
-    def add(
-        self, w: Tensor, out: MethodOutput, idx: Tensor, y: Tensor, loss: float, mean_loss: float
-    ) -> None:
-        """Record a (global) batch's weights ``w``; ``out`` for the meta loss and zero sum."""
-        rel = w.detach().float().cpu() * len(w)  # 1 = uniform weight
-        self.received.index_add_(0, idx.cpu(), rel.double())
-        self.visits.index_add_(0, idx.cpu(), torch.ones_like(rel, dtype=torch.float64))
-        self.w.append(rel)
-        self.idx.append(idx.cpu())
-        self.y.append(y.cpu())
-        self.losses.append(loss)
-        self.mean_losses.append(mean_loss)
-        if out.meta_loss is not None:
-            self.meta_losses.append(out.meta_loss)
-        self.totals["zero_sum_batches"] += float(out.zero_sum)
-
-    def window_row(self) -> dict[str, float]:
-        w, y = torch.cat(self.w), torch.cat(self.y)
-        row = {
-            "train_loss": sum(self.losses) / len(self.losses),
-            "train_loss_unweighted": sum(self.mean_losses) / len(self.mean_losses),
-            "meta_loss": (
-                sum(self.meta_losses) / len(self.meta_losses) if self.meta_losses else float("nan")
-            ),
-            "weight_mean": float(w.mean()),
-            "weight_std": float(w.std()) if len(w) > 1 else 0.0,
-            "weight_max": float(w.max()),
-            "weight_zero_frac": float((w == 0).double().mean()),
-            "zero_sum_batches": self.totals["zero_sum_batches"],
-        }
-        if self.corrupted is not None:
-            c = self.corrupted[torch.cat(self.idx)]
-            row["weight_mean_clean"] = float(w[~c].mean()) if (~c).any() else float("nan")
-            row["weight_mean_corrupted"] = float(w[c].mean()) if c.any() else float("nan")
-            row["weight_auc"] = auc(w, ~c)
-        if self.num_classes is not None and self.num_classes <= 10:
-            for k in range(self.num_classes):
-                row[f"weight_mean_class{k}"] = (
-                    float(w[y == k].mean()) if (y == k).any() else float("nan")
-                )
-        self.reset_window()
-        return row
-
-    def summary(self) -> dict[str, float]:
-        out: dict[str, float] = {"zero_sum_batches": int(self.totals["zero_sum_batches"])}
-        seen = self.visits > 0
-        if self.corrupted is not None and seen.any():
-            # each example's mean weight over the real updates it took part in
-            mean, c = self.received[seen] / self.visits[seen], self.corrupted[seen]
-            out["train_weight_mean_clean"] = float(mean[~c].mean()) if (~c).any() else math.nan
-            out["train_weight_mean_corrupted"] = float(mean[c].mean()) if c.any() else math.nan
-            out["train_weight_auc"] = auc(mean, ~c)
-        return out
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "totals": dict(self.totals),
-            "received": self.received,
-            "visits": self.visits,
-            "window": {
-                "w": list(self.w),
-                "idx": list(self.idx),
-                "y": list(self.y),
-                "losses": list(self.losses),
-                "mean_losses": list(self.mean_losses),
-                "meta_losses": list(self.meta_losses),
-            },
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.totals = dict(state["totals"])
-        self.received, self.visits = state["received"].double(), state["visits"].double()
-        for key, value in state["window"].items():
-            setattr(self, key, list(value))
+    method: MethodOutput  # this process's weights (B,), the meta loss, the zero-sum flag
+    loss: float  # Σ wᵢℓᵢ over the global batch: what the update minimised
+    mean_loss: float  # the unweighted mean loss of the global batch
+    lr: float  # the learning rate the update used
 
 
 class Trainer:
@@ -436,7 +147,7 @@ class Trainer:
         process_group: Any = None,
     ) -> None:
         self.config = cfg = config or TrainerConfig()
-        self.dist = _dist_context(process_group)
+        self.dist = DistContext.for_training(process_group)
         if self.dist is not None and cfg.batch_size % self.dist.world_size:
             raise ValueError(
                 f"trainer.batch_size ({cfg.batch_size}) must be divisible by the number of "
@@ -458,14 +169,10 @@ class Trainer:
         factory = optimizer or (lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9))
         self.optimizer = factory(self.model.parameters())
         self.scheduler = scheduler(self.optimizer) if scheduler is not None else None
-        if train_labels is not None and len(train_labels) != len(train_data):  # type: ignore[arg-type]
-            raise ValueError(
-                f"train_labels has {len(train_labels)} entries, train_data {len(train_data)}"
-            )  # type: ignore[arg-type]
-        if corrupted is not None and len(corrupted) != len(train_data):  # type: ignore[arg-type]
-            raise ValueError(
-                f"corrupted has {len(corrupted)} entries, train_data {len(train_data)}"
-            )  # type: ignore[arg-type]
+        n_train = len(train_data)  # type: ignore[arg-type]
+        for name, per_example in (("train_labels", train_labels), ("corrupted", corrupted)):
+            if per_example is not None and len(per_example) != n_train:
+                raise ValueError(f"{name} has {len(per_example)} entries, train_data {n_train}")
         self.train_labels = train_labels
         # clean-vs-corrupted diagnostics only when something is corrupted (not for pure imbalance)
         has_corrupted = corrupted is not None and bool(corrupted.any())
@@ -478,7 +185,7 @@ class Trainer:
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.best_test_accuracy = float("nan")
-        self._stats = _WeightStats(num_classes, self.corrupted, len(train_data))  # type: ignore[arg-type]
+        self._stats = WeightStats(num_classes, self.corrupted, n_train)
         self._setup_done = False
         self._test_eval: tuple[int, dict[str, Any]] | None = None  # (step, result)
         self._elapsed = 0.0
@@ -504,21 +211,16 @@ class Trainer:
 
         Returns the history and the final metrics (the same keys as ``summary.json``).
 
-        Interrupts: while ``fit`` runs in the main thread, SIGINT (Ctrl-C) and SIGTERM (what
-        SLURM and most schedulers send before they kill a job) do not kill the process
-        mid-step. The first one lets the current step finish; then the checkpoint is written
-        (when there is a ``checkpoint_path``) and ``fit`` raises ``TrainingInterrupted(step,
-        signum)``, so ``fit(resume=True)`` later continues bit for bit. During the final
-        metrics (after the last step and its checkpoint) it raises at once. A second signal
-        aborts at once: KeyboardInterrupt for SIGINT, as usual. In data-parallel training a
-        signal to any process stops every process after the same step (one all-reduce of the
-        signal number per step); rank 0 writes the checkpoint and every rank raises. The
-        previous signal handlers are restored when ``fit`` returns or raises.
+        Interrupts (``reweight.signals``): the first SIGINT (Ctrl-C) or SIGTERM (what SLURM
+        sends before it kills a job) lets the current step finish, writes the checkpoint (when
+        there is a ``checkpoint_path``) and raises ``TrainingInterrupted``, after which
+        ``fit(resume=True)`` continues bit for bit; a second signal aborts at once. In
+        data-parallel training every process stops after the same step.
         """
-        with _StopOnSignal(self.checkpoint_path) as stop:
+        with StopOnSignal(self.checkpoint_path) as stop:
             return self._fit(resume, stop)
 
-    def _fit(self, resume: bool, stop: _StopOnSignal) -> FitResult:
+    def _fit(self, resume: bool, stop: StopOnSignal) -> FitResult:
         cfg = self.config
         if resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
             self.load_checkpoint(self.checkpoint_path)
@@ -528,13 +230,13 @@ class Trainer:
         self._setup()
         pin = self.device.type == "cuda"
         shard = (self.dist.rank, self.dist.world_size) if self.dist else (0, 1)
-        train_iter = _BatchStream(
+        train_iter = BatchStream(
             self.train_data, cfg.batch_size, cfg.seed, 0, True, cfg.num_workers, pin, shard
         ).iterate(self.step)
         meta_iter = None
         if self.method.needs_meta:
             assert self.meta_data is not None
-            meta_iter = _BatchStream(
+            meta_iter = BatchStream(
                 self.meta_data, cfg.meta_batch_size, cfg.seed, 1, False, cfg.num_workers, pin
             ).iterate(self.step)
         bar = tqdm(
@@ -548,95 +250,36 @@ class Trainer:
         while self.step < cfg.max_steps:
             # 1. a training batch and, for meta methods, a clean batch
             idx, x, y = next(train_iter)
-            x, y = self._inputs(x), y.to(self.device, non_blocking=True)
             mx = my = None
             if meta_iter is not None:
                 _, mx, my = next(meta_iter)
-                mx, my = self._inputs(mx), my.to(self.device)
-            # 2. the method's weights (a meta step for l2rw / mwnet)
-            self.model.train()
-            lr = float(self.optimizer.param_groups[0]["lr"])
-            n_local = len(y)
-            batch = StepInputs(
-                self.model,
-                x,
-                y,
-                mx,
-                my,
-                lr,
-                self.loss_fn,
-                self.optimizer,
-                self.step,
-                dist=self.dist,
-                global_batch_size=n_local * self.dist.world_size if self.dist else None,
-                offset=n_local * self.dist.rank if self.dist else 0,
-            )
-            with self._autocast():
-                out = self.method.step(batch)
-                losses = out.losses
-                if losses is None:
-                    losses = self.loss_fn(self.model(x), y, reduction="none")  # (B,)
-            # 3. the real update on Σ wᵢℓᵢ
-            loss = (out.weights.to(losses.dtype) * losses).sum()
-            loss_sum = losses.detach().sum()
-            if self.dist is not None:  # the global loss, for logging and the NaN check
-                loss_value = float(self.dist.all_reduce_sum(loss.detach()))
-                loss_sum = self.dist.all_reduce_sum(loss_sum)
-            else:
-                loss_value = float(loss.detach())  # CPU-GPU sync, once per step
-            self._check_finite(loss_value, out)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.dist is not None:  # Σ over ranks = the single-process gradient
-                self.dist.sum_gradients(list(self.model.parameters()))
-            if cfg.grad_clip is not None:
-                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            self.optimizer.step()
-            if self.scheduler is not None:
-                self.scheduler.step()
-            self.step += 1
+            # 2-3. the method's weights, the real update on Σ wᵢℓᵢ
+            result = self.train_step(x, y, mx, my)
             bar.update(1)
             # 4. bookkeeping: weight statistics, log rows, evaluation
-            n_global = batch.n_global
-            w = out.weights.detach()
+            w = result.method.weights.detach()
             if self.dist is not None:  # statistics over the global batch, on every rank
                 w = self.dist.all_gather_cat(w)
                 idx = self.dist.all_gather_cat(idx.to(self.device)).cpu()
-                y = self.dist.all_gather_cat(y)
-            self._stats.add(w, out, idx, y, loss_value, float(loss_sum) / n_global)
+                y = self.dist.all_gather_cat(y.to(self.device))
+            self._stats.add(w, result.method, idx, y, result.loss, result.mean_loss)
             self._elapsed = time.perf_counter() - t0
             is_eval = (
                 cfg.eval_every and self.step % cfg.eval_every == 0
             ) or self.step == cfg.max_steps
             if self.step % cfg.log_every == 0 or is_eval:
-                row = {"step": float(self.step), "lr": lr, **self._stats.window_row()}
-                if is_eval and self.test_data is not None:
-                    row.update(
-                        {
-                            f"test_{k}": v
-                            for k, v in self._evaluate_test().items()
-                            if not isinstance(v, list)
-                        }
-                    )
-                    acc = row["test_accuracy"]
-                    if math.isnan(self.best_test_accuracy) or acc > self.best_test_accuracy:
-                        self.best_test_accuracy = acc
-                row["time_s"] = self._elapsed
-                self._emit(row)
+                row = self._log_row(result.lr, evaluate=bool(is_eval))
                 bar.set_postfix(loss=f"{row['train_loss']:.4f}", refresh=False)
             # 5. the checkpoint, when due or when a signal asks to stop (SIGINT/SIGTERM to any
             #    rank: its number, max-reduced over ranks, one int per step)
             signum = (
                 stop.signum if self.dist is None else self.dist.max_int(stop.signum, self.device)
             )
+            due = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
             if (
-                self.checkpoint_path is not None
+                self.checkpoint_path
                 and self.is_main
-                and (
-                    (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)
-                    or self.step == cfg.max_steps
-                    or signum
-                )
+                and (due or self.step == cfg.max_steps or signum)
             ):
                 self.save_checkpoint(self.checkpoint_path)
             if signum:
@@ -646,6 +289,71 @@ class Trainer:
         if stop.signum:  # one that came after the last step's check
             raise TrainingInterrupted(self.step, stop.signum, self.checkpoint_path)
         return FitResult(self.history, self.final_metrics())
+
+    def _log_row(self, lr: float, evaluate: bool) -> dict[str, float]:
+        """The history row of this step: the weight window, and test metrics when due."""
+        row = {"step": float(self.step), "lr": lr, **self._stats.window_row()}
+        if evaluate and self.test_data is not None:
+            ev = self._evaluate_test()
+            row.update({f"test_{k}": v for k, v in ev.items() if not isinstance(v, list)})
+            best = self.best_test_accuracy
+            self.best_test_accuracy = (
+                ev["accuracy"] if math.isnan(best) else max(best, ev["accuracy"])
+            )
+        row["time_s"] = self._elapsed
+        self._emit(row)
+        return row
+
+    def train_step(
+        self,
+        x: Tensor,
+        y: Tensor,
+        meta_x: Tensor | None = None,
+        meta_y: Tensor | None = None,
+    ) -> StepResult:
+        """One real update; ``fit`` calls it once per step, and so may benchmarks and research
+        code with batches of their own.
+
+        The method turns the batch (and the clean batch ``meta_x, meta_y``, which meta methods
+        need) into weights w (B,); the real update backpropagates Σᵢ wᵢℓᵢ, steps the optimizer
+        and then the schedule; ``step`` counts it. Batches may be on any device. In
+        data-parallel training ``x, y`` are this process's shard of the global batch.
+        Raises ``FloatingPointError`` (naming the step) if the loss is NaN or infinite.
+        """
+        cfg = self.config
+        self._setup()
+        x, y = self._inputs(x), y.to(self.device, non_blocking=True)
+        if meta_x is not None and meta_y is not None:
+            meta_x, meta_y = self._inputs(meta_x), meta_y.to(self.device)
+        # 2. the method's weights (a meta step for l2rw / mwnet)
+        self.model.train()
+        batch = self._step_inputs(x, y, meta_x, meta_y)
+        lr = batch.lr
+        with self._autocast():
+            out = self.method.step(batch)
+            losses = out.losses
+            if losses is None:
+                losses = self.loss_fn(self.model(x), y, reduction="none")  # (B,)
+        # 3. the real update on Σ wᵢℓᵢ
+        loss = (out.weights.to(losses.dtype) * losses).sum()
+        loss_sum = losses.detach().sum()
+        if self.dist is not None:  # the global loss, for logging and the NaN check
+            loss_value = float(self.dist.all_reduce_sum(loss.detach()))
+            loss_sum = self.dist.all_reduce_sum(loss_sum)
+        else:
+            loss_value = float(loss.detach())  # CPU-GPU sync, once per step
+        self._check_finite(loss_value, out)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.dist is not None:  # Σ over ranks = the single-process gradient
+            self.dist.sum_gradients(list(self.model.parameters()))
+        if cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.step += 1
+        return StepResult(out, loss_value, float(loss_sum) / batch.n_global, lr)
 
     def _stop(self, signum: int, bar: Any) -> None:
         """Raise ``TrainingInterrupted`` after the checkpoint of this step is on disk."""
@@ -669,21 +377,7 @@ class Trainer:
         """
         metrics: dict[str, Any] = {"method": self.method.name, "steps": self.step}
         if self.test_data is not None:
-            ev = self._evaluate_test()
-            best = self.best_test_accuracy
-            metrics.update(
-                {
-                    "test_accuracy": ev["accuracy"],
-                    "test_error": 1 - ev["accuracy"],
-                    "test_balanced_accuracy": ev["balanced_accuracy"],
-                    "test_balanced_error": 1 - ev["balanced_accuracy"],
-                    "test_loss": ev["loss"],
-                    "best_test_accuracy": ev["accuracy"]
-                    if math.isnan(best)
-                    else max(best, ev["accuracy"]),
-                    "per_class_accuracy": ev["per_class_accuracy"],
-                }
-            )
+            metrics.update(summarize_test(self._evaluate_test(), self.best_test_accuracy))
         metrics.update(self._stats.summary())
         if self.config.final_weights:
             self.final_example_weights = w = self.example_weights(self.config.final_weights)
@@ -706,7 +400,6 @@ class Trainer:
         self._setup()
         n = len(self.train_data)  # type: ignore[arg-type]
         weights = torch.zeros(n)
-        lr = float(self.optimizer.param_groups[0]["lr"])
         was_training = self.model.training
         self.model.train()
         try:
@@ -723,7 +416,7 @@ class Trainer:
                 meta_iter = None
                 if self.method.needs_meta:
                     assert self.meta_data is not None
-                    meta_iter = _BatchStream(
+                    meta_iter = BatchStream(
                         self.meta_data,
                         cfg.meta_batch_size,
                         cfg.seed,
@@ -737,16 +430,8 @@ class Trainer:
                     if meta_iter is not None:
                         _, mx, my = next(meta_iter)
                         mx, my = self._inputs(mx), my.to(self.device)
-                    batch = StepInputs(
-                        self.model,
-                        self._inputs(x),
-                        torch.as_tensor(y).to(self.device),
-                        mx,
-                        my,
-                        lr,
-                        self.loss_fn,
-                        self.optimizer,
-                        self.step,
+                    batch = self._step_inputs(
+                        self._inputs(x), torch.as_tensor(y).to(self.device), mx, my, local=True
                     )
                     with self._autocast():
                         w = self.method.weigh(batch)
@@ -762,36 +447,23 @@ class Trainer:
             self._test_eval = (self.step, self.evaluate(self.test_data))
         return self._test_eval[1]
 
-    @torch.no_grad()
     def evaluate(self, data: Dataset) -> dict[str, Any]:
         """Accuracy, balanced (mean per-class) accuracy, per-class accuracy and mean loss."""
-        was_training = self.model.training
-        self.model.eval()
-        preds, targets, loss_sum = [], [], 0.0
         loader = DataLoader(
             data,
             batch_size=self.config.eval_batch_size,
             num_workers=self.config.num_workers,
-            generator=torch.Generator().manual_seed(0),
-        )  # keep global RNG intact
-        for x, y in tqdm(loader, desc="eval", leave=False, disable=not _show_progress(self.config)):
-            x, y = self._inputs(x), torch.as_tensor(y).to(self.device)
-            with self._autocast():
-                out = self.model(x)
-            loss_sum += float(self.loss_fn(out.float(), y, reduction="sum"))
-            preds.append(out.argmax(1).cpu())
-            targets.append(y.cpu())
-        self.model.train(was_training)
-        pred, target = torch.cat(preds), torch.cat(targets)
-        k = self.num_classes or int(max(pred.max(), target.max())) + 1
-        per_class = per_class_accuracy(pred == target, target, k)
-        present = [a for a in per_class if not math.isnan(a)]
-        return {
-            "accuracy": float((pred == target).double().mean()),
-            "balanced_accuracy": sum(present) / len(present),
-            "loss": loss_sum / len(target),
-            "per_class_accuracy": per_class,
-        }
+            generator=torch.Generator().manual_seed(0),  # keep the global RNG intact
+        )
+        return evaluate_classifier(
+            self.model,
+            loader,
+            self.loss_fn,
+            prepare=lambda x, y: (self._inputs(x), torch.as_tensor(y).to(self.device)),
+            autocast=self._autocast,
+            num_classes=self.num_classes,
+            progress=_show_progress(self.config),
+        )
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -836,11 +508,8 @@ class Trainer:
         self._elapsed = float(state["elapsed"])
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
-        """Write ``state_dict()`` atomically (``reweight.fileio.atomic_write``)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = self.state_dict()
-        atomic_write(path, lambda f: torch.save(state, f))
+        """Write ``state_dict()`` atomically (``reweight.checkpoint.write_checkpoint``)."""
+        write_checkpoint(path, self.state_dict())
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Resume from the file ``save_checkpoint`` wrote; ``CheckpointError`` if it cannot be
@@ -858,6 +527,28 @@ class Trainer:
                 device=self.device,
             )
             self._setup_done = True
+
+    def _step_inputs(
+        self, x: Tensor, y: Tensor, mx: Tensor | None, my: Tensor | None, local: bool = False
+    ) -> StepInputs:
+        """What the method sees of a batch; ``local``: this process's batch, not a shard."""
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        dist = None if local else self.dist
+        n = len(y)
+        return StepInputs(
+            self.model,
+            x,
+            y,
+            mx,
+            my,
+            lr,
+            self.loss_fn,
+            self.optimizer,
+            self.step,
+            dist=dist,
+            global_batch_size=n * dist.world_size if dist else None,
+            offset=n * dist.rank if dist else 0,
+        )
 
     def _inputs(self, x: Tensor) -> Tensor:
         """A batch of inputs on the device, NHWC when ``channels_last`` and the batch is 4-D."""
@@ -898,34 +589,6 @@ class Trainer:
         )
         for callback in self.callbacks:
             callback(row)
-
-
-def weight_diagnostics(
-    weights: Tensor, corrupted: Tensor | None, labels: Tensor | None, num_classes: int | None
-) -> dict[str, Any]:
-    """Mean weight of clean and corrupted examples, their AUC, and mean weight per class."""
-    out: dict[str, Any] = {"weight_mean": float(weights.mean())}
-    if corrupted is not None:
-        c = corrupted.bool()
-        out["weight_mean_clean"] = float(weights[~c].mean()) if (~c).any() else float("nan")
-        out["weight_mean_corrupted"] = float(weights[c].mean()) if c.any() else float("nan")
-        out["weight_auc"] = auc(weights, ~c)
-    if labels is not None and num_classes is not None and num_classes <= 10:
-        out["weight_mean_per_class"] = [
-            float(weights[labels == k].mean()) if (labels == k).any() else float("nan")
-            for k in range(num_classes)
-        ]
-    return out
-
-
-def _dist_context(process_group: Any) -> DistContext | None:
-    """Data-parallel when given a process group, or when torch.distributed runs with W > 1."""
-    import torch.distributed as dist
-
-    if process_group is None and not (dist.is_available() and dist.is_initialized()):
-        return None
-    ctx = DistContext.from_group(process_group)
-    return ctx if ctx.world_size > 1 else None
 
 
 def _resolve_device(device: str) -> torch.device:

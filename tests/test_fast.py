@@ -160,9 +160,9 @@ def test_batchnorm_statistics_move_once_per_fast_step(method):
         optimizer=lambda p: torch.optim.SGD(p, lr=0.0),
         config=cfg,
     ).fit()
-    from reweight.trainer import _BatchStream
+    from reweight.batches import BatchStream
 
-    stream = _BatchStream(TensorDataset(x, y), 16, cfg.seed, 0, True, 0, False).iterate(0)
+    stream = BatchStream(TensorDataset(x, y), 16, cfg.seed, 0, True, 0, False).iterate(0)
     for _ in range(3):
         reference(next(stream)[1])
     torch.testing.assert_close(model.bn.running_mean, reference.bn.running_mean)

@@ -11,9 +11,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from reweight import MWNet, Trainer, TrainerConfig
+from reweight.batches import BatchStream
 from reweight.methods.baselines import effective_number_weights
 from reweight.metrics import auc
-from reweight.trainer import _BatchStream
 
 SGD = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)
 
@@ -162,7 +162,7 @@ def test_batchnorm_statistics_move_only_through_the_real_step(method: str):
         optimizer=lambda p: torch.optim.SGD(p, lr=0.0),
         config=cfg,
     ).fit()
-    stream = _BatchStream(TensorDataset(x, y), 16, cfg.seed, 0, True, 0, False).iterate(0)
+    stream = BatchStream(TensorDataset(x, y), 16, cfg.seed, 0, True, 0, False).iterate(0)
     for _ in range(3):
         _, xb, _ = next(stream)
         reference(xb)

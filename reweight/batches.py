@@ -1,0 +1,69 @@
+"""Deterministic, resumable batch streams for the training loop."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = ["BatchStream"]
+
+
+class BatchStream:
+    """Deterministic, resumable batches: epoch e is a permutation seeded by (seed, stream, e).
+
+    The position is the number of batches drawn so far, so a resumed run continues with
+    exactly the batches an uninterrupted one would have drawn.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        seed: int,
+        stream: int,
+        drop_last: bool,
+        num_workers: int,
+        pin_memory: bool,
+        shard: tuple[int, int] = (0, 1),
+    ) -> None:
+        self.dataset = dataset
+        self.rank, self.world = shard
+        self.n = len(dataset)  # type: ignore[arg-type]
+        self.batch_size = min(batch_size, self.n)
+        self.seed, self.stream = seed, stream
+        self.per_epoch = (
+            self.n // self.batch_size if drop_last else math.ceil(self.n / self.batch_size)
+        )
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+
+    def _generator(self, epoch: int, offset: int = 0) -> torch.Generator:
+        key = self.seed * 1_000_003 + self.stream * 7_919 + epoch * 104_729 + offset
+        return torch.Generator().manual_seed(key % 2**62)
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        perm = torch.randperm(self.n, generator=self._generator(epoch)).tolist()
+        b = self.batch_size
+        return [perm[i * b : (i + 1) * b] for i in range(self.per_epoch)]
+
+    def iterate(self, position: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        epoch, offset = divmod(position, self.per_epoch)
+        while True:
+            global_batches = self._epoch_batches(epoch)[offset:]
+            k = self.batch_size // self.world  # this rank's contiguous slice of each batch
+            batches = [b[self.rank * k : (self.rank + 1) * k] for b in global_batches]
+            # The loader's own generator (not the global RNG) seeds its workers, so starting
+            # a loader mid-epoch on resume leaves the global RNG stream untouched.
+            loader = DataLoader(
+                self.dataset,
+                batch_sampler=batches,
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+                generator=self._generator(epoch, offset + 1),
+            )
+            for idx, (x, y) in zip(batches, loader, strict=True):
+                yield torch.as_tensor(idx), x, torch.as_tensor(y)
+            epoch, offset = epoch + 1, 0

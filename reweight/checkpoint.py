@@ -1,0 +1,86 @@
+"""Reading a Trainer checkpoint safely: ``weights_only`` loading, and one clear error naming the
+file and the fix when it cannot be resumed from. Writing goes through ``reweight.fileio``."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reweight.fileio import atomic_write
+
+__all__ = ["CheckpointError", "read_checkpoint", "write_checkpoint"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from: damaged, empty, or not a Trainer's.
+
+    A ValueError, because the fix is the user's (delete the file or start over), and the command
+    line reports ValueErrors as one ``error:`` line.
+    """
+
+
+# What every Trainer checkpoint holds (``Trainer.state_dict``); checked before anything is loaded.
+_CHECKPOINT_KEYS = ("step", "model", "optimizer", "method", "rng", "history", "stats")
+
+
+def read_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device | None = None
+) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` of a ``Trainer`` checkpoint, checked.
+
+    A file that torch cannot read (truncated by a full disk, empty, overwritten) or that is not
+    a Trainer's raises ``CheckpointError`` naming the file, the reason in a few words and the
+    fix, instead of torch's messages (one of which recommends ``weights_only=False``, i.e.
+    running whatever code the file holds). Errors of the file system itself (missing file, no
+    permission) propagate unchanged: their message already names the file. The file is only
+    read, never changed.
+    """
+    path = Path(path)
+    with path.open("rb") as f:  # a missing file, no permission: the OS's error, naming the file
+        try:
+            state = torch.load(f, map_location=map_location, weights_only=True)
+        except Exception as err:  # RuntimeError, EOFError, UnpicklingError, OSError, KeyError...
+            # from None: the cause's text is what this message replaces
+            raise CheckpointError(_unreadable(path, _unreadable_reason(path, err))) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            _unreadable(path, f"not a Trainer checkpoint: it holds a {type(state).__name__}")
+        )
+    missing = [key for key in _CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(
+            _unreadable(path, f"not a Trainer checkpoint: no {', '.join(map(repr, missing))}")
+        )
+    return state
+
+
+def _unreadable(path: Path, reason: str) -> str:
+    return (
+        f"checkpoint {path} cannot be read ({reason}): delete it, or run with resume=false to "
+        "start over"
+    )
+
+
+def _unreadable_reason(path: Path, err: Exception) -> str:
+    """A few words on why ``torch.load`` failed, from the file itself where it can tell."""
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty"
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive, complete or not at all
+        return f"{size} bytes that are not a complete PyTorch zip archive: truncated or overwritten"
+    if isinstance(err, pickle.UnpicklingError) or "weights_only" in str(err):
+        return "it holds Python objects other than tensors and plain containers"
+    first = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+def write_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """``torch.save(state)`` to ``path`` atomically (a reader never sees half a checkpoint)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, lambda f: torch.save(state, f))

@@ -347,8 +347,12 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def fit(self, resume: bool = False) -> FitResult:
+    def fit(self, resume: bool = False, on_start: Callable[[], None] | None = None) -> FitResult:
         """Train to ``config.max_steps``; with ``resume`` continue from ``checkpoint_path``.
+
+        ``on_start`` is called once, right after the first optimizer step of this call and
+        before that step is logged or checkpointed: a caller that writes nothing until training
+        has really started (the CLI's run directory) writes its files there.
 
         Returns the history and the final metrics (the same keys as ``summary.json``).
         """
@@ -429,6 +433,9 @@ class Trainer:
                 self.scheduler.step()
             self.step += 1
             bar.update(1)
+            if on_start is not None:  # the first step of this call is done
+                on_start()
+                on_start = None
             # 4. bookkeeping: weight statistics, log rows, evaluation, checkpoints
             n_global = batch.n_global
             w = out.weights.detach()

@@ -39,6 +39,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, InstantiationException, MissingConfigException
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
@@ -52,6 +53,17 @@ from reweight.outputs import (
     plot_learning_curves,
     plot_weight_histogram,
     write_summary,
+)
+from reweight.run_dir import (
+    CHECKPOINT,
+    CURVES_PNG,
+    HISTOGRAM_PNG,
+    METRICS,
+    RESOLVED_CONFIG,
+    SUMMARY,
+    WEIGHTS,
+    RunDir,
+    hydra_files,
 )
 from reweight.trainer import Trainer, TrainerConfig
 
@@ -73,15 +85,6 @@ def _config_path() -> str:
 CONFIG_PATH = _config_path()
 """Where Hydra finds ``config.yaml``: ``pkg://reweight.conf`` once the package is installed."""
 
-# Files a run writes into its directory.
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.csv"
-SUMMARY = "summary.json"
-RESOLVED_CONFIG = "config.yaml"
-WEIGHTS = "weights.pt"
-CURVES_PNG = "learning_curves.png"
-HISTOGRAM_PNG = "weight_histogram.png"
-
 # Exceptions that mean "the configuration is wrong": reported as one line, exit status 2.
 # FileNotFoundError covers a missing data root (the data module names the expected folder).
 _CONFIG_ERRORS = (ValueError, FileNotFoundError, HydraException, OmegaConfBaseException)
@@ -96,12 +99,26 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> float:
     ``weights.pt`` and the plots, and returns the final test accuracy (what a sweeper such as
     Optuna maximises). With ``cfg.resume`` it continues from ``run_dir/checkpoint.pt``.
     Configuration errors raise ``ValueError`` naming the key and the allowed values.
+
+    Nothing is written before the first training step (``reweight.run_dir``): a run that fails
+    earlier leaves ``run_dir`` as it found it. A ``run_dir`` holding this run finished (same
+    config up to ``run_dir.NO_EFFECT_KEYS``, checkpoint at ``trainer.max_steps``) is left alone
+    and its recorded test accuracy returned; one holding a run of another config is refused
+    (``RunDirError``, a ``ValueError``) unless ``resume=false``.
     """
+    dir_key = "run_dir"
     if run_dir is None:
         if not HydraConfig.initialized():
             raise TypeError("train(cfg) outside a Hydra app needs run_dir=<folder>")
-        run_dir = HydraConfig.get().runtime.output_dir
-    run_dir = Path(run_dir)
+        hydra_cfg = HydraConfig.get()
+        run_dir = hydra_cfg.runtime.output_dir
+        dir_key = "hydra.sweep.dir" if hydra_cfg.mode == RunMode.MULTIRUN else "hydra.run.dir"
+    with RunDir(run_dir, dir_key) as run:  # holds train.log back until the first step
+        return _train(cfg, run)
+
+
+def _train(cfg: DictConfig, run: RunDir) -> float:
+    run_dir = run.path
     # 0. check what is cheap to check before reading any data
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
@@ -121,10 +138,18 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> float:
     optimizer = _partial(cfg.optimizer, "optimizer")
     schedule = cfg.get("scheduler")  # {} for scheduler=none
     scheduler = _partial(schedule, "scheduler") if schedule and "_target_" in schedule else None
-    if main_rank:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        text = OmegaConf.to_yaml(cfg, resolve=True).encode()
-        atomic_write(run_dir / RESOLVED_CONFIG, lambda f: f.write(text))
+    resolved = OmegaConf.to_yaml(cfg, resolve=True)
+    finished = run.check(resolved, resume=resume, max_steps=trainer_config.max_steps)
+    if finished is not None:
+        log.info(
+            "%s holds this run, finished at step %d: results in %s (test accuracy %.4f); "
+            "nothing to do (resume=false starts over)",
+            run_dir,
+            finished.step,
+            finished.summary,
+            finished.test_accuracy,
+        )
+        return finished.test_accuracy
 
     # 1. data: the (possibly corrupted) training set, the clean meta set, the test set
     #    (rank 0 first, so that a download happens once)
@@ -133,8 +158,6 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> float:
     bundle = build_dataset(**_container(cfg.dataset))
     if ctx is not None and ctx.is_main:
         ctx.barrier()
-    if main_rank:
-        save_labels(bundle, run_dir)
     input_shape = list(bundle.test[0][0].shape)  # (C, H, W); test items are not augmented
 
     # 2. the model, then the method (MW-Net's weighting net draws from the global RNG after
@@ -162,7 +185,14 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> float:
     metrics_csv = MetricsCSV(run_dir / METRICS, history=lambda: trainer.history)
     trainer.callbacks.append(metrics_csv)
     log.info("run directory: %s", run_dir.resolve())
-    result = trainer.fit(resume=resume)
+    # the run's records, once it has made its first step (a resumed run may have none left)
+    commit = None
+    if main_rank:
+        records = {RESOLVED_CONFIG: resolved.encode(), **hydra_files(cfg)}
+        commit = functools.partial(run.commit, records, functools.partial(save_labels, bundle))
+    result = trainer.fit(resume=resume, on_start=commit)
+    if commit is not None:
+        commit()
     accuracy = float(result.metrics.get("test_accuracy", math.nan))
     if not main_rank:
         return accuracy

@@ -24,6 +24,7 @@ source tree, mapped by ``pyproject.toml``), so the app works from a checkout and
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import importlib.util
 import inspect
@@ -31,6 +32,7 @@ import logging
 import math
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -312,6 +314,8 @@ class _JobErrorFilter:
 
 
 def _is_config_error(err: BaseException) -> bool:
+    if _write_error(err) is not None:
+        return True
     if isinstance(err, InstantiationException) and err.__cause__ is not None:
         # the target refused its arguments, or the _target_ itself is wrong
         return isinstance(err.__cause__, (*_CONFIG_ERRORS, TypeError, ImportError))
@@ -320,6 +324,30 @@ def _is_config_error(err: BaseException) -> bool:
 
 def _is_multirun() -> bool:
     return any(arg in ("-m", "--multirun") for arg in sys.argv[1:])
+
+
+# What a write into a folder raises when the folder is not writable or a file is in the way.
+_WRITE_ERRNOS = frozenset(
+    (errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST, errno.ENOTDIR, errno.EISDIR)
+)
+
+
+def _write_error(err: BaseException) -> OSError | None:
+    """The ``OSError`` of one of Hydra's own writes before the run (making the run or sweep
+    directory, opening the log file, ``multirun.yaml``), or None. ``train`` checks its directory
+    itself (``RunDirError``); other OSErrors raised inside it are not about the run directory."""
+    inside_train = any(
+        frame.f_code is train.__code__ for frame, _ in traceback.walk_tb(err.__traceback__)
+    )
+    for candidate in (err, err.__cause__):
+        if (
+            isinstance(candidate, OSError)
+            and candidate.errno in _WRITE_ERRNOS
+            and candidate.filename is not None
+            and not inside_train
+        ):
+            return candidate
+    return None
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -419,7 +447,20 @@ _NOISE_PREFIXES = (
 
 def _one_line(err: BaseException) -> str:
     """A configuration error as one line: Hydra's multi-line messages condensed, instantiate's
-    wrapper unwrapped to the root cause, a missing group option turned into the allowed list."""
+    wrapper unwrapped to the root cause, a missing group option turned into the allowed list,
+    a failed write into the run directory turned into its path and the fix."""
+    write = _write_error(err)
+    if write is not None:
+        key = "hydra.sweep.dir" if _is_multirun() else "hydra.run.dir"
+        if write.errno in (errno.EEXIST, errno.ENOTDIR):
+            return (
+                f"cannot make the folder {write.filename}: a file is in the way "
+                f"({write.strerror}); choose another {key} or move the file"
+            )
+        return (
+            f"cannot write to {write.filename} ({write.strerror}): choose another {key} "
+            "or fix the permissions"
+        )
     if isinstance(err, MissingConfigException) and err.options and err.missing_cfg_file:
         group, _, option = err.missing_cfg_file.rpartition("/")
         if group:

@@ -24,6 +24,7 @@ source tree, mapped by ``pyproject.toml``), so the app works from a checkout and
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import importlib.util
 import inspect
@@ -31,6 +32,7 @@ import logging
 import math
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, InstantiationException, MissingConfigException
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
@@ -52,6 +55,17 @@ from reweight.outputs import (
     plot_learning_curves,
     plot_weight_histogram,
     write_summary,
+)
+from reweight.run_dir import (
+    CHECKPOINT,
+    CURVES_PNG,
+    HISTOGRAM_PNG,
+    METRICS,
+    RESOLVED_CONFIG,
+    SUMMARY,
+    WEIGHTS,
+    RunDir,
+    hydra_files,
 )
 from reweight.signals import TrainingInterrupted
 from reweight.trainer import Trainer, TrainerConfig
@@ -74,15 +88,6 @@ def _config_path() -> str:
 CONFIG_PATH = _config_path()
 """Where Hydra finds ``config.yaml``: ``pkg://reweight.conf`` once the package is installed."""
 
-# Files a run writes into its directory.
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.csv"
-SUMMARY = "summary.json"
-RESOLVED_CONFIG = "config.yaml"
-WEIGHTS = "weights.pt"
-CURVES_PNG = "learning_curves.png"
-HISTOGRAM_PNG = "weight_histogram.png"
-
 # Exceptions that mean "the configuration is wrong": reported as one line, exit status 2.
 # FileNotFoundError covers a missing data root (the data module names the expected folder).
 _CONFIG_ERRORS = (ValueError, FileNotFoundError, HydraException, OmegaConfBaseException)
@@ -97,12 +102,26 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> float:
     ``weights.pt`` and the plots, and returns the final test accuracy (what a sweeper such as
     Optuna maximises). With ``cfg.resume`` it continues from ``run_dir/checkpoint.pt``.
     Configuration errors raise ``ValueError`` naming the key and the allowed values.
+
+    Nothing is written before the first training step (``reweight.run_dir``): a run that fails
+    earlier leaves ``run_dir`` as it found it. A ``run_dir`` holding this run finished (same
+    config up to ``run_dir.NO_EFFECT_KEYS``, checkpoint at ``trainer.max_steps``) is left alone
+    and its recorded test accuracy returned; one holding a run of another config is refused
+    (``RunDirError``, a ``ValueError``) unless ``resume=false``.
     """
+    dir_key = "run_dir"
     if run_dir is None:
         if not HydraConfig.initialized():
             raise TypeError("train(cfg) outside a Hydra app needs run_dir=<folder>")
-        run_dir = HydraConfig.get().runtime.output_dir
-    run_dir = Path(run_dir)
+        hydra_cfg = HydraConfig.get()
+        run_dir = hydra_cfg.runtime.output_dir
+        dir_key = "hydra.sweep.dir" if hydra_cfg.mode == RunMode.MULTIRUN else "hydra.run.dir"
+    with RunDir(run_dir, dir_key) as run:  # holds train.log back until the first step
+        return _train(cfg, run)
+
+
+def _train(cfg: DictConfig, run: RunDir) -> float:
+    run_dir = run.path
     # 0. check what is cheap to check before reading any data
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
@@ -122,10 +141,18 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> float:
     optimizer = _partial(cfg.optimizer, "optimizer")
     schedule = cfg.get("scheduler")  # {} for scheduler=none
     scheduler = _partial(schedule, "scheduler") if schedule and "_target_" in schedule else None
-    if main_rank:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        text = OmegaConf.to_yaml(cfg, resolve=True).encode()
-        atomic_write(run_dir / RESOLVED_CONFIG, lambda f: f.write(text))
+    resolved = OmegaConf.to_yaml(cfg, resolve=True)
+    finished = run.check(resolved, resume=resume, max_steps=trainer_config.max_steps)
+    if finished is not None:
+        log.info(
+            "%s holds this run, finished at step %d: results in %s (test accuracy %.4f); "
+            "nothing to do (resume=false starts over)",
+            run_dir,
+            finished.step,
+            finished.summary,
+            finished.test_accuracy,
+        )
+        return finished.test_accuracy
 
     # 1. data: the (possibly corrupted) training set, the clean meta set, the test set
     #    (rank 0 first, so that a download happens once)
@@ -134,8 +161,6 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> float:
     bundle = build_dataset(**_container(cfg.dataset))
     if ctx is not None and ctx.is_main:
         ctx.barrier()
-    if main_rank:
-        save_labels(bundle, run_dir)
     input_shape = list(bundle.test[0][0].shape)  # (C, H, W); test items are not augmented
 
     # 2. the model, then the method (MW-Net's weighting net draws from the global RNG after
@@ -163,7 +188,14 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> float:
     metrics_csv = MetricsCSV(run_dir / METRICS, history=lambda: trainer.history)
     trainer.callbacks.append(metrics_csv)
     log.info("run directory: %s", run_dir.resolve())
-    result = trainer.fit(resume=resume)
+    # the run's records, once it has made its first step (a resumed run may have none left)
+    commit = None
+    if main_rank:
+        records = {RESOLVED_CONFIG: resolved.encode(), **hydra_files(cfg)}
+        commit = functools.partial(run.commit, records, functools.partial(save_labels, bundle))
+    result = trainer.fit(resume=resume, on_start=commit)
+    if commit is not None:
+        commit()
     accuracy = float(result.metrics.get("test_accuracy", math.nan))
     if not main_rank:
         return accuracy
@@ -303,6 +335,8 @@ class _JobErrorFilter:
 
 
 def _is_config_error(err: BaseException) -> bool:
+    if _write_error(err) is not None:
+        return True
     if isinstance(err, InstantiationException) and err.__cause__ is not None:
         # the target refused its arguments, or the _target_ itself is wrong
         return isinstance(err.__cause__, (*_CONFIG_ERRORS, TypeError, ImportError))
@@ -311,6 +345,30 @@ def _is_config_error(err: BaseException) -> bool:
 
 def _is_multirun() -> bool:
     return any(arg in ("-m", "--multirun") for arg in sys.argv[1:])
+
+
+# What a write into a folder raises when the folder is not writable or a file is in the way.
+_WRITE_ERRNOS = frozenset(
+    (errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST, errno.ENOTDIR, errno.EISDIR)
+)
+
+
+def _write_error(err: BaseException) -> OSError | None:
+    """The ``OSError`` of one of Hydra's own writes before the run (making the run or sweep
+    directory, opening the log file, ``multirun.yaml``), or None. ``train`` checks its directory
+    itself (``RunDirError``); other OSErrors raised inside it are not about the run directory."""
+    inside_train = any(
+        frame.f_code is train.__code__ for frame, _ in traceback.walk_tb(err.__traceback__)
+    )
+    for candidate in (err, err.__cause__):
+        if (
+            isinstance(candidate, OSError)
+            and candidate.errno in _WRITE_ERRNOS
+            and candidate.filename is not None
+            and not inside_train
+        ):
+            return candidate
+    return None
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -410,7 +468,20 @@ _NOISE_PREFIXES = (
 
 def _one_line(err: BaseException) -> str:
     """A configuration error as one line: Hydra's multi-line messages condensed, instantiate's
-    wrapper unwrapped to the root cause, a missing group option turned into the allowed list."""
+    wrapper unwrapped to the root cause, a missing group option turned into the allowed list,
+    a failed write into the run directory turned into its path and the fix."""
+    write = _write_error(err)
+    if write is not None:
+        key = "hydra.sweep.dir" if _is_multirun() else "hydra.run.dir"
+        if write.errno in (errno.EEXIST, errno.ENOTDIR):
+            return (
+                f"cannot make the folder {write.filename}: a file is in the way "
+                f"({write.strerror}); choose another {key} or move the file"
+            )
+        return (
+            f"cannot write to {write.filename} ({write.strerror}): choose another {key} "
+            "or fix the permissions"
+        )
     if isinstance(err, MissingConfigException) and err.options and err.missing_cfg_file:
         group, _, option = err.missing_cfg_file.rpartition("/")
         if group:

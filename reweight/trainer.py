@@ -206,8 +206,12 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def fit(self, resume: bool = False) -> FitResult:
+    def fit(self, resume: bool = False, on_start: Callable[[], None] | None = None) -> FitResult:
         """Train to ``config.max_steps``; with ``resume`` continue from ``checkpoint_path``.
+
+        ``on_start`` is called once, right after the first optimizer step of this call and
+        before that step is logged or checkpointed: a caller that writes nothing until training
+        has really started (the CLI's run directory) writes its files there.
 
         Returns the history and the final metrics (the same keys as ``summary.json``).
 
@@ -218,9 +222,11 @@ class Trainer:
         data-parallel training every process stops after the same step.
         """
         with StopOnSignal(self.checkpoint_path) as stop:
-            return self._fit(resume, stop)
+            return self._fit(resume, stop, on_start)
 
-    def _fit(self, resume: bool, stop: StopOnSignal) -> FitResult:
+    def _fit(
+        self, resume: bool, stop: StopOnSignal, on_start: Callable[[], None] | None
+    ) -> FitResult:
         cfg = self.config
         if resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
             self.load_checkpoint(self.checkpoint_path)
@@ -256,6 +262,9 @@ class Trainer:
             # 2-3. the method's weights, the real update on Σ wᵢℓᵢ
             result = self.train_step(x, y, mx, my)
             bar.update(1)
+            if on_start is not None:  # the first step of this call is done
+                on_start()
+                on_start = None
             # 4. bookkeeping: weight statistics, log rows, evaluation
             w = result.method.weights.detach()
             if self.dist is not None:  # statistics over the global batch, on every rank

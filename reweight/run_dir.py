@@ -1,0 +1,460 @@
+"""A run directory that never lies: what ``python -m reweight`` may find there and when it writes.
+
+A run writes nothing into its directory until it has made its first training step. Before
+that, ``RunDir.check`` reads what a previous invocation left there and decides:
+
+- nothing there (or no ``config.yaml``): a fresh run;
+- the same config (keys in ``NO_EFFECT_KEYS`` aside) and a checkpoint at ``trainer.max_steps``
+  with a ``summary.json``: the run is finished, a re-run is a no-op that reports its results;
+- the same config and a checkpoint before the end: ``resume=true`` continues from it;
+- another config: refused with the differing keys (``resume=false`` starts over there).
+
+``RunDir.commit``, called by the Trainer right after the first optimizer step, then writes the
+run's records (``config.yaml``, ``.hydra/``, ``labels.pt``...) and opens ``train.log`` with the
+lines logged so far. A run that starts over (``resume=false``, or no checkpoint to resume from)
+deletes the files of the run it replaces only at that point, so an invocation that fails its
+checks, cannot read its data or fails before its first step leaves an existing run untouched.
+Hydra creates the directory (and its missing parents) before the app runs; ``RunDirCleanup``, a
+Hydra callback, removes the folders it made for a job that failed while they were still empty.
+
+Hydra's own early writes are turned off in ``conf/``: ``hydra.output_subdir`` is null (the app
+writes ``.hydra/`` at the commit) and the ``run_log`` job logging opens ``train.log`` lazily
+(``delay: true``), so that ``RunDir`` can hold its file handler back until the commit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobStatus
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from reweight.data.core import INFO_FILE, LABELS_FILE, atomic_write
+from reweight.outputs import OVERRIDES
+
+__all__ = [
+    "CHECKPOINT",
+    "CURVES_PNG",
+    "HISTOGRAM_PNG",
+    "METRICS",
+    "NO_EFFECT_KEYS",
+    "RESOLVED_CONFIG",
+    "SUMMARY",
+    "WEIGHTS",
+    "Finished",
+    "RunDir",
+    "RunDirCleanup",
+    "RunDirError",
+    "config_differences",
+    "hydra_files",
+]
+
+log = logging.getLogger(__name__)
+
+# Files a run writes into its directory (labels.pt and dataset.json: reweight.data.core).
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.csv"
+SUMMARY = "summary.json"
+RESOLVED_CONFIG = "config.yaml"
+WEIGHTS = "weights.pt"
+CURVES_PNG = "learning_curves.png"
+HISTOGRAM_PNG = "weight_histogram.png"
+_HYDRA_SUBDIR = OVERRIDES.parent  # .hydra/, where reweight.outputs.aggregate_sweep reads
+_HYDRA_FILES = ("config.yaml", "hydra.yaml", OVERRIDES.name)
+_RUN_FILES = (
+    RESOLVED_CONFIG,
+    CHECKPOINT,
+    METRICS,
+    SUMMARY,
+    WEIGHTS,
+    CURVES_PNG,
+    HISTOGRAM_PNG,
+    LABELS_FILE,
+    INFO_FILE,
+    *(str(_HYDRA_SUBDIR / name) for name in _HYDRA_FILES),
+)
+
+NO_EFFECT_KEYS = (
+    "resume",
+    "threads",
+    "dataset.root",
+    "dataset.download",
+    "trainer.progress",
+    "trainer.num_workers",
+    "trainer.eval_batch_size",
+)
+"""Config keys that cannot change a run's result: a run may resume, or be found finished, with
+them changed. ``conf/config.yaml`` leaves them out of the run directory's name
+(``hydra.job.config.override_dirname.exclude_keys``; a test keeps the two lists equal)."""
+
+_LONG = 40  # characters of a value shown in an error message
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be used as it is: a file in the way, no permission to write, or
+    another run there. A ``ValueError``, so the CLI reports it as one line with exit status 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    """What a finished run recorded: where its summary is, and its final test accuracy."""
+
+    summary: Path
+    step: int
+    test_accuracy: float
+
+
+class RunDir:
+    """The directory of one run, from the first check to the commit after the first step.
+
+    Used as a context manager around the whole run (``reweight.cli.train``)::
+
+        with RunDir(path, dir_key="hydra.run.dir") as run:
+            finished = run.check(config_yaml, resume=True, max_steps=4000)
+            if finished is None:
+                ...  # read the data, build the model and the Trainer (nothing written yet)
+                trainer.fit(resume=True, on_start=lambda: run.commit(files))
+
+    From the start the root logger's file handlers that write into ``path`` (Hydra's
+    ``train.log``) are held back: their records are kept and written once the run commits, and
+    dropped if it never does. ``dir_key`` is the setting that chose the directory, named in
+    error messages (``hydra.run.dir``, ``hydra.sweep.dir``, or ``run_dir`` from Python).
+    """
+
+    def __init__(self, path: str | os.PathLike, dir_key: str = "run_dir") -> None:
+        self.path = Path(path)
+        self.dir_key = dir_key
+        self._logs = _HeldLogs(self.path)
+        self._start_over = True
+        self._committed = False
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._logs.hand_back()
+
+    # -- before anything is written ---------------------------------------------------------
+
+    def check(self, config_yaml: str, resume: bool, max_steps: int) -> Finished | None:
+        """Decide what this invocation does with the directory; raise ``RunDirError`` if it
+        cannot use it. Reads only (a checkpoint's step through ``mmap``, no tensor data).
+
+        ``config_yaml`` is the resolved config as ``config.yaml`` holds it. Returns the finished
+        run's record when the directory already holds this run to its last step (and
+        ``resume``), else None.
+        """
+        self._check_writable()
+        previous = self.path / RESOLVED_CONFIG
+        checkpoint = self.path / CHECKPOINT
+        if not previous.is_file():
+            if resume and checkpoint.exists():
+                raise RunDirError(
+                    f"{self.path} holds a {CHECKPOINT} but no {RESOLVED_CONFIG}, so nothing says "
+                    f"which config wrote it: to start over there run with resume=false, or "
+                    f"choose another {self.dir_key}"
+                )
+            return None
+        if not resume:  # start over: the old run stays until this one has made a step
+            return None
+        old = _load_yaml(previous)
+        diffs = config_differences(old, _load_yaml_text(config_yaml, "the config"))
+        if diffs:
+            shown = "; ".join(f"{k}: {_show(a)} there, {_show(b)} here" for k, a, b in diffs[:5])
+            more = f"; and {len(diffs) - 5} more" if len(diffs) > 5 else ""
+            raise RunDirError(
+                f"{self.path} holds a run with another config ({shown}{more}): to start over "
+                f"there run with resume=false, or choose another {self.dir_key}"
+            )
+        step = _checkpoint_step(checkpoint)
+        self._start_over = step is None
+        summary = self.path / SUMMARY
+        if step == max_steps and summary.is_file():
+            recorded = json.loads(summary.read_text()).get("test_accuracy")
+            accuracy = float(recorded) if isinstance(recorded, int | float) else math.nan
+            return Finished(summary, step, accuracy)
+        return None
+
+    def _check_writable(self) -> None:
+        """Fail now, naming the path, where a write would fail after the first step."""
+        existing = next(p for p in (self.path, *self.path.absolute().parents) if p.exists())
+        if not existing.is_dir():
+            raise RunDirError(
+                f"{existing} is a file, not a folder: choose another {self.dir_key} "
+                "or move the file"
+            )
+        needed = [existing]
+        if existing == self.path:  # an existing run: the files appended to or written into
+            needed += [p for p in (self.path / _HYDRA_SUBDIR, *self._logs.paths) if p.exists()]
+        for path in needed:
+            mode = os.W_OK | os.X_OK if path.is_dir() else os.W_OK
+            if not os.access(path, mode):
+                raise RunDirError(
+                    f"cannot write to {path} ({os.strerror(errno.EACCES)}): choose another "
+                    f"{self.dir_key} or fix the permissions"
+                )
+
+    # -- after the first training step --------------------------------------------------------
+
+    def commit(self, files: Mapping[str, bytes], *writers: Callable[[Path], object]) -> None:
+        """Write the run's records: ``files`` (relative path -> bytes, each atomically), then
+        each ``writer(path)``; then open the held log files with the lines logged so far.
+
+        Called once the run has made its first step (again later: nothing happens). A run that
+        starts over first deletes the files of the run it replaces; a commit that fails removes
+        what it wrote.
+        """
+        if self._committed:
+            return
+        self._committed = True
+        if self._start_over:
+            self._remove_old_run()
+        made = not self.path.exists()
+        before = set() if made else set(_tree(self.path))
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            for name, data in files.items():
+                target = self.path / name
+                target.parent.mkdir(exist_ok=True)
+                atomic_write(target, lambda f, data=data: f.write(data))
+            for write in writers:
+                write(self.path)
+        except BaseException:
+            for path in sorted(set(_tree(self.path)) - before, reverse=True):
+                if path.is_dir():
+                    path.rmdir()
+                else:
+                    path.unlink()
+            if made:
+                self.path.rmdir()
+            raise
+        self._logs.attach()
+
+    def _remove_old_run(self) -> None:
+        self._logs.close_files()  # the log of the old run goes too; reopened at its next line
+        for name in (*_RUN_FILES, *self._logs.paths):
+            (self.path / name).unlink(missing_ok=True)
+        hydra_dir = self.path / _HYDRA_SUBDIR
+        if hydra_dir.is_dir() and not any(hydra_dir.iterdir()):
+            hydra_dir.rmdir()
+
+
+class _HeldLogs(logging.Handler):
+    """Stands in on the root logger for its file handlers that write into ``run_dir``: keeps
+    their records until ``attach`` (which writes them and puts the handlers back) and drops
+    them at ``hand_back`` if the run never committed. ``hand_back`` also takes the file handlers
+    off the root logger, so that nothing logged after the run (Hydra's launcher announcing the
+    next job of a sweep) lands in this run's log."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__()
+        self._root = logging.getLogger()
+        inside = run_dir.resolve()
+        self.files = [
+            h
+            for h in self._root.handlers
+            if isinstance(h, logging.FileHandler) and Path(h.baseFilename).is_relative_to(inside)
+        ]
+        self.paths = [Path(h.baseFilename) for h in self.files]
+        self.records: list[logging.LogRecord] = []
+        for handler in self.files:
+            self._root.removeHandler(handler)
+        if self.files:
+            self._root.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def attach(self) -> None:
+        self._root.removeHandler(self)
+        for handler in self.files:
+            for record in self.records:
+                handler.handle(record)
+            self._root.addHandler(handler)
+        self.records.clear()
+
+    def close_files(self) -> None:
+        for handler in self.files:
+            handler.close()  # a FileHandler opens its file again at its next record
+
+    def hand_back(self) -> None:
+        self._root.removeHandler(self)
+        for handler in self.files:
+            self._root.removeHandler(handler)
+        self.close_files()
+        self.records.clear()
+
+
+class RunDirCleanup(Callback):
+    """Hydra callback: a job that failed leaves none of the folders Hydra made for it.
+
+    Hydra creates the run directory (with its missing parents) before the app runs; a run that
+    fails before its first step writes nothing into it (``RunDir``), so the folders that did not
+    exist when the run or sweep started are removed if they are still empty. Configured in
+    ``conf/config.yaml`` under ``hydra.callbacks``.
+    """
+
+    def __init__(self) -> None:
+        self._made: set[str] = set()  # folders missing at the start
+        self._sweep: str | None = None
+        self._existing: set[str] = set()  # folders under the sweep directory at its start
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._made = _missing(_select_dir(config, "hydra.run.dir"))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = _select_dir(config, "hydra.sweep.dir")
+        if sweep is None:
+            return
+        self._sweep = str(sweep)
+        self._made = _missing(sweep)
+        self._existing = {root for root, _, _ in os.walk(sweep)}
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if job_return.status != JobStatus.FAILED:
+            return
+        job_dir = Path(os.path.abspath(str(config.hydra.runtime.output_dir)))
+        for folder in (job_dir, *job_dir.parents):
+            if not self._was_made(str(folder)):
+                return
+            try:
+                folder.rmdir()  # only when empty
+            except OSError:
+                return
+
+    def _was_made(self, folder: str) -> bool:
+        if folder in self._made:
+            return True
+        under_sweep = self._sweep is not None and folder.startswith(self._sweep + os.sep)
+        return under_sweep and folder not in self._existing
+
+
+def config_differences(
+    old: Mapping[str, Any], new: Mapping[str, Any], ignore: Iterable[str] = NO_EFFECT_KEYS
+) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old value, new value)`` for every leaf that differs between two configs
+    (nested mappings, as ``config.yaml`` holds them), keys under ``ignore`` aside, in the new
+    config's order; a key missing on one side has the value ``_ABSENT`` there.
+
+    >>> config_differences({"trainer": {"max_steps": 4}, "resume": True},
+    ...                    {"trainer": {"max_steps": 8}, "resume": False})
+    [('trainer.max_steps', 4, 8)]
+    """
+    ignore = tuple(ignore)
+    a, b = _flatten(old), _flatten(new)
+    out = []
+    for key in dict.fromkeys([*b, *a]):
+        if any(key == i or key.startswith(i + ".") for i in ignore):
+            continue
+        x, y = a.get(key, _ABSENT), b.get(key, _ABSENT)
+        if not _same(x, y):
+            out.append((key, x, y))
+    return out
+
+
+def hydra_files(cfg: DictConfig) -> dict[str, bytes]:
+    """What Hydra writes into ``<run dir>/.hydra/`` (the job's config unresolved, Hydra's
+    config, the command line's overrides), for ``RunDir.commit``; empty outside a Hydra app."""
+    if not HydraConfig.initialized():
+        return {}
+    hydra_cfg = HydraConfig.instance().cfg
+    texts = (
+        OmegaConf.to_yaml(cfg),
+        OmegaConf.to_yaml(hydra_cfg),
+        OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task),
+    )
+    return {str(_HYDRA_SUBDIR / n): t.encode() for n, t in zip(_HYDRA_FILES, texts, strict=True)}
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "<absent>"
+
+
+_ABSENT = _Absent()
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, Mapping) or not node:
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        out.update(_flatten(value, f"{prefix}{key}" if not prefix else f"{prefix}.{key}"))
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, and of one kind: ``1`` is not ``true`` nor ``1.0`` in a config."""
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and a == b
+
+
+def _show(value: Any) -> str:
+    text = repr(value) if value is _ABSENT else json.dumps(value, default=str)
+    return text if len(text) <= _LONG else text[: _LONG - 3] + "..."
+
+
+def _load_yaml(path: Path) -> Any:
+    try:
+        return _load_yaml_text(path.read_text(), str(path))
+    except OSError as err:
+        raise RunDirError(
+            f"cannot read {path} ({err.strerror}): fix the permissions, or start over there "
+            "with resume=false"
+        ) from err
+
+
+def _load_yaml_text(text: str, what: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise RunDirError(
+            f"{what} is not valid YAML ({err}): start over there with resume=false"
+        ) from err
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    """The step of a checkpoint, or None when there is none or it cannot be read (then the
+    Trainer's resume reports it)."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(state["step"])
+    except Exception:  # any unreadable checkpoint: the resume says why
+        return None
+
+
+def _tree(path: Path) -> list[Path]:
+    return sorted(path.rglob("*")) if path.is_dir() else []
+
+
+def _select_dir(config: DictConfig, key: str) -> Path | None:
+    try:  # interpolations Hydra resolves only later (${hydra:...}) leave nothing to record
+        value = OmegaConf.select(config, key)
+    except Exception:  # a callback must not fail the run
+        return None
+    return Path(os.path.abspath(str(value))) if value is not None else None
+
+
+def _missing(path: Path | None) -> set[str]:
+    """``path`` and its parents that do not exist yet (the folders ``mkdir -p`` would make)."""
+    if path is None:
+        return set()
+    return {str(p) for p in (path, *path.parents) if not p.exists()}

@@ -41,7 +41,8 @@ from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from reweight.data.core import INFO_FILE, LABELS_FILE, atomic_write
+from reweight.data.core import INFO_FILE, LABELS_FILE
+from reweight.fileio import atomic_write
 from reweight.outputs import OVERRIDES
 
 __all__ = [

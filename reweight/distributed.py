@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["DistContext", "init_from_env"]
+__all__ = ["DistContext", "env_rank", "env_world_size", "init_from_env"]
 
 
 @dataclass
@@ -96,13 +96,27 @@ class DistContext:
         dist.barrier(group=self.group)
 
 
+def env_world_size() -> int:
+    """The number of processes torchrun started (``WORLD_SIZE``; 1 without torchrun).
+
+    Read before the process group exists, so that a run can be refused on every rank alike
+    (e.g. a batch that does not split) without joining the group first.
+    """
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def env_rank() -> int:
+    """This process's global rank under torchrun (``RANK``; 0 without torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init_from_env(backend: str | None = None) -> DistContext | None:
     """Join the process group torchrun describes (``WORLD_SIZE`` > 1), or return None.
 
     The backend defaults to NCCL when CUDA is available and gloo otherwise. Each rank uses
     the GPU of its ``LOCAL_RANK``.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = env_world_size()
     if world <= 1:
         return None
     if not dist.is_initialized():

@@ -39,7 +39,14 @@ from reweight.functional import LossFn
 from reweight.methods import Method, MethodOutput, StepInputs, build_method
 from reweight.metrics import auc, per_class_accuracy
 
-__all__ = ["FitResult", "Trainer", "TrainerConfig", "weight_diagnostics"]
+__all__ = [
+    "FitResult",
+    "Trainer",
+    "TrainerConfig",
+    "check_batch_split",
+    "resolve_device",
+    "weight_diagnostics",
+]
 
 log = logging.getLogger(__name__)
 
@@ -285,12 +292,9 @@ class Trainer:
     ) -> None:
         self.config = cfg = config or TrainerConfig()
         self.dist = _dist_context(process_group)
-        if self.dist is not None and cfg.batch_size % self.dist.world_size:
-            raise ValueError(
-                f"trainer.batch_size ({cfg.batch_size}) must be divisible by the number of "
-                f"processes ({self.dist.world_size}): each takes an equal shard of every batch"
-            )
-        self.device = _resolve_device(cfg.device)
+        if self.dist is not None:
+            check_batch_split(cfg.batch_size, self.dist.world_size)
+        self.device = resolve_device(cfg.device)
         if cfg.bf16 and self.device.type != "cuda":
             raise ValueError(
                 f"trainer.bf16=true needs a CUDA device (trainer.device), got {self.device}"
@@ -736,14 +740,44 @@ def _dist_context(process_group: Any) -> DistContext | None:
     return ctx if ctx.world_size > 1 else None
 
 
-def _resolve_device(device: str) -> torch.device:
+def check_batch_split(batch_size: int, world_size: int) -> None:
+    """Refuse a global batch that ``world_size`` processes cannot share equally.
+
+    The CLI calls this before joining the process group (``reweight.schema``), the Trainer
+    again for a group it is given, so both say the same thing.
+    """
+    if batch_size % world_size:
+        raise ValueError(
+            f"trainer.batch_size ({batch_size}) must be divisible by the number of "
+            f"processes ({world_size}): each takes an equal shard of every batch"
+        )
+
+
+def resolve_device(device: str) -> torch.device:
+    """``trainer.device`` as a ``torch.device`` that exists on this machine.
+
+    ``"auto"`` is CUDA when available, else the CPU. A string torch does not parse, a CUDA
+    device without CUDA, or a CUDA index past the last GPU raises ``ValueError`` naming
+    ``trainer.device`` and the allowed values, so the CLI refuses it before any work.
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"trainer.device={device!r} but CUDA is not available; use 'cpu' or 'auto'"
-        )
+    allowed = "cpu, cuda, cuda:<index> or auto"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):  # "tpu", "cuda:x", ...
+        raise ValueError(f"trainer.device must be {allowed}, got {device!r}") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(
+                f"trainer.device={device!r} but CUDA is not available; use 'cpu' or 'auto'"
+            )
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(
+                f"trainer.device={device!r} but this machine has {count} CUDA device(s) "
+                f"(cuda:0 to cuda:{count - 1}); allowed: {allowed}"
+            )
     return dev
 
 

@@ -1,11 +1,15 @@
 """The config schema (reweight/schema.py): every shipped config passes, every conf key is typed,
-a bad value is refused with one line naming the key."""
+and a bad value is refused before any work: one line naming the key, exit 2, nothing written."""
 
 from __future__ import annotations
 
 import dataclasses
 import doctest
 import inspect
+import os
+import socket
+import subprocess
+import sys
 import typing
 from pathlib import Path
 
@@ -18,6 +22,7 @@ from hydra.utils import get_method
 from omegaconf import OmegaConf
 
 import reweight.schema
+from reweight import cli
 from reweight.schema import (
     OPTIMIZER_SCHEMAS,
     SCHEDULER_SCHEMAS,
@@ -71,7 +76,7 @@ OPTIONS = [pytest.param(g, o, id=f"{g}={o}") for g in GROUPS for o in options(g)
 @pytest.mark.parametrize(("group", "option"), OPTIONS)
 def test_every_group_option_passes(group, option):
     cfg = cfg_of(f"{group}={option}", *NEEDS.get((group, option), []))
-    checked = validate_config(cfg)
+    checked = cli.validate(cfg)  # the schema and the constructors the CLI runs before any work
     # same keys, same values: the schema adds no key and drops none (_target_ included)
     assert OmegaConf.to_container(checked) == OmegaConf.to_container(cfg, resolve=True)
 
@@ -79,7 +84,7 @@ def test_every_group_option_passes(group, option):
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment_preset_passes(experiment):
     cfg = cfg_of(f"experiment={experiment}")
-    checked = validate_config(cfg)
+    checked = cli.validate(cfg)
     assert OmegaConf.to_container(checked) == OmegaConf.to_container(cfg, resolve=True)
 
 
@@ -91,6 +96,20 @@ def test_validated_config_is_typed_and_resolved():
     assert checked.method.meta_grad == "unrolled"  # ${meta_grad}
     assert checked.model._target_ == "reweight.models.build_model"
     assert OmegaConf.is_struct(checked) and "${" not in OmegaConf.to_yaml(checked)
+
+
+def test_open_options_take_extra_keys():
+    """A torchvision model passes extra keywords on; an optimizer the schema does not know
+    keeps its keys (the CLI checks them against the target's signature)."""
+    cfg = cfg_of("model=torchvision", "+model.aux_logits=false")
+    assert validate_config(cfg).model.aux_logits is False
+    cfg = cfg_of(
+        "optimizer=adam", "optimizer._target_=torch.optim.AdamW", "+optimizer.amsgrad=true"
+    )
+    assert cli.validate(cfg).optimizer.amsgrad is True
+    cfg = cfg_of("optimizer=adam", "optimizer._target_=torch.optim.AdamW", "+optimizer.amsgrd=true")
+    with pytest.raises(ValueError, match=r"optimizer\.amsgrd is not an argument of AdamW"):
+        cli.validate(cfg)
 
 
 # -- every conf key has a type -----------------------------------------------------------------
@@ -211,3 +230,164 @@ def test_cuda_index_past_the_last_gpu_is_refused():
     if count:  # on a GPU machine: the message says which indices exist
         with pytest.raises(ValueError, match=f"cuda:0 to cuda:{count - 1}"):
             resolve_device("cuda:99")
+
+
+# -- refusals, from the command line -------------------------------------------------------------
+
+CASES = [
+    (["optimizer.lr=nan"], "optimizer.lr must be a finite number, got nan"),
+    (["optimizer.lr=inf"], "optimizer.lr must be a finite number, got inf"),
+    (["optimizer.lr=-inf"], "optimizer.lr must be a finite number, got -inf"),
+    (["method=mwnet", "method.lr=nan"], "method.lr must be a finite number, got nan"),
+    (["optimizer.weight_decay=nan"], "optimizer.weight_decay must be a finite number, got nan"),
+    (["optimizer.lr=abc"], "optimizer.lr must be a number, got 'abc'"),
+    (["trainer.max_steps=ten"], "trainer.max_steps must be an integer, got 'ten'"),
+    (["trainer.device=tpu"], "trainer.device must be cpu, cuda, cuda:<index> or auto, got 'tpu'"),
+    (["trainer.device=cuda:99"], "trainer.device='cuda:99' but "),
+    (["scheduler=multistep", "scheduler.milestones=abc"],
+     "scheduler.milestones must be a list of integers, got 'abc'"),
+    (["scheduler=multistep", "scheduler.milestones=[6000,4000]"],
+     "scheduler.milestones must be increasing positive optimizer steps (e.g. [4000,6000]), "
+     "got [6000, 4000]"),
+    (["optimizer=adam", "optimizer.betas=abc"],
+     "optimizer.betas must be a pair of numbers, got 'abc'"),
+    (["optimizer=adam", "optimizer.betas=[0.9,1.5]"],
+     "optimizer.betas must be a pair of numbers in [0, 1), e.g. [0.9,0.999], got [0.9, 1.5]"),
+    (["trainer.max_steps=0"], "trainer.max_steps must be >= 1, got 0"),  # TrainerConfig's own
+    (["optimizer.lr=-1"], "optimizer (SGD): Invalid learning rate: -1.0"),  # torch's own
+]  # fmt: skip
+BATCH_15 = (
+    "error: trainer.batch_size (15) must be divisible by the number of processes (2): "
+    "each takes an equal shard of every batch"
+)
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every path under ``root`` with its mode, mtime and (for files) contents."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        stat = path.lstat()
+        data = path.read_bytes() if path.is_file() else b""
+        out[str(path.relative_to(root))] = (stat.st_mode, stat.st_mtime_ns, data)
+    return out
+
+
+class Unchanged:
+    """Asserts that the tree under ``tmp_path`` (one file in it beforehand) does not change,
+    and that neither the run directory nor ``outputs/`` appears."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.root = tmp_path
+        (tmp_path / "existing.txt").write_text("a file that must stay as it is\n")
+        self.before = snapshot(tmp_path)
+
+    def check(self) -> None:
+        assert snapshot(self.root) == self.before, "the refused run changed the tree"
+        assert not (self.root / "run").exists() and not (self.root / "outputs").exists()
+
+
+def main_in_process(monkeypatch, capsys, tmp_path: Path, args: list[str], **env: str):
+    """``cli.main()`` in this process (Hydra, the callback, the one-line report), as
+    ``python -m reweight`` runs it; returns (exit status, stderr lines)."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "HYDRA_FULL_ERROR"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    argv = ["reweight", *args, "hydra/hydra_logging=none", f"hydra.run.dir={tmp_path / 'run'}"]
+    monkeypatch.setattr(sys, "argv", argv)
+    tree = Unchanged(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    tree.check()
+    return exit_info.value.code, capsys.readouterr().err.splitlines()
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "PYTHONPATH")}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **extra)
+    return env
+
+
+def in_subprocess(tmp_path: Path, args: list[str], command: list[str] | None = None, **env: str):
+    """The real command line (``python -m reweight`` or ``command``) with ``args`` into
+    ``<tmp>/run``; returns (exit status, stderr lines, the process)."""
+    tree = Unchanged(tmp_path)
+    proc = subprocess.run(
+        [
+            *(command or [sys.executable, "-m", "reweight"]),
+            *args,
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        env=cli_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    tree.check()
+    return proc.returncode, proc.stderr.splitlines(), proc
+
+
+@pytest.mark.parametrize(("args", "message"), [pytest.param(*c, id=" ".join(c[0])) for c in CASES])
+def test_cli_refuses_before_any_work(monkeypatch, capsys, tmp_path, args, message):
+    code, lines = main_in_process(monkeypatch, capsys, tmp_path, args)
+    assert code == 2, lines
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), lines
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        pytest.param(*c, id=" ".join(c[0]), marks=[pytest.mark.slow] if i else [])
+        for i, c in enumerate(CASES)
+    ],
+)
+def test_cli_refuses_before_any_work_in_a_subprocess(tmp_path, args, message):
+    """What a user sees (each case takes a fresh interpreter, ~10 s on 2 cores: the first
+    runs by default, the others with the slow tests)."""
+    code, lines, proc = in_subprocess(tmp_path, args)
+    assert code == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), lines
+    assert proc.stdout == ""
+
+
+def test_cli_other_ranks_refuse_silently(monkeypatch, capsys, tmp_path):
+    """Under torchrun every rank refuses alike, before joining the process group (none is
+    joined here: no MASTER_ADDR); rank 0 alone prints the line, the others exit 2 silently."""
+    args = ["trainer.batch_size=15"]
+    world = {"WORLD_SIZE": "2"}
+    code, lines = main_in_process(monkeypatch, capsys, tmp_path, args, RANK="1", **world)
+    assert (code, lines) == (2, [])
+    code, lines = main_in_process(monkeypatch, capsys, tmp_path, args, RANK="0", **world)
+    assert (code, lines) == (2, [BATCH_15])
+
+
+@pytest.mark.slow
+def test_cli_other_ranks_refuse_silently_in_a_subprocess(tmp_path):
+    args = ["trainer.batch_size=15"]
+    code, lines, _ = in_subprocess(tmp_path, args, RANK="1", LOCAL_RANK="1", WORLD_SIZE="2")
+    assert (code, lines) == (2, [])
+    code, lines, _ = in_subprocess(tmp_path, args, RANK="0", LOCAL_RANK="0", WORLD_SIZE="2")
+    assert (code, lines) == (2, [BATCH_15])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_prints_the_error_once(tmp_path):
+    """The real torchrun: one `error:` line (rank 0's), no run directory. torchrun itself then
+    reports its workers' failure (exit status 1, a ChildFailedError traceback and summary that
+    names rank 0's exit status 2): to its agent every non-zero worker status is a failure."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                f"--master-port={_free_port()}", "-m", "reweight"]  # fmt: skip
+    code, lines, proc = in_subprocess(tmp_path, ["trainer.batch_size=15"], command=torchrun)
+    assert [line for line in lines if line.startswith("error: ")] == [BATCH_15], proc.stderr
+    assert code == 1 and "ChildFailedError" in proc.stderr
+    assert "exitcode  : 2" in proc.stderr  # the worker's own status, in torchrun's summary

@@ -23,7 +23,6 @@ source tree, mapped by ``pyproject.toml``), so the app works from a checkout and
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import functools
 import importlib.util
@@ -46,7 +45,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from reweight.data import build_dataset, save_labels
-from reweight.distributed import init_from_env
+from reweight.distributed import env_rank, env_world_size, init_from_env
 from reweight.fileio import atomic_write
 from reweight.methods import build_method
 from reweight.outputs import (
@@ -67,10 +66,11 @@ from reweight.run_dir import (
     RunDir,
     hydra_files,
 )
+from reweight.schema import validate_config
 from reweight.signals import TrainingInterrupted
 from reweight.trainer import Trainer, TrainerConfig
 
-__all__ = ["CONFIG_PATH", "AggregateSweep", "main", "train"]
+__all__ = ["CONFIG_PATH", "AggregateSweep", "ValidateConfig", "main", "train", "validate"]
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> float:
     and its recorded test accuracy returned; one holding a run of another config is refused
     (``RunDirError``, a ``ValueError``) unless ``resume=false``.
     """
+    cfg = validate(cfg)
     dir_key = "run_dir"
     if run_dir is None:
         if not HydraConfig.initialized():
@@ -122,22 +123,15 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> float:
 
 def _train(cfg: DictConfig, run: RunDir) -> float:
     run_dir = run.path
-    # 0. check what is cheap to check before reading any data
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ValueError(f"{missing[0]} has no value (???): set it, e.g. {missing[0]}=<value>")
-    seed = _check_int("seed", cfg.seed, minimum=0)
-    resume = cfg.resume
-    if not isinstance(resume, bool):
-        raise ValueError(f"resume must be true or false, got {resume!r}")
+    # 0. the settings (every one checked by validate() above, before any data is read)
+    seed, resume = cfg.seed, cfg.resume
     threads = cfg.get("threads")
     if threads is not None:
-        torch.set_num_threads(_check_int("threads", threads, minimum=1))
+        torch.set_num_threads(threads)
     trainer_config = _trainer_config(cfg.trainer, seed)
     # torchrun: join the process group; rank 0 alone writes the run's files (see distributed.py)
     ctx = init_from_env()
     main_rank = ctx is None or ctx.is_main
-    build_method(**_container(cfg.method))  # validates the method's keys (discarded: see 2.)
     optimizer = _partial(cfg.optimizer, "optimizer")
     schedule = cfg.get("scheduler")  # {} for scheduler=none
     scheduler = _partial(schedule, "scheduler") if schedule and "_target_" in schedule else None
@@ -252,6 +246,53 @@ class AggregateSweep(Callback):
             aggregate_sweep(sweep_dir)
 
 
+def validate(cfg: DictConfig) -> DictConfig:
+    """``cfg`` checked before any work, or ``ValueError`` naming the first bad key.
+
+    First its schema (``reweight.schema.validate_config``: every key's type, finite numbers,
+    ``trainer.device``, milestones, betas, and ``trainer.batch_size`` against the ``WORLD_SIZE``
+    processes torchrun starts, checked before any process group is joined), then the range
+    checks of what a run builds before reading data: ``TrainerConfig``, the method, the
+    optimizer and scheduler factories (on a stand-in parameter). Returns the typed, resolved
+    config, which is what ``train`` runs. Nothing is read or written.
+    """
+    cfg = validate_config(cfg, world_size=env_world_size())
+    _trainer_config(cfg.trainer, cfg.seed)
+    build_method(**_container(cfg.method))
+    _partial(cfg.optimizer, "optimizer")
+    schedule = cfg.get("scheduler")
+    if schedule and "_target_" in schedule:
+        _partial(schedule, "scheduler")
+    return cfg
+
+
+class _ConfigRefused(BaseException):
+    """A config that ``ValidateConfig`` refused, on its way to ``main``. A BaseException (as
+    SystemExit is) because Hydra turns an Exception raised in a callback into a warning and
+    then runs the job anyway."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class ValidateConfig(Callback):
+    """Run :func:`validate` before Hydra creates the run directory.
+
+    Configured in ``conf/config.yaml`` under ``hydra.callbacks``. Hydra calls ``on_run_start``
+    after composing the config and before it makes the run directory, writes ``.hydra/`` and
+    opens ``train.log``; the same check at the start of ``train`` comes after all of that.
+    A multirun is checked job by job in ``train`` (each job has its own config).
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        job = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+        try:
+            validate(job)
+        except Exception as err:
+            raise _ConfigRefused(err) from err
+
+
 @hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")
 def _app(cfg: DictConfig) -> float:
     return train(cfg)
@@ -266,13 +307,14 @@ def main() -> None:
     Hydra prints its own errors over several lines (and ours with a traceback), so this runs
     the app with ``HYDRA_FULL_ERROR=1`` (errors propagate here) and reports a configuration
     error as ``error: <message>`` with exit status 2. Anything else keeps its traceback. Set
-    ``HYDRA_FULL_ERROR=1`` yourself to see the traceback of configuration errors too.
+    ``HYDRA_FULL_ERROR=1`` yourself to see the traceback of configuration errors too. Under
+    torchrun every rank refuses a bad config alike; rank 0 alone prints the line.
 
     Ctrl-C or SIGTERM during training stops after the current step with the checkpoint written
     and one line, ``interrupted at step N; run the same command to continue``, exit status 130
     or 143 (see ``Trainer.fit``); a second Ctrl-C aborts at once.
     """
-    if int(os.environ.get("RANK", "0")) > 0:
+    if env_rank() > 0:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
     previous = os.environ.get("HYDRA_FULL_ERROR")
     if previous == "1":
@@ -283,12 +325,14 @@ def main() -> None:
     sys.stderr = _JobErrorFilter(stderr)  # type: ignore[assignment]
     try:
         _run_app()
-    except Exception as err:
+    except (Exception, _ConfigRefused) as caught:
+        err = caught.error if isinstance(caught, _ConfigRefused) else caught
         if not _is_config_error(err):
             raise  # a bug, not a bad override: keep the traceback
         failed = sys.stderr.failed_job if isinstance(sys.stderr, _JobErrorFilter) else None
         where = f" (job with overrides {failed})" if failed and _is_multirun() else ""
-        print(f"error: {_one_line(err)}{where}", file=stderr)
+        if env_rank() == 0:
+            print(f"error: {_one_line(err)}{where}", file=stderr)
         sys.exit(2)
     finally:
         sys.stderr = stderr
@@ -306,7 +350,7 @@ def _run_app() -> None:
     try:
         _app()
     except TrainingInterrupted as stop:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if env_rank() == 0:
             print(
                 f"interrupted at step {stop.step}; run the same command to continue",
                 file=sys.stderr,
@@ -380,8 +424,9 @@ def _container(node: Any) -> dict[str, Any]:
 
 def _partial(node: Any, key: str) -> functools.partial:
     """The ``_partial_`` factory of an optimizer or scheduler config, checked now rather than
-    deep in the Trainer: unknown keywords, values of the wrong type, and whatever the target
-    itself refuses when built on a stand-in parameter (e.g. a negative learning rate)."""
+    deep in the Trainer: keywords that are not arguments of the target (for a ``_target_`` the
+    schema does not know), and whatever the target itself refuses when built on a stand-in
+    parameter (e.g. a negative learning rate). The values' types are the schema's job."""
     factory = hydra.utils.instantiate(node, _convert_="all")
     if not isinstance(factory, functools.partial):
         raise ValueError(
@@ -399,13 +444,6 @@ def _partial(node: Any, key: str) -> functools.partial:
             raise ValueError(
                 f"{key}.{unknown[0]} is not an argument of {name}; allowed: {', '.join(allowed)}"
             )
-    for arg, value in factory.keywords.items():
-        default = params[arg].default if arg in params else None
-        if isinstance(default, bool) and not isinstance(value, bool):
-            raise ValueError(f"{key}.{arg} must be true or false, got {value!r}")
-        if isinstance(default, int | float) and not isinstance(default, bool):
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ValueError(f"{key}.{arg} must be a number, got {value!r}")
     stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     try:  # an optimizer takes parameters, a scheduler an optimizer
         factory(stand_in if key == "scheduler" else stand_in.param_groups[0]["params"])
@@ -414,47 +452,10 @@ def _partial(node: Any, key: str) -> functools.partial:
     return factory
 
 
-def _check_int(key: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
 def _trainer_config(node: Any, seed: int) -> TrainerConfig:
-    """``TrainerConfig`` from the ``trainer`` block, each value checked against its field's type
-    (the YAML has no schema, so ``trainer.max_steps=ten`` must fail here with the key's name)."""
-    values = _container(node)
-    fields = {f.name: f for f in dataclasses.fields(TrainerConfig) if f.name != "seed"}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        hint = "; the training seed is the top-level key seed=" if "seed" in unknown else ""
-        raise ValueError(
-            f"trainer.{unknown[0]} is not a trainer key{hint}; allowed: {', '.join(fields)}"
-        )
-    for key, value in values.items():
-        values[key] = _check_type(f"trainer.{key}", value, str(fields[key].type))
-    return TrainerConfig(**values, seed=seed)
-
-
-def _check_type(key: str, value: Any, annotation: str) -> Any:
-    """``value`` if it fits ``annotation`` (``"int"``, ``"float | None"``, ...), else ValueError."""
-    kinds = [a.strip() for a in annotation.split("|")]
-    if value is None:
-        if "None" in kinds:
-            return None
-        raise ValueError(f"{key} must not be null")
-    if isinstance(value, bool):
-        if "bool" in kinds:
-            return value
-    elif isinstance(value, int) and ("int" in kinds or "float" in kinds):
-        return value if "int" in kinds else float(value)
-    elif isinstance(value, float) and "float" in kinds:
-        return value
-    elif isinstance(value, str) and "str" in kinds:
-        return value
-    names = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
-    allowed = " or ".join(names.get(k, "null" if k == "None" else k) for k in kinds)
-    raise ValueError(f"{key} must be {allowed}, got {value!r}")
+    """``TrainerConfig`` from the ``trainer`` block of a validated config (the schema typed
+    every value; TrainerConfig checks the ranges)."""
+    return TrainerConfig(**_container(node), seed=seed)
 
 
 _NOISE_PREFIXES = (

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["DistContext", "init_from_env"]
+__all__ = ["DistContext", "check_batch_split", "env_rank", "env_world_size", "init_from_env"]
 
 
 @dataclass
@@ -118,13 +118,27 @@ class DistContext:
         dist.barrier(group=self.group)
 
 
+def env_world_size() -> int:
+    """The number of processes torchrun started (``WORLD_SIZE``; 1 without torchrun).
+
+    Read before the process group exists, so that a run can be refused on every rank alike
+    (e.g. a batch that does not split) without joining the group first.
+    """
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def env_rank() -> int:
+    """This process's global rank under torchrun (``RANK``; 0 without torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init_from_env(backend: str | None = None) -> DistContext | None:
     """Join the process group torchrun describes (``WORLD_SIZE`` > 1), or return None.
 
     The backend defaults to NCCL when CUDA is available and gloo otherwise. Each rank uses
     the GPU of its ``LOCAL_RANK``.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = env_world_size()
     if world <= 1:
         return None
     if not dist.is_initialized():
@@ -133,3 +147,16 @@ def init_from_env(backend: str | None = None) -> DistContext | None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)
     return DistContext.from_group(None)
+
+
+def check_batch_split(batch_size: int, world_size: int) -> None:
+    """Refuse a global batch that ``world_size`` processes cannot share equally.
+
+    The CLI calls this before joining the process group (``reweight.schema``), the Trainer
+    again for a group it is given, so both say the same thing.
+    """
+    if batch_size % world_size:
+        raise ValueError(
+            f"trainer.batch_size ({batch_size}) must be divisible by the number of "
+            f"processes ({world_size}): each takes an equal shard of every batch"
+        )

@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 
 from reweight.batches import BatchStream
 from reweight.checkpoint import read_checkpoint, write_checkpoint
-from reweight.distributed import DistContext
+from reweight.device import resolve_device
+from reweight.distributed import DistContext, check_batch_split
 from reweight.functional import LossFn
 from reweight.methods import Method, MethodOutput, StepInputs, build_method
 from reweight.metrics import evaluate_classifier, summarize_test
@@ -148,12 +149,9 @@ class Trainer:
     ) -> None:
         self.config = cfg = config or TrainerConfig()
         self.dist = DistContext.for_training(process_group)
-        if self.dist is not None and cfg.batch_size % self.dist.world_size:
-            raise ValueError(
-                f"trainer.batch_size ({cfg.batch_size}) must be divisible by the number of "
-                f"processes ({self.dist.world_size}): each takes an equal shard of every batch"
-            )
-        self.device = _resolve_device(cfg.device)
+        if self.dist is not None:
+            check_batch_split(cfg.batch_size, self.dist.world_size)
+        self.device = resolve_device(cfg.device)
         if cfg.bf16 and self.device.type != "cuda":
             raise ValueError(
                 f"trainer.bf16=true needs a CUDA device (trainer.device), got {self.device}"
@@ -598,17 +596,6 @@ class Trainer:
         )
         for callback in self.callbacks:
             callback(row)
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"trainer.device={device!r} but CUDA is not available; use 'cpu' or 'auto'"
-        )
-    return dev
 
 
 def _show_progress(cfg: TrainerConfig) -> bool:

@@ -27,7 +27,7 @@ from reweight.data.core import DataBundle, resolve_data_root, tensor_hash
 from reweight.data.mnist import build_mnist_imbalanced, build_mnist_noisy
 from reweight.data.splits import class_counts
 
-__all__ = ["COMMON_KEYS", "DATASETS", "build_dataset", "dataset_defaults"]
+__all__ = ["COMMON_KEYS", "DATASETS", "build_dataset", "dataset_builder", "dataset_defaults"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,13 @@ COMMON_KEYS = ("name", "root", "seed", "download")
 def dataset_defaults(name: str) -> dict[str, Any]:
     """The dataset-specific parameters of ``name`` and their defaults."""
     return dict(_REGISTRY[check_choice("name", name, DATASETS)].defaults)
+
+
+def dataset_builder(name: str) -> Callable[..., DataBundle]:
+    """The function that builds ``name``: the annotations of its keyword arguments named in
+    :func:`dataset_defaults` type the dataset's own config keys (``reweight.schema`` reads
+    them there, so a new key is typed where it is defined)."""
+    return _REGISTRY[check_choice("name", name, DATASETS)].builder
 
 
 def build_dataset(

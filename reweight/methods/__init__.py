@@ -22,6 +22,7 @@ __all__ = [
     "StepInputs",
     "WeightNet",
     "build_method",
+    "method_class",
 ]
 
 METHODS: dict[str, type[Method]] = {
@@ -29,12 +30,17 @@ METHODS: dict[str, type[Method]] = {
 }
 
 
-def build_method(name: str, **kwargs: Any) -> Method:
-    """A method by name (``erm``, ``random``, ``class_balanced``, ``l2rw``, ``mwnet``)."""
+def method_class(name: str) -> type[Method]:
+    """The class of method ``name``; its constructor's arguments are the method's config keys."""
     try:
-        cls = METHODS[name]
+        return METHODS[name]
     except KeyError:
         raise ValueError(f"method.name must be one of {sorted(METHODS)}, got {name!r}") from None
+
+
+def build_method(name: str, **kwargs: Any) -> Method:
+    """A method by name (``erm``, ``random``, ``class_balanced``, ``l2rw``, ``mwnet``)."""
+    cls = method_class(name)
     params = inspect.signature(cls).parameters.values()
     allowed = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     unknown = sorted(set(kwargs) - set(allowed))

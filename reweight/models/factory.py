@@ -15,7 +15,7 @@ from reweight.models.resnet import CifarResNet, resnet32
 from reweight.models.torchvision_models import torchvision_model
 from reweight.models.wide_resnet import WideResNet, wrn28_10
 
-__all__ = ["MODEL_NAMES", "build_model"]
+__all__ = ["MODEL_NAMES", "build_model", "model_builder"]
 
 
 def _lenet(
@@ -135,6 +135,16 @@ _REGISTRY: dict[str, _Builder] = {
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 
+def model_builder(name: str) -> _Builder:
+    """The function behind model ``name``: its keyword-only arguments are the keys that
+    ``conf/model/<name>.yaml`` may set besides ``name`` and ``input_shape``, typed by their
+    annotations (``reweight.schema`` reads them there)."""
+    builder = _REGISTRY.get(name)
+    if builder is None:
+        raise ValueError(f"model name {name!r} is unknown; allowed: {list(MODEL_NAMES)}")
+    return builder
+
+
 def _pair(value: Sequence[int], key: str) -> tuple[int, int]:
     items = tuple(int(v) for v in value)
     if len(items) != 2:
@@ -183,9 +193,7 @@ def build_model(
         >>> model(torch.randn(2, 1, 28, 28)).shape
         torch.Size([2, 3])
     """
-    builder = _REGISTRY.get(name)
-    if builder is None:
-        raise ValueError(f"model name {name!r} is unknown; allowed: {list(MODEL_NAMES)}")
+    builder = model_builder(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"model {name!r}: num_classes must be an int >= 1, got {num_classes!r}")
     if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:

@@ -1,5 +1,5 @@
 """Reading a Trainer checkpoint safely: ``weights_only`` loading, and one clear error naming the
-file and the fix when it cannot be resumed from. Writing goes through ``reweight.fileio``."""
+file and the fix when it cannot be resumed from. Writing goes through ``reweight.outputs.files``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from reweight.fileio import atomic_write
+from reweight.outputs.files import atomic_write
 
 __all__ = ["CheckpointError", "read_checkpoint", "write_checkpoint"]
 

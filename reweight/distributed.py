@@ -152,7 +152,7 @@ def init_from_env(backend: str | None = None) -> DistContext | None:
 def check_batch_split(batch_size: int, world_size: int) -> None:
     """Refuse a global batch that ``world_size`` processes cannot share equally.
 
-    The CLI calls this before joining the process group (``reweight.schema``), the Trainer
+    The CLI calls this before joining the process group (``reweight.cli.schema``), the Trainer
     again for a group it is given, so both say the same thing.
     """
     if batch_size % world_size:

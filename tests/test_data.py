@@ -529,7 +529,7 @@ def test_atomic_write_gives_the_usual_permissions(tmp_path: Path, umask: int) ->
     import os
     import stat
 
-    from reweight.fileio import atomic_write
+    from reweight.outputs.files import atomic_write
 
     old = os.umask(umask)
     try:

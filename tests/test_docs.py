@@ -57,7 +57,15 @@ def test_readme_commands_are_what_ci_runs():
 
 @pytest.mark.parametrize(
     "module",
-    ["reweight.meta.modules", "reweight.functional", "reweight.trainer"],
+    [
+        "reweight.meta.modules",
+        "reweight.functional",
+        "reweight.trainer",
+        "reweight.signals",
+        "reweight.weight_stats",
+        "reweight.outputs",
+        "reweight.outputs.files",
+    ],
 )
 def test_docstring_examples(module: str):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
@@ -67,7 +75,8 @@ def test_docstring_examples(module: str):
 def test_public_surface_imports():
     for name in reweight.__all__:
         assert getattr(reweight, name) is not None, name
-    for sub in ("reweight.meta", "reweight.methods", "reweight.data", "reweight.models"):
+    subpackages = ("meta", "methods", "data", "models", "cli", "outputs")
+    for sub in (f"reweight.{name}" for name in subpackages):
         mod = importlib.import_module(sub)
         for name in mod.__all__:
             assert hasattr(mod, name), f"{sub}.{name}"

@@ -130,16 +130,16 @@ def test_weight_histogram_checks_lengths(tmp_path):
 
 
 def test_plots_are_skipped_with_one_warning_without_matplotlib(tmp_path, monkeypatch, caplog):
-    from reweight import outputs
+    from reweight.outputs import plots
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
-    outputs._pyplot.cache_clear()
+    plots._pyplot.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="reweight.outputs"):
             assert plot_learning_curves(HISTORY, tmp_path / "curves.png") is None
             assert plot_weight_histogram([1.0], [False], tmp_path / "hist.png") is None
     finally:
-        outputs._pyplot.cache_clear()  # the next test imports the real matplotlib again
+        plots._pyplot.cache_clear()  # the next test imports the real matplotlib again
     assert caplog.text.count("matplotlib cannot be imported") == 1  # once, not once per plot
     assert not list(tmp_path.iterdir())
 

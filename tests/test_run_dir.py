@@ -26,8 +26,8 @@ import yaml
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
-import reweight.run_dir
-from reweight.run_dir import NO_EFFECT_KEYS, RunDir, RunDirError, config_differences
+import reweight.cli.run_dir
+from reweight.cli.run_dir import NO_EFFECT_KEYS, RunDir, RunDirError, config_differences
 from tests.test_cli import cli_env
 
 ARGS = [
@@ -168,7 +168,7 @@ def test_another_config_is_refused_with_each_key_and_both_values(tmp_path):
 
 
 def test_docstring_example():
-    result = doctest.testmod(reweight.run_dir, optionflags=doctest.ELLIPSIS)
+    result = doctest.testmod(reweight.cli.run_dir, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
 
 

@@ -1,4 +1,4 @@
-"""The config schema (reweight/schema.py): every shipped config passes, every conf key is typed,
+"""The config schema (reweight/cli/schema.py): every shipped config passes, every conf key is typed,
 and a bad value is refused before any work: one line naming the key, exit 2, nothing written."""
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import get_method
 from omegaconf import OmegaConf
 
-import reweight.schema
+import reweight.cli.schema
 from reweight import cli
-from reweight.device import resolve_device
-from reweight.schema import (
+from reweight.cli.schema import (
     OPTIMIZER_SCHEMAS,
     SCHEDULER_SCHEMAS,
     RunConfig,
@@ -32,6 +31,7 @@ from reweight.schema import (
     schema_classes,
     validate_config,
 )
+from reweight.device import resolve_device
 from reweight.trainer import TrainerConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,7 +120,7 @@ def test_open_options_take_extra_keys():
 def test_every_key_of_every_option_is_typed(group, option):
     """A new key in conf/<group>/<option>.yaml fails here until the schema types it: declared
     by the constructor it feeds (methods, datasets, models, TrainerConfig) or, for a torch
-    target, in reweight/schema.py."""
+    target, in reweight/cli/schema.py."""
     node = yaml.safe_load((CONF / group / f"{option}.yaml").read_text()) or {}
     cls, _ = group_schema(group, node)
     assert cls is not TargetConfig, f"{group}={option}: no schema for {node.get('_target_')}"
@@ -163,7 +163,7 @@ def test_torch_schemas_name_arguments_of_their_target(schema):
 
 
 def test_docstring_examples():
-    result = doctest.testmod(reweight.schema)
+    result = doctest.testmod(reweight.cli.schema)
     assert result.attempted > 0 and result.failed == 0
 
 

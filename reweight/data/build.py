@@ -87,7 +87,7 @@ def dataset_defaults(name: str) -> dict[str, Any]:
 
 def dataset_builder(name: str) -> Callable[..., DataBundle]:
     """The function that builds ``name``: the annotations of its keyword arguments named in
-    :func:`dataset_defaults` type the dataset's own config keys (``reweight.schema`` reads
+    :func:`dataset_defaults` type the dataset's own config keys (``reweight.cli.schema`` reads
     them there, so a new key is typed where it is defined)."""
     return _REGISTRY[check_choice("name", name, DATASETS)].builder
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from reweight.fileio import atomic_write
+from reweight.outputs.files import INFO_FILE, LABELS_FILE, atomic_write
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -47,12 +47,6 @@ logger = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "REWEIGHT_DATA_DIR"
 """Environment variable that overrides the default data root ``data/``."""
-
-LABELS_FILE = "labels.pt"
-"""File name written by :func:`save_labels` in a run's output directory."""
-
-INFO_FILE = "dataset.json"
-"""File name of the JSON copy of ``DataBundle.info`` written by :func:`save_labels`."""
 
 
 class TensorData(Dataset):

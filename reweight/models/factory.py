@@ -138,7 +138,7 @@ MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 def model_builder(name: str) -> _Builder:
     """The function behind model ``name``: its keyword-only arguments are the keys that
     ``conf/model/<name>.yaml`` may set besides ``name`` and ``input_shape``, typed by their
-    annotations (``reweight.schema`` reads them there)."""
+    annotations (``reweight.cli.schema`` reads them there)."""
     builder = _REGISTRY.get(name)
     if builder is None:
         raise ValueError(f"model name {name!r} is unknown; allowed: {list(MODEL_NAMES)}")

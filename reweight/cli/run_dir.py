@@ -41,19 +41,23 @@ from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from reweight.data.core import INFO_FILE, LABELS_FILE
-from reweight.fileio import atomic_write
-from reweight.outputs import OVERRIDES
+from reweight.outputs.files import (
+    CHECKPOINT,
+    CURVES_PNG,
+    HISTOGRAM_PNG,
+    HYDRA_DIR,
+    INFO_FILE,
+    LABELS_FILE,
+    METRICS,
+    OVERRIDES,
+    RESOLVED_CONFIG,
+    SUMMARY,
+    WEIGHTS,
+    atomic_write,
+)
 
 __all__ = [
-    "CHECKPOINT",
-    "CURVES_PNG",
-    "HISTOGRAM_PNG",
-    "METRICS",
     "NO_EFFECT_KEYS",
-    "RESOLVED_CONFIG",
-    "SUMMARY",
-    "WEIGHTS",
     "Finished",
     "RunDir",
     "RunDirCleanup",
@@ -64,15 +68,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Files a run writes into its directory (labels.pt and dataset.json: reweight.data.core).
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.csv"
-SUMMARY = "summary.json"
-RESOLVED_CONFIG = "config.yaml"
-WEIGHTS = "weights.pt"
-CURVES_PNG = "learning_curves.png"
-HISTOGRAM_PNG = "weight_histogram.png"
-_HYDRA_SUBDIR = OVERRIDES.parent  # .hydra/, where reweight.outputs.aggregate_sweep reads
+_HYDRA_SUBDIR = HYDRA_DIR  # where reweight.outputs.aggregate_sweep reads overrides.yaml
 _HYDRA_FILES = ("config.yaml", "hydra.yaml", OVERRIDES.name)
 _RUN_FILES = (
     RESOLVED_CONFIG,

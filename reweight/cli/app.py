@@ -23,7 +23,6 @@ source tree, mapped by ``pyproject.toml``), so the app works from a checkout and
 
 from __future__ import annotations
 
-import errno
 import functools
 import importlib.util
 import inspect
@@ -31,31 +30,23 @@ import logging
 import math
 import os
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException, InstantiationException, MissingConfigException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from reweight.cli.errors import JobErrorFilter, is_config_error, is_multirun, one_line
+from reweight.cli.run_dir import RunDir, hydra_files
+from reweight.cli.schema import validate_config
 from reweight.data import build_dataset, save_labels
 from reweight.distributed import env_rank, env_world_size, init_from_env
-from reweight.fileio import atomic_write
 from reweight.methods import build_method
 from reweight.outputs import (
-    MetricsCSV,
-    aggregate_sweep,
-    plot_learning_curves,
-    plot_weight_histogram,
-    write_summary,
-)
-from reweight.run_dir import (
     CHECKPOINT,
     CURVES_PNG,
     HISTOGRAM_PNG,
@@ -63,10 +54,13 @@ from reweight.run_dir import (
     RESOLVED_CONFIG,
     SUMMARY,
     WEIGHTS,
-    RunDir,
-    hydra_files,
+    MetricsCSV,
+    aggregate_sweep,
+    atomic_write,
+    plot_learning_curves,
+    plot_weight_histogram,
+    write_summary,
 )
-from reweight.schema import validate_config
 from reweight.signals import TrainingInterrupted
 from reweight.trainer import Trainer, TrainerConfig
 
@@ -79,7 +73,7 @@ def _config_path() -> str:
     """The package ``reweight.conf`` when installed (wheel or editable); in a checkout that is
     only on ``sys.path`` (``PYTHONPATH=.``, no install), the top-level ``conf/`` folder."""
     if importlib.util.find_spec("reweight.conf") is None:
-        source = Path(__file__).resolve().parent.parent / "conf"
+        source = Path(__file__).resolve().parents[2] / "conf"
         if (source / "config.yaml").is_file():
             return str(source)
     return "pkg://reweight.conf"
@@ -87,10 +81,6 @@ def _config_path() -> str:
 
 CONFIG_PATH = _config_path()
 """Where Hydra finds ``config.yaml``: ``pkg://reweight.conf`` once the package is installed."""
-
-# Exceptions that mean "the configuration is wrong": reported as one line, exit status 2.
-# FileNotFoundError covers a missing data root (the data module names the expected folder).
-_CONFIG_ERRORS = (ValueError, FileNotFoundError, HydraException, OmegaConfBaseException)
 
 
 def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> float:
@@ -103,7 +93,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> float:
     Optuna maximises). With ``cfg.resume`` it continues from ``run_dir/checkpoint.pt``.
     Configuration errors raise ``ValueError`` naming the key and the allowed values.
 
-    Nothing is written before the first training step (``reweight.run_dir``): a run that fails
+    Nothing is written before the first training step (``reweight.cli.run_dir``): a run that fails
     earlier leaves ``run_dir`` as it found it. A ``run_dir`` holding this run finished (same
     config up to ``run_dir.NO_EFFECT_KEYS``, checkpoint at ``trainer.max_steps``) is left alone
     and its recorded test accuracy returned; one holding a run of another config is refused
@@ -249,7 +239,7 @@ class AggregateSweep(Callback):
 def validate(cfg: DictConfig) -> DictConfig:
     """``cfg`` checked before any work, or ``ValueError`` naming the first bad key.
 
-    First its schema (``reweight.schema.validate_config``: every key's type, finite numbers,
+    First its schema (``reweight.cli.schema.validate_config``: every key's type, finite numbers,
     ``trainer.device``, milestones, betas, and ``trainer.batch_size`` against the ``WORLD_SIZE``
     processes torchrun starts, checked before any process group is joined), then the range
     checks of what a run builds before reading data: ``TrainerConfig``, the method, the
@@ -322,17 +312,17 @@ def main() -> None:
         return
     os.environ["HYDRA_FULL_ERROR"] = "1"
     stderr = sys.stderr
-    sys.stderr = _JobErrorFilter(stderr)  # type: ignore[assignment]
+    sys.stderr = JobErrorFilter(stderr)  # type: ignore[assignment]
     try:
         _run_app()
     except (Exception, _ConfigRefused) as caught:
         err = caught.error if isinstance(caught, _ConfigRefused) else caught
-        if not _is_config_error(err):
+        if not is_config_error(err, task=train):
             raise  # a bug, not a bad override: keep the traceback
-        failed = sys.stderr.failed_job if isinstance(sys.stderr, _JobErrorFilter) else None
-        where = f" (job with overrides {failed})" if failed and _is_multirun() else ""
+        failed = sys.stderr.failed_job if isinstance(sys.stderr, JobErrorFilter) else None
+        where = f" (job with overrides {failed})" if failed and is_multirun() else ""
         if env_rank() == 0:
-            print(f"error: {_one_line(err)}{where}", file=stderr)
+            print(f"error: {one_line(err, task=train)}{where}", file=stderr)
         sys.exit(2)
     finally:
         sys.stderr = stderr
@@ -356,63 +346,6 @@ def _run_app() -> None:
                 file=sys.stderr,
             )
         sys.exit(stop.exit_status)
-
-
-class _JobErrorFilter:
-    """stderr, minus Hydra's "Error executing job with overrides: [...]" line (which ``main``
-    folds into its one-line error); everything else, tqdm included, passes through."""
-
-    _PREFIX = "Error executing job with overrides: "
-
-    def __init__(self, stream: Any) -> None:
-        self._stream = stream
-        self.failed_job: str | None = None
-
-    def write(self, text: str) -> int:
-        if text.startswith(self._PREFIX):
-            self.failed_job = text[len(self._PREFIX) :].strip()
-            return len(text)
-        return self._stream.write(text)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
-
-
-def _is_config_error(err: BaseException) -> bool:
-    if _write_error(err) is not None:
-        return True
-    if isinstance(err, InstantiationException) and err.__cause__ is not None:
-        # the target refused its arguments, or the _target_ itself is wrong
-        return isinstance(err.__cause__, (*_CONFIG_ERRORS, TypeError, ImportError))
-    return isinstance(err, _CONFIG_ERRORS)
-
-
-def _is_multirun() -> bool:
-    return any(arg in ("-m", "--multirun") for arg in sys.argv[1:])
-
-
-# What a write into a folder raises when the folder is not writable or a file is in the way.
-_WRITE_ERRNOS = frozenset(
-    (errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST, errno.ENOTDIR, errno.EISDIR)
-)
-
-
-def _write_error(err: BaseException) -> OSError | None:
-    """The ``OSError`` of one of Hydra's own writes before the run (making the run or sweep
-    directory, opening the log file, ``multirun.yaml``), or None. ``train`` checks its directory
-    itself (``RunDirError``); other OSErrors raised inside it are not about the run directory."""
-    inside_train = any(
-        frame.f_code is train.__code__ for frame, _ in traceback.walk_tb(err.__traceback__)
-    )
-    for candidate in (err, err.__cause__):
-        if (
-            isinstance(candidate, OSError)
-            and candidate.errno in _WRITE_ERRNOS
-            and candidate.filename is not None
-            and not inside_train
-        ):
-            return candidate
-    return None
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -456,70 +389,3 @@ def _trainer_config(node: Any, seed: int) -> TrainerConfig:
     """``TrainerConfig`` from the ``trainer`` block of a validated config (the schema typed
     every value; TrainerConfig checks the ranges)."""
     return TrainerConfig(**_container(node), seed=seed)
-
-
-_NOISE_PREFIXES = (
-    "Config search path",
-    "provider=",
-    "object_type=",
-    "reference_type=",
-    "Set the environment variable HYDRA_FULL_ERROR",
-)
-
-
-def _one_line(err: BaseException) -> str:
-    """A configuration error as one line: Hydra's multi-line messages condensed, instantiate's
-    wrapper unwrapped to the root cause, a missing group option turned into the allowed list,
-    a failed write into the run directory turned into its path and the fix."""
-    write = _write_error(err)
-    if write is not None:
-        key = "hydra.sweep.dir" if _is_multirun() else "hydra.run.dir"
-        if write.errno in (errno.EEXIST, errno.ENOTDIR):
-            return (
-                f"cannot make the folder {write.filename}: a file is in the way "
-                f"({write.strerror}); choose another {key} or move the file"
-            )
-        return (
-            f"cannot write to {write.filename} ({write.strerror}): choose another {key} "
-            "or fix the permissions"
-        )
-    if isinstance(err, MissingConfigException) and err.options and err.missing_cfg_file:
-        group, _, option = err.missing_cfg_file.rpartition("/")
-        if group:
-            return f"{group}={option} is not an option of '{group}'; allowed: " + ", ".join(
-                sorted(err.options)
-            )
-    cause = err.__cause__
-    if isinstance(cause, ConfigAttributeError | ConfigKeyError) and cause.full_key:
-        parent = getattr(cause, "parent_node", None)
-        if isinstance(parent, DictConfig):
-            group = cause.full_key.rpartition(".")[0] or "the root config"
-            return (
-                f"{cause.full_key} is not a config key; keys of {group}: "
-                + ", ".join(str(k) for k in parent.keys())
-                + f" (to add a new key: +{cause.full_key}=...)"
-            )
-    if isinstance(err, InstantiationException) and err.__cause__ is not None:
-        # "Error in call to target ...\nValueError(...)\nfull_key: model" -> the cause, keyed
-        full_key = next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in str(err).splitlines()
-                if line.startswith("full_key:")
-            ),
-            "",
-        )
-        cause = _one_line(err.__cause__)
-        if isinstance(err.__cause__, _CONFIG_ERRORS):
-            return f"{full_key}: {cause}" if full_key and not cause.startswith(full_key) else cause
-        return f"{full_key}: {type(err.__cause__).__name__}: {cause}" if full_key else cause
-    parts = [str(err)]
-    if isinstance(err, HydraException) and isinstance(err.__cause__, OmegaConfBaseException):
-        parts.append(str(err.__cause__))
-    lines = [
-        line.strip()
-        for part in parts
-        for line in part.splitlines()
-        if line.strip() and not line.strip().startswith(_NOISE_PREFIXES)
-    ]
-    return " ".join(dict.fromkeys(lines)) or type(err).__name__

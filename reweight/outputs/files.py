@@ -1,6 +1,6 @@
-"""The one atomic writer: every file a run writes (checkpoint, labels, CSV, JSON, PNG) goes
-through ``atomic_write``, so that a reader, or a run killed mid-write, sees either the old file
-or the complete new one, and every file gets the same permissions.
+"""The files of a run, named once, and the one atomic writer every one of them goes through
+(checkpoint, labels, CSV, JSON, PNG), so that a reader, or a run killed mid-write, sees either
+the old file or the complete new one, and every file gets the same permissions.
 
 Example:
     >>> import tempfile
@@ -18,7 +18,39 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_write", "atomic_write_text"]
+__all__ = [
+    "CHECKPOINT",
+    "CURVES_PNG",
+    "HISTOGRAM_PNG",
+    "HYDRA_DIR",
+    "INFO_FILE",
+    "LABELS_FILE",
+    "METRICS",
+    "OVERRIDES",
+    "RESOLVED_CONFIG",
+    "RESULTS_CSV",
+    "RESULTS_MD",
+    "SUMMARY",
+    "WEIGHTS",
+    "atomic_write",
+    "atomic_write_text",
+]
+
+# In a run's directory
+CHECKPOINT = "checkpoint.pt"  # Trainer.state_dict(), every trainer.checkpoint_every steps
+METRICS = "metrics.csv"  # the history, one row per trainer.log_every steps
+SUMMARY = "summary.json"  # the final metrics
+RESOLVED_CONFIG = "config.yaml"  # the config, interpolations resolved
+WEIGHTS = "weights.pt"  # every training example's final weight
+LABELS_FILE = "labels.pt"  # observed and true training labels, the corruption mask
+INFO_FILE = "dataset.json"  # how the dataset was built (sizes, noise rate, seeds)
+CURVES_PNG = "learning_curves.png"
+HISTOGRAM_PNG = "weight_histogram.png"
+HYDRA_DIR = Path(".hydra")  # Hydra's records of the job: config, hydra, overrides
+OVERRIDES = HYDRA_DIR / "overrides.yaml"  # the job's command-line overrides (sweep tables)
+# In a sweep's directory
+RESULTS_CSV = "results.csv"
+RESULTS_MD = "results.md"
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:

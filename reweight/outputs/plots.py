@@ -1,0 +1,164 @@
+"""The plots of a run: learning curves and the histogram of the final weights (matplotlib on the
+Agg backend, imported lazily; each PNG written atomically)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from reweight.outputs.files import atomic_write
+
+__all__ = ["plot_learning_curves", "plot_weight_histogram"]
+
+log = logging.getLogger(__name__)
+
+
+# -- plots --------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend, or None when it cannot be imported (a base
+    dependency, so only a broken install; warned once per process, not once per plot)."""
+    try:
+        import matplotlib
+    except ImportError as err:
+        log.warning("matplotlib cannot be imported (%s): no plots; pip install matplotlib", err)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for row in history:
+        value = row.get(key)
+        if value is not None and isinstance(value, int | float) and math.isfinite(value):
+            xs.append(float(row["step"]))
+            ys.append(float(value))
+    return xs, ys
+
+
+def plot_learning_curves(
+    history: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str | None = None
+) -> Path | None:
+    """Four panels over optimizer steps: training losses, meta loss, test accuracy and the mean
+    relative weight of clean and corrupted examples (of each class when nothing is corrupted).
+    Returns the PNG's path, or None when matplotlib is missing or ``history`` is empty."""
+    if not history:
+        log.warning("no history rows: no learning curves")
+        return None
+    plt = _pyplot()
+    if plt is None:
+        return None
+    panels = (
+        (
+            "loss",
+            (("train_loss", "weighted train loss"), ("train_loss_unweighted", "mean train loss")),
+        ),
+        ("meta loss", (("meta_loss", "meta loss (clean batch)"),)),
+        (
+            "test accuracy",
+            (("test_accuracy", "accuracy"), ("test_balanced_accuracy", "balanced accuracy")),
+        ),
+    )
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
+    weight_curves = (("weight_mean_clean", "clean"), ("weight_mean_corrupted", "corrupted"))
+    if not _series(history, "weight_mean_corrupted")[0]:  # nothing corrupted: per class
+        classes = sorted(
+            {k for row in history for k in row if k.startswith("weight_mean_class")},
+            key=lambda k: int(k.removeprefix("weight_mean_class")),
+        )
+        weight_curves = tuple((k, k.removeprefix("weight_mean_")) for k in classes) or (
+            ("weight_mean", "all"),
+        )
+    panels = (*panels, ("mean relative weight (1 = uniform)", weight_curves))
+    for ax, (ylabel, curves) in zip(axes.flat, panels, strict=True):
+        drawn = 0
+        for key, label in curves:
+            xs, ys = _series(history, key)
+            if xs:
+                ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=label)
+                drawn += 1
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if drawn:
+            ax.legend(fontsize="small")
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+    if title:
+        fig.suptitle(title)
+    try:
+        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)
+
+
+def plot_weight_histogram(
+    weights: Sequence[float] | Any,
+    corrupted: Sequence[bool] | Any | None,
+    path: str | os.PathLike,
+    labels: Sequence[int] | Any | None = None,
+    class_names: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Path | None:
+    """Histogram of every training example's relative weight (1 = uniform), clean vs corrupted.
+
+    ``weights`` and ``corrupted`` are (N,) sequences or tensors. When no example is corrupted
+    (an imbalanced dataset) and ``labels`` are given, the groups are the classes instead (up to
+    10). Returns the PNG's path, or None when matplotlib is missing.
+    """
+    plt = _pyplot()
+    if plt is None:
+        return None
+    w = [float(v) for v in _tolist(weights)]
+    groups: list[tuple[str, list[float]]]
+    mask = [bool(c) for c in _tolist(corrupted)] if corrupted is not None else [False] * len(w)
+    if len(mask) != len(w):
+        raise ValueError(f"weights has {len(w)} entries, corrupted {len(mask)}")
+    if any(mask):
+        groups = [
+            ("clean", [v for v, c in zip(w, mask, strict=True) if not c]),
+            ("corrupted", [v for v, c in zip(w, mask, strict=True) if c]),
+        ]
+    elif labels is not None and len(set(_tolist(labels))) <= 10:
+        ys = [int(y) for y in _tolist(labels)]
+        names = list(class_names or [])
+        groups = [
+            (
+                names[k] if k < len(names) else f"class {k}",
+                [v for v, y in zip(w, ys, strict=True) if y == k],
+            )
+            for k in sorted(set(ys))
+        ]
+    else:
+        groups = [("all (none corrupted)", w)]
+    top = max(w) if w else 1.0
+    bins = [top * i / 40 for i in range(41)] if top > 0 else 40
+    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    for name, values in groups:
+        if values:
+            # density per group: a 2 % minority stays visible beside the majority
+            ax.hist(values, bins=bins, alpha=0.55, density=True, label=f"{name} (n={len(values)})")
+    ax.set_xlabel("relative weight B·wᵢ at the end of training (1 = uniform)")
+    ax.set_ylabel("density")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title)
+    try:
+        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)
+
+
+def _tolist(values: Any) -> list:
+    return values.tolist() if hasattr(values, "tolist") else list(values)

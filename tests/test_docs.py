@@ -43,7 +43,7 @@ def test_readme_commands_are_what_ci_runs():
     # twice: the newest torch, then the oldest the declared range allows (.ci/oldest-torch.txt)
     assert ci.splitlines().count(test_command) == 2
     floor = dict(
-        line.split("==")
+        line.replace("===", "==").split("==")
         for line in (REPO / ".ci" / "oldest-torch.txt").read_text().splitlines()
         if line and not line.startswith("#")
     )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ __all__ = ["IMAGE_EXTENSIONS", "build_image_folder", "build_tensors", "make_bund
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".webp")
 """Files read as images (by ``torchvision.io.decode_image``); other files are ignored."""
+
+_DECODER_DEPRECATED = "The image decoding and encoding capabilities of TorchVision are deprecated"
 
 _NO_META = (
     "no trusted set: give dataset.{folder} (a folder with the same class folders, or a file) or "
@@ -198,7 +201,11 @@ def _read_image(path: Path, grayscale: bool, size: int | None) -> Tensor:
     try:
         data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
         mode = ImageReadMode.GRAY if grayscale else ImageReadMode.RGB
-        image = decode_image(data, mode=mode)
+        with warnings.catch_warnings():
+            # torchvision 0.29 deprecates its decoders in favour of torchcodec, which is not a
+            # dependency; they still work, and warnings are errors under pytest
+            warnings.filterwarnings("ignore", _DECODER_DEPRECATED, DeprecationWarning)
+            image = decode_image(data, mode=mode)
     except (RuntimeError, ValueError, OSError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ValueError(

@@ -47,8 +47,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".webp")
 _DECODER_DEPRECATED = "The image decoding and encoding capabilities of TorchVision are deprecated"
 
 _NO_META = (
-    "no trusted set: give dataset.{folder} (a folder with the same class folders, or a file) or "
-    "dataset.{rows} (entries of the training {what} whose labels you trust)"
+    "no trusted set: give dataset.{pool} ({kind}) or dataset.{rows} (the training {what} whose "
+    "labels you trust, e.g. dataset.{rows}={example}); reweight learns the weights from it"
 )
 
 
@@ -301,7 +301,15 @@ def build_image_folder(
             "per class (dataset.train_dir=path/to/train)"
         )
     if meta_dir is None and not meta_files:
-        raise ValueError(_NO_META.format(folder="meta_dir", rows="meta_files", what="images"))
+        raise ValueError(
+            _NO_META.format(
+                pool="meta_dir",
+                kind="a folder with the same class folders",
+                rows="meta_files",
+                what="images, paths relative to train_dir",
+                example="[cat/1.png,dog/7.png]",
+            )
+        )
     train = Path(train_dir)
     x, y, ids, names = _load_folder(train, "train_dir", None, grayscale, image_size)
     shape = (int(x.shape[-2]), int(x.shape[-1]))
@@ -484,7 +492,15 @@ def build_tensors(
     if path is None:
         raise ValueError("dataset.path is not set: give a .csv, .pt or .npz file of examples")
     if meta_path is None and not meta_rows:
-        raise ValueError(_NO_META.format(folder="meta_path", rows="meta_rows", what="file rows"))
+        raise ValueError(
+            _NO_META.format(
+                pool="meta_path",
+                kind="a file like dataset.path",
+                rows="meta_rows",
+                what="rows, 0-based",
+                example="[0,17,42]",
+            )
+        )
     x, raw, ids = _read_any(Path(path), "path", label_column, id_column)
     if classes is not None:
         names = [str(c) for c in classes]

@@ -21,11 +21,13 @@ import torchvision
 from torchvision.io import write_png as _write_png
 
 from reweight.data import build_dataset
+from reweight.inspect import main as inspect_main
 from reweight.suspects import (
     SUSPECT_COLUMNS,
     precision_recall_at_k,
     ranking_metrics,
     suspect_order,
+    write_suspects,
 )
 from tests.test_cli import cli_env
 
@@ -290,3 +292,34 @@ def test_suspect_order_and_precision_at_k():
     metrics = ranking_metrics(weights, losses, corrupted)
     assert metrics["weight"]["precision_at_k"] == 1.0
     assert metrics["small_loss"]["precision_at_k"] == 0.0  # losses 9 and 5 lead: both clean
+
+
+def test_inspect_without_suspects_is_one_error_line(tmp_path, capsys):
+    assert inspect_main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "suspects.csv" in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_inspect_prints_the_top_rows_and_plots_known_corruption(tmp_path, capsys):
+    rows = [
+        {
+            "rank": r + 1,
+            "index": i,
+            "id": f"row {i}",
+            "given_label": "a",
+            "predicted_label": "b",
+            "probability": "0.9",
+            "loss": str(3.0 - r),
+            "final_weight": str(0.1 * r),
+            "mean_weight": "1",
+            "corrupted": int(r < 2),
+        }
+        for r, i in enumerate([4, 0, 3, 1, 2])
+    ]
+    write_suspects(tmp_path / "suspects.csv", rows)
+    assert inspect_main([str(tmp_path), "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "row 4" in out and "row 0" in out and "row 3" not in out
+    assert (tmp_path / "suspects_scatter.png").stat().st_size > 0
+    assert not (tmp_path / "suspects.png").exists()  # no config.yaml: no images to show

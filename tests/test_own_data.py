@@ -27,6 +27,7 @@ from reweight.suspects import (
     precision_recall_at_k,
     ranking_metrics,
     suspect_order,
+    suspects_table,
     write_suspects,
 )
 from tests.test_cli import cli_env
@@ -323,3 +324,34 @@ def test_inspect_prints_the_top_rows_and_plots_known_corruption(tmp_path, capsys
     assert "row 4" in out and "row 0" in out and "row 3" not in out
     assert (tmp_path / "suspects_scatter.png").stat().st_size > 0
     assert not (tmp_path / "suspects.png").exists()  # no config.yaml: no images to show
+
+
+@pytest.mark.parametrize("final_weights", [0, 1])
+def test_suspects_table_ranks_by_final_else_mean_weight(final_weights):
+    from torch import nn
+
+    from reweight.data.core import TensorData
+    from reweight.trainer import Trainer, TrainerConfig
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 4, generator=g), torch.arange(60) % 3
+    config = TrainerConfig(
+        max_steps=4, batch_size=10, eval_every=0, progress=False, final_weights=final_weights
+    )
+    torch.manual_seed(0)
+    trainer = Trainer(
+        nn.Linear(4, 3),
+        TensorData(x[:50], y[:50]),
+        TensorData(x[50:], y[50:]),
+        method="l2rw",
+        config=config,
+        train_labels=y[:50],
+    )
+    trainer.fit()
+    rows, ranked_by, losses = suspects_table(trainer, class_names=["a", "b", "c"])
+    assert len(rows) == 50 and {r["given_label"] for r in rows} == {"a", "b", "c"}
+    expected = trainer.final_example_weights if final_weights else trainer.mean_example_weights()
+    torch.testing.assert_close(ranked_by, expected.float(), rtol=0, atol=0, equal_nan=True)
+    assert ranked_by.isnan().any() == (final_weights == 0)  # 4 x 10 draws leave some unseen
+    assert [r["index"] for r in rows] == suspect_order(ranked_by, losses).tolist()
+    assert (rows[0]["final_weight"] == "") == (final_weights == 0)

@@ -394,6 +394,10 @@ class Trainer:
         metrics["wall_time_s"] = self._elapsed
         return metrics
 
+    def mean_example_weights(self) -> Tensor:
+        """(N,) each training example's mean relative weight over training; NaN if never drawn."""
+        return self._stats.mean_weights()
+
     def example_weights(self, passes: int = 1) -> Tensor:
         """The relative weight (B·wᵢ; 1 is uniform) of every training example, now.
 

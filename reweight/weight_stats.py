@@ -82,6 +82,11 @@ class WeightStats:
             self.meta_losses.append(out.meta_loss)
         self.totals["zero_sum_batches"] += float(out.zero_sum)
 
+    def mean_weights(self) -> Tensor:
+        """(N,) each example's mean relative weight over the updates it was in; NaN if never."""
+        mean = self.received / self.visits.clamp_min(1.0)
+        return torch.where(self.visits > 0, mean, torch.full_like(mean, math.nan))
+
     def window_row(self) -> dict[str, float]:
         w, y = torch.cat(self.w), torch.cat(self.y)
         row = {

@@ -114,11 +114,13 @@ def test_public_names() -> None:
         "cifar10_lt",
         "cifar100_lt",
         "cifar10n",
+        "image_folder",
+        "tensors",
     )
 
 
 @pytest.mark.parametrize(
-    "module", ["core", "noise", "splits", "build", "mnist", "cifar", "checksums"]
+    "module", ["core", "noise", "splits", "build", "mnist", "cifar", "checksums", "own"]
 )
 def test_module_all_and_doctests(module: str) -> None:
     mod = importlib.import_module(f"reweight.data.{module}")

@@ -65,6 +65,7 @@ def test_readme_commands_are_what_ci_runs():
         "reweight.weight_stats",
         "reweight.outputs",
         "reweight.outputs.files",
+        "reweight.suspects",
     ],
 )
 def test_docstring_examples(module: str):

@@ -53,6 +53,7 @@ from reweight.outputs import (
     METRICS,
     RESOLVED_CONFIG,
     SUMMARY,
+    SUSPECTS,
     WEIGHTS,
     MetricsCSV,
     aggregate_sweep,
@@ -62,6 +63,7 @@ from reweight.outputs import (
     write_summary,
 )
 from reweight.signals import TrainingInterrupted
+from reweight.suspects import ranking_metrics, suspects_table, write_suspects
 from reweight.trainer import Trainer, TrainerConfig
 
 __all__ = ["CONFIG_PATH", "AggregateSweep", "ValidateConfig", "main", "train", "validate"]
@@ -89,8 +91,9 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> float:
     Writes into ``run_dir`` (default: Hydra's output directory of this job) the resolved
     ``config.yaml``, ``labels.pt`` / ``dataset.json``, ``checkpoint.pt`` (every
     ``trainer.checkpoint_every`` steps), ``metrics.csv`` (as rows are made), ``summary.json``,
-    ``weights.pt`` and the plots, and returns the final test accuracy (what a sweeper such as
-    Optuna maximises). With ``cfg.resume`` it continues from ``run_dir/checkpoint.pt``.
+    ``weights.pt``, ``suspects.csv`` (``reweight.suspects``) and the plots, and returns the
+    final test accuracy (what a sweeper such as Optuna maximises). With ``cfg.resume`` it
+    continues from ``run_dir/checkpoint.pt``.
     Configuration errors raise ``ValueError`` naming the key and the allowed values.
 
     Nothing is written before the first training step (``reweight.cli.run_dir``): a run that fails
@@ -191,10 +194,17 @@ def _train(cfg: DictConfig, run: RunDir) -> float:
         payload = {"weights": weights.detach().cpu().clone(), "step": trainer.step}
         atomic_write(run_dir / WEIGHTS, lambda f: torch.save(payload, f))
     info = bundle.info
+    known = bundle.corrupted if bool(bundle.corrupted.any()) else None
+    rows, ranking_w, losses = suspects_table(
+        trainer, class_names=bundle.class_names, ids=bundle.train_ids, corrupted=known
+    )
+    write_suspects(run_dir / SUSPECTS, rows)
+    ranking = {} if known is None else ranking_metrics(ranking_w, losses, known)
     summary = {
         "method": result.metrics["method"],
         "dataset": info.get("name", cfg.dataset.name),
         **result.metrics,
+        **({"suspect_ranking": ranking} if ranking else {}),
         "seed": seed,
         "dataset_seed": info.get("seed"),
         "model": cfg.model.get("name"),

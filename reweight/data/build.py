@@ -25,6 +25,7 @@ from reweight.data._validate import check_bool, check_choice, check_int
 from reweight.data.cifar import build_cifar10n, build_cifar_lt, build_cifar_noisy
 from reweight.data.core import DataBundle, resolve_data_root, tensor_hash
 from reweight.data.mnist import build_mnist_imbalanced, build_mnist_noisy
+from reweight.data.own import build_image_folder, build_tensors
 from reweight.data.splits import class_counts
 
 __all__ = ["COMMON_KEYS", "DATASETS", "build_dataset", "dataset_builder", "dataset_defaults"]
@@ -40,6 +41,7 @@ class _Spec:
 
 
 _NOISY = {"noise_type": "uniform", "noise_rate": 0.4}
+_OWN_CORRUPTION = {"noise_type": "uniform", "noise_rate": 0.0, "imbalance_factor": 1.0}
 
 _REGISTRY: dict[str, _Spec] = {
     "mnist_imbalanced": _Spec(
@@ -70,6 +72,38 @@ _REGISTRY: dict[str, _Spec] = {
     "cifar10n": _Spec(
         build_cifar10n,
         {"label_key": "worse_label", "label_file": None, "meta_per_class": 100, "augment": True},
+    ),
+    # your own data (reweight/data/own.py): no corruption unless asked for
+    "image_folder": _Spec(
+        build_image_folder,
+        {
+            "train_dir": None,
+            "meta_dir": None,
+            "meta_files": None,
+            "meta_per_class": None,
+            "test_dir": None,
+            "test_fraction": 0.2,
+            "image_size": None,
+            "grayscale": False,
+            "standardize": True,
+            **_OWN_CORRUPTION,
+        },
+    ),
+    "tensors": _Spec(
+        build_tensors,
+        {
+            "path": None,
+            "label_column": "label",
+            "id_column": None,
+            "classes": None,
+            "meta_path": None,
+            "meta_rows": None,
+            "meta_per_class": None,
+            "test_path": None,
+            "test_fraction": 0.2,
+            "standardize": True,
+            **_OWN_CORRUPTION,
+        },
     ),
 }
 

@@ -120,9 +120,15 @@ class DataBundle:
     class_names: list[str]
     in_channels: int
     info: dict
+    # what names each training example in suspects.csv (file paths, CSV ids); None: its index
+    train_ids: list[str] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.train)
+        if self.train_ids is not None and len(self.train_ids) != n:
+            raise ValueError(
+                f"DataBundle.train_ids must have {n} entries; got {len(self.train_ids)}"
+            )
         for key in ("train_labels", "true_labels", "corrupted"):
             value = getattr(self, key)
             if value.shape != (n,):

@@ -44,6 +44,7 @@ __all__ = [
     "binary_imbalance_counts",
     "class_counts",
     "long_tail_counts",
+    "noise_info",
     "plan_binary_imbalance",
     "plan_human_noise",
     "plan_long_tail",
@@ -153,7 +154,9 @@ def long_tail_counts(n_per_class: int, num_classes: int, imbalance_factor: float
     return [int(n * rho ** (-i / (k - 1))) for i in range(k)]
 
 
-def _noise_info(true: Tensor, noisy: Tensor, T: Tensor) -> dict[str, Any]:
+def noise_info(true: Tensor, noisy: Tensor, T: Tensor) -> dict[str, Any]:
+    """What ``dataset.json`` records of a corruption: the matrix ``T``, the measured rate (the
+    fraction of labels changed) and the rate expected from ``T``."""
     return {
         "noise_matrix": T.tolist(),
         "noise_rate_measured": measured_noise_rate(noisy, true),
@@ -183,7 +186,7 @@ def plan_noisy(
     info = {
         "noise_type": noise_type,
         "noise_rate": float(noise_rate),
-        **_noise_info(true, noisy, T),
+        **noise_info(true, noisy, T),
     }
     return SplitPlan(num_classes, rest, noisy, true, meta, labels[meta].to(torch.int64), info)
 

@@ -31,6 +31,9 @@ __all__ = [
     "RESULTS_CSV",
     "RESULTS_MD",
     "SUMMARY",
+    "SUSPECTS",
+    "SUSPECTS_PNG",
+    "SUSPECTS_SCATTER_PNG",
     "WEIGHTS",
     "atomic_write",
     "atomic_write_text",
@@ -44,7 +47,11 @@ RESOLVED_CONFIG = "config.yaml"  # the config, interpolations resolved
 WEIGHTS = "weights.pt"  # every training example's final weight
 LABELS_FILE = "labels.pt"  # observed and true training labels, the corruption mask
 INFO_FILE = "dataset.json"  # how the dataset was built (sizes, noise rate, seeds)
+SUSPECTS = "suspects.csv"  # every training example, most suspect label first (reweight.suspects)
 CURVES_PNG = "learning_curves.png"
+# written by `python -m reweight.inspect RUN_DIR`
+SUSPECTS_PNG = "suspects.png"  # the lowest-weight images, given -> predicted label
+SUSPECTS_SCATTER_PNG = "suspects_scatter.png"  # final weight vs loss, clean / corrupted
 HISTOGRAM_PNG = "weight_histogram.png"
 HYDRA_DIR = Path(".hydra")  # Hydra's records of the job: config, hydra, overrides
 OVERRIDES = HYDRA_DIR / "overrides.yaml"  # the job's command-line overrides (sweep tables)

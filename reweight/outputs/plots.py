@@ -13,7 +13,12 @@ from typing import Any
 
 from reweight.outputs.files import atomic_write
 
-__all__ = ["plot_learning_curves", "plot_weight_histogram"]
+__all__ = [
+    "plot_learning_curves",
+    "plot_suspect_grid",
+    "plot_weight_histogram",
+    "plot_weight_vs_loss",
+]
 
 log = logging.getLogger(__name__)
 
@@ -162,3 +167,71 @@ def plot_weight_histogram(
 
 def _tolist(values: Any) -> list:
     return values.tolist() if hasattr(values, "tolist") else list(values)
+
+
+def plot_suspect_grid(
+    images: Sequence[Any],
+    captions: Sequence[str],
+    path: str | os.PathLike,
+    title: str | None = None,
+) -> Path | None:
+    """A grid of images (``(C, H, W)`` tensors, any scale: each is min-max scaled for display)
+    each captioned, e.g. ``"7 → 1 (0.93)"``: the most suspect labels of a run."""
+    plt = _pyplot()
+    if plt is None or not images:
+        return None
+    cols = min(8, len(images))
+    rows = -(-len(images) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
+    try:
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, image, caption in zip(axes.flat, images, captions, strict=False):
+            x = image.detach().float().cpu()
+            x = (x - x.min()) / (x.max() - x.min()).clamp_min(1e-12)
+            if x.shape[0] == 1:
+                ax.imshow(x[0].numpy(), cmap="gray", vmin=0, vmax=1)
+            else:
+                ax.imshow(x[:3].permute(1, 2, 0).numpy())
+            ax.set_title(caption, fontsize=8)
+        if title:
+            fig.suptitle(title, fontsize=9)
+        fig.tight_layout()
+        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)
+
+
+def plot_weight_vs_loss(
+    weights: Sequence[float],
+    losses: Sequence[float],
+    corrupted: Sequence[bool] | None,
+    path: str | os.PathLike,
+    title: str | None = None,
+) -> Path | None:
+    """Each training example's weight against its final loss; clean and corrupted examples in
+    two colours when the corruption is known, else one."""
+    plt = _pyplot()
+    if plt is None or not len(weights):
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    try:
+        if corrupted is None:
+            ax.scatter(losses, weights, s=4, alpha=0.5, label="training examples")
+        else:
+            for flag, name, colour in (
+                (False, "clean", "tab:blue"),
+                (True, "corrupted", "tab:red"),
+            ):
+                xs = [loss for loss, c in zip(losses, corrupted, strict=True) if c == flag]
+                ys = [w for w, c in zip(weights, corrupted, strict=True) if c == flag]
+                ax.scatter(xs, ys, s=4, alpha=0.5, c=colour, label=f"{name} ({len(xs)})")
+        ax.set_xlabel("final loss on the given label")
+        ax.set_ylabel("weight (1 = uniform)")
+        ax.legend(loc="best", fontsize=8)
+        if title:
+            ax.set_title(title, fontsize=9)
+        fig.tight_layout()
+        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)

@@ -73,6 +73,10 @@ class TrainerConfig:
     progress: bool | None = None  # tqdm bars; None: only when stderr is a terminal
     final_weights: int = 1  # passes that score every training example's weight at the end (0: off)
 
+    @property
+    def show_progress(self) -> bool:
+        return self.progress if self.progress is not None else sys.stderr.isatty()
+
     def __post_init__(self) -> None:
         for key in ("max_steps", "batch_size", "meta_batch_size", "eval_batch_size", "log_every"):
             if int(getattr(self, key)) < 1:
@@ -237,17 +241,12 @@ class Trainer:
         train_iter = BatchStream(
             self.train_data, cfg.batch_size, cfg.seed, 0, True, cfg.num_workers, pin, shard
         ).iterate(self.step)
-        meta_iter = None
-        if self.method.needs_meta:
-            assert self.meta_data is not None
-            meta_iter = BatchStream(
-                self.meta_data, cfg.meta_batch_size, cfg.seed, 1, False, cfg.num_workers, pin
-            ).iterate(self.step)
+        meta_iter = self._meta_batches(stream=1, position=self.step, pin=pin)
         bar = tqdm(
             total=cfg.max_steps,
             initial=self.step,
             desc=f"train {self.method.name}",
-            disable=not (_show_progress(cfg) and self.is_main),
+            disable=not (cfg.show_progress and self.is_main),
             dynamic_ncols=True,
         )
         t0 = time.perf_counter() - self._elapsed
@@ -424,18 +423,7 @@ class Trainer:
                     num_workers=cfg.num_workers,
                     generator=gen,
                 )
-                meta_iter = None
-                if self.method.needs_meta:
-                    assert self.meta_data is not None
-                    meta_iter = BatchStream(
-                        self.meta_data,
-                        cfg.meta_batch_size,
-                        cfg.seed,
-                        2 + p,
-                        False,
-                        cfg.num_workers,
-                        False,
-                    ).iterate(0)
+                meta_iter = self._meta_batches(stream=2 + p, position=0)
                 for idx, (x, y) in zip(batches, loader, strict=True):
                     mx = my = None
                     if meta_iter is not None:
@@ -473,7 +461,7 @@ class Trainer:
             prepare=lambda x, y: (self._inputs(x), torch.as_tensor(y).to(self.device)),
             autocast=self._autocast,
             num_classes=self.num_classes,
-            progress=_show_progress(self.config),
+            progress=self.config.show_progress,
         )
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -539,6 +527,17 @@ class Trainer:
             )
             self._setup_done = True
 
+    def _meta_batches(self, stream: int, position: int, pin: bool = False) -> Any:
+        """Clean batches from the meta set for meta methods (None for the others)."""
+        if not self.method.needs_meta:
+            return None
+        assert self.meta_data is not None
+        cfg = self.config
+        batches = BatchStream(
+            self.meta_data, cfg.meta_batch_size, cfg.seed, stream, False, cfg.num_workers, pin
+        )
+        return batches.iterate(position)
+
     def _step_inputs(
         self, x: Tensor, y: Tensor, mx: Tensor | None, my: Tensor | None, local: bool = False
     ) -> StepInputs:
@@ -580,9 +579,8 @@ class Trainer:
                 "lower the learning rate, set trainer.grad_clip, or check the data for NaN/Inf"
             )
         if out.meta_loss is not None and not math.isfinite(out.meta_loss):
-            raise FloatingPointError(
-                f"meta loss is {out.meta_loss} at step {self.step + 1} (method {self.method.name})"
-            )
+            where = f"at step {self.step + 1} (method {self.method.name})"
+            raise FloatingPointError(f"meta loss is {out.meta_loss} {where}")
 
     @property
     def is_main(self) -> bool:
@@ -600,7 +598,3 @@ class Trainer:
         )
         for callback in self.callbacks:
             callback(row)
-
-
-def _show_progress(cfg: TrainerConfig) -> bool:
-    return cfg.progress if cfg.progress is not None else sys.stderr.isatty()

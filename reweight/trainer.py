@@ -40,6 +40,7 @@ from reweight.checkpoint import read_checkpoint, write_checkpoint
 from reweight.device import resolve_device
 from reweight.distributed import DistContext, check_batch_split
 from reweight.functional import LossFn
+from reweight.loggers import Logger, close_all
 from reweight.methods import Method, MethodOutput, StepInputs, build_method
 from reweight.metrics import evaluate_classifier, summarize_test
 from reweight.signals import StopOnSignal, TrainingInterrupted
@@ -126,6 +127,13 @@ class Trainer:
         checkpoint_path: where ``fit`` writes the last state (atomically), and its state when
             interrupted (see ``fit``).
         callbacks: called with each history row as it is made.
+        val_data: a clean validation set, disjoint from the others, evaluated with the test
+            set: ``val_*`` keys in rows and final metrics (what a sweep should optimise).
+        loggers: experiment trackers (``reweight.loggers.Logger``): ``log_config(run_config)``
+            once after the first step, then each row and the weight histogram; closed when
+            ``fit`` returns or raises.
+        run_config: what the loggers record as the run's config (default: the TrainerConfig
+            and the method's name).
     """
 
     def __init__(
@@ -146,6 +154,9 @@ class Trainer:
         checkpoint_path: str | os.PathLike | None = None,
         callbacks: Sequence[Callable[[dict[str, float]], None]] = (),
         process_group: Any = None,
+        val_data: Dataset | None = None,
+        loggers: Sequence[Logger] = (),
+        run_config: dict[str, Any] | None = None,
     ) -> None:
         self.config = cfg = config or TrainerConfig()
         self.dist = DistContext.for_training(process_group)
@@ -180,6 +191,11 @@ class Trainer:
         self.num_classes = num_classes
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
         self.callbacks = list(callbacks)
+        self.val_data = val_data
+        self.loggers = list(loggers)
+        self.run_config = run_config
+        self._config_logged = False
+        self._last_weights: Tensor | None = None
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.best_test_accuracy = float("nan")
@@ -219,8 +235,12 @@ class Trainer:
         ``fit(resume=True)`` continues bit for bit; a second signal aborts at once. In
         data-parallel training every process stops after the same step.
         """
-        with StopOnSignal(self.checkpoint_path) as stop:
-            return self._fit(resume, stop, on_start)
+        try:
+            with StopOnSignal(self.checkpoint_path) as stop:
+                return self._fit(resume, stop, on_start)
+        finally:
+            if self.is_main:
+                close_all(self.loggers)
 
     def _fit(
         self, resume: bool, stop: StopOnSignal, on_start: Callable[[], None] | None
@@ -270,6 +290,7 @@ class Trainer:
                 idx = self.dist.all_gather_cat(idx.to(self.device)).cpu()
                 y = self.dist.all_gather_cat(y.to(self.device))
             self._stats.add(w, result.method, idx, y, result.loss, result.mean_loss)
+            self._last_weights = w * w.numel()  # relative weights B·wᵢ, for the histogram
             self._elapsed = time.perf_counter() - t0
             is_eval = (
                 cfg.eval_every and self.step % cfg.eval_every == 0
@@ -300,6 +321,9 @@ class Trainer:
     def _log_row(self, lr: float, evaluate: bool) -> dict[str, float]:
         """The history row of this step: the weight window, and test metrics when due."""
         row = {"step": float(self.step), "lr": lr, **self._stats.window_row()}
+        if evaluate and self.val_data is not None:
+            ev = self.evaluate(self.val_data)
+            row.update({f"val_{k}": v for k, v in ev.items() if not isinstance(v, list)})
         if evaluate and self.test_data is not None:
             ev = self._evaluate_test()
             row.update({f"test_{k}": v for k, v in ev.items() if not isinstance(v, list)})
@@ -383,6 +407,9 @@ class Trainer:
         separate them, and the mean weight per class (for up to 10 classes).
         """
         metrics: dict[str, Any] = {"method": self.method.name, "steps": self.step}
+        if self.val_data is not None:
+            ev = self.evaluate(self.val_data)
+            metrics.update({f"val_{k}": v for k, v in ev.items() if not isinstance(v, list)})
         if self.test_data is not None:
             metrics.update(summarize_test(self._evaluate_test(), self.best_test_accuracy))
         metrics.update(self._stats.summary())
@@ -596,6 +623,17 @@ class Trainer:
         )
         for callback in self.callbacks:
             callback(row)
+        if not self.loggers:
+            return
+        step = int(row["step"])
+        for logger in self.loggers:
+            if not self._config_logged:
+                config = self.run_config or {"trainer": asdict(self.config)}
+                logger.log_config({"method": self.method.name, **config})
+            logger.log_row(step, row)
+            if self._last_weights is not None:
+                logger.log_histogram("weights", self._last_weights, step)
+        self._config_logged = True
 
 
 def _show_progress(cfg: TrainerConfig) -> bool:

@@ -25,6 +25,7 @@ __all__ = [
     "HYDRA_DIR",
     "INFO_FILE",
     "LABELS_FILE",
+    "LOGGER_FILES",
     "METRICS",
     "OVERRIDES",
     "RESOLVED_CONFIG",
@@ -46,6 +47,19 @@ LABELS_FILE = "labels.pt"  # observed and true training labels, the corruption m
 INFO_FILE = "dataset.json"  # how the dataset was built (sizes, noise rate, seeds)
 CURVES_PNG = "learning_curves.png"
 HISTOGRAM_PNG = "weight_histogram.png"
+TENSORBOARD_DIR = "tensorboard"  # logger=tensorboard: event files
+MLFLOW_DB = "mlflow.db"  # logger=mlflow: the local SQLite store (unless logger.mlflow.tracking_uri)
+MLFLOW_DIR = "mlruns"  # logger=mlflow: its artifacts
+MLFLOW_RUN_ID = "mlflow_run_id.txt"  # logger=mlflow: the run a resume continues
+WANDB_RUN_ID = "wandb_run_id.txt"  # logger=wandb: the id a resume keeps (its folder: wandb/)
+LOGGER_FILES = {
+    "tensorboard": TENSORBOARD_DIR,
+    "mlflow_db": MLFLOW_DB,
+    "mlruns": MLFLOW_DIR,
+    "mlflow_id": MLFLOW_RUN_ID,
+    "wandb_id": WANDB_RUN_ID,
+}
+"""Where each tracker writes in a run directory (``reweight.loggers.build_loggers``)."""
 HYDRA_DIR = Path(".hydra")  # Hydra's records of the job: config, hydra, overrides
 OVERRIDES = HYDRA_DIR / "overrides.yaml"  # the job's command-line overrides (sweep tables)
 # In a sweep's directory

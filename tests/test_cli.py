@@ -39,6 +39,12 @@ SUMMARY_KEYS = {
     "dataset_seed",
     "dataset_info",
     "run_dir",
+    "val_accuracy",
+    "val_balanced_accuracy",
+    "val_loss",
+    "objective",
+    "objective_value",
+    "objective_is_test",
 }
 # the Hydra app without Hydra's logging set-up, for in-process calls of cli.main()
 QUIET = ["hydra/job_logging=none", "hydra/hydra_logging=none", "hydra.output_subdir=null"]
@@ -109,7 +115,12 @@ def test_single_run_writes_every_output(tmp_path, data_root):
     assert summary["test_error"] == pytest.approx(1 - summary["test_accuracy"])
     assert summary["best_test_accuracy"] >= summary["test_accuracy"]
     assert len(summary["per_class_accuracy"]) == 2 and summary["wall_time_s"] > 0
-    assert summary["dataset_info"]["split_sizes"] == {"train": 4990, "meta": 10, "test": 1964}
+    assert summary["dataset_info"]["split_sizes"] == {
+        "train": 4990,
+        "meta": 10,
+        "test": 1964,
+        "val": 10,
+    }
     assert summary["run_dir"] == str(run_dir.resolve())
 
     rows = read_csv(run_dir / "metrics.csv")

@@ -160,7 +160,7 @@ def build_dataset(
             **resolved,
         )
     else:
-        n_meta = resolved["meta_per_class"]
+        n_meta = check_int("meta_per_class", resolved["meta_per_class"], minimum=1)
         drawn = {**resolved, "meta_per_class": n_meta + n_val}
         try:
             bundle = spec.builder(
@@ -168,9 +168,11 @@ def build_dataset(
             )
         except ValueError as err:
             if n_val and "meta_per_class" in str(err):
+                together = f"meta_per_class={n_meta} + val_per_class={n_val}"
+                message = str(err).replace(f"meta_per_class={n_meta + n_val}", together)
                 raise ValueError(
-                    f"{err} (the meta and validation sets are drawn together: meta_per_class "
-                    f"{n_meta} + val_per_class {n_val}; lower dataset.val_per_class)"
+                    f"{message} (the meta and validation sets are drawn together from the "
+                    "same pool: lower dataset.val_per_class or dataset.meta_per_class)"
                 ) from err
             raise
         if n_val:

@@ -411,3 +411,31 @@ def test_every_train_return_is_the_objective() -> None:
     source = inspect.getsource(app._train)
     returns = [line.strip() for line in source.splitlines() if line.strip().startswith("return")]
     assert returns and all(r.startswith("return _objective(cfg,") for r in returns), returns
+
+
+# -- the logger config group --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("option", ["csv", "tensorboard", "mlflow", "wandb"])
+def test_every_logger_key_is_typed(option) -> None:
+    import dataclasses
+    import typing
+
+    from reweight.cli.schema import LoggerConfig
+
+    node = yaml.safe_load(
+        (Path(__file__).parents[1] / "conf" / "logger" / f"{option}.yaml").read_text()
+    )
+    assert list(node) == [option]
+    schema = typing.get_type_hints(LoggerConfig)[option]
+    assert set(node[option] or {}) == {f.name for f in dataclasses.fields(schema)}
+
+
+def test_several_loggers_compose_and_bad_values_are_refused() -> None:
+    cfg = validate(_cfg("logger=[tensorboard,mlflow,wandb]"))
+    assert set(cfg.logger) == {"tensorboard", "mlflow", "wandb"}
+    assert cfg.logger.wandb.mode == "offline" and cfg.logger.mlflow.tracking_uri is None
+    with pytest.raises(ValueError, match=r"logger\.wandb\.mode must be one of"):
+        validate(_cfg("logger=wandb", "logger.wandb.mode=cloud"))
+    with pytest.raises(ValueError, match=r"logger\.tensorboard\.flush_secs must be an integer"):
+        validate(_cfg("logger=tensorboard", "logger.tensorboard.flush_secs=0"))

@@ -206,7 +206,9 @@ class Trainer:
 
     @classmethod
     def from_bundle(cls, model: nn.Module, bundle: Any, **kwargs: Any) -> Trainer:
-        """A Trainer on a ``reweight.data.DataBundle`` (train, meta, test, labels, mask)."""
+        """A Trainer on a ``reweight.data.DataBundle`` (train, meta, validation, test, labels,
+        mask)."""
+        kwargs.setdefault("val_data", bundle.val)
         return cls(
             model,
             bundle.train,

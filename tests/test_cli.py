@@ -150,7 +150,7 @@ def test_single_run_writes_every_output(tmp_path, data_root):
     assert set(modes.values()) == {"0o644"}, modes
 
 
-def test_train_function_returns_the_final_test_accuracy(tmp_path):
+def test_train_function_returns_the_objective(tmp_path):
     """`train(cfg)` from Python, with the compose API (what sweepers optimise is its value)."""
     overrides = [
         "model=mlp",
@@ -162,9 +162,12 @@ def test_train_function_returns_the_final_test_accuracy(tmp_path):
     ]
     with initialize_config_module("reweight.conf", version_base="1.3"):
         cfg = compose("config", overrides=overrides)
-    accuracy = cli.train(cfg, run_dir=tmp_path)
+    objective = cli.train(cfg, run_dir=tmp_path)  # the validation accuracy, never the test's
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert accuracy == summary["test_accuracy"] and summary["method"] == "mwnet"
+    assert objective == summary["val_accuracy"] and summary["method"] == "mwnet"
+    assert summary["objective"] == "val_accuracy" and summary["objective_is_test"] is False
+    # run again: found finished, the recorded objective returned
+    assert cli.train(cfg, run_dir=tmp_path) == objective
     assert [r["step"] for r in read_csv(tmp_path / "metrics.csv")] == ["2", "4"]
     assert (tmp_path / "weight_histogram.png").exists()
 

@@ -1,9 +1,9 @@
 """The command line: ``python -m reweight [KEY=VALUE ...]``, a Hydra app over ``conf/``.
 
 ``train(cfg)`` is a plain function from a composed config to the final objective (default
-``val_accuracy``); ``main()``
-is the thin ``@hydra.main`` wrapper around it that ``python -m reweight`` and the ``reweight``
-script run. One run, into ``outputs/<dataset>/<method>/<overrides>/seed<seed>``::
+``val_accuracy``); ``main()`` is the thin ``@hydra.main`` wrapper around it that ``python -m
+reweight`` and the ``reweight`` script run. One run, into
+``outputs/<dataset>/<method>/<overrides>/seed<seed>``::
 
     python -m reweight dataset=mnist_imbalanced trainer.max_steps=20
 
@@ -16,7 +16,7 @@ From Python (e.g. a notebook), with Hydra's compose API and a directory of your 
     from hydra import compose, initialize_config_module
     with initialize_config_module("reweight.conf", version_base="1.3"):
         cfg = compose("config", overrides=["trainer.max_steps=20"])
-    accuracy = train(cfg, run_dir="runs/smoke")
+    val_accuracy = train(cfg, run_dir="runs/smoke")  # cfg.objective
 
 The configs ship inside the package as ``reweight.conf`` (the top-level ``conf/`` folder of the
 source tree, mapped by ``pyproject.toml``), so the app works from a checkout and from a wheel.
@@ -177,7 +177,6 @@ def _train(cfg: DictConfig, run: RunDir) -> float:
         config=trainer_config,
         checkpoint_path=run_dir / CHECKPOINT,
     )
-    trainer.val_data = bundle.val
     if main_rank and cfg.get("logger"):
         trainer.loggers = build_loggers(
             _container(cfg.logger), run_dir, files=LOGGER_FILES, run_name=_run_name(cfg)

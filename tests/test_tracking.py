@@ -439,3 +439,24 @@ def test_several_loggers_compose_and_bad_values_are_refused() -> None:
         validate(_cfg("logger=wandb", "logger.wandb.mode=cloud"))
     with pytest.raises(ValueError, match=r"logger\.tensorboard\.flush_secs must be an integer"):
         validate(_cfg("logger=tensorboard", "logger.tensorboard.flush_secs=0"))
+
+
+def test_starting_over_removes_the_old_runs_tracker_files(tmp_path: Path) -> None:
+    """resume=false in a run directory: the replaced run's events, store and ids go with its
+    other files (at the new run's first step), so no tracker mixes two runs."""
+    from reweight.cli.run_dir import RunDir
+    from reweight.outputs.files import TRACKER_DIRS, TRACKER_FILES
+
+    run = tmp_path / "run"
+    for name in TRACKER_DIRS:
+        (run / name / "sub").mkdir(parents=True)
+        (run / name / "sub" / "old").write_text("old")
+    for name in TRACKER_FILES:
+        (run / name).write_text("old")
+    (run / "config.yaml").write_text("seed: 0\n")
+    (run / "mine.txt").write_text("not a run file")
+    with RunDir(run) as rd:
+        assert rd.check("seed: 1\n", resume=False, max_steps=1) is None
+        assert (run / "tensorboard" / "sub" / "old").exists()  # nothing before the commit
+        rd.commit({"config.yaml": b"seed: 1\n"})
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "mine.txt"]

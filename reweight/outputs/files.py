@@ -32,6 +32,8 @@ __all__ = [
     "RESULTS_CSV",
     "RESULTS_MD",
     "SUMMARY",
+    "TRACKER_DIRS",
+    "TRACKER_FILES",
     "WEIGHTS",
     "atomic_write",
     "atomic_write_text",
@@ -52,6 +54,7 @@ MLFLOW_DB = "mlflow.db"  # logger=mlflow: the local SQLite store (unless logger.
 MLFLOW_DIR = "mlruns"  # logger=mlflow: its artifacts
 MLFLOW_RUN_ID = "mlflow_run_id.txt"  # logger=mlflow: the run a resume continues
 WANDB_RUN_ID = "wandb_run_id.txt"  # logger=wandb: the id a resume keeps (its folder: wandb/)
+WANDB_DIR = "wandb"  # logger=wandb: the offline-run-* folders (unless logger.wandb.dir)
 LOGGER_FILES = {
     "tensorboard": TENSORBOARD_DIR,
     "mlflow_db": MLFLOW_DB,
@@ -59,6 +62,9 @@ LOGGER_FILES = {
     "mlflow_id": MLFLOW_RUN_ID,
     "wandb_id": WANDB_RUN_ID,
 }
+TRACKER_FILES = (MLFLOW_DB, MLFLOW_RUN_ID, WANDB_RUN_ID)
+TRACKER_DIRS = (TENSORBOARD_DIR, MLFLOW_DIR, WANDB_DIR)
+"""What the trackers leave in a run directory: a run that starts over there removes them."""
 """Where each tracker writes in a run directory (``reweight.loggers.build_loggers``)."""
 HYDRA_DIR = Path(".hydra")  # Hydra's records of the job: config, hydra, overrides
 OVERRIDES = HYDRA_DIR / "overrides.yaml"  # the job's command-line overrides (sweep tables)

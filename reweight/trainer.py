@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -40,9 +39,11 @@ from reweight.checkpoint import read_checkpoint, write_checkpoint
 from reweight.device import resolve_device
 from reweight.distributed import DistContext, check_batch_split
 from reweight.functional import LossFn
+from reweight.loggers import Logger, LoggerGroup
 from reweight.methods import Method, MethodOutput, StepInputs, build_method
 from reweight.metrics import evaluate_classifier, summarize_test
 from reweight.signals import StopOnSignal, TrainingInterrupted
+from reweight.trainer_config import TrainerConfig
 from reweight.weight_stats import WeightStats, weight_diagnostics
 
 __all__ = ["FitResult", "StepResult", "Trainer", "TrainerConfig"]
@@ -51,41 +52,6 @@ log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
-
-
-@dataclass
-class TrainerConfig:
-    """Loop settings. Steps count real optimizer updates."""
-
-    max_steps: int = 1000  # optimizer steps in all
-    batch_size: int = 100  # training examples per step
-    meta_batch_size: int = 100  # clean examples per meta step (capped at the meta set's size)
-    eval_every: int = 500  # evaluate the test set every N steps (0: only at the end)
-    eval_batch_size: int = 1000
-    log_every: int = 50  # one history row per N steps
-    grad_clip: float | None = None  # clip the global gradient norm of the real update
-    seed: int = 0  # training seed: data order, dropout, augmentation (not data corruption)
-    device: str = "cpu"  # "cpu", "cuda", "cuda:1", or "auto"
-    bf16: bool = False  # bf16 autocast for forward passes (CUDA only)
-    channels_last: bool = False  # NHWC memory format for the model and 4-D inputs (convnets)
-    num_workers: int = 0  # DataLoader workers
-    checkpoint_every: int = 0  # write the checkpoint every N steps (0: only at the end)
-    progress: bool | None = None  # tqdm bars; None: only when stderr is a terminal
-    final_weights: int = 1  # passes that score every training example's weight at the end (0: off)
-
-    @property
-    def show_progress(self) -> bool:
-        return self.progress if self.progress is not None else sys.stderr.isatty()
-
-    def __post_init__(self) -> None:
-        for key in ("max_steps", "batch_size", "meta_batch_size", "eval_batch_size", "log_every"):
-            if int(getattr(self, key)) < 1:
-                raise ValueError(f"trainer.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("eval_every", "checkpoint_every", "num_workers"):
-            if int(getattr(self, key)) < 0:
-                raise ValueError(f"trainer.{key} must be >= 0, got {getattr(self, key)}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ValueError(f"trainer.grad_clip must be > 0 or null, got {self.grad_clip}")
 
 
 @dataclass
@@ -130,6 +96,13 @@ class Trainer:
         checkpoint_path: where ``fit`` writes the last state (atomically), and its state when
             interrupted (see ``fit``).
         callbacks: called with each history row as it is made.
+        val_data: a clean validation set, disjoint from the others, evaluated with the test
+            set: ``val_*`` keys in rows and final metrics (what a sweep should optimise).
+        loggers: experiment trackers (``reweight.loggers.Logger``): ``log_config(run_config)``
+            once after the first step, then each row and the weight histogram; closed when
+            ``fit`` returns or raises.
+        run_config: what the loggers record as the run's config (default: the TrainerConfig
+            and the method's name).
     """
 
     def __init__(
@@ -150,6 +123,9 @@ class Trainer:
         checkpoint_path: str | os.PathLike | None = None,
         callbacks: Sequence[Callable[[dict[str, float]], None]] = (),
         process_group: Any = None,
+        val_data: Dataset | None = None,
+        loggers: Sequence[Logger] = (),
+        run_config: dict[str, Any] | None = None,
     ) -> None:
         self.config = cfg = config or TrainerConfig()
         self.dist = DistContext.for_training(process_group)
@@ -184,6 +160,11 @@ class Trainer:
         self.num_classes = num_classes
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
         self.callbacks = list(callbacks)
+        self.val_data = val_data
+        self.loggers = list(loggers)
+        run_config = run_config or {"trainer": asdict(cfg)}
+        self._trackers = LoggerGroup(self.loggers, {"method": self.method.name, **run_config})
+        self._last_weights: Tensor | None = None
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.best_test_accuracy = float("nan")
@@ -194,7 +175,9 @@ class Trainer:
 
     @classmethod
     def from_bundle(cls, model: nn.Module, bundle: Any, **kwargs: Any) -> Trainer:
-        """A Trainer on a ``reweight.data.DataBundle`` (train, meta, test, labels, mask)."""
+        """A Trainer on a ``reweight.data.DataBundle`` (train, meta, validation, test, labels,
+        mask)."""
+        kwargs.setdefault("val_data", bundle.val)
         return cls(
             model,
             bundle.train,
@@ -223,8 +206,12 @@ class Trainer:
         ``fit(resume=True)`` continues bit for bit; a second signal aborts at once. In
         data-parallel training every process stops after the same step.
         """
-        with StopOnSignal(self.checkpoint_path) as stop:
-            return self._fit(resume, stop, on_start)
+        try:
+            with StopOnSignal(self.checkpoint_path) as stop:
+                return self._fit(resume, stop, on_start)
+        finally:
+            if self.is_main:
+                self._trackers.close()
 
     def _fit(
         self, resume: bool, stop: StopOnSignal, on_start: Callable[[], None] | None
@@ -269,6 +256,7 @@ class Trainer:
                 idx = self.dist.all_gather_cat(idx.to(self.device)).cpu()
                 y = self.dist.all_gather_cat(y.to(self.device))
             self._stats.add(w, result.method, idx, y, result.loss, result.mean_loss)
+            self._last_weights = w * w.numel()  # relative weights B·wᵢ, for the histogram
             self._elapsed = time.perf_counter() - t0
             is_eval = (
                 cfg.eval_every and self.step % cfg.eval_every == 0
@@ -299,6 +287,8 @@ class Trainer:
     def _log_row(self, lr: float, evaluate: bool) -> dict[str, float]:
         """The history row of this step: the weight window, and test metrics when due."""
         row = {"step": float(self.step), "lr": lr, **self._stats.window_row()}
+        if evaluate:
+            row.update(self._val_metrics())
         if evaluate and self.test_data is not None:
             ev = self._evaluate_test()
             row.update({f"test_{k}": v for k, v in ev.items() if not isinstance(v, list)})
@@ -382,6 +372,7 @@ class Trainer:
         separate them, and the mean weight per class (for up to 10 classes).
         """
         metrics: dict[str, Any] = {"method": self.method.name, "steps": self.step}
+        metrics.update(self._val_metrics())
         if self.test_data is not None:
             metrics.update(summarize_test(self._evaluate_test(), self.best_test_accuracy))
         metrics.update(self._stats.summary())
@@ -438,6 +429,13 @@ class Trainer:
         finally:
             self.model.train(was_training)
         return weights
+
+    def _val_metrics(self) -> dict[str, float]:
+        """``val_*`` scalars of the validation set ({} without one)."""
+        if self.val_data is None:
+            return {}
+        ev = self.evaluate(self.val_data)
+        return {f"val_{k}": v for k, v in ev.items() if not isinstance(v, list)}
 
     def _evaluate_test(self) -> dict[str, Any]:
         """``evaluate(test_data)``, once per step (the last step's is reused by the summary)."""
@@ -598,3 +596,4 @@ class Trainer:
         )
         for callback in self.callbacks:
             callback(row)
+        self._trackers.log(int(row["step"]), row, self._last_weights)

@@ -39,6 +39,12 @@ SUMMARY_KEYS = {
     "dataset_seed",
     "dataset_info",
     "run_dir",
+    "val_accuracy",
+    "val_balanced_accuracy",
+    "val_loss",
+    "objective",
+    "objective_value",
+    "objective_is_test",
 }
 # the Hydra app without Hydra's logging set-up, for in-process calls of cli.main()
 QUIET = ["hydra/job_logging=none", "hydra/hydra_logging=none", "hydra.output_subdir=null"]
@@ -109,7 +115,12 @@ def test_single_run_writes_every_output(tmp_path, data_root):
     assert summary["test_error"] == pytest.approx(1 - summary["test_accuracy"])
     assert summary["best_test_accuracy"] >= summary["test_accuracy"]
     assert len(summary["per_class_accuracy"]) == 2 and summary["wall_time_s"] > 0
-    assert summary["dataset_info"]["split_sizes"] == {"train": 4990, "meta": 10, "test": 1964}
+    assert summary["dataset_info"]["split_sizes"] == {
+        "train": 4990,
+        "meta": 10,
+        "test": 1964,
+        "val": 10,
+    }
     assert summary["run_dir"] == str(run_dir.resolve())
 
     rows = read_csv(run_dir / "metrics.csv")
@@ -139,7 +150,7 @@ def test_single_run_writes_every_output(tmp_path, data_root):
     assert set(modes.values()) == {"0o644"}, modes
 
 
-def test_train_function_returns_the_final_test_accuracy(tmp_path):
+def test_train_function_returns_the_objective(tmp_path):
     """`train(cfg)` from Python, with the compose API (what sweepers optimise is its value)."""
     overrides = [
         "model=mlp",
@@ -151,9 +162,12 @@ def test_train_function_returns_the_final_test_accuracy(tmp_path):
     ]
     with initialize_config_module("reweight.conf", version_base="1.3"):
         cfg = compose("config", overrides=overrides)
-    accuracy = cli.train(cfg, run_dir=tmp_path)
+    objective = cli.train(cfg, run_dir=tmp_path)  # the validation accuracy, never the test's
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert accuracy == summary["test_accuracy"] and summary["method"] == "mwnet"
+    assert objective == summary["val_accuracy"] and summary["method"] == "mwnet"
+    assert summary["objective"] == "val_accuracy" and summary["objective_is_test"] is False
+    # run again: found finished, the recorded objective returned
+    assert cli.train(cfg, run_dir=tmp_path) == objective
     assert [r["step"] for r in read_csv(tmp_path / "metrics.csv")] == ["2", "4"]
     assert (tmp_path / "weight_histogram.png").exists()
 
@@ -304,7 +318,7 @@ def run_main(monkeypatch, capsys, tmp_path, *args: str) -> tuple[int, str]:
     ("args", "expected"),
     [
         (["dataset=imagenet"], "dataset=imagenet is not an option of 'dataset'; allowed: "
-         "cifar100_lt, cifar100_noisy, cifar10_lt, cifar10_noisy, cifar10n, mnist_imbalanced"),
+         "cifar100_lt, cifar100_noisy, cifar10_lt, cifar10_noisy, cifar10n, image_folder, mnist_imbalanced"),
         (["method=l2w"], "allowed: class_balanced, erm, l2rw, mwnet, random"),
         (["method.name=l2w"], "method.name must be one of ['class_balanced', 'erm', 'l2rw',"),
         (["trainer.max_steps=0"], "trainer.max_steps must be >= 1, got 0"),

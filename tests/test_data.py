@@ -173,7 +173,12 @@ def test_mnist_imbalanced_counts(
     # nothing is corrupted in a pure imbalance set
     assert torch.equal(bundle.true_labels, bundle.train_labels)
     assert not bundle.corrupted.any()
-    assert bundle.info["split_sizes"] == {"train": 4990, "meta": 10, "test": 2 * n_test_fours}
+    assert bundle.info["split_sizes"] == {
+        "train": 4990,
+        "meta": 10,
+        "test": 2 * n_test_fours,
+        "val": 10,
+    }
     assert bundle.info["train_class_counts"] == [n_fours, n_nines]
     assert bundle.info["meta_class_counts"] == [5, 5]
     assert bundle.info["params"]["proportion"] == p
@@ -235,7 +240,8 @@ def test_mnist_noisy(
     b = noisy_bundle
     train_targets, _ = mnist_targets
     assert b.num_classes == 10 and len(b.meta) == 100 and len(b.test) == 10_000
-    assert len(b.train) == 60_000 - 100
+    assert len(b.train) == 60_000 - 100 - 100  # the meta set and the validation set (10 per class)
+    assert len(b.val) == 100 and torch.bincount(b.val.labels).tolist() == [10] * 10
     assert torch.bincount(b.meta.labels).tolist() == [10] * 10
     assert torch.equal(b.meta.labels, train_targets[b.meta.source_indices])  # meta is clean
     assert torch.equal(b.true_labels, train_targets[b.train.source_indices])
@@ -322,7 +328,7 @@ def test_meta_set_larger_than_available(mnist_env: Path) -> None:
     )
     with pytest.raises(
         ValueError,
-        match=r"meta_per_class=6000 is larger than what is available: "
+        match=r"meta_per_class=6000 \+ val_per_class=10 is larger than what is available: "
         r"class 5 has 5421 examples",
     ):
         build_dataset("mnist_noisy", meta_per_class=6000)
@@ -375,7 +381,7 @@ def test_unknown_dataset(empty_root: Path) -> None:
         ValueError,
         match=r"name must be one of mnist_imbalanced, mnist_noisy, "
         r"cifar10_noisy, cifar100_noisy, cifar10_lt, "
-        r"cifar100_lt, cifar10n; got 'svhn'",
+        r"cifar100_lt, cifar10n, image_folder, tensors; got 'svhn'",
     ):
         build_dataset("svhn", root=empty_root)
 
@@ -384,8 +390,8 @@ def test_unknown_parameter(empty_root: Path) -> None:
     with pytest.raises(
         ValueError,
         match=r"unknown parameter 'noise_rat' for dataset "
-        r"'cifar10_noisy'; allowed keys: name, root, seed, "
-        r"download, noise_type, noise_rate, meta_per_class, "
+        r"'cifar10_noisy'; allowed keys: name, root, seed, download, val_per_class, "
+        r"noise_type, noise_rate, meta_per_class, "
         r"augment",
     ):
         build_dataset("cifar10_noisy", root=empty_root, noise_rat=0.2)

@@ -138,7 +138,13 @@ def check_bundle(bundle: DataBundle, variant: str) -> None:
         "train": len(bundle.train),
         "meta": len(bundle.meta),
         "test": len(bundle.test),
+        "val": len(bundle.val) if bundle.val is not None else 0,
     }
+    if bundle.val is not None:  # the clean validation set: the test transform, true labels
+        val_idx = bundle.val.source_indices
+        assert not set(val_idx.tolist()) & (set(train_idx.tolist()) | set(meta_idx.tolist()))
+        assert torch.equal(bundle.val.labels, source_labels[val_idx])
+        assert bundle.val.transform is bundle.test.transform
     json.dumps(bundle.info)  # serialisable
     # items: the right image (identified by its pixels) with the observed label
     for i in (0, len(bundle.train) // 2, len(bundle.train) - 1):
@@ -165,7 +171,8 @@ def test_cifar10_noisy(cifar10_root: Path) -> None:
         augment=False,
     )
     check_bundle(bundle, "cifar10")
-    assert len(bundle.meta) == 50 and len(bundle.train) == 250
+    # 30 per class: 5 meta, 10 validation (cifar10_noisy's default val_per_class), 15 train
+    assert len(bundle.meta) == 50 and len(bundle.val) == 100 and len(bundle.train) == 150
     assert torch.bincount(bundle.meta.labels).tolist() == [5] * 10
     assert bundle.info["noise_rate_measured"] == bundle.corrupted.to(torch.float64).mean().item()
     assert (
@@ -201,7 +208,8 @@ def test_cifar10_lt(cifar10_root: Path) -> None:
         "cifar10_lt", root=cifar10_root, imbalance_factor=10, meta_per_class=5, augment=False
     )
     check_bundle(bundle, "cifar10")
-    expected = [int(25 * 10 ** (-i / 9)) for i in range(10)]
+    # 30 per class less 5 meta and 10 validation (the default val_per_class): head class 15
+    expected = [int(15 * 10 ** (-i / 9)) for i in range(10)]
     assert torch.bincount(bundle.train_labels, minlength=10).tolist() == expected
     assert bundle.info["train_class_counts"] == expected
     assert not bundle.corrupted.any()
@@ -222,7 +230,8 @@ def test_cifar100_noisy_and_lt_download_once(tmp_path: Path, fake_torchvision: l
     lt = build_dataset("cifar100_lt", root=tmp_path, imbalance_factor=20, meta_per_class=3)
     assert fake_torchvision == ["https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"]
     assert torch.bincount(lt.train_labels, minlength=100).tolist() == [
-        int(27 * 20 ** (-i / 99)) for i in range(100)
+        int(25 * 20 ** (-i / 99))
+        for i in range(100)  # 30 less 3 meta, 2 validation
     ]
     # only the dataset folder is left: no archive, no temporary folder
     assert [p.name for p in tmp_path.iterdir()] == ["cifar-100-python"]
@@ -231,7 +240,7 @@ def test_cifar100_noisy_and_lt_download_once(tmp_path: Path, fake_torchvision: l
 def test_meta_set_larger_than_the_fake_class(cifar10_root: Path) -> None:
     with pytest.raises(
         ValueError,
-        match=r"meta_per_class=100 is larger than what is available: "
+        match=r"meta_per_class=100 \+ val_per_class=10 is larger than what is available: "
         r"class 0 has 30 examples",
     ):
         build_dataset("cifar10_noisy", root=cifar10_root)  # the default 100 per class
@@ -245,7 +254,7 @@ def test_download_moves_a_complete_folder_into_place(
 ) -> None:
     root = tmp_path / "new" / "data"  # does not exist yet
     bundle = build_dataset("cifar10_noisy", root=root, meta_per_class=5)
-    assert len(fake_torchvision) == 1 and len(bundle.train) == 250
+    assert len(fake_torchvision) == 1 and len(bundle.train) == 150  # 300 - 50 meta - 100 val
     assert [p.name for p in root.iterdir()] == ["cifar-10-batches-py"]
 
 

@@ -36,7 +36,7 @@ from reweight.trainer import TrainerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
-GROUPS = ("dataset", "model", "method", "optimizer", "scheduler")
+GROUPS = ("dataset", "model", "method", "optimizer", "scheduler", "logger")
 # options that cannot be composed on their own: the extra override they need
 NEEDS = {("scheduler", "multistep"): ["scheduler.milestones=[10,20]"]}
 

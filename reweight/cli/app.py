@@ -1,8 +1,9 @@
 """The command line: ``python -m reweight [KEY=VALUE ...]``, a Hydra app over ``conf/``.
 
-``train(cfg)`` is a plain function from a composed config to the final test accuracy; ``main()``
-is the thin ``@hydra.main`` wrapper around it that ``python -m reweight`` and the ``reweight``
-script run. One run, into ``outputs/<dataset>/<method>/<overrides>/seed<seed>``::
+``train(cfg)`` is a plain function from a composed config to the final objective (default
+``val_accuracy``); ``main()`` is the thin ``@hydra.main`` wrapper around it that ``python -m
+reweight`` and the ``reweight`` script run. One run, into
+``outputs/<dataset>/<method>/<overrides>/seed<seed>``::
 
     python -m reweight dataset=mnist_imbalanced trainer.max_steps=20
 
@@ -15,7 +16,7 @@ From Python (e.g. a notebook), with Hydra's compose API and a directory of your 
     from hydra import compose, initialize_config_module
     with initialize_config_module("reweight.conf", version_base="1.3"):
         cfg = compose("config", overrides=["trainer.max_steps=20"])
-    accuracy = train(cfg, run_dir="runs/smoke")
+    val_accuracy = train(cfg, run_dir="runs/smoke")  # cfg.objective
 
 The configs ship inside the package as ``reweight.conf`` (the top-level ``conf/`` folder of the
 source tree, mapped by ``pyproject.toml``), so the app works from a checkout and from a wheel.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import inspect
+import json
 import logging
 import math
 import os
@@ -45,11 +47,13 @@ from reweight.cli.run_dir import RunDir, hydra_files
 from reweight.cli.schema import validate_config
 from reweight.data import build_dataset, save_labels
 from reweight.distributed import env_rank, env_world_size, init_from_env
+from reweight.loggers import build_loggers
 from reweight.methods import build_method
 from reweight.outputs import (
     CHECKPOINT,
     CURVES_PNG,
     HISTOGRAM_PNG,
+    LOGGER_FILES,
     METRICS,
     RESOLVED_CONFIG,
     SUMMARY,
@@ -91,15 +95,17 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> float:
     Writes into ``run_dir`` (default: Hydra's output directory of this job) the resolved
     ``config.yaml``, ``labels.pt`` / ``dataset.json``, ``checkpoint.pt`` (every
     ``trainer.checkpoint_every`` steps), ``metrics.csv`` (as rows are made), ``summary.json``,
-    ``weights.pt``, ``suspects.csv`` (``reweight.suspects``) and the plots, and returns the
-    final test accuracy (what a sweeper such as Optuna maximises). With ``cfg.resume`` it
+    ``weights.pt``, ``suspects.csv`` (``reweight.suspects``), the plots and the trackers' files
+    (``cfg.logger``, ``reweight.loggers``), and returns the final value of ``cfg.objective``
+    (what a sweeper such as Optuna maximises; default ``val_accuracy``, on the clean validation
+    set; a test metric only with ``objective_allow_test=true``). With ``cfg.resume`` it
     continues from ``run_dir/checkpoint.pt``.
     Configuration errors raise ``ValueError`` naming the key and the allowed values.
 
     Nothing is written before the first training step (``reweight.cli.run_dir``): a run that fails
     earlier leaves ``run_dir`` as it found it. A ``run_dir`` holding this run finished (same
     config up to ``run_dir.NO_EFFECT_KEYS``, checkpoint at ``trainer.max_steps``) is left alone
-    and its recorded test accuracy returned; one holding a run of another config is refused
+    and its recorded objective returned; one holding a run of another config is refused
     (``RunDirError``, a ``ValueError``) unless ``resume=false``.
     """
     cfg = validate(cfg)
@@ -139,7 +145,8 @@ def _train(cfg: DictConfig, run: RunDir) -> float:
             finished.summary,
             finished.test_accuracy,
         )
-        return finished.test_accuracy
+        recorded = json.loads(finished.summary.read_text()).get(cfg.objective)
+        return _objective(cfg, recorded if isinstance(recorded, int | float) else math.nan)
 
     # 1. data: the (possibly corrupted) training set, the clean meta set, the test set
     #    (rank 0 first, so that a download happens once)
@@ -172,6 +179,11 @@ def _train(cfg: DictConfig, run: RunDir) -> float:
         config=trainer_config,
         checkpoint_path=run_dir / CHECKPOINT,
     )
+    if main_rank and cfg.get("logger"):
+        trainer.loggers = build_loggers(
+            _container(cfg.logger), run_dir, files=LOGGER_FILES, run_name=_run_name(cfg)
+        )
+        trainer.run_config = _container(cfg)
     metrics_csv = MetricsCSV(run_dir / METRICS, history=lambda: trainer.history)
     trainer.callbacks.append(metrics_csv)
     log.info("run directory: %s", run_dir.resolve())
@@ -184,8 +196,9 @@ def _train(cfg: DictConfig, run: RunDir) -> float:
     if commit is not None:
         commit()
     accuracy = float(result.metrics.get("test_accuracy", math.nan))
+    objective = float(result.metrics.get(cfg.objective, math.nan))
     if not main_rank:
-        return accuracy
+        return _objective(cfg, objective)
 
     # 4. outputs
     metrics_csv.write()
@@ -210,6 +223,9 @@ def _train(cfg: DictConfig, run: RunDir) -> float:
         "model": cfg.model.get("name"),
         "run_dir": str(run_dir.resolve()),
         "dataset_info": info,
+        "objective": cfg.objective,
+        "objective_value": objective,
+        "objective_is_test": cfg.objective.startswith("test_"),
     }
     write_summary(run_dir / SUMMARY, summary)
     title = f"{summary['method']} on {summary['dataset']} (seed {seed})"
@@ -230,7 +246,26 @@ def _train(cfg: DictConfig, run: RunDir) -> float:
         result.metrics.get("test_balanced_accuracy", math.nan),
         run_dir / SUMMARY,
     )
-    return accuracy
+    return _objective(cfg, objective)
+
+
+def _objective(cfg: DictConfig, value: float) -> float:
+    """The value ``train`` returns to a sweeper, logged with its name; a test-set objective
+    (only with ``objective_allow_test=true``, see ``validate``) is logged as a warning."""
+    if cfg.objective.startswith("test_"):
+        log.warning(
+            "objective %s = %.4f is a TEST-SET metric (objective_allow_test=true): numbers tuned "
+            "on it are optimistic",
+            cfg.objective,
+            value,
+        )
+    else:
+        log.info("objective %s = %.4f", cfg.objective, value)
+    return float(value)
+
+
+def _run_name(cfg: DictConfig) -> str:
+    return f"{cfg.dataset.name}/{cfg.method.name}/seed{cfg.seed}"
 
 
 class AggregateSweep(Callback):
@@ -257,6 +292,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     config, which is what ``train`` runs. Nothing is read or written.
     """
     cfg = validate_config(cfg, world_size=env_world_size())
+    check_objective(cfg)
     _trainer_config(cfg.trainer, cfg.seed)
     build_method(**_container(cfg.method))
     _partial(cfg.optimizer, "optimizer")
@@ -264,6 +300,24 @@ def validate(cfg: DictConfig) -> DictConfig:
     if schedule and "_target_" in schedule:
         _partial(schedule, "scheduler")
     return cfg
+
+
+def check_objective(cfg: DictConfig) -> None:
+    """``objective`` is never silently a test-set metric, and a ``val_*`` one has a
+    validation set to measure it on; ``ValueError`` naming the key and the fix otherwise."""
+    objective = cfg.objective
+    if objective.startswith("test_") and not cfg.objective_allow_test:
+        raise ValueError(
+            f"objective={objective} is a test-set metric: a sweep tuned on it reports optimistic "
+            "numbers; use objective=val_accuracy (the clean validation set), or add "
+            "objective_allow_test=true to choose the test set knowingly"
+        )
+    val = cfg.dataset.get("val_per_class")
+    if objective.startswith("val_") and val is not None and val == 0:
+        raise ValueError(
+            f"objective={objective} needs a validation set but dataset.val_per_class=0: set "
+            "dataset.val_per_class to 1 or more"
+        )
 
 
 class _ConfigRefused(BaseException):

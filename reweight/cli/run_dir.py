@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,8 @@ from reweight.outputs.files import (
     OVERRIDES,
     RESOLVED_CONFIG,
     SUMMARY,
+    TRACKER_DIRS,
+    TRACKER_FILES,
     WEIGHTS,
     atomic_write,
 )
@@ -80,6 +83,7 @@ _RUN_FILES = (
     HISTOGRAM_PNG,
     LABELS_FILE,
     INFO_FILE,
+    *TRACKER_FILES,
     *(str(_HYDRA_SUBDIR / name) for name in _HYDRA_FILES),
 )
 
@@ -243,6 +247,9 @@ class RunDir:
         self._logs.close_files()  # the log of the old run goes too; reopened at its next line
         for name in (*_RUN_FILES, *self._logs.paths):
             (self.path / name).unlink(missing_ok=True)
+        for name in TRACKER_DIRS:  # the old run's TensorBoard events, MLflow store, W&B runs
+            if (self.path / name).is_dir():
+                shutil.rmtree(self.path / name)
         hydra_dir = self.path / _HYDRA_SUBDIR
         if hydra_dir.is_dir() and not any(hydra_dir.iterdir()):
             hydra_dir.rmdir()

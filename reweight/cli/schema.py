@@ -3,7 +3,9 @@
 ``conf/*.yaml`` owns the defaults; this module owns the types, and reads each from where the
 key is consumed, so that a new argument is typed where it is written:
 
-- the root keys ``seed``, ``resume``, ``meta_grad``, ``threads``: :class:`RunConfig`;
+- the root keys ``seed``, ``resume``, ``meta_grad``, ``threads``, ``objective``,
+  ``objective_allow_test``: :class:`RunConfig`;
+- ``logger``: :class:`LoggerConfig`, one dataclass per option of ``conf/logger/``;
 - ``trainer``: the fields of :class:`reweight.trainer.TrainerConfig` (less ``seed``, a root key);
 - ``method``: the constructor of the class that ``method.name`` names (``reweight.methods``);
 - ``dataset``: :func:`reweight.data.build_dataset`'s ``name``, ``root``, ``seed``, ``download``
@@ -66,7 +68,17 @@ from reweight.methods import method_class
 from reweight.models.factory import build_model, model_builder
 from reweight.trainer import TrainerConfig
 
+OBJECTIVES = (
+    "val_accuracy",
+    "val_balanced_accuracy",
+    "test_accuracy",
+    "test_balanced_accuracy",
+)
+"""What ``train(cfg)`` may return to a sweeper (``objective``): a final summary metric, all to
+be maximised. The ``test_*`` ones need ``objective_allow_test=true`` (reweight.cli.app)."""
+
 __all__ = [
+    "OBJECTIVES",
     "OPTIMIZER_SCHEMAS",
     "SCHEDULER_SCHEMAS",
     "AdamConfig",
@@ -127,6 +139,10 @@ def _milestones(key: str, value: Any) -> None:
         )
 
 
+def _objective(key: str, value: Any) -> None:
+    check_choice(key, value, OBJECTIVES)
+
+
 def _betas(key: str, value: Any) -> None:
     betas = list(value)
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
@@ -147,6 +163,52 @@ class RunConfig:
     resume: bool = MISSING
     meta_grad: str = field(default=MISSING, metadata={"rule": _meta_grad})
     threads: int | None = field(default=MISSING, metadata={"rule": _at_least(1)})
+    objective: str = field(default=MISSING, metadata={"rule": _objective})
+    objective_allow_test: bool = MISSING
+
+
+def _wandb_mode(key: str, value: Any) -> None:
+    check_choice(key, value, ("offline", "online", "disabled"))
+
+
+@dataclass
+class CSVLoggerConfig:
+    """``logger=csv``: metrics.csv, which every run writes; no settings."""
+
+
+@dataclass
+class TensorBoardLoggerConfig:
+    """``conf/logger/tensorboard.yaml`` (``reweight.loggers.TensorBoardLogger``)."""
+
+    flush_secs: int = field(default=MISSING, metadata={"rule": _at_least(1)})
+
+
+@dataclass
+class MLflowLoggerConfig:
+    """``conf/logger/mlflow.yaml`` (``reweight.loggers.MLflowLogger``)."""
+
+    tracking_uri: str | None = MISSING
+    experiment: str = MISSING
+
+
+@dataclass
+class WandbLoggerConfig:
+    """``conf/logger/wandb.yaml`` (``reweight.loggers.WandbLogger``)."""
+
+    mode: str = field(default=MISSING, metadata={"rule": _wandb_mode})
+    project: str = MISSING
+    entity: str | None = MISSING
+    dir: str | None = MISSING
+
+
+@dataclass
+class LoggerConfig:
+    """The ``logger`` group: one block per selected option (``logger=[tensorboard,mlflow]``)."""
+
+    csv: CSVLoggerConfig = MISSING
+    tensorboard: TensorBoardLoggerConfig = MISSING
+    mlflow: MLflowLoggerConfig = MISSING
+    wandb: WandbLoggerConfig = MISSING
 
 
 @dataclass
@@ -329,6 +391,8 @@ def schema_classes(values: Mapping[str, Any]) -> tuple[type, frozenset[str]]:
     An unknown dataset, method or model name raises ``ValueError`` with the allowed names.
     """
     groups: dict[str, type] = {"trainer": _trainer_schema()}
+    if isinstance(values.get("logger"), Mapping):
+        groups["logger"] = LoggerConfig
     open_groups = set()
     method, dataset = values.get("method"), values.get("dataset")
     if isinstance(method, Mapping):

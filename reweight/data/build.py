@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from reweight.data._validate import check_bool, check_choice, check_int
 from reweight.data.cifar import build_cifar10n, build_cifar_lt, build_cifar_noisy
-from reweight.data.core import DataBundle, resolve_data_root, tensor_hash
+from reweight.data.core import DataBundle, TensorData, resolve_data_root, tensor_hash
 from reweight.data.mnist import build_mnist_imbalanced, build_mnist_noisy
 from reweight.data.own import build_image_folder, build_tensors
 from reweight.data.splits import class_counts
@@ -38,6 +39,11 @@ class _Spec:
     builder: Callable[..., DataBundle]
     defaults: dict[str, Any]  # the dataset's own keys with the papers' defaults
     fixed: dict[str, Any] = field(default_factory=dict)  # bound arguments, not config keys
+    # the default dataset.val_per_class; native: the builder draws the validation set itself
+    # (mnist_imbalanced: from the undrawn pool, so its 20 training fours stay 20), else it is
+    # held out of the meta draw (meta_per_class + val_per_class per class, split in two)
+    val_per_class: int = 10
+    native_val: bool = False
 
 
 _NOISY = {"noise_type": "uniform", "noise_rate": 0.4}
@@ -47,6 +53,8 @@ _REGISTRY: dict[str, _Spec] = {
     "mnist_imbalanced": _Spec(
         build_mnist_imbalanced,
         {"proportion": 0.995, "n_train": 5000, "meta_per_class": 5, "test_balanced": True},
+        val_per_class=5,
+        native_val=True,
     ),
     "mnist_noisy": _Spec(build_mnist_noisy, {**_NOISY, "meta_per_class": 10}),
     "cifar10_noisy": _Spec(
@@ -58,6 +66,7 @@ _REGISTRY: dict[str, _Spec] = {
         build_cifar_noisy,
         {**_NOISY, "meta_per_class": 10, "augment": True},
         {"variant": "cifar100"},
+        val_per_class=2,
     ),
     "cifar10_lt": _Spec(
         build_cifar_lt,
@@ -68,12 +77,14 @@ _REGISTRY: dict[str, _Spec] = {
         build_cifar_lt,
         {"imbalance_factor": 100, "meta_per_class": 10, "augment": True},
         {"variant": "cifar100"},
+        val_per_class=2,
     ),
     "cifar10n": _Spec(
         build_cifar10n,
         {"label_key": "worse_label", "label_file": None, "meta_per_class": 100, "augment": True},
     ),
-    # your own data (reweight/data/own.py): no corruption unless asked for
+    # your own data (reweight/data/own.py): no corruption unless asked for; the validation set
+    # comes out of the trusted pool (2 per class: trusted sets are small)
     "image_folder": _Spec(
         build_image_folder,
         {
@@ -88,6 +99,7 @@ _REGISTRY: dict[str, _Spec] = {
             "standardize": True,
             **_OWN_CORRUPTION,
         },
+        val_per_class=2,
     ),
     "tensors": _Spec(
         build_tensors,
@@ -104,19 +116,26 @@ _REGISTRY: dict[str, _Spec] = {
             "standardize": True,
             **_OWN_CORRUPTION,
         },
+        val_per_class=2,
     ),
 }
 
 DATASETS: tuple[str, ...] = tuple(_REGISTRY)
 """Names accepted by :func:`build_dataset` (one Hydra config ``conf/dataset/<name>.yaml`` each)."""
 
-COMMON_KEYS = ("name", "root", "seed", "download")
+COMMON_KEYS = ("name", "root", "seed", "download", "val_per_class")
 """Keys every dataset accepts besides its own parameters."""
 
 
 def dataset_defaults(name: str) -> dict[str, Any]:
     """The dataset-specific parameters of ``name`` and their defaults."""
     return dict(_REGISTRY[check_choice("name", name, DATASETS)].defaults)
+
+
+def default_val_per_class(name: str) -> int:
+    """The default ``dataset.val_per_class`` of ``name`` (``conf/dataset/<name>.yaml`` says
+    the same; a test keeps them equal)."""
+    return _REGISTRY[check_choice("name", name, DATASETS)].val_per_class
 
 
 def dataset_builder(name: str) -> Callable[..., DataBundle]:
@@ -132,6 +151,7 @@ def build_dataset(
     root: str | os.PathLike | None = None,
     seed: int = 0,
     download: bool = True,
+    val_per_class: int | None = None,
     **params: Any,
 ) -> DataBundle:
     """Build the dataset ``name`` (one of :data:`DATASETS`).
@@ -148,6 +168,10 @@ def build_dataset(
 
         bundle = build_dataset("cifar10_noisy", noise_type="flip", noise_rate=0.4, seed=1)
         bundle.info["noise_rate_measured"]  # the fraction of training labels actually changed
+
+    ``val_per_class`` (default: :func:`default_val_per_class`; 0: none) clean examples per class
+    form ``bundle.val``, the validation set a sweep optimises: from the trusted pool the meta set
+    comes from, disjoint from train, meta and test, evaluated without augmentation.
     """
     spec = _REGISTRY[check_choice("name", name, DATASETS)]
     unknown = sorted(set(params) - set(spec.defaults))
@@ -159,11 +183,42 @@ def build_dataset(
     check_int("seed", seed, minimum=0)
     check_bool("download", download)
     resolved = {**spec.defaults, **params}
+    n_val = spec.val_per_class if val_per_class is None else val_per_class
+    check_int("val_per_class", n_val, minimum=0)
     data_root = resolve_data_root(root)
     generator = torch.Generator().manual_seed(seed)
-    bundle = spec.builder(
-        data_root, generator=generator, download=download, **spec.fixed, **resolved
-    )
+    if spec.native_val:
+        bundle = spec.builder(
+            data_root,
+            generator=generator,
+            download=download,
+            val_per_class=n_val,
+            **spec.fixed,
+            **resolved,
+        )
+    else:
+        # meta_per_class None (your own data): the whole trusted pool, less the validation set
+        n_meta = resolved["meta_per_class"]
+        if n_meta is not None:
+            n_meta = check_int("meta_per_class", n_meta, minimum=1)
+        drawn = {**resolved, "meta_per_class": None if n_meta is None else n_meta + n_val}
+        try:
+            bundle = spec.builder(
+                data_root, generator=generator, download=download, **spec.fixed, **drawn
+            )
+        except ValueError as err:
+            if n_val and "meta_per_class" in str(err):
+                together = f"meta_per_class={n_meta} + val_per_class={n_val}"
+                message = str(err).replace(f"meta_per_class={n_meta + n_val}", together)
+                raise ValueError(
+                    f"{message} (the meta and validation sets are drawn together from the "
+                    "same pool: lower dataset.val_per_class or dataset.meta_per_class)"
+                ) from err
+            raise
+        if n_val:
+            bundle.meta, bundle.val = split_validation(
+                bundle.meta, bundle.test, bundle.num_classes, n_meta, n_val
+            )
 
     k = bundle.num_classes
     meta_labels, test_labels = bundle.meta.labels, bundle.test.labels
@@ -180,11 +235,14 @@ def build_dataset(
             "train": len(bundle.train),
             "meta": len(bundle.meta),
             "test": len(bundle.test),
+            "val": len(bundle.val) if bundle.val is not None else 0,
         },
+        "val_per_class": n_val,
         "train_class_counts": class_counts(bundle.train_labels, k),
         "true_class_counts": class_counts(bundle.true_labels, k),
         "meta_class_counts": class_counts(meta_labels, k),
         "test_class_counts": class_counts(test_labels, k),
+        "val_class_counts": class_counts(bundle.val.labels, k) if bundle.val is not None else [],
         "num_corrupted": int(bundle.corrupted.sum()),
         "indices_hash": tensor_hash(
             bundle.train.source_indices, bundle.meta.source_indices, bundle.test.source_indices
@@ -193,12 +251,52 @@ def build_dataset(
         **bundle.info,
     }
     logger.info(
-        "dataset %s (seed %d): %d train (%d corrupted), %d meta, %d test",
+        "dataset %s (seed %d): %d train (%d corrupted), %d meta, %d val, %d test",
         name,
         seed,
         len(bundle.train),
         bundle.info["num_corrupted"],
         len(bundle.meta),
+        bundle.info["split_sizes"]["val"],
         len(bundle.test),
     )
     return bundle
+
+
+def split_validation(
+    meta: Any, test: Any, num_classes: int, meta_per_class: int | None, val_per_class: int
+) -> tuple[Any, Any]:
+    """Split a meta set drawn with ``meta_per_class + val_per_class`` per class: per class, the
+    first ``meta_per_class`` (in source order; the draw was random) stay meta, the rest become
+    the validation set, which gets the test set's transform (no augmentation) where there is
+    one. ``meta_per_class=None`` (a trusted pool taken whole): the last ``val_per_class`` of
+    each class become the validation set, and at least one must stay. Works on ``TensorData``
+    and on CIFAR's ``RelabeledSubset``."""
+    labels = meta.labels
+    rank = torch.zeros_like(labels)
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    for c in range(num_classes):
+        members = (labels == c).nonzero().flatten()
+        rank[members] = torch.arange(members.numel())
+        n_keep = meta_per_class if meta_per_class is not None else members.numel() - val_per_class
+        if meta_per_class is None and members.numel() and n_keep < 1:
+            raise ValueError(
+                f"the trusted set has {members.numel()} example(s) of class {c}, but "
+                f"val_per_class={val_per_class} of them would go to the validation set and at "
+                "least one must stay trusted: lower dataset.val_per_class (0: no validation set) "
+                "or give more trusted examples"
+            )
+        keep[members] = rank[members] < n_keep
+    return _subset(meta, keep, None), _subset(meta, ~keep, getattr(test, "transform", None))
+
+
+def _subset(data: Any, mask: Tensor, transform: Any) -> Any:
+    if isinstance(data, TensorData):
+        return TensorData(data.inputs[mask], data.labels[mask], data.source_indices[mask])
+    kind = type(data)  # RelabeledSubset(base, source_indices, labels, transform)
+    return kind(
+        data.base,
+        data.source_indices[mask],
+        data.labels[mask],
+        transform if transform is not None else data.transform,
+    )

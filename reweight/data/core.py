@@ -104,9 +104,10 @@ class DataBundle:
     ``train`` yields ``(x, y)`` with ``y`` the observed (possibly corrupted) label, and
     ``train_labels`` is exactly that label sequence, in order. ``true_labels`` are the original
     labels of the same examples and ``corrupted = train_labels != true_labels``. ``meta`` is the
-    clean meta set, disjoint from ``train``; ``test`` is never corrupted. ``info`` is a
-    JSON-serialisable record of the parameters, seed, split sizes, class counts, noise matrix and
-    measured noise rate, and hashes of the source indices and labels.
+    clean meta set, disjoint from ``train``; ``test`` is never corrupted. ``val`` (or None) is
+    a clean validation set from the same trusted pool as ``meta``, disjoint from all three.
+    ``info`` is a JSON-serialisable record of the parameters, seed, split sizes, class counts,
+    noise matrix and measured noise rate, and hashes of the source indices and labels.
     """
 
     name: str
@@ -122,6 +123,7 @@ class DataBundle:
     info: dict
     # what names each training example in suspects.csv (file paths, CSV ids); None: its index
     train_ids: list[str] | None = None
+    val: Dataset | None = None  # clean validation set, disjoint from train, meta and test
 
     def __post_init__(self) -> None:
         n = len(self.train)

@@ -201,6 +201,11 @@ def _bundle(
             _normalise(train_images[plan.meta_indices]), plan.meta_labels, plan.meta_indices
         ),
         test=TensorData(_normalise(test_images[test_idx]), test_labels, test_idx),
+        val=None
+        if plan.val_indices is None or plan.val_labels is None
+        else TensorData(
+            _normalise(train_images[plan.val_indices]), plan.val_labels, plan.val_indices
+        ),
         num_classes=plan.num_classes,
         train_labels=plan.train_labels,
         true_labels=plan.true_labels,
@@ -220,6 +225,7 @@ def build_mnist_imbalanced(
     n_train: int,
     meta_per_class: int,
     test_balanced: bool,
+    val_per_class: int = 0,
 ) -> DataBundle:
     """L2RW's imbalanced MNIST: digit 4 (label 0, minority) vs digit 9 (label 1, majority).
 
@@ -245,6 +251,7 @@ def build_mnist_imbalanced(
         meta_per_class=meta_per_class,
         test_balanced=test_balanced,
         generator=generator,
+        val_per_class=check_int("val_per_class", val_per_class, minimum=0),
     )
     return _bundle("mnist_imbalanced", plan, (train_x, test_x), test_y, ["4", "9"])
 

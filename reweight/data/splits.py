@@ -72,6 +72,8 @@ class SplitPlan:
     info: dict[str, Any] = field(default_factory=dict)
     test_indices: Tensor | None = None
     test_labels: Tensor | None = None
+    val_indices: Tensor | None = None  # (V,) int64, a clean validation set of the training split
+    val_labels: Tensor | None = None
 
     @property
     def corrupted(self) -> Tensor:
@@ -332,11 +334,14 @@ def plan_binary_imbalance(
     meta_per_class: int,
     test_balanced: bool,
     generator: torch.Generator,
+    val_per_class: int = 0,
 ) -> SplitPlan:
     """L2RW's imbalanced binary task (Ren et al., ICML 2018, Sec. 5.1, with 4 vs 9 on MNIST).
 
     ``round(n_train * proportion)`` majority and ``n_train - round(n_train * proportion)``
     minority examples are drawn from the training split; ``meta_per_class`` of each are held out
+    (``val_per_class`` more of each, the clean validation set, come from the training split's
+    examples left undrawn, so the training and meta sets are the same with or without it)
     as the balanced clean meta set. Labels: 0 = minority, 1 = majority. The test set has every
     minority test example and, if ``test_balanced``, as many random majority ones (else all).
     With n_train = 5000: 20 / 4970 training examples at p = 0.995 and 495 / 4495 at p = 0.9.
@@ -362,7 +367,13 @@ def plan_binary_imbalance(
                 f"n_train={n} with proportion={p} needs {want} {role} images (digit {cls}) but "
                 f"the training split has {pool.numel()}; use n_train <= {most}"
             )
+        if want + val_per_class > pool.numel():
+            raise ValueError(
+                f"val_per_class={val_per_class} needs {val_per_class} {role} images (digit "
+                f"{cls}) beyond the {want} drawn, but the training split has {pool.numel()}"
+            )
         draws[role] = pool[:want]
+        draws[f"{role}_val"] = pool[want : want + val_per_class]
     meta = torch.cat([draws["minority"][:k], draws["majority"][:k]]).sort().values
     train = torch.cat([draws["minority"][k:], draws["majority"][k:]]).sort().values
 
@@ -381,6 +392,7 @@ def plan_binary_imbalance(
         return (targets[idx] == majority).to(torch.int64)
 
     true = binary(train_targets, train)
+    val = torch.cat([draws["minority_val"], draws["majority_val"]]).sort().values
     info = {
         "minority_class": minority,
         "majority_class": majority,
@@ -397,4 +409,6 @@ def plan_binary_imbalance(
         info,
         test_indices=test,
         test_labels=binary(test_targets, test),
+        val_indices=val if val_per_class else None,
+        val_labels=binary(train_targets, val) if val_per_class else None,
     )

@@ -23,7 +23,7 @@ Example:
     >>> rows[0]["method"], rows[0]["n"], round(rows[0]["test_accuracy_mean"], 2)
     ('l2rw', 2, 0.91)
     >>> print((d / "results.md").read_text().splitlines()[2])
-    | method | n | test accuracy (%) | balanced accuracy (%) |
+    | method | n | test accuracy (%) | balanced accuracy (%) | val accuracy (%) |
 """
 
 from reweight.outputs.files import (
@@ -33,6 +33,7 @@ from reweight.outputs.files import (
     HYDRA_DIR,
     INFO_FILE,
     LABELS_FILE,
+    LOGGER_FILES,
     METRICS,
     OVERRIDES,
     RESOLVED_CONFIG,
@@ -57,6 +58,7 @@ __all__ = [
     "HYDRA_DIR",
     "INFO_FILE",
     "LABELS_FILE",
+    "LOGGER_FILES",
     "METRICS",
     "OVERRIDES",
     "RESOLVED_CONFIG",

@@ -25,6 +25,7 @@ __all__ = [
     "HYDRA_DIR",
     "INFO_FILE",
     "LABELS_FILE",
+    "LOGGER_FILES",
     "METRICS",
     "OVERRIDES",
     "RESOLVED_CONFIG",
@@ -34,6 +35,8 @@ __all__ = [
     "SUSPECTS",
     "SUSPECTS_PNG",
     "SUSPECTS_SCATTER_PNG",
+    "TRACKER_DIRS",
+    "TRACKER_FILES",
     "WEIGHTS",
     "atomic_write",
     "atomic_write_text",
@@ -53,6 +56,23 @@ CURVES_PNG = "learning_curves.png"
 SUSPECTS_PNG = "suspects.png"  # the lowest-weight images, given -> predicted label
 SUSPECTS_SCATTER_PNG = "suspects_scatter.png"  # final weight vs loss, clean / corrupted
 HISTOGRAM_PNG = "weight_histogram.png"
+TENSORBOARD_DIR = "tensorboard"  # logger=tensorboard: event files
+MLFLOW_DB = "mlflow.db"  # logger=mlflow: the local SQLite store (unless logger.mlflow.tracking_uri)
+MLFLOW_DIR = "mlruns"  # logger=mlflow: its artifacts
+MLFLOW_RUN_ID = "mlflow_run_id.txt"  # logger=mlflow: the run a resume continues
+WANDB_RUN_ID = "wandb_run_id.txt"  # logger=wandb: the id a resume keeps (its folder: wandb/)
+WANDB_DIR = "wandb"  # logger=wandb: the offline-run-* folders (unless logger.wandb.dir)
+LOGGER_FILES = {
+    "tensorboard": TENSORBOARD_DIR,
+    "mlflow_db": MLFLOW_DB,
+    "mlruns": MLFLOW_DIR,
+    "mlflow_id": MLFLOW_RUN_ID,
+    "wandb_id": WANDB_RUN_ID,
+}
+TRACKER_FILES = (MLFLOW_DB, MLFLOW_RUN_ID, WANDB_RUN_ID)
+TRACKER_DIRS = (TENSORBOARD_DIR, MLFLOW_DIR, WANDB_DIR)
+"""What the trackers leave in a run directory: a run that starts over there removes them."""
+"""Where each tracker writes in a run directory (``reweight.loggers.build_loggers``)."""
 HYDRA_DIR = Path(".hydra")  # Hydra's records of the job: config, hydra, overrides
 OVERRIDES = HYDRA_DIR / "overrides.yaml"  # the job's command-line overrides (sweep tables)
 # In a sweep's directory

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 _TABLE_METRICS = (
     ("test_accuracy", "test accuracy (%)"),
     ("test_balanced_accuracy", "balanced accuracy (%)"),
+    ("val_accuracy", "val accuracy (%)"),  # the clean validation set: what sweeps optimise
 )
 
 
@@ -100,6 +101,9 @@ def aggregate_sweep(
         )
     keys = list(dict.fromkeys(k for config in groups for k, _ in config))
     rows: list[dict[str, Any]] = []
+    objectives = {s.get("objective") for group in groups.values() for s in group}
+    objective = objectives.pop() if len(objectives) == 1 else None
+    chosen: tuple[float, dict[str, Any]] | None = None
     for config, summaries in groups.items():
         values = dict(config)
         row: dict[str, Any] = {k: values.get(k, "") for k in keys}
@@ -108,10 +112,15 @@ def aggregate_sweep(
             xs = [s[metric] for s in summaries if isinstance(s.get(metric), int | float)]
             row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std(xs)
         rows.append(row)
+        if isinstance(objective, str):
+            score, _ = _mean_std([s[objective] for s in summaries if _number(s.get(objective))])
+            if not math.isnan(score) and (chosen is None or score > chosen[0]):
+                chosen = (score, row)
     if not rows:
         log.warning("no %s under %s: nothing to aggregate", SUMMARY, sweep)
     _write_results_csv(sweep / RESULTS_CSV, rows, keys)
-    _write_results_md(sweep / RESULTS_MD, rows, keys, unfinished=len(unfinished))
+    best = None if chosen is None or objective is None else (objective, *chosen)
+    _write_results_md(sweep / RESULTS_MD, rows, keys, unfinished=len(unfinished), chosen=best)
     log.info("sweep table of %d configuration(s) written to %s", len(rows), sweep / RESULTS_MD)
     return rows
 
@@ -125,6 +134,10 @@ def _write_results_csv(path: Path, rows: list[dict[str, Any]], keys: list[str]) 
     atomic_write_text(path, out.getvalue())
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _pct(mean: float, std: float) -> str:
     if math.isnan(mean):
         return "n/a"
@@ -134,7 +147,11 @@ def _pct(mean: float, std: float) -> str:
 
 
 def _write_results_md(
-    path: Path, rows: list[dict[str, Any]], keys: list[str], unfinished: int = 0
+    path: Path,
+    rows: list[dict[str, Any]],
+    keys: list[str],
+    unfinished: int = 0,
+    chosen: tuple[str, float, dict[str, Any]] | None = None,
 ) -> None:
     # with several configurations, keys equal in all of them go above the table
     shared = [k for k in keys if len(rows) > 1 and len({str(r[k]) for r in rows}) == 1]
@@ -153,6 +170,18 @@ def _write_results_md(
         lines.append("Shared by every job: " + ", ".join(f"`{k}={rows[0][k]}`" for k in shared))
         lines.append("")
     lines.append("Final test accuracy, mean ± sample std over the seeds (n) of each configuration.")
+    if chosen is not None:
+        objective, score, row = chosen
+        config = ", ".join(f"`{k}={row[k]}`" for k in keys if row[k] != "") or "(default)"
+        test = _pct(row["test_accuracy_mean"], row["test_accuracy_std"])
+        lines += [
+            "",
+            f"Configuration chosen by {objective} (the sweep's objective, mean over seeds): "
+            f"{config}, {objective} {100 * score:.2f}. Its test accuracy, reported apart and "
+            f"not used in the choice: {test} %.",
+        ]
+        if objective.startswith("test_"):
+            lines.append("Warning: the objective is a TEST-SET metric; the number is optimistic.")
     if unfinished:
         lines += ["", f"Left out: {unfinished} job(s) without a summary (failed or unfinished)."]
     atomic_write_text(path, "\n".join(lines) + "\n")

@@ -1,0 +1,390 @@
+"""Experiment trackers: the ``Logger`` protocol and its TensorBoard, W&B and MLflow writers.
+
+A ``Trainer(..., loggers=[...])`` hands every logger the run's config once, then each history
+row (``step`` is the x axis; every other numeric key is a scalar) and a histogram of the last
+batch's relative weights (B·wᵢ, 1 is uniform). Anything with these four methods is a logger::
+
+    class PrintLogger:
+        def log_config(self, config): print(config)
+        def log_row(self, step, row): print(step, row)
+        def log_histogram(self, name, values, step): pass
+        def close(self): pass
+
+Why lazy: a run writes nothing before its first training step (``reweight.cli.run_dir``), so
+the writers below open their files on the first call, which the Trainer makes after that step.
+``close`` may be followed by more calls (the writer reopens), which is how ``Trainer.fit``
+closes them on success, interrupt and error alike and a later ``fit(resume=True)`` goes on.
+
+Resuming: the Trainer logs only rows it makes after the checkpoint, but a run killed between
+its last checkpoint and the kill had logged rows that are made again. TensorBoard reopens with
+``purge_step`` = the first step of the session (the events from that step on are dropped, the
+standard TensorBoard remedy); MLflow skips steps at or below the last step stored for the run;
+W&B (offline: one folder per session, one run id) skips steps at or below the last one it
+logged in this process, and ``wandb sync`` keeps the first value of a step.
+
+The tracking packages are optional extras (``pip install "reweight[tensorboard]"``, ``[wandb]``,
+``[mlflow]``); each is imported when its logger is built, with the install line if missing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+import os
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "LOGGERS",
+    "Logger",
+    "MLflowLogger",
+    "TensorBoardLogger",
+    "WandbLogger",
+    "build_loggers",
+    "flatten_config",
+]
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Logger(Protocol):
+    """What the Trainer calls: config once (after the first step), rows and histograms as they
+    are made, ``close`` when ``fit`` returns or raises."""
+
+    def log_config(self, config: Mapping[str, Any]) -> None: ...
+
+    def log_row(self, step: int, row: Mapping[str, float]) -> None: ...
+
+    def log_histogram(self, name: str, values: Tensor, step: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: the key paths a tracker's parameter table shows."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_config(value, prefix=f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def scalars(row: Mapping[str, Any]) -> dict[str, float]:
+    """The row's finite numeric values less ``step`` (NaN marks "not measured" in a row)."""
+    out = {}
+    for key, value in row.items():
+        if key == "step" or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if math.isfinite(value):
+            out[key] = float(value)
+    return out
+
+
+def _require(module: str, extra: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ValueError(
+            f"logger={extra} needs the {module.split('.')[0]} package: "
+            f'pip install "reweight[{extra}]"'
+        ) from err
+
+
+class TensorBoardLogger:
+    """Event files in ``log_dir`` (``tensorboard --logdir <run dir>/tensorboard``): one scalar
+    per row key, the weight histogram, the config as text."""
+
+    def __init__(self, log_dir: str | os.PathLike, flush_secs: int = 10) -> None:
+        self._module = _require("torch.utils.tensorboard", "tensorboard")
+        self.log_dir = Path(log_dir)
+        self.flush_secs = flush_secs
+        self._writer: Any = None
+        self._config: Mapping[str, Any] | None = None
+
+    def _open(self, step: int) -> Any:
+        if self._writer is None:
+            # purge_step: events at or after `step` left by a killed session are dropped
+            self._writer = self._module.SummaryWriter(
+                str(self.log_dir), purge_step=step, flush_secs=self.flush_secs
+            )
+            if self._config is not None:
+                text = json.dumps(self._config, indent=2, sort_keys=True, default=str)
+                self._writer.add_text("config", f"```\n{text}\n```", global_step=step)
+        return self._writer
+
+    def log_config(self, config: Mapping[str, Any]) -> None:
+        self._config = dict(config)  # written with the first row (the step it needs is there)
+
+    def log_row(self, step: int, row: Mapping[str, float]) -> None:
+        writer = self._open(step)
+        for key, value in scalars(row).items():
+            writer.add_scalar(key, value, global_step=step)
+
+    def log_histogram(self, name: str, values: Tensor, step: int) -> None:
+        self._open(step).add_histogram(name, values.detach().float().cpu(), global_step=step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class MLflowLogger:
+    """A run in an MLflow tracking store; by default a local SQLite store in the run
+    directory, ``<run dir>/mlflow.db`` with artifacts in ``<run dir>/mlruns`` (``mlflow ui
+    --backend-store-uri sqlite:///<run dir>/mlflow.db``; MLflow 3 refuses its old ``./mlruns``
+    file store unless ``MLFLOW_ALLOW_FILE_STORE=true``). Metrics per row with the step, the
+    flattened config as parameters; MLflow has no histograms, so the weight histogram is
+    logged as its quantiles (``weights/p10`` ...). The run id is kept in ``id_file`` so that a
+    resumed run continues the same MLflow run."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        id_file: str | os.PathLike,
+        experiment: str = "reweight",
+        run_name: str | None = None,
+        artifact_location: str | None = None,
+    ) -> None:
+        self._mlflow = _require("mlflow", "mlflow")
+        self.tracking_uri = tracking_uri
+        self.id_file = Path(id_file)
+        self.experiment = experiment
+        self.run_name = run_name
+        self.artifact_location = artifact_location
+        self._client: Any = None
+        self._run_id: str | None = None
+        self._last_step = -1
+        self._config: Mapping[str, Any] | None = None
+
+    def _open(self) -> tuple[Any, str]:
+        if self._client is None or self._run_id is None:
+            client = self._mlflow.tracking.MlflowClient(tracking_uri=self.tracking_uri)
+            run_id = self.id_file.read_text().strip() if self.id_file.is_file() else ""
+            if run_id:
+                history = client.get_metric_history(run_id, "lr")
+                self._last_step = max((m.step for m in history), default=-1)
+                client.update_run(run_id, status="RUNNING")
+            else:
+                exp = client.get_experiment_by_name(self.experiment)
+                exp_id = (
+                    exp.experiment_id
+                    if exp
+                    else client.create_experiment(
+                        self.experiment, artifact_location=self.artifact_location
+                    )
+                )
+                run_id = client.create_run(exp_id, run_name=self.run_name).info.run_id
+                self.id_file.parent.mkdir(parents=True, exist_ok=True)
+                self.id_file.write_text(run_id + "\n")
+            self._client, self._run_id = client, run_id
+            if self._config is not None:
+                params = [
+                    self._mlflow.entities.Param(k, str(v)[:6000])
+                    for k, v in flatten_config(self._config).items()
+                ]
+                if run_id and self._last_step >= 0:
+                    params = []  # logged by the first session (MLflow refuses a re-log)
+                for i in range(0, len(params), 100):
+                    client.log_batch(run_id, params=params[i : i + 100])
+        return self._client, self._run_id
+
+    def log_config(self, config: Mapping[str, Any]) -> None:
+        self._config = dict(config)
+
+    def log_row(self, step: int, row: Mapping[str, float]) -> None:
+        client, run_id = self._open()
+        if step <= self._last_step:
+            return  # logged before a resume
+        now = _millis()
+        metrics = [self._mlflow.entities.Metric(k, v, now, step) for k, v in scalars(row).items()]
+        client.log_batch(run_id, metrics=metrics)
+        self._last_step = step
+
+    def log_histogram(self, name: str, values: Tensor, step: int) -> None:
+        client, run_id = self._open()
+        v = values.detach().float().cpu().flatten()
+        if v.numel() == 0:
+            return
+        qs = torch.quantile(v, torch.tensor([0.1, 0.5, 0.9])).tolist()
+        now = _millis()
+        metrics = [
+            self._mlflow.entities.Metric(f"{name}/p{p}", q, now, step)
+            for p, q in zip((10, 50, 90), qs, strict=True)
+        ]
+        client.log_batch(run_id, metrics=metrics)
+
+    def close(self, status: str = "FINISHED") -> None:
+        if self._client is not None and self._run_id is not None:
+            self._client.set_terminated(self._run_id, status=status)
+        self._client = self._run_id = None
+
+
+class WandbLogger:
+    """A Weights & Biases run, offline by default (``mode="offline"``: a folder
+    ``<dir>/wandb/offline-run-*`` that ``wandb sync`` uploads later; no login, no network).
+    Rows with ``step`` as W&B's step, the weight histogram as ``wandb.Histogram``, the config
+    as the run config. The run id is kept in ``id_file`` so a resumed run keeps its id."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        id_file: str | os.PathLike,
+        project: str = "reweight",
+        mode: str = "offline",
+        entity: str | None = None,
+        run_name: str | None = None,
+    ) -> None:
+        if mode not in ("offline", "online", "disabled"):
+            raise ValueError(f"logger.wandb.mode must be offline, online or disabled, got {mode!r}")
+        self._wandb = _require("wandb", "wandb")
+        self.directory = Path(directory)
+        self.id_file = Path(id_file)
+        self.project, self.mode, self.entity, self.run_name = project, mode, entity, run_name
+        self._run: Any = None
+        self._last_step = -1
+        self._config: Mapping[str, Any] | None = None
+
+    def _open(self) -> Any:
+        if self._run is None:
+            if self.id_file.is_file():
+                run_id = self.id_file.read_text().strip()
+            else:
+                run_id = uuid.uuid4().hex[:12]
+                self.id_file.parent.mkdir(parents=True, exist_ok=True)
+                self.id_file.write_text(run_id + "\n")
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._run = self._wandb.init(
+                project=self.project,
+                entity=self.entity,
+                name=self.run_name,
+                id=run_id,
+                resume="allow",
+                dir=str(self.directory),
+                mode=self.mode,
+                config=dict(self._config or {}),
+                settings=self._wandb.Settings(silent=True, console="off"),
+                reinit="create_new",
+            )
+        return self._run
+
+    def log_config(self, config: Mapping[str, Any]) -> None:
+        self._config = dict(config)
+
+    def log_row(self, step: int, row: Mapping[str, float]) -> None:
+        run = self._open()
+        if step <= self._last_step:
+            return
+        run.log(scalars(row), step=step)
+        self._last_step = step
+
+    def log_histogram(self, name: str, values: Tensor, step: int) -> None:
+        run = self._open()
+        if step < self._last_step:
+            return
+        v = values.detach().float().cpu().numpy()
+        run.log({name: self._wandb.Histogram(v)}, step=step)
+        self._last_step = step
+
+    def close(self) -> None:
+        if self._run is not None:
+            self._run.finish()
+            self._run = None
+
+
+LOGGERS = ("csv", "tensorboard", "wandb", "mlflow")
+"""The options of the ``logger`` config group; ``csv`` (metrics.csv) is always written."""
+
+
+def build_loggers(
+    options: Mapping[str, Mapping[str, Any] | None],
+    run_dir: str | os.PathLike,
+    *,
+    files: Mapping[str, str],
+    run_name: str | None = None,
+) -> list[Logger]:
+    """The loggers of the ``logger`` config block (``{"tensorboard": {...}, ...}``) for a run
+    in ``run_dir``. ``files`` names their places in the run directory
+    (``reweight.outputs.files``: tensorboard, mlflow_db, mlruns, mlflow_id, wandb_id). Nothing is
+    written here. An unknown name raises ``ValueError`` with the allowed names."""
+    run = Path(run_dir)
+    out: list[Logger] = []
+    for name, settings in options.items():
+        opts = dict(settings or {})
+        if name == "csv":
+            continue  # metrics.csv: written by every run
+        if name == "tensorboard":
+            out.append(TensorBoardLogger(run / files["tensorboard"], **opts))
+        elif name == "mlflow":
+            uri = opts.pop("tracking_uri", None)
+            artifacts = None
+            if uri is None:  # the local store in the run directory
+                uri = f"sqlite:///{(run / files['mlflow_db']).resolve()}"
+                artifacts = (run / files["mlruns"]).resolve().as_uri()
+            out.append(
+                MLflowLogger(
+                    uri,
+                    run / files["mlflow_id"],
+                    run_name=run_name,
+                    artifact_location=artifacts,
+                    **opts,
+                )
+            )
+        elif name == "wandb":
+            directory = opts.pop("dir", None) or run
+            out.append(WandbLogger(directory, run / files["wandb_id"], run_name=run_name, **opts))
+        else:
+            raise ValueError(f"logger={name} is not a logger; choose from {', '.join(LOGGERS)}")
+    return out
+
+
+def close_all(loggers: Sequence[Logger]) -> None:
+    """Close every logger; a failing one does not keep the others open (logged, re-raised)."""
+    error: BaseException | None = None
+    for logger in loggers:
+        try:
+            logger.close()
+        except Exception as err:  # close the rest, then report the first
+            log.warning("closing %s failed: %s", type(logger).__name__, err)
+            error = error or err
+    if error is not None:
+        raise error
+
+
+class LoggerGroup:
+    """Several loggers as one, for the Trainer: the run's ``config`` once, with the first row;
+    then every history row and a histogram of the last batch's relative weights; ``close``
+    closes them all (``close_all``)."""
+
+    def __init__(self, loggers: Sequence[Logger], config: Mapping[str, Any]) -> None:
+        self.loggers, self.config = list(loggers), dict(config)
+        self._config_logged = False
+
+    def log(self, step: int, row: Mapping[str, Any], weights: Any | None = None) -> None:
+        for logger in self.loggers:
+            if not self._config_logged:
+                logger.log_config(self.config)
+            logger.log_row(step, row)
+            if weights is not None:
+                logger.log_histogram("weights", weights, step)
+        self._config_logged = bool(self.loggers)
+
+    def close(self) -> None:
+        close_all(self.loggers)
+
+
+def _millis() -> int:
+    import time
+
+    return int(time.time() * 1000)

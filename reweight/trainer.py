@@ -495,6 +495,7 @@ class Trainer:
                 }
             )
         metrics.update(self._stats.summary())
+        metrics.update(self.method.describe())  # e.g. meta_engine: which engine ran, and why
         if self.config.final_weights:
             self.final_example_weights = w = self.example_weights(self.config.final_weights)
             metrics.update(

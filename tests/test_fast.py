@@ -566,6 +566,45 @@ def test_tape_replays_dropout_and_in_place_ops(model: nn.Module):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
+class BNConvNet(nn.Module):
+    """BatchNorm2d with and without affine weights, a frozen one, and BatchNorm1d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn1, self.bn2 = nn.BatchNorm2d(4), nn.BatchNorm2d(4, affine=False)
+        self.bn3 = nn.BatchNorm2d(4)
+        self.bn3.weight.requires_grad_(False)
+        self.fc, self.bn4 = nn.Linear(4, 6), nn.BatchNorm1d(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn3(torch.tanh(self.bn2(torch.relu(self.bn1(self.conv(x))))))
+        return self.head(torch.tanh(self.bn4(self.fc(h.mean((2, 3))))))
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["batch-statistics", "running-statistics"])
+def test_tape_batchnorm_rule_equals_dual_numbers(train: bool):
+    """The tape's own BatchNorm tangent (from the statistics the forward saved) against
+    forward AD's, in both modes (running statistics made non-trivial)."""
+    torch.manual_seed(0)
+    model = BNConvNet().double()
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2, model.bn3, model.bn4):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            if bn.affine:
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.2, 0.2)
+    model.train(train)
+    x, y = torch.randn(7, 2, 5, 5, dtype=torch.float64), torch.randint(0, 3, (7,))
+    tape, got, want = tape_and_dual(model, x, y)
+    assert tape.error is None
+    assert sum(e.func is torch.ops.aten.native_batch_norm.default for e in tape.entries) == 4
+    assert want.abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
 def test_tape_falls_back_with_a_warning_unless_forced(caplog: pytest.LogCaptureFixture):
     model = InPlaceNet(scale=True).double().train()
     x, y = torch.randn(10, 4).double(), torch.randint(0, 3, (10,))

@@ -222,6 +222,48 @@ def _rule_dropout(e: Entry, T: dict[int, Tensor]) -> list[Tensor | None]:
     return [aten.native_dropout_backward(tx, e.outs[1].primal(), scale), None]
 
 
+def _rule_batch_norm(e: Entry, T: dict[int, Tensor]) -> list[Tensor | None]:
+    """BatchNorm's tangent from the statistics the forward saved, without recomputing it.
+
+    With x̂ = (x − μ)·σ⁻¹ per channel: in training mode (μ, σ the batch's, so they move with x)
+    ẏ = γ·σ⁻¹·(ẋc − x̂·mean(ẋc·x̂)) with ẋc = ẋ − mean(ẋ), means over all but the channel
+    dimension; in eval mode (running statistics) ẏ = γ·σ⁻¹·ẋ; plus γ̇·x̂ + β̇ in both.
+    """
+    a = e.named
+    tx, tw, tb = _t(T, a["input"]), _t(T, a["weight"]), _t(T, a["bias"])
+    ref = a["input"]
+    view = [1, ref.shape[1]] + [1] * (len(ref.shape) - 2)
+    dims = [0, *range(2, len(ref.shape))]
+    if a["training"]:
+        mean, invstd = e.outs[1].primal().view(view), e.outs[2].primal().view(view)
+    else:
+        mean = a["running_mean"].primal().view(view)
+        invstd = torch.rsqrt(a["running_var"].primal() + a["eps"]).view(view)
+    xhat = None
+    if tw is not None or (tx is not None and a["training"]):
+        xhat = (ref.primal() - mean).mul_(invstd)
+    out = None
+    if tx is not None:
+        scale = invstd if a["weight"] is None else invstd * a["weight"].primal().view(view)
+        if a["training"]:
+            tc = tx - tx.mean(dims, keepdim=True)
+            out = tc.sub_(xhat * (tc * xhat).mean(dims, keepdim=True)).mul_(scale)
+        else:
+            out = tx * scale
+    if tw is not None:
+        term = xhat.mul_(tw.view(view))
+        out = term if out is None else out.add_(term)
+    if tb is not None:
+        out = _add(out, tb.view(view))
+    return [_shaped(out, e.outs[0]), None, None]
+
+
+def _bn_reads(dep: dict[str, bool]) -> set[str]:
+    """The input and weight, and the running statistics (read in eval mode only; in training
+    mode the op writes them, and the rule reads the batch statistics it returned instead)."""
+    return {"input", "weight", "running_mean", "running_var"}
+
+
 def _rule_add(e: Entry, T: dict[int, Tensor]) -> list[Tensor | None]:
     a = e.named
     tx, ty = _t(T, a["self"]), _t(T, a.get("other"))
@@ -305,6 +347,7 @@ _RULES: dict[Any, tuple[Rule, Callable[[dict[str, bool]], set[str]], tuple[int, 
     aten.relu: (_rule_relu, _nothing, (0,)),
     aten.relu_: (_rule_relu, _nothing, (0,)),
     aten.native_dropout: (_rule_dropout, _nothing, (1,)),
+    aten.native_batch_norm: (_rule_batch_norm, _bn_reads, (1, 2)),
     aten.add: (_rule_add, _nothing, ()),
     aten.add_: (_rule_add, _nothing, ()),
     aten.sub: (_rule_add, _nothing, ()),

@@ -418,6 +418,8 @@ SGD_CASES = {
     "weight-decay": ({"weight_decay": 5e-3}, 1, 1.0),
     "momentum-first-step": ({"momentum": 0.9}, 0, 1.0),  # no buffer yet: buf′ = d₀
     "momentum-dampening": ({"momentum": 0.9, "dampening": 0.3, "weight_decay": 1e-3}, 2, 0.7),
+    # SGD's first step copies d₀ into the buffer without dampening it
+    "momentum-dampening-first-step": ({"momentum": 0.9, "dampening": 0.3}, 0, 1.0),
     "nesterov-first-step": ({"momentum": 0.9, "nesterov": True}, 0, 1.9),
     "nesterov": ({"momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}, 2, 1.9),
 }

@@ -117,10 +117,11 @@ def _load_forward_ad() -> None:
     """Trigger torch's one-time set-up of forward AD with its known deprecation warning muted.
 
     The first ``make_dual`` imports ``torch._decomp.decompositions_for_jvp``, which calls the
-    deprecated ``torch.jit.script`` (a FutureWarning that is torch's business, not the user's).
+    deprecated ``torch.jit.script`` (a warning that is torch's business, not the user's).
     """
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", r"`torch.jit.script` is deprecated", FutureWarning)
+        # FutureWarning on torch 2.14, DeprecationWarning on 2.13
+        warnings.filterwarnings("ignore", r"`torch.jit.script` is deprecated", Warning)
         with fwAD.dual_level():
             fwAD.make_dual(torch.zeros(()), torch.zeros(()))
 

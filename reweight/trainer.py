@@ -161,9 +161,8 @@ class Trainer:
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
         self.callbacks = list(callbacks)
         self.val_data = val_data
-        self.loggers = list(loggers)
         run_config = run_config or {"trainer": asdict(cfg)}
-        self._trackers = LoggerGroup(self.loggers, {"method": self.method.name, **run_config})
+        self._trackers = LoggerGroup(loggers, {"method": self.method.name, **run_config})
         self._last_weights: Tensor | None = None
         self.step = 0
         self.history: list[dict[str, float]] = []
@@ -579,6 +578,24 @@ class Trainer:
         if out.meta_loss is not None and not math.isfinite(out.meta_loss):
             where = f"at step {self.step + 1} (method {self.method.name})"
             raise FloatingPointError(f"meta loss is {out.meta_loss} {where}")
+
+    @property
+    def loggers(self) -> list[Logger]:
+        """The experiment trackers (settable: the CLI adds them once the run dir is known)."""
+        return self._trackers.loggers
+
+    @loggers.setter
+    def loggers(self, loggers: Sequence[Logger]) -> None:
+        self._trackers.loggers = list(loggers)
+
+    @property
+    def run_config(self) -> dict[str, Any]:
+        """What the trackers record as the run's config (settable, like ``loggers``)."""
+        return self._trackers.config
+
+    @run_config.setter
+    def run_config(self, config: dict[str, Any]) -> None:
+        self._trackers.config = {"method": self.method.name, **config}
 
     @property
     def is_main(self) -> bool:

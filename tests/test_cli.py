@@ -318,7 +318,8 @@ def run_main(monkeypatch, capsys, tmp_path, *args: str) -> tuple[int, str]:
     ("args", "expected"),
     [
         (["dataset=imagenet"], "dataset=imagenet is not an option of 'dataset'; allowed: "
-         "cifar100_lt, cifar100_noisy, cifar10_lt, cifar10_noisy, cifar10n, image_folder, mnist_imbalanced"),
+         "cifar100_lt, cifar100_noisy, cifar10_lt, cifar10_noisy, cifar10n, image_folder, "
+         "mnist_imbalanced"),
         (["method=l2w"], "allowed: class_balanced, erm, l2rw, mwnet, random"),
         (["method.name=l2w"], "method.name must be one of ['class_balanced', 'erm', 'l2rw',"),
         (["trainer.max_steps=0"], "trainer.max_steps must be >= 1, got 0"),

@@ -123,7 +123,8 @@ def test_experiment_preset(experiment):
     if "_target_" in cfg.scheduler:
         _partial(cfg.scheduler, "scheduler")
         assert all(0 < m < cfg.trainer.max_steps for m in cfg.scheduler.milestones)
-    assert optimizer.keywords["lr"] == (1e-3 if "mnist" in experiment else 0.1)
+    lrs = {"l2rw_mnist_imbalance": 1e-3, "mwnet_mnist_noisy": 0.05}
+    assert optimizer.keywords["lr"] == lrs.get(experiment, 0.1)
     assert cfg.trainer.batch_size == 100
     if experiment in STEPS_PER_EPOCH:  # epochs converted to optimizer steps
         per_epoch = STEPS_PER_EPOCH[experiment]
@@ -153,13 +154,36 @@ def test_dataset_option(option):
     assert set(cfg.dataset) == set(COMMON_KEYS) | set(dataset_defaults(option))
 
 
+# method options that are another method with some keys changed (a sweep can list them beside
+# the others, where a key set once would reach every method): option -> (method, its changes)
+VARIANTS = {"mwnet_sum": ("mwnet", {"normalize": "sum"})}
+
+
 @pytest.mark.parametrize("option", options("method"))
 def test_method_option(option):
     cfg = cfg_of(f"method={option}")
-    assert cfg.method.name == option and option in METHODS
+    name, changes = VARIANTS.get(option, (option, {}))
+    assert cfg.method.name == name and name in METHODS
+    base = OmegaConf.to_container(cfg_of(f"method={name}").method)
+    assert OmegaConf.to_container(cfg.method) == base | changes
+    assert all(base[k] != v for k, v in changes.items())  # a variant changes something
     method = build_method(**OmegaConf.to_container(cfg.method, resolve=True))
-    assert method.name == option
-    assert set(options("method")) == set(METHODS)  # one config per method
+    assert method.name == name
+    assert set(options("method")) == set(METHODS) | set(VARIANTS)  # one config per method
+
+
+def test_noisy_mnist_sweep_composes():
+    """The documented sweep lists method=erm,...,mwnet_sum beside the preset: each composes,
+    and only the MW-Net variant gets the preset's weighting."""
+    for option in ("erm", "class_balanced", "l2rw", "mwnet_sum"):
+        cfg = cfg_of("experiment=mwnet_mnist_noisy", f"method={option}", "dataset.noise_type=flip")
+        build_method(**OmegaConf.to_container(cfg.method, resolve=True))
+        assert (cfg.model.name, cfg.dataset.train_per_class, cfg.trainer.grad_clip) == (
+            "mlp",
+            500,
+            1.0,
+        )
+        assert ("normalize" in cfg.method) == (option == "mwnet_sum")
 
 
 @pytest.mark.parametrize("option", options("model"))

@@ -271,6 +271,28 @@ def test_same_seed_same_labels(noisy_bundle: DataBundle) -> None:
     assert other.info["noise_matrix"] != noisy_bundle.info["noise_matrix"]  # flip targets differ
 
 
+def test_mnist_noisy_train_per_class(noisy_bundle: DataBundle) -> None:
+    """A balanced training subset drawn before the noise: its true labels count
+    ``train_per_class`` per class, disjoint from the meta and validation sets, noise as asked."""
+    root = _check_shared_mnist()
+    small = build_dataset("mnist_noisy", root=root, seed=0, noise_type="flip", noise_rate=0.4,
+                          train_per_class=300)  # fmt: skip
+    assert len(small.train) == 3000 and torch.bincount(small.true_labels).tolist() == [300] * 10
+    assert torch.equal(small.meta.labels, noisy_bundle.meta.labels)  # drawn before the subset
+    held = set(small.meta.source_indices.tolist()) | set(small.val.source_indices.tolist())
+    assert not held & set(small.train.source_indices.tolist())
+    measured = small.corrupted.to(torch.float64).mean().item()
+    assert abs(measured - 0.4) < 5 * (0.4 * 0.6 / 3000) ** 0.5
+    # null (the default) keeps the whole split
+    whole = build_dataset("mnist_noisy", root=root, seed=0, noise_type="flip", noise_rate=0.4,
+                          train_per_class=None)  # fmt: skip
+    assert whole.info["labels_hash"] == noisy_bundle.info["labels_hash"]
+    with pytest.raises(ValueError, match=r"train_per_class=9999 is not in \[1, \d+\]"):
+        build_dataset("mnist_noisy", root=root, train_per_class=9999)
+    with pytest.raises(ValueError, match=r"train_per_class must be an integer >= 1; got 0"):
+        build_dataset("mnist_noisy", root=root, train_per_class=0)
+
+
 def test_mnist_imbalanced_seed(mnist_env: Path) -> None:
     a = build_dataset("mnist_imbalanced", seed=3)
     b = build_dataset("mnist_imbalanced", seed=3)

@@ -213,7 +213,10 @@ def test_failed_run_leaves_an_unfinished_run_unchanged(finished_run, copy_of, tm
     ("change", "shown"),
     [
         (["trainer.max_steps=8"], "trainer.max_steps: 4 there, 8 here"),
-        (["optimizer.lr=0.5", "seed=1"], "optimizer.lr: 0.001 there, 0.5 here|seed: 0 there, 1 here"),
+        (
+            ["optimizer.lr=0.5", "seed=1"],
+            "optimizer.lr: 0.001 there, 0.5 here|seed: 0 there, 1 here",
+        ),
     ],
 )
 def test_another_config_in_the_run_dir_is_refused(finished_run, copy_of, tmp_path, change, shown):

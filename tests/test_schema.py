@@ -122,6 +122,8 @@ def test_every_key_of_every_option_is_typed(group, option):
     by the constructor it feeds (methods, datasets, models, TrainerConfig) or, for a torch
     target, in reweight/cli/schema.py."""
     node = yaml.safe_load((CONF / group / f"{option}.yaml").read_text()) or {}
+    for base in [d for d in node.pop("defaults", []) if d != "_self_"]:  # a variant of `base`
+        node = (yaml.safe_load((CONF / group / f"{base}.yaml").read_text()) or {}) | node
     cls, _ = group_schema(group, node)
     assert cls is not TargetConfig, f"{group}={option}: no schema for {node.get('_target_')}"
     assert set(node) <= keys_of(cls), f"untyped: {sorted(set(node) - keys_of(cls))}"

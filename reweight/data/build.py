@@ -56,7 +56,9 @@ _REGISTRY: dict[str, _Spec] = {
         val_per_class=5,
         native_val=True,
     ),
-    "mnist_noisy": _Spec(build_mnist_noisy, {**_NOISY, "meta_per_class": 10}),
+    "mnist_noisy": _Spec(
+        build_mnist_noisy, {**_NOISY, "meta_per_class": 10, "train_per_class": None}
+    ),
     "cifar10_noisy": _Spec(
         build_cifar_noisy,
         {**_NOISY, "meta_per_class": 100, "augment": True},

@@ -264,13 +264,17 @@ def build_mnist_noisy(
     noise_type: str,
     noise_rate: float,
     meta_per_class: int,
+    train_per_class: int | None = None,
 ) -> DataBundle:
     """10-class MNIST: a clean meta set of ``meta_per_class`` images per class is held out of the
-    training split, the rest is corrupted with ``noise_type`` at ``noise_rate`` (see
-    :mod:`reweight.data.noise`); the test split is used whole."""
+    training split, ``train_per_class`` random images per class of the rest are kept (None: all),
+    and they are corrupted with ``noise_type`` at ``noise_rate`` (see :mod:`reweight.data.noise`);
+    the test split is used whole."""
     check_choice("noise_type", noise_type, NOISE_TYPES)
     check_rate("noise_rate", noise_rate)
     check_int("meta_per_class", meta_per_class, minimum=1)
+    if train_per_class is not None:
+        check_int("train_per_class", train_per_class, minimum=1)
     check_bool("download", download)
     train_x, train_y, test_x, test_y = load_mnist(root, download=download)
     plan = plan_noisy(
@@ -280,5 +284,6 @@ def build_mnist_noisy(
         noise_type=noise_type,
         noise_rate=noise_rate,
         generator=generator,
+        train_per_class=train_per_class,
     )
     return _bundle("mnist_noisy", plan, (train_x, test_x), test_y, [str(d) for d in range(10)])

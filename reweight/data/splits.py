@@ -174,15 +174,30 @@ def plan_noisy(
     noise_type: str,
     noise_rate: float,
     generator: torch.Generator,
+    train_per_class: int | None = None,
 ) -> SplitPlan:
     """Clean class-balanced meta set, then synthetic noise on the rest (MW-Net's protocol).
 
-    Generator order: noise matrix (``flip``/``flip2`` only), meta split, corruption.
-    ``info`` records the matrix ``T``, the requested rate, the measured rate (fraction of training
-    labels changed) and the rate expected from ``T``.
+    ``train_per_class`` keeps that many random training examples of each class (before the
+    noise; None keeps all): a small training set is memorised in few steps, which is what a
+    noisy-label experiment at CPU scale needs to show.
+
+    Generator order: noise matrix (``flip``/``flip2`` only), meta split, the training subset
+    (only when ``train_per_class`` is given), corruption. ``info`` records the matrix ``T``, the
+    requested rate, the measured rate (fraction of training labels changed) and the rate
+    expected from ``T``.
     """
     T = noise_matrix(noise_type, num_classes, noise_rate, generator)
     meta, rest = split_meta(labels, num_classes, meta_per_class, generator)
+    if train_per_class is not None:
+        have = min(class_counts(labels[rest], num_classes))
+        if not 1 <= train_per_class <= have:
+            raise ValueError(
+                f"train_per_class={train_per_class} is not in [1, {have}]: the smallest class "
+                f"has {have} training examples once the meta set is out; use train_per_class "
+                f"<= {have}, or null for all"
+            )
+        rest = rest[subsample_per_class(labels[rest], [train_per_class] * num_classes, generator)]
     true = labels[rest].to(torch.int64)
     noisy = corrupt_labels(true, T, generator)
     info = {

@@ -1,0 +1,124 @@
+"""Turn the noisy-MNIST sweeps into a figure and a markdown table (docs/noisy_mnist.md).
+
+    python docs/noisy_figure.py outputs/sweeps/mnist_noisy_uniform outputs/sweeps/mnist_noisy_flip \
+        --out docs/results/mnist_noisy
+
+Reads every finished job (``summary.json``, ``metrics.csv`` and ``.hydra/config.yaml``) under
+the given sweep directories and groups the jobs by noise setting and method. The figure has one
+panel per noise setting: test accuracy over training, mean ± std over seeds, one line per
+method. The table gives, per setting and method, the final test accuracy, the best test accuracy
+seen during training (an optimistic number: it is picked on the test set, shown only to say how
+far the final one fell), the final weights' clean-vs-corrupted AUC (every training example
+scored once at the end; 0.5 for methods whose weights ignore the labels' quality) and the wall
+time per job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+METHODS = ("erm", "class_balanced", "l2rw", "mwnet")  # the order of lines and rows
+Setting = tuple[str, float]  # (noise_type, noise_rate)
+
+
+def collect(sweeps: list[Path]) -> dict[Setting, dict[str, list[dict]]]:
+    """{(noise_type, noise_rate): {method: [job, one per seed]}}; a job is its summary plus its
+    test-accuracy curve (``curve``: [(step, accuracy)])."""
+    out: dict[Setting, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for sweep in sweeps:
+        for summary in sorted(sweep.glob("**/summary.json")):
+            cfg = OmegaConf.load(summary.parent / ".hydra" / "config.yaml")
+            job = json.loads(summary.read_text())
+            with open(summary.parent / "metrics.csv", newline="") as f:
+                job["curve"] = [
+                    (int(r["step"]), float(r["test_accuracy"]))
+                    for r in csv.DictReader(f)
+                    if r.get("test_accuracy")
+                ]
+            setting = (str(cfg.dataset.noise_type), float(cfg.dataset.noise_rate))
+            out[setting][cfg.method.name].append(job)
+    if not out:
+        raise SystemExit(f"no summary.json under {', '.join(map(str, sweeps))}")
+    return out
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else math.nan
+
+
+def _pct(xs: list[float]) -> str:
+    m, s = mean_std([100 * x for x in xs])
+    return f"{m:.1f} ± {s:.1f}"
+
+
+def table(results: dict[Setting, dict[str, list[dict]]]) -> str:
+    lines = [
+        "| noise | method | seeds | final test acc. (%) | best during training (%) "
+        "| weight AUC (final) | wall time per job (s) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for setting in sorted(results):
+        for method in [m for m in METHODS if m in results[setting]]:
+            jobs = results[setting][method]
+            auc = mean_std([j["weight_auc"] for j in jobs])
+            lines.append(
+                f"| {setting[0]} {setting[1]:.0%} | {method} | {len(jobs)} "
+                f"| {_pct([j['test_accuracy'] for j in jobs])} "
+                f"| {_pct([j['best_test_accuracy'] for j in jobs])} "
+                f"| {auc[0]:.3f} ± {auc[1]:.3f} "
+                f"| {statistics.fmean(j['wall_time_s'] for j in jobs):.0f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def figure(results: dict[Setting, dict[str, list[dict]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = sorted(results)
+    fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.6), squeeze=False)
+    for ax, setting in zip(axes[0], settings, strict=True):
+        for method in [m for m in METHODS if m in results[setting]]:
+            curves = [dict(j["curve"]) for j in results[setting][method]]
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            stats = [mean_std([100 * c[s] for c in curves]) for s in steps]
+            mean = [m for m, _ in stats]
+            std = [0.0 if math.isnan(s) else s for _, s in stats]
+            ax.plot(steps, mean, label=f"{method} (n={len(curves)})")
+            low = [m - s for m, s in zip(mean, std, strict=True)]
+            high = [m + s for m, s in zip(mean, std, strict=True)]
+            ax.fill_between(steps, low, high, alpha=0.2)
+        ax.set_title(f"{setting[0]} noise {setting[1]:.0%}")
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy (%), mean ± std over seeds")
+    axes[0][-1].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweeps", nargs="+", type=Path, help="sweep directories")
+    parser.add_argument("--out", type=Path, required=True, help="path stem of the .png and .md")
+    args = parser.parse_args()
+    results = collect(args.sweeps)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    figure(results, args.out.with_suffix(".png"))
+    args.out.with_suffix(".md").write_text(table(results))
+    print(table(results), end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -375,6 +375,7 @@ class Trainer:
         if self.test_data is not None:
             metrics.update(summarize_test(self._evaluate_test(), self.best_test_accuracy))
         metrics.update(self._stats.summary())
+        metrics.update(self.method.describe())  # e.g. meta_engine: which engine ran, and why
         if self.config.final_weights:
             self.final_example_weights = w = self.example_weights(self.config.final_weights)
             metrics.update(

@@ -20,8 +20,9 @@ training graph across MW-Net's meta pass, but is exact only for a model whose ex
 interact: its structure is checked first, then on the first step of every (model, structure,
 mode) its JVP in a fixed random direction is compared with an exact one (dual numbers through
 the twin): if they agree to rounding the step goes on per layer (so a checking step computes
-what every later step does, and a resumed run equals an uninterrupted one), else it goes on by
-the general engine from the same forward, and the model stays off the path.
+what every later step does, and a resumed run equals an uninterrupted one), else that step
+finishes from the same forward with dual numbers through the twin, and the model stays on the
+general engine from then on.
 
 A forced engine (``engine="tape"`` etc.) is used as given; one that cannot run the model is an
 error, never a silent fallback. ``current`` is the latest plan (engine and reason, logged at

@@ -93,29 +93,16 @@ class DualTwinRecording(Recording):
     are the values). Without (MW-Net): the twin's forward with graph, freed by the one
     ``weighted_grads`` it serves; each ``jvp`` a dual forward of the twin; ``update_losses`` the
     real model's forward, run then (both drawing the random numbers the first forward drew).
-    Given ``losses`` (a forward of ``fwd.module`` already made, with graph) no forward is run:
-    those losses serve the weighted gradients and the update.
     """
 
     engine = "dual_twin"
 
-    def __init__(
-        self,
-        fwd: Forward,
-        direction: Sequence[Tensor] | None = None,
-        *,
-        losses: Tensor | None = None,
-    ) -> None:
+    def __init__(self, fwd: Forward, direction: Sequence[Tensor] | None = None) -> None:
         self.fwd, self.direction = fwd, direction
         self.losses: Tensor | None = None  # losses with graph, while they have one
         self._update: Tensor | None = None  # the real update's losses, once they exist
         self._jvp: Tensor | None = None
-        if losses is not None:
-            self.losses = losses
-            self._update = losses if fwd.update else None
-            self.direction = None
-            values = losses.detach()
-        elif direction is not None:
+        if direction is not None:
             with torch.no_grad(), fwd.rng.replay():
                 values, self._jvp = dual_forward(
                     fwd.twin(), fwd.weights, direction, fwd.inputs, fwd.targets, fwd.loss_fn

@@ -21,10 +21,10 @@ Whether a model qualifies is decided in two stages. By structure: every trainabl
 weight or bias of an ``nn.Linear`` or ``nn.Conv1d/2d/3d`` (zero padding, not transposed), no
 BatchNorm is in training mode, and every layer's input and output are batched and not written
 in place later in the forward (``ReLU(inplace=True)`` right after a layer is). By measurement,
-because a model's own code may still mix examples or use a weight outside its layer: the first
-step of every (model, structure, mode) computes the JVP both ways (this one and an exact engine's)
-and the per-layer path is used from then on only if they agree to rounding; otherwise a warning
-says so and the exact general path stays (``reweight.jvp.planner``).
+because a model's own code may still mix examples or use a weight outside its layer: on the
+first step of every (model, structure, mode) a separate forward computes a JVP both ways (this
+one and an exact engine's) and the per-layer path is used only if they agree to rounding;
+otherwise a warning says so and the exact general path stays (``reweight.jvp.planner``).
 
 Layers are named as in ``model.named_modules()``, so the same record can be made of the real
 model or of its twin (whose layers have the same names and hold the same weight tensors).
@@ -236,6 +236,11 @@ def ghost_layers(model: nn.Module, weights: Sequence[Tensor]) -> Layers:
     return layers
 
 
+def _kind(layer: nn.Module) -> str:
+    """The layer's class as the model has it (a twin's ``MetaLinear`` is a ``Linear``)."""
+    return next(c.__name__ for c in (nn.Linear, *_CONVS) if isinstance(layer, c))
+
+
 @contextlib.contextmanager
 def recording(model: nn.Module, layers: Layers) -> Iterator[list[_Layer]]:
     """Note every call of the named layers of ``model`` made inside (their input and output)."""
@@ -249,7 +254,7 @@ def recording(model: nn.Module, layers: Layers) -> Iterator[list[_Layer]]:
         x = args[0] if args else None
         w, b = by_module[module]
         if not isinstance(x, Tensor) or not isinstance(out, Tensor) or not out.requires_grad:
-            problem = f"{type(module).__name__}: not called on one tensor with a graph"
+            problem = f"{_kind(module)}: not called on one tensor with a graph"
             calls.append(_Layer(module, w, b, problem=problem))
             return
         calls.append(_Layer(module, w, b, x=x.detach(), z=out, versions=(x._version, out._version)))
@@ -261,17 +266,15 @@ def recording(model: nn.Module, layers: Layers) -> Iterator[list[_Layer]]:
         handle.remove()
 
 
-def finish(
-    weights: Sequence[Tensor], calls: list[_Layer], losses: Tensor, *, keep_graph: bool = False
-) -> GhostRecord:
+def finish(weights: Sequence[Tensor], calls: list[_Layer], losses: Tensor) -> GhostRecord:
     """The record of a recorded forward, from its per-example losses (B,), with graph.
 
-    Runs one backward of Σℓ to the layer outputs (no weight gradients); without
-    ``keep_graph`` it frees the forward's graph.
+    Runs one backward of Σℓ to the layer outputs (no weight gradients), which frees the
+    forward's graph.
     """
     n = losses.shape[0]
     for c in calls:
-        name = type(c.module).__name__
+        name = _kind(c.module)
         if c.problem is not None:
             raise Ineligible(c.problem)
         if c.x is None or c.x.dim() < 2 or c.x.shape[0] != n or c.z is None or c.z.shape[0] != n:
@@ -281,7 +284,7 @@ def finish(
             # with respect to the ReLU's result, not the layer's output
             raise Ineligible(f"{name}: its input or output was modified in place")
     zs = [c.z for c in calls]
-    gs = torch.autograd.grad(losses.sum(), zs, retain_graph=keep_graph, allow_unused=True)
+    gs = torch.autograd.grad(losses.sum(), zs, allow_unused=True)
     for c, g in zip(calls, gs, strict=True):
         c.g = torch.zeros_like(c.z) if g is None else g.detach()
         c.z = None
@@ -374,19 +377,12 @@ def agree(a: Tensor, b: Tensor) -> bool:
 
 class PerLayerRecording(Recording):
     """A forward recorded per layer (in ``chunks`` slices of the batch, each slice's graph freed
-    before the next is made): JVPs and weighted gradients are per-layer linear ops.
-
-    With ``keep_graph`` the slices' graphs are kept (``graph_losses``) until ``release_graph``:
-    a first step that checks the path can still fall back to a general engine on them.
-    """
+    before the next is made): JVPs and weighted gradients are per-layer linear ops."""
 
     engine = "per_layer"
 
-    def __init__(
-        self, fwd: Forward, layers: Layers, chunks: int = 1, *, keep_graph: bool = False
-    ) -> None:
+    def __init__(self, fwd: Forward, layers: Layers, chunks: int = 1) -> None:
         self.records: list[GhostRecord] = []
-        self._graph: list[Tensor] = []
         n = len(fwd.targets)
         with torch.enable_grad():  # the backward to the layer outputs needs the forward's graph
             for part in torch.arange(n).tensor_split(chunks):
@@ -395,9 +391,7 @@ class PerLayerRecording(Recording):
                 rows = slice(int(part[0]), int(part[-1]) + 1)
                 with recording(fwd.module, layers) as calls:
                     losses = fwd.run(rows=rows)
-                self.records.append(finish(fwd.weights, calls, losses, keep_graph=keep_graph))
-                if keep_graph:
-                    self._graph.append(losses)
+                self.records.append(finish(fwd.weights, calls, losses))
                 del calls, losses
         self.values = (
             torch.cat([r.values for r in self.records])
@@ -405,15 +399,6 @@ class PerLayerRecording(Recording):
             else self.records[0].values
         )
         self._update: Tensor | None = None
-
-    def graph_losses(self) -> Tensor:
-        """The recorded forward's losses (B,) with its graph (needs ``keep_graph``)."""
-        if not self._graph:
-            raise RuntimeError("internal error: the per-layer forward's graph was not kept")
-        return torch.cat(self._graph) if len(self._graph) > 1 else self._graph[0]
-
-    def release_graph(self) -> None:
-        self._graph = []
 
     def jvp(self, direction: Sequence[Tensor]) -> Tensor:
         return jvp_of(self.records, direction)

@@ -18,11 +18,15 @@ without graph, not through the real model with its graph kept (``dual``, which m
 than unrolled). The per-layer path (``reweight.jvp.per_layer``) is the least time and keeps no
 training graph across MW-Net's meta pass, but is exact only for a model whose examples do not
 interact: its structure is checked first, then on the first step of every (model, structure,
-mode) its JVP in a fixed random direction is compared with an exact one (dual numbers through
-the twin): if they agree to rounding the step goes on per layer (so a checking step computes
-what every later step does, and a resumed run equals an uninterrupted one), else that step
-finishes from the same forward with dual numbers through the twin, and the model stays on the
-general engine from then on.
+mode) the model itself is checked (``_agrees``): a forward of the twin, apart from the step's
+own, whose per-layer JVP in a fixed random direction is compared with an exact one (dual
+numbers through the twin). Its loss is a fixed random linear function of the outputs, not the
+training loss, whose JVPs vanish on a batch the model already fits: on MNIST 4-vs-9, a resumed
+run's first batch (one class, float32 losses ≤ 2.4e-7) had JVPs of 2e-5 that the two engines'
+rounding (3e-6) made "differ", and LeNet was sent to the tape. The check feeds nothing into its
+step and leaves the random stream as it was, so a checking step computes what an unchecked
+step of its verdict computes: per layer if the JVPs agree to rounding, else by the general
+engine (where the model then stays); a resumed run equals an uninterrupted one, bit for bit.
 
 A forced engine (``engine="tape"`` etc.) is used as given; one that cannot run the model is an
 error, never a silent fallback. ``current`` is the latest plan (engine and reason, logged at
@@ -267,11 +271,27 @@ class Planner:
     def _record_per_layer(
         self, model: nn.Module, fwd: Forward, layers: Layers, chunks: int, check: bool
     ) -> Recording | None:
-        """The per-layer recording; on a checking step compared with an exact JVP first. None
-        when the model turns out not to fit (the caller records by a general engine)."""
+        """The per-layer recording, after the model's check on a checking step. None when the
+        model turns out not to fit (the caller records by a general engine)."""
         name, forced = type(model).__name__, self.engine == "per_layer"
         try:
-            rec = PerLayerRecording(fwd, layers, chunks, keep_graph=check)
+            if check and not _agrees(fwd, layers, chunks):
+                if forced:
+                    raise ValueError(
+                        f"method.engine=per_layer cannot run {name}: its per-layer JVP differs "
+                        "from the exact one (the forward mixes the examples of a batch or uses "
+                        "a weight outside its layer); use method.engine=auto"
+                    )
+                self._set_per_layer(model, "no", "its per-layer JVP differs from the exact one")
+                log.warning(
+                    "meta_grad='fast': %s does not fit the per-layer path (its per-layer JVP "
+                    "differs from the exact one: the forward mixes the examples of a batch or "
+                    "uses a weight outside its layer); using %s",
+                    name,
+                    self._general(model, self._policy(fwd.inputs.device)).engine,
+                )
+                return None
+            rec = PerLayerRecording(fwd, layers, chunks)
         except Ineligible as err:
             if forced:
                 raise ValueError(
@@ -281,29 +301,9 @@ class Planner:
             log.warning("per-layer path off for %s: %s", name, err)
             fwd.rng.rewind()  # the general engine's forward draws what this one drew
             return None
-        if not check:
-            return rec
-        probe = _probe(fwd.weights)
-        if agree(rec.jvp(probe), dual_twin_jvp(fwd, probe)):
-            rec.release_graph()
+        if check:
             self._set_per_layer(model, "ok")
-            return rec
-        if forced:
-            raise ValueError(
-                f"method.engine=per_layer cannot run {name}: its per-layer JVP differs from the "
-                "exact one (the forward mixes the examples of a batch or uses a weight outside "
-                "its layer); use method.engine=auto"
-            )
-        self._set_per_layer(model, "no", "its per-layer JVP differs from the exact one")
-        log.warning(
-            "meta_grad='fast': %s does not fit the per-layer path (its per-layer JVP differs "
-            "from the exact one: the forward mixes the examples of a batch or uses a weight "
-            "outside its layer); using %s",
-            name,
-            self._general(model, self._policy(fwd.inputs.device)).engine,
-        )
-        # the forward already made (its graph kept) serves the rest of this step
-        return DualTwinRecording(fwd, losses=rec.graph_losses())
+        return rec
 
     # -- outcomes ---------------------------------------------------------------------------
 
@@ -333,6 +333,37 @@ class Planner:
             "reason": plan.reason if plan else "no meta step taken yet",
             "jvps": dict(self.jvps),
         }
+
+
+def _agrees(fwd: Forward, layers: Layers, chunks: int) -> bool:
+    """Whether the per-layer JVP of the batch equals an exact one (dual numbers through the
+    twin) to rounding, for ``_probe_loss`` in the direction ``_probe``; ``Ineligible`` when the
+    per-layer forward finds the model unfit.
+
+    Runs the twin, not ``fwd.module``: nothing is written to the model, and nothing here feeds
+    the step, whose own forward comes after and draws the random numbers this one drew (both
+    forwards of the check replay them, and the generator is left as it was).
+    """
+    with fwd.rng.replay():
+        twin = fwd.twin()
+        probe = Forward(twin, fwd.weights, fwd.inputs, fwd.targets, _probe_loss, fwd.twin, False)
+        direction = _probe(fwd.weights)
+        per_layer = PerLayerRecording(probe, layers, chunks).jvp(direction)
+        return agree(per_layer, dual_twin_jvp(probe, direction))
+
+
+def _probe_loss(outputs: Tensor, targets: Tensor, reduction: str = "none") -> Tensor:
+    """The check's per-example losses (B,): ⟨r, outputᵢ⟩ for one fixed random r.
+
+    Linear in the outputs, so its JVPs are as large as the outputs' tangents whatever the batch
+    (the training loss's vanish with its gradient once the model fits a batch, leaving only
+    rounding to compare).
+    """
+    if not isinstance(outputs, Tensor) or outputs.dim() < 1:
+        raise Ineligible("the model's output is not one batched tensor")
+    gen = torch.Generator().manual_seed(1)
+    r = torch.randn(outputs.shape[1:], generator=gen).to(outputs.device, outputs.dtype)
+    return (outputs * r).reshape(len(outputs), -1).sum(1)
 
 
 def _probe(weights: Sequence[Tensor]) -> list[Tensor]:

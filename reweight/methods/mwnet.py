@@ -216,12 +216,14 @@ class MWNet(Method):
         assert batch.meta_inputs is not None and batch.meta_targets is not None
         model, lr, loss_fn = batch.model, batch.lr, batch.loss_fn
         names, weights = trainable(model)
+        # 1. the real step's forward; "auto" slices once the model is known to keep its
+        #    examples apart (the per-layer path records it: after its check, on a first step)
         chunks = self.meta_chunks
-        if chunks == "auto":  # slices once the model is known to keep its examples apart
-            per_layer = self.planner.plan(model, batch.inputs.device).engine == "per_layer"
-            chunks = 2 if per_layer else 1
-        # 1. the real step's forward
-        recording = self.planner.record(model, batch.inputs, batch.targets, loss_fn, chunks=chunks)
+        recording = self.planner.record(
+            model, batch.inputs, batch.targets, loss_fn, chunks=2 if chunks == "auto" else chunks
+        )
+        if chunks == "auto":
+            chunks = 2 if recording.engine == "per_layer" else 1
         # 2. the virtual step's seeds, with graph to φ
         reduce = (lambda t: batch.global_sum(t, differentiable=True)) if batch.dist else None
         seeds = mwnet_seeds(

@@ -9,13 +9,16 @@ median over the timed rounds is reported with its ratio to the plain step.
     plain            forward, mean loss, backward, SGD step: the unit every ratio divides by
     erm              the Trainer's path with ERM (method.step, then Σ wᵢℓᵢ as the loss)
     l2rw/unrolled    virtual step through the meta twin with a double backward (the reference)
-    l2rw/fast        the exact forward-mode identity (reweight.fast)
+    l2rw/fast        the exact forward-mode identity, by the engine the planner picks
+                     (reweight.jvp.planner; with --policy cuda, what it picks on a GPU)
+    l2rw/fast-E      l2rw/fast with the engine forced to E (method.engine=E): tape, dual,
+                     dual_twin, per_layer; no row where E cannot run the model
     mwnet/unrolled   likewise for Meta-Weight-Net
-    mwnet/fast       the identity, per layer when the model qualifies (reweight.ghost)
-    mwnet/fast-tape  mwnet/fast with the per-layer path off (reweight.fast.PER_LAYER), as for a
-                     model that does not qualify: the tangent tape (dual numbers off CPU)
+    mwnet/fast, mwnet/fast-E   likewise (E: tape, dual_twin, per_layer)
     mwnet/fast-chunksK  mwnet/fast with method.meta_chunks=K (less memory; models without BatchNorm)
     l2rw/higher      peer: the usual `higher.innerloop_ctx` L2RW step (when higher imports)
+
+Each fast row also says which engine computed its JVPs (the planner's ``last_engine``).
 
 Peak memory is the highest amount of tensor memory the step holds above what was live when it
 started (model, optimizer state and batches excluded): on CUDA from the caching allocator's
@@ -26,6 +29,8 @@ Usage:
     python benchmarks/meta_step.py                       # CPU at 1 thread and all cores (+ CUDA)
     python benchmarks/meta_step.py --threads 1 --steps 30 --json out.json
     python benchmarks/meta_step.py --models lenet --device cpu
+    python benchmarks/meta_step.py --threads 1 --models resnet32 --policy cuda --variants \
+        l2rw/fast,mwnet/fast,l2rw/unrolled        # on CPU, the engines a GPU would run
 """
 
 from __future__ import annotations
@@ -48,7 +53,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import reweight.fast
 from reweight import ERM, L2RW, MWNet, normalize_l2rw
 from reweight.methods import Method, StepInputs
 from reweight.models import build_model
@@ -60,14 +64,21 @@ VARIANTS = (
     "erm",
     "l2rw/unrolled",
     "l2rw/fast",
+    "l2rw/fast-tape",
+    "l2rw/fast-dual",
+    "l2rw/fast-dual_twin",
+    "l2rw/fast-per_layer",
     "mwnet/unrolled",
     "mwnet/fast",
     "mwnet/fast-tape",
+    "mwnet/fast-dual_twin",
+    "mwnet/fast-per_layer",
     "mwnet/fast-chunks1",
     "mwnet/fast-chunks2",
     "mwnet/fast-chunks4",
     "l2rw/higher",
 )
+ENGINE_VARIANTS = ("tape", "dual", "dual_twin", "per_layer")
 
 
 @dataclass(frozen=True)
@@ -150,6 +161,26 @@ def _higher_step(higher, model, opt, data, autocast) -> None:
     opt.step()
 
 
+def make_method(name: str, policy: str = "auto") -> Method:
+    """The method of a variant: ``l2rw/fast-tape`` is ``L2RW(meta_grad="fast", engine="tape")``.
+
+    ``policy`` is the planner's device policy for the fast rows that leave the engine to it.
+    """
+    if name == "erm":
+        return ERM()
+    method, _, mode = name.partition("/")
+    mode, _, option = mode.partition("-")
+    kwargs: dict = {"meta_grad": mode}
+    if mode == "fast":
+        if option in ENGINE_VARIANTS:
+            kwargs["engine"] = option
+        else:
+            kwargs["engine_policy"] = policy
+        if option.startswith("chunks"):
+            kwargs["meta_chunks"] = int(option.removeprefix("chunks"))
+    return L2RW(**kwargs) if method == "l2rw" else MWNet(**kwargs)
+
+
 def build_variants(
     case: Case,
     device: torch.device,
@@ -157,7 +188,13 @@ def build_variants(
     data: tuple[Tensor, ...],
     channels_last: bool = False,
     variants: Sequence[str] = VARIANTS,
-) -> tuple[dict[str, Callable[[], None]], dict[str, torch.optim.Optimizer], str | None]:
+    policy: str = "auto",
+) -> tuple[
+    dict[str, Callable[[], None]],
+    dict[str, torch.optim.Optimizer],
+    dict[str, Method],
+    str | None,
+]:
     """One step callable per variant (each on its own copy of one initial model)."""
     torch.manual_seed(0)
     in_channels = case.shape[0]
@@ -176,6 +213,7 @@ def build_variants(
 
     steps: dict[str, Callable[[], None]] = {}
     opts: dict[str, torch.optim.Optimizer] = {}
+    methods: dict[str, Method] = {}
     skipped = None
     for name in variants:
         model = copy.deepcopy(base)
@@ -195,42 +233,20 @@ def build_variants(
                 continue
             steps[name] = lambda m=model, o=opt, h=higher: _higher_step(h, m, o, data, autocast)
             continue
-        method: Method
-        if name == "erm":
-            method = ERM()
-        elif name.startswith("l2rw/"):
-            method = L2RW(meta_grad=name.split("/")[1].split("-")[0])
-        elif name.startswith("mwnet/fast-chunks"):
-            method = MWNet(
-                meta_grad="fast", meta_chunks=int(name.removeprefix("mwnet/fast-chunks"))
-            )
-        else:
-            method = MWNet(meta_grad=name.split("/")[1].split("-")[0])
         try:
+            method = make_method(name, policy)
             method.setup(
                 model=model, train_labels=None, num_classes=case.num_classes, device=device
             )
-        except ValueError as err:  # meta_chunks refuses BatchNorm models: no row for them
+            step = functools.partial(_trainer_step, method, model, opt, data, autocast)
+            step()  # a first step: a forced engine that cannot run the model says so here
+        except ValueError as err:  # no row: meta_chunks or a forced engine refuses the model
             log.info("%s skipped for %s: %s", name, case.model, err)
             del opts[name]
             continue
-        step = functools.partial(_trainer_step, method, model, opt, data, autocast)
-        steps[name] = _general_path(step) if name.endswith("-tape") else step
-    return steps, opts, skipped
-
-
-def _general_path(step: Callable[[], None]) -> Callable[[], None]:
-    """``step`` with the per-layer path off (``reweight.fast.PER_LAYER``): the tangent tape on
-    CPU, dual numbers elsewhere, as for a model that does not qualify."""
-
-    def run() -> None:
-        saved, reweight.fast.PER_LAYER = reweight.fast.PER_LAYER, False
-        try:
-            step()
-        finally:
-            reweight.fast.PER_LAYER = saved
-
-    return run
+        steps[name] = step
+        methods[name] = method
+    return steps, opts, methods, skipped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,6 +315,7 @@ def run_case(
     memory: bool,
     channels_last: bool = False,
     variants: Sequence[str] = VARIANTS,
+    policy: str = "auto",
 ) -> list[dict]:
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(case.batch, *case.shape, generator=gen)
@@ -310,7 +327,9 @@ def run_case(
         data = tuple(
             t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in data
         )
-    steps, opts, skipped = build_variants(case, device, bf16, data, channels_last, variants)
+    steps, opts, methods, skipped = build_variants(
+        case, device, bf16, data, channels_last, variants, policy
+    )
     if skipped:
         log.warning("%s", skipped)
     times = time_interleaved(steps, device, warmup, rounds)
@@ -330,6 +349,8 @@ def run_case(
                 "dtype": ("bf16-autocast" if bf16 else "fp32")
                 + (", NHWC" if channels_last else ""),
                 "variant": name,
+                "policy": policy,
+                "engine": _engine_of(methods.get(name)),
                 "median_ms": statistics.median(ts) * 1e3,
                 "p25_ms": q[0] * 1e3,
                 "p75_ms": q[2] * 1e3,
@@ -344,21 +365,31 @@ def run_case(
     return rows
 
 
+def _engine_of(method: Method | None) -> str:
+    """The engine that computed a fast row's last JVP, or what the row is."""
+    planner = getattr(method, "planner", None)
+    if planner is None or getattr(method, "meta_grad", "") != "fast":
+        return "-"
+    return planner.last_engine or "-"
+
+
 def format_table(rows: list[dict]) -> str:
     head = (
-        "| model | batch / meta | device | threads | dtype | variant | ms / step (median) "
-        "| p25–p75 ms | × plain | peak MB | × plain |\n"
-        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|"
+        "| model | batch / meta | device | threads | dtype | policy | variant | engine "
+        "| ms / step (median) | p25–p75 ms | × plain | peak MB | × plain |\n"
+        "|---|---|---|---|---|---|---|---|---:|---:|---:|---:|---:|"
     )
     lines = [head]
     for r in rows:
         where = f"| {r['model']} | {r['batch']} / {r['meta_batch']} | {r['device']} | "
         where += f"{r['threads'] if r['threads'] is not None else '-'} | {r['dtype']} | "
+        where += f"{r.get('policy', 'auto')} | "
         if "skipped" in r:
-            lines.append(where + f"{r['variant']} | {r['skipped']} | | | | |")
+            lines.append(where + f"{r['variant']} | - | {r['skipped']} | | | | |")
             continue
         lines.append(
-            where + f"{r['variant']} | {r['median_ms']:.1f} | {r['p25_ms']:.1f}–{r['p75_ms']:.1f} "
+            where + f"{r['variant']} | {r.get('engine', '-')} | {r['median_ms']:.1f} "
+            f"| {r['p25_ms']:.1f}–{r['p75_ms']:.1f} "
             f"| {r['ratio']:.2f} | {r['peak_mb']:.1f} | {r['peak_ratio']:.2f} |"
         )
     return "\n".join(lines)
@@ -407,6 +438,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="comma-separated batch/meta pairs to keep, e.g. 100/100 (default: all)",
     )
+    parser.add_argument(
+        "--policy",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="the planner's device policy for the fast rows (cuda: on a CPU, what a GPU runs)",
+    )
     parser.add_argument("--json", default=None, help="write the rows and the machine here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -449,13 +486,14 @@ def main(argv: list[str] | None = None) -> None:
                 if cases is not None and f"{case.batch}/{case.meta_batch}" not in cases:
                     continue
                 log.info(
-                    "%s batch %d meta %d on %s%s%s ...",
+                    "%s batch %d meta %d on %s%s%s, policy %s ...",
                     case.model,
                     case.batch,
                     case.meta_batch,
                     device.type,
                     f" ({threads} threads)" if threads else "",
                     " bf16" if bf16 else "",
+                    args.policy,
                 )
                 case_rows = run_case(
                     case,
@@ -467,6 +505,7 @@ def main(argv: list[str] | None = None) -> None:
                     not args.no_memory,
                     args.channels_last,
                     variants,
+                    args.policy,
                 )
                 print(format_table(case_rows), flush=True)
                 rows += case_rows

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["BatchStream"]
+__all__ = ["BatchStream", "shuffled_pass"]
 
 
 class BatchStream:
@@ -67,3 +67,17 @@ class BatchStream:
             for idx, (x, y) in zip(batches, loader, strict=True):
                 yield torch.as_tensor(idx), x, torch.as_tensor(y)
             epoch, offset = epoch + 1, 0
+
+
+def shuffled_pass(
+    dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0
+) -> Iterator[tuple[list[int], Tensor, Tensor]]:
+    """One pass over ``dataset``, every example once, in batches of a permutation seeded by
+    ``seed`` (the last one smaller): ``(indices, x, y)``. Its own generator orders the batches
+    and seeds the loader's workers, so the global RNG stream is untouched."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(dataset), generator=gen).tolist()  # type: ignore[arg-type]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, generator=gen)
+    for idx, (x, y) in zip(batches, loader, strict=True):
+        yield idx, x, torch.as_tensor(y)

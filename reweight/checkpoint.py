@@ -13,7 +13,13 @@ import torch
 
 from reweight.outputs.files import atomic_write
 
-__all__ = ["CheckpointError", "read_checkpoint", "write_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "read_checkpoint",
+    "restore_rng_state",
+    "rng_state",
+    "write_checkpoint",
+]
 
 
 class CheckpointError(ValueError):
@@ -84,3 +90,18 @@ def write_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(path, lambda f: torch.save(state, f))
+
+
+def rng_state() -> dict[str, Any]:
+    """The global random state as a checkpoint holds it: the CPU generator's and every CUDA
+    device's (none without CUDA)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Set the global random state from ``rng_state()``'s (CUDA's only where it was saved and
+    CUDA is available)."""
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

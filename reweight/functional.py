@@ -8,9 +8,36 @@ if training example i were up-weighted by εᵢ in a virtual SGD step:
 and turns ``g`` into weights w = max(−g, 0) / Σ max(−g, 0). Meta-Weight-Net (Shu et al., 2019)
 replaces ε by a small net v(ℓ; φ) and follows ∂L_meta(θ′(φ))/∂φ instead.
 
-``meta_grad="unrolled"`` computes these by differentiating through the virtual step (a double
-backward through the buffer-backed twin). ``meta_grad="fast"`` uses the exact first-order
-identity of the virtual step (see ``reweight.fast``), when available.
+``meta_grad="unrolled"`` (the reference) computes these by differentiating through the virtual
+step: a double backward through the buffer-backed twin. ``meta_grad="fast"`` (the default) uses
+exact first-order identities. L2RW's virtual step is the identity at ε = 0, so
+
+    ∂L_meta(θ′)/∂εᵢ |ε=0 = −lr·⟨∇θℓᵢ(θ), ∇θL_meta(θ)⟩,
+
+a Jacobian-vector product (JVP) of the per-example loss vector ℓ(θ) (B,) in the direction of
+the meta gradient. MW-Net's virtual step θ′(φ) = θ − lr·κ·Σⱼ sⱼ(φ)∇θℓⱼ(θ), with
+s = ∂(Σᵢ wᵢ(φ, ℓ)·ℓᵢ)/∂ℓ (s = w when the net sees ℓ detached; κ from the replayed optimizer,
+``reweight.meta.sgd``), likewise gives
+
+    ∂L_meta(θ′)/∂φ = −lr·Σⱼ cⱼ·∂sⱼ/∂φ,     cⱼ = ⟨∇θℓⱼ(θ), κ·∇θL_meta(θ′)⟩,
+
+a JVP at θ in the direction of the meta gradient *at θ′*, then a vector-Jacobian product
+through the weighting net. Both equal the unrolled values up to rounding. The JVP is taken of
+the whole batch's loss vector, so BatchNorm's batch statistics couple the examples exactly as in
+the unrolled step. Which forward-mode engine computes it is the business of ``reweight.jvp``
+(a ``Planner``: the tangent tape, dual numbers, or per layer).
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> from reweight import l2rw_eps_grad
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    >>> x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    >>> fast = l2rw_eps_grad(model, x, y, x[:3], y[:3], lr=0.1)  # meta_grad="fast"
+    >>> slow = l2rw_eps_grad(model, x, y, x[:3], y[:3], lr=0.1, meta_grad="unrolled")
+    >>> bool(torch.allclose(fast, slow, rtol=0, atol=1e-12))
+    True
 """
 
 from __future__ import annotations
@@ -21,21 +48,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reweight.meta import MetaModule, sgd_step, to_meta
+from reweight.jvp import Planner, Recording
+from reweight.meta import LossFn, MetaModule, meta_gradient, sgd_step, to_meta, trainable
 
 __all__ = [
     "LossFn",
     "l2rw_eps_grad",
+    "l2rw_eps_grad_fast",
     "l2rw_eps_grad_from_losses",
     "l2rw_weights",
     "mwnet_meta_grads",
+    "mwnet_seeds",
     "mwnet_weights",
     "normalize_l2rw",
 ]
 
-LossFn = Callable[..., Tensor]
 Reduce = Callable[[Tensor], Tensor]  # Σ over data-parallel ranks
-META_GRAD_MODES = ("unrolled", "fast")
+META_GRAD_MODES = ("fast", "unrolled")
 
 
 def check_meta_grad(meta_grad: str) -> str:
@@ -78,6 +107,39 @@ def l2rw_eps_grad_from_losses(
     return grad, meta_loss.detach()
 
 
+def l2rw_eps_grad_fast(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    meta_inputs: Tensor,
+    meta_targets: Tensor,
+    lr: float,
+    loss_fn: LossFn = F.cross_entropy,
+    *,
+    planner: Planner,
+    update: bool = False,
+) -> tuple[Tensor, Recording, Tensor]:
+    """(∂L_meta/∂ε (B,), the training forward's recording, L_meta(θ)) by the exact identity.
+
+    1. v = ∇θL_meta(θ): a forward and backward of the meta batch through the twin (batch
+       statistics, no running-statistics writes, nothing into ``.grad``); done first, so its
+       activations are freed before the training forward's are made.
+    2. The training forward, recorded by the engine ``planner`` chooses (v is known, so the
+       dual-number engines take it in that forward).
+    3. g = −lr·⟨∇θℓᵢ, v⟩ for every i.
+
+    With ``update`` the recorded forward is the real model's and ``recording.update_losses()``
+    carries the real update's graph (``L2RW.step``); without, it runs through the twin and the
+    model is left unchanged (``l2rw_eps_grad``).
+    """
+    _, weights = trainable(model)
+    v, meta_loss = meta_gradient(
+        planner.twins.bound(model), weights, None, meta_inputs, meta_targets, loss_fn
+    )
+    recording = planner.record(model, inputs, targets, loss_fn, direction=v, update=update)
+    return -lr * recording.jvp(v), recording, meta_loss
+
+
 def l2rw_eps_grad(
     model: nn.Module,
     inputs: Tensor,
@@ -87,7 +149,8 @@ def l2rw_eps_grad(
     lr: float,
     loss_fn: LossFn = F.cross_entropy,
     *,
-    meta_grad: str = "unrolled",
+    meta_grad: str = "fast",
+    planner: Planner | None = None,
 ) -> Tensor:
     """The raw L2RW meta-gradient ∂L_meta(θ′(ε))/∂ε at ε = 0, shape (B,).
 
@@ -95,6 +158,9 @@ def l2rw_eps_grad(
     ``loss_fn(outputs, targets)`` the (mean) meta loss. The model, its parameters, their
     ``.grad`` and its BatchNorm statistics are left unchanged; BatchNorm layers in training mode
     use batch statistics, so the examples of a batch are coupled exactly as in training.
+    ``meta_grad="fast"`` takes the JVP by the engine ``planner`` chooses (a new
+    ``Planner("l2rw")`` by default: the choice ``L2RW().step`` makes for this model and device;
+    ``L2RW.weigh`` passes its own); ``"unrolled"`` differentiates through the virtual step.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -106,11 +172,11 @@ def l2rw_eps_grad(
         torch.Size([8])
     """
     if check_meta_grad(meta_grad) == "fast":
-        from reweight.fast import l2rw_eps_grad_fast
-
-        return l2rw_eps_grad_fast(
-            model, inputs, targets, meta_inputs, meta_targets, lr, loss_fn
-        ).detach()
+        planner = planner if planner is not None else Planner("l2rw")
+        grad, _, _ = l2rw_eps_grad_fast(
+            model, inputs, targets, meta_inputs, meta_targets, lr, loss_fn, planner=planner
+        )
+        return grad.detach()
     twin = to_meta(model)
     losses = loss_fn(twin(inputs), targets, reduction="none")
     grad, _ = l2rw_eps_grad_from_losses(twin, losses, meta_inputs, meta_targets, lr, loss_fn)
@@ -126,7 +192,8 @@ def l2rw_weights(
     lr: float,
     loss_fn: LossFn = F.cross_entropy,
     *,
-    meta_grad: str = "unrolled",
+    meta_grad: str = "fast",
+    planner: Planner | None = None,
 ) -> Tensor:
     """Normalised L2RW weights for one batch: max(−g, 0) / Σ max(−g, 0), shape (B,).
 
@@ -145,7 +212,15 @@ def l2rw_weights(
     """
     return normalize_l2rw(
         l2rw_eps_grad(
-            model, inputs, targets, meta_inputs, meta_targets, lr, loss_fn, meta_grad=meta_grad
+            model,
+            inputs,
+            targets,
+            meta_inputs,
+            meta_targets,
+            lr,
+            loss_fn,
+            meta_grad=meta_grad,
+            planner=planner,
         )
     )
 
@@ -172,6 +247,33 @@ def mwnet_weights(
         total = v.sum() if reduce is None else reduce(v.sum())
         return torch.where(total > 0, v / torch.where(total > 0, total, 1), v)
     raise ValueError(f"normalize must be one of ['none', 'sum'], got {normalize!r}")
+
+
+def mwnet_seeds(
+    vnet: nn.Module,
+    losses: Tensor,
+    normalize: str = "none",
+    *,
+    detach_loss: bool = True,
+    n_global: int | None = None,
+    reduce: Reduce | None = None,
+) -> Tensor:
+    """s = ∂(Σᵢ wᵢℓᵢ)/∂ℓ (B,), with graph to the weighting net: ∇θ Σᵢ wᵢℓᵢ = Σⱼ sⱼ∇θℓⱼ.
+
+    The weights w of ``mwnet_weights`` at the values of ``losses``, and with ``detach_loss``
+    (the net sees ℓ detached) s = w. Without, w also depends on ℓ, and s = w + Σᵢ ℓᵢ·∂wᵢ/∂ℓ,
+    taken at a detached leaf with ``create_graph`` so that ∂s/∂φ exists. In data-parallel
+    training ``reduce`` must be differentiable: Σᵢ runs over the global batch, so sⱼ gets the
+    other ranks' ∂wᵢ/∂ℓⱼ through the normalisation (each rank calls this).
+    """
+    values = losses.detach()
+    if detach_loss:
+        return mwnet_weights(vnet, values, normalize, n_global=n_global, reduce=reduce)
+    leaf = values.requires_grad_()
+    with torch.enable_grad():
+        w = mwnet_weights(vnet, leaf, normalize, n_global=n_global, reduce=reduce)
+        (s,) = torch.autograd.grad((w * leaf).sum(), leaf, create_graph=True)
+    return s
 
 
 def mwnet_meta_grads(

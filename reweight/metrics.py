@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-__all__ = ["auc", "evaluate_classifier", "per_class_accuracy", "summarize_test"]
+__all__ = ["auc", "best_accuracy_of", "evaluate_classifier", "per_class_accuracy", "summarize_test"]
 
 
 def auc(scores: Tensor, positive: Tensor) -> float:
@@ -86,6 +86,11 @@ def evaluate_classifier(
     }
 
 
+def best_accuracy_of(best: float, accuracy: float) -> float:
+    """The best accuracy so far, given the best before (NaN: none yet) and a new one."""
+    return accuracy if math.isnan(best) else max(best, accuracy)
+
+
 def summarize_test(evaluation: dict[str, Any], best_accuracy: float) -> dict[str, Any]:
     """The summary's ``test_*`` keys from an ``evaluate_classifier`` result, and the best test
     accuracy seen (``best_accuracy``, NaN when none was evaluated before)."""
@@ -96,6 +101,6 @@ def summarize_test(evaluation: dict[str, Any], best_accuracy: float) -> dict[str
         "test_balanced_accuracy": balanced,
         "test_balanced_error": 1 - balanced,
         "test_loss": evaluation["loss"],
-        "best_test_accuracy": acc if math.isnan(best_accuracy) else max(best_accuracy, acc),
+        "best_test_accuracy": best_accuracy_of(best_accuracy, acc),
         "per_class_accuracy": evaluation["per_class_accuracy"],
     }

@@ -34,17 +34,17 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from reweight.batches import BatchStream
-from reweight.checkpoint import read_checkpoint, write_checkpoint
+from reweight.batches import BatchStream, shuffled_pass
+from reweight.checkpoint import read_checkpoint, restore_rng_state, rng_state, write_checkpoint
 from reweight.device import resolve_device
 from reweight.distributed import DistContext, check_batch_split
 from reweight.functional import LossFn
 from reweight.loggers import Logger, LoggerGroup
 from reweight.methods import Method, MethodOutput, StepInputs, build_method
-from reweight.metrics import evaluate_classifier, summarize_test
+from reweight.metrics import best_accuracy_of, evaluate_classifier, summarize_test
 from reweight.signals import StopOnSignal, TrainingInterrupted
 from reweight.trainer_config import TrainerConfig
-from reweight.weight_stats import WeightStats, weight_diagnostics
+from reweight.weight_stats import WeightStats, example_labels, weight_diagnostics
 
 __all__ = ["FitResult", "StepResult", "Trainer", "TrainerConfig"]
 
@@ -148,16 +148,9 @@ class Trainer:
         self.optimizer = factory(self.model.parameters())
         self.scheduler = scheduler(self.optimizer) if scheduler is not None else None
         n_train = len(train_data)  # type: ignore[arg-type]
-        for name, per_example in (("train_labels", train_labels), ("corrupted", corrupted)):
-            if per_example is not None and len(per_example) != n_train:
-                raise ValueError(f"{name} has {len(per_example)} entries, train_data {n_train}")
-        self.train_labels = train_labels
-        # clean-vs-corrupted diagnostics only when something is corrupted (not for pure imbalance)
-        has_corrupted = corrupted is not None and bool(corrupted.any())
-        self.corrupted = corrupted.bool().cpu() if has_corrupted else None
-        if num_classes is None and train_labels is not None:
-            num_classes = int(train_labels.max()) + 1
-        self.num_classes = num_classes
+        self.train_labels, self.corrupted, self.num_classes = example_labels(
+            n_train, train_labels, corrupted, num_classes
+        )
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
         self.callbacks = list(callbacks)
         self.val_data = val_data
@@ -167,7 +160,7 @@ class Trainer:
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.best_test_accuracy = float("nan")
-        self._stats = WeightStats(num_classes, self.corrupted, n_train)
+        self._stats = WeightStats(self.num_classes, self.corrupted, n_train)
         self._setup_done = False
         self._test_eval: tuple[int, dict[str, Any]] | None = None  # (step, result)
         self._elapsed = 0.0
@@ -291,10 +284,7 @@ class Trainer:
         if evaluate and self.test_data is not None:
             ev = self._evaluate_test()
             row.update({f"test_{k}": v for k, v in ev.items() if not isinstance(v, list)})
-            best = self.best_test_accuracy
-            self.best_test_accuracy = (
-                ev["accuracy"] if math.isnan(best) else max(best, ev["accuracy"])
-            )
+            self.best_test_accuracy = best_accuracy_of(self.best_test_accuracy, ev["accuracy"])
         row["time_s"] = self._elapsed
         self._emit(row)
         return row
@@ -375,6 +365,7 @@ class Trainer:
         if self.test_data is not None:
             metrics.update(summarize_test(self._evaluate_test(), self.best_test_accuracy))
         metrics.update(self._stats.summary())
+        metrics.update(self.method.describe())  # e.g. meta_engine: which engine ran, and why
         if self.config.final_weights:
             self.final_example_weights = w = self.example_weights(self.config.final_weights)
             metrics.update(
@@ -404,23 +395,16 @@ class Trainer:
         self.model.train()
         try:
             for p in range(passes):
-                gen = torch.Generator().manual_seed(cfg.seed + 12_345 + p)
-                order = torch.randperm(n, generator=gen).tolist()
-                batches = [order[i : i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
-                loader = DataLoader(
-                    self.train_data,
-                    batch_sampler=batches,
-                    num_workers=cfg.num_workers,
-                    generator=gen,
-                )
                 meta_iter = self._meta_batches(stream=2 + p, position=0)
-                for idx, (x, y) in zip(batches, loader, strict=True):
+                seed = cfg.seed + 12_345 + p
+                scored = shuffled_pass(self.train_data, cfg.batch_size, seed, cfg.num_workers)
+                for idx, x, y in scored:
                     mx = my = None
                     if meta_iter is not None:
                         _, mx, my = next(meta_iter)
                         mx, my = self._inputs(mx), my.to(self.device)
                     batch = self._step_inputs(
-                        self._inputs(x), torch.as_tensor(y).to(self.device), mx, my, local=True
+                        self._inputs(x), y.to(self.device), mx, my, local=True
                     )
                     with self._autocast():
                         w = self.method.weigh(batch)
@@ -471,10 +455,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "method": {"name": self.method.name, "state": self.method.state_dict()},
-            "rng": {
-                "cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            },
+            "rng": rng_state(),
             "history": self.history,
             "best_test_accuracy": self.best_test_accuracy,
             "stats": self._stats.state_dict(),
@@ -494,9 +475,7 @@ class Trainer:
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.method.load_state_dict(state["method"]["state"])
-        torch.set_rng_state(state["rng"]["cpu"])
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        restore_rng_state(state["rng"])
         self.step = int(state["step"])
         self.history = list(state["history"])
         self.best_test_accuracy = float(state["best_test_accuracy"])

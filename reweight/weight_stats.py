@@ -20,9 +20,31 @@ from torch import Tensor
 
 from reweight.metrics import auc
 
-__all__ = ["WeightStats", "clean_vs_corrupted", "per_class_means", "weight_diagnostics"]
+__all__ = [
+    "WeightStats",
+    "clean_vs_corrupted",
+    "example_labels",
+    "per_class_means",
+    "weight_diagnostics",
+]
 
 MAX_CLASSES = 10  # per-class weight means are reported for up to this many classes
+
+
+def example_labels(
+    n: int, labels: Tensor | None, corrupted: Tensor | None, num_classes: int | None
+) -> tuple[Tensor | None, Tensor | None, int | None]:
+    """The training set's observed labels, corruption mask and number of classes, as the
+    diagnostics use them: each given one checked to have ``n`` entries; the mask on the CPU and
+    only when something is corrupted (None for pure imbalance); the classes from the labels
+    when not given."""
+    for name, per_example in (("train_labels", labels), ("corrupted", corrupted)):
+        if per_example is not None and len(per_example) != n:
+            raise ValueError(f"{name} has {len(per_example)} entries, train_data {n}")
+    mask = corrupted.bool().cpu() if corrupted is not None and bool(corrupted.any()) else None
+    if num_classes is None and labels is not None:
+        num_classes = int(labels.max()) + 1
+    return labels, mask, num_classes
 
 
 def clean_vs_corrupted(weights: Tensor, corrupted: Tensor) -> dict[str, float]:

@@ -1,4 +1,11 @@
-"""Data-parallel training on 2 CPU processes (gloo) equals one process on the global batch."""
+"""Data-parallel training on 2 CPU processes (gloo) equals one process on the global batch.
+
+Every method, and both meta-gradient modes of L2RW and MW-Net: ``fast`` (the default) with the
+engines the planner picks for this MLP (per layer, its first step checked) and the tangent tape
+forced; MW-Net with both normalisations, the replayed optimizer and the net fed the losses
+undetached (detach_loss=False: the virtual step's seeds then take the other ranks' weights'
+dependence on the local losses through the normalisation).
+"""
 
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from reweight import MWNet, Trainer, TrainerConfig, build_method
+from reweight.jvp import ENGINES
 
 STEPS = 6
 CASES = {
@@ -22,10 +30,23 @@ CASES = {
     "random": lambda: build_method("random", seed=3),
     "class_balanced": lambda: build_method("class_balanced"),
     "l2rw": lambda: build_method("l2rw"),
-    "l2rw_fast": lambda: build_method("l2rw", meta_grad="fast"),
+    "l2rw_tape": lambda: build_method("l2rw", engine="tape"),
+    "l2rw_unrolled": lambda: build_method("l2rw", meta_grad="unrolled"),
     "mwnet": lambda: MWNet(hidden=8, lr=1e-2),
     "mwnet_sum": lambda: MWNet(hidden=8, lr=1e-2, normalize="sum"),
     "mwnet_replay": lambda: MWNet(hidden=8, lr=1e-2, replay_optimizer=True),
+    "mwnet_tape_sum_undetached": lambda: MWNet(
+        hidden=8, lr=1e-2, normalize="sum", detach_loss=False, replay_optimizer=True, engine="tape"
+    ),
+    "mwnet_sum_undetached": lambda: MWNet(
+        hidden=8, lr=1e-2, normalize="sum", detach_loss=False, engine_policy="cuda"
+    ),
+    "mwnet_dual_twin": lambda: MWNet(hidden=8, lr=1e-2, engine="dual_twin"),
+    "mwnet_unrolled": lambda: MWNet(hidden=8, lr=1e-2, meta_grad="unrolled"),
+    "mwnet_unrolled_sum": lambda: MWNet(hidden=8, lr=1e-2, normalize="sum", meta_grad="unrolled"),
+    "mwnet_unrolled_replay": lambda: MWNet(
+        hidden=8, lr=1e-2, replay_optimizer=True, meta_grad="unrolled"
+    ),
 }
 
 
@@ -63,6 +84,8 @@ def train(case: str, out: Path | None = None) -> dict[str, torch.Tensor]:
     result = trainer.fit()
     state = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     state["_history_loss"] = torch.tensor([r["train_loss"] for r in result.history])
+    jvps = result.metrics.get("meta_engine", {}).get("jvps", {})
+    state["_jvps"] = torch.tensor([jvps.get(e, 0) for e in ENGINES], dtype=torch.float64)
     return state
 
 
@@ -106,10 +129,25 @@ def test_uneven_batch_is_refused_with_the_key(two_process_results):
     )
 
 
+# the JVPs each engine computed in 6 steps (the same in one process and on each rank)
+WANT_JVPS = {
+    "l2rw": {"per_layer": 6},
+    "l2rw_tape": {"tape": 6},
+    "mwnet": {"per_layer": 6},
+    "mwnet_sum": {"per_layer": 6},
+    "mwnet_replay": {"per_layer": 6},
+    "mwnet_tape_sum_undetached": {"tape": 6},
+    "mwnet_sum_undetached": {"per_layer": 6},
+    "mwnet_dual_twin": {"dual_twin": 6},
+}
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_two_processes_equal_one(two_process_results, case: str):
     out, results = two_process_results
     single = train(case)
+    want = WANT_JVPS.get(case, {})
+    assert single["_jvps"].tolist() == [want.get(e, 0) for e in ENGINES]
     for key, value in single.items():
         torch.testing.assert_close(results[case][key], value, rtol=0, atol=1e-6, msg=key)
     # rank 0 wrote the checkpoint; it holds the same parameters

@@ -2,7 +2,8 @@
 
 Float64 throughout the equality tests: fast and unrolled must agree to 1e-8 for an MLP, the
 LeNet of the MNIST experiment and ResNets with BatchNorm in training mode (batch statistics
-couple the examples, so the JVP must be of the whole batch's loss vector).
+couple the examples, so the JVP must be of the whole batch's loss vector), by every engine the
+planner can choose or be forced to, and each test that forces an engine asserts that it ran.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-import reweight.fast
+import reweight.functional
+import reweight.jvp.planner
+import reweight.meta.twins
 from reweight import (
     L2RW,
     MWNet,
@@ -29,16 +32,11 @@ from reweight import (
     mwnet_meta_grads,
     to_meta,
 )
-from reweight.fast import (
-    _dual_jvp,
-    _TangentTape,
-    _taped_losses,
-    _trainable,
-    _warn_fallback,
-    l2rw_eps_grad_fast,
-    l2rw_fast_step,
-    mwnet_fast_step,
-)
+from reweight.functional import l2rw_eps_grad_fast
+from reweight.jvp import Planner
+from reweight.jvp.dual import dual_forward
+from reweight.jvp.tape import TangentTape
+from reweight.meta import trainable
 from reweight.methods import StepInputs
 from reweight.models import build_model
 
@@ -82,26 +80,82 @@ def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
 # L2RW
 
 
+def l2rw_step(model, x, y, xv, yv, **planner):
+    """The training step's ε-gradient, losses and meta loss, by the engine the planner picks."""
+    plan = Planner("l2rw", **planner)
+    grad, rec, meta_loss = l2rw_eps_grad_fast(
+        model, x, y, xv, yv, LR, F.cross_entropy, planner=plan, update=True
+    )
+    return grad, rec.update_losses(), float(meta_loss), plan
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_l2rw_fast_equals_unrolled(name: str):
     model, x, y, xv, yv = model_and_batches(name)
     want = l2rw_eps_grad(model, x, y, xv, yv, LR, meta_grad="unrolled")
-    # the functional form (a dual-number forward through the twin) ...
-    got = l2rw_eps_grad(model, x, y, xv, yv, LR, meta_grad="fast")
+    # the functional form (the model left unchanged: the recorded forward is the twin's) ...
+    got = l2rw_eps_grad(model, x, y, xv, yv, LR)  # meta_grad="fast" is the default
     assert (want > 0).any() and (want < 0).any()  # non-trivial weights
     assert_equal(got, want)
     assert_equal(
-        l2rw_weights(model, x, y, xv, yv, LR, meta_grad="fast"),
+        l2rw_weights(model, x, y, xv, yv, LR),
         l2rw_weights(model, x, y, xv, yv, LR, meta_grad="unrolled"),
     )
-    # ... and the training step (the real model's forward, taped, then its tangents replayed)
-    tape_grad, losses, meta_loss = l2rw_fast_step(
-        StepInputs(copy.deepcopy(model), x, y, xv, yv, LR, F.cross_entropy)
-    )
-    assert_equal(tape_grad, want)
+    # ... and the training step (the real model's forward, its losses kept for the update)
+    step_grad, losses, meta_loss, _ = l2rw_step(copy.deepcopy(model), x, y, xv, yv)
+    assert_equal(step_grad, want)
     assert losses.grad_fn is not None and losses.shape == (len(x),)
     want_loss = F.cross_entropy(to_meta(model)(xv), yv).detach()
     assert meta_loss == pytest.approx(float(want_loss), rel=1e-12, abs=1e-12)
+
+
+ENGINES_FOR = {  # the engines that can run each model (per_layer: no BatchNorm in training)
+    "mlp": ["tape", "dual", "dual_twin", "per_layer"],
+    "lenet": ["tape", "dual", "dual_twin", "per_layer"],
+    "resnet": ["tape", "dual", "dual_twin"],
+    "resnet32": ["tape", "dual_twin"],
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "engine"), [(n, e) for n, engines in ENGINES_FOR.items() for e in engines]
+)
+def test_l2rw_every_engine_equals_unrolled_and_is_the_one_that_ran(name: str, engine: str):
+    model, x, y, xv, yv = model_and_batches(name)
+    want = l2rw_eps_grad(model, x, y, xv, yv, LR, meta_grad="unrolled")
+    planner = Planner("l2rw", engine=engine)
+    assert_equal(l2rw_eps_grad(model, x, y, xv, yv, LR, planner=planner), want)
+    assert planner.last_engine == engine and planner.jvps == {engine: 1}
+    got, losses, _, planner = l2rw_step(copy.deepcopy(model), x, y, xv, yv, engine=engine)
+    assert_equal(got, want)
+    assert losses.grad_fn is not None
+    assert (
+        planner.last_engine == engine
+        and planner.current.reason == f"forced: method.engine={engine}"
+    )
+
+
+@pytest.mark.parametrize(("name", "want"), [("lenet", "per_layer"), ("resnet", "dual_twin")])
+def test_cuda_policy_on_cpu_picks_what_a_gpu_would(name: str, want: str):
+    """policy="cuda" runs on the CPU what the planner picks on a GPU: never dual numbers
+    through the real model (its graph kept: more memory than unrolled)."""
+    model, x, y, xv, yv = model_and_batches(name)
+    reference = l2rw_eps_grad(model, x, y, xv, yv, LR, meta_grad="unrolled")
+    got, _, _, planner = l2rw_step(model, x, y, xv, yv, policy="cuda")
+    assert_equal(got, reference)
+    assert planner.last_engine == want and planner.current.reason.startswith("cuda policy")
+
+
+def test_the_functional_form_and_the_step_make_the_same_choice():
+    """l2rw_eps_grad(meta_grad="fast") and L2RW().step: the same planner choice, the same
+    number (here the tangent tape, for a model with BatchNorm on CPU)."""
+    model, x, y, xv, yv = model_and_batches("resnet")
+    method = L2RW()
+    functional = Planner("l2rw")
+    got = l2rw_eps_grad(model, x, y, xv, yv, LR, planner=functional)
+    out = method.step(StepInputs(copy.deepcopy(model), x, y, xv, yv, LR, F.cross_entropy))
+    assert functional.last_engine == method.planner.last_engine == "tape"
+    torch.testing.assert_close(out.weights, reweight.functional.normalize_l2rw(got), rtol=0, atol=0)
 
 
 def test_l2rw_fast_is_the_closed_form_without_batchnorm():
@@ -117,13 +171,19 @@ def test_l2rw_fast_is_the_closed_form_without_batchnorm():
     assert_equal(got, torch.stack(want))
 
 
-def test_l2rw_fast_leaves_the_model_untouched():
-    model, x, y, xv, yv = model_and_batches("resnet")
+@pytest.mark.parametrize(
+    ("name", "engine"),
+    [("resnet", e) for e in ENGINES_FOR["resnet"]] + [("lenet", "per_layer"), ("resnet", "auto")],
+)
+def test_l2rw_fast_leaves_the_model_untouched(name: str, engine: str):
+    model, x, y, xv, yv = model_and_batches(name)
     for p in model.parameters():
         p.grad = torch.full_like(p, 0.25)
     before = state_of(model)
-    l2rw_eps_grad(model, x, y, xv, yv, LR, meta_grad="fast")
-    l2rw_eps_grad_fast(model, x, y, xv, yv, LR)
+    planner = Planner("l2rw", engine=engine)
+    for _ in range(2):  # a per-layer path's checking step, then an ordinary one
+        l2rw_eps_grad(model, x, y, xv, yv, LR, planner=planner)
+    assert planner.last_engine == ("tape" if engine == "auto" else engine)
     for k, v in model.state_dict().items():  # parameters and BatchNorm statistics
         assert torch.equal(v, before[k]), k
     assert all(torch.equal(p.grad, torch.full_like(p, 0.25)) for p in model.parameters())
@@ -175,9 +235,23 @@ def test_batchnorm_statistics_move_once_per_fast_step(method):
 
 
 def mwnet_pair(
-    model, x, y, xv, yv, *, normalize: str, replay: dict | None, warm: bool, chunks: int = 1
+    model,
+    x,
+    y,
+    xv,
+    yv,
+    *,
+    normalize: str,
+    replay: dict | None,
+    warm: bool,
+    chunks: int | str = 1,
+    detach_loss: bool = True,
+    **engine,
 ):
-    """∂L_meta/∂φ by fast and by unrolled from the same state (and a real optimizer)."""
+    """∂L_meta/∂φ by fast and by unrolled from the same state (and a real optimizer).
+
+    ``engine``: the method's ``engine`` / ``engine_policy``. Returns (fast, unrolled, method).
+    """
     opt = None
     if replay is not None:
         # lr 0: a warm-up step creates momentum buffers and leaves θ where it is (the virtual
@@ -191,14 +265,16 @@ def mwnet_pair(
     method = MWNet(
         hidden=5,
         normalize=normalize,
+        detach_loss=detach_loss,
         replay_optimizer=replay is not None,
-        meta_grad="fast",
         meta_chunks=chunks,
+        **engine,
     )
+    assert method.meta_grad == "fast"  # the default
     method.setup(model=model, device=torch.device("cpu"))
     start = state_of(model)
-    got, losses, meta_loss = mwnet_fast_step(
-        method, StepInputs(model, x, y, xv, yv, LR, F.cross_entropy, opt)
+    got, losses, meta_loss = method.meta_grads(
+        StepInputs(model, x, y, xv, yv, LR, F.cross_entropy, opt)
     )
     assert losses.grad_fn is not None
     model.load_state_dict(start)  # the fast step's forward moved the BatchNorm statistics
@@ -211,10 +287,11 @@ def mwnet_pair(
         yv,
         LR,
         normalize=normalize,
+        detach_loss=detach_loss,
         sgd_kwargs=method.sgd_kwargs(model, opt),
     )
     assert meta_loss == pytest.approx(float(want_loss), rel=1e-12, abs=1e-12)
-    return got, want
+    return got, want, method
 
 
 REPLAYS = {
@@ -231,30 +308,66 @@ def test_mwnet_fast_equals_unrolled(name: str, normalize: str, replay: str):
     cases = [False] if REPLAYS[replay] is None else [False, True]  # SGD's first step, a later one
     for warm in cases:
         model, x, y, xv, yv = model_and_batches(name)
-        got, want = mwnet_pair(
+        got, want, method = mwnet_pair(
             model, x, y, xv, yv, normalize=normalize, replay=REPLAYS[replay], warm=warm
         )
+        assert method.planner.last_engine == ("tape" if "resnet" in name else "per_layer")
         assert len(got) == len(want) == 4
         for a, b in zip(got, want, strict=True):
             assert b.abs().max() > 0
             assert_equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["lenet", "resnet"])
-def test_dual_number_path_of_the_steps(name: str, monkeypatch: pytest.MonkeyPatch):
-    """Off TAPE_DEVICES (e.g. CUDA) the steps use dual-number forwards: exact too."""
-    monkeypatch.setattr(reweight.fast, "TAPE_DEVICES", set())
+MWNET_ENGINES = [(n, e) for n, engines in ENGINES_FOR.items() for e in engines if e != "dual"]
+
+
+@pytest.mark.parametrize("detach_loss", [True, False], ids=["detached", "through-losses"])
+@pytest.mark.parametrize(("name", "engine"), MWNET_ENGINES)
+def test_mwnet_every_engine_equals_unrolled_and_is_the_one_that_ran(
+    name: str, engine: str, detach_loss: bool
+):
+    """Each engine MW-Net can use, with the replayed optimizer (a later step, with buffers),
+    with the net fed detached losses and (detach_loss=False, s = ∂(Σwᵢℓᵢ)/∂ℓ) not."""
+    for normalize in ("none", "sum"):
+        model, x, y, xv, yv = model_and_batches(name)
+        got, want, method = mwnet_pair(
+            model,
+            x,
+            y,
+            xv,
+            yv,
+            normalize=normalize,
+            replay=REPLAYS["momentum"],
+            warm=True,
+            detach_loss=detach_loss,
+            engine=engine,
+        )
+        assert method.planner.last_engine == engine and method.planner.jvps == {engine: 1}
+        for a, b in zip(got, want, strict=True):
+            assert b.abs().max() > 0
+            assert_equal(a, b)
+
+
+@pytest.mark.parametrize("detach_loss", [True, False])
+@pytest.mark.parametrize(("name", "want"), [("lenet", "per_layer"), ("resnet", "dual_twin")])
+def test_mwnet_cuda_policy_on_cpu(name: str, want: str, detach_loss: bool):
+    """What the planner runs on a GPU, run here: per layer, or dual numbers through the twin
+    with the real forward last (no training graph held across the meta pass)."""
     model, x, y, xv, yv = model_and_batches(name)
-    want = l2rw_eps_grad(model, x, y, xv, yv, LR, meta_grad="unrolled")
-    start = state_of(model)
-    got, losses, _ = l2rw_fast_step(StepInputs(model, x, y, xv, yv, LR, F.cross_entropy))
-    assert_equal(got, want)
-    assert losses.grad_fn is not None
-    model.load_state_dict(start)
-    got, want = mwnet_pair(
-        model, x, y, xv, yv, normalize="sum", replay=REPLAYS["nesterov"], warm=True
+    got, reference, method = mwnet_pair(
+        model,
+        x,
+        y,
+        xv,
+        yv,
+        normalize="sum",
+        replay=REPLAYS["nesterov"],
+        warm=True,
+        detach_loss=detach_loss,
+        engine_policy="cuda",
     )
-    for a, b in zip(got, want, strict=True):
+    assert method.planner.last_engine == want
+    for a, b in zip(got, reference, strict=True):
         assert_equal(a, b)
 
 
@@ -263,7 +376,7 @@ def test_dual_number_path_of_the_steps(name: str, monkeypatch: pytest.MonkeyPatc
 def test_mwnet_meta_chunks_give_the_same_gradient(name: str, chunks: int):
     """The meta batch (7 examples) in uneven slices, more slices than examples included."""
     model, x, y, xv, yv = model_and_batches(name)
-    got, want = mwnet_pair(
+    got, want, _ = mwnet_pair(
         model, x, y, xv, yv, normalize="sum", replay=REPLAYS["momentum"], warm=True, chunks=chunks
     )
     for a, b in zip(got, want, strict=True):
@@ -285,7 +398,10 @@ def test_mwnet_meta_chunks_refuse_batchnorm(name: str):
         ({"meta_chunks": 0}, r"method\.meta_chunks must be 'auto' or an integer >= 1, got 0"),
         ({"meta_chunks": 2.5, "meta_grad": "fast"}, r"meta_chunks must be 'auto' or an integer"),
         ({"meta_chunks": "some"}, r"meta_chunks must be 'auto' or an integer >= 1, got 'some'"),
-        ({"meta_chunks": 2}, r"method\.meta_chunks=2 needs meta_grad=fast"),
+        (
+            {"meta_chunks": 2, "meta_grad": "unrolled"},
+            r"method\.meta_chunks=2 needs meta_grad=fast",
+        ),
     ],
 )
 def test_mwnet_meta_chunks_bad_values(kwargs: dict, match: str):
@@ -293,12 +409,48 @@ def test_mwnet_meta_chunks_bad_values(kwargs: dict, match: str):
         MWNet(**kwargs)
 
 
-def test_mwnet_fast_needs_detached_losses():
-    model, x, y, xv, yv = model_and_batches("mlp")
-    method = MWNet(detach_loss=False, meta_grad="fast")
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: L2RW(engine="jvp"), r"method\.engine must be one of \['auto', 'tape', 'dual', "),
+        (lambda: MWNet(engine_policy="gpu"), r"method\.engine_policy must be one of \['auto', "),
+        (
+            lambda: MWNet(engine="dual"),
+            r"method\.engine=dual cannot run mwnet: .*use method\.engine=dual_twin",
+        ),
+        (
+            lambda: L2RW(meta_grad="unrolled", engine="tape"),
+            r"method\.engine=tape / method\.engine_policy=auto choose how meta_grad=fast",
+        ),
+    ],
+)
+def test_engine_arguments_are_checked_at_construction(make, match: str):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("method", [L2RW, MWNet])
+def test_a_forced_per_layer_path_is_refused_at_setup_for_batchnorm(method):
+    model = model_and_batches("resnet")[0]
+    with pytest.raises(
+        ValueError,
+        match=r"method\.engine=per_layer cannot run SmallResNet: BatchNorm in training mode "
+        r"\(stem\.1\); use method\.engine=auto",
+    ):
+        method(engine="per_layer").setup(model=model, device=torch.device("cpu"))
+
+
+def test_describe_says_which_engine_ran_and_why():
+    model, x, y, xv, yv = model_and_batches("resnet")
+    method = MWNet(hidden=5)
+    assert method.describe()["meta_engine"]["engine"] is None  # no step yet
     method.setup(model=model, device=torch.device("cpu"))
-    with pytest.raises(ValueError, match=r"meta_grad='fast' requires method\.detach_loss=true"):
-        method.step(StepInputs(model, x, y, xv, yv, LR, F.cross_entropy))
+    method.step(StepInputs(model, x, y, xv, yv, LR, F.cross_entropy))
+    engine = method.describe()["meta_engine"]
+    assert engine["engine"] == "tape" and engine["jvps"] == {"tape": 1}
+    assert engine["reason"].startswith("cpu policy: tangent tape")
+    assert "BatchNorm in training mode" in engine["reason"]
+    assert MWNet(meta_grad="unrolled").describe()["meta_engine"]["engine"] == "unrolled"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,12 +490,13 @@ def train(method, steps: int = 30, batchnorm: bool = True) -> nn.Module:
 )
 @pytest.mark.parametrize("batchnorm", [True, False], ids=["batchnorm", "per-layer"])
 def test_training_fast_follows_unrolled(make_method, batchnorm: bool):
-    """With BatchNorm the tape; without, MW-Net's steps after the first are per layer."""
-    fast = train(make_method("fast"), batchnorm=batchnorm)
+    """With BatchNorm the tape; without, every step per layer (the first one checked)."""
+    method = make_method("fast")
+    fast = train(method, batchnorm=batchnorm)
+    engine = "tape" if batchnorm else "per_layer"
+    assert method.planner.jvps == {engine: 30}
     unrolled = train(make_method("unrolled"), batchnorm=batchnorm)
     moved = train(make_method("fast"), steps=1, batchnorm=batchnorm)
-    if not batchnorm and isinstance(make_method("fast"), MWNet):  # checked, then taken
-        assert reweight.fast._PER_LAYER[fast][1] == "ok"
     for (name, a), b, c in zip(
         fast.state_dict().items(),
         unrolled.state_dict().values(),
@@ -389,16 +542,17 @@ class InPlaceNet(nn.Module):
 
 
 def tape_and_dual(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int = 0):
-    _, weights = _trainable(model)
+    _, weights = trainable(model)
     gen = torch.Generator().manual_seed(seed)
     direction = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in weights]
     torch.manual_seed(5)  # the same dropout mask in both forwards
-    losses, tape = _taped_losses(model, weights, x, y, F.cross_entropy)
+    tape = TangentTape(weights)
+    with tape:
+        losses = F.cross_entropy(model(x), y, reduction="none")
     got = tape.jvp(direction, losses)
     torch.manual_seed(5)
-    from reweight.fast import _bound_twin
-
-    want = _dual_jvp(_bound_twin(model), weights, direction, x, y, F.cross_entropy)
+    with torch.no_grad():
+        want = dual_forward(to_meta(model), weights, direction, x, y, F.cross_entropy)[1]
     return tape, got, want
 
 
@@ -412,22 +566,94 @@ def test_tape_replays_dropout_and_in_place_ops(model: nn.Module):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
-def test_tape_falls_back_with_a_warning(caplog: pytest.LogCaptureFixture):
-    model, x, y = InPlaceNet(scale=True).double().train(), torch.randn(10, 4).double(), None
-    y = torch.randint(0, 3, (10,))
-    tape = _TangentTape(_trainable(model)[1])
+class BNConvNet(nn.Module):
+    """BatchNorm2d with and without affine weights, a frozen one, and BatchNorm1d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn1, self.bn2 = nn.BatchNorm2d(4), nn.BatchNorm2d(4, affine=False)
+        self.bn3 = nn.BatchNorm2d(4)
+        self.bn3.weight.requires_grad_(False)
+        self.fc, self.bn4 = nn.Linear(4, 6), nn.BatchNorm1d(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn3(torch.tanh(self.bn2(torch.relu(self.bn1(self.conv(x))))))
+        return self.head(torch.tanh(self.bn4(self.fc(h.mean((2, 3))))))
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["batch-statistics", "running-statistics"])
+def test_tape_batchnorm_rule_equals_dual_numbers(train: bool):
+    """The tape's own BatchNorm tangent (from the statistics the forward saved) against
+    forward AD's, in both modes (running statistics made non-trivial)."""
+    torch.manual_seed(0)
+    model = BNConvNet().double()
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2, model.bn3, model.bn4):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            if bn.affine:
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.2, 0.2)
+    model.train(train)
+    x, y = torch.randn(7, 2, 5, 5, dtype=torch.float64), torch.randint(0, 3, (7,))
+    tape, got, want = tape_and_dual(model, x, y)
+    assert tape.error is None
+    assert sum(e.func is torch.ops.aten.native_batch_norm.default for e in tape.entries) == 4
+    assert want.abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_tape_falls_back_with_a_warning_unless_forced(caplog: pytest.LogCaptureFixture):
+    model = InPlaceNet(scale=True).double().train()
+    x, y = torch.randn(10, 4).double(), torch.randint(0, 3, (10,))
+    tape = TangentTape(trainable(model)[1])
     with tape:
         F.cross_entropy(model(x), y, reduction="none")
     assert tape.error is not None and "mul_" in tape.error
     xv, yv = torch.randn(7, 4).double(), torch.randint(0, 3, (7,))
-    _warn_fallback.cache_clear()  # it warns once per model and reason
-    with caplog.at_level(logging.WARNING, logger="reweight.fast"):
-        got, _, _ = l2rw_fast_step(
-            StepInputs(copy.deepcopy(model), x, y, xv, yv, LR, F.cross_entropy)
-        )
-    assert "cannot replay" in caplog.text and "mul_" in caplog.text
     want = l2rw_eps_grad(model, x, y, xv, yv, LR, meta_grad="unrolled")
-    assert_equal(got, want)
+    planner, trained = Planner("l2rw"), copy.deepcopy(model)
+    with caplog.at_level(logging.WARNING, logger="reweight.jvp.planner"):
+        for _ in range(2):  # the first step finds out, the second plans for it
+            got, _, _ = l2rw_eps_grad_fast(trained, x, y, xv, yv, LR, planner=planner, update=True)
+            assert_equal(got, want)
+    assert caplog.text.count("cannot replay") == 1 and "mul_" in caplog.text
+    assert planner.jvps == {"dual_twin": 2}
+    assert planner.current.engine == "dual_twin" and "cannot replay" in planner.current.reason
+    with pytest.raises(ValueError, match=r"method\.engine=tape cannot run InPlaceNet: .*mul_"):
+        l2rw_eps_grad(model, x, y, xv, yv, LR, planner=Planner("l2rw", engine="tape"))
+
+
+@pytest.mark.parametrize("method", ["l2rw", "mwnet"])
+def test_dual_twin_replays_the_dropout_masks(method: str):
+    """Dual numbers through the twin run the batch through the model again: with the random
+    state of the recorded forward, so its dropout masks are the real forward's (the tape
+    replays the recorded masks: the two agree)."""
+    torch.manual_seed(0)
+    model = DropNet().double().train()
+    x, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    xv, yv = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
+    results = {}
+    for engine in ("tape", "dual_twin"):
+        torch.manual_seed(3)
+        if method == "l2rw":
+            got, losses, *_ = l2rw_step(copy.deepcopy(model), x, y, xv, yv, engine=engine)
+            results[engine] = [got, losses.detach()]
+        else:
+            torch.manual_seed(1)
+            m = MWNet(hidden=5, engine=engine)
+            m.setup(model=model, device=torch.device("cpu"))
+            torch.manual_seed(3)
+            grads, losses, _ = m.meta_grads(
+                StepInputs(copy.deepcopy(model), x, y, xv, yv, LR, F.cross_entropy)
+            )
+            results[engine] = [*grads, losses.detach()]
+            assert m.planner.last_engine == engine
+        results[engine].append(torch.rand(3))  # the random stream continues alike
+    for a, b in zip(results["tape"], results["dual_twin"], strict=True):
+        assert_equal(a, b)
 
 
 def test_tape_under_cpu_bf16_autocast():
@@ -439,6 +665,9 @@ def test_tape_under_cpu_bf16_autocast():
     assert (got - want).abs().max() <= 0.02 * want.abs().max()
 
 
-def test_docstring_example_runs():
-    result = doctest.testmod(reweight.fast, optionflags=doctest.ELLIPSIS)
+@pytest.mark.parametrize(
+    "module", [reweight.functional, reweight.jvp.planner, reweight.meta.twins], ids=str
+)
+def test_docstring_examples_run(module):
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

@@ -15,12 +15,10 @@ from reweight import (
     WeightNet,
     l2rw_eps_grad,
     l2rw_weights,
-    mwnet_meta_grads,
     mwnet_weights,
     normalize_l2rw,
-    sgd_step,
-    to_meta,
 )
+from reweight.jvp import Planner
 from reweight.methods import StepInputs
 
 from .test_meta import make
@@ -57,12 +55,13 @@ def func_l2rw_weights(model, x, y, xv, yv, lr):
     return w / w.sum() if w.sum() > 0 else w
 
 
+@pytest.mark.parametrize("meta_grad", ["unrolled", "fast"])
 @pytest.mark.parametrize("name", ["mlp", "cnn", "resnet"])
-def test_l2rw_weights_match_torch_func(name: str):
+def test_l2rw_weights_match_torch_func(name: str, meta_grad: str):
     model, x, y, xv, yv = make(name, n=8)
     model.train(name != "cnn")  # the CNN has dropout: compare it in eval mode
     state = copy.deepcopy(model.state_dict())
-    got = l2rw_weights(model, x, y, xv, yv, lr=0.5)
+    got = l2rw_weights(model, x, y, xv, yv, lr=0.5, meta_grad=meta_grad)
     want = func_l2rw_weights(model, x, y, xv, yv, lr=0.5)
     assert (want > 0).sum() >= 2  # non-trivial: several positive weights
     torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
@@ -72,15 +71,21 @@ def test_l2rw_weights_match_torch_func(name: str):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_l2rw_eps_grad_is_the_raw_gradient():
+@pytest.mark.parametrize("meta_grad", ["unrolled", "fast"])
+def test_l2rw_eps_grad_is_the_raw_gradient(meta_grad: str):
     model, x, y, xv, yv = make("resnet", n=8)
-    g = l2rw_eps_grad(model, x, y, xv, yv, lr=0.5)
+    g = l2rw_eps_grad(model, x, y, xv, yv, lr=0.5, meta_grad=meta_grad)
     want = torch.func.grad(func_meta_loss_fn(model, x, y, xv, yv, 0.5))(torch.zeros(8).double())
     torch.testing.assert_close(g, want, rtol=0, atol=1e-10)
     assert (g > 0).any() and (g < 0).any()
 
 
-def test_l2rw_custom_loss_fn_is_called_with_both_reductions():
+@pytest.mark.parametrize(
+    ("meta_grad", "order"), [("unrolled", ["none", "mean"]), ("fast", ["mean", "none"])]
+)
+def test_l2rw_custom_loss_fn_is_called_with_both_reductions(meta_grad: str, order: list):
+    """Once each: fast takes the meta gradient first (its activations are freed before the
+    training forward's exist; the tape records that forward), unrolled after the virtual step."""
     calls = []
 
     def loss_fn(out, target, reduction="mean"):
@@ -88,8 +93,9 @@ def test_l2rw_custom_loss_fn_is_called_with_both_reductions():
         return F.cross_entropy(out, target, reduction=reduction)
 
     model, x, y, xv, yv = make("mlp")
-    l2rw_weights(model, x, y, xv, yv, 0.1, loss_fn)
-    assert calls == ["none", "mean"]
+    planner = Planner("l2rw", engine="tape") if meta_grad == "fast" else None
+    l2rw_weights(model, x, y, xv, yv, 0.1, loss_fn, meta_grad=meta_grad, planner=planner)
+    assert calls == order
 
 
 def test_normalize_l2rw_rules():
@@ -108,16 +114,22 @@ def test_mwnet_weights_normalisations():
         mwnet_weights(vnet, losses, "max")
 
 
+@pytest.mark.parametrize("meta_grad", ["unrolled", "fast"])
+@pytest.mark.parametrize("detach_loss", [True, False], ids=["detached", "through-losses"])
 @pytest.mark.parametrize("normalize", ["none", "sum"])
 @pytest.mark.parametrize("name", ["mlp", "resnet"])
-def test_mwnet_hypergradient_matches_torch_func(name: str, normalize: str):
+def test_mwnet_hypergradient_matches_torch_func(
+    name: str, normalize: str, detach_loss: bool, meta_grad: str
+):
     model, x, y, xv, yv = make(name, n=8)
     model.train()
     torch.manual_seed(1)
-    vnet = WeightNet(hidden=5).double()
-    twin = to_meta(model)
-    losses = F.cross_entropy(twin(x), y, reduction="none")
-    got, _ = mwnet_meta_grads(twin, losses, vnet, xv, yv, 0.5, normalize=normalize)
+    method = MWNet(hidden=5, normalize=normalize, detach_loss=detach_loss, meta_grad=meta_grad)
+    method.setup(model=model, device=torch.device("cpu"))
+    vnet = method.vnet
+    state = copy.deepcopy(model.state_dict())
+    got, _, _ = method.meta_grads(StepInputs(model, x, y, xv, yv, 0.5, F.cross_entropy))
+    model.load_state_dict(state)  # the step's forward moved the BatchNorm statistics
 
     ref = copy.deepcopy(model)
     replace_all_batch_norm_modules_(ref)
@@ -127,7 +139,8 @@ def test_mwnet_hypergradient_matches_torch_func(name: str, normalize: str):
     def meta_loss(phi_):
         def inner(p):
             ell = F.cross_entropy(functional_call(ref, p, (x,)), y, reduction="none")
-            v = functional_call(vnet, phi_, (ell.detach()[:, None],))[:, 0]
+            net_input = ell.detach() if detach_loss else ell
+            v = functional_call(vnet, phi_, (net_input[:, None],))[:, 0]
             w = v / len(v) if normalize == "none" else v / v.sum()
             return (w * ell).sum()
 
@@ -141,37 +154,10 @@ def test_mwnet_hypergradient_matches_torch_func(name: str, normalize: str):
         torch.testing.assert_close(g, want[n], rtol=0, atol=1e-10)
 
 
-def test_sgd_step_replays_torch_sgd():
-    """A replayed virtual step lands where torch.optim.SGD's next step lands."""
-    model, x, y, *_ = make("mlp")
-    kwargs = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": True}
-    opt = torch.optim.SGD(model.parameters(), **kwargs)
-    for _ in range(2):  # build momentum buffers
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    names = [n for n, _ in model.named_parameters()]
-    buffers = {n: opt.state[p]["momentum_buffer"] for n, p in model.named_parameters()}
-    twin = to_meta(model)
-    new = sgd_step(
-        dict(twin.named_params()),
-        F.cross_entropy(twin(x), y),
-        0.1,
-        momentum=0.9,
-        weight_decay=5e-4,
-        nesterov=True,
-        momentum_buffers=buffers,
-    )
-    opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    opt.step()
-    for n, p in zip(names, model.parameters(), strict=True):
-        torch.testing.assert_close(new[n], p, rtol=0, atol=1e-12)
-
-
-def test_mwnet_step_updates_the_net_and_returns_weights_from_the_updated_net():
+@pytest.mark.parametrize("meta_grad", ["unrolled", "fast"])
+def test_mwnet_step_updates_the_net_and_returns_weights_from_the_updated_net(meta_grad: str):
     model, x, y, xv, yv = make("mlp", n=8)
-    method = MWNet(hidden=5, lr=0.1)
+    method = MWNet(hidden=5, lr=0.1, meta_grad=meta_grad)
     method.setup(model=model, device=torch.device("cpu"))
     before = [p.detach().clone() for p in method.vnet.parameters()]
     out = method.step(StepInputs(model, x, y, xv, yv, 0.5, F.cross_entropy))
@@ -182,9 +168,10 @@ def test_mwnet_step_updates_the_net_and_returns_weights_from_the_updated_net():
     assert out.losses is not None and out.losses.grad_fn is not None
 
 
-def test_mwnet_replay_needs_sgd():
+@pytest.mark.parametrize("meta_grad", ["unrolled", "fast"])
+def test_mwnet_replay_needs_sgd(meta_grad: str):
     model, x, y, xv, yv = make("mlp")
-    method = MWNet(replay_optimizer=True)
+    method = MWNet(replay_optimizer=True, meta_grad=meta_grad)
     method.setup(model=model, device=torch.device("cpu"))
     opt = torch.optim.Adam(model.parameters())
     with pytest.raises(
@@ -203,7 +190,8 @@ def test_method_argument_errors():
     with pytest.raises(ValueError, match=r"method 'erm' has no option lr; allowed: none"):
         build_method("erm", lr=0.1)
     with pytest.raises(
-        ValueError, match=r"method 'l2rw' has no option hidden; allowed: \['meta_grad'\]"
+        ValueError,
+        match=r"method 'l2rw' has no option hidden; allowed: \['meta_grad', 'engine', 'engine_p",
     ):
         build_method("l2rw", hidden=3)
     with pytest.raises(ValueError, match=r"method.beta must be in \[0, 1\), got 1.5"):

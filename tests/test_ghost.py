@@ -1,4 +1,4 @@
-"""The per-layer path (``reweight.ghost``) against independent references, in float64.
+"""The per-layer engine (``reweight.jvp.per_layer``) against independent references, in float64.
 
 Its JVPs and weighted gradients are checked against per-example gradients from
 ``torch.func`` (vmap of grad), one layer type and layout at a time; the MW-Net step that uses
@@ -8,6 +8,7 @@ examples of a batch off it.
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -16,9 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-import reweight.fast
-from reweight import MWNet, ghost
-from reweight.fast import _per_layer_state, _set_per_layer, _trainable, mwnet_fast_step
+import reweight.methods.mwnet
+from reweight import L2RW, MWNet
+from reweight.jvp import per_layer as ghost
+from reweight.meta import trainable
 from reweight.methods import StepInputs
 from reweight.models import build_model
 
@@ -93,7 +95,7 @@ def case(name: str, n: int = 6, channels_last: bool = False):
 
 def per_example_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
     """(B, *weight.shape) per trainable weight: the reference, by torch.func."""
-    names, weights = _trainable(model)
+    names, weights = trainable(model)
     frozen = {k: v for k, v in model.named_parameters() if not v.requires_grad}
 
     def loss(params: dict, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
@@ -106,11 +108,11 @@ def per_example_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> lis
 
 
 def records(model, x, y, slices: int = 1) -> list[ghost.GhostRecord]:
-    _, weights = _trainable(model)
+    _, weights = trainable(model)
     layers = ghost.ghost_layers(model, weights)
     out = []
     for xs, ys in zip(x.tensor_split(slices), y.tensor_split(slices), strict=True):
-        with ghost.recording(layers) as calls:
+        with ghost.recording(model, layers) as calls:
             losses = F.cross_entropy(model(xs), ys, reduction="none")
         out.append(ghost.finish(weights, calls, losses))
     return out
@@ -120,7 +122,7 @@ def records(model, x, y, slices: int = 1) -> list[ghost.GhostRecord]:
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_jvp_and_weighted_gradients_equal_per_example_gradients(name: str, slices: int):
     model, x, y = case(name)
-    _, weights = _trainable(model)
+    _, weights = trainable(model)
     per = per_example_grads(model, x, y)
     recs = records(model, x, y, slices)
     g = torch.Generator().manual_seed(2)
@@ -147,7 +149,7 @@ def test_the_first_convolution_keeps_per_example_gradients():
 
 def test_channels_last_lenet():
     model, x, y = case("lenet", channels_last=True)
-    _, weights = _trainable(model)
+    _, weights = trainable(model)
     per = per_example_grads(model, x, y)
     (rec,) = records(model, x, y)
     assert rec.calls[1].x.is_contiguous(memory_format=torch.channels_last)
@@ -168,21 +170,17 @@ def test_channels_last_lenet():
 def test_structures_the_path_does_not_cover(make, match: str):
     model = make().to(DT)
     with pytest.raises(ghost.Ineligible, match=match):
-        ghost.ghost_layers(model, _trainable(model)[1])
+        ghost.ghost_layers(model, trainable(model)[1])
 
 
 def test_eval_mode_batchnorm_without_weights_is_covered():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, affine=False), nn.Linear(4, 2))
     model.eval()
-    assert len(ghost.ghost_layers(model, _trainable(model)[1])) == 2
+    assert len(ghost.ghost_layers(model, trainable(model)[1])) == 2
 
 
 # ---------------------------------------------------------------------------------------------
 # MW-Net's fast step on the per-layer path
-
-
-def verdict(model: nn.Module) -> str:
-    return _per_layer_state(model, _trainable(model)[1], torch.device("cpu"))[0]
 
 
 def is_per_layer(losses: torch.Tensor) -> bool:
@@ -194,11 +192,19 @@ def is_per_layer(losses: torch.Tensor) -> bool:
 @pytest.mark.parametrize("name", ["lenet", "mlp-plain"])
 def test_mwnet_per_layer_step_equals_unrolled(name: str, replay: str, chunks):
     model, x, y, xv, yv = plain_model_and_batches(name)
-    verdict(model)
-    _set_per_layer(model, "ok")  # as after a successful first step
-    got, want = mwnet_pair(
-        model, x, y, xv, yv, normalize="sum", replay=REPLAYS[replay], warm=True, chunks=chunks
+    got, want, method = mwnet_pair(
+        model,
+        x,
+        y,
+        xv,
+        yv,
+        normalize="sum",
+        replay=REPLAYS[replay],
+        warm=True,
+        chunks=chunks,
+        engine="per_layer",
     )
+    assert method.planner.jvps == {"per_layer": 1}
     for a, b in zip(got, want, strict=True):
         assert b.abs().max() > 0
         assert_equal(a, b)
@@ -212,42 +218,98 @@ def plain_model_and_batches(name: str):
     return model, x, y, torch.randn(7, 5, generator=g, dtype=DT), torch.randint(0, 3, (7,))
 
 
-def mwnet_step(model, x, y, xv, yv, chunks="auto"):
+def mwnet_method(model, chunks="auto", **engine) -> MWNet:
     torch.manual_seed(1)
-    method = MWNet(hidden=5, normalize="sum", meta_grad="fast", meta_chunks=chunks)
+    method = MWNet(hidden=5, normalize="sum", meta_chunks=chunks, **engine)
     method.setup(model=model, device=torch.device("cpu"))
-    return mwnet_fast_step(method, StepInputs(model, x, y, xv, yv, 0.5, F.cross_entropy))
+    return method
 
 
-def test_the_first_step_checks_then_the_path_is_taken():
+def mwnet_step(method: MWNet, model, x, y, xv, yv):
+    return method.meta_grads(StepInputs(model, x, y, xv, yv, 0.5, F.cross_entropy))
+
+
+def test_the_first_step_checks_the_path_and_computes_what_later_steps_do():
     model, x, y, xv, yv = model_and_batches("lenet")
-    assert verdict(model) == "check"
-    first, losses, _ = mwnet_step(model, x, y, xv, yv)
-    assert not is_per_layer(losses) and verdict(model) == "ok"
-    second, losses, _ = mwnet_step(model, x, y, xv, yv)
-    assert is_per_layer(losses)
+    method = mwnet_method(model)
+    assert method.planner.per_layer_verdict(model) == "check"
+    assert method.planner.plan(model, torch.device("cpu")).reason.startswith(
+        "cpu policy: per-layer path, checked on this step"
+    )
+    first, losses, _ = mwnet_step(method, model, x, y, xv, yv)
+    assert is_per_layer(losses) and method.planner.per_layer_verdict(model) == "ok"
+    second, losses, _ = mwnet_step(method, model, x, y, xv, yv)
+    assert is_per_layer(losses) and method.planner.jvps == {"per_layer": 2}
     for a, b in zip(first, second, strict=True):
-        assert_equal(a, b)
+        assert torch.equal(a, b)  # the checking step's numbers are the path's own
     # a change of mode is a new structure: checked again
     model.eval()
-    assert verdict(model) == "check"
+    assert method.planner.per_layer_verdict(model) == "check"
 
 
-def test_auto_takes_two_slices_only_on_the_path(monkeypatch: pytest.MonkeyPatch):
+def test_auto_takes_two_slices_on_the_path(monkeypatch: pytest.MonkeyPatch):
     seen = []
-    meta_grad = reweight.fast._meta_grad
+    meta_gradient = reweight.methods.mwnet.meta_gradient
 
     def spy(*args):
         seen.append(args[-1])
-        return meta_grad(*args)
+        return meta_gradient(*args)
 
-    monkeypatch.setattr(reweight.fast, "_meta_grad", spy)
+    monkeypatch.setattr(reweight.methods.mwnet, "meta_gradient", spy)
     model, x, y, xv, yv = model_and_batches("lenet")
+    method = mwnet_method(model)
     for _ in range(2):
-        mwnet_step(model, x, y, xv, yv)
+        mwnet_step(method, model, x, y, xv, yv)
     model, x, y, xv, yv = model_and_batches("resnet")  # BatchNorm: one piece, no error
-    mwnet_step(model, x, y, xv, yv)
-    assert seen == [1, 2, 1]
+    mwnet_step(mwnet_method(model), model, x, y, xv, yv)
+    model, x, y, xv, yv = model_and_batches("lenet")  # the tape forced: one piece
+    mwnet_step(mwnet_method(model, engine="tape"), model, x, y, xv, yv)
+    assert seen == [2, 2, 1, 1]
+
+
+def l2rw_update(model: nn.Module, verdict: str, x, y, xv, yv) -> tuple[torch.Tensor, list]:
+    """L2RW's weights and the real update's parameters after one step, as the Trainer makes
+    it, by a planner whose per-layer verdict on ``model`` is ``verdict`` before the step
+    (``"check"``: this step checks the path; ``"ok"``: a step on another batch checked it)."""
+    method = L2RW()
+    method.setup(model=model, device=torch.device("cpu"))
+    if verdict == "ok":  # the step leaves a model without BatchNorm as it was
+        method.step(StepInputs(model, xv, yv, x, y, 0.1, F.cross_entropy))
+    assert method.planner.per_layer_verdict(model) == verdict
+    model.zero_grad(set_to_none=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    out = method.step(StepInputs(model, x, y, xv, yv, 0.1, F.cross_entropy, optimizer))
+    (out.weights * out.losses).sum().backward()
+    optimizer.step()
+    assert method.planner.per_layer_verdict(model) == "ok"
+    assert method.planner.last_engine == "per_layer"
+    return out.weights.detach(), [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("batch", ["fresh", "fitted"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_a_checking_step_computes_what_an_unchecked_step_does(dtype: torch.dtype, batch: str):
+    """One L2RW step and update of LeNet from one state, checked on this step or before: the
+    same weights and parameters, bit for bit (a resumed run checks on its first step, which in
+    the uninterrupted run was an unchecked one). "fitted": a batch of one class the model
+    already predicts at float32 losses of 1e-7..1e-6 (on MNIST 4-vs-9 such a batch once failed
+    the check, whose loss-based JVPs were then below rounding, and sent the run to the tape)."""
+    model, x, y, xv, yv = model_and_batches("lenet")
+    if batch == "fitted":
+        with torch.no_grad():
+            model.classifier[-1].bias.copy_(torch.tensor([0.0, 10.0]))
+        y, yv = torch.ones_like(y), torch.ones_like(yv)  # a clean batch of that class too
+    model, x, xv = model.to(dtype), x.to(dtype), xv.to(dtype)
+    start = copy.deepcopy(model.state_dict())
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    assert (losses.max() < 1e-5) == (batch == "fitted")
+    checked = l2rw_update(model, "check", x, y, xv, yv)
+    model.load_state_dict(start)
+    unchecked = l2rw_update(model, "ok", x, y, xv, yv)
+    assert checked[0].abs().max() > 0 and not torch.equal(checked[1][0], start["features.0.weight"])
+    assert torch.equal(checked[0], unchecked[0])
+    for a, b in zip(checked[1], unchecked[1], strict=True):
+        assert torch.equal(a, b)
 
 
 class MixesExamples(nn.Module):
@@ -281,13 +343,15 @@ def test_an_output_modified_in_place_is_refused():
     x, y = torch.randn(6, 5, dtype=DT), torch.randint(0, 3, (6,))
     with pytest.raises(ghost.Ineligible, match=r"Linear: its input or output was modified"):
         records(model, x, y)
-    # the step's first (checking) forward finds it too, and stays on the exact general path
+    # the step's first (checking) forward finds it too, and goes on by the exact general path
     xv, yv = torch.randn(7, 5, dtype=DT), torch.randint(0, 3, (7,))
-    mwnet_step(model, x, y, xv, yv)
-    assert verdict(model) == "no"
-    got, want = mwnet_pair(model, x, y, xv, yv, normalize="sum", replay=None, warm=False)
+    got, want, method = mwnet_pair(model, x, y, xv, yv, normalize="sum", replay=None, warm=False)
+    assert method.planner.per_layer_verdict(model) == "no"
+    assert method.planner.last_engine == "tape"
     for a, b in zip(got, want, strict=True):
         assert_equal(a, b)
+    with pytest.raises(ValueError, match=r"engine=per_layer cannot run Sequential: Linear: its"):
+        mwnet_step(mwnet_method(model, engine="per_layer"), model, x, y, xv, yv)
 
 
 class KeywordCall(nn.Module):
@@ -308,9 +372,10 @@ def test_a_call_the_recording_cannot_read_is_refused_without_breaking_the_forwar
     with pytest.raises(ghost.Ineligible, match=r"Linear: not called on one tensor with a graph"):
         records(model, x, y)
     xv, yv = torch.randn(7, 5, dtype=DT), torch.randint(0, 3, (7,))
-    mwnet_step(model, x, y, xv, yv)  # the checking step finishes on the general path
-    assert verdict(model) == "no"
-    got, want = mwnet_pair(model, x, y, xv, yv, normalize="sum", replay=None, warm=False)
+    # the checking step finishes on the general path
+    got, want, method = mwnet_pair(model, x, y, xv, yv, normalize="sum", replay=None, warm=False)
+    assert method.planner.per_layer_verdict(model) == "no"
+    assert method.planner.last_engine == "tape"
     for a, b in zip(got, want, strict=True):
         assert_equal(a, b)
 
@@ -322,22 +387,36 @@ def test_the_check_keeps_models_off_the_path(cls, caplog: pytest.LogCaptureFixtu
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(6, 5, generator=g, dtype=DT), torch.randint(0, 3, (6,), generator=g)
     xv, yv = torch.randn(7, 5, generator=g, dtype=DT), torch.randint(0, 3, (7,), generator=g)
-    assert verdict(model) == "check"  # its structure looks fine
-    records(model, x, y)  # and it records without complaint
-    with caplog.at_level(logging.WARNING, logger="reweight.fast"):
-        mwnet_step(model, x, y, xv, yv)
-    assert verdict(model) == "no"
+    records(model, x, y)  # its structure looks fine, and it records without complaint
+    with caplog.at_level(logging.WARNING, logger="reweight.jvp.planner"):
+        got, want, method = mwnet_pair(
+            model, x, y, xv, yv, normalize="sum", replay=None, warm=False
+        )
+    assert method.planner.per_layer_verdict(model) == "no"
     assert "does not fit the per-layer path" in caplog.text
-    got, want = mwnet_pair(model, x, y, xv, yv, normalize="sum", replay=None, warm=False)
-    for a, b in zip(got, want, strict=True):  # exact on the general path
+    # the checking step went on by the general engine, the tape on CPU
+    assert method.planner.jvps == {"tape": 1}
+    for a, b in zip(got, want, strict=True):
         assert_equal(a, b)
-    _, losses, _ = mwnet_step(model, x, y, xv, yv, chunks=1)
-    assert not is_per_layer(losses)
+    _, losses, _ = mwnet_step(method, model, x, y, xv, yv)
+    assert not is_per_layer(losses) and method.planner.last_engine == "tape"
+    # and computed what every later step does: one slice by "auto", the same engine
+    method = mwnet_method(model)
+    first, _, _ = mwnet_step(method, model, x, y, xv, yv)
+    assert method.planner.per_layer_verdict(model) == "no"
+    second, _, _ = mwnet_step(method, model, x, y, xv, yv)
+    assert method.planner.jvps == {"tape": 2}
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"per_layer cannot run .*: its per-layer JVP differs"):
+        mwnet_step(mwnet_method(model, engine="per_layer"), model, x, y, xv, yv)
 
 
-def test_per_layer_switch_off(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(reweight.fast, "PER_LAYER", False)
+def test_a_forced_engine_is_the_one_that_runs():
+    """engine="tape" keeps a model that fits the per-layer path on the tape, every step."""
     model, x, y, xv, yv = model_and_batches("lenet")
+    method = mwnet_method(model, engine="tape")
     for _ in range(2):
-        _, losses, _ = mwnet_step(model, x, y, xv, yv)
+        _, losses, _ = mwnet_step(method, model, x, y, xv, yv)
         assert not is_per_layer(losses)
+    assert method.planner.jvps == {"tape": 2}

@@ -9,7 +9,17 @@ import torchvision
 from torch import nn
 from torch.func import functional_call
 
-from reweight.meta import MetaLinear, MetaModule, MetaSequential, sgd_step, to_meta
+from reweight.meta import (
+    MetaLinear,
+    MetaModule,
+    MetaSequential,
+    TwinCache,
+    sgd_direction,
+    sgd_step,
+    sgd_values,
+    to_meta,
+    trainable,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Small models used throughout: a LeNet-sized CNN, an MLP and a ResNet with BatchNorm.
@@ -397,3 +407,84 @@ def test_buffers_of_other_layers_are_copies_even_after_bind():
         twin(torch.randn(3, 2))
         twin.bind(model)
     assert model.calls.item() == 0 and twin.calls.item() == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The one SGD replay: values (differentiable and not) and κ = ∂d/∂g, against torch.optim.SGD.
+
+# case: (SGD arguments, real steps before the replayed one, κ)
+SGD_CASES = {
+    "plain": ({}, 0, 1.0),
+    "weight-decay": ({"weight_decay": 5e-3}, 1, 1.0),
+    "momentum-first-step": ({"momentum": 0.9}, 0, 1.0),  # no buffer yet: buf′ = d₀
+    "momentum-dampening": ({"momentum": 0.9, "dampening": 0.3, "weight_decay": 1e-3}, 2, 0.7),
+    # SGD's first step copies d₀ into the buffer without dampening it
+    "momentum-dampening-first-step": ({"momentum": 0.9, "dampening": 0.3}, 0, 1.0),
+    "nesterov-first-step": ({"momentum": 0.9, "nesterov": True}, 0, 1.9),
+    "nesterov": ({"momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}, 2, 1.9),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SGD_CASES))
+def test_sgd_replay_lands_where_torch_sgd_steps(case: str):
+    """sgd_step (with graph) and sgd_values (values, κ) put θ′ where torch.optim.SGD's next
+    real step puts θ; and d is affine in g with slope κ (the fast MW-Net step's factor)."""
+    kwargs, warm, want_kappa = SGD_CASES[case]
+    model, x, y, *_ = make("mlp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, **kwargs)
+    for _ in range(warm):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    names, weights = trainable(model)
+    buffers = {
+        n: opt.state.get(p, {}).get("momentum_buffer") for n, p in zip(names, weights, strict=True)
+    }
+    assert all(b is None for b in buffers.values()) == (warm == 0 or "momentum" not in kwargs)
+    twin = to_meta(model)
+    with_graph = sgd_step(
+        dict(twin.named_params()),
+        F.cross_entropy(twin(x), y),
+        0.1,
+        momentum_buffers=buffers,
+        **kwargs,
+    )
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), weights)
+    values, kappa = sgd_values(weights, grads, names, 0.1, momentum_buffers=buffers, **kwargs)
+    assert kappa == [want_kappa] * len(weights)
+    gen = torch.Generator().manual_seed(0)
+    for theta, g, name, k in zip(weights, grads, names, kappa, strict=True):
+        delta = torch.randn(g.shape, generator=gen, dtype=g.dtype)
+        d0, _ = sgd_direction(g, theta, buffers[name], **kwargs)
+        d1, _ = sgd_direction(g + delta, theta, buffers[name], **kwargs)
+        torch.testing.assert_close(d1 - d0, k * delta, rtol=0, atol=1e-12)
+    expected = {n: t.detach().clone() for n, t in with_graph.items()}  # before SGD mutates
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()  # the real step (it updates the buffers in place: replayed above, before it)
+    for name, p, v in zip(names, model.parameters(), values, strict=True):
+        torch.testing.assert_close(expected[name], p.detach(), rtol=0, atol=1e-12)
+        torch.testing.assert_close(v, p.detach(), rtol=0, atol=1e-12)
+
+
+def test_sgd_values_skips_weights_without_gradient():
+    theta = torch.ones(3, dtype=torch.float64)
+    new, kappa = sgd_values([theta, theta * 2], [None, torch.ones(3)], ["a", "b"], 0.5)
+    assert kappa == [0.0, 1.0] and torch.equal(new[0], theta)
+    assert torch.equal(new[1], torch.full((3,), 1.5, dtype=torch.float64))
+
+
+def test_twin_cache_rebuilds_only_when_the_model_changes():
+    model, x, *_ = make("resnet")
+    twins = TwinCache()
+    twin = twins.bound(model)
+    assert twins.bound(model) is twin  # same structure: the same twin, re-bound
+    with torch.no_grad():
+        model.head.weight.add_(1.0)  # a weight changes in place: still the same twin
+    assert twins.bound(model) is twin
+    torch.testing.assert_close(twin(x), model(x), rtol=0, atol=1e-12)
+    model.head = nn.Linear(8, 3).double()  # a module replaced: a new twin
+    rebuilt = twins.bound(model)
+    assert rebuilt is not twin
+    torch.testing.assert_close(rebuilt(x), model(x), rtol=0, atol=1e-12)
+    assert TwinCache().bound(model) is not rebuilt  # one cache per owner

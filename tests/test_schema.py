@@ -94,7 +94,7 @@ def test_validated_config_is_typed_and_resolved():
     checked = validate_config(cfg)
     assert isinstance(checked.optimizer.lr, float) and checked.optimizer.lr == 1.0
     assert checked.scheduler.T_max == 30  # ${trainer.max_steps}, resolved
-    assert checked.method.meta_grad == "unrolled"  # ${meta_grad}
+    assert checked.method.meta_grad == "fast"  # ${meta_grad}, the default
     assert checked.model._target_ == "reweight.models.build_model"
     assert OmegaConf.is_struct(checked) and "${" not in OmegaConf.to_yaml(checked)
 
@@ -198,7 +198,7 @@ def test_docstring_examples():
          "model.depth is not a key of model (lenet); allowed: "
          "_target_, name, input_shape, input_size"),
         (["dataset.name=imagenet"], "dataset.name must be one of mnist_imbalanced, mnist_noisy"),
-        (["meta_grad=fsat"], "meta_grad must be one of ['unrolled', 'fast'], got 'fsat'"),
+        (["meta_grad=fsat"], "meta_grad must be one of ['fast', 'unrolled'], got 'fsat'"),
         (["threads=0"], "threads must be an integer >= 1, got 0"),
         (["trainer.device=cuda:x"], "trainer.device must be cpu, cuda, cuda:<index> or auto"),
     ],

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from reweight import MWNet, Trainer, TrainerConfig
+from reweight import L2RW, MWNet, Trainer, TrainerConfig, build_method
 from reweight.batches import BatchStream
 from reweight.methods.baselines import effective_number_weights
 from reweight.metrics import auc
@@ -137,8 +137,10 @@ class BNNet(nn.Module):
         return self.fc2(torch.relu(self.bn(self.fc1(x))))
 
 
-@pytest.mark.parametrize("method", ["l2rw", "mwnet"])
-def test_batchnorm_statistics_move_only_through_the_real_step(method: str):
+@pytest.mark.parametrize("name", ["l2rw", "mwnet"])
+def test_batchnorm_statistics_move_only_through_the_real_step(name: str):
+    """The unrolled steps (tests/test_fast.py checks the fast ones the same way)."""
+    method = build_method(name, meta_grad="unrolled")
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 3, generator=g), torch.randint(0, 2, (64,), generator=g)
     torch.manual_seed(0)
@@ -228,14 +230,24 @@ def _run(tmp_path, method, steps, resume=False, seed=0, ckpt_every=0, callbacks=
     return trainer, trainer.fit(resume=resume)
 
 
-@pytest.mark.parametrize("method", ["random", "l2rw", "mwnet"])
+RESUMED = {
+    "random": lambda: "random",
+    "l2rw": lambda: "l2rw",  # meta_grad=fast: per layer, its first step (after resume too) checked
+    "mwnet": lambda: "mwnet",
+    "l2rw-unrolled": lambda: L2RW(meta_grad="unrolled"),
+    "mwnet-unrolled": lambda: MWNet(meta_grad="unrolled"),
+}
+
+
+@pytest.mark.parametrize("method", sorted(RESUMED))
 def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, method: str):
-    full, full_res = _run(tmp_path / "a", method, 12)
+    make = RESUMED[method]
+    full, full_res = _run(tmp_path / "a", make(), 12)
     with pytest.raises(Interrupt):  # checkpoints at 5 and 10, dies at the log row of step 8
-        _run(tmp_path / "b", method, 12, ckpt_every=5, callbacks=[_kill_at(8)])
+        _run(tmp_path / "b", make(), 12, ckpt_every=5, callbacks=[_kill_at(8)])
     state = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
     assert state["step"] == 5  # mid log window: steps 5 and 6 share a row
-    resumed, res = _run(tmp_path / "b", method, 12, resume=True, ckpt_every=5)
+    resumed, res = _run(tmp_path / "b", make(), 12, resume=True, ckpt_every=5)
     for (n, p), q in zip(
         full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
     ):
@@ -323,11 +335,12 @@ def test_example_weights_change_nothing():
         assert torch.equal(v, vnet[k]), k
 
 
-@pytest.mark.parametrize("method", ["erm", "l2rw", "l2rw-fast", "mwnet", "mwnet-fast"])
+@pytest.mark.parametrize(
+    "method", ["erm", "l2rw-unrolled", "l2rw-fast", "mwnet-unrolled", "mwnet-fast"]
+)
 def test_channels_last_is_the_same_training_in_another_memory_format(method: str):
     """trainer.channels_last=true feeds NHWC batches to an NHWC model and changes no number
     (float64, where the two layouts' convolutions agree to rounding)."""
-    from reweight import L2RW
     from reweight.models import LeNet
 
     g = torch.Generator().manual_seed(0)
@@ -341,8 +354,8 @@ def test_channels_last_is_the_same_training_in_another_memory_format(method: str
         model.features[3].register_forward_pre_hook(  # conv2: 16 channels, so the layout shows
             lambda _, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
         )
-        fast = {"l2rw-fast": L2RW(meta_grad="fast"), "mwnet-fast": MWNet(meta_grad="fast")}
-        chosen = fast.get(method, method)
+        name, _, mode = method.partition("-")
+        chosen = build_method(name, meta_grad=mode) if mode else name
         trainer = Trainer(
             model,
             TensorDataset(x.double(), y),
@@ -372,3 +385,28 @@ def test_channels_last_is_the_same_training_in_another_memory_format(method: str
     assert seen and all(seen)
     for key, value in reference.items():
         torch.testing.assert_close(nhwc[key], value, rtol=1e-10, atol=1e-12, msg=key)
+
+
+def test_the_summary_says_which_meta_engine_ran_and_the_log_says_why(caplog):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 3, generator=g), torch.randint(0, 2, (64,), generator=g)
+
+    def fit(method):
+        torch.manual_seed(0)
+        return Trainer(
+            BNNet(),
+            TensorDataset(x, y),
+            TensorDataset(x[:8], y[:8]),
+            method=method,
+            config=TrainerConfig(max_steps=3, batch_size=16, progress=False, final_weights=0),
+        ).fit()
+
+    with caplog.at_level("INFO", logger="reweight.jvp.planner"):
+        metrics = fit("l2rw").metrics
+    engine = metrics["meta_engine"]
+    assert engine["engine"] == "tape" and engine["jvps"] == {"tape": 3}
+    assert "BatchNorm in training mode" in engine["reason"]
+    assert caplog.text.count("l2rw meta-gradient engine: tape (cpu policy") == 1
+    assert fit(L2RW(engine="dual_twin")).metrics["meta_engine"]["jvps"] == {"dual_twin": 3}
+    assert fit(MWNet(meta_grad="unrolled")).metrics["meta_engine"]["engine"] == "unrolled"
+    assert "meta_engine" not in fit("erm").metrics

@@ -1,6 +1,5 @@
-"""Differentiable weights: buffer-backed meta modules and the virtual SGD step."""
+"""Differentiable weights: buffer-backed meta modules, the twin cache and the virtual SGD step."""
 
-from reweight.meta.functional import sgd_step
 from reweight.meta.modules import (
     MetaBatchNorm1d,
     MetaBatchNorm2d,
@@ -16,8 +15,11 @@ from reweight.meta.modules import (
     bufferize_,
     to_meta,
 )
+from reweight.meta.sgd import keep_layout, sgd_direction, sgd_step, sgd_values
+from reweight.meta.twins import LossFn, TwinCache, meta_gradient, trainable
 
 __all__ = [
+    "LossFn",
     "MetaBatchNorm1d",
     "MetaBatchNorm2d",
     "MetaBatchNorm3d",
@@ -29,7 +31,13 @@ __all__ = [
     "MetaModuleList",
     "MetaSequential",
     "MetaSyncBatchNorm",
+    "TwinCache",
     "bufferize_",
+    "keep_layout",
+    "meta_gradient",
+    "sgd_direction",
     "sgd_step",
+    "sgd_values",
     "to_meta",
+    "trainable",
 ]

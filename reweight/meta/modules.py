@@ -33,6 +33,8 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reweight.meta.sgd import sgd_step
+
 __all__ = [
     "MetaBatchNorm1d",
     "MetaBatchNorm2d",
@@ -152,8 +154,6 @@ class MetaModule(nn.Module):
         not depend on are left as they are. Returns the new weights by name.
         """
         names, tensors = zip(*self.named_params(), strict=True)
-        from reweight.meta.functional import sgd_step  # local: functional imports this module
-
         new = sgd_step(dict(zip(names, tensors, strict=True)), loss, lr, first_order=first_order)
         self.set_params(new)
         return new

@@ -10,8 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from reweight.distributed import DistContext
-from reweight.functional import LossFn
-from reweight.meta import MetaModule, to_meta
+from reweight.meta import LossFn, MetaModule, TwinCache
 
 __all__ = ["Method", "MethodOutput", "StepInputs"]
 
@@ -43,6 +42,16 @@ class StepInputs:
         if self.dist is None:
             return tensor
         return self.dist.all_reduce_sum(tensor, differentiable)
+
+    def global_sum_all(self, tensors: list[Tensor]) -> list[Tensor]:
+        """Σ over ranks of each tensor (values only), in one all-reduce of a flat buffer."""
+        if self.dist is None or not tensors:
+            return tensors
+        flat = self.dist.all_reduce_sum(torch.cat([t.reshape(-1) for t in tensors]))
+        return [
+            part.view_as(t)
+            for part, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)
+        ]
 
 
 @dataclass
@@ -92,13 +101,22 @@ class Method(ABC):
         method's state, not the model, not its BatchNorm statistics. For diagnostics."""
         return self.step(batch).weights
 
+    @property
+    def twins(self) -> TwinCache:
+        """This method's twin cache (``reweight.meta.TwinCache``), shared with its engines."""
+        cache = self.__dict__.get("_twins")
+        if cache is None:
+            cache = self._twins = TwinCache()
+        return cache
+
     def bound_twin(self, model: nn.Module) -> MetaModule:
         """The model's buffer-backed twin, built on first use and bound to its current weights."""
-        twin = getattr(self, "_twin", None)
-        if twin is None:
-            twin = self._twin = to_meta(model)
-        twin.bind(model)
-        return twin
+        return self.twins.bound(model)
+
+    def describe(self) -> dict[str, Any]:
+        """What a run's summary should say about how this method computed its steps
+        (``Trainer.final_metrics`` merges it); e.g. the meta-gradient engine and why."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -7,7 +7,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from reweight.functional import check_meta_grad, mwnet_meta_grads, mwnet_weights
+from reweight.functional import check_meta_grad, mwnet_meta_grads, mwnet_seeds, mwnet_weights
+from reweight.jvp import Planner
+from reweight.jvp.base import zeros_for_none
+from reweight.meta import meta_gradient, sgd_values, trainable
 from reweight.methods.base import Method, MethodOutput, StepInputs
 
 __all__ = ["MWNet", "WeightNet"]
@@ -37,6 +40,10 @@ class MWNet(Method):
             differentiate through the net's input.
         replay_optimizer: the virtual step repeats the real SGD optimizer's momentum and
             weight decay (False: a plain SGD step, as in the reference code).
+        meta_grad: ``"fast"`` (the default: the exact identity ∂L_meta/∂φ = −lr·Σⱼ cⱼ·∂sⱼ/∂φ,
+            ``reweight.functional``; a forward-mode JVP, no double backward) or ``"unrolled"``
+            (the reference: a double backward through the virtual step). Both support every
+            switch here and data-parallel training, and agree to rounding.
         meta_chunks: with ``meta_grad="fast"``, run the meta step's two batch passes, the
             training forward it records and the meta gradient at θ′, in this many slices of
             the batch. The result is the same (a mean loss is a weighted sum of the slices'
@@ -44,8 +51,11 @@ class MWNet(Method):
             memory falls to about a plain step's at k = 2 (LeNet: 0.96×, against 1.40× in
             one piece; ~5 % more time). Exact only for a model whose examples do not
             interact, so an integer k > 1 refuses models with BatchNorm layers. ``"auto"``
-            (the default) takes 2 once the first step has verified that the model treats the
-            examples of a batch independently (``reweight.ghost``), else 1.
+            (the default) takes 2 when the planner runs the per-layer path (the model was
+            verified to treat the examples of a batch independently), else 1.
+        engine, engine_policy: with ``meta_grad="fast"``, the forward-mode engine and the
+            planner's device policy, as for ``L2RW`` (``dual`` is refused: MW-Net's JVP
+            direction exists only after the training forward).
     """
 
     name: ClassVar[str] = "mwnet"
@@ -59,8 +69,10 @@ class MWNet(Method):
         normalize: str = "none",
         detach_loss: bool = True,
         replay_optimizer: bool = False,
-        meta_grad: str = "unrolled",
+        meta_grad: str = "fast",
         meta_chunks: int | str = "auto",
+        engine: str = "auto",
+        engine_policy: str = "auto",
     ) -> None:
         if normalize not in ("none", "sum"):
             raise ValueError(f"method.normalize must be one of ['none', 'sum'], got {normalize!r}")
@@ -78,6 +90,12 @@ class MWNet(Method):
                 f"method.meta_chunks={meta_chunks} needs meta_grad=fast (the unrolled meta "
                 "gradient differentiates through the whole virtual step); use meta_chunks=1"
             )
+        if meta_grad != "fast" and (engine, engine_policy) != ("auto", "auto"):
+            raise ValueError(
+                f"method.engine={engine} / method.engine_policy={engine_policy} choose how "
+                "meta_grad=fast computes its JVPs; with meta_grad=unrolled leave them 'auto'"
+            )
+        self.planner = Planner("mwnet", engine, engine_policy, twins=self.twins)
         self.meta_chunks = meta_chunks
         self.hidden, self.lr, self.weight_decay = hidden, lr, weight_decay
         self.normalize, self.detach_loss = normalize, detach_loss
@@ -88,6 +106,8 @@ class MWNet(Method):
     def setup(self, *, model: nn.Module, device: torch.device, **_: Any) -> None:
         dtype = next(model.parameters()).dtype
         self.vnet.to(device=device, dtype=dtype)
+        if self.meta_grad == "fast":
+            self.planner.check(model, device)
         if self.meta_chunks != "auto" and self.meta_chunks > 1:
             coupled = [
                 name
@@ -113,6 +133,8 @@ class MWNet(Method):
         group = optimizer.param_groups[0]
         if len(optimizer.param_groups) > 1:
             raise ValueError("method.replay_optimizer supports one parameter group only")
+        if group.get("maximize"):
+            raise ValueError("method.replay_optimizer does not replay SGD(maximize=True)")
         return {
             "momentum": group["momentum"],
             "weight_decay": group["weight_decay"],
@@ -126,31 +148,7 @@ class MWNet(Method):
 
     def step(self, batch: StepInputs) -> MethodOutput:
         assert batch.meta_inputs is not None and batch.meta_targets is not None
-        if self.meta_grad == "fast":
-            from reweight.fast import mwnet_fast_step
-
-            grads, losses, meta_loss = mwnet_fast_step(self, batch)
-        else:
-            twin = self.bound_twin(batch.model)
-            losses = batch.loss_fn(batch.model(batch.inputs), batch.targets, reduction="none")
-            grads, meta_loss = mwnet_meta_grads(
-                twin,
-                losses,
-                self.vnet,
-                batch.meta_inputs,
-                batch.meta_targets,
-                batch.lr,
-                batch.loss_fn,
-                normalize=self.normalize,
-                detach_loss=self.detach_loss,
-                sgd_kwargs=self.sgd_kwargs(batch.model, batch.optimizer),
-                n_global=batch.n_global,
-                reduce=(lambda t: batch.global_sum(t, differentiable=True)) if batch.dist else None,
-                world_size=batch.dist.world_size if batch.dist else 1,
-            )
-            twin.bind(batch.model)
-            if batch.dist is not None:  # each rank holds its share of the hypergradient
-                grads = [batch.global_sum(g) for g in grads]
+        grads, losses, meta_loss = self.meta_grads(batch)
         self.optimizer.zero_grad(set_to_none=True)
         for p, g in zip(self.vnet.parameters(), grads, strict=True):
             p.grad = g.detach()
@@ -170,11 +168,113 @@ class MWNet(Method):
             zero_sum=not bool(batch.global_sum(weights.sum()) > 0),
         )
 
+    def meta_grads(self, batch: StepInputs) -> tuple[list[Tensor], Tensor, float]:
+        """(∂L_meta(θ′)/∂φ per net parameter, losses (B,) with the real update's graph,
+        L_meta(θ′)) by this method's ``meta_grad`` mode; the net is not stepped. In
+        data-parallel training the gradients are already summed over ranks."""
+        if self.meta_grad == "fast":
+            return self._fast_meta_grads(batch)
+        return self._unrolled_meta_grads(batch)
+
+    def _unrolled_meta_grads(self, batch: StepInputs) -> tuple[list[Tensor], Tensor, float]:
+        """(∂L_meta(θ′)/∂φ, losses (B,), L_meta(θ′)) by a double backward through the twin."""
+        assert batch.meta_inputs is not None and batch.meta_targets is not None
+        twin = self.bound_twin(batch.model)
+        losses = batch.loss_fn(batch.model(batch.inputs), batch.targets, reduction="none")
+        grads, meta_loss = mwnet_meta_grads(
+            twin,
+            losses,
+            self.vnet,
+            batch.meta_inputs,
+            batch.meta_targets,
+            batch.lr,
+            batch.loss_fn,
+            normalize=self.normalize,
+            detach_loss=self.detach_loss,
+            sgd_kwargs=self.sgd_kwargs(batch.model, batch.optimizer),
+            n_global=batch.n_global,
+            reduce=(lambda t: batch.global_sum(t, differentiable=True)) if batch.dist else None,
+            world_size=batch.dist.world_size if batch.dist else 1,
+        )
+        twin.bind(batch.model)
+        if batch.dist is not None:  # each rank holds its share of the hypergradient
+            grads = [batch.global_sum(g) for g in grads]
+        return grads, losses, float(meta_loss)
+
+    def _fast_meta_grads(self, batch: StepInputs) -> tuple[list[Tensor], Tensor, float]:
+        """(∂L_meta(θ′)/∂φ, losses (B,), L_meta(θ′)) by the exact identity.
+
+        1. ℓ: the real step's forward, recorded by the planner's engine (per layer in
+           ``meta_chunks`` slices, on a tangent tape, or for dual numbers through the twin).
+        2. s = ∂(Σᵢ wᵢℓᵢ)/∂ℓ with graph to φ (s = w when the net sees ℓ detached).
+        3. θ′ = θ − lr·d(g), g = Σⱼ sⱼ∇θℓⱼ summed over ranks, replaying the real SGD when
+           ``replay_optimizer`` says so (values, and κ = ∂d/∂g per weight).
+        4. v′ = ∇θL_meta(θ′): the meta batch through the twin at θ′ (the same on every rank).
+        5. cⱼ = ⟨∇θℓⱼ(θ), κ·v′⟩ for this rank's examples; ∂L_meta/∂φ = −lr·Σⱼ cⱼ·∂sⱼ/∂φ, a
+           vector-Jacobian product through the weighting net, summed over ranks.
+        """
+        assert batch.meta_inputs is not None and batch.meta_targets is not None
+        model, lr, loss_fn = batch.model, batch.lr, batch.loss_fn
+        names, weights = trainable(model)
+        # 1. the real step's forward; "auto" slices once the model is known to keep its
+        #    examples apart (the per-layer path records it: after its check, on a first step)
+        chunks = self.meta_chunks
+        recording = self.planner.record(
+            model, batch.inputs, batch.targets, loss_fn, chunks=2 if chunks == "auto" else chunks
+        )
+        if chunks == "auto":
+            chunks = 2 if recording.engine == "per_layer" else 1
+        # 2. the virtual step's seeds, with graph to φ
+        reduce = (lambda t: batch.global_sum(t, differentiable=True)) if batch.dist else None
+        seeds = mwnet_seeds(
+            self.vnet,
+            recording.values,
+            self.normalize,
+            detach_loss=self.detach_loss,
+            n_global=batch.n_global,
+            reduce=reduce,
+        )  # (B,)
+        # 3. the virtual step θ′ from the global weighted gradient
+        grads = recording.weighted_grads(seeds.detach())
+        if batch.dist is not None:
+            grads = batch.global_sum_all(zeros_for_none(grads, weights))
+        replay = self.sgd_kwargs(model, batch.optimizer)
+        new, kappa = sgd_values(weights, grads, names, lr, **replay)
+        del grads
+        # 4. the meta gradient at θ′
+        v, meta_loss = meta_gradient(
+            self.bound_twin(model),
+            weights,
+            new,
+            batch.meta_inputs,
+            batch.meta_targets,
+            loss_fn,
+            chunks,
+        )
+        del new
+        # 5. c = J(θ)·(κ v′), then the VJP into φ
+        c = recording.jvp([d if k == 1 else k * d for k, d in zip(kappa, v, strict=True)])
+        phi = list(self.vnet.parameters())
+        phi_grads = torch.autograd.grad(
+            seeds, phi, grad_outputs=(-lr * c).to(seeds.dtype), allow_unused=True
+        )
+        grads_phi = zeros_for_none(phi_grads, phi)
+        if batch.dist is not None:
+            grads_phi = batch.global_sum_all(grads_phi)
+        return grads_phi, recording.update_losses(), float(meta_loss)
+
     @torch.no_grad()
     def weigh(self, batch: StepInputs) -> Tensor:
         twin = self.bound_twin(batch.model)  # its BatchNorm never writes running statistics
         losses = batch.loss_fn(twin(batch.inputs), batch.targets, reduction="none")
         return mwnet_weights(self.vnet, losses, self.normalize)
+
+    def describe(self) -> dict[str, Any]:
+        if self.meta_grad == "unrolled":
+            engine = {"engine": "unrolled", "reason": "meta_grad=unrolled: double backward"}
+        else:
+            engine = self.planner.describe()
+        return {"meta_engine": engine}
 
     def state_dict(self) -> dict[str, Any]:
         return {"vnet": self.vnet.state_dict(), "optimizer": self.optimizer.state_dict()}
@@ -187,5 +287,6 @@ class MWNet(Method):
         return (
             f"MWNet(normalize={self.normalize!r}, detach_loss={self.detach_loss}, "
             f"replay_optimizer={self.replay_optimizer}, meta_grad={self.meta_grad!r}, "
-            f"meta_chunks={self.meta_chunks})"
+            f"meta_chunks={self.meta_chunks}, engine={self.planner.engine!r}, "
+            f"engine_policy={self.planner.policy!r})"
         )

@@ -1,4 +1,4 @@
-"""Per-example inner products and weighted gradients from one backward, layer by layer.
+"""The per-layer engine: JVPs and weighted gradients from one backward, layer by layer.
 
 For a model whose examples do not interact (no BatchNorm in training mode, no op that mixes
 the rows of a batch), the gradient of example i's loss with respect to the weight of a linear
@@ -21,10 +21,13 @@ Whether a model qualifies is decided in two stages. By structure: every trainabl
 weight or bias of an ``nn.Linear`` or ``nn.Conv1d/2d/3d`` (zero padding, not transposed), no
 BatchNorm is in training mode, and every layer's input and output are batched and not written
 in place later in the forward (``ReLU(inplace=True)`` right after a layer is). By measurement,
-because a model's own code may still mix examples or use a weight outside its layer: the first
-step of every (model, structure, mode) computes the JVP both ways (this one and the exact tangent
-tape or dual-number forward) and the per-layer path is used from then on only if they agree to
-rounding; otherwise a warning says so and the exact general path stays.
+because a model's own code may still mix examples or use a weight outside its layer: on the
+first step of every (model, structure, mode) a separate forward computes a JVP both ways (this
+one and an exact engine's) and the per-layer path is used only if they agree to rounding;
+otherwise a warning says so and the exact general path stays (``reweight.jvp.planner``).
+
+Layers are named as in ``model.named_modules()``, so the same record can be made of the real
+model or of its twin (whose layers have the same names and hold the same weight tensors).
 """
 
 from __future__ import annotations
@@ -37,16 +40,24 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from reweight.jvp.base import Forward, Recording
+
 __all__ = [
     "GhostRecord",
     "Ineligible",
+    "Layers",
+    "PerLayerRecording",
     "agree",
     "finish",
     "ghost_layers",
     "jvp_of",
     "losses_of",
     "recording",
+    "weighted_grads_of",
 ]
+
+# name in ``model.named_modules()`` -> (its trainable weight, its trainable bias), None if frozen
+Layers = dict[str, tuple[Tensor | None, Tensor | None]]
 
 aten = torch.ops.aten
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -190,13 +201,13 @@ class _Layer:
         self.x = self.g = None
 
 
-def ghost_layers(model: nn.Module, weights: Sequence[Tensor]) -> dict[nn.Module, tuple]:
-    """The layers the per-layer path needs, by module: (trainable weight, trainable bias).
+def ghost_layers(model: nn.Module, weights: Sequence[Tensor]) -> Layers:
+    """The layers the per-layer path needs, by name: (trainable weight, trainable bias).
 
     Raises ``Ineligible`` when the model's structure rules the path out.
     """
     wanted = {id(w) for w in weights}
-    layers: dict[nn.Module, tuple] = {}
+    layers: Layers = {}
     covered: set[int] = set()
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
@@ -217,7 +228,7 @@ def ghost_layers(model: nn.Module, weights: Sequence[Tensor]) -> dict[nn.Module,
             raise Ineligible(f"{name}: hooks or parametrizations")
         w = m.weight if id(m.weight) in wanted else None
         b = m.bias if m.bias is not None and id(m.bias) in wanted else None
-        layers[m] = (w, b)
+        layers[name] = (w, b)
         covered.update(id(p) for p in own)
     missing = wanted - covered
     if missing:
@@ -225,19 +236,25 @@ def ghost_layers(model: nn.Module, weights: Sequence[Tensor]) -> dict[nn.Module,
     return layers
 
 
+def _kind(layer: nn.Module) -> str:
+    """The layer's class as the model has it (a twin's ``MetaLinear`` is a ``Linear``)."""
+    return next(c.__name__ for c in (nn.Linear, *_CONVS) if isinstance(layer, c))
+
+
 @contextlib.contextmanager
-def recording(layers: dict[nn.Module, tuple]) -> Iterator[list[_Layer]]:
-    """Note every call of the given layers made inside (their input, and their output)."""
+def recording(model: nn.Module, layers: Layers) -> Iterator[list[_Layer]]:
+    """Note every call of the named layers of ``model`` made inside (their input and output)."""
     calls: list[_Layer] = []
+    by_module = {m: layers[n] for n, m in model.named_modules() if n in layers}
 
     def hook(module: nn.Module, args: tuple, out: object) -> None:
-        if module not in layers:
+        if module not in by_module:
             return
         # never raise here: that would abort the model's forward, which may be the real one
         x = args[0] if args else None
-        w, b = layers[module]
+        w, b = by_module[module]
         if not isinstance(x, Tensor) or not isinstance(out, Tensor) or not out.requires_grad:
-            problem = f"{type(module).__name__}: not called on one tensor with a graph"
+            problem = f"{_kind(module)}: not called on one tensor with a graph"
             calls.append(_Layer(module, w, b, problem=problem))
             return
         calls.append(_Layer(module, w, b, x=x.detach(), z=out, versions=(x._version, out._version)))
@@ -249,17 +266,15 @@ def recording(layers: dict[nn.Module, tuple]) -> Iterator[list[_Layer]]:
         handle.remove()
 
 
-def finish(
-    weights: Sequence[Tensor], calls: list[_Layer], losses: Tensor, *, keep_graph: bool = False
-) -> GhostRecord:
+def finish(weights: Sequence[Tensor], calls: list[_Layer], losses: Tensor) -> GhostRecord:
     """The record of a recorded forward, from its per-example losses (B,), with graph.
 
-    Runs one backward of Σℓ to the layer outputs (no weight gradients); without
-    ``keep_graph`` it frees the forward's graph.
+    Runs one backward of Σℓ to the layer outputs (no weight gradients), which frees the
+    forward's graph.
     """
     n = losses.shape[0]
     for c in calls:
-        name = type(c.module).__name__
+        name = _kind(c.module)
         if c.problem is not None:
             raise Ineligible(c.problem)
         if c.x is None or c.x.dim() < 2 or c.x.shape[0] != n or c.z is None or c.z.shape[0] != n:
@@ -269,7 +284,7 @@ def finish(
             # with respect to the ReLU's result, not the layer's output
             raise Ineligible(f"{name}: its input or output was modified in place")
     zs = [c.z for c in calls]
-    gs = torch.autograd.grad(losses.sum(), zs, retain_graph=keep_graph, allow_unused=True)
+    gs = torch.autograd.grad(losses.sum(), zs, allow_unused=True)
     for c, g in zip(calls, gs, strict=True):
         c.g = torch.zeros_like(c.z) if g is None else g.detach()
         c.z = None
@@ -338,18 +353,60 @@ class _GhostLosses(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, seeds: Tensor) -> tuple:
-        total: list[Tensor | None] = [None] * (len(ctx.needs_input_grad) - 2)
-        start = 0
-        for r in ctx.records:
-            n = len(r.values)
-            for i, g in enumerate(r.weighted_grads(seeds[start : start + n])):
-                if g is not None:
-                    total[i] = g if total[i] is None else total[i] + g
-            start += n
-        return (None, None, *total)
+        return (None, None, *weighted_grads_of(ctx.records, seeds))
+
+
+def weighted_grads_of(records: Sequence[GhostRecord], seeds: Tensor) -> list[Tensor | None]:
+    """∇θ Σᵢ sᵢℓᵢ over consecutive slices of a batch, per weight (None: no layer reached it)."""
+    total: list[Tensor | None] = [None] * len(records[0].weights)
+    start = 0
+    for r in records:
+        n = len(r.values)
+        for i, g in enumerate(r.weighted_grads(seeds[start : start + n])):
+            if g is not None:
+                total[i] = g if total[i] is None else total[i] + g
+        start += n
+    return total
 
 
 def agree(a: Tensor, b: Tensor) -> bool:
     """Whether two JVPs (B,) agree to rounding: within √eps of their largest entry."""
     tol = math.sqrt(torch.finfo(a.dtype).eps) * float(torch.maximum(a.abs().max(), b.abs().max()))
     return bool(((a - b).abs() <= tol).all())
+
+
+class PerLayerRecording(Recording):
+    """A forward recorded per layer (in ``chunks`` slices of the batch, each slice's graph freed
+    before the next is made): JVPs and weighted gradients are per-layer linear ops."""
+
+    engine = "per_layer"
+
+    def __init__(self, fwd: Forward, layers: Layers, chunks: int = 1) -> None:
+        self.records: list[GhostRecord] = []
+        n = len(fwd.targets)
+        with torch.enable_grad():  # the backward to the layer outputs needs the forward's graph
+            for part in torch.arange(n).tensor_split(chunks):
+                if not len(part):
+                    continue
+                rows = slice(int(part[0]), int(part[-1]) + 1)
+                with recording(fwd.module, layers) as calls:
+                    losses = fwd.run(rows=rows)
+                self.records.append(finish(fwd.weights, calls, losses))
+                del calls, losses
+        self.values = (
+            torch.cat([r.values for r in self.records])
+            if len(self.records) > 1
+            else self.records[0].values
+        )
+        self._update: Tensor | None = None
+
+    def jvp(self, direction: Sequence[Tensor]) -> Tensor:
+        return jvp_of(self.records, direction)
+
+    def weighted_grads(self, seeds: Tensor) -> list[Tensor | None]:
+        return weighted_grads_of(self.records, seeds)
+
+    def update_losses(self) -> Tensor:
+        if self._update is None:
+            self._update = losses_of(self.records)
+        return self._update

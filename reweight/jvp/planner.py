@@ -1,0 +1,398 @@
+"""Which engine computes a method's JVPs, and why: the ``Planner`` a method owns.
+
+With ``engine="auto"`` the choice is made per model × device × method:
+
+    policy   model keeps its examples apart (verified)   otherwise
+    cpu      per_layer                                   tape (dual_twin if the tape cannot
+                                                         replay the model's forward)
+    cuda     per_layer                                   dual_twin
+
+The policy is the batch's device (``cpu``; ``cuda`` for any other device) unless ``policy``
+says otherwise, so what the planner would run on a GPU can be run and measured on a CPU.
+
+Why. On CPU the tangent tape is the least time (the training batch goes through the network
+once; the replay computes only tangents) at little memory, but its ``TorchDispatchMode`` costs
+Python work per op that would dominate a GPU step of a small model. Off CPU the planner never
+picks an engine whose peak memory exceeds the unrolled step's: dual numbers through the twin
+without graph, not through the real model with its graph kept (``dual``, which measured more
+than unrolled). The per-layer path (``reweight.jvp.per_layer``) is the least time and keeps no
+training graph across MW-Net's meta pass, but is exact only for a model whose examples do not
+interact: its structure is checked first, then on the first step of every (model, structure,
+mode) the model itself is checked (``_agrees``): a forward of the twin, apart from the step's
+own, whose per-layer JVP in a fixed random direction is compared with an exact one (dual
+numbers through the twin). Its loss is a fixed random linear function of the outputs, not the
+training loss, whose JVPs vanish on a batch the model already fits: on MNIST 4-vs-9, a resumed
+run's first batch (one class, float32 losses ≤ 2.4e-7) had JVPs of 2e-5 that the two engines'
+rounding (3e-6) made "differ", and LeNet was sent to the tape. The check feeds nothing into its
+step and leaves the random stream as it was, so a checking step computes what an unchecked
+step of its verdict computes: per layer if the JVPs agree to rounding, else by the general
+engine (where the model then stays); a resumed run equals an uninterrupted one, bit for bit.
+
+A forced engine (``engine="tape"`` etc.) is used as given; one that cannot run the model is an
+error, never a silent fallback. ``current`` is the latest plan (engine and reason, logged at
+INFO whenever it changes), ``last_engine`` the engine that computed the latest JVP and ``jvps``
+how many each engine computed: tests assert on them, and ``describe()`` puts them in a run's
+summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from reweight.jvp.base import ENGINES, Forward, Recording, Unsupported
+from reweight.jvp.dual import DualRecording, DualTwinRecording, dual_twin_jvp
+from reweight.jvp.per_layer import Ineligible, Layers, PerLayerRecording, agree, ghost_layers
+from reweight.jvp.tape import TapeRecording
+from reweight.meta import LossFn, TwinCache, trainable
+from reweight.meta.twins import signature
+
+__all__ = ["POLICIES", "Plan", "Planner"]
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("auto", "cpu", "cuda")
+_METHODS = ("l2rw", "mwnet")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An engine and the reason it was chosen (one short sentence)."""
+
+    engine: str
+    reason: str
+
+
+class Planner:
+    """Chooses, records with, and reports the forward-mode engine of one method.
+
+    Args:
+        method: ``"l2rw"`` or ``"mwnet"`` (MW-Net cannot use ``dual``: its JVP's direction
+            exists only after the training forward).
+        engine: ``"auto"`` or one of ``tape``, ``dual``, ``dual_twin``, ``per_layer``.
+        policy: ``"auto"`` (the batch's device), ``"cpu"`` or ``"cuda"``.
+        twins: the method's twin cache (a new one by default).
+
+    Example:
+        >>> import torch, torch.nn as nn, torch.nn.functional as F
+        >>> planner = Planner("l2rw", engine="tape")
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+        >>> rec = planner.record(model, x, y, F.cross_entropy, update=False)
+        >>> u = [torch.randn_like(p) for p in model.parameters()]
+        >>> rec.jvp(u).shape, planner.last_engine
+        (torch.Size([5]), 'tape')
+    """
+
+    def __init__(
+        self,
+        method: str,
+        engine: str = "auto",
+        policy: str = "auto",
+        twins: TwinCache | None = None,
+    ) -> None:
+        if method not in _METHODS:
+            raise ValueError(f"Planner: method must be one of {list(_METHODS)}, got {method!r}")
+        if engine not in ("auto", *ENGINES):
+            raise ValueError(f"method.engine must be one of {['auto', *ENGINES]}, got {engine!r}")
+        if policy not in POLICIES:
+            raise ValueError(
+                f"method.engine_policy must be one of {list(POLICIES)}, got {policy!r}"
+            )
+        if method == "mwnet" and engine == "dual":
+            raise ValueError(
+                "method.engine=dual cannot run mwnet: dual numbers through the real model need "
+                "the JVP's direction before the training forward, and MW-Net's exists only after "
+                "its virtual step; use method.engine=dual_twin or auto"
+            )
+        self.method, self.engine, self.policy = method, engine, policy
+        self.twins = twins if twins is not None else TwinCache()
+        self.current: Plan | None = None  # the plan of the latest recording
+        self.last_engine: str | None = None  # the engine that computed the latest JVP
+        self.jvps: dict[str, int] = {}  # JVPs computed, by engine
+        self._logged: Plan | None = None
+        # model -> (key, "check" | "ok" | "no", layers, why not)
+        self._per_layer: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str, Layers, str]] = (
+            weakref.WeakKeyDictionary()
+        )
+        # model -> (signature, why the tape cannot replay its forward)
+        self._no_tape: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    # -- choosing ---------------------------------------------------------------------------
+
+    def plan(self, model: nn.Module, device: torch.device) -> Plan:
+        """The engine the next training-step recording of ``model`` would use, and why."""
+        return self._decide(model, trainable(model)[1], device)[0]
+
+    def per_layer_verdict(self, model: nn.Module, device: torch.device | str = "cpu") -> str:
+        """``"check"`` (its first step will check it), ``"ok"`` or ``"no"``: whether ``model``,
+        in its current structure and modes, takes the per-layer path."""
+        return self._per_layer_state(model, trainable(model)[1], torch.device(device))[0]
+
+    def check(self, model: nn.Module, device: torch.device) -> None:
+        """Refuse, before the first step, a forced engine that the model's structure rules out."""
+        if self.engine == "per_layer":
+            self.plan(model, device)
+
+    def _policy(self, device: torch.device) -> str:
+        if self.policy != "auto":
+            return self.policy
+        return "cpu" if device.type == "cpu" else "cuda"
+
+    def _per_layer_state(
+        self, model: nn.Module, weights: Sequence[Tensor], device: torch.device
+    ) -> tuple[str, Layers, str]:
+        """("ok" | "check" | "no", layers, why not) for the model's current structure and modes."""
+        if torch.is_autocast_enabled(device.type):
+            return "no", {}, "autocast is on"
+        key = (
+            signature(model),
+            tuple(m.training for m in model.modules()),
+            tuple(id(w) for w in weights),
+        )
+        entry = self._per_layer.get(model)
+        if entry is None or entry[0] != key:
+            try:
+                entry = (key, "check", ghost_layers(model, weights), "")
+            except Ineligible as err:
+                entry = (key, "no", {}, str(err))
+            self._per_layer[model] = entry
+        return entry[1], entry[2], entry[3]
+
+    def _set_per_layer(self, model: nn.Module, state: str, why: str = "") -> None:
+        entry = self._per_layer.get(model)
+        if entry is not None:
+            self._per_layer[model] = (entry[0], state, entry[2] if state == "ok" else {}, why)
+
+    def _general(self, model: nn.Module, policy: str) -> Plan:
+        """The engine for a model the per-layer path does not serve."""
+        if policy == "cuda":
+            return Plan(
+                "dual_twin",
+                "cuda policy: dual numbers through the twin without graph (peak memory below "
+                "the unrolled step's)",
+            )
+        refused = self._no_tape.get(model)
+        if refused is not None and refused[0] == signature(model):
+            return Plan(
+                "dual_twin",
+                f"cpu policy: the tangent tape cannot replay {type(model).__name__}'s forward "
+                f"({refused[1]}); dual numbers through the twin",
+            )
+        return Plan("tape", "cpu policy: tangent tape (one recorded forward, tangents replayed)")
+
+    def _decide(
+        self, model: nn.Module, weights: Sequence[Tensor], device: torch.device
+    ) -> tuple[Plan, Layers, bool]:
+        """(plan, layers, check): ``check`` when the per-layer path runs for the first time on
+        this (model, structure, mode) and is to be compared with an exact JVP."""
+        name = type(model).__name__
+        if self.engine not in ("auto", "per_layer"):
+            return Plan(self.engine, f"forced: method.engine={self.engine}"), {}, False
+        state, layers, why = self._per_layer_state(model, weights, device)
+        if self.engine == "per_layer":
+            if state == "no":
+                raise ValueError(
+                    f"method.engine=per_layer cannot run {name}: {why}; use method.engine=auto"
+                )
+            return Plan("per_layer", "forced: method.engine=per_layer"), layers, state == "check"
+        policy = self._policy(device)
+        general = self._general(model, policy)
+        if state == "ok":
+            reason = (
+                f"{policy} policy: {name} keeps the examples of a batch apart (checked on its "
+                "first step): per-layer JVPs and weighted gradients"
+            )
+            return Plan("per_layer", reason), layers, False
+        if state == "check":
+            reason = (
+                f"{policy} policy: per-layer path, checked on this step against an exact JVP "
+                f"(if {name} mixes the examples of a batch: {general.engine})"
+            )
+            return Plan("per_layer", reason), layers, True
+        return Plan(general.engine, f"{general.reason}; per-layer path off: {why}"), {}, False
+
+    def _note(self, plan: Plan) -> None:
+        self.current = plan
+        if plan != self._logged:
+            log.info("%s meta-gradient engine: %s (%s)", self.method, plan.engine, plan.reason)
+            self._logged = plan
+
+    # -- recording --------------------------------------------------------------------------
+
+    def record(
+        self,
+        model: nn.Module,
+        inputs: Tensor,
+        targets: Tensor,
+        loss_fn: LossFn,
+        *,
+        direction: Sequence[Tensor] | None = None,
+        chunks: int = 1,
+        update: bool = True,
+    ) -> Recording:
+        """Record the forward of a training batch by the planned engine.
+
+        ``direction``, when the JVP's direction is known before the forward (L2RW), lets the
+        dual-number engines compute it in the forward. ``chunks`` slices the per-layer path's
+        forward. With ``update`` the forward is the real model's and its losses carry the real
+        update's graph; without, it runs through the bound twin and the model, its ``.grad``
+        and its BatchNorm statistics are left unchanged.
+        """
+        _, weights = trainable(model)
+        twin = lambda: self.twins.bound(model)  # noqa: E731 (bound afresh at each use)
+        fwd = Forward(model if update else twin(), weights, inputs, targets, loss_fn, twin, update)
+        plan, layers, check = self._decide(model, weights, inputs.device)
+        self._note(plan)
+        if plan.engine == "per_layer":
+            rec = self._record_per_layer(model, fwd, layers, chunks, check)
+            if rec is not None:
+                return _Planned(self, model, fwd, rec)
+            plan = self._decide(model, weights, inputs.device)[0]  # off the path now
+            self._note(plan)
+        if plan.engine == "tape":
+            rec = TapeRecording(fwd)
+        elif plan.engine == "dual":
+            if direction is None:
+                raise RuntimeError("internal error: the dual engine needs the direction first")
+            rec = DualRecording(fwd, direction)
+        else:
+            rec = DualTwinRecording(fwd, direction)
+        return _Planned(self, model, fwd, rec)
+
+    def _record_per_layer(
+        self, model: nn.Module, fwd: Forward, layers: Layers, chunks: int, check: bool
+    ) -> Recording | None:
+        """The per-layer recording, after the model's check on a checking step. None when the
+        model turns out not to fit (the caller records by a general engine)."""
+        name, forced = type(model).__name__, self.engine == "per_layer"
+        try:
+            if check and not _agrees(fwd, layers, chunks):
+                if forced:
+                    raise ValueError(
+                        f"method.engine=per_layer cannot run {name}: its per-layer JVP differs "
+                        "from the exact one (the forward mixes the examples of a batch or uses "
+                        "a weight outside its layer); use method.engine=auto"
+                    )
+                self._set_per_layer(model, "no", "its per-layer JVP differs from the exact one")
+                log.warning(
+                    "meta_grad='fast': %s does not fit the per-layer path (its per-layer JVP "
+                    "differs from the exact one: the forward mixes the examples of a batch or "
+                    "uses a weight outside its layer); using %s",
+                    name,
+                    self._general(model, self._policy(fwd.inputs.device)).engine,
+                )
+                return None
+            rec = PerLayerRecording(fwd, layers, chunks)
+        except Ineligible as err:
+            if forced:
+                raise ValueError(
+                    f"method.engine=per_layer cannot run {name}: {err}; use method.engine=auto"
+                ) from err
+            self._set_per_layer(model, "no", str(err))
+            log.warning("per-layer path off for %s: %s", name, err)
+            fwd.rng.rewind()  # the general engine's forward draws what this one drew
+            return None
+        if check:
+            self._set_per_layer(model, "ok")
+        return rec
+
+    # -- outcomes ---------------------------------------------------------------------------
+
+    def _refuse_tape(self, model: nn.Module, why: str) -> None:
+        if self.engine == "tape":
+            raise ValueError(
+                f"method.engine=tape cannot run {type(model).__name__}: the tangent tape cannot "
+                f"replay its forward ({why}); use method.engine=auto or dual_twin"
+            )
+        self._no_tape[model] = (signature(model), why)
+        log.warning(
+            "meta_grad='fast': the tangent tape cannot replay %s's forward (%s); using dual "
+            "numbers through the twin instead (exact, one more forward per step)",
+            type(model).__name__,
+            why,
+        )
+
+    def _ran(self, engine: str) -> None:
+        self.last_engine = engine
+        self.jvps[engine] = self.jvps.get(engine, 0) + 1
+
+    def describe(self) -> dict[str, Any]:
+        """The latest plan and the JVPs computed per engine, for a run's summary."""
+        plan = self.current
+        return {
+            "engine": plan.engine if plan else None,
+            "reason": plan.reason if plan else "no meta step taken yet",
+            "jvps": dict(self.jvps),
+        }
+
+
+def _agrees(fwd: Forward, layers: Layers, chunks: int) -> bool:
+    """Whether the per-layer JVP of the batch equals an exact one (dual numbers through the
+    twin) to rounding, for ``_probe_loss`` in the direction ``_probe``; ``Ineligible`` when the
+    per-layer forward finds the model unfit.
+
+    Runs the twin, not ``fwd.module``: nothing is written to the model, and nothing here feeds
+    the step, whose own forward comes after and draws the random numbers this one drew (both
+    forwards of the check replay them, and the generator is left as it was).
+    """
+    with fwd.rng.replay():
+        twin = fwd.twin()
+        probe = Forward(twin, fwd.weights, fwd.inputs, fwd.targets, _probe_loss, fwd.twin, False)
+        direction = _probe(fwd.weights)
+        per_layer = PerLayerRecording(probe, layers, chunks).jvp(direction)
+        return agree(per_layer, dual_twin_jvp(probe, direction))
+
+
+def _probe_loss(outputs: Tensor, targets: Tensor, reduction: str = "none") -> Tensor:
+    """The check's per-example losses (B,): ⟨r, outputᵢ⟩ for one fixed random r.
+
+    Linear in the outputs, so its JVPs are as large as the outputs' tangents whatever the batch
+    (the training loss's vanish with its gradient once the model fits a batch, leaving only
+    rounding to compare).
+    """
+    if not isinstance(outputs, Tensor) or outputs.dim() < 1:
+        raise Ineligible("the model's output is not one batched tensor")
+    gen = torch.Generator().manual_seed(1)
+    r = torch.randn(outputs.shape[1:], generator=gen).to(outputs.device, outputs.dtype)
+    return (outputs * r).reshape(len(outputs), -1).sum(1)
+
+
+def _probe(weights: Sequence[Tensor]) -> list[Tensor]:
+    """A fixed random direction, one tensor per weight (its own generator: the run's random
+    stream is untouched), in which a checking step compares two JVPs."""
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(w.shape, generator=gen).to(w.device, w.dtype) for w in weights]
+
+
+class _Planned(Recording):
+    """An engine's recording as the planner hands it out: it falls back when the tape cannot
+    replay the forward (or fails, when the tape was forced) and notes which engine computed
+    each JVP."""
+
+    def __init__(self, planner: Planner, model: nn.Module, fwd: Forward, rec: Recording) -> None:
+        self.planner, self.model, self.fwd, self.rec = planner, model, fwd, rec
+        self.engine, self.values = rec.engine, rec.values
+
+    def jvp(self, direction: Sequence[Tensor]) -> Tensor:
+        try:
+            out = self.rec.jvp(direction)
+        except Unsupported as err:
+            self.planner._refuse_tape(self.model, str(err))
+            out, self.engine = dual_twin_jvp(self.fwd, direction), "dual_twin"
+        self.planner._ran(self.engine)
+        return out
+
+    def weighted_grads(self, seeds: Tensor) -> list[Tensor | None]:
+        return self.rec.weighted_grads(seeds)
+
+    def update_losses(self) -> Tensor:
+        return self.rec.update_losses()

@@ -1,0 +1,172 @@
+"""The twin of a model inside a meta step: cached, re-bound, and run at other weights.
+
+``TwinCache`` is the one place a model's twin (``to_meta``) is kept between steps: a method
+owns one, and the forward-mode engines it uses get theirs from it. ``substituted`` puts other
+tensors in a module's weight slots for one forward (dual numbers, θ′ as fresh leaves), and
+``meta_gradient`` is ∇θL_meta through the twin at θ or at given weights θ′.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from reweight.meta.modules import MetaModule, to_meta
+
+__all__ = [
+    "LossFn",
+    "TwinCache",
+    "meta_gradient",
+    "signature",
+    "slots",
+    "substituted",
+    "trainable",
+]
+
+# ``loss_fn(outputs, targets)`` is a mean loss, ``loss_fn(outputs, targets, reduction="none")``
+# the per-example losses (B,): the signature of ``torch.nn.functional.cross_entropy``.
+LossFn = Callable[..., Tensor]
+
+_Slot = tuple[dict, str, Tensor]  # (module._parameters or module._buffers, key, original)
+
+
+def trainable(model: nn.Module) -> tuple[list[str], list[Tensor]]:
+    """Names and tensors of the weights a virtual step moves (``requires_grad``), in order."""
+    pairs = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [n for n, _ in pairs], [p for _, p in pairs]
+
+
+def slots(module: nn.Module, weights: Sequence[Tensor]) -> list[_Slot]:
+    """Every place in ``module``'s tree that holds one of ``weights`` (tied weights included).
+
+    On the real model these are ``_parameters`` entries; on a bound twin, ``_buffers`` entries.
+    """
+    ids = {id(p) for p in weights}
+    return [
+        (store, key, t)
+        for mod in module.modules()
+        for store in (mod._parameters, mod._buffers)
+        for key, t in store.items()
+        if t is not None and id(t) in ids
+    ]
+
+
+@contextlib.contextmanager
+def substituted(
+    module: nn.Module, weights: Sequence[Tensor], new: Sequence[Tensor]
+) -> Iterator[None]:
+    """Run ``module`` with ``new[k]`` in place of ``weights[k]`` for the duration; always
+    restore (the model keeps its own ``nn.Parameter`` objects)."""
+    found = slots(module, weights)
+    by_id = {id(p): q for p, q in zip(weights, new, strict=True)}
+    try:
+        for store, key, t in found:
+            store[key] = by_id[id(t)]
+        yield
+    finally:
+        for store, key, t in found:
+            store[key] = t
+
+
+def signature(model: nn.Module) -> tuple:
+    """What a twin copies from its model: the module tree, the parameter objects and the
+    contents (by version) of buffers other than BatchNorm statistics (which it shares)."""
+    mods = list(model.modules())
+    return (
+        tuple(id(m) for m in mods),
+        tuple(id(p) for p in model.parameters()),
+        tuple(
+            (id(b), b._version)
+            for m in mods
+            if not isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for b in m._buffers.values()
+            if b is not None
+        ),
+    )
+
+
+class TwinCache:
+    """Each model's twin, built once (``to_meta`` copies the module tree) and re-bound per use.
+
+    A twin is rebuilt when its model's modules or parameter objects are replaced, or when a
+    buffer the twin holds a copy of (anything but BatchNorm statistics, which it shares) has
+    been written to. Models are held weakly.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Linear(3, 2)
+        >>> twins = TwinCache()
+        >>> twin = twins.bound(model)
+        >>> twin is twins.bound(model), torch.equal(twin(torch.ones(1, 3)), model(torch.ones(1, 3)))
+        (True, True)
+    """
+
+    def __init__(self) -> None:
+        self._twins: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, MetaModule]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def bound(self, model: nn.Module) -> MetaModule:
+        """The twin of ``model`` bound to its current weights, modes and BatchNorm statistics."""
+        sig = signature(model)
+        entry = self._twins.get(model)
+        if entry is None or entry[0] != sig:
+            entry = (sig, to_meta(model))
+            self._twins[model] = entry
+        twin = entry[1]
+        twin.bind(model)
+        return twin
+
+
+def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+def meta_gradient(
+    twin: MetaModule,
+    weights: Sequence[Tensor],
+    at: Sequence[Tensor] | None,
+    meta_inputs: Tensor,
+    meta_targets: Tensor,
+    loss_fn: LossFn,
+    chunks: int = 1,
+) -> tuple[list[Tensor], Tensor]:
+    """∇L_meta at ``at`` (at θ when None) through the bound twin, and L_meta (detached).
+
+    Nothing accumulates into ``.grad`` and no running statistics are written (the twin's
+    BatchNorm uses batch statistics in training mode and never writes its running ones).
+    With ``chunks`` > 1 the clean batch is taken in that many slices, one forward and backward
+    each, L_meta = Σ (nₖ/n)·L_meta(slice k): the same mean loss and gradient for a model whose
+    examples do not interact, with one slice's activations alive at a time. A weight the loss
+    does not reach gets a zero gradient.
+    """
+    if at is None:
+        leaves, scope = list(weights), contextlib.nullcontext()
+    else:
+        leaves = [t.detach().requires_grad_() for t in at]
+        scope = substituted(twin, weights, leaves)
+    n = len(meta_targets)
+    total: list[Tensor | None] = [None] * len(leaves)
+    losses = []
+    with scope, torch.enable_grad():
+        for x, y in zip(
+            meta_inputs.tensor_split(chunks), meta_targets.tensor_split(chunks), strict=True
+        ):
+            if not len(y):
+                continue
+            loss = loss_fn(twin(x), y)
+            if chunks > 1:
+                loss = loss * (len(y) / n)
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            total = [_add(a, g) for a, g in zip(total, grads, strict=True)]
+            losses.append(loss.detach())
+    meta_loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(total, weights, strict=True)]
+    return grads, meta_loss

@@ -1,5 +1,8 @@
 """Milliseconds and peak memory of one training step: plain SGD, ERM, L2RW and MW-Net.
 
+Why one file of ~520 lines: a benchmark is run by hand as one script, variants and report
+together.
+
 Every variant is a callable doing one *full* training step on its own copy of the model (the
 method's step, the real weighted backward, the optimizer step), on fixed pre-generated random
 batches. All variants live in one process and are run interleaved, one step each per round

@@ -1,5 +1,9 @@
 """The training loop: batches, the method's weights, the real weighted update, evaluation.
 
+Why one file of ~600 lines: the loop reads top to bottom (``fit`` → ``train_step`` →
+bookkeeping) in one place; what it calls lives in its own module (batches, weight_stats,
+metrics, checkpoint, signals, loggers).
+
 Example (plain Python objects, no Hydra):
     >>> import torch, torch.nn as nn
     >>> from torch.utils.data import TensorDataset

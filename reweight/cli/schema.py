@@ -1,5 +1,8 @@
 """The schema of a run's config: the type of every key, checked before any work.
 
+Why one file of ~550 lines: it is the one table of which key has which type, group by
+group; split up, a reader would have to look in several places for one key's type.
+
 ``conf/*.yaml`` owns the defaults; this module owns the types, and reads each from where the
 key is consumed, so that a new argument is typed where it is written:
 

@@ -1,5 +1,8 @@
 """Your own data: a folder of images (``image_folder``) or a table / tensor file (``tensors``).
 
+Why one file of ~570 lines: the two builders share the trusted set, the test split and the
+corruption, and each bad-file message sits beside the read that can fail.
+
 Both builders load everything into memory (:class:`TensorData`), take the trusted (meta) set from
 where the user says it is, make a held-out test split when no test set is given (recorded in
 ``dataset.json``), and can add the synthetic corruption of the built-in datasets (label noise from

@@ -10,6 +10,7 @@ from __future__ import annotations
 import doctest
 import importlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,8 @@ from reweight.data.build import COMMON_KEYS, dataset_defaults
 from reweight.data.core import DATA_DIR_ENV, INFO_FILE, LABELS_FILE, tensor_hash
 from reweight.data.mnist import MNIST_MEAN, MNIST_STD
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# the real MNIST: $REWEIGHT_DATA_DIR (tests/conftest.py defaults it to ../shared/data)
+SHARED_DATA = Path(os.environ["REWEIGHT_DATA_DIR"])
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "dataset"
 MNIST_FILES = (
     "train-images-idx3-ubyte",

@@ -7,6 +7,10 @@ clean and corrupted in two colours when the corruption is known) and, for image 
 the dataset is rebuilt from the run's ``config.yaml``, which is quick: everything is seeded).
 With precision@k in ``summary.json`` (synthetic corruption), prints it beside the small-loss
 baseline. A missing or unreadable run file is one ``error:`` line, exit status 2.
+
+The report (table and precision) is this command's output, written to stdout in one piece by
+``main``; what it did besides (the PNGs written) is logged (``reweight.inspect``, INFO, shown
+on stderr when run as a command).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import math
 import sys
 from collections.abc import Sequence
@@ -32,6 +37,8 @@ from reweight.outputs.files import (
 from reweight.outputs.plots import plot_suspect_grid, plot_weight_vs_loss
 
 __all__ = ["main", "read_suspects"]
+
+log = logging.getLogger(__name__)
 
 _SHOWN = ("rank", "id", "given_label", "predicted_label", "probability", "loss", "final_weight")
 
@@ -120,11 +127,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"error: {err}\n")
         return 2
     top = rows[: args.top]
-    print(f"{len(rows)} training examples in {run_dir / SUSPECTS}; the {len(top)} most suspect:")
-    print(_table(top))
-    for line in _ranking_lines(summary):
-        if line:
-            print(line)
+    report = [
+        f"{len(rows)} training examples in {run_dir / SUSPECTS}; the {len(top)} most suspect:",
+        _table(top),
+        *(line for line in _ranking_lines(summary) if line),
+    ]
+    sys.stdout.write("\n".join(report) + "\n")
     known = bool(rows) and rows[0]["corrupted"] != ""
     title = f"{summary.get('method', '?')} on {summary.get('dataset', '?')}"
     scatter = plot_weight_vs_loss(
@@ -135,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         title=title,
     )
     if scatter is not None:
-        print(f"wrote {scatter}")
+        log.info("wrote %s", scatter)
     try:
         images = _images(run_dir, top) if top else None
     except (OSError, ValueError) as err:
@@ -148,9 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
         grid = plot_suspect_grid(images, captions, run_dir / SUSPECTS_PNG, title=title)
         if grid is not None:
-            print(f"wrote {grid}")
+            log.info("wrote %s", grid)
     return 0
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     sys.exit(main())

@@ -304,7 +304,7 @@ def test_inspect_without_suspects_is_one_error_line(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_inspect_prints_the_top_rows_and_plots_known_corruption(tmp_path, capsys):
+def test_inspect_prints_the_top_rows_and_plots_known_corruption(tmp_path, capsys, caplog):
     rows = [
         {
             "rank": r + 1,
@@ -321,9 +321,14 @@ def test_inspect_prints_the_top_rows_and_plots_known_corruption(tmp_path, capsys
         for r, i in enumerate([4, 0, 3, 1, 2])
     ]
     write_suspects(tmp_path / "suspects.csv", rows)
-    assert inspect_main([str(tmp_path), "--top", "2"]) == 0
+    with caplog.at_level("INFO", logger="reweight.inspect"):
+        assert inspect_main([str(tmp_path), "--top", "2"]) == 0
     out = capsys.readouterr().out
     assert "row 4" in out and "row 0" in out and "row 3" not in out
+    assert "wrote" not in out  # the report on stdout, what was written in the log
+    assert [r.getMessage() for r in caplog.records] == [
+        f"wrote {tmp_path / 'suspects_scatter.png'}"
+    ]
     assert (tmp_path / "suspects_scatter.png").stat().st_size > 0
     assert not (tmp_path / "suspects.png").exists()  # no config.yaml: no images to show
 

@@ -3,11 +3,12 @@ Agg backend, imported lazily; each PNG written atomically)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,21 @@ def _pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+@contextlib.contextmanager
+def _figure(plt: Any, *args: Any, **kwargs: Any) -> Iterator[tuple[Any, Any]]:
+    """``plt.subplots(*args, **kwargs)``, the figure closed however the block ends."""
+    fig, axes = plt.subplots(*args, **kwargs)
+    try:
+        yield fig, axes
+    finally:
+        plt.close(fig)
+
+
+def _save(fig: Any, path: str | os.PathLike) -> Path:
+    """The figure as a PNG at ``path``, written atomically."""
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
 
 def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
@@ -74,37 +90,34 @@ def plot_learning_curves(
             (("test_accuracy", "accuracy"), ("test_balanced_accuracy", "balanced accuracy")),
         ),
     )
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
-    weight_curves = (("weight_mean_clean", "clean"), ("weight_mean_corrupted", "corrupted"))
-    if not _series(history, "weight_mean_corrupted")[0]:  # nothing corrupted: per class
-        classes = sorted(
-            {k for row in history for k in row if k.startswith("weight_mean_class")},
-            key=lambda k: int(k.removeprefix("weight_mean_class")),
-        )
-        weight_curves = tuple((k, k.removeprefix("weight_mean_")) for k in classes) or (
-            ("weight_mean", "all"),
-        )
-    panels = (*panels, ("mean relative weight (1 = uniform)", weight_curves))
-    for ax, (ylabel, curves) in zip(axes.flat, panels, strict=True):
-        drawn = 0
-        for key, label in curves:
-            xs, ys = _series(history, key)
-            if xs:
-                ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=label)
-                drawn += 1
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        if drawn:
-            ax.legend(fontsize="small")
-        else:
-            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
-    if title:
-        fig.suptitle(title)
-    try:
-        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    finally:
-        plt.close(fig)
+    with _figure(plt, 2, 2, figsize=(10, 7), constrained_layout=True) as (fig, axes):
+        weight_curves = (("weight_mean_clean", "clean"), ("weight_mean_corrupted", "corrupted"))
+        if not _series(history, "weight_mean_corrupted")[0]:  # nothing corrupted: per class
+            classes = sorted(
+                {k for row in history for k in row if k.startswith("weight_mean_class")},
+                key=lambda k: int(k.removeprefix("weight_mean_class")),
+            )
+            weight_curves = tuple((k, k.removeprefix("weight_mean_")) for k in classes) or (
+                ("weight_mean", "all"),
+            )
+        panels = (*panels, ("mean relative weight (1 = uniform)", weight_curves))
+        for ax, (ylabel, curves) in zip(axes.flat, panels, strict=True):
+            drawn = 0
+            for key, label in curves:
+                xs, ys = _series(history, key)
+                if xs:
+                    ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=label)
+                    drawn += 1
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            if drawn:
+                ax.legend(fontsize="small")
+            else:
+                ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+        if title:
+            fig.suptitle(title)
+        return _save(fig, path)
 
 
 def plot_weight_histogram(
@@ -148,21 +161,20 @@ def plot_weight_histogram(
         groups = [("all (none corrupted)", w)]
     top = max(w) if w else 1.0
     bins = [top * i / 40 for i in range(41)] if top > 0 else 40
-    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
-    for name, values in groups:
-        if values:
-            # density per group: a 2 % minority stays visible beside the majority
-            ax.hist(values, bins=bins, alpha=0.55, density=True, label=f"{name} (n={len(values)})")
-    ax.set_xlabel("relative weight B·wᵢ at the end of training (1 = uniform)")
-    ax.set_ylabel("density")
-    ax.legend(fontsize="small")
-    ax.grid(alpha=0.3)
-    if title:
-        ax.set_title(title)
-    try:
-        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    finally:
-        plt.close(fig)
+    with _figure(plt, figsize=(7, 4.5), constrained_layout=True) as (fig, ax):
+        for name, values in groups:
+            if values:
+                # density per group: a 2 % minority stays visible beside the majority
+                ax.hist(
+                    values, bins=bins, alpha=0.55, density=True, label=f"{name} (n={len(values)})"
+                )
+        ax.set_xlabel("relative weight B·wᵢ at the end of training (1 = uniform)")
+        ax.set_ylabel("density")
+        ax.legend(fontsize="small")
+        ax.grid(alpha=0.3)
+        if title:
+            ax.set_title(title)
+        return _save(fig, path)
 
 
 def _tolist(values: Any) -> list:
@@ -182,8 +194,7 @@ def plot_suspect_grid(
         return None
     cols = min(8, len(images))
     rows = -(-len(images) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
-    try:
+    with _figure(plt, rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False) as (fig, axes):
         for ax in axes.flat:
             ax.axis("off")
         for ax, image, caption in zip(axes.flat, images, captions, strict=False):
@@ -197,9 +208,7 @@ def plot_suspect_grid(
         if title:
             fig.suptitle(title, fontsize=9)
         fig.tight_layout()
-        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    finally:
-        plt.close(fig)
+        return _save(fig, path)
 
 
 def plot_weight_vs_loss(
@@ -214,8 +223,7 @@ def plot_weight_vs_loss(
     plt = _pyplot()
     if plt is None or not len(weights):
         return None
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    try:
+    with _figure(plt, figsize=(5.5, 4.5)) as (fig, ax):
         if corrupted is None:
             ax.scatter(losses, weights, s=4, alpha=0.5, label="training examples")
         else:
@@ -232,6 +240,4 @@ def plot_weight_vs_loss(
         if title:
             ax.set_title(title, fontsize=9)
         fig.tight_layout()
-        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    finally:
-        plt.close(fig)
+        return _save(fig, path)

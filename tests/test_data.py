@@ -285,10 +285,10 @@ def test_mnist_noisy_train_per_class(noisy_bundle: DataBundle) -> None:
     assert not held & set(small.train.source_indices.tolist())
     measured = small.corrupted.to(torch.float64).mean().item()
     assert abs(measured - 0.4) < 5 * (0.4 * 0.6 / 3000) ** 0.5
-    # null (the default) keeps the whole split
-    whole = build_dataset("mnist_noisy", root=root, seed=0, noise_type="flip", noise_rate=0.4,
-                          train_per_class=None)  # fmt: skip
-    assert whole.info["labels_hash"] == noisy_bundle.info["labels_hash"]
+    # drawn from what the whole split trains on (same meta and validation draws before it)
+    whole = set(noisy_bundle.train.source_indices.tolist())
+    assert set(small.train.source_indices.tolist()) <= whole
+    assert torch.equal(small.val.source_indices, noisy_bundle.val.source_indices)
     with pytest.raises(ValueError, match=r"train_per_class=9999 is not in \[1, \d+\]"):
         build_dataset("mnist_noisy", root=root, train_per_class=9999)
     with pytest.raises(ValueError, match=r"train_per_class must be an integer >= 1; got 0"):

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 
 from reweight.jvp import Planner, Recording
 from reweight.meta import LossFn, MetaModule, meta_gradient, sgd_step, to_meta, trainable
+from reweight.meta.kernels import differentiable_kernels
 
 __all__ = [
     "LossFn",
@@ -178,8 +179,9 @@ def l2rw_eps_grad(
         )
         return grad.detach()
     twin = to_meta(model)
-    losses = loss_fn(twin(inputs), targets, reduction="none")
-    grad, _ = l2rw_eps_grad_from_losses(twin, losses, meta_inputs, meta_targets, lr, loss_fn)
+    with differentiable_kernels(model):  # the forward is differentiated twice
+        losses = loss_fn(twin(inputs), targets, reduction="none")
+        grad, _ = l2rw_eps_grad_from_losses(twin, losses, meta_inputs, meta_targets, lr, loss_fn)
     return grad.detach()
 
 

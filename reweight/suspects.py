@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from reweight.inputs import to_device
 from reweight.outputs.files import atomic_write
 
 __all__ = [
@@ -79,7 +80,7 @@ def score_examples(trainer: Any) -> dict[str, Tensor]:
     out: dict[str, list[Tensor]] = {"predicted": [], "probability": [], "loss": []}
     try:
         for x, y in loader:
-            x, y = x.to(trainer.device), torch.as_tensor(y).to(trainer.device)
+            x, y = to_device(x, trainer.device), torch.as_tensor(y).to(trainer.device)
             logits = model(x).float()
             prob, pred = logits.softmax(dim=1).max(dim=1)
             out["predicted"].append(pred.cpu())

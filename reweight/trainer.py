@@ -43,6 +43,7 @@ from reweight.checkpoint import read_checkpoint, restore_rng_state, rng_state, w
 from reweight.device import resolve_device
 from reweight.distributed import DistContext, check_batch_split
 from reweight.functional import LossFn
+from reweight.inputs import Inputs, to_device
 from reweight.loggers import Logger, LoggerGroup
 from reweight.methods import Method, MethodOutput, StepInputs, build_method
 from reweight.metrics import best_accuracy_of, evaluate_classifier, summarize_test
@@ -540,10 +541,10 @@ class Trainer:
             offset=n * dist.rank if dist else 0,
         )
 
-    def _inputs(self, x: Tensor) -> Tensor:
+    def _inputs(self, x: Inputs) -> Inputs:
         """A batch of inputs on the device, NHWC when ``channels_last`` and the batch is 4-D."""
-        x = x.to(self.device, non_blocking=True)
-        if self.config.channels_last and x.dim() == 4:
+        x = to_device(x, self.device, non_blocking=True)
+        if self.config.channels_last and isinstance(x, Tensor) and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 

@@ -224,11 +224,38 @@ def test_set_params_rejects_unknown_names_and_shapes_without_partial_writes():
     assert all(after[k] is before[k] for k in before)
 
 
-def test_to_meta_rejects_layers_with_cached_weights():
-    model = nn.Sequential(nn.Linear(3, 3))
-    model.add_module("rnn", nn.LSTM(3, 3))
-    with pytest.raises(TypeError, match="rnn is a LSTM, which keeps its own flat copies"):
-        to_meta(model)
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN])
+def test_recurrent_twin_reads_new_weights(cls):
+    """A recurrent layer caches its weights in a flat list; its twin must run on θ′, not on
+    those copies, and be re-bound to the model's own weights afterwards."""
+    torch.manual_seed(0)
+    model = cls(3, 4, num_layers=2, bidirectional=True, batch_first=True).double()
+    twin = to_meta(model)
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    assert torch.equal(twin(x)[0], model(x)[0])
+    new = {n: p + 0.1 * torch.randn_like(p) for n, p in model.named_parameters()}
+    twin.set_params(new)
+    expected = torch.func.functional_call(model, new, (x,))[0]
+    assert torch.equal(twin(x)[0], expected)
+    assert not torch.equal(expected, model(x)[0])
+    twin.bind(model)
+    assert torch.equal(twin(x)[0], model(x)[0])
+
+
+def test_tied_weights_are_rebound_in_every_slot():
+    """bind() re-points both slots of a tied weight; a virtual step moves both."""
+    emb = nn.Embedding(6, 4)
+    head = nn.Linear(4, 6, bias=False)
+    head.weight = emb.weight
+    model = nn.Sequential(emb, head).double()
+    twin = to_meta(model)
+    x = torch.tensor([[1, 2], [3, 4]])
+    twin.virtual_step(twin(x).pow(2).mean(), lr=0.5)
+    assert twin[0].weight is twin[1].weight or torch.equal(twin[0].weight, twin[1].weight)
+    assert not torch.equal(twin[1].weight, model[1].weight)
+    twin.bind(model)
+    assert twin[0].weight is model[0].weight and twin[1].weight is model[0].weight
+    assert torch.equal(twin(x), model(x))
 
 
 def test_generic_layer_without_counterpart():

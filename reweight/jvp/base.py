@@ -29,6 +29,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
+from reweight import inputs as batch_inputs
+from reweight.inputs import Inputs
 from reweight.meta import LossFn, MetaModule
 
 __all__ = [
@@ -105,7 +107,7 @@ class Forward:
 
     module: nn.Module  # what runs: the real model, or its bound twin (model left unchanged)
     weights: list[Tensor]  # the model's trainable weights θ (the twin holds the same tensors)
-    inputs: Tensor
+    inputs: Inputs  # a tensor, or a mapping of tensors (``reweight.inputs``)
     targets: Tensor
     loss_fn: LossFn
     twin: Callable[[], MetaModule]  # the model's twin, bound to θ (for dual-number JVPs)
@@ -113,13 +115,13 @@ class Forward:
     rng: RngState = field(init=False)
 
     def __post_init__(self) -> None:
-        self.rng = RngState(self.inputs.device)
+        self.rng = RngState(batch_inputs.device(self.inputs))
 
     def run(self, module: nn.Module | None = None, rows: slice | None = None) -> Tensor:
         """Per-example losses (B,) of ``module`` (default: ``self.module``) on the batch."""
         x, y = self.inputs, self.targets
         if rows is not None:
-            x, y = x[rows], y[rows]
+            x, y = batch_inputs.take(x, rows), y[rows]
         return self.loss_fn((module or self.module)(x), y, reduction="none")
 
 

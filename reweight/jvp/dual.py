@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from reweight.jvp.base import Forward, Recording, load_forward_ad
 from reweight.meta import LossFn
+from reweight.meta.kernels import differentiable_kernels
 from reweight.meta.twins import substituted
 
 __all__ = ["DualRecording", "DualTwinRecording", "dual_forward", "dual_twin_jvp"]
@@ -44,7 +45,7 @@ def dual_forward(
     dual-number weights. The primal losses keep whatever reverse graph grad mode lets the
     forward build (on the real model, the graph of the real update)."""
     load_forward_ad()
-    with fwAD.dual_level():
+    with fwAD.dual_level(), differentiable_kernels(module):
         duals = [fwAD.make_dual(p, d.to(p.dtype)) for p, d in zip(weights, direction, strict=True)]
         with substituted(module, weights, duals):
             dual = loss_fn(module(inputs), targets, reduction="none")

@@ -46,11 +46,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from reweight import inputs as batch_inputs
 from reweight.jvp.base import ENGINES, Forward, Recording, Unsupported
 from reweight.jvp.dual import DualRecording, DualTwinRecording, dual_twin_jvp
 from reweight.jvp.per_layer import Ineligible, Layers, PerLayerRecording, agree, ghost_layers
 from reweight.jvp.tape import TapeRecording
 from reweight.meta import LossFn, TwinCache, trainable
+from reweight.meta.kernels import has_rnn
 from reweight.meta.twins import signature
 
 __all__ = ["POLICIES", "Plan", "Planner"]
@@ -180,6 +182,12 @@ class Planner:
                 "cuda policy: dual numbers through the twin without graph (peak memory below "
                 "the unrolled step's)",
             )
+        if has_rnn(model):
+            return Plan(
+                "dual_twin",
+                "cpu policy: dual numbers through the twin (the tangent tape cannot replay the "
+                "in-place ops of recurrent cells)",
+            )
         refused = self._no_tape.get(model)
         if refused is not None and refused[0] == signature(model):
             return Plan(
@@ -250,13 +258,14 @@ class Planner:
         _, weights = trainable(model)
         twin = lambda: self.twins.bound(model)  # noqa: E731 (bound afresh at each use)
         fwd = Forward(model if update else twin(), weights, inputs, targets, loss_fn, twin, update)
-        plan, layers, check = self._decide(model, weights, inputs.device)
+        device = batch_inputs.device(inputs)
+        plan, layers, check = self._decide(model, weights, device)
         self._note(plan)
         if plan.engine == "per_layer":
             rec = self._record_per_layer(model, fwd, layers, chunks, check)
             if rec is not None:
                 return _Planned(self, model, fwd, rec)
-            plan = self._decide(model, weights, inputs.device)[0]  # off the path now
+            plan = self._decide(model, weights, device)[0]  # off the path now
             self._note(plan)
         if plan.engine == "tape":
             rec = TapeRecording(fwd)
@@ -288,7 +297,7 @@ class Planner:
                     "differs from the exact one: the forward mixes the examples of a batch or "
                     "uses a weight outside its layer); using %s",
                     name,
-                    self._general(model, self._policy(fwd.inputs.device)).engine,
+                    self._general(model, self._policy(batch_inputs.device(fwd.inputs))).engine,
                 )
                 return None
             rec = PerLayerRecording(fwd, layers, chunks)

@@ -39,6 +39,7 @@ from reweight.jvp.rules import (
     rule_dual,
     rule_max_pool,
 )
+from reweight.meta.kernels import differentiable_kernels
 
 __all__ = ["TangentTape", "TapeRecording"]
 
@@ -246,7 +247,8 @@ class TapeRecording(Recording):
         self.weights = fwd.weights
         self.tape = TangentTape(fwd.weights)
         grad = torch.enable_grad() if fwd.update else torch.no_grad()
-        with grad, self.tape:
+        # the tape replays every op by its rule or on dual numbers: kernels that have them
+        with grad, differentiable_kernels(fwd.module), self.tape:
             self.losses = fwd.run()
         self.values = self.losses.detach()
 

@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -33,6 +34,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reweight.meta.kernels import _rnn_kernels_native
 from reweight.meta.sgd import sgd_step
 
 __all__ = [
@@ -56,10 +58,6 @@ _META_NAMES = "_meta_param_names"
 # Attribute listing the (non-weight) buffers a twin shares with its source model, read-only:
 # BatchNorm running statistics. ``bind`` re-points only these; other buffers stay copies.
 _SHARED_NAMES = "_meta_shared_buffers"
-
-# Layer types whose forward does not read its weights through attributes: converting them
-# generically would silently keep using stale copies of the weights.
-_UNSUPPORTED: tuple[type[nn.Module], ...] = (nn.RNNBase,)
 
 
 def bufferize_(module: nn.Module) -> nn.Module:
@@ -130,7 +128,9 @@ class MetaModule(nn.Module):
         of every meta step so the twin follows the real model after optimizer steps,
         ``.to(device)`` or a ``load_state_dict``.
         """
-        self.set_params(source.named_parameters())
+        # every slot of a tied weight (an embedding shared with the output layer), not only the
+        # first name of it: a slot left out would keep the previous step's θ′
+        self.set_params(source.named_parameters(remove_duplicate=False))
         src_mods = dict(source.named_modules())
         for name, mod in self.named_modules():
             src = src_mods.get(name)
@@ -227,6 +227,26 @@ class MetaSyncBatchNorm(_MetaBatchNorm, nn.SyncBatchNorm):
     """Twin of ``nn.SyncBatchNorm``: a virtual step uses this rank's batch statistics only."""
 
 
+class _MetaRNN(MetaModule):
+    """Twin of an ``nn.RNNBase`` layer (LSTM, GRU, RNN): the same forward, no cuDNN.
+
+    The layer reads its weights from ``_flat_weights``, a list torch refreshes at each forward
+    when a weight attribute holds another tensor (``_update_flat_weights``, the mechanism that
+    makes ``torch.func.functional_call`` work), so buffers holding θ′ are seen. The twin never
+    packs its weights into cuDNN's contiguous buffer (that rewrites the tensors in place) and
+    runs on GPU without cuDNN, whose backward has no derivative.
+    """
+
+    def flatten_parameters(self) -> None:
+        """No-op: a twin's weights are the model's tensors or a virtual step's results."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        weight = self._flat_weights[0]  # type: ignore[attr-defined]
+        native = weight is not None and weight.is_cuda
+        with _rnn_kernels_native() if native else contextlib.nullcontext():
+            return super().forward(*args, **kwargs)
+
+
 class MetaSequential(nn.Sequential, MetaModule):
     """``nn.Sequential`` that is also a ``MetaModule``."""
 
@@ -266,7 +286,8 @@ def _meta_class(cls: type[nn.Module]) -> type[nn.Module]:
     if cls in _COUNTERPARTS:
         return _COUNTERPARTS[cls]
     if cls not in _GENERATED:
-        _GENERATED[cls] = type(f"Meta{cls.__name__}", (cls, MetaModule), {"__module__": __name__})
+        bases = (_MetaRNN, cls) if issubclass(cls, nn.RNNBase) else (cls, MetaModule)
+        _GENERATED[cls] = type(f"Meta{cls.__name__}", bases, {"__module__": __name__})
     return _GENERATED[cls]
 
 
@@ -276,10 +297,10 @@ def to_meta(module: nn.Module) -> MetaModule:
     The twin shares storage with ``module``: its weight buffers *are* the model's parameters
     (so a forward through it sends gradients to them) and BatchNorm running statistics are the
     model's own tensors, read but never written. No data is copied, so building a twin is cheap.
-    Any layer that reads its weights through attributes works without a rewrite; BatchNorm
-    layers follow the policy of ``MetaBatchNorm2d``. Layer types that cache weight copies
-    (``nn.RNN``/``nn.LSTM``/``nn.GRU``) raise ``TypeError``. Buffers of other layers are copied
-    so that a forward through the twin cannot write to the model.
+    Any layer that reads its weights through attributes works without a rewrite (embeddings,
+    attention, LayerNorm, GroupNorm, tied weights); recurrent layers follow ``_MetaRNN`` and
+    BatchNorm layers the policy of ``MetaBatchNorm2d``. Buffers of other layers are copied so
+    that a forward through the twin cannot write to the model.
 
     Example:
         >>> import torch, torchvision
@@ -289,13 +310,6 @@ def to_meta(module: nn.Module) -> MetaModule:
         >>> torch.allclose(twin(x), model(x))
         True
     """
-    for name, mod in module.named_modules():
-        if isinstance(mod, _UNSUPPORTED):
-            raise TypeError(
-                f"to_meta: {name or 'the model'} is a {type(mod).__name__}, which keeps its own "
-                f"flat copies of its weights and cannot be made buffer-backed; "
-                f"write that layer with explicit weights (e.g. nn.Linear cells) instead"
-            )
     bn_types = tuple(t for t in _COUNTERPARTS if issubclass(t, nn.modules.batchnorm._BatchNorm))
     memo: dict[int, Any] = {id(p): p for p in module.parameters()}
     shared_names: list[tuple[str, ...]] = []

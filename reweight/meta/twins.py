@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from reweight import inputs as batch_inputs
 from reweight.meta.modules import MetaModule, to_meta
 
 __all__ = [
@@ -157,7 +158,7 @@ def meta_gradient(
     losses = []
     with scope, torch.enable_grad():
         for x, y in zip(
-            meta_inputs.tensor_split(chunks), meta_targets.tensor_split(chunks), strict=True
+            batch_inputs.split(meta_inputs, chunks), meta_targets.tensor_split(chunks), strict=True
         ):
             if not len(y):
                 continue

@@ -15,6 +15,7 @@ from reweight.functional import (
     normalize_l2rw,
 )
 from reweight.jvp import Planner
+from reweight.meta.kernels import differentiable_kernels
 from reweight.methods.base import Method, MethodOutput, StepInputs
 
 __all__ = ["L2RW"]
@@ -78,10 +79,12 @@ class L2RW(Method):
             losses = recording.update_losses()
         else:
             twin = self.bound_twin(batch.model)
-            losses = batch.loss_fn(batch.model(batch.inputs), batch.targets, reduction="none")
-            eps_grad, meta_loss_t = l2rw_eps_grad_from_losses(
-                twin, losses, batch.meta_inputs, batch.meta_targets, batch.lr, batch.loss_fn
-            )
+            # the training forward is differentiated twice, through the virtual step
+            with differentiable_kernels(batch.model):
+                losses = batch.loss_fn(batch.model(batch.inputs), batch.targets, reduction="none")
+                eps_grad, meta_loss_t = l2rw_eps_grad_from_losses(
+                    twin, losses, batch.meta_inputs, batch.meta_targets, batch.lr, batch.loss_fn
+                )
             twin.bind(batch.model)  # drop θ′ and its graph
         weights = normalize_l2rw(eps_grad, reduce=batch.global_sum if batch.dist else None)
         zero_sum = not bool(batch.global_sum(weights.sum()) > 0)

@@ -11,6 +11,7 @@ from reweight.functional import check_meta_grad, mwnet_meta_grads, mwnet_seeds, 
 from reweight.jvp import Planner
 from reweight.jvp.base import zeros_for_none
 from reweight.meta import meta_gradient, sgd_values, trainable
+from reweight.meta.kernels import differentiable_kernels
 from reweight.methods.base import Method, MethodOutput, StepInputs
 
 __all__ = ["MWNet", "WeightNet"]
@@ -180,22 +181,23 @@ class MWNet(Method):
         """(∂L_meta(θ′)/∂φ, losses (B,), L_meta(θ′)) by a double backward through the twin."""
         assert batch.meta_inputs is not None and batch.meta_targets is not None
         twin = self.bound_twin(batch.model)
-        losses = batch.loss_fn(batch.model(batch.inputs), batch.targets, reduction="none")
-        grads, meta_loss = mwnet_meta_grads(
-            twin,
-            losses,
-            self.vnet,
-            batch.meta_inputs,
-            batch.meta_targets,
-            batch.lr,
-            batch.loss_fn,
-            normalize=self.normalize,
-            detach_loss=self.detach_loss,
-            sgd_kwargs=self.sgd_kwargs(batch.model, batch.optimizer),
-            n_global=batch.n_global,
-            reduce=(lambda t: batch.global_sum(t, differentiable=True)) if batch.dist else None,
-            world_size=batch.dist.world_size if batch.dist else 1,
-        )
+        with differentiable_kernels(batch.model):  # the forward is differentiated twice
+            losses = batch.loss_fn(batch.model(batch.inputs), batch.targets, reduction="none")
+            grads, meta_loss = mwnet_meta_grads(
+                twin,
+                losses,
+                self.vnet,
+                batch.meta_inputs,
+                batch.meta_targets,
+                batch.lr,
+                batch.loss_fn,
+                normalize=self.normalize,
+                detach_loss=self.detach_loss,
+                sgd_kwargs=self.sgd_kwargs(batch.model, batch.optimizer),
+                n_global=batch.n_global,
+                reduce=(lambda t: batch.global_sum(t, differentiable=True)) if batch.dist else None,
+                world_size=batch.dist.world_size if batch.dist else 1,
+            )
         twin.bind(batch.model)
         if batch.dist is not None:  # each rank holds its share of the hypergradient
             grads = [batch.global_sum(g) for g in grads]

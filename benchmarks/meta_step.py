@@ -99,6 +99,9 @@ CASES = {
         Case("lenet", 100, 10, (1, 28, 28), 2),
     ],
     "resnet32": [Case("resnet32", 100, 100, (3, 32, 32), 10)],
+    # the sequence-model demos' networks (model=lstm, model=vit_tiny) on MNIST-sized images
+    "lstm": [Case("lstm", 100, 100, (1, 28, 28), 10)],
+    "vit_tiny": [Case("vit_tiny", 100, 100, (1, 28, 28), 10)],
 }
 
 
@@ -201,7 +204,9 @@ def build_variants(
     """One step callable per variant (each on its own copy of one initial model)."""
     torch.manual_seed(0)
     in_channels = case.shape[0]
-    base = build_model(case.model, num_classes=case.num_classes, in_channels=in_channels)
+    base = build_model(
+        case.model, num_classes=case.num_classes, in_channels=in_channels, input_shape=case.shape
+    )
     base = base.to(device)
     if channels_last:  # as trainer.channels_last=true does: NHWC weights (the batches are NHWC)
         base = base.to(memory_format=torch.channels_last)
@@ -422,7 +427,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per variant (>= 20)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed rounds first")
     parser.add_argument(
-        "--models", default="lenet,resnet32", help="comma-separated: lenet,resnet32"
+        "--models",
+        default="lenet,resnet32",
+        help="comma-separated: lenet,resnet32,lstm,vit_tiny",
     )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")

@@ -194,7 +194,8 @@ def test_model_option(option):
     cfg = cfg_of(f"model={option}", *small)
     from hydra.utils import instantiate
 
-    in_channels, shape = (1, [1, 28, 28]) if option in ("lenet", "mlp") else (3, [3, 32, 32])
+    grey = ("lenet", "mlp", "lstm", "vit_tiny")
+    in_channels, shape = (1, [1, 28, 28]) if option in grey else (3, [3, 32, 32])
     model = instantiate(
         cfg.model, num_classes=3, in_channels=in_channels, input_shape=shape, _convert_="all"
     )

@@ -60,12 +60,14 @@ def test_public_names_import() -> None:
         "wrn28_10",
         "wrn",
         "torchvision",
+        "lstm",
+        "vit_tiny",
     }
 
 
 @pytest.mark.parametrize(
     "module",
-    ["factory", "lenet", "mlp", "resnet", "torchvision_models", "wide_resnet"],
+    ["factory", "lenet", "mlp", "resnet", "sequence", "torchvision_models", "wide_resnet"],
 )
 def test_docstring_examples_run(module: str) -> None:
     mod = importlib.import_module(f"reweight.models.{module}")
@@ -427,6 +429,8 @@ CONFIG_INPUTS = {
     "resnet32": (3, 32, 32),
     "wrn28_10": (3, 32, 32),
     "torchvision": (3, 32, 32),
+    "lstm": (1, 28, 28),
+    "vit_tiny": (1, 28, 28),
 }
 
 
@@ -458,3 +462,19 @@ def test_model_config_overrides() -> None:
     cfg.merge_with_dotlist(["arch=resnet19"])
     with pytest.raises(InstantiationException, match=r"resnet19.*close matches: .*resnet18"):
         hydra.utils.instantiate(cfg, num_classes=3, in_channels=3)
+
+
+def test_sequence_models_read_images_as_sequences() -> None:
+    """model=lstm reads the 28 rows as 28 steps; model=vit_tiny cuts 7x7 patches of a grey
+    image; both refuse a shape they cannot read with one line naming the key."""
+    lstm = build_model("lstm", 10, 1, (1, 28, 28), hidden=16, bidirectional=True)
+    assert lstm.lstm.input_size == 28 and lstm.head.in_features == 32
+    x = torch.randn(3, 1, 28, 28)
+    rows = x[:, 0]  # (B, 28 steps, 28 features)
+    assert torch.equal(lstm(x), lstm.head(lstm.lstm(rows)[0][:, -1]))
+    vit = build_model("vit_tiny", 10, 1, (1, 28, 28))
+    assert vit.conv_proj.in_channels == 1 and vit.seq_length == 17
+    with pytest.raises(ValueError, match="multiple of patch_size=5"):
+        build_model("vit_tiny", 10, 1, (1, 28, 28), patch_size=5)
+    with pytest.raises(ValueError, match=r"model 'lstm' needs one image's shape \(C, H, W\)"):
+        build_model("lstm", 10, 1, None)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["differentiable_kernels", "has_rnn"]
+__all__ = ["differentiable_kernels", "has_rnn", "native_rnn_kernels"]
 
 
 def has_rnn(module: nn.Module) -> bool:
@@ -39,7 +39,8 @@ def has_rnn(module: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def _rnn_kernels_native() -> Iterator[None]:
+def native_rnn_kernels() -> Iterator[None]:
+    """oneDNN and cuDNN off for the duration: recurrent layers run their native cells."""
     # torch.backends.mkldnn.flags() would also set oneDNN's TF32 flag, which warns on every
     # build without Intel GPU support; these two switches are the ones the RNN dispatch reads.
     mkldnn, cudnn = torch._C._get_mkldnn_enabled(), torch._C._get_cudnn_enabled()
@@ -119,6 +120,6 @@ def differentiable_kernels(module: nn.Module | None = None) -> Iterator[None]:
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         stack.enter_context(_mha_fastpath_off())
         if module is None or has_rnn(module):
-            stack.enter_context(_rnn_kernels_native())
+            stack.enter_context(native_rnn_kernels())
             stack.enter_context(_packing_composite())
         yield

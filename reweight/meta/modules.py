@@ -34,7 +34,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reweight.meta.kernels import _rnn_kernels_native
+from reweight.meta.kernels import native_rnn_kernels
 from reweight.meta.sgd import sgd_step
 
 __all__ = [
@@ -243,7 +243,7 @@ class _MetaRNN(MetaModule):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         weight = self._flat_weights[0]  # type: ignore[attr-defined]
         native = weight is not None and weight.is_cuda
-        with _rnn_kernels_native() if native else contextlib.nullcontext():
+        with native_rnn_kernels() if native else contextlib.nullcontext():
             return super().forward(*args, **kwargs)
 
 

@@ -287,3 +287,36 @@ def test_dropout_in_a_recurrent_model_is_replayed():
         results.append(out.weights)
     assert_close(results[1], results[0])
     assert_close(results[2], results[0])
+
+
+def test_the_benchmark_runs_the_sequence_models(monkeypatch: pytest.MonkeyPatch):
+    """benchmarks/meta_step.py --models lstm,vit_tiny: its rows, on small batches, with the
+    engines the planner picks for them on CPU."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "meta_step.py"
+    spec = importlib.util.spec_from_file_location("meta_step", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "meta_step", bench)  # dataclasses look their module up
+    spec.loader.exec_module(bench)
+    assert {"lstm", "vit_tiny"} <= set(bench.CASES)
+    engines = {}
+    for name in ("lstm", "vit_tiny"):
+        case = bench.Case(name, 8, 8, (1, 28, 28), 10)
+        rows = bench.run_case(
+            case,
+            torch.device("cpu"),
+            threads=None,
+            bf16=False,
+            warmup=0,
+            rounds=1,
+            memory=False,
+            variants=("plain", "l2rw/fast", "mwnet/fast"),
+        )
+        assert [r["variant"] for r in rows] == ["plain", "l2rw/fast", "mwnet/fast"]
+        assert all(r["ratio"] > 0 for r in rows)
+        engines[name] = {r["variant"]: r["engine"] for r in rows}
+    assert engines["lstm"]["l2rw/fast"] == engines["lstm"]["mwnet/fast"] == "dual_twin"
+    assert engines["vit_tiny"]["l2rw/fast"] == engines["vit_tiny"]["mwnet/fast"] == "tape"

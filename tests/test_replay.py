@@ -8,6 +8,7 @@ the real optimizer's state, differentiated by autograd. Float64 throughout.
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -411,3 +412,92 @@ def test_refusals_of_missing_weights_and_optimizer():
     x, y, xv, yv = batches()
     with pytest.raises(ValueError, match=r"replay_optimizer=true needs the real optimizer"):
         L2RW(replay_optimizer=True).step(StepInputs(model, x, y, xv, yv, 0.1, F.cross_entropy))
+
+
+# ---------------------------------------------------------------------------------------------
+# Config: method.replay_optimizer for both methods, optimizer=adamw
+
+
+@pytest.fixture
+def hydra_cfg():
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    def compose_(*overrides: str):
+        GlobalHydra.instance().clear()
+        with initialize_config_module("reweight.conf", version_base="1.3"):
+            return compose("config", overrides=list(overrides))
+
+    yield compose_
+    GlobalHydra.instance().clear()
+
+
+@pytest.mark.parametrize("method", ["l2rw", "mwnet"])
+def test_config_replays_adamw(hydra_cfg, method: str):
+    from reweight import build_method, cli
+    from reweight.cli.app import _partial
+
+    cfg = hydra_cfg("optimizer=adamw", f"method={method}", "method.replay_optimizer=true")
+    checked = cli.validate(cfg)  # the schema, then every constructor the run would call
+    assert checked.method.replay_optimizer is True
+    built = build_method(**dict(checked.method))
+    assert built.replay_optimizer is True
+    optimizer = _partial(checked.optimizer, "optimizer")(mlp().parameters())
+    assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["weight_decay"] == 0.01
+    assert hydra_cfg(f"method={method}").method.replay_optimizer is False  # the default
+    with pytest.raises(ValueError, match=r"method\.replay_optimizer must be true or false"):
+        cli.validate(hydra_cfg(f"method={method}", "method.replay_optimizer=2"))
+    with pytest.raises(ValueError, match=r"optimizer\.betas must be a pair of numbers in \[0, 1\)"):
+        cli.validate(hydra_cfg("optimizer=adamw", "optimizer.betas=[0.9,1.5]"))
+
+
+def test_training_run_replays_adamw(hydra_cfg, tmp_path, data_root):
+    """``train(cfg)`` (what the CLI runs) with L2RW replaying AdamW, a few steps on MNIST."""
+    from reweight import cli
+
+    cfg = hydra_cfg(
+        "model=mlp",
+        "method=l2rw",
+        "method.replay_optimizer=true",
+        "optimizer=adamw",
+        "optimizer.lr=1e-3",
+        "dataset.n_train=2000",
+        "trainer.max_steps=4",
+        "trainer.log_every=2",
+        "trainer.eval_every=2",
+    )
+    cli.train(cfg, run_dir=tmp_path)
+    resolved = (tmp_path / "config.yaml").read_text()
+    assert "replay_optimizer: true" in resolved and "torch.optim.AdamW" in resolved
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["method"], summary["steps"]) == ("l2rw", 4)
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    header, last = rows[0].split(","), rows[-1].split(",")
+    assert math.isfinite(float(last[header.index("meta_loss")]))
+
+
+@pytest.mark.slow
+def test_cli_replays_adamw_in_a_subprocess(tmp_path, data_root):
+    """``python -m reweight ... optimizer=adamw method=l2rw method.replay_optimizer=true``."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env.update(PYTHONPATH=str(repo), OMP_NUM_THREADS="1")  # this checkout's package
+    args = ["optimizer=adamw", "method=l2rw", "method.replay_optimizer=true", "model=mlp"]
+    args += ["dataset.n_train=2000", "trainer.max_steps=2", "trainer.eval_every=2"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "reweight", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (summary,) = tmp_path.rglob("summary.json")
+    assert json.loads(summary.read_text())["steps"] == 2
+    assert "replay_optimizer: true" in (summary.parent / "config.yaml").read_text()

@@ -181,7 +181,7 @@ def l2rw_eps_grad_fast(
     )
     del start
     direction = [k * d * s for k, d, s in zip(replay.lrs, v, scales, strict=True)]  # lr·D ⊙ v′
-    del v
+    del v, scales
     recording = planner.record(model, inputs, targets, loss_fn, direction=direction, update=update)
     return -recording.jvp(direction), recording, meta_loss
 

@@ -15,9 +15,17 @@ exact first-order identities. L2RW's virtual step is the identity at ε = 0, so
     ∂L_meta(θ′)/∂εᵢ |ε=0 = −lr·⟨∇θℓᵢ(θ), ∇θL_meta(θ)⟩,
 
 a Jacobian-vector product (JVP) of the per-example loss vector ℓ(θ) (B,) in the direction of
-the meta gradient. MW-Net's virtual step θ′(φ) = θ − lr·κ·Σⱼ sⱼ(φ)∇θℓⱼ(θ), with
-s = ∂(Σᵢ wᵢ(φ, ℓ)·ℓᵢ)/∂ℓ (s = w when the net sees ℓ detached; κ from the replayed optimizer,
-``reweight.meta.sgd``), likewise gives
+the meta gradient. Replaying a real optimizer (``optimizer=``: SGD with momentum or weight
+decay, Adam, AdamW; ``reweight.meta.optim``) the step at ε = 0 is not the identity: it moves θ to
+θ′₀, where the optimizer's state alone takes it, and its Jacobian in the gradient is −lr·D
+elementwise, so
+
+    ∂L_meta(θ′)/∂εᵢ |ε=0 = −⟨∇θℓᵢ(θ), lr·D ⊙ ∇θL_meta(θ′₀)⟩,
+
+the same JVP in the direction lr·D ⊙ v′₀ (lr and D per weight: each from its parameter group).
+MW-Net's virtual step θ′(φ) = θ − lr·κ·Σⱼ sⱼ(φ)∇θℓⱼ(θ), with
+s = ∂(Σᵢ wᵢ(φ, ℓ)·ℓᵢ)/∂ℓ (s = w when the net sees ℓ detached; κ = 1 for plain SGD, or the
+replayed optimizer's elementwise lr·D/lr, ``reweight.meta.optim``), likewise gives
 
     ∂L_meta(θ′)/∂φ = −lr·Σⱼ cⱼ·∂sⱼ/∂φ,     cⱼ = ⟨∇θℓⱼ(θ), κ·∇θL_meta(θ′)⟩,
 
@@ -49,7 +57,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reweight.jvp import Planner, Recording
-from reweight.meta import LossFn, MetaModule, meta_gradient, sgd_step, to_meta, trainable
+from reweight.meta import (
+    LossFn,
+    MetaModule,
+    OptimizerReplay,
+    meta_gradient,
+    sgd_step,
+    to_meta,
+    trainable,
+)
 from reweight.meta.kernels import differentiable_kernels
 
 __all__ = [
@@ -74,6 +90,12 @@ def check_meta_grad(meta_grad: str) -> str:
     return meta_grad
 
 
+def _check_lr(lr: float | None) -> float:
+    if lr is None:
+        raise ValueError("lr is needed for a plain SGD virtual step (no optimizer to replay)")
+    return lr
+
+
 def normalize_l2rw(eps_grad: Tensor, reduce: Reduce | None = None) -> Tensor:
     """w = max(−g, 0) / Σ max(−g, 0); all zeros when every clamped weight is 0.
 
@@ -90,18 +112,25 @@ def l2rw_eps_grad_from_losses(
     losses: Tensor,
     meta_inputs: Tensor,
     meta_targets: Tensor,
-    lr: float,
+    lr: float | None,
     loss_fn: LossFn = F.cross_entropy,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> tuple[Tensor, Tensor]:
     """∂L_meta/∂ε at ε = 0 and the meta loss at θ′, given ``losses`` (B,) at the twin's weights.
 
     ``twin`` must hold the weights θ that ``losses`` were computed with (``twin.bind(model)``).
     On return it holds θ′ (with history); re-bind before using it again. The graph of
     ``losses`` is kept, so the caller may still backpropagate a weighted sum of them.
+    ``optimizer`` (over the model's parameters, which a bound twin holds) makes the virtual
+    step replay it, differentiably (``OptimizerReplay.step``); ``lr`` is then not read.
     """
     eps = torch.zeros_like(losses, requires_grad=True)
     params = dict(twin.named_params())
-    new = sgd_step(params, (eps * losses).sum(), lr)
+    if optimizer is None:
+        new = sgd_step(params, (eps * losses).sum(), _check_lr(lr))
+    else:
+        new = OptimizerReplay(optimizer, params.items()).step(params, (eps * losses).sum())
     twin.set_params(new)
     meta_loss = loss_fn(twin(meta_inputs), meta_targets)
     (grad,) = torch.autograd.grad(meta_loss, eps, retain_graph=True)
@@ -114,13 +143,14 @@ def l2rw_eps_grad_fast(
     targets: Tensor,
     meta_inputs: Tensor,
     meta_targets: Tensor,
-    lr: float,
+    lr: float | None,
     loss_fn: LossFn = F.cross_entropy,
     *,
     planner: Planner,
     update: bool = False,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> tuple[Tensor, Recording, Tensor]:
-    """(∂L_meta/∂ε (B,), the training forward's recording, L_meta(θ)) by the exact identity.
+    """(∂L_meta/∂ε (B,), the training forward's recording, L_meta(θ′₀)) by the exact identity.
 
     1. v = ∇θL_meta(θ): a forward and backward of the meta batch through the twin (batch
        statistics, no running-statistics writes, nothing into ``.grad``); done first, so its
@@ -129,16 +159,31 @@ def l2rw_eps_grad_fast(
        dual-number engines take it in that forward).
     3. g = −lr·⟨∇θℓᵢ, v⟩ for every i.
 
+    Replaying ``optimizer`` (``lr`` then not read): θ′₀ and D are the replayed step's at a zero
+    gradient (they do not depend on the batch), v = ∇θL_meta(θ′₀) and the JVP is taken in the
+    direction lr·D ⊙ v, per weight with its group's lr: g = −⟨∇θℓᵢ, lr·D ⊙ v⟩.
+
     With ``update`` the recorded forward is the real model's and ``recording.update_losses()``
     carries the real update's graph (``L2RW.step``); without, it runs through the twin and the
     model is left unchanged (``l2rw_eps_grad``).
     """
     _, weights = trainable(model)
+    if optimizer is None:
+        v, meta_loss = meta_gradient(
+            planner.twins.bound(model), weights, None, meta_inputs, meta_targets, loss_fn
+        )
+        recording = planner.record(model, inputs, targets, loss_fn, direction=v, update=update)
+        return -_check_lr(lr) * recording.jvp(v), recording, meta_loss
+    replay = OptimizerReplay(optimizer, model)
+    start, scales = replay.values(weights, [None] * len(weights))  # θ′₀, D at g = 0
     v, meta_loss = meta_gradient(
-        planner.twins.bound(model), weights, None, meta_inputs, meta_targets, loss_fn
+        planner.twins.bound(model), weights, start, meta_inputs, meta_targets, loss_fn
     )
-    recording = planner.record(model, inputs, targets, loss_fn, direction=v, update=update)
-    return -lr * recording.jvp(v), recording, meta_loss
+    del start
+    direction = [k * d * s for k, d, s in zip(replay.lrs, v, scales, strict=True)]  # lr·D ⊙ v′
+    del v, scales
+    recording = planner.record(model, inputs, targets, loss_fn, direction=direction, update=update)
+    return -recording.jvp(direction), recording, meta_loss
 
 
 def l2rw_eps_grad(
@@ -147,13 +192,20 @@ def l2rw_eps_grad(
     targets: Tensor,
     meta_inputs: Tensor,
     meta_targets: Tensor,
-    lr: float,
+    lr: float | None,
     loss_fn: LossFn = F.cross_entropy,
     *,
     meta_grad: str = "fast",
     planner: Planner | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> Tensor:
     """The raw L2RW meta-gradient ∂L_meta(θ′(ε))/∂ε at ε = 0, shape (B,).
+
+    The virtual step is plain SGD at ``lr`` (``optimizer`` None), or the real ``optimizer``
+    (over ``model``'s parameters: SGD with momentum, dampening, nesterov, weight decay; Adam;
+    AdamW) replayed from its current state, each weight at its own parameter group's lr, and
+    ``lr`` is then not read (pass None, or the optimizer's lr). The optimizer is read, never
+    stepped. A weight the training loss does not reach is replayed with a zero gradient.
 
     ``loss_fn(outputs, targets, reduction="none")`` gives the training losses and
     ``loss_fn(outputs, targets)`` the (mean) meta loss. The model, its parameters, their
@@ -175,13 +227,23 @@ def l2rw_eps_grad(
     if check_meta_grad(meta_grad) == "fast":
         planner = planner if planner is not None else Planner("l2rw")
         grad, _, _ = l2rw_eps_grad_fast(
-            model, inputs, targets, meta_inputs, meta_targets, lr, loss_fn, planner=planner
+            model,
+            inputs,
+            targets,
+            meta_inputs,
+            meta_targets,
+            lr,
+            loss_fn,
+            planner=planner,
+            optimizer=optimizer,
         )
         return grad.detach()
     twin = to_meta(model)
     with differentiable_kernels(model):  # the forward is differentiated twice
         losses = loss_fn(twin(inputs), targets, reduction="none")
-        grad, _ = l2rw_eps_grad_from_losses(twin, losses, meta_inputs, meta_targets, lr, loss_fn)
+        grad, _ = l2rw_eps_grad_from_losses(
+            twin, losses, meta_inputs, meta_targets, lr, loss_fn, optimizer=optimizer
+        )
     return grad.detach()
 
 
@@ -191,15 +253,17 @@ def l2rw_weights(
     targets: Tensor,
     meta_inputs: Tensor,
     meta_targets: Tensor,
-    lr: float,
+    lr: float | None,
     loss_fn: LossFn = F.cross_entropy,
     *,
     meta_grad: str = "fast",
     planner: Planner | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> Tensor:
     """Normalised L2RW weights for one batch: max(−g, 0) / Σ max(−g, 0), shape (B,).
 
-    Arguments as for ``l2rw_eps_grad``; the model is left unchanged.
+    Arguments as for ``l2rw_eps_grad`` (``optimizer``: replay the real optimizer in the virtual
+    step); the model and the optimizer are left unchanged.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -223,6 +287,7 @@ def l2rw_weights(
             loss_fn,
             meta_grad=meta_grad,
             planner=planner,
+            optimizer=optimizer,
         )
     )
 
@@ -284,12 +349,13 @@ def mwnet_meta_grads(
     vnet: nn.Module,
     meta_inputs: Tensor,
     meta_targets: Tensor,
-    lr: float,
+    lr: float | None,
     loss_fn: LossFn = F.cross_entropy,
     *,
     normalize: str = "none",
     detach_loss: bool = True,
     sgd_kwargs: dict | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
     n_global: int | None = None,
     reduce: Reduce | None = None,
     world_size: int = 1,
@@ -298,8 +364,10 @@ def mwnet_meta_grads(
 
     θ′(φ) = θ − lr·∇θ Σᵢ wᵢ(φ)ℓᵢ(θ), w from ``mwnet_weights``; ``losses`` computed at the twin's
     weights. ``sgd_kwargs`` (momentum, weight_decay, momentum_buffers, ...) make the virtual
-    step replay the real SGD optimizer. On return the twin holds θ′; the graph of ``losses`` is
-    kept for the caller's real update.
+    step an SGD step with those settings; ``optimizer`` (the real one, over the parameters the
+    bound twin holds) makes it replay that optimizer differentiably (``OptimizerReplay``, each
+    weight at its group's lr; ``lr`` is then not read). On return the twin holds θ′; the graph
+    of ``losses`` is kept for the caller's real update.
 
     Data-parallel: ``reduce`` is a *differentiable* sum over ranks, applied to the virtual
     step's gradient (θ′ needs the global Σ wᵢ∇θℓᵢ) and to Σv; every rank evaluates the same
@@ -314,13 +382,20 @@ def mwnet_meta_grads(
         reduce=reduce,
     )
     reduce_grads = None if reduce is None else (lambda gs: [reduce(g) for g in gs])
-    new = sgd_step(
-        dict(twin.named_params()),
-        (w * losses).sum(),
-        lr,
-        reduce_grads=reduce_grads,
-        **(sgd_kwargs or {}),
-    )
+    params = dict(twin.named_params())
+    if optimizer is not None:
+        if sgd_kwargs:
+            raise ValueError("mwnet_meta_grads: give sgd_kwargs or optimizer, not both")
+        replay = OptimizerReplay(optimizer, params.items())
+        new = replay.step(params, (w * losses).sum(), reduce_grads=reduce_grads)
+    else:
+        new = sgd_step(
+            params,
+            (w * losses).sum(),
+            _check_lr(lr),
+            reduce_grads=reduce_grads,
+            **(sgd_kwargs or {}),
+        )
     twin.set_params(new)
     meta_loss = loss_fn(twin(meta_inputs), meta_targets)
     grads = torch.autograd.grad(meta_loss / world_size, list(vnet.parameters()), retain_graph=True)

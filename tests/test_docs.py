@@ -59,6 +59,7 @@ def test_readme_commands_are_what_ci_runs():
     "module",
     [
         "reweight.meta.modules",
+        "reweight.meta.optim",
         "reweight.functional",
         "reweight.trainer",
         "reweight.signals",

@@ -254,13 +254,14 @@ def mwnet_pair(
     """
     opt = None
     if replay is not None:
-        # lr 0: a warm-up step creates momentum buffers and leaves θ where it is (the virtual
-        # step's learning rate is StepInputs.lr)
+        # lr 0: a warm-up step creates momentum buffers and leaves θ where it is; then the
+        # replayed step's learning rate (the optimizer's own)
         opt = torch.optim.SGD(model.parameters(), lr=0.0, **replay)
         if warm:  # momentum buffers exist: not SGD's first step
             F.cross_entropy(model(x), y).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+        opt.param_groups[0]["lr"] = LR
     torch.manual_seed(1)
     method = MWNet(
         hidden=5,
@@ -288,7 +289,7 @@ def mwnet_pair(
         LR,
         normalize=normalize,
         detach_loss=detach_loss,
-        sgd_kwargs=method.sgd_kwargs(model, opt),
+        optimizer=opt,
     )
     assert meta_loss == pytest.approx(float(want_loss), rel=1e-12, abs=1e-12)
     return got, want, method

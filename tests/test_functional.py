@@ -169,13 +169,15 @@ def test_mwnet_step_updates_the_net_and_returns_weights_from_the_updated_net(met
 
 
 @pytest.mark.parametrize("meta_grad", ["unrolled", "fast"])
-def test_mwnet_replay_needs_sgd(meta_grad: str):
+def test_mwnet_replay_refuses_an_optimizer_it_cannot_replay(meta_grad: str):
     model, x, y, xv, yv = make("mlp")
     method = MWNet(replay_optimizer=True, meta_grad=meta_grad)
     method.setup(model=model, device=torch.device("cpu"))
-    opt = torch.optim.Adam(model.parameters())
+    opt = torch.optim.RMSprop(model.parameters())
     with pytest.raises(
-        ValueError, match="replay_optimizer=true needs the real optimizer to be SGD, got Adam"
+        ValueError,
+        match=r"replay_optimizer cannot replay RMSprop in the virtual step; supported: "
+        r"torch\.optim\.SGD, torch\.optim\.Adam and torch\.optim\.AdamW$",
     ):
         method.step(StepInputs(model, x, y, xv, yv, 0.5, F.cross_entropy, opt))
 

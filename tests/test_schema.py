@@ -104,12 +104,15 @@ def test_open_options_take_extra_keys():
     keeps its keys (the CLI checks them against the target's signature)."""
     cfg = cfg_of("model=torchvision", "+model.aux_logits=false")
     assert validate_config(cfg).model.aux_logits is False
+    # (NAdam: an optimizer with no schema here; AdamW has one since conf/optimizer/adamw.yaml)
     cfg = cfg_of(
-        "optimizer=adam", "optimizer._target_=torch.optim.AdamW", "+optimizer.amsgrad=true"
+        "optimizer=adam", "optimizer._target_=torch.optim.NAdam", "+optimizer.momentum_decay=0.01"
     )
-    assert cli.validate(cfg).optimizer.amsgrad is True
-    cfg = cfg_of("optimizer=adam", "optimizer._target_=torch.optim.AdamW", "+optimizer.amsgrd=true")
-    with pytest.raises(ValueError, match=r"optimizer\.amsgrd is not an argument of AdamW"):
+    assert cli.validate(cfg).optimizer.momentum_decay == 0.01
+    cfg = cfg_of(
+        "optimizer=adam", "optimizer._target_=torch.optim.NAdam", "+optimizer.momentum_dcay=0.01"
+    )
+    with pytest.raises(ValueError, match=r"optimizer\.momentum_dcay is not an argument of NAdam"):
         cli.validate(cfg)
 
 

@@ -256,6 +256,22 @@ class AdamConfig(TargetConfig):
 
 
 @dataclass
+class AdamWConfig(TargetConfig):
+    """``torch.optim.AdamW`` (``conf/optimizer/adamw.yaml``)."""
+
+    lr: float = MISSING
+    betas: tuple[float, float] = field(default=MISSING, metadata={"rule": _betas})
+    eps: float = MISSING
+    weight_decay: float = MISSING
+    amsgrad: bool = MISSING
+    maximize: bool = MISSING
+    foreach: bool | None = MISSING
+    capturable: bool = MISSING
+    differentiable: bool = MISSING
+    fused: bool | None = MISSING
+
+
+@dataclass
 class MultiStepLRConfig(TargetConfig):
     """``torch.optim.lr_scheduler.MultiStepLR`` (``conf/scheduler/multistep.yaml``)."""
 
@@ -281,6 +297,7 @@ class NoSchedulerConfig:
 OPTIMIZER_SCHEMAS: dict[str, type] = {
     "torch.optim.SGD": SGDConfig,
     "torch.optim.Adam": AdamConfig,
+    "torch.optim.AdamW": AdamWConfig,
 }
 """The schema of each optimizer ``_target_`` the configs use."""
 

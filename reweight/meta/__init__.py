@@ -1,4 +1,5 @@
-"""Differentiable weights: buffer-backed meta modules, the twin cache and the virtual SGD step."""
+"""Differentiable weights: buffer-backed meta modules, the twin cache and the virtual step
+(plain SGD, or the real optimizer replayed)."""
 
 from reweight.meta.modules import (
     MetaBatchNorm1d,
@@ -15,6 +16,7 @@ from reweight.meta.modules import (
     bufferize_,
     to_meta,
 )
+from reweight.meta.optim import OptimizerReplay, check_replayable
 from reweight.meta.sgd import keep_layout, sgd_direction, sgd_step, sgd_values
 from reweight.meta.twins import LossFn, TwinCache, meta_gradient, trainable
 
@@ -31,8 +33,10 @@ __all__ = [
     "MetaModuleList",
     "MetaSequential",
     "MetaSyncBatchNorm",
+    "OptimizerReplay",
     "TwinCache",
     "bufferize_",
+    "check_replayable",
     "keep_layout",
     "meta_gradient",
     "sgd_direction",

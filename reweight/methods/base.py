@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from reweight.distributed import DistContext
 from reweight.meta import LossFn, MetaModule, TwinCache
 
-__all__ = ["Method", "MethodOutput", "StepInputs"]
+__all__ = ["Method", "MethodOutput", "StepInputs", "replayed_optimizer"]
 
 
 @dataclass
@@ -52,6 +52,18 @@ class StepInputs:
             part.view_as(t)
             for part, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)
         ]
+
+
+def replayed_optimizer(enabled: bool, batch: StepInputs) -> torch.optim.Optimizer | None:
+    """The optimizer a method's virtual step replays (``method.replay_optimizer``): the
+    batch's real optimizer when ``enabled``, else None (a plain SGD step at ``batch.lr``)."""
+    if not enabled:
+        return None
+    if batch.optimizer is None:
+        raise ValueError(
+            "method.replay_optimizer=true needs the real optimizer (StepInputs.optimizer), got None"
+        )
+    return batch.optimizer
 
 
 @dataclass

@@ -16,7 +16,7 @@ from reweight.functional import (
 )
 from reweight.jvp import Planner
 from reweight.meta.kernels import differentiable_kernels
-from reweight.methods.base import Method, MethodOutput, StepInputs
+from reweight.methods.base import Method, MethodOutput, StepInputs, replayed_optimizer
 
 __all__ = ["L2RW"]
 
@@ -24,7 +24,8 @@ __all__ = ["L2RW"]
 class L2RW(Method):
     """Weights from the meta-gradient of a clean batch's loss after a virtual step.
 
-    Per step: ε = 0; θ′ = θ − lr·∇θ Σ εᵢℓᵢ(θ) through the model's twin; g = ∂L_meta(θ′)/∂ε;
+    Per step: ε = 0; θ′ = θ − lr·∇θ Σ εᵢℓᵢ(θ) through the model's twin (or, with
+    ``replay_optimizer``, the real optimizer's step replayed); g = ∂L_meta(θ′)/∂ε;
     w = max(−g, 0)/Σ max(−g, 0). A batch whose clamped weights are all zero contributes no
     gradient (as in the reference code) and is counted in ``zero_sum_batches``.
 
@@ -41,15 +42,26 @@ class L2RW(Method):
             ``"per_layer"`` (an engine that cannot run the model is an error).
         engine_policy: the device policy of ``"auto"``: ``"auto"`` (the batch's device),
             ``"cpu"`` or ``"cuda"`` (e.g. to run on a CPU what would run on a GPU).
+        replay_optimizer: the virtual step replays the real optimizer's next step from its
+            state (``reweight.meta.OptimizerReplay``: SGD with momentum, dampening, nesterov and
+            weight decay; Adam; AdamW; every parameter group at its own lr), so that at ε = 0
+            it moves θ to θ′₀, where the optimizer's state alone takes it
+            (``reweight.functional``). False (the default, as in the paper): a plain SGD step at
+            the optimizer's current lr.
     """
 
     name: ClassVar[str] = "l2rw"
     needs_meta: ClassVar[bool] = True
 
     def __init__(
-        self, meta_grad: str = "fast", engine: str = "auto", engine_policy: str = "auto"
+        self,
+        meta_grad: str = "fast",
+        engine: str = "auto",
+        engine_policy: str = "auto",
+        replay_optimizer: bool = False,
     ) -> None:
         self.meta_grad = check_meta_grad(meta_grad)
+        self.replay_optimizer = replay_optimizer
         if meta_grad != "fast" and (engine, engine_policy) != ("auto", "auto"):
             raise ValueError(
                 f"method.engine={engine} / method.engine_policy={engine_policy} choose how "
@@ -75,6 +87,7 @@ class L2RW(Method):
                 batch.loss_fn,
                 planner=self.planner,
                 update=True,
+                optimizer=replayed_optimizer(self.replay_optimizer, batch),
             )
             losses = recording.update_losses()
         else:
@@ -83,7 +96,13 @@ class L2RW(Method):
             with differentiable_kernels(batch.model):
                 losses = batch.loss_fn(batch.model(batch.inputs), batch.targets, reduction="none")
                 eps_grad, meta_loss_t = l2rw_eps_grad_from_losses(
-                    twin, losses, batch.meta_inputs, batch.meta_targets, batch.lr, batch.loss_fn
+                    twin,
+                    losses,
+                    batch.meta_inputs,
+                    batch.meta_targets,
+                    batch.lr,
+                    batch.loss_fn,
+                    optimizer=replayed_optimizer(self.replay_optimizer, batch),
                 )
             twin.bind(batch.model)  # drop θ′ and its graph
         weights = normalize_l2rw(eps_grad, reduce=batch.global_sum if batch.dist else None)
@@ -108,6 +127,7 @@ class L2RW(Method):
             batch.loss_fn,
             meta_grad=self.meta_grad,
             planner=self.planner,
+            optimizer=replayed_optimizer(self.replay_optimizer, batch),
         )
         return normalize_l2rw(g)
 
@@ -127,5 +147,5 @@ class L2RW(Method):
     def __repr__(self) -> str:
         return (
             f"L2RW(meta_grad={self.meta_grad!r}, engine={self.planner.engine!r}, "
-            f"engine_policy={self.planner.policy!r})"
+            f"engine_policy={self.planner.policy!r}, replay_optimizer={self.replay_optimizer})"
         )

@@ -10,9 +10,9 @@ from torch import Tensor, nn
 from reweight.functional import check_meta_grad, mwnet_meta_grads, mwnet_seeds, mwnet_weights
 from reweight.jvp import Planner
 from reweight.jvp.base import zeros_for_none
-from reweight.meta import meta_gradient, sgd_values, trainable
+from reweight.meta import OptimizerReplay, meta_gradient, sgd_values, trainable
 from reweight.meta.kernels import differentiable_kernels
-from reweight.methods.base import Method, MethodOutput, StepInputs
+from reweight.methods.base import Method, MethodOutput, StepInputs, replayed_optimizer
 
 __all__ = ["MWNet", "WeightNet"]
 
@@ -32,15 +32,18 @@ class MWNet(Method):
     """Learn a weighting net on the per-example loss by a meta step on a clean batch.
 
     Per step (as in the reference code): losses ℓ(θ) on the training batch; a virtual step
-    θ′ = θ − lr·∇θ Σ wᵢ(φ)ℓᵢ at the real optimizer's current learning rate; the meta loss at
-    θ′; one Adam step on φ; then the real step uses weights from the *updated* net.
+    θ′ = θ − lr·∇θ Σ wᵢ(φ)ℓᵢ at the real optimizer's current learning rate (or the real
+    optimizer's step replayed, ``replay_optimizer``); the meta loss at θ′; one Adam step on φ;
+    then the real step uses weights from the *updated* net.
 
     Switches (defaults as in the reference code):
         normalize: ``"none"`` (w = v/B, the mean weighted loss) or ``"sum"`` (w = v/Σv).
         detach_loss: feed ℓ.detach() to the net (True), or let the virtual step also
             differentiate through the net's input.
-        replay_optimizer: the virtual step repeats the real SGD optimizer's momentum and
-            weight decay (False: a plain SGD step, as in the reference code).
+        replay_optimizer: the virtual step replays the real optimizer's next step from its
+            state (``reweight.meta.OptimizerReplay``: SGD with momentum, dampening, nesterov and
+            weight decay; Adam; AdamW; every parameter group at its own lr and settings).
+            False: a plain SGD step at the optimizer's current lr, as in the reference code.
         meta_grad: ``"fast"`` (the default: the exact identity ∂L_meta/∂φ = −lr·Σⱼ cⱼ·∂sⱼ/∂φ,
             ``reweight.functional``; a forward-mode JVP, no double backward) or ``"unrolled"``
             (the reference: a double backward through the virtual step). Both support every
@@ -122,30 +125,9 @@ class MWNet(Method):
                     "examples of a batch through the batch statistics; use meta_chunks=1"
                 )
 
-    def sgd_kwargs(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-        """Arguments that make ``sgd_step`` replay ``optimizer`` (empty unless enabled)."""
-        if not self.replay_optimizer:
-            return {}
-        if not isinstance(optimizer, torch.optim.SGD):
-            raise ValueError(
-                "method.replay_optimizer=true needs the real optimizer to be SGD, got "
-                f"{type(optimizer).__name__}"
-            )
-        group = optimizer.param_groups[0]
-        if len(optimizer.param_groups) > 1:
-            raise ValueError("method.replay_optimizer supports one parameter group only")
-        if group.get("maximize"):
-            raise ValueError("method.replay_optimizer does not replay SGD(maximize=True)")
-        return {
-            "momentum": group["momentum"],
-            "weight_decay": group["weight_decay"],
-            "dampening": group["dampening"],
-            "nesterov": group["nesterov"],
-            "momentum_buffers": {
-                n: optimizer.state.get(p, {}).get("momentum_buffer")
-                for n, p in model.named_parameters()
-            },
-        }
+    def replayed(self, batch: StepInputs) -> torch.optim.Optimizer | None:
+        """The real optimizer the virtual step replays (None: a plain SGD step)."""
+        return replayed_optimizer(self.replay_optimizer, batch)
 
     def step(self, batch: StepInputs) -> MethodOutput:
         assert batch.meta_inputs is not None and batch.meta_targets is not None
@@ -193,7 +175,7 @@ class MWNet(Method):
                 batch.loss_fn,
                 normalize=self.normalize,
                 detach_loss=self.detach_loss,
-                sgd_kwargs=self.sgd_kwargs(batch.model, batch.optimizer),
+                optimizer=self.replayed(batch),
                 n_global=batch.n_global,
                 reduce=(lambda t: batch.global_sum(t, differentiable=True)) if batch.dist else None,
                 world_size=batch.dist.world_size if batch.dist else 1,
@@ -209,10 +191,11 @@ class MWNet(Method):
         1. ℓ: the real step's forward, recorded by the planner's engine (per layer in
            ``meta_chunks`` slices, on a tangent tape, or for dual numbers through the twin).
         2. s = ∂(Σᵢ wᵢℓᵢ)/∂ℓ with graph to φ (s = w when the net sees ℓ detached).
-        3. θ′ = θ − lr·d(g), g = Σⱼ sⱼ∇θℓⱼ summed over ranks, replaying the real SGD when
-           ``replay_optimizer`` says so (values, and κ = ∂d/∂g per weight).
+        3. θ′ = θ − lr·d(g), g = Σⱼ sⱼ∇θℓⱼ summed over ranks: plain SGD (d = g), or the real
+           optimizer replayed when ``replay_optimizer`` says so (values, and D = ∂d/∂g per
+           weight, elementwise; each weight's lr its group's).
         4. v′ = ∇θL_meta(θ′): the meta batch through the twin at θ′ (the same on every rank).
-        5. cⱼ = ⟨∇θℓⱼ(θ), κ·v′⟩ for this rank's examples; ∂L_meta/∂φ = −lr·Σⱼ cⱼ·∂sⱼ/∂φ, a
+        5. cⱼ = ⟨∇θℓⱼ(θ), lr·D ⊙ v′⟩ for this rank's examples; ∂L_meta/∂φ = −Σⱼ cⱼ·∂sⱼ/∂φ, a
            vector-Jacobian product through the weighting net, summed over ranks.
         """
         assert batch.meta_inputs is not None and batch.meta_targets is not None
@@ -240,8 +223,15 @@ class MWNet(Method):
         grads = recording.weighted_grads(seeds.detach())
         if batch.dist is not None:
             grads = batch.global_sum_all(zeros_for_none(grads, weights))
-        replay = self.sgd_kwargs(model, batch.optimizer)
-        new, kappa = sgd_values(weights, grads, names, lr, **replay)
+        optimizer = self.replayed(batch)
+        if optimizer is None:  # plain SGD: κ = 1 (0 for a weight without gradient)
+            new, kappa = sgd_values(weights, grads, names, lr)
+            step_size = lr
+        else:  # the replayed optimizer: lr·D per weight, its lr folded into the direction
+            replay = OptimizerReplay(optimizer, model)
+            new, scales = replay.values(weights, grads)
+            kappa = [k * s for k, s in zip(replay.lrs, scales, strict=True)]
+            step_size = 1.0
         del grads
         # 4. the meta gradient at θ′
         v, meta_loss = meta_gradient(
@@ -255,10 +245,12 @@ class MWNet(Method):
         )
         del new
         # 5. c = J(θ)·(κ v′), then the VJP into φ
-        c = recording.jvp([d if k == 1 else k * d for k, d in zip(kappa, v, strict=True)])
+        c = recording.jvp(
+            [d if isinstance(k, float) and k == 1 else k * d for k, d in zip(kappa, v, strict=True)]
+        )
         phi = list(self.vnet.parameters())
         phi_grads = torch.autograd.grad(
-            seeds, phi, grad_outputs=(-lr * c).to(seeds.dtype), allow_unused=True
+            seeds, phi, grad_outputs=(-step_size * c).to(seeds.dtype), allow_unused=True
         )
         grads_phi = zeros_for_none(phi_grads, phi)
         if batch.dist is not None:

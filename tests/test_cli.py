@@ -371,7 +371,7 @@ def test_help_lists_groups_and_examples(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "python -m reweight -m method=erm,l2rw,mwnet seed=0,1,2" in out
     assert "method: class_balanced, erm, l2rw, mwnet, mwnet_sum, random" in out
-    assert "model: lenet, mlp, resnet32, torchvision, wrn28_10" in out
+    assert "model: lenet, lstm, mlp, resnet32, torchvision, vit_tiny, wrn28_10" in out
     assert "experiment: l2rw_cifar10_noisy, l2rw_mnist_imbalance" in out
 
 

@@ -60,6 +60,7 @@ def test_readme_commands_are_what_ci_runs():
     [
         "reweight.meta.modules",
         "reweight.meta.optim",
+        "reweight.models.hf",
         "reweight.functional",
         "reweight.trainer",
         "reweight.signals",

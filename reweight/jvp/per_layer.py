@@ -216,7 +216,10 @@ def ghost_layers(model: nn.Module, weights: Sequence[Tensor]) -> Layers:
         if not own:
             continue
         if type(m) not in (nn.Linear, *_CONVS):
-            raise Ineligible(f"{name or 'the model'} ({type(m).__name__}) has trainable weights")
+            raise Ineligible(
+                f"{name or 'the model'} ({type(m).__name__}) has trainable weights, and only "
+                "nn.Linear and nn.Conv layers' are read per layer"
+            )
         if isinstance(m, _CONVS):
             if m.padding_mode != "zeros":
                 raise Ineligible(f"{name}: padding_mode={m.padding_mode!r}")

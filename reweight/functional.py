@@ -168,22 +168,22 @@ def l2rw_eps_grad_fast(
     model is left unchanged (``l2rw_eps_grad``).
     """
     _, weights = trainable(model)
-    if optimizer is None:
-        v, meta_loss = meta_gradient(
-            planner.twins.bound(model), weights, None, meta_inputs, meta_targets, loss_fn
-        )
-        recording = planner.record(model, inputs, targets, loss_fn, direction=v, update=update)
-        return -_check_lr(lr) * recording.jvp(v), recording, meta_loss
-    replay = OptimizerReplay(optimizer, model)
-    start, scales = replay.values(weights, [None] * len(weights))  # θ′₀, D at g = 0
+    start = replay = None
+    if optimizer is not None:  # θ′₀ and D at a zero gradient (they do not depend on the batch)
+        replay = OptimizerReplay(optimizer, model)
+        start, scales = replay.values(weights, [None] * len(weights))
     v, meta_loss = meta_gradient(
         planner.twins.bound(model), weights, start, meta_inputs, meta_targets, loss_fn
     )
     del start
-    direction = [k * d * s for k, d, s in zip(replay.lrs, v, scales, strict=True)]  # lr·D ⊙ v′
-    del v, scales
+    if replay is None:
+        direction, step = v, _check_lr(lr)
+    else:  # lr·D ⊙ v′, each weight at its group's lr
+        direction = [k * d * s for k, d, s in zip(replay.lrs, v, scales, strict=True)]
+        step = 1.0
+        del v, scales
     recording = planner.record(model, inputs, targets, loss_fn, direction=direction, update=update)
-    return -recording.jvp(direction), recording, meta_loss
+    return -step * recording.jvp(direction), recording, meta_loss
 
 
 def l2rw_eps_grad(

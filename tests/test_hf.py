@@ -19,7 +19,7 @@ from transformers import (
     DistilBertForSequenceClassification,
 )
 
-from reweight import L2RW, MWNet, Trainer, TrainerConfig, l2rw_eps_grad
+from reweight import L2RW, MWNet, Trainer, TrainerConfig, l2rw_eps_grad, l2rw_weights
 from reweight.methods import StepInputs
 from reweight.models.hf import SequenceClassifier
 
@@ -148,3 +148,27 @@ def test_trainer_trains_a_wrapped_bert_from_dict_batches(method: str, meta_grad:
 def test_wrapper_says_what_it_takes():
     with pytest.raises(TypeError, match="takes a dict of tensors"):
         tiny("bert")(torch.zeros(2, 8, dtype=torch.long))
+
+
+def test_a_trainer_step_on_dict_batches_is_the_weighted_sgd_step():
+    """One Trainer.train_step of a wrapped BERT on dict batches moves θ to θ − lr·∇θ Σ wᵢℓᵢ,
+    with w the L2RW weights ``l2rw_weights`` gives the same batch (computed apart, before)."""
+    model = tiny("bert").double().train()
+    (x, y), (xv, yv) = batch(6, 1), batch(4, 2)
+    theta = [p.detach().clone() for p in model.parameters()]
+    w = l2rw_weights(model, x, y, xv, yv, 0.1)
+    assert w.max() > 0
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    grads = torch.autograd.grad((w * losses).sum(), list(model.parameters()))
+    trainer = Trainer(
+        model,
+        Tokens(6, 1),
+        meta_data=Tokens(4, 2),
+        method=L2RW(),
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        config=TrainerConfig(max_steps=1, batch_size=6, meta_batch_size=4),
+    )
+    out = trainer.train_step(x, y, xv, yv)
+    assert_close(out.method.weights, w)
+    for p, t, g in zip(model.parameters(), theta, grads, strict=True):
+        assert_close(p.detach(), t - 0.1 * g)

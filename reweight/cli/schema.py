@@ -239,8 +239,8 @@ class SGDConfig(TargetConfig):
 
 
 @dataclass
-class AdamConfig(TargetConfig):
-    """``torch.optim.Adam`` (``conf/optimizer/adam.yaml``)."""
+class _AdamKeys(TargetConfig):
+    """The keys ``torch.optim.Adam`` and ``AdamW`` share."""
 
     lr: float = MISSING
     betas: tuple[float, float] = field(default=MISSING, metadata={"rule": _betas})
@@ -252,23 +252,19 @@ class AdamConfig(TargetConfig):
     capturable: bool = MISSING
     differentiable: bool = MISSING
     fused: bool | None = MISSING
+
+
+@dataclass
+class AdamConfig(_AdamKeys):
+    """``torch.optim.Adam`` (``conf/optimizer/adam.yaml``)."""
+
     decoupled_weight_decay: bool = MISSING
 
 
 @dataclass
-class AdamWConfig(TargetConfig):
-    """``torch.optim.AdamW`` (``conf/optimizer/adamw.yaml``)."""
-
-    lr: float = MISSING
-    betas: tuple[float, float] = field(default=MISSING, metadata={"rule": _betas})
-    eps: float = MISSING
-    weight_decay: float = MISSING
-    amsgrad: bool = MISSING
-    maximize: bool = MISSING
-    foreach: bool | None = MISSING
-    capturable: bool = MISSING
-    differentiable: bool = MISSING
-    fused: bool | None = MISSING
+class AdamWConfig(_AdamKeys):
+    """``torch.optim.AdamW`` (``conf/optimizer/adamw.yaml``; its weight decay is always
+    decoupled)."""
 
 
 @dataclass

@@ -245,9 +245,7 @@ class MWNet(Method):
         )
         del new
         # 5. c = J(θ)·(κ v′), then the VJP into φ
-        c = recording.jvp(
-            [d if isinstance(k, float) and k == 1 else k * d for k, d in zip(kappa, v, strict=True)]
-        )
+        c = recording.jvp([k * d for k, d in zip(kappa, v, strict=True)])
         phi = list(self.vnet.parameters())
         phi_grads = torch.autograd.grad(
             seeds, phi, grad_outputs=(-step_size * c).to(seeds.dtype), allow_unused=True

@@ -3,19 +3,33 @@
 With ``engine="auto"`` the choice is made per model × device × method:
 
     policy   model keeps its examples apart (verified)   otherwise
-    cpu      per_layer                                   tape (dual_twin if the tape cannot
-                                                         replay the model's forward)
-    cuda     per_layer                                   dual_twin
+    cpu      per_layer                                   tape
+    cuda     per_layer                                   tape or dual_twin, the faster per
+                                                         step on the model's first steps
 
-The policy is the batch's device (``cpu``; ``cuda`` for any other device) unless ``policy``
-says otherwise, so what the planner would run on a GPU can be run and measured on a CPU.
+(dual_twin wherever the tape cannot replay the model's forward: recurrent cells, ops without a
+rule.) The policy is the batch's device (``cpu``; ``cuda`` for any other device) unless
+``policy`` says otherwise, so what the planner would run on a GPU can be run and measured on a
+CPU.
 
-Why. On CPU the tangent tape is the least time (the training batch goes through the network
-once; the replay computes only tangents) at little memory, but its ``TorchDispatchMode`` costs
-Python work per op that would dominate a GPU step of a small model. Off CPU the planner never
-picks an engine whose peak memory exceeds the unrolled step's: dual numbers through the twin
-without graph, not through the real model with its graph kept (``dual``, which measured more
-than unrolled). The per-layer path (``reweight.jvp.per_layer``) is the least time and keeps no
+Why. On CPU the tangent tape is the least time: the training batch goes through the network
+once, the replay computes only tangents. For MW-Net it keeps that forward's graph across the
+meta pass (ResNet-32: 1.99× a plain step's peak memory). Off CPU the planner never picks an
+engine whose peak memory exceeds the unrolled step's, nor holds a training graph across a
+meta pass: not dual numbers through the real model with its graph kept (``dual``: 3.95×, more
+than unrolled), and MW-Net's tape records the real forward after the meta pass
+(``LeanTapeRecording``: 1.13×). That leaves two candidates, and which is faster depends on the
+hardware: the tape saves a forward of the batch (ResNet-32, CPU, one thread: 9 % of an MW-Net
+step) but its ``TorchDispatchMode`` costs Python work per op, which dominates when the device
+outruns the host (a small model on a GPU; on this CPU, ResNet-32 at batch 2 on 8×8 images:
+12 % more). So the cuda policy times both on a model's first training steps
+(``TIMED_STEPS`` each, in turn, synchronizing the device around each, from the recording to
+the real update's losses; the first of each is warm-up) and keeps the faster, as
+``torch.backends.cudnn.benchmark`` picks convolution kernels. Both are exact, so the choice
+changes results only by rounding; force ``engine`` to pin it (a run timed again after a
+resume, or each rank of a data-parallel run, may pick the other).
+
+The per-layer path (``reweight.jvp.per_layer``) is the least time and keeps no
 training graph across MW-Net's meta pass, but is exact only for a model whose examples do not
 interact: its structure is checked first, then on the first step of every (model, structure,
 mode) the model itself is checked (``_agrees``): a forward of the twin, apart from the step's
@@ -38,9 +52,10 @@ summary.
 from __future__ import annotations
 
 import logging
+import time
 import weakref
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -50,7 +65,7 @@ from reweight import inputs as batch_inputs
 from reweight.jvp.base import ENGINES, Forward, Recording, Unsupported
 from reweight.jvp.dual import DualRecording, DualTwinRecording, dual_twin_jvp
 from reweight.jvp.per_layer import Ineligible, Layers, PerLayerRecording, agree, ghost_layers
-from reweight.jvp.tape import TapeRecording
+from reweight.jvp.tape import LeanTapeRecording, TapeRecording
 from reweight.meta import LossFn, TwinCache, trainable
 from reweight.meta.kernels import has_rnn
 from reweight.meta.twins import signature
@@ -65,10 +80,40 @@ _METHODS = ("l2rw", "mwnet")
 
 @dataclass(frozen=True)
 class Plan:
-    """An engine and the reason it was chosen (one short sentence)."""
+    """An engine and the reason it was chosen (one short sentence); ``timing`` while the cuda
+    policy times its candidates on a model's first steps."""
 
     engine: str
     reason: str
+    timing: bool = False
+
+
+# The cuda policy's candidates, timed in this order on a model's first training steps: each
+# holds no training graph across a meta pass, so either keeps the step's peak memory near a
+# plain step's.
+CANDIDATES = ("tape", "dual_twin")
+TIMED_STEPS = 3  # steps per candidate; the first of each warms up and is not compared
+
+
+@dataclass
+class _Timing:
+    """The cuda policy's timings of one model: seconds per training step, by engine."""
+
+    key: tuple  # the model's signature when timed
+    seconds: dict[str, list[float]] = field(default_factory=lambda: {e: [] for e in CANDIDATES})
+    verdict: str | None = None
+
+    def next(self) -> str:
+        """The candidate to time next: the one timed least (in ``CANDIDATES`` order)."""
+        return min(CANDIDATES, key=lambda e: len(self.seconds[e]))
+
+    def add(self, engine: str, seconds: float) -> None:
+        self.seconds[engine].append(seconds)
+        if all(len(t) >= TIMED_STEPS for t in self.seconds.values()):
+            self.verdict = min(CANDIDATES, key=lambda e: min(self.seconds[e][1:]))
+
+    def summary(self) -> str:
+        return ", ".join(f"{e} {1e3 * min(self.seconds[e][1:]):.1f} ms" for e in CANDIDATES)
 
 
 class Planner:
@@ -127,6 +172,10 @@ class Planner:
         self._no_tape: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str]] = (
             weakref.WeakKeyDictionary()
         )
+        # model -> the cuda policy's timings of its candidates
+        self._timings: weakref.WeakKeyDictionary[nn.Module, _Timing] = weakref.WeakKeyDictionary()
+        self._timing: _Timing | None = None  # the latest recorded model's, for describe()
+        self.clock: Callable[[], float] = time.perf_counter  # seconds; the cuda policy's timer
 
     # -- choosing ---------------------------------------------------------------------------
 
@@ -176,26 +225,41 @@ class Planner:
 
     def _general(self, model: nn.Module, policy: str) -> Plan:
         """The engine for a model the per-layer path does not serve."""
-        if policy == "cuda":
-            return Plan(
-                "dual_twin",
-                "cuda policy: dual numbers through the twin without graph (peak memory below "
-                "the unrolled step's)",
-            )
+        self._timing = None
         if has_rnn(model):
             return Plan(
                 "dual_twin",
-                "cpu policy: dual numbers through the twin (the tangent tape cannot replay the "
-                "in-place ops of recurrent cells)",
+                f"{policy} policy: dual numbers through the twin (the tangent tape cannot replay "
+                "the in-place ops of recurrent cells)",
             )
         refused = self._no_tape.get(model)
         if refused is not None and refused[0] == signature(model):
             return Plan(
                 "dual_twin",
-                f"cpu policy: the tangent tape cannot replay {type(model).__name__}'s forward "
+                f"{policy} policy: the tangent tape cannot replay {type(model).__name__}'s forward "
                 f"({refused[1]}); dual numbers through the twin",
             )
-        return Plan("tape", "cpu policy: tangent tape (one recorded forward, tangents replayed)")
+        if policy == "cpu":
+            return Plan(
+                "tape", "cpu policy: tangent tape (one recorded forward, tangents replayed)"
+            )
+        timing = self._timings.get(model)
+        if timing is None or timing.key != signature(model):
+            timing = self._timings[model] = _Timing(signature(model))
+        self._timing = timing
+        if timing.verdict is not None:
+            return Plan(
+                timing.verdict,
+                f"cuda policy: the faster per step on this model's first steps "
+                f"({timing.summary()}); neither holds a training graph across the meta pass",
+            )
+        return Plan(
+            timing.next(),
+            f"cuda policy: timing {' and '.join(CANDIDATES)} on the first "
+            f"{TIMED_STEPS * len(CANDIDATES)} training steps, in turn (the step's peak memory "
+            "stays near a plain step's with either)",
+            timing=True,
+        )
 
     def _decide(
         self, model: nn.Module, weights: Sequence[Tensor], device: torch.device
@@ -226,11 +290,12 @@ class Planner:
                 f"(if {name} mixes the examples of a batch: {general.engine})"
             )
             return Plan("per_layer", reason), layers, True
-        return Plan(general.engine, f"{general.reason}; per-layer path off: {why}"), {}, False
+        return replace(general, reason=f"{general.reason}; per-layer path off: {why}"), {}, False
 
     def _note(self, plan: Plan) -> None:
         self.current = plan
-        if plan != self._logged:
+        timing = plan.timing and self._logged is not None and self._logged.timing
+        if plan != self._logged and not timing:  # the timed candidates are logged once
             log.info("%s meta-gradient engine: %s (%s)", self.method, plan.engine, plan.reason)
             self._logged = plan
 
@@ -261,6 +326,7 @@ class Planner:
         device = batch_inputs.device(inputs)
         plan, layers, check = self._decide(model, weights, device)
         self._note(plan)
+        start = self._now(device) if plan.timing and update else None
         if plan.engine == "per_layer":
             rec = self._record_per_layer(model, fwd, layers, chunks, check)
             if rec is not None:
@@ -268,14 +334,21 @@ class Planner:
             plan = self._decide(model, weights, device)[0]  # off the path now
             self._note(plan)
         if plan.engine == "tape":
-            rec = TapeRecording(fwd)
+            # the cuda policy holds no training graph across MW-Net's meta pass (L2RW's comes
+            # before the recorded forward)
+            lean = update and direction is None and self._policy(device) == "cuda"
+            rec = LeanTapeRecording(fwd) if lean else TapeRecording(fwd)
         elif plan.engine == "dual":
             if direction is None:
                 raise RuntimeError("internal error: the dual engine needs the direction first")
             rec = DualRecording(fwd, direction)
         else:
             rec = DualTwinRecording(fwd, direction)
-        return _Planned(self, model, fwd, rec)
+        timer = None
+        if start is not None:  # stopped when the step's losses for the real update exist
+            engine = plan.engine
+            timer = lambda ran: self._timed(model, engine, ran, device, start)  # noqa: E731
+        return _Planned(self, model, fwd, rec, timer)
 
     def _record_per_layer(
         self, model: nn.Module, fwd: Forward, layers: Layers, chunks: int, check: bool
@@ -330,6 +403,29 @@ class Planner:
             why,
         )
 
+    def _now(self, device: torch.device) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return self.clock()
+
+    def _timed(
+        self, model: nn.Module, engine: str, ran: str, device: torch.device, start: float
+    ) -> None:
+        """A timed step of ``model`` planned for ``engine`` (from its recording to its update's
+        losses); ``ran``: the engine that computed its JVP."""
+        timing = self._timings.get(model)
+        if timing is None or ran != engine or timing.verdict is not None:
+            return  # the tape fell back (the model leaves the timing), or it was decided
+        timing.add(engine, self._now(device) - start)
+        if timing.verdict is not None:
+            log.info(
+                "%s meta-gradient engine: %s, the faster per step on %s's first steps (%s)",
+                self.method,
+                timing.verdict,
+                type(model).__name__,
+                timing.summary(),
+            )
+
     def _ran(self, engine: str) -> None:
         self.last_engine = engine
         self.jvps[engine] = self.jvps.get(engine, 0) + 1
@@ -337,11 +433,17 @@ class Planner:
     def describe(self) -> dict[str, Any]:
         """The latest plan and the JVPs computed per engine, for a run's summary."""
         plan = self.current
-        return {
+        out: dict[str, Any] = {
             "engine": plan.engine if plan else None,
             "reason": plan.reason if plan else "no meta step taken yet",
             "jvps": dict(self.jvps),
         }
+        if self._timing is not None and any(self._timing.seconds.values()):
+            # the cuda policy's timings, ms per step
+            out["timed_ms"] = {
+                e: [round(1e3 * t, 3) for t in ts] for e, ts in self._timing.seconds.items()
+            }
+        return out
 
 
 def _agrees(fwd: Forward, layers: Layers, chunks: int) -> bool:
@@ -387,9 +489,17 @@ class _Planned(Recording):
     replay the forward (or fails, when the tape was forced) and notes which engine computed
     each JVP."""
 
-    def __init__(self, planner: Planner, model: nn.Module, fwd: Forward, rec: Recording) -> None:
+    def __init__(
+        self,
+        planner: Planner,
+        model: nn.Module,
+        fwd: Forward,
+        rec: Recording,
+        timer: Callable[[str], None] | None = None,
+    ) -> None:
         self.planner, self.model, self.fwd, self.rec = planner, model, fwd, rec
         self.engine, self.values = rec.engine, rec.values
+        self.timer = timer  # called once with the engine, when the update's losses exist
 
     def jvp(self, direction: Sequence[Tensor]) -> Tensor:
         try:
@@ -404,4 +514,8 @@ class _Planned(Recording):
         return self.rec.weighted_grads(seeds)
 
     def update_losses(self) -> Tensor:
-        return self.rec.update_losses()
+        losses = self.rec.update_losses()
+        if self.timer is not None:
+            self.timer(self.engine)
+            self.timer = None
+        return losses

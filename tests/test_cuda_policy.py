@@ -1,0 +1,232 @@
+"""The planner's cuda policy, run on the CPU: MW-Net's lean tape and the timed choice.
+
+Off CPU no training graph is held across a meta pass, so MW-Net's tape records the real
+forward after the meta pass (``LeanTapeRecording``), and the policy times the tape and dual
+numbers through the twin on a model's first training steps and keeps the faster. The timing
+tests drive the planner's clock by hand: which engine "is faster" is theirs to say, so the
+verdict is deterministic; the numbers are checked against the unrolled reference at every step.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import reweight.methods.mwnet
+from reweight import MWNet, l2rw_eps_grad, mwnet_meta_grads, to_meta
+from reweight.functional import l2rw_eps_grad_fast
+from reweight.jvp import Planner
+from reweight.jvp.planner import CANDIDATES, TIMED_STEPS
+from reweight.methods import StepInputs
+
+from .test_fast import (
+    LR,
+    DropNet,
+    InPlaceNet,
+    assert_equal,
+    model_and_batches,
+    mwnet_pair,
+)
+
+CPU = torch.device("cpu")
+
+
+class Clock:
+    """A planner clock on which a training step by ``engine`` lasts ``seconds[engine]``: the
+    planner reads it when it records a step and when the step's update losses exist."""
+
+    def __init__(self, planner: Planner, seconds: dict[str, float]) -> None:
+        self.planner, self.seconds, self.now = planner, seconds, 0.0
+
+    def __call__(self) -> float:
+        self.now += self.seconds[self.planner.current.engine] / 2
+        return self.now
+
+
+def unrolled_reference(model, x, y, xv, yv, method: MWNet):
+    twin = to_meta(model)
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    return mwnet_meta_grads(twin, losses, method.vnet, xv, yv, LR)[0]
+
+
+@pytest.mark.parametrize("faster", CANDIDATES)
+def test_mwnet_times_both_engines_then_keeps_the_faster(
+    faster: str, caplog: pytest.LogCaptureFixture
+):
+    model, x, y, xv, yv = model_and_batches("resnet")
+    torch.manual_seed(1)
+    method = MWNet(hidden=5, engine_policy="cuda")
+    method.setup(model=model, device=CPU)
+    want = unrolled_reference(copy.deepcopy(model), x, y, xv, yv, method)
+    slower = next(e for e in CANDIDATES if e != faster)
+    method.planner.clock = Clock(method.planner, {faster: 2.0, slower: 3.0})
+    ran = []
+    with caplog.at_level(logging.INFO, logger="reweight.jvp.planner"):
+        for _ in range(TIMED_STEPS * len(CANDIDATES) + 2):
+            batch = StepInputs(model, x, y, xv, yv, LR, F.cross_entropy)
+            got, losses, _ = method.meta_grads(batch)  # the net is not stepped: same φ
+            ran.append(method.planner.last_engine)
+            for a, b in zip(got, want, strict=True):
+                assert_equal(a, b)
+            assert losses.grad_fn is not None
+    # in turn, the tape first; then the faster one only
+    assert ran == [*CANDIDATES] * TIMED_STEPS + [faster, faster]
+    assert method.planner.jvps == {faster: TIMED_STEPS + 2, slower: TIMED_STEPS}
+    plan = method.planner.current
+    assert plan.engine == faster and not plan.timing
+    assert plan.reason.startswith("cuda policy: the faster per step") and "1000.0 ms" in plan.reason
+    timed = method.describe()["meta_engine"]["timed_ms"]
+    assert timed == {faster: [1000.0] * TIMED_STEPS, slower: [1500.0] * TIMED_STEPS}
+    # one line when the timing starts, one with its verdict
+    assert caplog.text.count("timing tape and dual_twin") == 1
+    assert caplog.text.count(f"mwnet meta-gradient engine: {faster}, the faster per step") == 1
+
+
+def test_the_first_timed_step_of_each_engine_is_warm_up():
+    """A slow first step (one-time set-up) does not decide: the later steps do."""
+    model, x, y, xv, yv = model_and_batches("resnet")
+    planner = Planner("l2rw", policy="cuda")
+    # tape, dual_twin, tape, ...: dual_twin's first step is the fastest of all, tape's slowest
+    steps = iter([9.0, 0.1, 1.0, 2.0, 1.0, 2.0])
+    clock = {"now": 0.0, "start": True}
+
+    def tick() -> float:  # each step lasts the next value of ``steps``
+        if clock["start"]:
+            clock["step"] = next(steps)
+        else:
+            clock["now"] += clock["step"]
+        clock["start"] = not clock["start"]
+        return clock["now"]
+
+    planner.clock = tick
+    want = l2rw_eps_grad(model, x, y, xv, yv, LR, meta_grad="unrolled")
+    for _ in range(TIMED_STEPS * len(CANDIDATES)):
+        got, rec, _ = l2rw_eps_grad_fast(model, x, y, xv, yv, LR, planner=planner, update=True)
+        rec.update_losses()
+        assert_equal(got, want)
+    assert planner.plan(model, CPU).engine == "tape"
+
+
+def test_a_functional_call_is_not_timed():
+    """Entry points that leave the model unchanged have no update losses: they use the current
+    candidate and time nothing."""
+    model, x, y, xv, yv = model_and_batches("resnet")
+    planner = Planner("l2rw", policy="cuda")
+    want = l2rw_eps_grad(model, x, y, xv, yv, LR, meta_grad="unrolled")
+    for _ in range(2 * TIMED_STEPS * len(CANDIDATES)):
+        assert_equal(l2rw_eps_grad(model, x, y, xv, yv, LR, planner=planner), want)
+    assert planner.jvps == {"tape": 2 * TIMED_STEPS * len(CANDIDATES)}
+    assert planner.current.timing
+
+
+def test_mwnet_lean_tape_runs_the_real_forward_after_the_meta_pass(monkeypatch):
+    """The cuda policy's tape holds no training graph across the meta pass: the real model's
+    forward (the one the tape records) comes after the meta gradient at θ′; the cpu policy's
+    comes before it, its graph serving the virtual step."""
+    events: list[str] = []
+    meta_gradient = reweight.methods.mwnet.meta_gradient
+
+    def logged(*args, **kwargs):
+        events.append("meta pass")
+        return meta_gradient(*args, **kwargs)
+
+    monkeypatch.setattr(reweight.methods.mwnet, "meta_gradient", logged)
+    for policy, want in [("cuda", ["meta pass", "real forward"]), ("cpu", None)]:
+        model, x, y, xv, yv = model_and_batches("resnet")
+        model.register_forward_pre_hook(
+            lambda m, _, real=model: events.append("real forward") if m is real else None
+        )
+        method = MWNet(hidden=5, engine="tape", engine_policy=policy)
+        method.setup(model=model, device=CPU)
+        events.clear()
+        method.meta_grads(StepInputs(model, x, y, xv, yv, LR, F.cross_entropy))
+        assert events == (want or ["real forward", "meta pass"])
+        assert method.planner.last_engine == "tape"
+
+
+@pytest.mark.parametrize("detach_loss", [True, False])
+@pytest.mark.parametrize("name", ["resnet", "resnet32"])
+def test_mwnet_lean_tape_equals_unrolled(name: str, detach_loss: bool):
+    for normalize in ("none", "sum"):
+        model, x, y, xv, yv = model_and_batches(name)
+        got, want, method = mwnet_pair(
+            model,
+            x,
+            y,
+            xv,
+            yv,
+            normalize=normalize,
+            replay={"momentum": 0.9, "weight_decay": 1e-3, "nesterov": True},
+            warm=True,
+            detach_loss=detach_loss,
+            engine="tape",
+            engine_policy="cuda",
+        )
+        assert method.planner.jvps == {"tape": 1}
+        for a, b in zip(got, want, strict=True):
+            assert b.abs().max() > 0
+            assert_equal(a, b)
+
+
+def test_mwnet_lean_tape_replays_the_dropout_masks():
+    """The twin's forward draws the masks; the real forward the tape records redraws them:
+    the lean tape agrees with dual numbers through the twin, and the random stream goes on
+    as after one forward."""
+    torch.manual_seed(0)
+    model = DropNet().double().train()
+    x, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    xv, yv = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
+    results = {}
+    for engine in ("tape", "dual_twin"):
+        torch.manual_seed(1)
+        method = MWNet(hidden=5, engine=engine, engine_policy="cuda")
+        method.setup(model=model, device=CPU)
+        torch.manual_seed(3)
+        grads, losses, _ = method.meta_grads(
+            StepInputs(copy.deepcopy(model), x, y, xv, yv, LR, F.cross_entropy)
+        )
+        assert method.planner.last_engine == engine
+        results[engine] = [*grads, losses.detach(), torch.rand(3)]
+    for a, b in zip(results["tape"], results["dual_twin"], strict=True):
+        assert_equal(a, b)
+
+
+@pytest.mark.parametrize("method", ["l2rw", "mwnet"])
+def test_a_model_the_tape_cannot_replay_leaves_the_timing(
+    method: str, caplog: pytest.LogCaptureFixture
+):
+    """Its first step falls back to dual numbers through the twin (the same numbers); from
+    then on the model takes dual_twin, untimed."""
+    torch.manual_seed(0)
+    model = InPlaceNet(scale=True).double().train()
+    x, y = torch.randn(10, 4).double(), torch.randint(0, 3, (10,))
+    xv, yv = torch.randn(7, 4).double(), torch.randint(0, 3, (7,))
+    with caplog.at_level(logging.WARNING, logger="reweight.jvp.planner"):
+        if method == "l2rw":
+            want = l2rw_eps_grad(model, x, y, xv, yv, LR, meta_grad="unrolled")
+            planner = Planner("l2rw", policy="cuda")
+            for _ in range(3):
+                got, rec, _ = l2rw_eps_grad_fast(
+                    model, x, y, xv, yv, LR, planner=planner, update=True
+                )
+                rec.update_losses()
+                assert_equal(got, want)
+        else:
+            torch.manual_seed(1)
+            mw = MWNet(hidden=5, engine_policy="cuda")
+            mw.setup(model=model, device=CPU)
+            want = unrolled_reference(copy.deepcopy(model), x, y, xv, yv, mw)
+            for _ in range(3):
+                got, losses, _ = mw.meta_grads(StepInputs(model, x, y, xv, yv, LR, F.cross_entropy))
+                assert losses.grad_fn is not None
+                for a, b in zip(got, want, strict=True):
+                    assert_equal(a, b)
+            planner = mw.planner
+    assert caplog.text.count("cannot replay") == 1
+    assert planner.jvps == {"dual_twin": 3}
+    assert planner.current.engine == "dual_twin" and "cannot replay" in planner.current.reason
+    assert "timed_ms" not in planner.describe()

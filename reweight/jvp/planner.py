@@ -19,10 +19,11 @@ engine whose peak memory exceeds the unrolled step's, nor holds a training graph
 meta pass: not dual numbers through the real model with its graph kept (``dual``: 3.95×, more
 than unrolled), and MW-Net's tape records the real forward after the meta pass
 (``LeanTapeRecording``: 1.13×). That leaves two candidates, and which is faster depends on the
-hardware: the tape saves a forward of the batch (ResNet-32, CPU, one thread: 9 % of an MW-Net
-step) but its ``TorchDispatchMode`` costs Python work per op, which dominates when the device
-outruns the host (a small model on a GPU; on this CPU, ResNet-32 at batch 2 on 8×8 images:
-12 % more). So the cuda policy times both on a model's first training steps
+hardware: the tape saves a forward of the batch, but its ``TorchDispatchMode`` costs Python
+work per op, which dominates when the device outruns the host (a small model on a GPU). On a
+2-core CPU (docs/benchmarks.md, ninth run), ResNet-32 at batch 100: the tape 11 % (L2RW) and
+7 % (MW-Net) faster per step; at batch 2 on 8×8 images: 17 % slower and as fast. So the cuda
+policy times both on a model's first training steps
 (``TIMED_STEPS`` each, in turn, synchronizing the device around each, from the recording to
 the real update's losses; the first of each is warm-up) and keeps the faster, as
 ``torch.backends.cudnn.benchmark`` picks convolution kernels. Both are exact, so the choice
@@ -40,7 +41,8 @@ run's first batch (one class, float32 losses ≤ 2.4e-7) had JVPs of 2e-5 that t
 rounding (3e-6) made "differ", and LeNet was sent to the tape. The check feeds nothing into its
 step and leaves the random stream as it was, so a checking step computes what an unchecked
 step of its verdict computes: per layer if the JVPs agree to rounding, else by the general
-engine (where the model then stays); a resumed run equals an uninterrupted one, bit for bit.
+engine (where the model then stays); a resumed run equals an uninterrupted one, bit for bit
+(under the cpu policy: the cuda policy's timed choice may differ between runs).
 
 A forced engine (``engine="tape"`` etc.) is used as given; one that cannot run the model is an
 error, never a silent fallback. ``current`` is the latest plan (engine and reason, logged at

@@ -83,7 +83,7 @@ def test_mwnet_times_both_engines_then_keeps_the_faster(
     assert timed == {faster: [1000.0] * TIMED_STEPS, slower: [1500.0] * TIMED_STEPS}
     # one line when the timing starts, one with its verdict
     assert caplog.text.count("timing tape and dual_twin") == 1
-    assert caplog.text.count(f"mwnet meta-gradient engine: {faster}, the faster per step") == 1
+    assert caplog.text.count(f"mwnet meta-gradient engine: {faster} (cuda policy: the faster") == 1
 
 
 def test_the_first_timed_step_of_each_engine_is_warm_up():

@@ -418,15 +418,7 @@ class Planner:
         timing = self._timings.get(model)
         if timing is None or ran != engine or timing.verdict is not None:
             return  # the tape fell back (the model leaves the timing), or it was decided
-        timing.add(engine, self._now(device) - start)
-        if timing.verdict is not None:
-            log.info(
-                "%s meta-gradient engine: %s, the faster per step on %s's first steps (%s)",
-                self.method,
-                timing.verdict,
-                type(model).__name__,
-                timing.summary(),
-            )
+        timing.add(engine, self._now(device) - start)  # the verdict is logged as the next plan
 
     def _ran(self, engine: str) -> None:
         self.last_engine = engine

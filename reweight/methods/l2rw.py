@@ -41,7 +41,8 @@ class L2RW(Method):
             ``reweight.jvp.planner``), or forced: ``"tape"``, ``"dual"``, ``"dual_twin"``,
             ``"per_layer"`` (an engine that cannot run the model is an error).
         engine_policy: the device policy of ``"auto"``: ``"auto"`` (the batch's device),
-            ``"cpu"`` or ``"cuda"`` (e.g. to run on a CPU what would run on a GPU).
+            ``"cpu"`` or ``"cuda"`` (e.g. to run on a CPU what would run on a GPU: the tape or
+            dual numbers through the twin, whichever its first steps time faster).
         replay_optimizer: the virtual step replays the real optimizer's next step from its
             state (``reweight.meta.OptimizerReplay``: SGD with momentum, dampening, nesterov and
             weight decay; Adam; AdamW; every parameter group at its own lr), so that at ε = 0

@@ -320,13 +320,17 @@ def test_mwnet_fast_equals_unrolled(name: str, normalize: str, replay: str):
             assert_equal(a, b)
 
 
-MWNET_ENGINES = [(n, e) for n, engines in ENGINES_FOR.items() for e in engines if e != "dual"]
+# (model, engine, policy): the cuda policy's tape is MW-Net's lean tape (the real forward
+# recorded after the meta pass, tests/test_cuda_policy.py)
+MWNET_ENGINES = [
+    (n, e, "auto") for n, engines in ENGINES_FOR.items() for e in engines if e != "dual"
+] + [("resnet", "tape", "cuda"), ("resnet32", "tape", "cuda")]
 
 
 @pytest.mark.parametrize("detach_loss", [True, False], ids=["detached", "through-losses"])
-@pytest.mark.parametrize(("name", "engine"), MWNET_ENGINES)
+@pytest.mark.parametrize(("name", "engine", "policy"), MWNET_ENGINES)
 def test_mwnet_every_engine_equals_unrolled_and_is_the_one_that_ran(
-    name: str, engine: str, detach_loss: bool
+    name: str, engine: str, policy: str, detach_loss: bool
 ):
     """Each engine MW-Net can use, with the replayed optimizer (a later step, with buffers),
     with the net fed detached losses and (detach_loss=False, s = ∂(Σwᵢℓᵢ)/∂ℓ) not."""
@@ -343,6 +347,7 @@ def test_mwnet_every_engine_equals_unrolled_and_is_the_one_that_ran(
             warm=True,
             detach_loss=detach_loss,
             engine=engine,
+            engine_policy=policy,
         )
         assert method.planner.last_engine == engine and method.planner.jvps == {engine: 1}
         for a, b in zip(got, want, strict=True):

@@ -22,7 +22,8 @@ Two arrangements for MW-Net, whose JVP direction exists only after its meta pass
 - ``LeanTapeRecording`` takes the virtual step's gradient from a forward of the twin whose
   graph that backward frees, and records the real forward when the JVP is asked for, after
   the meta pass: one forward more, no training graph across the meta pass (ResNet-32: 1.13×),
-  and still one forward fewer than dual numbers through the twin: the cuda policy's choice.
+  and still one forward fewer than dual numbers through the twin: the cuda policy's tape (one
+  of the two candidates it times, ``reweight.jvp.planner``).
 """
 
 from __future__ import annotations

@@ -96,6 +96,25 @@ def _check_lr(lr: float | None) -> float:
     return lr
 
 
+def _virtual_step(
+    params: dict[str, Tensor],
+    loss: Tensor,
+    lr: float | None,
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    reduce_grads: Callable[[list[Tensor]], list[Tensor]] | None = None,
+    sgd_kwargs: dict | None = None,
+) -> dict[str, Tensor]:
+    """θ′ by name, differentiable: a plain SGD step at ``lr`` (with ``sgd_kwargs``), or the
+    real ``optimizer`` replayed (``OptimizerReplay.step``; ``lr`` then not read)."""
+    if optimizer is None:
+        kwargs = sgd_kwargs or {}
+        return sgd_step(params, loss, _check_lr(lr), reduce_grads=reduce_grads, **kwargs)
+    if sgd_kwargs:
+        raise ValueError("mwnet_meta_grads: give sgd_kwargs or optimizer, not both")
+    return OptimizerReplay(optimizer, params.items()).step(params, loss, reduce_grads=reduce_grads)
+
+
 def normalize_l2rw(eps_grad: Tensor, reduce: Reduce | None = None) -> Tensor:
     """w = max(−g, 0) / Σ max(−g, 0); all zeros when every clamped weight is 0.
 
@@ -126,11 +145,7 @@ def l2rw_eps_grad_from_losses(
     step replay it, differentiably (``OptimizerReplay.step``); ``lr`` is then not read.
     """
     eps = torch.zeros_like(losses, requires_grad=True)
-    params = dict(twin.named_params())
-    if optimizer is None:
-        new = sgd_step(params, (eps * losses).sum(), _check_lr(lr))
-    else:
-        new = OptimizerReplay(optimizer, params.items()).step(params, (eps * losses).sum())
+    new = _virtual_step(dict(twin.named_params()), (eps * losses).sum(), lr, optimizer)
     twin.set_params(new)
     meta_loss = loss_fn(twin(meta_inputs), meta_targets)
     (grad,) = torch.autograd.grad(meta_loss, eps, retain_graph=True)
@@ -382,20 +397,14 @@ def mwnet_meta_grads(
         reduce=reduce,
     )
     reduce_grads = None if reduce is None else (lambda gs: [reduce(g) for g in gs])
-    params = dict(twin.named_params())
-    if optimizer is not None:
-        if sgd_kwargs:
-            raise ValueError("mwnet_meta_grads: give sgd_kwargs or optimizer, not both")
-        replay = OptimizerReplay(optimizer, params.items())
-        new = replay.step(params, (w * losses).sum(), reduce_grads=reduce_grads)
-    else:
-        new = sgd_step(
-            params,
-            (w * losses).sum(),
-            _check_lr(lr),
-            reduce_grads=reduce_grads,
-            **(sgd_kwargs or {}),
-        )
+    new = _virtual_step(
+        dict(twin.named_params()),
+        (w * losses).sum(),
+        lr,
+        optimizer,
+        reduce_grads=reduce_grads,
+        sgd_kwargs=sgd_kwargs,
+    )
     twin.set_params(new)
     meta_loss = loss_fn(twin(meta_inputs), meta_targets)
     grads = torch.autograd.grad(meta_loss / world_size, list(vnet.parameters()), retain_graph=True)

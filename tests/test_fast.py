@@ -644,30 +644,34 @@ def test_tape_falls_back_with_a_warning_unless_forced(caplog: pytest.LogCaptureF
 def test_dual_twin_replays_the_dropout_masks(method: str):
     """Dual numbers through the twin run the batch through the model again: with the random
     state of the recorded forward, so its dropout masks are the real forward's (the tape
-    replays the recorded masks: the two agree)."""
+    replays the recorded masks: the two agree). MW-Net's lean tape (the cuda policy's) draws
+    them in the twin's forward and redraws them in the real forward it records."""
     torch.manual_seed(0)
     model = DropNet().double().train()
     x, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
     xv, yv = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
     results = {}
-    for engine in ("tape", "dual_twin"):
+    runs = [("tape", "auto"), ("dual_twin", "auto")]
+    runs += [("tape", "cuda")] if method == "mwnet" else []
+    for engine, policy in runs:
         torch.manual_seed(3)
         if method == "l2rw":
             got, losses, *_ = l2rw_step(copy.deepcopy(model), x, y, xv, yv, engine=engine)
-            results[engine] = [got, losses.detach()]
+            results[engine, policy] = [got, losses.detach()]
         else:
             torch.manual_seed(1)
-            m = MWNet(hidden=5, engine=engine)
+            m = MWNet(hidden=5, engine=engine, engine_policy=policy)
             m.setup(model=model, device=torch.device("cpu"))
             torch.manual_seed(3)
             grads, losses, _ = m.meta_grads(
                 StepInputs(copy.deepcopy(model), x, y, xv, yv, LR, F.cross_entropy)
             )
-            results[engine] = [*grads, losses.detach()]
+            results[engine, policy] = [*grads, losses.detach()]
             assert m.planner.last_engine == engine
-        results[engine].append(torch.rand(3))  # the random stream continues alike
-    for a, b in zip(results["tape"], results["dual_twin"], strict=True):
-        assert_equal(a, b)
+        results[engine, policy].append(torch.rand(3))  # the random stream continues alike
+    for other in runs[1:]:
+        for a, b in zip(results[runs[0]], results[other], strict=True):
+            assert_equal(a, b)
 
 
 def test_tape_under_cpu_bf16_autocast():

@@ -22,6 +22,8 @@ from reweight.functional import normalize_l2rw
 from reweight.meta import OptimizerReplay, sgd_step
 from reweight.methods import StepInputs
 
+from .test_cli import run_cli
+
 ATOL = 1e-8
 
 # name: (optimizer class, keyword arguments of the single group)
@@ -479,25 +481,9 @@ def test_training_run_replays_adamw(hydra_cfg, tmp_path, data_root):
 @pytest.mark.slow
 def test_cli_replays_adamw_in_a_subprocess(tmp_path, data_root):
     """``python -m reweight ... optimizer=adamw method=l2rw method.replay_optimizer=true``."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env.update(PYTHONPATH=str(repo), OMP_NUM_THREADS="1")  # this checkout's package
     args = ["optimizer=adamw", "method=l2rw", "method.replay_optimizer=true", "model=mlp"]
     args += ["dataset.n_train=2000", "trainer.max_steps=2", "trainer.eval_every=2"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "reweight", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_cli(args, tmp_path)
     (summary,) = tmp_path.rglob("summary.json")
     assert json.loads(summary.read_text())["steps"] == 2
     assert "replay_optimizer: true" in (summary.parent / "config.yaml").read_text()

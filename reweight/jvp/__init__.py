@@ -10,7 +10,8 @@ meta-gradient identities of ``meta_grad="fast"`` need (``reweight.functional``):
 - ``per_layer``: per-layer inner products, for models whose examples do not interact
   (``per_layer``).
 
-``Planner`` (``planner``) chooses one per model × device × method, says why, and can be forced.
+``Planner`` (``planner``) chooses one per model × device × method, says why, and can be forced;
+off CPU it times its two candidates on a model's first steps (``timing``).
 """
 
 from reweight.jvp.base import ENGINES, Recording

@@ -57,7 +57,7 @@ import logging
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -68,6 +68,7 @@ from reweight.jvp.base import ENGINES, Forward, Recording, Unsupported
 from reweight.jvp.dual import DualRecording, DualTwinRecording, dual_twin_jvp
 from reweight.jvp.per_layer import Ineligible, Layers, PerLayerRecording, agree, ghost_layers
 from reweight.jvp.tape import LeanTapeRecording, TapeRecording
+from reweight.jvp.timing import CANDIDATES, TIMED_STEPS, Timing
 from reweight.meta import LossFn, TwinCache, trainable
 from reweight.meta.kernels import has_rnn
 from reweight.meta.twins import signature
@@ -88,34 +89,6 @@ class Plan:
     engine: str
     reason: str
     timing: bool = False
-
-
-# The cuda policy's candidates, timed in this order on a model's first training steps: each
-# holds no training graph across a meta pass, so either keeps the step's peak memory near a
-# plain step's.
-CANDIDATES = ("tape", "dual_twin")
-TIMED_STEPS = 3  # steps per candidate; the first of each warms up and is not compared
-
-
-@dataclass
-class _Timing:
-    """The cuda policy's timings of one model: seconds per training step, by engine."""
-
-    key: tuple  # the model's signature when timed
-    seconds: dict[str, list[float]] = field(default_factory=lambda: {e: [] for e in CANDIDATES})
-    verdict: str | None = None
-
-    def next(self) -> str:
-        """The candidate to time next: the one timed least (in ``CANDIDATES`` order)."""
-        return min(CANDIDATES, key=lambda e: len(self.seconds[e]))
-
-    def add(self, engine: str, seconds: float) -> None:
-        self.seconds[engine].append(seconds)
-        if all(len(t) >= TIMED_STEPS for t in self.seconds.values()):
-            self.verdict = min(CANDIDATES, key=lambda e: min(self.seconds[e][1:]))
-
-    def summary(self) -> str:
-        return ", ".join(f"{e} {1e3 * min(self.seconds[e][1:]):.1f} ms" for e in CANDIDATES)
 
 
 class Planner:
@@ -175,8 +148,8 @@ class Planner:
             weakref.WeakKeyDictionary()
         )
         # model -> the cuda policy's timings of its candidates
-        self._timings: weakref.WeakKeyDictionary[nn.Module, _Timing] = weakref.WeakKeyDictionary()
-        self._timing: _Timing | None = None  # the latest recorded model's, for describe()
+        self._timings: weakref.WeakKeyDictionary[nn.Module, Timing] = weakref.WeakKeyDictionary()
+        self._timing: Timing | None = None  # the latest recorded model's, for describe()
         self.clock: Callable[[], float] = time.perf_counter  # seconds; the cuda policy's timer
 
     # -- choosing ---------------------------------------------------------------------------
@@ -234,8 +207,9 @@ class Planner:
                 f"{policy} policy: dual numbers through the twin (the tangent tape cannot replay "
                 "the in-place ops of recurrent cells)",
             )
+        key = signature(model)
         refused = self._no_tape.get(model)
-        if refused is not None and refused[0] == signature(model):
+        if refused is not None and refused[0] == key:
             return Plan(
                 "dual_twin",
                 f"{policy} policy: the tangent tape cannot replay {type(model).__name__}'s forward "
@@ -246,8 +220,8 @@ class Planner:
                 "tape", "cpu policy: tangent tape (one recorded forward, tangents replayed)"
             )
         timing = self._timings.get(model)
-        if timing is None or timing.key != signature(model):
-            timing = self._timings[model] = _Timing(signature(model))
+        if timing is None or timing.key != key:
+            timing = self._timings[model] = Timing(key)
         self._timing = timing
         if timing.verdict is not None:
             return Plan(

@@ -125,10 +125,6 @@ class MWNet(Method):
                     "examples of a batch through the batch statistics; use meta_chunks=1"
                 )
 
-    def replayed(self, batch: StepInputs) -> torch.optim.Optimizer | None:
-        """The real optimizer the virtual step replays (None: a plain SGD step)."""
-        return replayed_optimizer(self.replay_optimizer, batch)
-
     def step(self, batch: StepInputs) -> MethodOutput:
         assert batch.meta_inputs is not None and batch.meta_targets is not None
         grads, losses, meta_loss = self.meta_grads(batch)
@@ -175,7 +171,7 @@ class MWNet(Method):
                 batch.loss_fn,
                 normalize=self.normalize,
                 detach_loss=self.detach_loss,
-                optimizer=self.replayed(batch),
+                optimizer=replayed_optimizer(self.replay_optimizer, batch),
                 n_global=batch.n_global,
                 reduce=(lambda t: batch.global_sum(t, differentiable=True)) if batch.dist else None,
                 world_size=batch.dist.world_size if batch.dist else 1,
@@ -223,7 +219,7 @@ class MWNet(Method):
         grads = recording.weighted_grads(seeds.detach())
         if batch.dist is not None:
             grads = batch.global_sum_all(zeros_for_none(grads, weights))
-        optimizer = self.replayed(batch)
+        optimizer = replayed_optimizer(self.replay_optimizer, batch)
         if optimizer is None:  # plain SGD: κ = 1 (0 for a weight without gradient)
             new, kappa = sgd_values(weights, grads, names, lr)
             step_size = lr

@@ -252,7 +252,8 @@ def build_variants(
             )
             step = functools.partial(_trainer_step, method, model, opt, data, autocast)
             step()  # a first step: a forced engine that cannot run the model says so here
-            planner = getattr(method, "planner", None)
+            metastep = getattr(method, "metastep", None)
+            planner = metastep.planner if metastep is not None else None
             for _ in range(20):  # the cuda policy first times its candidates: untimed here
                 if planner is None or planner.current is None or not planner.current.timing:
                     break
@@ -384,10 +385,10 @@ def run_case(
 
 def _engine_of(method: Method | None) -> str:
     """The engine that computed a fast row's last JVP, or what the row is."""
-    planner = getattr(method, "planner", None)
-    if planner is None or getattr(method, "meta_grad", "") != "fast":
+    step = getattr(method, "metastep", None)
+    if step is None or step.meta_grad != "fast":
         return "-"
-    return planner.last_engine or "-"
+    return step.planner.last_engine or "-"
 
 
 def format_table(rows: list[dict]) -> str:

@@ -1,6 +1,7 @@
 """reweight: meta-learned per-example weights for noisy and imbalanced labels.
 
-The public surface: ``Trainer`` (the loop), the methods, the per-batch helpers
+The public surface: ``Trainer`` (the loop), the methods (``WeightingNetMethod``: a method of your
+own), the one meta step every method uses (``MetaStep``), the per-batch helpers
 ``l2rw_weights`` / ``l2rw_eps_grad`` and the meta layer ``to_meta`` / ``MetaModule``.
 """
 
@@ -13,6 +14,7 @@ from reweight.functional import (
     normalize_l2rw,
 )
 from reweight.meta import MetaModule, sgd_step, to_meta
+from reweight.metastep import MetaGrad, MetaStep, select_params
 from reweight.methods import (
     ERM,
     L2RW,
@@ -23,6 +25,7 @@ from reweight.methods import (
     MWNet,
     RandomWeights,
     StepInputs,
+    WeightingNetMethod,
     WeightNet,
     build_method,
 )
@@ -37,7 +40,9 @@ __all__ = [
     "ClassBalanced",
     "FitResult",
     "MWNet",
+    "MetaGrad",
     "MetaModule",
+    "MetaStep",
     "Method",
     "MethodOutput",
     "RandomWeights",
@@ -46,12 +51,14 @@ __all__ = [
     "TrainerConfig",
     "TrainingInterrupted",
     "WeightNet",
+    "WeightingNetMethod",
     "build_method",
     "l2rw_eps_grad",
     "l2rw_weights",
     "mwnet_meta_grads",
     "mwnet_weights",
     "normalize_l2rw",
+    "select_params",
     "sgd_step",
     "to_meta",
 ]

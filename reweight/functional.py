@@ -33,7 +33,8 @@ a JVP at θ in the direction of the meta gradient *at θ′*, then a vector-Jaco
 through the weighting net. Both equal the unrolled values up to rounding. The JVP is taken of
 the whole batch's loss vector, so BatchNorm's batch statistics couple the examples exactly as in
 the unrolled step. Which forward-mode engine computes it is the business of ``reweight.jvp``
-(a ``Planner``: the tangent tape, dual numbers, or per layer).
+(a ``Planner``: the tangent tape, dual numbers, or per layer); ``reweight.metastep`` holds the
+one meta step that computes both, for every method.
 
 Example:
     >>> import torch, torch.nn as nn
@@ -50,69 +51,28 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reweight.jvp import Planner, Recording
-from reweight.meta import (
-    LossFn,
-    MetaModule,
-    OptimizerReplay,
-    meta_gradient,
-    sgd_step,
-    to_meta,
-    trainable,
-)
-from reweight.meta.kernels import differentiable_kernels
+from reweight.meta import LossFn, MetaModule
+from reweight.metastep import MetaStep, StepInputs, check_meta_grad, virtual_step
 
 __all__ = [
     "LossFn",
     "l2rw_eps_grad",
-    "l2rw_eps_grad_fast",
-    "l2rw_eps_grad_from_losses",
     "l2rw_weights",
     "mwnet_meta_grads",
     "mwnet_seeds",
     "mwnet_weights",
     "normalize_l2rw",
+    "scale_weights",
+    "seeds_of",
 ]
 
 Reduce = Callable[[Tensor], Tensor]  # Σ over data-parallel ranks
-META_GRAD_MODES = ("fast", "unrolled")
-
-
-def check_meta_grad(meta_grad: str) -> str:
-    if meta_grad not in META_GRAD_MODES:
-        raise ValueError(f"meta_grad must be one of {list(META_GRAD_MODES)}, got {meta_grad!r}")
-    return meta_grad
-
-
-def _check_lr(lr: float | None) -> float:
-    if lr is None:
-        raise ValueError("lr is needed for a plain SGD virtual step (no optimizer to replay)")
-    return lr
-
-
-def _virtual_step(
-    params: dict[str, Tensor],
-    loss: Tensor,
-    lr: float | None,
-    optimizer: torch.optim.Optimizer | None,
-    *,
-    reduce_grads: Callable[[list[Tensor]], list[Tensor]] | None = None,
-    sgd_kwargs: dict | None = None,
-) -> dict[str, Tensor]:
-    """θ′ by name, differentiable: a plain SGD step at ``lr`` (with ``sgd_kwargs``), or the
-    real ``optimizer`` replayed (``OptimizerReplay.step``; ``lr`` then not read)."""
-    if optimizer is None:
-        kwargs = sgd_kwargs or {}
-        return sgd_step(params, loss, _check_lr(lr), reduce_grads=reduce_grads, **kwargs)
-    if sgd_kwargs:
-        raise ValueError("mwnet_meta_grads: give sgd_kwargs or optimizer, not both")
-    return OptimizerReplay(optimizer, params.items()).step(params, loss, reduce_grads=reduce_grads)
 
 
 def normalize_l2rw(eps_grad: Tensor, reduce: Reduce | None = None) -> Tensor:
@@ -126,81 +86,6 @@ def normalize_l2rw(eps_grad: Tensor, reduce: Reduce | None = None) -> Tensor:
     return torch.where(total > 0, w / torch.where(total > 0, total, 1), w)
 
 
-def l2rw_eps_grad_from_losses(
-    twin: MetaModule,
-    losses: Tensor,
-    meta_inputs: Tensor,
-    meta_targets: Tensor,
-    lr: float | None,
-    loss_fn: LossFn = F.cross_entropy,
-    *,
-    optimizer: torch.optim.Optimizer | None = None,
-) -> tuple[Tensor, Tensor]:
-    """∂L_meta/∂ε at ε = 0 and the meta loss at θ′, given ``losses`` (B,) at the twin's weights.
-
-    ``twin`` must hold the weights θ that ``losses`` were computed with (``twin.bind(model)``).
-    On return it holds θ′ (with history); re-bind before using it again. The graph of
-    ``losses`` is kept, so the caller may still backpropagate a weighted sum of them.
-    ``optimizer`` (over the model's parameters, which a bound twin holds) makes the virtual
-    step replay it, differentiably (``OptimizerReplay.step``); ``lr`` is then not read.
-    """
-    eps = torch.zeros_like(losses, requires_grad=True)
-    new = _virtual_step(dict(twin.named_params()), (eps * losses).sum(), lr, optimizer)
-    twin.set_params(new)
-    meta_loss = loss_fn(twin(meta_inputs), meta_targets)
-    (grad,) = torch.autograd.grad(meta_loss, eps, retain_graph=True)
-    return grad, meta_loss.detach()
-
-
-def l2rw_eps_grad_fast(
-    model: nn.Module,
-    inputs: Tensor,
-    targets: Tensor,
-    meta_inputs: Tensor,
-    meta_targets: Tensor,
-    lr: float | None,
-    loss_fn: LossFn = F.cross_entropy,
-    *,
-    planner: Planner,
-    update: bool = False,
-    optimizer: torch.optim.Optimizer | None = None,
-) -> tuple[Tensor, Recording, Tensor]:
-    """(∂L_meta/∂ε (B,), the training forward's recording, L_meta(θ′₀)) by the exact identity.
-
-    1. v = ∇θL_meta(θ): a forward and backward of the meta batch through the twin (batch
-       statistics, no running-statistics writes, nothing into ``.grad``); done first, so its
-       activations are freed before the training forward's are made.
-    2. The training forward, recorded by the engine ``planner`` chooses (v is known, so the
-       dual-number engines take it in that forward).
-    3. g = −lr·⟨∇θℓᵢ, v⟩ for every i.
-
-    Replaying ``optimizer`` (``lr`` then not read): θ′₀ and D are the replayed step's at a zero
-    gradient (they do not depend on the batch), v = ∇θL_meta(θ′₀) and the JVP is taken in the
-    direction lr·D ⊙ v, per weight with its group's lr: g = −⟨∇θℓᵢ, lr·D ⊙ v⟩.
-
-    With ``update`` the recorded forward is the real model's and ``recording.update_losses()``
-    carries the real update's graph (``L2RW.step``); without, it runs through the twin and the
-    model is left unchanged (``l2rw_eps_grad``).
-    """
-    _, weights = trainable(model)
-    start = replay = None
-    if optimizer is not None:  # θ′₀ and D at a zero gradient (they do not depend on the batch)
-        replay = OptimizerReplay(optimizer, model)
-        start, scales = replay.values(weights, [None] * len(weights))
-    v, meta_loss = meta_gradient(
-        planner.twins.bound(model), weights, start, meta_inputs, meta_targets, loss_fn
-    )
-    del start
-    if replay is None:
-        direction, step = v, _check_lr(lr)
-    else:  # lr·D ⊙ v′, each weight at its group's lr
-        direction = [k * d * s for k, d, s in zip(replay.lrs, v, scales, strict=True)]
-        step = 1.0
-        del v, scales
-    recording = planner.record(model, inputs, targets, loss_fn, direction=direction, update=update)
-    return -step * recording.jvp(direction), recording, meta_loss
-
-
 def l2rw_eps_grad(
     model: nn.Module,
     inputs: Tensor,
@@ -211,8 +96,10 @@ def l2rw_eps_grad(
     loss_fn: LossFn = F.cross_entropy,
     *,
     meta_grad: str = "fast",
-    planner: Planner | None = None,
+    engine: str = "auto",
+    params: str | Sequence[str] = "all",
     optimizer: torch.optim.Optimizer | None = None,
+    step: MetaStep | None = None,
 ) -> Tensor:
     """The raw L2RW meta-gradient ∂L_meta(θ′(ε))/∂ε at ε = 0, shape (B,).
 
@@ -221,14 +108,16 @@ def l2rw_eps_grad(
     AdamW) replayed from its current state, each weight at its own parameter group's lr, and
     ``lr`` is then not read (pass None, or the optimizer's lr). The optimizer is read, never
     stepped. A weight the training loss does not reach is replayed with a zero gradient.
+    ``params`` chooses the parameters the virtual step moves (``reweight.metastep.select_params``).
 
     ``loss_fn(outputs, targets, reduction="none")`` gives the training losses and
     ``loss_fn(outputs, targets)`` the (mean) meta loss. The model, its parameters, their
     ``.grad`` and its BatchNorm statistics are left unchanged; BatchNorm layers in training mode
     use batch statistics, so the examples of a batch are coupled exactly as in training.
-    ``meta_grad="fast"`` takes the JVP by the engine ``planner`` chooses (a new
-    ``Planner("l2rw")`` by default: the choice ``L2RW().step`` makes for this model and device;
-    ``L2RW.weigh`` passes its own); ``"unrolled"`` differentiates through the virtual step.
+    ``meta_grad="fast"`` takes the JVP by the engine a planner chooses (``engine="auto"``: the
+    choice ``L2RW().step`` makes for this model and device); ``"unrolled"`` differentiates
+    through the virtual step. ``step``: a ``MetaStep(at_zero=True)`` to reuse across calls (its
+    planner's checks and choice; ``L2RW.weigh`` passes its own), whose settings then apply.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -239,27 +128,33 @@ def l2rw_eps_grad(
         >>> g.shape
         torch.Size([8])
     """
-    if check_meta_grad(meta_grad) == "fast":
-        planner = planner if planner is not None else Planner("l2rw")
-        grad, _, _ = l2rw_eps_grad_fast(
-            model,
-            inputs,
-            targets,
-            meta_inputs,
-            meta_targets,
-            lr,
-            loss_fn,
-            planner=planner,
-            optimizer=optimizer,
+    if step is None:
+        step = MetaStep(
+            meta_grad=meta_grad,
+            engine=engine,
+            params=params,
+            replay_optimizer=optimizer is not None,
+            at_zero=True,
+            label="l2rw",
         )
-        return grad.detach()
-    twin = to_meta(model)
-    with differentiable_kernels(model):  # the forward is differentiated twice
-        losses = loss_fn(twin(inputs), targets, reduction="none")
-        grad, _ = l2rw_eps_grad_from_losses(
-            twin, losses, meta_inputs, meta_targets, lr, loss_fn, optimizer=optimizer
+    elif (check_meta_grad(meta_grad), engine, params) != ("fast", "auto", "all"):
+        raise ValueError("l2rw_eps_grad: give step= or meta_grad/engine/params, not both")
+    elif step.replay_optimizer != (optimizer is not None):
+        raise ValueError(
+            f"l2rw_eps_grad: step.replay_optimizer is {step.replay_optimizer} but optimizer is "
+            f"{'given' if optimizer is not None else 'None'}"
         )
-    return grad.detach()
+    batch = StepInputs(
+        model,
+        inputs,
+        targets,
+        meta_inputs,
+        meta_targets,
+        lr,
+        loss_fn,
+        optimizer,  # type: ignore[arg-type]
+    )
+    return step(batch, update=False).c
 
 
 def l2rw_weights(
@@ -270,15 +165,13 @@ def l2rw_weights(
     meta_targets: Tensor,
     lr: float | None,
     loss_fn: LossFn = F.cross_entropy,
-    *,
-    meta_grad: str = "fast",
-    planner: Planner | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
+    **options,
 ) -> Tensor:
     """Normalised L2RW weights for one batch: max(−g, 0) / Σ max(−g, 0), shape (B,).
 
-    Arguments as for ``l2rw_eps_grad`` (``optimizer``: replay the real optimizer in the virtual
-    step); the model and the optimizer are left unchanged.
+    ``options`` as for ``l2rw_eps_grad`` (``optimizer``: replay the real optimizer in the
+    virtual step; ``meta_grad``, ``engine``, ``params``, ``step``); the model and the optimizer
+    are left unchanged.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -291,20 +184,30 @@ def l2rw_weights(
         >>> bool(w.min() >= 0), round(float(w.sum()), 6)
         (True, 1.0)
     """
-    return normalize_l2rw(
-        l2rw_eps_grad(
-            model,
-            inputs,
-            targets,
-            meta_inputs,
-            meta_targets,
-            lr,
-            loss_fn,
-            meta_grad=meta_grad,
-            planner=planner,
-            optimizer=optimizer,
-        )
-    )
+    g = l2rw_eps_grad(model, inputs, targets, meta_inputs, meta_targets, lr, loss_fn, **options)
+    return normalize_l2rw(g)
+
+
+def scale_weights(
+    v: Tensor,
+    normalize: str = "none",
+    *,
+    n_global: int | None = None,
+    reduce: Reduce | None = None,
+) -> Tensor:
+    """A weighting net's outputs v (B,) as weights, so that the training loss is Σ wᵢℓᵢ.
+
+    ``normalize="none"`` gives w = v / B (the mean weighted loss of MW-Net's reference code),
+    ``"sum"`` gives w = v / Σv (all zeros if Σv = 0). In data-parallel training B is the
+    global batch size (``n_global``) and ``reduce`` sums Σv over ranks (differentiably, when
+    the weights are differentiated).
+    """
+    if normalize == "none":
+        return v / (n_global or len(v))
+    if normalize == "sum":
+        total = v.sum() if reduce is None else reduce(v.sum())
+        return torch.where(total > 0, v / torch.where(total > 0, total, 1), v)
+    raise ValueError(f"normalize must be one of ['none', 'sum'], got {normalize!r}")
 
 
 def mwnet_weights(
@@ -315,20 +218,30 @@ def mwnet_weights(
     n_global: int | None = None,
     reduce: Reduce | None = None,
 ) -> Tensor:
-    """Per-example weights from a weighting net, scaled so that the training loss is Σ wᵢℓᵢ.
-
-    v = vnet(ℓ) of shape (B,); ``normalize="none"`` gives w = v / B (the mean weighted loss of
-    MW-Net's reference code), ``"sum"`` gives w = v / Σv (all zeros if Σv = 0). In
-    data-parallel training B is the global batch size (``n_global``) and ``reduce`` sums Σv
-    over ranks (differentiably, when the weights are differentiated).
-    """
+    """Per-example weights from MW-Net's weighting net: ``scale_weights`` of v = vnet(ℓ)."""
     v = vnet(losses.reshape(-1, 1)).reshape(-1)
-    if normalize == "none":
-        return v / (n_global or len(v))
-    if normalize == "sum":
-        total = v.sum() if reduce is None else reduce(v.sum())
-        return torch.where(total > 0, v / torch.where(total > 0, total, 1), v)
-    raise ValueError(f"normalize must be one of ['none', 'sum'], got {normalize!r}")
+    return scale_weights(v, normalize, n_global=n_global, reduce=reduce)
+
+
+def seeds_of(
+    weights_fn: Callable[[Tensor], Tensor], losses: Tensor, *, detach_loss: bool = True
+) -> Tensor:
+    """s = ∂(Σᵢ wᵢℓᵢ)/∂ℓ (B,), with graph to the weighting net: ∇θ Σᵢ wᵢℓᵢ = Σⱼ sⱼ∇θℓⱼ.
+
+    ``weights_fn(ℓ)`` gives the weights w (B,) at the values of ``losses``; with ``detach_loss``
+    (the net sees ℓ detached) s = w. Without, w also depends on ℓ, and s = w + Σᵢ ℓᵢ·∂wᵢ/∂ℓ,
+    taken at a detached leaf with ``create_graph`` so that ∂s/∂φ exists. In data-parallel
+    training a normalisation inside ``weights_fn`` must sum differentiably over ranks: Σᵢ
+    runs over the global batch, so sⱼ gets the other ranks' ∂wᵢ/∂ℓⱼ (each rank calls this).
+    """
+    values = losses.detach()
+    if detach_loss:
+        return weights_fn(values)
+    leaf = values.requires_grad_()
+    with torch.enable_grad():
+        w = weights_fn(leaf)
+        (s,) = torch.autograd.grad((w * leaf).sum(), leaf, create_graph=True)
+    return s
 
 
 def mwnet_seeds(
@@ -340,22 +253,12 @@ def mwnet_seeds(
     n_global: int | None = None,
     reduce: Reduce | None = None,
 ) -> Tensor:
-    """s = ∂(Σᵢ wᵢℓᵢ)/∂ℓ (B,), with graph to the weighting net: ∇θ Σᵢ wᵢℓᵢ = Σⱼ sⱼ∇θℓⱼ.
+    """MW-Net's seeds s = ∂(Σᵢ wᵢℓᵢ)/∂ℓ (``seeds_of`` with ``mwnet_weights``)."""
 
-    The weights w of ``mwnet_weights`` at the values of ``losses``, and with ``detach_loss``
-    (the net sees ℓ detached) s = w. Without, w also depends on ℓ, and s = w + Σᵢ ℓᵢ·∂wᵢ/∂ℓ,
-    taken at a detached leaf with ``create_graph`` so that ∂s/∂φ exists. In data-parallel
-    training ``reduce`` must be differentiable: Σᵢ runs over the global batch, so sⱼ gets the
-    other ranks' ∂wᵢ/∂ℓⱼ through the normalisation (each rank calls this).
-    """
-    values = losses.detach()
-    if detach_loss:
+    def weights(values: Tensor) -> Tensor:
         return mwnet_weights(vnet, values, normalize, n_global=n_global, reduce=reduce)
-    leaf = values.requires_grad_()
-    with torch.enable_grad():
-        w = mwnet_weights(vnet, leaf, normalize, n_global=n_global, reduce=reduce)
-        (s,) = torch.autograd.grad((w * leaf).sum(), leaf, create_graph=True)
-    return s
+
+    return seeds_of(weights, losses, detach_loss=detach_loss)
 
 
 def mwnet_meta_grads(
@@ -369,20 +272,18 @@ def mwnet_meta_grads(
     *,
     normalize: str = "none",
     detach_loss: bool = True,
-    sgd_kwargs: dict | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     n_global: int | None = None,
     reduce: Reduce | None = None,
     world_size: int = 1,
 ) -> tuple[list[Tensor], Tensor]:
-    """∂L_meta(θ′(φ))/∂φ for the weighting net's parameters φ, and the meta loss.
+    """∂L_meta(θ′(φ))/∂φ for the weighting net's parameters φ, and the meta loss, by a double
+    backward straight into φ: a reference for the meta step's route through c.
 
     θ′(φ) = θ − lr·∇θ Σᵢ wᵢ(φ)ℓᵢ(θ), w from ``mwnet_weights``; ``losses`` computed at the twin's
-    weights. ``sgd_kwargs`` (momentum, weight_decay, momentum_buffers, ...) make the virtual
-    step an SGD step with those settings; ``optimizer`` (the real one, over the parameters the
-    bound twin holds) makes it replay that optimizer differentiably (``OptimizerReplay``, each
-    weight at its group's lr; ``lr`` is then not read). On return the twin holds θ′; the graph
-    of ``losses`` is kept for the caller's real update.
+    weights. ``optimizer`` (the real one, over the parameters the bound twin holds) makes the
+    virtual step replay it differentiably (``OptimizerReplay``, each weight at its group's lr;
+    ``lr`` is then not read). On return the twin holds θ′; the graph of ``losses`` is kept.
 
     Data-parallel: ``reduce`` is a *differentiable* sum over ranks, applied to the virtual
     step's gradient (θ′ needs the global Σ wᵢ∇θℓᵢ) and to Σv; every rank evaluates the same
@@ -397,13 +298,8 @@ def mwnet_meta_grads(
         reduce=reduce,
     )
     reduce_grads = None if reduce is None else (lambda gs: [reduce(g) for g in gs])
-    new = _virtual_step(
-        dict(twin.named_params()),
-        (w * losses).sum(),
-        lr,
-        optimizer,
-        reduce_grads=reduce_grads,
-        sgd_kwargs=sgd_kwargs,
+    new = virtual_step(
+        dict(twin.named_params()), (w * losses).sum(), lr, optimizer, reduce_grads=reduce_grads
     )
     twin.set_params(new)
     meta_loss = loss_fn(twin(meta_inputs), meta_targets)

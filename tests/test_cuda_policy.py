@@ -16,12 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import reweight.methods.mwnet
+import reweight.metastep
 from reweight import MWNet, l2rw_eps_grad, mwnet_meta_grads, to_meta
-from reweight.functional import l2rw_eps_grad_fast
 from reweight.jvp import Planner
 from reweight.jvp.timing import CANDIDATES, TIMED_STEPS
-from reweight.methods import StepInputs
+from reweight.metastep import MetaStep, StepInputs
 
 from .test_fast import (
     LR,
@@ -61,20 +60,20 @@ def test_mwnet_times_both_engines_then_keeps_the_faster(
     method.setup(model=model, device=CPU)
     want = unrolled_reference(copy.deepcopy(model), x, y, xv, yv, method)
     slower = next(e for e in CANDIDATES if e != faster)
-    method.planner.clock = Clock(method.planner, {faster: 2.0, slower: 3.0})
+    method.metastep.planner.clock = Clock(method.metastep.planner, {faster: 2.0, slower: 3.0})
     ran = []
     with caplog.at_level(logging.INFO, logger="reweight.jvp.planner"):
         for _ in range(TIMED_STEPS * len(CANDIDATES) + 2):
             batch = StepInputs(model, x, y, xv, yv, LR, F.cross_entropy)
             got, losses, _ = method.meta_grads(batch)  # the net is not stepped: same φ
-            ran.append(method.planner.last_engine)
+            ran.append(method.metastep.planner.last_engine)
             for a, b in zip(got, want, strict=True):
                 assert_equal(a, b)
             assert losses.grad_fn is not None
     # in turn, the tape first; then the faster one only
     assert ran == [*CANDIDATES] * TIMED_STEPS + [faster, faster]
-    assert method.planner.jvps == {faster: TIMED_STEPS + 2, slower: TIMED_STEPS}
-    plan = method.planner.current
+    assert method.metastep.planner.jvps == {faster: TIMED_STEPS + 2, slower: TIMED_STEPS}
+    plan = method.metastep.planner.current
     assert plan.engine == faster and not plan.timing
     assert plan.reason.startswith("cuda policy: the faster per step") and "1000.0 ms" in plan.reason
     timed = method.describe()["meta_engine"]["timed_ms"]
@@ -87,7 +86,8 @@ def test_mwnet_times_both_engines_then_keeps_the_faster(
 def test_the_first_timed_step_of_each_engine_is_warm_up():
     """A slow first step (one-time set-up) does not decide: the later steps do."""
     model, x, y, xv, yv = model_and_batches("resnet")
-    planner = Planner("l2rw", policy="cuda")
+    step = MetaStep(at_zero=True, engine_policy="cuda")
+    planner = step.planner
     # tape, dual_twin, tape, ...: dual_twin's first step is the fastest of all, tape's slowest
     steps = iter([9.0, 0.1, 1.0, 2.0, 1.0, 2.0])
     clock = {"now": 0.0, "start": True}
@@ -103,8 +103,7 @@ def test_the_first_timed_step_of_each_engine_is_warm_up():
     planner.clock = tick
     want = l2rw_eps_grad(model, x, y, xv, yv, LR, meta_grad="unrolled")
     for _ in range(TIMED_STEPS * len(CANDIDATES)):
-        got, rec, _ = l2rw_eps_grad_fast(model, x, y, xv, yv, LR, planner=planner, update=True)
-        rec.update_losses()
+        got = step(StepInputs(model, x, y, xv, yv, LR, F.cross_entropy)).c
         assert_equal(got, want)
     assert planner.plan(model, CPU).engine == "tape"
 
@@ -113,10 +112,11 @@ def test_a_functional_call_is_not_timed():
     """Entry points that leave the model unchanged have no update losses: they use the current
     candidate and time nothing."""
     model, x, y, xv, yv = model_and_batches("resnet")
-    planner = Planner("l2rw", policy="cuda")
+    step = MetaStep(at_zero=True, engine_policy="cuda")
+    planner = step.planner
     want = l2rw_eps_grad(model, x, y, xv, yv, LR, meta_grad="unrolled")
     for _ in range(2 * TIMED_STEPS * len(CANDIDATES)):
-        assert_equal(l2rw_eps_grad(model, x, y, xv, yv, LR, planner=planner), want)
+        assert_equal(l2rw_eps_grad(model, x, y, xv, yv, LR, step=step), want)
     assert planner.jvps == {"tape": 2 * TIMED_STEPS * len(CANDIDATES)}
     assert planner.current.timing
 
@@ -126,13 +126,13 @@ def test_mwnet_lean_tape_runs_the_real_forward_after_the_meta_pass(monkeypatch):
     forward (the one the tape records) comes after the meta gradient at θ′; the cpu policy's
     comes before it, its graph serving the virtual step."""
     events: list[str] = []
-    meta_gradient = reweight.methods.mwnet.meta_gradient
+    meta_gradient = reweight.metastep.meta_gradient
 
     def logged(*args, **kwargs):
         events.append("meta pass")
         return meta_gradient(*args, **kwargs)
 
-    monkeypatch.setattr(reweight.methods.mwnet, "meta_gradient", logged)
+    monkeypatch.setattr(reweight.metastep, "meta_gradient", logged)
     for policy, want in [("cuda", ["meta pass", "real forward"]), ("cpu", None)]:
         model, x, y, xv, yv = model_and_batches("resnet")
         model.register_forward_pre_hook(
@@ -143,7 +143,7 @@ def test_mwnet_lean_tape_runs_the_real_forward_after_the_meta_pass(monkeypatch):
         events.clear()
         method.meta_grads(StepInputs(model, x, y, xv, yv, LR, F.cross_entropy))
         assert events == (want or ["real forward", "meta pass"])
-        assert method.planner.last_engine == "tape"
+        assert method.metastep.planner.last_engine == "tape"
 
 
 @pytest.mark.parametrize("method", ["l2rw", "mwnet"])
@@ -159,12 +159,10 @@ def test_a_model_the_tape_cannot_replay_leaves_the_timing(
     with caplog.at_level(logging.WARNING, logger="reweight.jvp.planner"):
         if method == "l2rw":
             want = l2rw_eps_grad(model, x, y, xv, yv, LR, meta_grad="unrolled")
-            planner = Planner("l2rw", policy="cuda")
+            step = MetaStep(at_zero=True, engine_policy="cuda")
+            planner = step.planner
             for _ in range(3):
-                got, rec, _ = l2rw_eps_grad_fast(
-                    model, x, y, xv, yv, LR, planner=planner, update=True
-                )
-                rec.update_losses()
+                got = step(StepInputs(model, x, y, xv, yv, LR, F.cross_entropy)).c
                 assert_equal(got, want)
         else:
             torch.manual_seed(1)
@@ -176,7 +174,7 @@ def test_a_model_the_tape_cannot_replay_leaves_the_timing(
                 assert losses.grad_fn is not None
                 for a, b in zip(got, want, strict=True):
                     assert_equal(a, b)
-            planner = mw.planner
+            planner = mw.metastep.planner
     assert caplog.text.count("cannot replay") == 1
     assert planner.jvps == {"dual_twin": 3}
     assert planner.current.engine == "dual_twin" and "cannot replay" in planner.current.reason

@@ -32,12 +32,10 @@ from reweight import (
     mwnet_meta_grads,
     to_meta,
 )
-from reweight.functional import l2rw_eps_grad_fast
-from reweight.jvp import Planner
 from reweight.jvp.dual import dual_forward
 from reweight.jvp.tape import TangentTape
 from reweight.meta import trainable
-from reweight.methods import StepInputs
+from reweight.metastep import MetaStep, StepInputs
 from reweight.models import build_model
 
 from .test_meta import make
@@ -80,13 +78,12 @@ def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
 # L2RW
 
 
-def l2rw_step(model, x, y, xv, yv, **planner):
-    """The training step's ε-gradient, losses and meta loss, by the engine the planner picks."""
-    plan = Planner("l2rw", **planner)
-    grad, rec, meta_loss = l2rw_eps_grad_fast(
-        model, x, y, xv, yv, LR, F.cross_entropy, planner=plan, update=True
-    )
-    return grad, rec.update_losses(), float(meta_loss), plan
+def l2rw_step(model, x, y, xv, yv, **options):
+    """The training step's ε-gradient, losses and meta loss, by the engine the planner picks,
+    and that planner."""
+    step = MetaStep(at_zero=True, **options)
+    out = step(StepInputs(model, x, y, xv, yv, LR, F.cross_entropy))
+    return out.c, out.losses, float(out.meta_loss), step.planner
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -123,8 +120,9 @@ ENGINES_FOR = {  # the engines that can run each model (per_layer: no BatchNorm 
 def test_l2rw_every_engine_equals_unrolled_and_is_the_one_that_ran(name: str, engine: str):
     model, x, y, xv, yv = model_and_batches(name)
     want = l2rw_eps_grad(model, x, y, xv, yv, LR, meta_grad="unrolled")
-    planner = Planner("l2rw", engine=engine)
-    assert_equal(l2rw_eps_grad(model, x, y, xv, yv, LR, planner=planner), want)
+    step = MetaStep(at_zero=True, engine=engine)
+    assert_equal(l2rw_eps_grad(model, x, y, xv, yv, LR, step=step), want)
+    planner = step.planner
     assert planner.last_engine == engine and planner.jvps == {engine: 1}
     got, losses, _, planner = l2rw_step(copy.deepcopy(model), x, y, xv, yv, engine=engine)
     assert_equal(got, want)
@@ -142,7 +140,7 @@ def test_cuda_policy_on_cpu_picks_what_a_gpu_would(name: str, want: str):
     per layer, or the first of the candidates the policy times (tests/test_cuda_policy.py)."""
     model, x, y, xv, yv = model_and_batches(name)
     reference = l2rw_eps_grad(model, x, y, xv, yv, LR, meta_grad="unrolled")
-    got, _, _, planner = l2rw_step(model, x, y, xv, yv, policy="cuda")
+    got, _, _, planner = l2rw_step(model, x, y, xv, yv, engine_policy="cuda")
     assert_equal(got, reference)
     assert planner.last_engine == want and planner.current.reason.startswith("cuda policy")
 
@@ -152,10 +150,10 @@ def test_the_functional_form_and_the_step_make_the_same_choice():
     number (here the tangent tape, for a model with BatchNorm on CPU)."""
     model, x, y, xv, yv = model_and_batches("resnet")
     method = L2RW()
-    functional = Planner("l2rw")
-    got = l2rw_eps_grad(model, x, y, xv, yv, LR, planner=functional)
+    functional = MetaStep(at_zero=True)
+    got = l2rw_eps_grad(model, x, y, xv, yv, LR, step=functional)
     out = method.step(StepInputs(copy.deepcopy(model), x, y, xv, yv, LR, F.cross_entropy))
-    assert functional.last_engine == method.planner.last_engine == "tape"
+    assert functional.planner.last_engine == method.metastep.planner.last_engine == "tape"
     torch.testing.assert_close(out.weights, reweight.functional.normalize_l2rw(got), rtol=0, atol=0)
 
 
@@ -181,10 +179,10 @@ def test_l2rw_fast_leaves_the_model_untouched(name: str, engine: str):
     for p in model.parameters():
         p.grad = torch.full_like(p, 0.25)
     before = state_of(model)
-    planner = Planner("l2rw", engine=engine)
+    step = MetaStep(at_zero=True, engine=engine)
     for _ in range(2):  # a per-layer path's checking step, then an ordinary one
-        l2rw_eps_grad(model, x, y, xv, yv, LR, planner=planner)
-    assert planner.last_engine == ("tape" if engine == "auto" else engine)
+        l2rw_eps_grad(model, x, y, xv, yv, LR, step=step)
+    assert step.planner.last_engine == ("tape" if engine == "auto" else engine)
     for k, v in model.state_dict().items():  # parameters and BatchNorm statistics
         assert torch.equal(v, before[k]), k
     assert all(torch.equal(p.grad, torch.full_like(p, 0.25)) for p in model.parameters())
@@ -272,7 +270,7 @@ def mwnet_pair(
         meta_chunks=chunks,
         **engine,
     )
-    assert method.meta_grad == "fast"  # the default
+    assert method.metastep.meta_grad == "fast"  # the default
     method.setup(model=model, device=torch.device("cpu"))
     start = state_of(model)
     got, losses, meta_loss = method.meta_grads(
@@ -313,7 +311,7 @@ def test_mwnet_fast_equals_unrolled(name: str, normalize: str, replay: str):
         got, want, method = mwnet_pair(
             model, x, y, xv, yv, normalize=normalize, replay=REPLAYS[replay], warm=warm
         )
-        assert method.planner.last_engine == ("tape" if "resnet" in name else "per_layer")
+        assert method.metastep.planner.last_engine == ("tape" if "resnet" in name else "per_layer")
         assert len(got) == len(want) == 4
         for a, b in zip(got, want, strict=True):
             assert b.abs().max() > 0
@@ -349,7 +347,9 @@ def test_mwnet_every_engine_equals_unrolled_and_is_the_one_that_ran(
             engine=engine,
             engine_policy=policy,
         )
-        assert method.planner.last_engine == engine and method.planner.jvps == {engine: 1}
+        assert method.metastep.planner.last_engine == engine and method.metastep.planner.jvps == {
+            engine: 1
+        }
         for a, b in zip(got, want, strict=True):
             assert b.abs().max() > 0
             assert_equal(a, b)
@@ -373,7 +373,7 @@ def test_mwnet_cuda_policy_on_cpu(name: str, want: str, detach_loss: bool):
         detach_loss=detach_loss,
         engine_policy="cuda",
     )
-    assert method.planner.last_engine == want
+    assert method.metastep.planner.last_engine == want
     for a, b in zip(got, reference, strict=True):
         assert_equal(a, b)
 
@@ -506,7 +506,7 @@ def test_training_fast_follows_unrolled(make_method, batchnorm: bool):
     method = build("fast")
     fast = train(method, batchnorm=batchnorm)
     engine = "tape" if batchnorm else "per_layer"
-    assert method.planner.jvps == {engine: 30}
+    assert method.metastep.planner.jvps == {engine: 30}
     unrolled = train(build("unrolled"), batchnorm=batchnorm)
     moved = train(build("fast"), steps=1, batchnorm=batchnorm)
     for (name, a), b, c in zip(
@@ -628,16 +628,17 @@ def test_tape_falls_back_with_a_warning_unless_forced(caplog: pytest.LogCaptureF
     assert tape.error is not None and "mul_" in tape.error
     xv, yv = torch.randn(7, 4).double(), torch.randint(0, 3, (7,))
     want = l2rw_eps_grad(model, x, y, xv, yv, LR, meta_grad="unrolled")
-    planner, trained = Planner("l2rw"), copy.deepcopy(model)
+    step, trained = MetaStep(at_zero=True), copy.deepcopy(model)
     with caplog.at_level(logging.WARNING, logger="reweight.jvp.planner"):
         for _ in range(2):  # the first step finds out, the second plans for it
-            got, _, _ = l2rw_eps_grad_fast(trained, x, y, xv, yv, LR, planner=planner, update=True)
-            assert_equal(got, want)
+            out = step(StepInputs(trained, x, y, xv, yv, LR, F.cross_entropy))
+            assert_equal(out.c, want)
+    planner = step.planner
     assert caplog.text.count("cannot replay") == 1 and "mul_" in caplog.text
     assert planner.jvps == {"dual_twin": 2}
     assert planner.current.engine == "dual_twin" and "cannot replay" in planner.current.reason
     with pytest.raises(ValueError, match=r"method\.engine=tape cannot run InPlaceNet: .*mul_"):
-        l2rw_eps_grad(model, x, y, xv, yv, LR, planner=Planner("l2rw", engine="tape"))
+        l2rw_eps_grad(model, x, y, xv, yv, LR, engine="tape")
 
 
 @pytest.mark.parametrize("method", ["l2rw", "mwnet"])
@@ -667,7 +668,7 @@ def test_dual_twin_replays_the_dropout_masks(method: str):
                 StepInputs(copy.deepcopy(model), x, y, xv, yv, LR, F.cross_entropy)
             )
             results[engine, policy] = [*grads, losses.detach()]
-            assert m.planner.last_engine == engine
+            assert m.metastep.planner.last_engine == engine
         results[engine, policy].append(torch.rand(3))  # the random stream continues alike
     for other in runs[1:]:
         for a, b in zip(results[runs[0]], results[other], strict=True):

@@ -18,7 +18,6 @@ from reweight import (
     mwnet_weights,
     normalize_l2rw,
 )
-from reweight.jvp import Planner
 from reweight.methods import StepInputs
 
 from .test_meta import make
@@ -93,8 +92,8 @@ def test_l2rw_custom_loss_fn_is_called_with_both_reductions(meta_grad: str, orde
         return F.cross_entropy(out, target, reduction=reduction)
 
     model, x, y, xv, yv = make("mlp")
-    planner = Planner("l2rw", engine="tape") if meta_grad == "fast" else None
-    l2rw_weights(model, x, y, xv, yv, 0.1, loss_fn, meta_grad=meta_grad, planner=planner)
+    engine = "tape" if meta_grad == "fast" else "auto"
+    l2rw_weights(model, x, y, xv, yv, 0.1, loss_fn, meta_grad=meta_grad, engine=engine)
     assert calls == order
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-import reweight.methods.mwnet
+import reweight.metastep
 from reweight import L2RW, MWNet
 from reweight.jvp import per_layer as ghost
 from reweight.meta import trainable
@@ -204,7 +204,7 @@ def test_mwnet_per_layer_step_equals_unrolled(name: str, replay: str, chunks):
         chunks=chunks,
         engine="per_layer",
     )
-    assert method.planner.jvps == {"per_layer": 1}
+    assert method.metastep.planner.jvps == {"per_layer": 1}
     for a, b in zip(got, want, strict=True):
         assert b.abs().max() > 0
         assert_equal(a, b)
@@ -232,30 +232,30 @@ def mwnet_step(method: MWNet, model, x, y, xv, yv):
 def test_the_first_step_checks_the_path_and_computes_what_later_steps_do():
     model, x, y, xv, yv = model_and_batches("lenet")
     method = mwnet_method(model)
-    assert method.planner.per_layer_verdict(model) == "check"
-    assert method.planner.plan(model, torch.device("cpu")).reason.startswith(
+    assert method.metastep.planner.per_layer_verdict(model) == "check"
+    assert method.metastep.planner.plan(model, torch.device("cpu")).reason.startswith(
         "cpu policy: per-layer path, checked on this step"
     )
     first, losses, _ = mwnet_step(method, model, x, y, xv, yv)
-    assert is_per_layer(losses) and method.planner.per_layer_verdict(model) == "ok"
+    assert is_per_layer(losses) and method.metastep.planner.per_layer_verdict(model) == "ok"
     second, losses, _ = mwnet_step(method, model, x, y, xv, yv)
-    assert is_per_layer(losses) and method.planner.jvps == {"per_layer": 2}
+    assert is_per_layer(losses) and method.metastep.planner.jvps == {"per_layer": 2}
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)  # the checking step's numbers are the path's own
     # a change of mode is a new structure: checked again
     model.eval()
-    assert method.planner.per_layer_verdict(model) == "check"
+    assert method.metastep.planner.per_layer_verdict(model) == "check"
 
 
 def test_auto_takes_two_slices_on_the_path(monkeypatch: pytest.MonkeyPatch):
     seen = []
-    meta_gradient = reweight.methods.mwnet.meta_gradient
+    meta_gradient = reweight.metastep.meta_gradient
 
     def spy(*args):
         seen.append(args[-1])
         return meta_gradient(*args)
 
-    monkeypatch.setattr(reweight.methods.mwnet, "meta_gradient", spy)
+    monkeypatch.setattr(reweight.metastep, "meta_gradient", spy)
     model, x, y, xv, yv = model_and_batches("lenet")
     method = mwnet_method(model)
     for _ in range(2):
@@ -275,14 +275,14 @@ def l2rw_update(model: nn.Module, verdict: str, x, y, xv, yv) -> tuple[torch.Ten
     method.setup(model=model, device=torch.device("cpu"))
     if verdict == "ok":  # the step leaves a model without BatchNorm as it was
         method.step(StepInputs(model, xv, yv, x, y, 0.1, F.cross_entropy))
-    assert method.planner.per_layer_verdict(model) == verdict
+    assert method.metastep.planner.per_layer_verdict(model) == verdict
     model.zero_grad(set_to_none=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     out = method.step(StepInputs(model, x, y, xv, yv, 0.1, F.cross_entropy, optimizer))
     (out.weights * out.losses).sum().backward()
     optimizer.step()
-    assert method.planner.per_layer_verdict(model) == "ok"
-    assert method.planner.last_engine == "per_layer"
+    assert method.metastep.planner.per_layer_verdict(model) == "ok"
+    assert method.metastep.planner.last_engine == "per_layer"
     return out.weights.detach(), [p.detach().clone() for p in model.parameters()]
 
 
@@ -346,8 +346,8 @@ def test_an_output_modified_in_place_is_refused():
     # the step's first (checking) forward finds it too, and goes on by the exact general path
     xv, yv = torch.randn(7, 5, dtype=DT), torch.randint(0, 3, (7,))
     got, want, method = mwnet_pair(model, x, y, xv, yv, normalize="sum", replay=None, warm=False)
-    assert method.planner.per_layer_verdict(model) == "no"
-    assert method.planner.last_engine == "tape"
+    assert method.metastep.planner.per_layer_verdict(model) == "no"
+    assert method.metastep.planner.last_engine == "tape"
     for a, b in zip(got, want, strict=True):
         assert_equal(a, b)
     with pytest.raises(ValueError, match=r"engine=per_layer cannot run Sequential: Linear: its"):
@@ -374,8 +374,8 @@ def test_a_call_the_recording_cannot_read_is_refused_without_breaking_the_forwar
     xv, yv = torch.randn(7, 5, dtype=DT), torch.randint(0, 3, (7,))
     # the checking step finishes on the general path
     got, want, method = mwnet_pair(model, x, y, xv, yv, normalize="sum", replay=None, warm=False)
-    assert method.planner.per_layer_verdict(model) == "no"
-    assert method.planner.last_engine == "tape"
+    assert method.metastep.planner.per_layer_verdict(model) == "no"
+    assert method.metastep.planner.last_engine == "tape"
     for a, b in zip(got, want, strict=True):
         assert_equal(a, b)
 
@@ -392,20 +392,20 @@ def test_the_check_keeps_models_off_the_path(cls, caplog: pytest.LogCaptureFixtu
         got, want, method = mwnet_pair(
             model, x, y, xv, yv, normalize="sum", replay=None, warm=False
         )
-    assert method.planner.per_layer_verdict(model) == "no"
+    assert method.metastep.planner.per_layer_verdict(model) == "no"
     assert "does not fit the per-layer path" in caplog.text
     # the checking step went on by the general engine, the tape on CPU
-    assert method.planner.jvps == {"tape": 1}
+    assert method.metastep.planner.jvps == {"tape": 1}
     for a, b in zip(got, want, strict=True):
         assert_equal(a, b)
     _, losses, _ = mwnet_step(method, model, x, y, xv, yv)
-    assert not is_per_layer(losses) and method.planner.last_engine == "tape"
+    assert not is_per_layer(losses) and method.metastep.planner.last_engine == "tape"
     # and computed what every later step does: one slice by "auto", the same engine
     method = mwnet_method(model)
     first, _, _ = mwnet_step(method, model, x, y, xv, yv)
-    assert method.planner.per_layer_verdict(model) == "no"
+    assert method.metastep.planner.per_layer_verdict(model) == "no"
     second, _, _ = mwnet_step(method, model, x, y, xv, yv)
-    assert method.planner.jvps == {"tape": 2}
+    assert method.metastep.planner.jvps == {"tape": 2}
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match=r"per_layer cannot run .*: its per-layer JVP differs"):
@@ -419,4 +419,4 @@ def test_a_forced_engine_is_the_one_that_runs():
     for _ in range(2):
         _, losses, _ = mwnet_step(method, model, x, y, xv, yv)
         assert not is_per_layer(losses)
-    assert method.planner.jvps == {"tape": 2}
+    assert method.metastep.planner.jvps == {"tape": 2}

@@ -82,7 +82,7 @@ def test_l2rw_eps_grad_equals_the_reference(kind: str):
     for engine in ("tape", "dual", "dual_twin"):
         method = L2RW(engine=engine)
         out = method.step(StepInputs(model, x, y, xv, yv, LR, F.cross_entropy))
-        assert method.planner.last_engine == engine
+        assert method.metastep.planner.last_engine == engine
         w = torch.clamp(-want, min=0)
         assert_close(out.weights, w / w.sum())
 

@@ -325,7 +325,7 @@ def test_l2rw_replay_by_every_engine(name: str, engine: str):
     method = L2RW(engine=engine, replay_optimizer=True)
     method.setup(model=model, device=torch.device("cpu"))
     out = method.step(StepInputs(model, x, y, xv, yv, 123.0, F.cross_entropy, opt))
-    assert method.planner.last_engine == engine
+    assert method.metastep.planner.last_engine == engine
     assert out.weights.sum() > 0
     torch.testing.assert_close(out.weights, want, rtol=0, atol=ATOL)
 
@@ -443,7 +443,7 @@ def test_config_replays_adamw(hydra_cfg, method: str):
     checked = cli.validate(cfg)  # the schema, then every constructor the run would call
     assert checked.method.replay_optimizer is True
     built = build_method(**dict(checked.method))
-    assert built.replay_optimizer is True
+    assert built.metastep.replay_optimizer is True
     optimizer = _partial(checked.optimizer, "optimizer")(mlp().parameters())
     assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["weight_decay"] == 0.01
     assert hydra_cfg(f"method={method}").method.replay_optimizer is False  # the default

@@ -204,9 +204,9 @@ def test_l2rw_step_by_every_engine_equals_the_reference(name: str, engine: str):
     want = reference_eps_grad(model, x, y, xv, yv)
     method, out = l2rw_step(model, x, y, xv, yv, engine=engine)
     if engine != "auto":
-        assert method.planner.last_engine == engine
+        assert method.metastep.planner.last_engine == engine
     elif name in RECURRENT:
-        assert method.planner.last_engine == "dual_twin"
+        assert method.metastep.planner.last_engine == "dual_twin"
     expected_w = torch.clamp(-want, min=0)
     assert_close(out.weights, expected_w / expected_w.sum())
     # the losses the real update backpropagates are the model's, at θ
@@ -236,7 +236,7 @@ def test_mwnet_net_gradients_equal_the_reference(name: str, engine: str):
         return
     method, fast = mwnet_grads(model, x, y, xv, yv, engine=engine)
     if engine != "auto":
-        assert method.planner.last_engine == engine
+        assert method.metastep.planner.last_engine == engine
     want = reference_phi_grads(model, method.vnet, x, y, xv, yv)
     assert max(float(w.abs().max()) for w in want) > 1e-6
     _, unrolled = mwnet_grads(model, x, y, xv, yv, meta_grad="unrolled")

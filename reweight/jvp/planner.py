@@ -78,7 +78,6 @@ __all__ = ["POLICIES", "Plan", "Planner"]
 log = logging.getLogger(__name__)
 
 POLICIES = ("auto", "cpu", "cuda")
-_METHODS = ("l2rw", "mwnet")
 
 
 @dataclass(frozen=True)
@@ -94,16 +93,20 @@ class Plan:
 class Planner:
     """Chooses, records with, and reports the forward-mode engine of one method.
 
+    It knows engines by what they can run, not methods by name: a method whose JVP direction
+    exists before the training forward (L2RW's, at w = 0: ``direction_first``) can use ``dual``;
+    one whose direction exists only after its virtual step (a weighting net's) cannot.
+
     Args:
-        method: ``"l2rw"`` or ``"mwnet"`` (MW-Net cannot use ``dual``: its JVP's direction
-            exists only after the training forward).
         engine: ``"auto"`` or one of ``tape``, ``dual``, ``dual_twin``, ``per_layer``.
         policy: ``"auto"`` (the batch's device), ``"cpu"`` or ``"cuda"``.
+        direction_first: the JVP's direction is known before the training forward.
+        label: the method's name, for log lines.
         twins: the method's twin cache (a new one by default).
 
     Example:
         >>> import torch, torch.nn as nn, torch.nn.functional as F
-        >>> planner = Planner("l2rw", engine="tape")
+        >>> planner = Planner(engine="tape")
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
         >>> x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
         >>> rec = planner.record(model, x, y, F.cross_entropy, update=False)
@@ -114,26 +117,27 @@ class Planner:
 
     def __init__(
         self,
-        method: str,
         engine: str = "auto",
         policy: str = "auto",
+        *,
+        direction_first: bool = True,
+        label: str = "meta step",
         twins: TwinCache | None = None,
     ) -> None:
-        if method not in _METHODS:
-            raise ValueError(f"Planner: method must be one of {list(_METHODS)}, got {method!r}")
         if engine not in ("auto", *ENGINES):
             raise ValueError(f"method.engine must be one of {['auto', *ENGINES]}, got {engine!r}")
         if policy not in POLICIES:
             raise ValueError(
                 f"method.engine_policy must be one of {list(POLICIES)}, got {policy!r}"
             )
-        if method == "mwnet" and engine == "dual":
+        if engine == "dual" and not direction_first:
             raise ValueError(
-                "method.engine=dual cannot run mwnet: dual numbers through the real model need "
-                "the JVP's direction before the training forward, and MW-Net's exists only after "
-                "its virtual step; use method.engine=dual_twin or auto"
+                f"method.engine=dual cannot run {label}: dual numbers through the real model need "
+                "the JVP's direction before the training forward, and this method's exists only "
+                "after its virtual step; use method.engine=dual_twin or auto"
             )
-        self.method, self.engine, self.policy = method, engine, policy
+        self.engine, self.policy, self.label = engine, policy, label
+        self.direction_first = direction_first
         self.twins = twins if twins is not None else TwinCache()
         self.current: Plan | None = None  # the plan of the latest recording
         self.last_engine: str | None = None  # the engine that computed the latest JVP
@@ -272,7 +276,7 @@ class Planner:
         self.current = plan
         timing = plan.timing and self._logged is not None and self._logged.timing
         if plan != self._logged and not timing:  # the timed candidates are logged once
-            log.info("%s meta-gradient engine: %s (%s)", self.method, plan.engine, plan.reason)
+            log.info("%s meta-gradient engine: %s (%s)", self.label, plan.engine, plan.reason)
             self._logged = plan
 
     # -- recording --------------------------------------------------------------------------

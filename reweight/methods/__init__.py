@@ -9,6 +9,7 @@ from reweight.methods.base import Method, MethodOutput, StepInputs
 from reweight.methods.baselines import ERM, ClassBalanced, RandomWeights
 from reweight.methods.l2rw import L2RW
 from reweight.methods.mwnet import MWNet, WeightNet
+from reweight.methods.weighting import WeightingNetMethod
 
 __all__ = [
     "ERM",
@@ -21,6 +22,7 @@ __all__ = [
     "RandomWeights",
     "StepInputs",
     "WeightNet",
+    "WeightingNetMethod",
     "build_method",
     "method_class",
 ]

@@ -9,61 +9,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from reweight.distributed import DistContext
-from reweight.meta import LossFn, MetaModule, TwinCache
+from reweight.meta import MetaModule, TwinCache
+from reweight.metastep import StepInputs
 
-__all__ = ["Method", "MethodOutput", "StepInputs", "replayed_optimizer"]
-
-
-@dataclass
-class StepInputs:
-    """What a method sees of one training step."""
-
-    model: nn.Module
-    inputs: Tensor
-    targets: Tensor  # (B,)
-    meta_inputs: Tensor | None
-    meta_targets: Tensor | None
-    lr: float  # the real optimizer's current learning rate
-    loss_fn: LossFn
-    optimizer: torch.optim.Optimizer | None = None
-    step: int = 0
-    # Data-parallel training: this rank holds ``inputs`` = global batch[offset : offset + B_local]
-    dist: DistContext | None = None
-    global_batch_size: int | None = None  # None: the batch is the whole global batch
-    offset: int = 0
-
-    @property
-    def n_global(self) -> int:
-        return self.global_batch_size or len(self.targets)
-
-    def global_sum(self, tensor: Tensor, differentiable: bool = False) -> Tensor:
-        """Σ over ranks (the tensor itself in one process)."""
-        if self.dist is None:
-            return tensor
-        return self.dist.all_reduce_sum(tensor, differentiable)
-
-    def global_sum_all(self, tensors: list[Tensor]) -> list[Tensor]:
-        """Σ over ranks of each tensor (values only), in one all-reduce of a flat buffer."""
-        if self.dist is None or not tensors:
-            return tensors
-        flat = self.dist.all_reduce_sum(torch.cat([t.reshape(-1) for t in tensors]))
-        return [
-            part.view_as(t)
-            for part, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)
-        ]
-
-
-def replayed_optimizer(enabled: bool, batch: StepInputs) -> torch.optim.Optimizer | None:
-    """The optimizer a method's virtual step replays (``method.replay_optimizer``): the
-    batch's real optimizer when ``enabled``, else None (a plain SGD step at ``batch.lr``)."""
-    if not enabled:
-        return None
-    if batch.optimizer is None:
-        raise ValueError(
-            "method.replay_optimizer=true needs the real optimizer (StepInputs.optimizer), got None"
-        )
-    return batch.optimizer
+__all__ = ["Method", "MethodOutput", "StepInputs"]
 
 
 @dataclass

@@ -10,11 +10,24 @@ meta-gradient identities of ``meta_grad="fast"`` need (``reweight.functional``):
 - ``per_layer``: per-layer inner products, for models whose examples do not interact
   (``per_layer``).
 
-``Planner`` (``planner``) chooses one per model × device × method, says why, and can be forced;
-off CPU it times its two candidates on a model's first steps (``timing``).
+``choose`` (``choice``) picks one from what is known of a model and device and says why (a pure
+function); each engine declares what it can run (``base.ENGINE_SPECS``); the ``Planner``
+(``planner``) a method owns keeps what it learns of each model, records, and reports; off CPU
+it times its two candidates on a model's first steps (``timing``).
 """
 
-from reweight.jvp.base import ENGINES, Recording
-from reweight.jvp.planner import POLICIES, Plan, Planner
+from reweight.jvp.base import ENGINE_SPECS, ENGINES, EngineSpec, Recording
+from reweight.jvp.choice import POLICIES, Facts, Plan, choose
+from reweight.jvp.planner import Planner
 
-__all__ = ["ENGINES", "POLICIES", "Plan", "Planner", "Recording"]
+__all__ = [
+    "ENGINES",
+    "ENGINE_SPECS",
+    "POLICIES",
+    "EngineSpec",
+    "Facts",
+    "Plan",
+    "Planner",
+    "Recording",
+    "choose",
+]

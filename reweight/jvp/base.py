@@ -35,6 +35,8 @@ from reweight.meta import LossFn, MetaModule
 
 __all__ = [
     "ENGINES",
+    "ENGINE_SPECS",
+    "EngineSpec",
     "Forward",
     "Recording",
     "RngState",
@@ -43,8 +45,28 @@ __all__ = [
     "zeros_for_none",
 ]
 
-# The engines, by the name a method's ``engine`` argument (and the config key) gives them.
-ENGINES = ("tape", "dual", "dual_twin", "per_layer")
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What an engine can run: the planner and the chooser read these, not method names."""
+
+    name: str  # what a method's ``engine`` argument (and the config key) calls it
+    summary: str
+    direction_first: bool = False  # needs the JVP's direction before the training forward
+    recurrent: bool = True  # replays recurrent cells (their in-place gate ops)
+
+
+ENGINE_SPECS = {
+    spec.name: spec
+    for spec in (
+        EngineSpec("tape", "the tangent tape", recurrent=False),
+        EngineSpec("dual", "dual numbers through the real model", direction_first=True),
+        EngineSpec("dual_twin", "dual numbers through the twin"),
+        # exact only for models whose examples do not interact: verified on a model's first step
+        EngineSpec("per_layer", "per-layer inner products"),
+    )
+}
+ENGINES = tuple(ENGINE_SPECS)
 
 
 class Unsupported(Exception):

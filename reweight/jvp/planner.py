@@ -1,54 +1,14 @@
-"""Which engine computes a method's JVPs, and why: the ``Planner`` a method owns.
+"""The ``Planner`` a method owns: what it knows of each model, the recording, the report.
 
-With ``engine="auto"`` the choice is made per model × device × method:
-
-    policy   model keeps its examples apart (verified)   otherwise
-    cpu      per_layer                                   tape
-    cuda     per_layer                                   tape or dual_twin, the faster per
-                                                         step on the model's first steps
-
-(dual_twin wherever the tape cannot replay the model's forward: recurrent cells, ops without a
-rule.) The policy is the batch's device (``cpu``; ``cuda`` for any other device) unless
-``policy`` says otherwise, so what the planner would run on a GPU can be run and measured on a
-CPU.
-
-Why. On CPU the tangent tape is the least time: the training batch goes through the network
-once, the replay computes only tangents. For MW-Net it keeps that forward's graph across the
-meta pass (ResNet-32: 1.99× a plain step's peak memory). Off CPU the planner never picks an
-engine whose peak memory exceeds the unrolled step's, nor holds a training graph across a
-meta pass: not dual numbers through the real model with its graph kept (``dual``: 3.95×, more
-than unrolled), and MW-Net's tape records the real forward after the meta pass
-(``LeanTapeRecording``: 1.13×). That leaves two candidates, and which is faster depends on the
-hardware: the tape saves a forward of the batch, but its ``TorchDispatchMode`` costs Python
-work per op, which dominates when the device outruns the host (a small model on a GPU). On a
-2-core CPU (docs/benchmarks.md, ninth run), ResNet-32 at batch 100: the tape 11 % (L2RW) and
-7 % (MW-Net) faster per step; at batch 2 on 8×8 images: 17 % slower and as fast. So the cuda
-policy times both on a model's first training steps
-(``TIMED_STEPS`` each, in turn, synchronizing the device around each, from the recording to
-the real update's losses; the first of each is warm-up) and keeps the faster, as
-``torch.backends.cudnn.benchmark`` picks convolution kernels. Both are exact, so the choice
-changes results only by rounding; force ``engine`` to pin it (a run timed again after a
-resume, or each rank of a data-parallel run, may pick the other).
-
-The per-layer path (``reweight.jvp.per_layer``) is the least time and keeps no
-training graph across MW-Net's meta pass, but is exact only for a model whose examples do not
-interact: its structure is checked first, then on the first step of every (model, structure,
-mode) the model itself is checked (``_agrees``): a forward of the twin, apart from the step's
-own, whose per-layer JVP in a fixed random direction is compared with an exact one (dual
-numbers through the twin). Its loss is a fixed random linear function of the outputs, not the
-training loss, whose JVPs vanish on a batch the model already fits: on MNIST 4-vs-9, a resumed
-run's first batch (one class, float32 losses ≤ 2.4e-7) had JVPs of 2e-5 that the two engines'
-rounding (3e-6) made "differ", and LeNet was sent to the tape. The check feeds nothing into its
-step and leaves the random stream as it was, so a checking step computes what an unchecked
-step of its verdict computes: per layer if the JVPs agree to rounding, else by the general
-engine (where the model then stays); a resumed run equals an uninterrupted one, bit for bit
-(under the cpu policy: the cuda policy's timed choice may differ between runs).
-
-A forced engine (``engine="tape"`` etc.) is used as given; one that cannot run the model is an
-error, never a silent fallback. ``current`` is the latest plan (engine and reason, logged at
-INFO whenever it changes), ``last_engine`` the engine that computed the latest JVP and ``jvps``
-how many each engine computed: tests assert on them, and ``describe()`` puts them in a run's
-summary.
+It keeps the facts the choice needs (``reweight.jvp.choice``: whether a model keeps its
+examples apart, verified on its first step; whether the tape could replay its forward; the
+cuda policy's timings), asks ``choose`` for a plan, records the training forward by the
+planned engine (``reweight.jvp.base.ENGINE_SPECS`` says what each can run), and counts which
+engine computed each JVP. A forced engine (``engine="tape"`` etc.) is used as given; one that
+cannot run the model is an error, never a silent fallback. ``current`` is the latest plan
+(engine and reason, logged at INFO whenever it changes), ``last_engine`` the engine that
+computed the latest JVP and ``jvps`` how many each engine computed: tests assert on them, and
+``describe()`` puts them in a run's summary.
 """
 
 from __future__ import annotations
@@ -57,18 +17,18 @@ import logging
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from reweight import inputs as batch_inputs
-from reweight.jvp.base import ENGINES, Forward, Recording, Unsupported
+from reweight.jvp.base import ENGINE_SPECS, ENGINES, Forward, Recording, Unsupported
+from reweight.jvp.choice import POLICIES, Facts, Plan, choose, general
 from reweight.jvp.dual import DualRecording, DualTwinRecording, dual_twin_jvp
 from reweight.jvp.per_layer import Ineligible, Layers, PerLayerRecording, agree, ghost_layers
 from reweight.jvp.tape import LeanTapeRecording, TapeRecording
-from reweight.jvp.timing import CANDIDATES, TIMED_STEPS, Timing
+from reweight.jvp.timing import Timing
 from reweight.meta import LossFn, TwinCache, trainable
 from reweight.meta.kernels import has_rnn
 from reweight.meta.twins import signature
@@ -76,18 +36,6 @@ from reweight.meta.twins import signature
 __all__ = ["POLICIES", "Plan", "Planner"]
 
 log = logging.getLogger(__name__)
-
-POLICIES = ("auto", "cpu", "cuda")
-
-
-@dataclass(frozen=True)
-class Plan:
-    """An engine and the reason it was chosen (one short sentence); ``timing`` while the cuda
-    policy times its candidates on a model's first steps."""
-
-    engine: str
-    reason: str
-    timing: bool = False
 
 
 class Planner:
@@ -130,9 +78,9 @@ class Planner:
             raise ValueError(
                 f"method.engine_policy must be one of {list(POLICIES)}, got {policy!r}"
             )
-        if engine == "dual" and not direction_first:
+        if engine != "auto" and ENGINE_SPECS[engine].direction_first and not direction_first:
             raise ValueError(
-                f"method.engine=dual cannot run {label}: dual numbers through the real model need "
+                f"method.engine={engine} cannot run {label}: {ENGINE_SPECS[engine].summary} need "
                 "the JVP's direction before the training forward, and this method's exists only "
                 "after its virtual step; use method.engine=dual_twin or auto"
             )
@@ -202,75 +150,35 @@ class Planner:
         if entry is not None:
             self._per_layer[model] = (entry[0], state, entry[2] if state == "ok" else {}, why)
 
-    def _general(self, model: nn.Module, policy: str) -> Plan:
-        """The engine for a model the per-layer path does not serve."""
-        self._timing = None
-        if has_rnn(model):
-            return Plan(
-                "dual_twin",
-                f"{policy} policy: dual numbers through the twin (the tangent tape cannot replay "
-                "the in-place ops of recurrent cells)",
-            )
-        key = signature(model)
+    def _facts(self, model: nn.Module, state: str, why: str, device: torch.device) -> Facts:
+        """What ``choose`` needs of ``model``; under the cuda policy its timings (made on first
+        use), which ``describe`` then reports."""
+        policy, key = self._policy(device), signature(model)
         refused = self._no_tape.get(model)
-        if refused is not None and refused[0] == key:
-            return Plan(
-                "dual_twin",
-                f"{policy} policy: the tangent tape cannot replay {type(model).__name__}'s forward "
-                f"({refused[1]}); dual numbers through the twin",
-            )
-        if policy == "cpu":
-            return Plan(
-                "tape", "cpu policy: tangent tape (one recorded forward, tangents replayed)"
-            )
-        timing = self._timings.get(model)
-        if timing is None or timing.key != key:
-            timing = self._timings[model] = Timing(key)
+        tape_off = refused[1] if refused is not None and refused[0] == key else None
+        recurrent = has_rnn(model)
+        timing = None
+        if policy == "cuda" and not recurrent and tape_off is None:
+            timing = self._timings.get(model)
+            if timing is None or timing.key != key:
+                timing = self._timings[model] = Timing(key)
         self._timing = timing
-        if timing.verdict is not None:
-            return Plan(
-                timing.verdict,
-                f"cuda policy: the faster per step on this model's first steps "
-                f"({timing.summary()}); neither holds a training graph across the meta pass",
-            )
-        return Plan(
-            timing.next(),
-            f"cuda policy: timing {' and '.join(CANDIDATES)} on the first "
-            f"{TIMED_STEPS * len(CANDIDATES)} training steps, in turn (the step's peak memory "
-            "stays near a plain step's with either)",
-            timing=True,
-        )
+        return Facts(type(model).__name__, policy, state, why, recurrent, tape_off, timing)
 
     def _decide(
         self, model: nn.Module, weights: Sequence[Tensor], device: torch.device
     ) -> tuple[Plan, Layers, bool]:
         """(plan, layers, check): ``check`` when the per-layer path runs for the first time on
         this (model, structure, mode) and is to be compared with an exact JVP."""
-        name = type(model).__name__
         if self.engine not in ("auto", "per_layer"):
-            return Plan(self.engine, f"forced: method.engine={self.engine}"), {}, False
+            return choose(None, self.engine)[0], {}, False
         state, layers, why = self._per_layer_state(model, weights, device)
         if self.engine == "per_layer":
-            if state == "no":
-                raise ValueError(
-                    f"method.engine=per_layer cannot run {name}: {why}; use method.engine=auto"
-                )
-            return Plan("per_layer", "forced: method.engine=per_layer"), layers, state == "check"
-        policy = self._policy(device)
-        general = self._general(model, policy)
-        if state == "ok":
-            reason = (
-                f"{policy} policy: {name} keeps the examples of a batch apart (checked on its "
-                "first step): per-layer JVPs and weighted gradients"
-            )
-            return Plan("per_layer", reason), layers, False
-        if state == "check":
-            reason = (
-                f"{policy} policy: per-layer path, checked on this step against an exact JVP "
-                f"(if {name} mixes the examples of a batch: {general.engine})"
-            )
-            return Plan("per_layer", reason), layers, True
-        return replace(general, reason=f"{general.reason}; per-layer path off: {why}"), {}, False
+            facts = Facts(type(model).__name__, self._policy(device), state, why, False, None, None)
+        else:
+            facts = self._facts(model, state, why, device)
+        plan, check = choose(facts, self.engine)
+        return plan, (layers if plan.engine == "per_layer" else {}), check
 
     def _note(self, plan: Plan) -> None:
         self.current = plan
@@ -310,7 +218,7 @@ class Planner:
         if plan.engine == "per_layer":
             rec = self._record_per_layer(model, fwd, layers, chunks, check)
             if rec is not None:
-                return _Planned(self, model, fwd, rec)
+                return self._planned(model, fwd, rec)
             plan = self._decide(model, weights, device)[0]  # off the path now
             self._note(plan)
         if plan.engine == "tape":
@@ -328,7 +236,23 @@ class Planner:
         if start is not None:  # stopped when the step's losses for the real update exist
             engine = plan.engine
             timer = lambda ran: self._timed(model, engine, ran, device, start)  # noqa: E731
-        return _Planned(self, model, fwd, rec, timer)
+        return self._planned(model, fwd, rec, timer)
+
+    def _planned(
+        self,
+        model: nn.Module,
+        fwd: Forward,
+        rec: Recording,
+        timer: Callable[[str], None] | None = None,
+    ) -> Recording:
+        """``rec`` as handed out: its outcomes come back to this planner through callbacks."""
+        return _Planned(
+            fwd,
+            rec,
+            on_unsupported=lambda why: self._refuse_tape(model, why),
+            on_jvp=self._ran,
+            on_update=timer,
+        )
 
     def _record_per_layer(
         self, model: nn.Module, fwd: Forward, layers: Layers, chunks: int, check: bool
@@ -350,7 +274,7 @@ class Planner:
                     "differs from the exact one: the forward mixes the examples of a batch or "
                     "uses a weight outside its layer); using %s",
                     name,
-                    self._general(model, self._policy(batch_inputs.device(fwd.inputs))).engine,
+                    general(self._facts(model, "no", "", batch_inputs.device(fwd.inputs))).engine,
                 )
                 return None
             rec = PerLayerRecording(fwd, layers, chunks)
@@ -458,28 +382,30 @@ def _probe(weights: Sequence[Tensor]) -> list[Tensor]:
 
 class _Planned(Recording):
     """An engine's recording as the planner hands it out: it falls back when the tape cannot
-    replay the forward (or fails, when the tape was forced) and notes which engine computed
-    each JVP."""
+    replay the forward (or fails, when the tape was forced) and reports which engine computed
+    each JVP, and when the update's losses exist, through the callbacks it is given."""
 
     def __init__(
         self,
-        planner: Planner,
-        model: nn.Module,
         fwd: Forward,
         rec: Recording,
-        timer: Callable[[str], None] | None = None,
+        *,
+        on_unsupported: Callable[[str], None],
+        on_jvp: Callable[[str], None],
+        on_update: Callable[[str], None] | None = None,
     ) -> None:
-        self.planner, self.model, self.fwd, self.rec = planner, model, fwd, rec
+        self.fwd, self.rec = fwd, rec
         self.engine, self.values = rec.engine, rec.values
-        self.timer = timer  # called once with the engine, when the update's losses exist
+        self.on_unsupported, self.on_jvp = on_unsupported, on_jvp
+        self.on_update = on_update  # called once with the engine, when the update's losses exist
 
     def jvp(self, direction: Sequence[Tensor]) -> Tensor:
         try:
             out = self.rec.jvp(direction)
         except Unsupported as err:
-            self.planner._refuse_tape(self.model, str(err))
+            self.on_unsupported(str(err))  # raises when the tape was forced
             out, self.engine = dual_twin_jvp(self.fwd, direction), "dual_twin"
-        self.planner._ran(self.engine)
+        self.on_jvp(self.engine)
         return out
 
     def weighted_grads(self, seeds: Tensor) -> list[Tensor | None]:
@@ -487,7 +413,7 @@ class _Planned(Recording):
 
     def update_losses(self) -> Tensor:
         losses = self.rec.update_losses()
-        if self.timer is not None:
-            self.timer(self.engine)
-            self.timer = None
+        if self.on_update is not None:
+            self.on_update(self.engine)
+            self.on_update = None
         return losses

@@ -109,11 +109,6 @@ class DistContext:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
 
-    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
-        box = [obj]
-        dist.broadcast_object_list(box, src=src, group=self.group)
-        return box[0]
-
     def barrier(self) -> None:
         dist.barrier(group=self.group)
 

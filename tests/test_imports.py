@@ -1,4 +1,5 @@
-"""No import cycle inside ``reweight/``, not even one hidden by a function-level import.
+"""No import cycle inside ``reweight/``, not even one hidden by a function-level import, and
+every module imports only its own layer and those below it (``LAYERS``, README's Design).
 
 Every module's import statements are read with ``ast`` (those inside functions included, those
 under ``if TYPE_CHECKING:`` left out, as they never run) and resolved to modules of the package:
@@ -12,8 +13,6 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
-
-import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "reweight"
 
@@ -132,25 +131,6 @@ def test_the_checker_finds_a_cycle_hidden_in_a_function(tmp_path: Path):
     assert find_cycle(import_graph(pkg)) == ["pkg.a", "pkg.sub.b", "pkg.c", "pkg.a"]
 
 
-@pytest.mark.parametrize("module", ["reweight.jvp.planner", "reweight.meta.sgd"])
-def test_lower_floors_import_nothing_above_them(module: str):
-    """jvp/ and meta/ sit below the methods: nothing there imports methods, functional or the
-    trainer, at any depth."""
-    graph = import_graph(PACKAGE)
-    seen, todo = set(), [module]
-    while todo:
-        for nxt in graph[todo.pop()] - seen:
-            seen.add(nxt)
-            todo.append(nxt)
-    upward = sorted(
-        m
-        for m in seen
-        if m.startswith(("reweight.methods", "reweight.trainer", "reweight.cli"))
-        or m in ("reweight", "reweight.functional")
-    )
-    assert not upward, f"{module} reaches {upward}"
-
-
 # -- no module-level switches ---------------------------------------------------------------------
 
 _MUTATORS = {"add", "append", "clear", "discard", "extend", "insert", "pop", "remove", "setdefault"}
@@ -221,3 +201,80 @@ def test_the_switch_finder_finds_switches(tmp_path: Path):
         "pkg.a.CACHE": "mutated",
         "pkg.a.LIMIT": "rebound with `global`",
     }
+
+
+# -- the layer order (README, Design) ------------------------------------------------------------
+
+# Lowest first: a module may import its own layer and the layers below it, never one above.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("core", ("reweight.inputs", "reweight.device", "reweight.outputs.files")),
+    ("leaves", ("reweight.data", "reweight.models")),
+    ("meta", ("reweight.meta",)),
+    ("jvp", ("reweight.jvp",)),
+    ("metastep", ("reweight.metastep", "reweight.functional")),
+    ("methods", ("reweight.methods",)),
+    (
+        "train",
+        (
+            "reweight.trainer",
+            "reweight.trainer_config",
+            "reweight.batches",
+            "reweight.checkpoint",
+            "reweight.signals",
+            "reweight.weight_stats",
+            "reweight.metrics",
+            "reweight.loggers",
+            "reweight.distributed",
+            "reweight.suspects",
+        ),
+    ),
+    ("outputs", ("reweight.outputs", "reweight.inspect")),
+    ("cli", ("reweight.cli", "reweight.__main__", "reweight")),
+]
+# leaves import nothing of the package but the core (and themselves)
+LEAVES = {"reweight.data": "reweight.data", "reweight.models": "reweight.models"}
+
+
+def layer_of(module: str) -> int:
+    """The index in LAYERS of ``module``: the longest prefix that names it wins."""
+    best, rank = -1, None
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and len(p) > best:
+                best, rank = len(p), i
+    if rank is None:
+        raise KeyError(f"{module} is in no layer of LAYERS: add it where it belongs")
+    return rank
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    out = []
+    for module, targets in sorted(graph.items()):
+        here = layer_of(module)
+        leaf = next((p for p in LEAVES if module == p or module.startswith(p + ".")), None)
+        for t in sorted(targets):
+            if layer_of(t) > here:
+                out.append(f"{module} ({LAYERS[here][0]}) imports {t} ({LAYERS[layer_of(t)][0]})")
+            elif leaf and layer_of(t) > 0 and not (t == leaf or t.startswith(leaf + ".")):
+                out.append(f"{module} (a leaf) imports {t}")
+    return out
+
+
+def test_every_module_imports_only_its_layer_and_those_below():
+    graph = import_graph(PACKAGE)
+    assert layer_violations(graph) == []
+
+
+def test_the_layer_check_finds_an_upward_import():
+    graph = {
+        "reweight.meta.twins": {"reweight.methods.base"},
+        "reweight.methods.base": {"reweight.meta"},
+        "reweight.data.core": {"reweight.models.lenet", "reweight.inputs"},
+        "reweight.models.lenet": set(),
+        "reweight.inputs": set(),
+        "reweight.meta": set(),
+    }
+    assert layer_violations(graph) == [
+        "reweight.data.core (a leaf) imports reweight.models.lenet",
+        "reweight.meta.twins (meta) imports reweight.methods.base (methods)",
+    ]

@@ -186,21 +186,19 @@ class OptimizerReplay:
         params: Mapping[str, Tensor],
         loss: Tensor,
         *,
-        first_order: bool = False,
         reduce_grads: Callable[[list[Tensor]], list[Tensor]] | None = None,
     ) -> dict[str, Tensor]:
         """θ′ for every named weight, differentiable through the gradient of ``loss``.
 
-        As ``sgd_step``: ``params`` by name (those not replayed are returned unchanged),
-        ``create_graph`` unless ``first_order``, ``reduce_grads`` applied to the gradients
-        first (a differentiable sum over data-parallel ranks). A weight ``loss`` does not reach
-        takes its step with a zero gradient.
+        As ``sgd_step``: ``params`` by name (those not replayed are returned unchanged), with
+        ``create_graph``, ``reduce_grads`` applied to the gradients first (a differentiable
+        sum over data-parallel ranks). A weight ``loss`` does not reach takes its step with a
+        zero gradient.
         """
         weights = [params[n] for n in self.names]
-        grads = torch.autograd.grad(loss, weights, create_graph=not first_order, allow_unused=True)
+        grads = torch.autograd.grad(loss, weights, create_graph=True, allow_unused=True)
         grads = [
-            torch.zeros_like(w) if g is None else g.detach() if first_order else g
-            for g, w in zip(grads, weights, strict=True)
+            torch.zeros_like(w) if g is None else g for g, w in zip(grads, weights, strict=True)
         ]
         if reduce_grads is not None:
             grads = reduce_grads(grads)

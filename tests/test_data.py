@@ -7,7 +7,6 @@ checkout at /work/main); tests that need them fail, never skip, if they are miss
 
 from __future__ import annotations
 
-import doctest
 import importlib
 import json
 import os
@@ -124,12 +123,10 @@ def test_public_names() -> None:
 @pytest.mark.parametrize(
     "module", ["core", "noise", "splits", "build", "mnist", "cifar", "checksums", "own"]
 )
-def test_module_all_and_doctests(module: str) -> None:
+def test_module_all(module: str) -> None:
     mod = importlib.import_module(f"reweight.data.{module}")
     for name in mod.__all__:
         assert hasattr(mod, name), name
-    result = doctest.testmod(mod)
-    assert result.failed == 0
 
 
 # --- mnist_imbalanced on the real files ---------------------------------------------------------

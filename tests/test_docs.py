@@ -68,11 +68,20 @@ def test_readme_commands_are_what_ci_runs():
         "reweight.outputs",
         "reweight.outputs.files",
         "reweight.suspects",
-    ],
+        "reweight.metastep",
+        "reweight.meta.twins",
+        "reweight.jvp.planner",
+        "reweight.cli.run_dir",
+        "reweight.cli.schema",
+    ]
+    + [f"reweight.models.{m}" for m in ("factory", "lenet", "mlp", "resnet", "sequence")]
+    + [f"reweight.models.{m}" for m in ("torchvision_models", "wide_resnet")],
 )
-def test_docstring_examples(module: str):
-    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
+def test_the_entry_points_show_an_example(module: str):
+    """Each of these modules opens with (or holds) an example that runs: pytest runs every
+    docstring example of the package (``--doctest-modules``); here, that they exist."""
+    tests = doctest.DocTestFinder().find(importlib.import_module(module))
+    assert sum(len(t.examples) for t in tests) > 0, module
 
 
 def test_public_surface_imports():

@@ -9,7 +9,6 @@ planner can choose or be forced to, and each test that forces an engine asserts 
 from __future__ import annotations
 
 import copy
-import doctest
 import functools
 import logging
 
@@ -682,11 +681,3 @@ def test_tape_under_cpu_bf16_autocast():
         tape, got, want = tape_and_dual(model, x, y)
     assert tape.error is None and got.dtype == want.dtype
     assert (got - want).abs().max() <= 0.02 * want.abs().max()
-
-
-@pytest.mark.parametrize(
-    "module", [reweight.functional, reweight.jvp.planner, reweight.meta.twins], ids=str
-)
-def test_docstring_examples_run(module):
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import doctest
-import importlib
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -63,16 +61,6 @@ def test_public_names_import() -> None:
         "lstm",
         "vit_tiny",
     }
-
-
-@pytest.mark.parametrize(
-    "module",
-    ["factory", "lenet", "mlp", "resnet", "sequence", "torchvision_models", "wide_resnet"],
-)
-def test_docstring_examples_run(module: str) -> None:
-    mod = importlib.import_module(f"reweight.models.{module}")
-    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
 
 
 # --------------------------------------------------------------------------- shapes

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import doctest
 import json
 import logging
 import math
@@ -41,11 +40,6 @@ HISTORY = [
 def read_csv(path: Path) -> list[dict[str, str]]:
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
-
-
-def test_doctests():
-    result = doctest.testmod(outputs, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
 
 
 def test_metrics_csv_has_every_column_of_every_row(tmp_path):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import ctypes
-import doctest
 import hashlib
 import json
 import os
@@ -26,7 +25,6 @@ import yaml
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
-import reweight.cli.run_dir
 from reweight.cli.run_dir import NO_EFFECT_KEYS, RunDir, RunDirError, config_differences
 from tests.test_cli import cli_env
 
@@ -165,11 +163,6 @@ def test_another_config_is_refused_with_each_key_and_both_values(tmp_path):
     with RunDir(tmp_path) as run:  # resume=false: starts over, nothing refused
         assert run.check(yaml.safe_dump(new), resume=False, max_steps=8) is None
     assert config_differences({"a": 1}, {"a": True}) == [("a", 1, True)]  # 1 is not true
-
-
-def test_docstring_example():
-    result = doctest.testmod(reweight.cli.run_dir, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
 
 
 # -- runs that fail before their first step --------------------------------------------------------

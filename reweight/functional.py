@@ -103,21 +103,15 @@ def l2rw_eps_grad(
 ) -> Tensor:
     """The raw L2RW meta-gradient ∂L_meta(θ′(ε))/∂ε at ε = 0, shape (B,).
 
-    The virtual step is plain SGD at ``lr`` (``optimizer`` None), or the real ``optimizer``
-    (over ``model``'s parameters: SGD with momentum, dampening, nesterov, weight decay; Adam;
-    AdamW) replayed from its current state, each weight at its own parameter group's lr, and
-    ``lr`` is then not read (pass None, or the optimizer's lr). The optimizer is read, never
-    stepped. A weight the training loss does not reach is replayed with a zero gradient.
-    ``params`` chooses the parameters the virtual step moves (``reweight.metastep.select_params``).
-
+    The virtual step is plain SGD at ``lr``, or the real ``optimizer`` (SGD, Adam, AdamW over
+    ``model``'s parameters; read, never stepped) replayed from its state, each weight at its
+    group's lr (``lr`` then not read). ``params``: the parameters it moves (``select_params``).
     ``loss_fn(outputs, targets, reduction="none")`` gives the training losses and
-    ``loss_fn(outputs, targets)`` the (mean) meta loss. The model, its parameters, their
-    ``.grad`` and its BatchNorm statistics are left unchanged; BatchNorm layers in training mode
-    use batch statistics, so the examples of a batch are coupled exactly as in training.
+    ``loss_fn(outputs, targets)`` the mean meta loss. The model, its ``.grad`` and its BatchNorm
+    statistics are left unchanged; BatchNorm in training mode couples the batch as in training.
     ``meta_grad="fast"`` takes the JVP by the engine a planner chooses (``engine="auto"``: the
-    choice ``L2RW().step`` makes for this model and device); ``"unrolled"`` differentiates
-    through the virtual step. ``step``: a ``MetaStep(at_zero=True)`` to reuse across calls (its
-    planner's checks and choice; ``L2RW.weigh`` passes its own), whose settings then apply.
+    choice ``L2RW().step`` makes); ``"unrolled"`` differentiates through the virtual step.
+    ``step``: a ``MetaStep(at_zero=True)`` reused across calls (its settings then apply).
 
     Example:
         >>> import torch, torch.nn as nn

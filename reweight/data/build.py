@@ -17,6 +17,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -189,8 +190,32 @@ def build_dataset(
     check_int("val_per_class", n_val, minimum=0)
     data_root = resolve_data_root(root)
     generator = torch.Generator().manual_seed(seed)
+    bundle = _build(spec, data_root, generator, download, resolved, n_val)
+    bundle.info = {**_describe(bundle, name, resolved, seed, data_root, n_val), **bundle.info}
+    logger.info(
+        "dataset %s (seed %d): %d train (%d corrupted), %d meta, %d val, %d test",
+        name,
+        seed,
+        len(bundle.train),
+        bundle.info["num_corrupted"],
+        len(bundle.meta),
+        bundle.info["split_sizes"]["val"],
+        len(bundle.test),
+    )
+    return bundle
+
+
+def _build(
+    spec: _Spec,
+    data_root: Path,
+    generator: torch.Generator,
+    download: bool,
+    resolved: dict[str, Any],
+    n_val: int,
+) -> DataBundle:
+    """The bundle from the dataset's builder, with ``n_val`` validation examples per class."""
     if spec.native_val:
-        bundle = spec.builder(
+        return spec.builder(
             data_root,
             generator=generator,
             download=download,
@@ -198,33 +223,43 @@ def build_dataset(
             **spec.fixed,
             **resolved,
         )
-    else:
-        # meta_per_class None (your own data): the whole trusted pool, less the validation set
-        n_meta = resolved["meta_per_class"]
-        if n_meta is not None:
-            n_meta = check_int("meta_per_class", n_meta, minimum=1)
-        drawn = {**resolved, "meta_per_class": None if n_meta is None else n_meta + n_val}
-        try:
-            bundle = spec.builder(
-                data_root, generator=generator, download=download, **spec.fixed, **drawn
-            )
-        except ValueError as err:
-            if n_val and "meta_per_class" in str(err):
-                together = f"meta_per_class={n_meta} + val_per_class={n_val}"
-                message = str(err).replace(f"meta_per_class={n_meta + n_val}", together)
-                raise ValueError(
-                    f"{message} (the meta and validation sets are drawn together from the "
-                    "same pool: lower dataset.val_per_class or dataset.meta_per_class)"
-                ) from err
-            raise
-        if n_val:
-            bundle.meta, bundle.val = split_validation(
-                bundle.meta, bundle.test, bundle.num_classes, n_meta, n_val
-            )
+    # meta_per_class None (your own data): the whole trusted pool, less the validation set
+    n_meta = resolved["meta_per_class"]
+    if n_meta is not None:
+        n_meta = check_int("meta_per_class", n_meta, minimum=1)
+    drawn = {**resolved, "meta_per_class": None if n_meta is None else n_meta + n_val}
+    try:
+        bundle = spec.builder(
+            data_root, generator=generator, download=download, **spec.fixed, **drawn
+        )
+    except ValueError as err:
+        if n_val and "meta_per_class" in str(err):
+            together = f"meta_per_class={n_meta} + val_per_class={n_val}"
+            message = str(err).replace(f"meta_per_class={n_meta + n_val}", together)
+            raise ValueError(
+                f"{message} (the meta and validation sets are drawn together from the "
+                "same pool: lower dataset.val_per_class or dataset.meta_per_class)"
+            ) from err
+        raise
+    if n_val:
+        bundle.meta, bundle.val = split_validation(
+            bundle.meta, bundle.test, bundle.num_classes, n_meta, n_val
+        )
+    return bundle
 
+
+def _describe(
+    bundle: DataBundle,
+    name: str,
+    resolved: dict[str, Any],
+    seed: int,
+    data_root: Path,
+    n_val: int,
+) -> dict[str, Any]:
+    """What ``dataset.json`` records of a built bundle (its own ``info`` is added after)."""
     k = bundle.num_classes
-    meta_labels, test_labels = bundle.meta.labels, bundle.test.labels
-    bundle.info = {
+    val = bundle.val
+    return {
         "name": name,
         "params": {
             k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in resolved.items()
@@ -237,32 +272,20 @@ def build_dataset(
             "train": len(bundle.train),
             "meta": len(bundle.meta),
             "test": len(bundle.test),
-            "val": len(bundle.val) if bundle.val is not None else 0,
+            "val": len(val) if val is not None else 0,
         },
         "val_per_class": n_val,
         "train_class_counts": class_counts(bundle.train_labels, k),
         "true_class_counts": class_counts(bundle.true_labels, k),
-        "meta_class_counts": class_counts(meta_labels, k),
-        "test_class_counts": class_counts(test_labels, k),
-        "val_class_counts": class_counts(bundle.val.labels, k) if bundle.val is not None else [],
+        "meta_class_counts": class_counts(bundle.meta.labels, k),
+        "test_class_counts": class_counts(bundle.test.labels, k),
+        "val_class_counts": class_counts(val.labels, k) if val is not None else [],
         "num_corrupted": int(bundle.corrupted.sum()),
         "indices_hash": tensor_hash(
             bundle.train.source_indices, bundle.meta.source_indices, bundle.test.source_indices
         ),
         "labels_hash": tensor_hash(bundle.train_labels, bundle.true_labels),
-        **bundle.info,
     }
-    logger.info(
-        "dataset %s (seed %d): %d train (%d corrupted), %d meta, %d val, %d test",
-        name,
-        seed,
-        len(bundle.train),
-        bundle.info["num_corrupted"],
-        len(bundle.meta),
-        bundle.info["split_sizes"]["val"],
-        len(bundle.test),
-    )
-    return bundle
 
 
 def split_validation(

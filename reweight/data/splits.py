@@ -338,6 +338,23 @@ def _largest_n_train(p: float, minor_available: int, major_available: int) -> in
     return n
 
 
+def _binary_test(
+    groups: list[Tensor], minority: int, majority: int, balanced: bool, generator: torch.Generator
+) -> Tensor:
+    """The test indices: every minority test example and, if ``balanced``, as many random
+    majority ones (else all of them)."""
+    test_minor = groups[minority]
+    test_major = _shuffle(groups[majority], generator)
+    if balanced:
+        if test_major.numel() < test_minor.numel():
+            raise ValueError(
+                f"test_balanced=true needs {test_minor.numel()} majority test images but only "
+                f"{test_major.numel()} exist; set test_balanced=false"
+            )
+        test_major = test_major[: test_minor.numel()]
+    return torch.cat([test_minor, test_major]).sort().values
+
+
 def plan_binary_imbalance(
     train_targets: Tensor,
     test_targets: Tensor,
@@ -370,7 +387,6 @@ def plan_binary_imbalance(
     )
     num_digits = max(minority, majority) + 1
     train_groups = _class_groups(train_targets, num_digits)
-    test_groups = _class_groups(test_targets, num_digits)
     draws = {}
     for cls, want, role in ((minority, n_minor, "minority"), (majority, n_major, "majority")):
         pool = _shuffle(train_groups[cls], generator)
@@ -391,17 +407,9 @@ def plan_binary_imbalance(
         draws[f"{role}_val"] = pool[want : want + val_per_class]
     meta = torch.cat([draws["minority"][:k], draws["majority"][:k]]).sort().values
     train = torch.cat([draws["minority"][k:], draws["majority"][k:]]).sort().values
-
-    test_minor = test_groups[minority]
-    test_major = _shuffle(test_groups[majority], generator)
-    if test_balanced:
-        if test_major.numel() < test_minor.numel():
-            raise ValueError(
-                f"test_balanced=true needs {test_minor.numel()} majority test images but only "
-                f"{test_major.numel()} exist; set test_balanced=false"
-            )
-        test_major = test_major[: test_minor.numel()]
-    test = torch.cat([test_minor, test_major]).sort().values
+    test = _binary_test(
+        _class_groups(test_targets, num_digits), minority, majority, test_balanced, generator
+    )
 
     def binary(targets: Tensor, idx: Tensor) -> Tensor:
         return (targets[idx] == majority).to(torch.int64)

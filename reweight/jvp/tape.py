@@ -181,15 +181,9 @@ class TangentTape(TorchDispatchMode):
     # -- replay -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def jvp(self, directions: Sequence[Tensor], output: Tensor) -> Tensor:
-        """The tangent of ``output`` when the seeds move in ``directions``."""
-        if self.error is not None:
-            raise Unsupported(self.error)
-        found = self._ids.get(id(output))
-        if found is None or found[0]() is not output:
-            return torch.zeros_like(output)
-        target = found[1]
-        # plan: the last reader of every tangent, and max-pools fused with their convolution
+    def _schedule(self, target: int) -> dict[int, int]:
+        """Mark each entry's ``last``: the tangents no entry after it reads (freed once it ran),
+        and return the max-pools fused with the convolution they read (pool entry -> conv)."""
         readers: dict[int, list[int]] = {}
         producer: dict[int, int] = {}
         for i, e in enumerate(self.entries):
@@ -217,6 +211,17 @@ class TangentTape(TorchDispatchMode):
                     and len(conv.outs[0].shape) == len(conv.named["weight"].shape)  # batched
                 ):
                     fused[j] = i
+        return fused
+
+    def jvp(self, directions: Sequence[Tensor], output: Tensor) -> Tensor:
+        """The tangent of ``output`` when the seeds move in ``directions``."""
+        if self.error is not None:
+            raise Unsupported(self.error)
+        found = self._ids.get(id(output))
+        if found is None or found[0]() is not output:
+            return torch.zeros_like(output)
+        target = found[1]
+        fused = self._schedule(target)
         skipped = set(fused.values())
         tangents = {
             s: d.detach() for s, d in zip(self._seeds, directions, strict=True) if d is not None

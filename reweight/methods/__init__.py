@@ -7,6 +7,7 @@ from typing import Any
 
 from reweight.methods.base import Method, MethodOutput, StepInputs
 from reweight.methods.baselines import ERM, ClassBalanced, RandomWeights
+from reweight.methods.cmwnet import ClassAwareWeightNet, CMWNet
 from reweight.methods.l2rw import L2RW
 from reweight.methods.mwnet import MWNet, WeightNet
 from reweight.methods.weighting import WeightingNetMethod
@@ -15,6 +16,8 @@ __all__ = [
     "ERM",
     "L2RW",
     "METHODS",
+    "CMWNet",
+    "ClassAwareWeightNet",
     "ClassBalanced",
     "MWNet",
     "Method",
@@ -28,7 +31,7 @@ __all__ = [
 ]
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (ERM, RandomWeights, ClassBalanced, L2RW, MWNet)
+    cls.name: cls for cls in (ERM, RandomWeights, ClassBalanced, L2RW, MWNet, CMWNet)
 }
 
 
@@ -41,7 +44,8 @@ def method_class(name: str) -> type[Method]:
 
 
 def build_method(name: str, **kwargs: Any) -> Method:
-    """A method by name (``erm``, ``random``, ``class_balanced``, ``l2rw``, ``mwnet``)."""
+    """A method by name (``erm``, ``random``, ``class_balanced``, ``l2rw``, ``mwnet``,
+    ``cmwnet``)."""
     cls = method_class(name)
     params = inspect.signature(cls).parameters.values()
     allowed = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]

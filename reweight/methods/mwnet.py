@@ -55,6 +55,8 @@ class MWNet(WeightingNetMethod):
             interact, so an integer k > 1 refuses models with BatchNorm layers. ``"auto"``
             (the default) takes 2 when the planner runs the per-layer path (the model was
             verified to treat the examples of a batch independently), else 1.
+        meta_every: the meta step runs on every k-th batch (1: every batch, as in the paper);
+            the batches between are weighted by the current net at a plain step's cost.
         meta_params: the parameters the virtual step moves (``"all"``, ``"head"``, patterns).
         engine, engine_policy: with ``meta_grad="fast"``, the forward-mode engine and the
             planner's device policy, as for ``L2RW`` (``dual`` is refused: MW-Net's JVP
@@ -72,6 +74,7 @@ class MWNet(WeightingNetMethod):
         detach_loss: bool = True,
         replay_optimizer: bool = False,
         meta_grad: str = "fast",
+        meta_every: int = 1,
         meta_chunks: int | str = "auto",
         meta_params: str | Sequence[str] = "all",
         engine: str = "auto",
@@ -86,6 +89,7 @@ class MWNet(WeightingNetMethod):
             detach_loss=detach_loss,
             replay_optimizer=replay_optimizer,
             meta_grad=meta_grad,
+            meta_every=meta_every,
             meta_chunks=meta_chunks,
             meta_params=meta_params,
             engine=engine,

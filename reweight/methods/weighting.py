@@ -36,6 +36,9 @@ class WeightingNetMethod(Method):
         normalize: ``"none"`` (w = v/B, the mean weighted loss) or ``"sum"`` (w = v/Σv).
         detach_loss: feed ℓ.detach() to the net (True), or let the virtual step also
             differentiate through the net's input.
+        meta_every: the meta step runs on every k-th batch (the Trainer's step count, so a
+            resumed run keeps the rhythm); the batches between are weighted by the current net
+            at a plain step's cost (one forward and backward, no meta step).
         replay_optimizer, meta_grad, engine, engine_policy, meta_params, meta_chunks: the meta
             step's (``reweight.metastep.MetaStep``: ``meta_chunks`` is its ``chunks``,
             ``meta_params`` its ``params``).
@@ -54,11 +57,14 @@ class WeightingNetMethod(Method):
         detach_loss: bool = True,
         replay_optimizer: bool = False,
         meta_grad: str = "fast",
+        meta_every: int = 1,
         meta_chunks: int | str = "auto",
         meta_params: str | Sequence[str] = "all",
         engine: str = "auto",
         engine_policy: str = "auto",
     ) -> None:
+        if isinstance(meta_every, bool) or not isinstance(meta_every, int) or meta_every < 1:
+            raise ValueError(f"method.meta_every must be an integer >= 1, got {meta_every!r}")
         if normalize not in ("none", "sum"):
             raise ValueError(f"method.normalize must be one of ['none', 'sum'], got {normalize!r}")
         if lr <= 0:
@@ -73,7 +79,7 @@ class WeightingNetMethod(Method):
             label=self.name,
             twins=self.twins,
         )
-        self.lr, self.weight_decay = lr, weight_decay
+        self.lr, self.weight_decay, self.meta_every = lr, weight_decay, meta_every
         self.normalize, self.detach_loss = normalize, detach_loss
         self.vnet = net
         self.optimizer = torch.optim.Adam(self.vnet.parameters(), lr=lr, weight_decay=weight_decay)
@@ -120,6 +126,12 @@ class WeightingNetMethod(Method):
         return grads_phi, out.losses, float(out.meta_loss)
 
     def step(self, batch: StepInputs) -> MethodOutput:
+        if batch.step % self.meta_every:  # between meta steps: the current net, a plain step
+            losses = batch.loss_fn(batch.model(batch.inputs), batch.targets, reduction="none")
+            with torch.no_grad():
+                weights = self.weights(losses.detach(), batch)
+            zero_sum = not bool(batch.global_sum(weights.sum()) > 0)
+            return MethodOutput(weights=weights, losses=losses, zero_sum=zero_sum)
         grads, losses, meta_loss = self.meta_grads(batch)
         self.optimizer.zero_grad(set_to_none=True)
         for p, g in zip(self.vnet.parameters(), grads, strict=True):

@@ -51,6 +51,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import torch
@@ -73,6 +74,8 @@ __all__ = [
 ]
 
 Reduce = Callable[[Tensor], Tensor]  # Σ over data-parallel ranks
+
+log = logging.getLogger(__name__)
 
 
 def normalize_l2rw(eps_grad: Tensor, reduce: Reduce | None = None) -> Tensor:
@@ -179,7 +182,15 @@ def l2rw_weights(
         (True, 1.0)
     """
     g = l2rw_eps_grad(model, inputs, targets, meta_inputs, meta_targets, lr, loss_fn, **options)
-    return normalize_l2rw(g)
+    w = normalize_l2rw(g)
+    if not bool(w.sum() > 0):
+        log.warning(
+            "l2rw_weights: every weight of this batch is 0: up-weighting any of its %d examples "
+            "would raise the meta loss (e.g. a batch of one class against a balanced meta "
+            "batch), so under L2RW's rule it contributes no gradient",
+            len(w),
+        )
+    return w
 
 
 def scale_weights(

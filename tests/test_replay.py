@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 
 import pytest
@@ -487,3 +488,51 @@ def test_cli_replays_adamw_in_a_subprocess(tmp_path, data_root):
     (summary,) = tmp_path.rglob("summary.json")
     assert json.loads(summary.read_text())["steps"] == 2
     assert "replay_optimizer: true" in (summary.parent / "config.yaml").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# A fresh Adam/AdamW: its first step has no second moment, so at ε = 0 its derivative is 1/eps
+# for every weight, and L2RW's replayed weights are plain SGD's at θ′₀
+
+
+@pytest.mark.parametrize("opt", ["adam", "adamw"])
+def test_a_fresh_adam_replay_gives_plain_sgds_weights_at_its_start(opt: str):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,))
+    xv, yv = torch.randn(12, 6, dtype=torch.float64), torch.randint(0, 3, (12,))
+    cls = torch.optim.Adam if opt == "adam" else torch.optim.AdamW
+    optimizer = cls(model.parameters(), lr=1e-3, weight_decay=0.0 if opt == "adam" else 0.05)
+    replayed = l2rw_weights(model, x, y, xv, yv, None, optimizer=optimizer)
+    start = copy.deepcopy(model)  # θ′₀: where the fresh optimizer's zero-gradient step goes
+    with torch.no_grad():
+        for p in start.parameters():
+            p.mul_(1 - 1e-3 * optimizer.defaults["weight_decay"])
+    plain = l2rw_weights_at(model, start, x, y, xv, yv)
+    assert 0 < int((replayed > 0).sum()) < len(y)  # meaningful: some examples kept, some not
+    torch.testing.assert_close(replayed, plain, rtol=1e-9, atol=1e-12)
+
+
+def l2rw_weights_at(model, start, x, y, xv, yv):
+    """max(−g, 0)/Σ with g = −⟨∇θℓᵢ(θ), ∇θL_meta(θ′₀)⟩ (any positive step size)."""
+    params = list(model.parameters())
+    meta = torch.autograd.grad(F.cross_entropy(start(xv), yv), list(start.parameters()))
+    g = []
+    for i in range(len(y)):
+        gi = torch.autograd.grad(F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), params)
+        g.append(-sum((a * b).sum() for a, b in zip(gi, meta, strict=True)))
+    w = torch.clamp(-torch.stack(g), min=0)
+    return w / w.sum()
+
+
+def test_an_all_zero_batch_says_why(caplog: pytest.LogCaptureFixture):
+    """One class in the batch, the other in the meta batch: up-weighting any example raises
+    the meta loss, every weight is 0, and the helper says so."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2).double()
+    x, xv = torch.randn(10, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    y, yv = torch.zeros(10, dtype=torch.long), torch.ones(6, dtype=torch.long)
+    with caplog.at_level(logging.WARNING, logger="reweight.functional"):
+        w = l2rw_weights(model, x, y, xv, yv, 0.1)
+    assert float(w.sum()) == 0.0
+    assert "every weight of this batch is 0" in caplog.text and "10 examples" in caplog.text

@@ -30,6 +30,7 @@ from reweight.methods import (
     WeightNet,
     build_method,
 )
+from reweight.reweighter import Reweighted, Reweighter
 from reweight.signals import TrainingInterrupted
 from reweight.trainer import FitResult, Trainer, TrainerConfig
 
@@ -48,6 +49,8 @@ __all__ = [
     "Method",
     "MethodOutput",
     "RandomWeights",
+    "Reweighted",
+    "Reweighter",
     "StepInputs",
     "Trainer",
     "TrainerConfig",

@@ -159,6 +159,9 @@ class WeightingNetMethod(Method):
         return {"vnet": self.vnet.state_dict(), "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        first = next(iter(state["vnet"].values()), None)
+        if first is not None:  # the saved precision, even before setup casts to the model's
+            self.vnet.to(dtype=first.dtype)
         self.vnet.load_state_dict(state["vnet"])
         self.optimizer.load_state_dict(state["optimizer"])
 

@@ -213,7 +213,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("jvp", ("reweight.jvp",)),
     ("metastep", ("reweight.metastep", "reweight.functional")),
     ("methods", ("reweight.methods",)),
-    ("loops", ("reweight.reweighter",)),
+    ("loops", ("reweight.reweighter", "reweight.integrations")),
     (
         "train",
         (

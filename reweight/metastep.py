@@ -323,12 +323,12 @@ class MetaStep:
         return [names[i] for i in index], [weights[i] for i in index], index
 
     @staticmethod
-    def _full(part: list[Tensor], index: list[int] | None, model: nn.Module) -> list[Tensor]:
-        """A direction over the moved weights, as one over every trainable weight (zeros)."""
+    def _full(part: list[Tensor], index: list[int] | None, model: nn.Module) -> list[Tensor | None]:
+        """A direction over the moved weights, as one over every trainable weight: None for a
+        weight that does not move (the engines skip what only it would reach)."""
         if index is None:
-            return part
-        _, weights = trainable(model)
-        full = [torch.zeros_like(w) for w in weights]
+            return list(part)
+        full: list[Tensor | None] = [None] * len(trainable(model)[1])
         for i, d in zip(index, part, strict=True):
             full[i] = d
         return full

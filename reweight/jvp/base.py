@@ -154,8 +154,9 @@ class Recording(ABC):
     values: Tensor  # (B,), detached
 
     @abstractmethod
-    def jvp(self, direction: Sequence[Tensor]) -> Tensor:
-        """⟨∇θℓᵢ(θ), u⟩ for every example i: (B,), detached; u given per weight."""
+    def jvp(self, direction: Sequence[Tensor | None]) -> Tensor:
+        """⟨∇θℓᵢ(θ), u⟩ for every example i: (B,), detached; u given per weight (None: that
+        weight does not move, and the engine skips what only it would reach)."""
 
     @abstractmethod
     def weighted_grads(self, seeds: Tensor) -> list[Tensor | None]:

@@ -46,7 +46,10 @@ def dual_forward(
     forward build (on the real model, the graph of the real update)."""
     load_forward_ad()
     with fwAD.dual_level(), differentiable_kernels(module):
-        duals = [fwAD.make_dual(p, d.to(p.dtype)) for p, d in zip(weights, direction, strict=True)]
+        duals = [  # a weight without a direction (None) stays a plain tensor
+            p if d is None else fwAD.make_dual(p, d.to(p.dtype))
+            for p, d in zip(weights, direction, strict=True)
+        ]
         with substituted(module, weights, duals):
             dual = loss_fn(module(inputs), targets, reduction="none")
         losses, jvp = fwAD.unpack_dual(dual)

@@ -329,6 +329,8 @@ class GhostRecord:
         for call in self.calls:
             u_w = by_id.get(id(call.weight)) if call.weight is not None else None
             u_b = by_id.get(id(call.bias)) if call.bias is not None else None
+            if u_w is None and u_b is None:  # a layer the direction does not move
+                continue
             out += call.inner(u_w, u_b).to(out.dtype)
         return out
 

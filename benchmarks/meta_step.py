@@ -19,6 +19,10 @@ median over the timed rounds is reported with its ratio to the plain step.
     mwnet/unrolled   likewise for Meta-Weight-Net
     mwnet/fast, mwnet/fast-E   likewise (E: tape, dual_twin, per_layer)
     mwnet/fast-chunksK  mwnet/fast with method.meta_chunks=K (less memory; models without BatchNorm)
+    l2rw/fast-head, mwnet/fast-head   the virtual step over the last layer only (meta_params=head)
+    mwnet/fast-every10  the meta step on every 10th batch (meta_every=10): its row is the *mean*
+                     over the timed steps (the amortised cost), not the median
+    cmwnet/fast      CMW-Net (the class-aware weighting net), as mwnet/fast
     l2rw/higher      peer: the usual `higher.innerloop_ctx` L2RW step (when higher imports)
 
 Each fast row also says which engine computed its JVPs (the planner's ``last_engine``).
@@ -42,6 +46,7 @@ import argparse
 import contextlib
 import copy
 import functools
+import itertools
 import json
 import logging
 import os
@@ -49,14 +54,14 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reweight import ERM, L2RW, MWNet, normalize_l2rw
+from reweight import ERM, L2RW, CMWNet, MWNet, normalize_l2rw
 from reweight.methods import Method, StepInputs
 from reweight.models import build_model
 
@@ -79,6 +84,10 @@ VARIANTS = (
     "mwnet/fast-chunks1",
     "mwnet/fast-chunks2",
     "mwnet/fast-chunks4",
+    "l2rw/fast-head",
+    "mwnet/fast-head",
+    "mwnet/fast-every10",
+    "cmwnet/fast",
     "l2rw/higher",
 )
 ENGINE_VARIANTS = ("tape", "dual", "dual_twin", "per_layer")
@@ -119,12 +128,15 @@ def _trainer_step(
     opt: torch.optim.Optimizer,
     data: tuple[Tensor, ...],
     autocast: Callable[[], contextlib.AbstractContextManager],
+    counter: Iterator[int] | None = None,
 ) -> None:
-    """Steps 2–3 of ``Trainer.fit``: the method's weights, then the real update on Σ wᵢℓᵢ."""
+    """Steps 2–3 of ``Trainer.fit``: the method's weights, then the real update on Σ wᵢℓᵢ
+    (``counter``: the step count a method reads, e.g. for meta_every)."""
     x, y, mx, my = data
     model.train()
     lr = float(opt.param_groups[0]["lr"])
-    batch = StepInputs(model, x, y, mx, my, lr, F.cross_entropy, opt)
+    step = next(counter) if counter is not None else 0
+    batch = StepInputs(model, x, y, mx, my, lr, F.cross_entropy, opt, step)
     with autocast():
         out = method.step(batch)
         losses = out.losses
@@ -188,7 +200,11 @@ def make_method(name: str, policy: str = "auto") -> Method:
             kwargs["engine_policy"] = policy
         if option.startswith("chunks"):
             kwargs["meta_chunks"] = int(option.removeprefix("chunks"))
-    return L2RW(**kwargs) if method == "l2rw" else MWNet(**kwargs)
+        if option == "head":
+            kwargs["meta_params"] = "head"
+        if option.startswith("every"):
+            kwargs["meta_every"] = int(option.removeprefix("every"))
+    return {"l2rw": L2RW, "mwnet": MWNet, "cmwnet": CMWNet}[method](**kwargs)
 
 
 def build_variants(
@@ -248,9 +264,11 @@ def build_variants(
         try:
             method = make_method(name, policy)
             method.setup(
-                model=model, train_labels=None, num_classes=case.num_classes, device=device
+                model=model, train_labels=data[1], num_classes=case.num_classes, device=device
             )
-            step = functools.partial(_trainer_step, method, model, opt, data, autocast)
+            step = functools.partial(
+                _trainer_step, method, model, opt, data, autocast, itertools.count()
+            )
             step()  # a first step: a forced engine that cannot run the model says so here
             metastep = getattr(method, "metastep", None)
             planner = metastep.planner if metastep is not None else None
@@ -356,6 +374,8 @@ def run_case(
     rows = []
     for name in steps:
         ts = sorted(times[name])
+        if "-every" in name:  # a meta step on every k-th batch: the amortised (mean) cost
+            ts = [statistics.fmean(ts)] * len(ts)
         q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
         rows.append(
             {

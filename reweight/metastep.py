@@ -155,6 +155,16 @@ def virtual_step(
     return OptimizerReplay(optimizer, params.items()).step(params, loss, reduce_grads=reduce_grads)
 
 
+def _batch_norms(model: nn.Module, training: bool = False) -> list[str]:
+    """The names of the model's BatchNorm layers (``training``: those in training mode): they
+    couple the examples of a batch, so a batch taken in slices would change what they compute."""
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not training)
+    ]
+
+
 def _check_lr(lr: float | None) -> float:
     if lr is None:
         raise ValueError("lr is needed for a plain SGD virtual step (no optimizer to replay)")
@@ -276,15 +286,11 @@ class MetaStep:
     def setup(self, model: nn.Module, device: torch.device) -> None:
         """Refuse, before the first step, what this model rules out (a forced engine, a
         parameter pattern that matches nothing, slices of a batch that BatchNorm couples)."""
-        select_params(model, self.params)
+        _, moved = self._moved(model)  # a pattern that matches nothing is refused here
         if self.meta_grad == "fast":
-            self.planner.check(model, device)
+            self.planner.check(model, device, moved)
         if self.chunks != "auto" and self.chunks > 1:
-            coupled = [
-                name
-                for name, m in model.named_modules()
-                if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            ]
+            coupled = _batch_norms(model)
             if coupled:
                 raise ValueError(
                     f"method.meta_chunks={self.chunks} would change the meta gradient of "
@@ -313,25 +319,14 @@ class MetaStep:
 
     # -- the moved parameters -----------------------------------------------------------------
 
-    def _moved(self, model: nn.Module) -> tuple[list[str], list[Tensor], list[int] | None]:
-        """(names, weights, their positions among the trainable weights; None: all of them)."""
+    def _moved(self, model: nn.Module) -> tuple[list[str], list[Tensor]]:
+        """Names and tensors of the weights the virtual step moves, in the model's order."""
         names, weights = trainable(model)
         if self.params == "all":
-            return names, weights, None
+            return names, weights
         chosen = set(select_params(model, self.params))
-        index = [i for i, n in enumerate(names) if n in chosen]
-        return [names[i] for i in index], [weights[i] for i in index], index
-
-    @staticmethod
-    def _full(part: list[Tensor], index: list[int] | None, model: nn.Module) -> list[Tensor | None]:
-        """A direction over the moved weights, as one over every trainable weight: None for a
-        weight that does not move (the engines skip what only it would reach)."""
-        if index is None:
-            return list(part)
-        full: list[Tensor | None] = [None] * len(trainable(model)[1])
-        for i, d in zip(index, part, strict=True):
-            full[i] = d
-        return full
+        pairs = [(n, w) for n, w in zip(names, weights, strict=True) if n in chosen]
+        return [n for n, _ in pairs], [w for _, w in pairs]
 
     def _optimizer(self, batch: StepInputs) -> torch.optim.Optimizer | None:
         """The optimizer the virtual step replays, or None (plain SGD at ``batch.lr``)."""
@@ -358,7 +353,7 @@ class MetaStep:
         3. c = −lr·⟨∇θℓᵢ, D ⊙ v⟩ for every i, each weight at its parameter group's lr.
         """
         model = batch.model
-        names, weights, index = self._moved(model)
+        names, weights = self._moved(model)
         start = replay = None
         optimizer = self._optimizer(batch)
         if optimizer is not None:
@@ -375,10 +370,10 @@ class MetaStep:
             direction = [k * d * s for k, d, s in zip(replay.lrs, v, scales, strict=True)]
             step = 1.0
             del v, scales
-        direction = self._full(direction, index, model)
         recording = self.planner.record(
-            model, batch.inputs, batch.targets, batch.loss_fn, direction=direction, update=update
-        )
+            model, batch.inputs, batch.targets, batch.loss_fn, direction=direction,
+            update=update, weights=weights,
+        )  # fmt: skip
         c = -step * recording.jvp(direction)
         return MetaGrad(c, None, recording.update_losses() if update else None, meta_loss)
 
@@ -394,18 +389,19 @@ class MetaStep:
         5. cⱼ = −⟨∇θℓⱼ(θ), lr·D ⊙ v′⟩ for this rank's examples.
         """
         model = batch.model
-        names, weights, index = self._moved(model)
+        names, weights = self._moved(model)
         chunks = self.chunks
+        if chunks == "auto" and _batch_norms(model, training=True):  # slices would change
+            # the batch statistics (a BatchNorm upstream of a moved head; per layer)
+            chunks = 1
         recording = self.planner.record(
             model, batch.inputs, batch.targets, batch.loss_fn,
-            chunks=2 if chunks == "auto" else chunks,
+            chunks=2 if chunks == "auto" else chunks, weights=weights,
         )  # fmt: skip
         if chunks == "auto":
             chunks = 2 if recording.engine == "per_layer" else 1
         seeds = seeds_of(recording.values)
         grads = recording.weighted_grads(seeds.detach())
-        if index is not None:
-            grads = [grads[i] for i in index]
         if batch.dist is not None:
             grads = batch.global_sum_all(zeros_for_none(grads, weights))
         optimizer = self._optimizer(batch)
@@ -423,8 +419,7 @@ class MetaStep:
             batch.loss_fn, chunks,
         )  # fmt: skip
         del new
-        direction = self._full([k * d for k, d in zip(kappa, v, strict=True)], index, model)
-        c = -step * recording.jvp(direction)
+        c = -step * recording.jvp([k * d for k, d in zip(kappa, v, strict=True)])
         return MetaGrad(c, seeds, recording.update_losses(), meta_loss)
 
     # -- the unrolled route -------------------------------------------------------------------

@@ -244,7 +244,12 @@ SUBSETS = {
 def subset_cases(method: str):
     for name in MODELS:
         for subset in SUBSETS[name]:
-            for engine in ENGINES[name]:
+            engines = ENGINES[name]
+            if subset == "head" and "per_layer" not in engines:
+                # BatchNorm in the body, upstream of the head only: the head's per-example
+                # gradients are exact, and the per-layer path reads them
+                engines = [*engines, "per_layer"]
+            for engine in engines:
                 if method == "mwnet" and engine == "dual":
                     continue
                 yield name, subset, "fast", engine

@@ -210,7 +210,11 @@ def ghost_layers(model: nn.Module, weights: Sequence[Tensor]) -> Layers:
     layers: Layers = {}
     covered: set[int] = set()
     for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+        # BatchNorm couples the examples of a batch for every weight it lies downstream of; one
+        # registered before every weight the direction moves (the body of a net whose head
+        # alone moves) leaves their per-example gradients exact. Registration order stands in
+        # for the order of the forward here; the first step's numerical check confirms it.
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and layers:
             raise Ineligible(f"BatchNorm in training mode ({name or type(m).__name__})")
         own = [p for p in m._parameters.values() if p is not None and id(p) in wanted]
         if not own:
@@ -269,11 +273,15 @@ def recording(model: nn.Module, layers: Layers) -> Iterator[list[_Layer]]:
         handle.remove()
 
 
-def finish(weights: Sequence[Tensor], calls: list[_Layer], losses: Tensor) -> GhostRecord:
-    """The record of a recorded forward, from its per-example losses (B,), with graph.
+def finish(
+    weights: Sequence[Tensor], calls: list[_Layer], losses: Tensor, keep_graph: bool = False
+) -> tuple[GhostRecord, Tensor | None]:
+    """The record of a recorded forward, from its per-example losses (B,), with graph, and
+    (``keep_graph``) those losses with their graph still whole.
 
     Runs one backward of Σℓ to the layer outputs (no weight gradients), which frees the
-    forward's graph.
+    forward's graph unless ``keep_graph``: when the recorded weights are some of the model's
+    trainable ones, the real update backpropagates through the forward itself.
     """
     n = losses.shape[0]
     for c in calls:
@@ -287,7 +295,7 @@ def finish(weights: Sequence[Tensor], calls: list[_Layer], losses: Tensor) -> Gh
             # with respect to the ReLU's result, not the layer's output
             raise Ineligible(f"{name}: its input or output was modified in place")
     zs = [c.z for c in calls]
-    gs = torch.autograd.grad(losses.sum(), zs, allow_unused=True)
+    gs = torch.autograd.grad(losses.sum(), zs, allow_unused=True, retain_graph=keep_graph)
     for c, g in zip(calls, gs, strict=True):
         c.g = torch.zeros_like(c.z) if g is None else g.detach()
         c.z = None
@@ -296,7 +304,7 @@ def finish(weights: Sequence[Tensor], calls: list[_Layer], losses: Tensor) -> Gh
         params = sum(t.numel() for t in (c.weight, c.bias) if t is not None)
         if c.g.dim() > 2 and params * n <= c.g.numel():
             c.make_per_example()
-    return GhostRecord(weights, calls, losses.detach())
+    return GhostRecord(weights, calls, losses.detach()), (losses if keep_graph else None)
 
 
 def losses_of(records: Sequence[GhostRecord]) -> Tensor:
@@ -388,6 +396,11 @@ class PerLayerRecording(Recording):
 
     def __init__(self, fwd: Forward, layers: Layers, chunks: int = 1) -> None:
         self.records: list[GhostRecord] = []
+        # the recorded weights are some of the model's trainable ones (a virtual step over part
+        # of it): the real update backpropagates through the forward, whose graph is kept
+        trainable = sum(1 for p in fwd.module.parameters() if p.requires_grad)
+        keep = fwd.update and len(fwd.weights) < trainable
+        kept: list[Tensor] = []
         n = len(fwd.targets)
         with torch.enable_grad():  # the backward to the layer outputs needs the forward's graph
             for part in torch.arange(n).tensor_split(chunks):
@@ -396,7 +409,10 @@ class PerLayerRecording(Recording):
                 rows = slice(int(part[0]), int(part[-1]) + 1)
                 with recording(fwd.module, layers) as calls:
                     losses = fwd.run(rows=rows)
-                self.records.append(finish(fwd.weights, calls, losses))
+                record, graph = finish(fwd.weights, calls, losses, keep)
+                self.records.append(record)
+                if graph is not None:
+                    kept.append(graph)
                 del calls, losses
         self.values = (
             torch.cat([r.values for r in self.records])
@@ -404,6 +420,8 @@ class PerLayerRecording(Recording):
             else self.records[0].values
         )
         self._update: Tensor | None = None
+        if kept:
+            self._update = torch.cat(kept) if len(kept) > 1 else kept[0]
 
     def jvp(self, direction: Sequence[Tensor]) -> Tensor:
         return jvp_of(self.records, direction)

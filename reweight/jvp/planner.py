@@ -106,19 +106,29 @@ class Planner:
 
     # -- choosing ---------------------------------------------------------------------------
 
-    def plan(self, model: nn.Module, device: torch.device) -> Plan:
-        """The engine the next training-step recording of ``model`` would use, and why."""
-        return self._decide(model, trainable(model)[1], device)[0]
+    def plan(
+        self, model: nn.Module, device: torch.device, weights: Sequence[Tensor] | None = None
+    ) -> Plan:
+        """The engine the next training-step recording of ``model`` would use, and why
+        (``weights``: those its JVPs are taken for; default every trainable one)."""
+        return self._decide(model, _weights(model, weights), device)[0]
 
-    def per_layer_verdict(self, model: nn.Module, device: torch.device | str = "cpu") -> str:
+    def per_layer_verdict(
+        self,
+        model: nn.Module,
+        device: torch.device | str = "cpu",
+        weights: Sequence[Tensor] | None = None,
+    ) -> str:
         """``"check"`` (its first step will check it), ``"ok"`` or ``"no"``: whether ``model``,
         in its current structure and modes, takes the per-layer path."""
-        return self._per_layer_state(model, trainable(model)[1], torch.device(device))[0]
+        return self._per_layer_state(model, _weights(model, weights), torch.device(device))[0]
 
-    def check(self, model: nn.Module, device: torch.device) -> None:
+    def check(
+        self, model: nn.Module, device: torch.device, weights: Sequence[Tensor] | None = None
+    ) -> None:
         """Refuse, before the first step, a forced engine that the model's structure rules out."""
         if self.engine == "per_layer":
-            self.plan(model, device)
+            self.plan(model, device, weights)
 
     def _policy(self, device: torch.device) -> str:
         if self.policy != "auto":
@@ -199,6 +209,7 @@ class Planner:
         direction: Sequence[Tensor] | None = None,
         chunks: int = 1,
         update: bool = True,
+        weights: Sequence[Tensor] | None = None,
     ) -> Recording:
         """Record the forward of a training batch by the planned engine.
 
@@ -206,9 +217,11 @@ class Planner:
         dual-number engines compute it in the forward. ``chunks`` slices the per-layer path's
         forward. With ``update`` the forward is the real model's and its losses carry the real
         update's graph; without, it runs through the bound twin and the model, its ``.grad``
-        and its BatchNorm statistics are left unchanged.
+        and its BatchNorm statistics are left unchanged. ``weights``: the weights whose JVPs
+        and weighted gradients are asked for (default: every trainable one); the update's
+        losses reach every trainable weight whatever they are.
         """
-        _, weights = trainable(model)
+        weights = _weights(model, weights)
         twin = lambda: self.twins.bound(model)  # noqa: E731 (bound afresh at each use)
         fwd = Forward(model if update else twin(), weights, inputs, targets, loss_fn, twin, update)
         device = batch_inputs.device(inputs)
@@ -340,6 +353,11 @@ class Planner:
                 e: [round(1e3 * t, 3) for t in ts] for e, ts in self._timing.seconds.items()
             }
         return out
+
+
+def _weights(model: nn.Module, weights: Sequence[Tensor] | None) -> list[Tensor]:
+    """The weights a recording's JVPs are for: those given, else every trainable one."""
+    return list(weights) if weights is not None else trainable(model)[1]
 
 
 def _agrees(fwd: Forward, layers: Layers, chunks: int) -> bool:

@@ -309,32 +309,19 @@ def test_plan_binary_imbalance_on_synthetic_labels() -> None:
     train = balanced_labels(10, 6000)
     test = balanced_labels(10, 1000)
     test = torch.cat([test, torch.full((50,), 9)])  # more 9s than 4s in the test split
-    plan = plan_binary_imbalance(
-        train,
-        test,
-        minority=4,
-        majority=9,
-        n_train=5000,
-        proportion=0.995,
-        meta_per_class=5,
-        test_balanced=True,
-        generator=gen(),
-    )
+
+    def plan_for(balanced: bool):
+        return plan_binary_imbalance(
+            train, test, minority=4, majority=9, n_train=5000, proportion=0.995,
+            meta_per_class=5, test_balanced=balanced, generator=gen(),
+        )  # fmt: skip
+
+    plans = {balanced: plan_for(balanced) for balanced in (True, False)}
+    plan = plans[True]
     assert class_counts(plan.train_labels, 2) == [20, 4970]
     assert class_counts(plan.meta_labels, 2) == [5, 5]
     assert class_counts(plan.test_labels, 2) == [1000, 1000]
-    unbalanced = plan_binary_imbalance(
-        train,
-        test,
-        minority=4,
-        majority=9,
-        n_train=5000,
-        proportion=0.995,
-        meta_per_class=5,
-        test_balanced=False,
-        generator=gen(),
-    )
-    assert class_counts(unbalanced.test_labels, 2) == [1000, 1050]
+    assert class_counts(plans[False].test_labels, 2) == [1000, 1050]
 
 
 @pytest.mark.parametrize("p", [0, 1, 1.2, -0.5])

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 from transformers import (
-    BertConfig,
     BertForSequenceClassification,
     DistilBertConfig,
     DistilBertForSequenceClassification,
@@ -23,6 +22,7 @@ from reweight import L2RW, MWNet, Trainer, TrainerConfig, l2rw_eps_grad, l2rw_we
 from reweight.methods import StepInputs
 from reweight.models.hf import SequenceClassifier
 
+from .helpers import tiny_bert_config
 from .test_sequence import LR, assert_close, reference_eps_grad, reference_phi_grads
 
 VOCAB, CLASSES = 40, 3
@@ -31,18 +31,7 @@ VOCAB, CLASSES = 40, 3
 def tiny(kind: str, dropout: float = 0.0) -> SequenceClassifier:
     torch.manual_seed(0)
     if kind == "bert":
-        config = BertConfig(
-            vocab_size=VOCAB,
-            hidden_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=32,
-            max_position_embeddings=16,
-            num_labels=CLASSES,
-            hidden_dropout_prob=dropout,
-            attention_probs_dropout_prob=dropout,
-        )
-        model = BertForSequenceClassification(config)
+        model = BertForSequenceClassification(tiny_bert_config(dropout))
     else:
         config = DistilBertConfig(
             vocab_size=VOCAB,

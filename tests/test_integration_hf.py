@@ -17,33 +17,23 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 from transformers import (
-    BertConfig,
     BertForMaskedLM,
     BertForSequenceClassification,
     TrainingArguments,
 )
 
-from reweight import L2RW, MWNet, Trainer, TrainerConfig
+from reweight import L2RW, MWNet, Trainer
 from reweight.integrations.huggingface import STATE_FILE, ReweightingTrainer, per_example_loss
 from reweight.models.hf import SequenceClassifier
+
+from .helpers import quiet, tiny_bert_config
 
 VOCAB, CLASSES = 40, 3
 
 
 def tiny_bert() -> BertForSequenceClassification:
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-        num_labels=CLASSES,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return BertForSequenceClassification(config)
+    return BertForSequenceClassification(tiny_bert_config())
 
 
 def rows(n: int, seed: int) -> list[dict]:
@@ -152,7 +142,7 @@ def test_hf_trainer_takes_reweights_own_updates(tmp_path: Path, name: str, opt: 
         meta_data=Pairs(trusted),
         method=method(name),
         optimizer=make,
-        config=TrainerConfig(progress=False, final_weights=0),
+        config=quiet(),
     )
     for (x, y), (mx, my) in zip(hf.seen, hf.trusted, strict=True):
         trainer.train_step(x, y, mx, my)

@@ -15,28 +15,19 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertForSequenceClassification
 
 from reweight import L2RW, MWNet, l2rw_eps_grad
 from reweight.metastep import StepInputs
 from reweight.models.hf import SequenceClassifier
 
+from .helpers import tiny_bert_config
 from .test_metastep import LR, _params, assert_close, reference_eps_grad, reference_phi_grads
 
 
 def lora_bert() -> SequenceClassifier:
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=40,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-        num_labels=3,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
+    config = tiny_bert_config()
     lora = LoraConfig(
         r=4, lora_alpha=8, target_modules=["query", "value"], lora_dropout=0.0, task_type="SEQ_CLS"
     )

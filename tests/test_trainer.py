@@ -141,10 +141,11 @@ class BNNet(nn.Module):
         return self.fc2(torch.relu(self.bn(self.fc1(x))))
 
 
+@pytest.mark.parametrize("meta_grad", ["fast", "unrolled"])
 @pytest.mark.parametrize("name", ["l2rw", "mwnet"])
-def test_batchnorm_statistics_move_only_through_the_real_step(name: str):
-    """The unrolled steps (tests/test_fast.py checks the fast ones the same way)."""
-    method = build_method(name, meta_grad="unrolled")
+def test_batchnorm_statistics_move_only_through_the_real_step(name: str, meta_grad: str):
+    """Once per step, in the real update's forward: never in a meta step's passes."""
+    method = build_method(name, meta_grad=meta_grad)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 3, generator=g), torch.randint(0, 2, (64,), generator=g)
     torch.manual_seed(0)
@@ -174,6 +175,7 @@ def test_batchnorm_statistics_move_only_through_the_real_step(name: str):
         reference(xb)
     torch.testing.assert_close(model.bn.running_mean, reference.bn.running_mean)
     torch.testing.assert_close(model.bn.running_var, reference.bn.running_var)
+    assert int(model.bn.num_batches_tracked) == 3
     assert int(model.bn.num_batches_tracked) == 3
 
 

@@ -275,9 +275,9 @@ def recording(model: nn.Module, layers: Layers) -> Iterator[list[_Layer]]:
 
 def finish(
     weights: Sequence[Tensor], calls: list[_Layer], losses: Tensor, keep_graph: bool = False
-) -> tuple[GhostRecord, Tensor | None]:
-    """The record of a recorded forward, from its per-example losses (B,), with graph, and
-    (``keep_graph``) those losses with their graph still whole.
+) -> GhostRecord:
+    """The record of a recorded forward, from its per-example losses (B,), with graph (with
+    ``keep_graph``, the record's ``graph`` holds those losses with their graph still whole).
 
     Runs one backward of Σℓ to the layer outputs (no weight gradients), which frees the
     forward's graph unless ``keep_graph``: when the recorded weights are some of the model's
@@ -304,7 +304,9 @@ def finish(
         params = sum(t.numel() for t in (c.weight, c.bias) if t is not None)
         if c.g.dim() > 2 and params * n <= c.g.numel():
             c.make_per_example()
-    return GhostRecord(weights, calls, losses.detach()), (losses if keep_graph else None)
+    record = GhostRecord(weights, calls, losses.detach())
+    record.graph = losses if keep_graph else None
+    return record
 
 
 def losses_of(records: Sequence[GhostRecord]) -> Tensor:
@@ -327,6 +329,7 @@ class GhostRecord:
         self.weights = list(weights)
         self.calls = calls
         self.values = values  # the losses (B,), detached
+        self.graph: Tensor | None = None  # the losses with their forward's graph, when kept
         self._index = {id(w): i for i, w in enumerate(self.weights)}
 
     @torch.no_grad()
@@ -409,10 +412,11 @@ class PerLayerRecording(Recording):
                 rows = slice(int(part[0]), int(part[-1]) + 1)
                 with recording(fwd.module, layers) as calls:
                     losses = fwd.run(rows=rows)
-                record, graph = finish(fwd.weights, calls, losses, keep)
+                record = finish(fwd.weights, calls, losses, keep)
                 self.records.append(record)
-                if graph is not None:
-                    kept.append(graph)
+                if record.graph is not None:
+                    kept.append(record.graph)
+                    record.graph = None  # held once, by this recording
                 del calls, losses
         self.values = (
             torch.cat([r.values for r in self.records])

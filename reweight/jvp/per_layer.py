@@ -61,6 +61,9 @@ Layers = dict[str, tuple[Tensor | None, Tensor | None]]
 
 aten = torch.ops.aten
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# affine normalisations: per example, their weight's gradient is Σ (g ⊙ x̂) over the positions
+_NORMS = (nn.LayerNorm, nn.GroupNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
+_LAYERS = (nn.Linear, *_CONVS, *_NORMS, nn.Embedding)
 
 
 class Ineligible(Exception):
@@ -108,8 +111,36 @@ class _Layer:
             self.x, w, bias, stride, padding, dilation, False, [0] * len(padding), groups
         )
 
+    def normalized(self) -> Tensor:
+        """A normalisation layer's input normalised, before its affine weight and bias: x̂."""
+        m, x = self.module, self.x
+        assert x is not None
+        if isinstance(m, nn.GroupNorm):
+            return torch.nn.functional.group_norm(x, m.num_groups, None, None, m.eps)
+        if isinstance(m, nn.LayerNorm):
+            return torch.nn.functional.layer_norm(x, m.normalized_shape, None, None, m.eps)
+        return torch.nn.functional.rms_norm(x, m.normalized_shape, None, m.eps)
+
+    def _embedding_rows(self, seeds: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(indices, g) of an embedding's calls, flat, padding positions dropped (its row gets
+        no gradient), g scaled per example by ``seeds``."""
+        assert self.x is not None and self.g is not None
+        idx, g = self.x, self.g
+        if seeds is not None:
+            g = g * seeds.to(g.dtype).view(-1, *([1] * (g.dim() - 1)))
+        idx, g = idx.reshape(-1), g.reshape(-1, g.shape[-1])
+        pad = self.module.padding_idx
+        if pad is not None:
+            keep = idx != pad
+            idx, g = idx[keep], g[keep]
+        return idx, g
+
     def weighted_grads(self, seeds: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """(∂/∂W, ∂/∂b) of Σᵢ sᵢℓᵢ for this layer."""
+        if isinstance(self.module, nn.Embedding):
+            idx, g = self._embedding_rows(seeds)
+            assert self.weight is not None
+            return torch.zeros_like(self.weight).index_add_(0, idx, g.to(self.weight.dtype)), None
         if self.per_example is not None:
             flat = seeds.to(self.per_example.dtype) @ self.per_example
             return self._split(flat)
@@ -139,6 +170,12 @@ class _Layer:
 
     def inner(self, u_w: Tensor | None, u_b: Tensor | None) -> Tensor:
         """⟨∇ℓᵢ, (u_w, u_b)⟩ restricted to this layer, for every i: (B,)."""
+        if isinstance(self.module, nn.Embedding):
+            # the forward's derivative, padding row included, as dual numbers and the tape take
+            # it (a direction made by a backward is zero there: torch gives that row no gradient)
+            assert self.x is not None and self.g is not None and u_w is not None
+            rows = torch.nn.functional.embedding(self.x, u_w.to(self.g.dtype))
+            return (rows * self.g).flatten(1).sum(1)
         if self.per_example is not None:
             parts = [
                 (torch.zeros_like(t) if u is None else u).reshape(-1)
@@ -149,6 +186,26 @@ class _Layer:
         assert self.g is not None
         t = self.apply(u_w.to(self.g.dtype) if u_w is not None else None, u_b)
         return (t * self.g).flatten(1).sum(1)
+
+    def _norm_per_example(self) -> Tensor:
+        """(B, P): a normalisation's per-example (weight, bias) gradients, Σ over positions of
+        g ⊙ x̂ and of g (the affine acts on dim 1 for GroupNorm, on the trailing dims else)."""
+        assert self.g is not None
+        g, b = self.g, self.g.shape[0]
+        if isinstance(self.module, nn.GroupNorm):
+            dims = tuple(range(2, g.dim()))
+        else:
+            dims = tuple(range(1, g.dim() - len(self.module.normalized_shape)))
+
+        def over_positions(t: Tensor) -> Tensor:  # (B, P); an empty dims would sum everything
+            return (t.sum(dims) if dims else t).reshape(b, -1)
+
+        cols = []
+        if self.weight is not None:
+            cols.append(over_positions(g * self.normalized()))
+        if self.bias is not None:
+            cols.append(over_positions(g))
+        return torch.cat(cols, 1) if len(cols) > 1 else cols[0]
 
     def _split(self, flat: Tensor) -> tuple[Tensor | None, Tensor | None]:
         gw = gb = None
@@ -161,9 +218,13 @@ class _Layer:
         return gw, gb
 
     def make_per_example(self) -> None:
-        """Replace (x, g) by the per-example gradients (B, P) of this convolution or linear."""
+        """Replace (x, g) by the per-example gradients (B, P) of this layer."""
         assert self.x is not None and self.g is not None
         b = self.x.shape[0]
+        if isinstance(self.module, _NORMS):
+            self.per_example = self._norm_per_example()
+            self.x = self.g = None
+            return
         cols = []
         if self.weight is not None:
             if isinstance(self.module, nn.Linear):
@@ -219,11 +280,17 @@ def ghost_layers(model: nn.Module, weights: Sequence[Tensor]) -> Layers:
         own = [p for p in m._parameters.values() if p is not None and id(p) in wanted]
         if not own:
             continue
-        if type(m) not in (nn.Linear, *_CONVS):
+        if type(m) not in _LAYERS:
             raise Ineligible(
                 f"{name or 'the model'} ({type(m).__name__}) has trainable weights, and only "
-                "nn.Linear and nn.Conv layers' are read per layer"
+                "nn.Linear, nn.Conv, nn.Embedding and affine normalisation layers' are read "
+                "per layer"
             )
+        if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.scale_grad_by_freq):
+            # max_norm rewrites the weight in the forward; scale_grad_by_freq couples examples
+            raise Ineligible(f"{name}: Embedding with max_norm or scale_grad_by_freq")
+        if isinstance(m, nn.Embedding) and m.sparse:
+            raise Ineligible(f"{name}: a sparse Embedding")
         if isinstance(m, _CONVS):
             if m.padding_mode != "zeros":
                 raise Ineligible(f"{name}: padding_mode={m.padding_mode!r}")
@@ -234,7 +301,8 @@ def ghost_layers(model: nn.Module, weights: Sequence[Tensor]) -> Layers:
         if m._forward_pre_hooks or m._forward_hooks or getattr(m, "parametrizations", None):
             raise Ineligible(f"{name}: hooks or parametrizations")
         w = m.weight if id(m.weight) in wanted else None
-        b = m.bias if m.bias is not None and id(m.bias) in wanted else None
+        bias = getattr(m, "bias", None)  # Embedding and RMSNorm have none
+        b = bias if bias is not None and id(bias) in wanted else None
         layers[name] = (w, b)
         covered.update(id(p) for p in own)
     missing = wanted - covered
@@ -245,7 +313,7 @@ def ghost_layers(model: nn.Module, weights: Sequence[Tensor]) -> Layers:
 
 def _kind(layer: nn.Module) -> str:
     """The layer's class as the model has it (a twin's ``MetaLinear`` is a ``Linear``)."""
-    return next(c.__name__ for c in (nn.Linear, *_CONVS) if isinstance(layer, c))
+    return next(c.__name__ for c in _LAYERS if isinstance(layer, c))
 
 
 @contextlib.contextmanager
@@ -288,7 +356,10 @@ def finish(
         name = _kind(c.module)
         if c.problem is not None:
             raise Ineligible(c.problem)
-        if c.x is None or c.x.dim() < 2 or c.x.shape[0] != n or c.z is None or c.z.shape[0] != n:
+        least = 1 if isinstance(c.module, nn.Embedding) else 2  # indices (B,) or (B, T, ...)
+        if c.x is None or c.x.dim() < least or c.x.shape[0] != n or c.z is None:
+            raise Ineligible(f"{name}: input not batched like the losses")
+        if c.z.shape[0] != n:
             raise Ineligible(f"{name}: input not batched like the losses")
         if (c.x._version, c.z._version) != c.versions:
             # e.g. ReLU(inplace=True) on a layer's output: autograd would then differentiate
@@ -302,7 +373,9 @@ def finish(
     del zs, gs
     for c in calls:
         params = sum(t.numel() for t in (c.weight, c.bias) if t is not None)
-        if c.g.dim() > 2 and params * n <= c.g.numel():
+        if isinstance(c.module, _NORMS) or (
+            not isinstance(c.module, nn.Embedding) and c.g.dim() > 2 and params * n <= c.g.numel()
+        ):
             c.make_per_example()
     record = GhostRecord(weights, calls, losses.detach())
     record.graph = losses if keep_graph else None

@@ -55,10 +55,30 @@ def _as_a_user() -> None:
             raise OSError(ctypes.get_errno(), f"prctl(PR_CAPBSET_DROP, {cap}) failed")
 
 
-def cli(args: list[str], cwd: Path, as_user: bool = False) -> subprocess.CompletedProcess:
-    """``python -m reweight ARGS`` in ``cwd``; ``as_user``: permission bits apply even to root."""
+# `python -m reweight` on a disk that is full for one file: every write of a run's file ends with
+# the fsync of atomic_write's temporary file ".<name>.*.tmp"; that one fails with ENOSPC, as a
+# write to a full disk does (the file system itself is left as it is).
+_ENOSPC = """
+import errno, os, runpy, sys
+name = sys.argv.pop(1)
+sync = os.fsync
+def fsync(fd):
+    if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(f".{name}."):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return sync(fd)
+os.fsync = fsync
+runpy.run_module("reweight", run_name="__main__", alter_sys=True)
+"""
+
+
+def cli(
+    args: list[str], cwd: Path, as_user: bool = False, disk_full_at: str | None = None
+) -> subprocess.CompletedProcess:
+    """``python -m reweight ARGS`` in ``cwd``; ``as_user``: permission bits apply even to root;
+    ``disk_full_at``: writing the run file of that name fails with ENOSPC (``_ENOSPC``)."""
+    command = ["-m", "reweight"] if disk_full_at is None else ["-c", _ENOSPC, disk_full_at]
     return subprocess.run(
-        [sys.executable, "-m", "reweight", *args],
+        [sys.executable, *command, *args],
         cwd=cwd,
         env=cli_env(),
         capture_output=True,
@@ -262,6 +282,43 @@ def test_resume_false_starts_over_once_the_first_step_is_done(finished_run, copy
     assert log.count("reading MNIST") == 1  # lines from before the first step, once
     assert "trainer.max_steps=6" in (run / ".hydra" / "overrides.yaml").read_text()
     assert (run / "notes.txt").read_text() == "mine"
+
+
+def files_of(tree: dict[str, tuple]) -> dict[str, tuple]:
+    """A ``snapshot`` without folders' mtimes (a folder moved elsewhere may get a new one)."""
+    return {k: v if v[4] is not None else v[:2] for k, v in tree.items()}
+
+
+@pytest.mark.slow
+def test_disk_full_in_the_final_files_keeps_the_finished_run(finished_run, copy_of, tmp_path):
+    """A finished run, then resume=false with another config on a disk that fills up at the
+    last plot: one line naming the file, exit 1; the finished run is kept whole beside, the new
+    run is not taken for finished (no summary.json), and once there is space again the same
+    command finishes it (the plots made) and the finished run it replaced goes."""
+    run = copy_of(finished_run)
+    old = files_of(snapshot(run))
+    curves = run / "learning_curves.png"
+    args = [*ARGS, "trainer.max_steps=6", f"hydra.run.dir={run}"]
+    proc = cli([*args, "resume=false"], tmp_path, disk_full_at=curves.name)
+    assert proc.returncode == 1, proc.stderr
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("error: no space left on device writing ") and str(curves) in line
+    assert "resume=true" in line
+    kept = tmp_path / "run.replaced"
+    assert files_of(snapshot(kept)) == old  # whole, every file as it was
+    assert f"finished run in {run} moved to {kept}" in proc.stdout
+    left = {p.name for p in run.iterdir()}
+    assert "summary.json" not in left and curves.name not in left
+    assert not [name for name in left if name.endswith(".tmp")]
+    assert "suspects.csv" in left  # the new run's, written before the plots
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 6
+
+    again = cli(args, tmp_path)  # space again; resume=true (the default) continues
+    assert again.returncode == 0, again.stderr
+    assert "finished at step" not in again.stdout  # not taken for finished
+    assert json.loads((run / "summary.json").read_text())["steps"] == 6
+    assert curves.read_bytes().startswith(b"\x89PNG")
+    assert not kept.exists()
 
 
 # -- folders that cannot be written --------------------------------------------------------------

@@ -42,7 +42,13 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from reweight.cli.errors import JobErrorFilter, is_config_error, is_multirun, one_line
+from reweight.cli.errors import (
+    JobErrorFilter,
+    disk_full,
+    is_config_error,
+    is_multirun,
+    one_line,
+)
 from reweight.cli.run_dir import RunDir, hydra_files
 from reweight.cli.schema import validate_config
 from reweight.data import build_dataset, save_labels
@@ -103,10 +109,12 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> float:
     Configuration errors raise ``ValueError`` naming the key and the allowed values.
 
     Nothing is written before the first training step (``reweight.cli.run_dir``): a run that fails
-    earlier leaves ``run_dir`` as it found it. A ``run_dir`` holding this run finished (same
-    config up to ``run_dir.NO_EFFECT_KEYS``, checkpoint at ``trainer.max_steps``) is left alone
-    and its recorded objective returned; one holding a run of another config is refused
-    (``RunDirError``, a ``ValueError``) unless ``resume=false``.
+    earlier leaves ``run_dir`` as it found it. ``summary.json`` is written last, so a run that
+    fails while writing its final files is not taken for finished: run again, it writes them.
+    A ``run_dir`` holding this run finished (same config up to ``run_dir.NO_EFFECT_KEYS``,
+    checkpoint at ``trainer.max_steps``) is left alone and its recorded objective returned; one
+    holding a run of another config is refused (``RunDirError``, a ``ValueError``) unless
+    ``resume=false``, which keeps a finished run beside until the new one has finished.
     """
     cfg = validate(cfg)
     dir_key = "run_dir"
@@ -227,7 +235,6 @@ def _train(cfg: DictConfig, run: RunDir) -> float:
         "objective_value": objective,
         "objective_is_test": cfg.objective.startswith("test_"),
     }
-    write_summary(run_dir / SUMMARY, summary)
     title = f"{summary['method']} on {summary['dataset']} (seed {seed})"
     plot_learning_curves(result.history, run_dir / CURVES_PNG, title=title)
     if weights is not None:
@@ -239,6 +246,8 @@ def _train(cfg: DictConfig, run: RunDir) -> float:
             class_names=bundle.class_names,
             title=title,
         )
+    write_summary(run_dir / SUMMARY, summary)  # last: a run with a summary.json is finished
+    run.finish()
     log.info(
         "done: step %d, test accuracy %.4f, balanced %.4f -> %s",
         trainer.step,
@@ -381,6 +390,11 @@ def main() -> None:
         _run_app()
     except (Exception, _ConfigRefused) as caught:
         err = caught.error if isinstance(caught, _ConfigRefused) else caught
+        full = disk_full(err)
+        if full is not None:  # the run started: exit status 1, as for any failed run
+            if env_rank() == 0:
+                print(f"error: {full}", file=stderr)
+            sys.exit(1)
         if not is_config_error(err, task=train):
             raise  # a bug, not a bad override: keep the traceback
         failed = sys.stderr.failed_job if isinstance(sys.stderr, JobErrorFilter) else None

@@ -9,6 +9,7 @@ turns a failed write of Hydra's into the run directory into its path and the fix
 from __future__ import annotations
 
 import errno
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -18,7 +19,14 @@ from hydra.errors import HydraException, InstantiationException, MissingConfigEx
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-__all__ = ["CONFIG_ERRORS", "JobErrorFilter", "is_config_error", "is_multirun", "one_line"]
+__all__ = [
+    "CONFIG_ERRORS",
+    "JobErrorFilter",
+    "disk_full",
+    "is_config_error",
+    "is_multirun",
+    "one_line",
+]
 
 # Exceptions that mean "the configuration is wrong": reported as one line, exit status 2.
 # FileNotFoundError covers a missing data root (the data module names the expected folder).
@@ -82,6 +90,28 @@ def _write_error(err: BaseException, task: Callable[..., Any] | None) -> OSError
             and not inside_train
         ):
             return candidate
+    return None
+
+
+_FULL_ERRNOS = frozenset((errno.ENOSPC, errno.EDQUOT))
+
+
+def disk_full(err: BaseException) -> str | None:
+    """The one line for a write that failed because the disk (or the quota) is full, naming the
+    file, or None for any other error. Every file of a run goes through ``atomic_write``, which
+    keeps the previous version of the file and names the file in the error it raises."""
+    seen: set[int] = set()
+    candidate: BaseException | None = err
+    while candidate is not None and id(candidate) not in seen:  # the error and its causes
+        seen.add(id(candidate))
+        if isinstance(candidate, OSError) and candidate.errno in _FULL_ERRNOS:
+            where = f" writing {candidate.filename}" if candidate.filename else ""
+            return (
+                f"{os.strerror(candidate.errno).lower()}{where}: free some space there, then "
+                "run the command again (with resume=true it continues from the last checkpoint, "
+                "which was kept)"
+            )
+        candidate = candidate.__cause__ or candidate.__context__
     return None
 
 

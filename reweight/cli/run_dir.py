@@ -12,8 +12,12 @@ that, ``RunDir.check`` reads what a previous invocation left there and decides:
 ``RunDir.commit``, called by the Trainer right after the first optimizer step, then writes the
 run's records (``config.yaml``, ``.hydra/``, ``labels.pt``...) and opens ``train.log`` with the
 lines logged so far. A run that starts over (``resume=false``, or no checkpoint to resume from)
-deletes the files of the run it replaces only at that point, so an invocation that fails its
-checks, cannot read its data or fails before its first step leaves an existing run untouched.
+deletes the files of the unfinished run it replaces only at that point, so an invocation that
+fails its checks, cannot read its data or fails before its first step leaves an existing run
+untouched. A *finished* run is never deleted by one that does not finish: at that point its
+files move, whole, to the folder beside it, ``<run dir>.replaced``, which ``RunDir.finish``
+removes once the new run has written its last file (``summary.json``, the marker of a finished
+run, is written last).
 Hydra creates the directory (and its missing parents) before the app runs; ``RunDirCleanup``, a
 Hydra callback, removes the folders it made for a job that failed while they were still empty.
 
@@ -51,8 +55,12 @@ from reweight.outputs.files import (
     LABELS_FILE,
     METRICS,
     OVERRIDES,
+    REPLACED_SUFFIX,
     RESOLVED_CONFIG,
     SUMMARY,
+    SUSPECTS,
+    SUSPECTS_PNG,
+    SUSPECTS_SCATTER_PNG,
     TRACKER_DIRS,
     TRACKER_FILES,
     WEIGHTS,
@@ -83,6 +91,9 @@ _RUN_FILES = (
     HISTOGRAM_PNG,
     LABELS_FILE,
     INFO_FILE,
+    SUSPECTS,
+    SUSPECTS_PNG,
+    SUSPECTS_SCATTER_PNG,
     *TRACKER_FILES,
     *(str(_HYDRA_SUBDIR / name) for name in _HYDRA_FILES),
 )
@@ -169,6 +180,8 @@ class RunDir:
                 )
             return None
         if not resume:  # start over: the old run stays until this one has made a step
+            if (self.path / SUMMARY).is_file():  # a finished run moves beside at that step
+                self._check_writable(self.replaced.parent)
             return None
         old = _load_yaml(previous)
         diffs = config_differences(old, _load_yaml_text(config_yaml, "the config"))
@@ -188,16 +201,25 @@ class RunDir:
             return Finished(summary, step, accuracy)
         return None
 
-    def _check_writable(self) -> None:
+    @property
+    def replaced(self) -> Path:
+        """``<run dir>.replaced``: where a finished run waits while ``resume=false`` replaces it."""
+        path = self.path.absolute()
+        return path.with_name(path.name + REPLACED_SUFFIX)
+
+    def _check_writable(self, folder: Path | None = None) -> None:
         """Fail now, naming the path, where a write would fail after the first step."""
-        existing = next(p for p in (self.path, *self.path.absolute().parents) if p.exists())
+        start = self.path if folder is None else folder
+        existing = next(p for p in (start, *start.absolute().parents) if p.exists())
         if not existing.is_dir():
             raise RunDirError(
                 f"{existing} is a file, not a folder: choose another {self.dir_key} "
                 "or move the file"
             )
         needed = [existing]
-        if existing == self.path:  # an existing run: the files appended to or written into
+        if (
+            folder is None and existing == self.path
+        ):  # an existing run: the files appended to or written into
             needed += [p for p in (self.path / _HYDRA_SUBDIR, *self._logs.paths) if p.exists()]
         for path in needed:
             mode = os.W_OK | os.X_OK if path.is_dir() else os.W_OK
@@ -243,8 +265,18 @@ class RunDir:
             raise
         self._logs.attach()
 
+    def finish(self) -> None:
+        """The run has written its last file: the finished run it replaced (``resume=false``),
+        kept beside it until now, goes."""
+        if self.replaced.is_dir():
+            shutil.rmtree(self.replaced)
+            log.info("removed %s, the finished run this one replaced", self.replaced)
+
     def _remove_old_run(self) -> None:
         self._logs.close_files()  # the log of the old run goes too; reopened at its next line
+        if (self.path / SUMMARY).is_file():
+            self._keep_beside()
+            return
         for name in (*_RUN_FILES, *self._logs.paths):
             (self.path / name).unlink(missing_ok=True)
         for name in TRACKER_DIRS:  # the old run's TensorBoard events, MLflow store, W&B runs
@@ -253,6 +285,27 @@ class RunDir:
         hydra_dir = self.path / _HYDRA_SUBDIR
         if hydra_dir.is_dir() and not any(hydra_dir.iterdir()):
             hydra_dir.rmdir()
+
+    def _keep_beside(self) -> None:
+        """Move the finished run here, whole, to ``self.replaced`` (one rename per file, its
+        ``.hydra/`` and tracker folders as they are); files that are not a run's stay."""
+        kept = self.replaced
+        if kept.exists():  # a run kept there earlier, superseded by the one finished here since
+            shutil.rmtree(kept)
+        kept.mkdir()
+        names = {Path(name).parts[0] for name in _RUN_FILES}
+        names.update(
+            TRACKER_DIRS, (p.name for p in self._logs.paths if p.parent == self.path.resolve())
+        )
+        for name in sorted(names):
+            if (self.path / name).exists():
+                os.replace(self.path / name, kept / name)
+        log.warning(
+            "resume=false: the finished run in %s moved to %s, where it stays until this run "
+            "has finished",
+            self.path,
+            kept,
+        )
 
 
 class _HeldLogs(logging.Handler):

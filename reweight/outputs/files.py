@@ -28,6 +28,7 @@ __all__ = [
     "LOGGER_FILES",
     "METRICS",
     "OVERRIDES",
+    "REPLACED_SUFFIX",
     "RESOLVED_CONFIG",
     "RESULTS_CSV",
     "RESULTS_MD",
@@ -45,7 +46,7 @@ __all__ = [
 # In a run's directory
 CHECKPOINT = "checkpoint.pt"  # Trainer.state_dict(), every trainer.checkpoint_every steps
 METRICS = "metrics.csv"  # the history, one row per trainer.log_every steps
-SUMMARY = "summary.json"  # the final metrics
+SUMMARY = "summary.json"  # the final metrics, written last: it says the run is finished
 RESOLVED_CONFIG = "config.yaml"  # the config, interpolations resolved
 WEIGHTS = "weights.pt"  # every training example's final weight
 LABELS_FILE = "labels.pt"  # observed and true training labels, the corruption mask
@@ -75,6 +76,8 @@ TRACKER_DIRS = (TENSORBOARD_DIR, MLFLOW_DIR, WANDB_DIR)
 """Where each tracker writes in a run directory (``reweight.loggers.build_loggers``)."""
 HYDRA_DIR = Path(".hydra")  # Hydra's records of the job: config, hydra, overrides
 OVERRIDES = HYDRA_DIR / "overrides.yaml"  # the job's command-line overrides (sweep tables)
+REPLACED_SUFFIX = ".replaced"  # <run dir>.replaced: a finished run that resume=false replaces,
+# kept beside until the new run has finished (reweight.cli.run_dir)
 # In a sweep's directory
 RESULTS_CSV = "results.csv"
 RESULTS_MD = "results.md"
@@ -85,7 +88,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     ``path``, then ``os.replace`` it onto ``path``. The file gets the permissions a plain
     ``open(path, "w")`` would (0666 less the umask), not ``mkstemp``'s owner-only 0600, so that
     others on a shared cluster can read run outputs. The temporary file never outlives a
-    failure. The parent folder must exist."""
+    failure. The parent folder must exist.
+    An ``OSError`` that names no file (a full disk: ``ENOSPC`` from a write or the sync) is
+    raised again naming ``path``.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -95,6 +101,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from err
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -17,7 +17,14 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from reweight.outputs.files import OVERRIDES, RESULTS_CSV, RESULTS_MD, SUMMARY, atomic_write_text
+from reweight.outputs.files import (
+    OVERRIDES,
+    REPLACED_SUFFIX,
+    RESULTS_CSV,
+    RESULTS_MD,
+    SUMMARY,
+    atomic_write_text,
+)
 
 __all__ = ["aggregate_sweep", "main"]
 
@@ -55,6 +62,16 @@ def _natural_key(path: Path) -> tuple[tuple[int, int, str], ...]:
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.parts)
 
 
+def _under(sweep: Path, name: str) -> list[Path]:
+    """Every ``name`` under ``sweep``, but for those of a run kept beside a job's folder while
+    ``resume=false`` replaces it (``<job>.replaced``, not a job of the sweep)."""
+    return [
+        p
+        for p in sweep.rglob(name)
+        if not any(part.endswith(REPLACED_SUFFIX) for part in p.relative_to(sweep).parts)
+    ]
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     if not values:
         return math.nan, math.nan
@@ -79,7 +96,7 @@ def aggregate_sweep(
         raise FileNotFoundError(f"sweep directory {sweep} does not exist")
     seed_keys = set(seed_keys)
     groups: dict[tuple[tuple[str, str], ...], list[dict[str, Any]]] = {}
-    for summary_path in sorted(sweep.rglob(SUMMARY), key=_natural_key):
+    for summary_path in sorted(_under(sweep, SUMMARY), key=_natural_key):
         job = summary_path.parent
         overrides = _read_overrides(job / OVERRIDES) if (job / OVERRIDES).exists() else []
         config = tuple((k, v) for k, v in map(_split_override, overrides) if k not in seed_keys)
@@ -87,7 +104,7 @@ def aggregate_sweep(
     unfinished = sorted(
         (
             p.parent.parent
-            for p in sweep.rglob(str(OVERRIDES))
+            for p in _under(sweep, str(OVERRIDES))
             if not (p.parent.parent / SUMMARY).exists()
         ),
         key=_natural_key,

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -319,6 +320,41 @@ def test_disk_full_in_the_final_files_keeps_the_finished_run(finished_run, copy_
     assert json.loads((run / "summary.json").read_text())["steps"] == 6
     assert curves.read_bytes().startswith(b"\x89PNG")
     assert not kept.exists()
+
+
+@pytest.mark.slow
+def test_one_run_per_folder_and_a_stale_lock_is_taken_over(tmp_path, data_root):
+    """Two identical commands into one folder: while the first holds it (here frozen by SIGSTOP
+    once it has logged its run directory), the second exits 2 with one line naming the first's
+    process and changes nothing; once the first is killed (SIGKILL: no clean-up of any kind)
+    the lock it left is taken over and the run completes, with one log."""
+    run = tmp_path / "run"
+    args = [*ARGS, f"hydra.run.dir={run}"]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "reweight", *args],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        for line in first.stdout:  # the lock is taken before this line
+            if "run directory:" in line:
+                break
+        first.send_signal(signal.SIGSTOP)
+        before = snapshot(tmp_path)
+        second = cli(args, tmp_path)
+        assert_refused(second, str(run), f"in use by process {first.pid}", "hydra.run.dir")
+        assert snapshot(tmp_path) == before
+    finally:
+        first.kill()
+        first.wait()
+        first.stdout.close()
+    third = cli(args, tmp_path)
+    assert third.returncode == 0, third.stderr
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4
+    assert (run / "train.log").read_text().count("done: step 4") == 1
 
 
 # -- folders that cannot be written --------------------------------------------------------------

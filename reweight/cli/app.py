@@ -124,7 +124,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> float:
         hydra_cfg = HydraConfig.get()
         run_dir = hydra_cfg.runtime.output_dir
         dir_key = "hydra.sweep.dir" if hydra_cfg.mode == RunMode.MULTIRUN else "hydra.run.dir"
-    with RunDir(run_dir, dir_key) as run:  # holds train.log back until the first step
+    # holds train.log back until the first step; one run per folder (rank 0 locks it)
+    with RunDir(run_dir, dir_key, lock=env_rank() == 0) as run:
         return _train(cfg, run)
 
 

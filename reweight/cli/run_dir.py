@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import json
 import logging
 import math
@@ -145,18 +146,50 @@ class RunDir:
     error messages (``hydra.run.dir``, ``hydra.sweep.dir``, or ``run_dir`` from Python).
     """
 
-    def __init__(self, path: str | os.PathLike, dir_key: str = "run_dir") -> None:
+    def __init__(
+        self, path: str | os.PathLike, dir_key: str = "run_dir", lock: bool = True
+    ) -> None:
         self.path = Path(path)
         self.dir_key = dir_key
         self._logs = _HeldLogs(self.path)
         self._start_over = True
         self._committed = False
+        self._lock = lock
+        self._lock_fd: int | None = None
 
     def __enter__(self) -> RunDir:
+        try:
+            self._take_lock()
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._logs.hand_back()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # the lock goes with the descriptor
+            self._lock_fd = None
+
+    def _take_lock(self) -> None:
+        """One run per folder at a time: an exclusive ``flock`` on the folder itself (no file is
+        written; the kernel drops it when the process ends, however it ends, so a lock left by a
+        killed run is taken over). Under torchrun rank 0 alone takes it (``lock=False``
+        elsewhere). A folder that does not exist yet is locked when the commit makes it."""
+        if not self._lock or self._lock_fd is not None or not self.path.is_dir():
+            return
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _flock_holder(fd)
+            os.close(fd)
+            who = f"process {holder}" if holder is not None else "another process"
+            raise RunDirError(
+                f"{self.path} is in use by {who}, another run into the same folder: wait for "
+                f"it to end (or stop it), or choose another {self.dir_key}"
+            ) from None
+        self._lock_fd = fd
 
     # -- before anything is written ---------------------------------------------------------
 
@@ -248,6 +281,7 @@ class RunDir:
         before = set() if made else set(_tree(self.path))
         try:
             self.path.mkdir(parents=True, exist_ok=True)
+            self._take_lock()
             for name, data in files.items():
                 target = self.path / name
                 target.parent.mkdir(exist_ok=True)
@@ -496,6 +530,22 @@ def _checkpoint_step(path: Path) -> int | None:
         return int(state["step"])
     except Exception:  # any unreadable checkpoint: the resume says why
         return None
+
+
+def _flock_holder(fd: int) -> int | None:
+    """The process holding the ``flock`` on the file open at ``fd``, from ``/proc/locks``
+    (Linux), or None where that cannot be told."""
+    st = os.fstat(fd)
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:  # "1: FLOCK  ADVISORY  WRITE 4242 fe:00:2147009 0 EOF"; "->" waits
+        parts = line.split()
+        if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == where and parts[4].isdigit():
+            return int(parts[4])
+    return None
 
 
 def _tree(path: Path) -> list[Path]:

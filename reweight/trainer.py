@@ -267,12 +267,10 @@ class Trainer:
                 stop.signum if self.dist is None else self.dist.max_int(stop.signum, self.device)
             )
             due = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
-            if (
-                self.checkpoint_path
-                and self.is_main
-                and (due or self.step == cfg.max_steps or signum)
-            ):
-                self.save_checkpoint(self.checkpoint_path)
+            if self.checkpoint_path and (due or self.step == cfg.max_steps or signum):
+                self._check_finite_parameters()  # every rank: a checkpoint is always finite
+                if self.is_main:
+                    self.save_checkpoint(self.checkpoint_path)
             if signum:
                 self._stop(signum, bar)
         bar.close()
@@ -562,6 +560,14 @@ class Trainer:
         if out.meta_loss is not None and not math.isfinite(out.meta_loss):
             where = f"at step {self.step + 1} (method {self.method.name})"
             raise FloatingPointError(f"meta loss is {out.meta_loss} {where}")
+
+    def _check_finite_parameters(self) -> None:
+        """A finite loss can still step the parameters to inf: never checkpoint those."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            raise FloatingPointError(
+                f"the parameters are not finite after step {self.step} (method "
+                f"{self.method.name}); lower the learning rate or set trainer.grad_clip"
+            )
 
     @property
     def loggers(self) -> list[Logger]:

@@ -322,6 +322,56 @@ def test_disk_full_in_the_final_files_keeps_the_finished_run(finished_run, copy_
     assert not kept.exists()
 
 
+DIVERGES = [
+    "optimizer.lr=1e4",
+    "trainer.max_steps=10",
+    "trainer.checkpoint_every=2",
+    "trainer.log_every=1",
+]
+"""With ARGS: a NaN loss at step 8 (a checkpoint at step 6 before it)."""
+
+
+@pytest.mark.slow
+def test_a_diverging_restart_keeps_the_finished_run(finished_run, copy_of, tmp_path):
+    """A finished run, then resume=false with a learning rate that diverges at step 8: one line
+    naming the step, the checkpoint kept and the folder the finished run is kept in, exit 1;
+    the finished run whole there; nothing of it (suspects.csv...) left in the run folder."""
+    run = copy_of(finished_run)
+    old = files_of(snapshot(run))
+    proc = cli([*ARGS, *DIVERGES, "resume=false", f"hydra.run.dir={run}"], tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    [line] = proc.stderr.splitlines()
+    kept = tmp_path / "run.replaced"
+    assert line.startswith("error: training loss is nan at step 8 ")
+    assert f"{run / 'checkpoint.pt'} (step 6), the last finite checkpoint, is kept" in line
+    assert "lower optimizer.lr" in line and f"kept in {kept}" in line
+    assert files_of(snapshot(kept)) == old
+    left = {p.name for p in run.iterdir()}
+    assert not left & {"summary.json", "suspects.csv", "learning_curves.png", "weights.pt"}
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 6
+
+
+@pytest.mark.slow
+def test_a_diverged_run_continues_only_with_a_lower_learning_rate(tmp_path, data_root):
+    """Diverged at step 8: the same command again is refused with one line (it would diverge
+    again) and changes nothing; with a lower optimizer.lr it continues from the step-6
+    checkpoint at that rate and finishes."""
+    run = tmp_path / "run"
+    args = [*ARGS, *DIVERGES, f"hydra.run.dir={run}"]
+    assert cli(args, tmp_path).returncode == 1
+    before = snapshot(tmp_path)
+    assert_refused(cli(args, tmp_path), str(run), "diverged", "step 6", "optimizer.lr")
+    assert snapshot(tmp_path) == before
+    lower = cli([*args, "optimizer.lr=0.01"], tmp_path)
+    assert lower.returncode == 0, lower.stderr
+    assert "resumed from checkpoint.pt at step 6 with optimizer.lr=0.01" in lower.stdout
+    assert json.loads((run / "summary.json").read_text())["steps"] == 10
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.01)
+    assert [int(row["step"]) for row in state["history"]] == list(range(1, 11))
+    assert not (run / "diverged.json").exists()
+
+
 @pytest.mark.slow
 def test_one_run_per_folder_and_a_stale_lock_is_taken_over(tmp_path, data_root):
     """Two identical commands into one folder: while the first holds it (here frozen by SIGSTOP

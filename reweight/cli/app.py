@@ -44,6 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from reweight.cli.errors import (
     JobErrorFilter,
+    RunFailed,
     disk_full,
     is_config_error,
     is_multirun,
@@ -114,7 +115,10 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> float:
     A ``run_dir`` holding this run finished (same config up to ``run_dir.NO_EFFECT_KEYS``,
     checkpoint at ``trainer.max_steps``) is left alone and its recorded objective returned; one
     holding a run of another config is refused (``RunDirError``, a ``ValueError``) unless
-    ``resume=false``, which keeps a finished run beside until the new one has finished.
+    ``resume=false``, which keeps a finished run beside until the new one has finished. A NaN
+    or inf raises ``RunFailed`` naming the step and the last finite checkpoint, kept (recorded
+    in ``diverged.json``): the run continues from it only with another ``optimizer.lr`` or
+    ``trainer.grad_clip`` (``run_dir.DIVERGENCE_KEYS``).
     """
     cfg = validate(cfg)
     dir_key = "run_dir"
@@ -201,7 +205,21 @@ def _train(cfg: DictConfig, run: RunDir) -> float:
     if main_rank:
         records = {RESOLVED_CONFIG: resolved.encode(), **hydra_files(cfg)}
         commit = functools.partial(run.commit, records, functools.partial(save_labels, bundle))
-    result = trainer.fit(resume=resume, on_start=commit)
+    if run.lr_change is not None and resume and (run_dir / CHECKPOINT).is_file():
+        # a run that diverged, continued with another optimizer.lr: its checkpoint's schedule,
+        # scaled by new / old (loaded here, so fit() does not load it again)
+        trainer.load_checkpoint(run_dir / CHECKPOINT)
+        resume = False
+        old_lr, new_lr = run.lr_change
+        _scale_lr(trainer, new_lr / old_lr)
+        log.info(
+            "resumed from %s at step %d with optimizer.lr=%s", CHECKPOINT, trainer.step, new_lr
+        )
+    try:
+        result = trainer.fit(resume=resume, on_start=commit)
+    except FloatingPointError as err:  # NaN/inf: one line naming the step and what is kept
+        reason = str(err).split(";")[0]  # the Trainer's own advice follows the ";"
+        raise RunFailed(run.diverged(reason) if main_rank else reason) from None
     if commit is not None:
         commit()
     accuracy = float(result.metrics.get("test_accuracy", math.nan))
@@ -257,6 +275,17 @@ def _train(cfg: DictConfig, run: RunDir) -> float:
         run_dir / SUMMARY,
     )
     return _objective(cfg, objective)
+
+
+def _scale_lr(trainer: Trainer, factor: float) -> None:
+    """Every learning rate of the trainer's optimizer and schedule times ``factor``."""
+    for group in trainer.optimizer.param_groups:
+        group["lr"] *= factor
+        if "initial_lr" in group:
+            group["initial_lr"] *= factor
+    base = getattr(trainer.scheduler, "base_lrs", None)
+    if base is not None:
+        trainer.scheduler.base_lrs = [lr * factor for lr in base]
 
 
 def _objective(cfg: DictConfig, value: float) -> float:
@@ -391,10 +420,10 @@ def main() -> None:
         _run_app()
     except (Exception, _ConfigRefused) as caught:
         err = caught.error if isinstance(caught, _ConfigRefused) else caught
-        full = disk_full(err)
-        if full is not None:  # the run started: exit status 1, as for any failed run
+        after_start = str(err) if isinstance(err, RunFailed) else disk_full(err)
+        if after_start is not None:  # the run started: exit status 1, as for any failed run
             if env_rank() == 0:
-                print(f"error: {full}", file=stderr)
+                print(f"error: {after_start}", file=stderr)
             sys.exit(1)
         if not is_config_error(err, task=train):
             raise  # a bug, not a bad override: keep the traceback

@@ -22,6 +22,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 __all__ = [
     "CONFIG_ERRORS",
     "JobErrorFilter",
+    "RunFailed",
     "disk_full",
     "is_config_error",
     "is_multirun",
@@ -31,6 +32,11 @@ __all__ = [
 # Exceptions that mean "the configuration is wrong": reported as one line, exit status 2.
 # FileNotFoundError covers a missing data root (the data module names the expected folder).
 CONFIG_ERRORS = (ValueError, FileNotFoundError, HydraException, OmegaConfBaseException)
+
+
+class RunFailed(Exception):
+    """A run that failed after it started, for a reason the user can act on (it diverged): one
+    ``error:`` line with the message, which says what was kept and what to do, exit status 1."""
 
 
 class JobErrorFilter:

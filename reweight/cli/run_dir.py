@@ -50,6 +50,7 @@ from omegaconf import DictConfig, OmegaConf
 from reweight.outputs.files import (
     CHECKPOINT,
     CURVES_PNG,
+    DIVERGED,
     HISTOGRAM_PNG,
     HYDRA_DIR,
     INFO_FILE,
@@ -69,6 +70,7 @@ from reweight.outputs.files import (
 )
 
 __all__ = [
+    "DIVERGENCE_KEYS",
     "NO_EFFECT_KEYS",
     "Finished",
     "RunDir",
@@ -95,6 +97,7 @@ _RUN_FILES = (
     SUSPECTS,
     SUSPECTS_PNG,
     SUSPECTS_SCATTER_PNG,
+    DIVERGED,
     *TRACKER_FILES,
     *(str(_HYDRA_SUBDIR / name) for name in _HYDRA_FILES),
 )
@@ -111,6 +114,9 @@ NO_EFFECT_KEYS = (
 """Config keys that cannot change a run's result: a run may resume, or be found finished, with
 them changed. ``conf/config.yaml`` leaves them out of the run directory's name
 (``hydra.job.config.override_dirname.exclude_keys``; a test keeps the two lists equal)."""
+
+DIVERGENCE_KEYS = ("optimizer.lr", "trainer.grad_clip")
+"""What a run that diverged may change to continue from its last finite checkpoint."""
 
 _LONG = 40  # characters of a value shown in an error message
 
@@ -156,6 +162,7 @@ class RunDir:
         self._committed = False
         self._lock = lock
         self._lock_fd: int | None = None
+        self.lr_change: tuple[Any, Any] | None = None  # (old, new) optimizer.lr after divergence
 
     def __enter__(self) -> RunDir:
         try:
@@ -218,6 +225,8 @@ class RunDir:
             return None
         old = _load_yaml(previous)
         diffs = config_differences(old, _load_yaml_text(config_yaml, "the config"))
+        if (self.path / DIVERGED).is_file():
+            diffs = self._after_divergence(diffs)
         if diffs:
             shown = "; ".join(f"{k}: {_show(a)} there, {_show(b)} here" for k, a, b in diffs[:5])
             more = f"; and {len(diffs) - 5} more" if len(diffs) > 5 else ""
@@ -233,6 +242,46 @@ class RunDir:
             accuracy = float(recorded) if isinstance(recorded, int | float) else math.nan
             return Finished(summary, step, accuracy)
         return None
+
+    def _after_divergence(self, diffs: list[tuple[str, Any, Any]]) -> list[tuple[str, Any, Any]]:
+        """A run that diverged continues from its last finite checkpoint only with a change
+        that may keep it finite (``DIVERGENCE_KEYS``; ``RunDirError`` for none); returns the
+        differences that still refuse it."""
+        changed = [d for d in diffs if d[0] in DIVERGENCE_KEYS]
+        if not diffs:
+            record = _load_json(self.path / DIVERGED)
+            step = record.get("checkpoint_step")
+            kept = f"its checkpoint at step {step}" if step is not None else "the start"
+            raise RunDirError(
+                f"{self.path} holds a run that diverged ({record.get('reason', 'NaN/inf')}): "
+                f"to continue from {kept} run again with a lower optimizer.lr or with "
+                "trainer.grad_clip; resume=false starts over"
+            )
+        self.lr_change = next(((a, b) for k, a, b in changed if k == "optimizer.lr"), None)
+        return [d for d in diffs if d[0] not in DIVERGENCE_KEYS]
+
+    def diverged(self, reason: str) -> str:
+        """The run stopped at a NaN/inf (``reason`` names the step): record it in
+        ``diverged.json`` (once the run has written its files) and return the line that says
+        which checkpoint is kept and how to continue from it."""
+        fix = "run again with a lower optimizer.lr or with trainer.grad_clip"
+        if not self._committed:
+            return f"{reason}; nothing was written to {self.path}: {fix}"
+        step = _checkpoint_step(self.path / CHECKPOINT)
+        record = {"reason": reason, "checkpoint_step": step}
+        atomic_write(self.path / DIVERGED, lambda f: f.write(json.dumps(record).encode()))
+        kept = (
+            f"{self.path / CHECKPOINT} (step {step}), the last finite checkpoint, is kept: to "
+            "continue from it"
+            if step is not None
+            else "no checkpoint was written before it: to start again"
+        )
+        beside = (
+            f" (the finished run it replaced is kept in {self.replaced})"
+            if self.replaced.is_dir()
+            else ""
+        )
+        return f"{reason}; {kept} {fix}{beside}"
 
     @property
     def replaced(self) -> Path:
@@ -277,6 +326,7 @@ class RunDir:
         self._committed = True
         if self._start_over:
             self._remove_old_run()
+        (self.path / DIVERGED).unlink(missing_ok=True)  # a diverged run continues: no longer
         made = not self.path.exists()
         before = set() if made else set(_tree(self.path))
         try:
@@ -509,6 +559,17 @@ def _load_yaml(path: Path) -> Any:
             f"cannot read {path} ({err.strerror}): fix the permissions, or start over there "
             "with resume=false"
         ) from err
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise RunDirError(
+            f"cannot read {path} ({err}): delete it to continue the run, or start over there "
+            "with resume=false"
+        ) from err
+    return record if isinstance(record, dict) else {}
 
 
 def _load_yaml_text(text: str, what: str) -> Any:

@@ -21,6 +21,7 @@ from typing import IO
 __all__ = [
     "CHECKPOINT",
     "CURVES_PNG",
+    "DIVERGED",
     "HISTOGRAM_PNG",
     "HYDRA_DIR",
     "INFO_FILE",
@@ -51,6 +52,7 @@ RESOLVED_CONFIG = "config.yaml"  # the config, interpolations resolved
 WEIGHTS = "weights.pt"  # every training example's final weight
 LABELS_FILE = "labels.pt"  # observed and true training labels, the corruption mask
 INFO_FILE = "dataset.json"  # how the dataset was built (sizes, noise rate, seeds)
+DIVERGED = "diverged.json"  # a run stopped by a NaN/inf: the step, the checkpoint kept
 SUSPECTS = "suspects.csv"  # every training example, most suspect label first (reweight.suspects)
 CURVES_PNG = "learning_curves.png"
 # written by `python -m reweight.inspect RUN_DIR`

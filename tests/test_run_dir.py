@@ -475,3 +475,59 @@ def test_finished_sweep_jobs_are_skipped(tmp_path, data_root):
     with (sweep / "results.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["method"], r["n"]) for r in rows] == [("erm", "1"), ("random", "1")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=parallel", "hydra.launcher.n_jobs=2"]])
+def test_a_sweep_is_validated_whole_before_its_first_job(tmp_path, launcher):
+    """One bad value among good ones (the second of three): refused before any job runs, with
+    the key and that job's overrides; no sweep folder, nothing written."""
+    sweep = tmp_path / "sweep"
+    proc = cli(
+        ["-m", *ARGS, "trainer.max_steps=4,abc,5", *launcher, f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+    )
+    line = assert_refused(proc, "trainer.max_steps", "'trainer.max_steps=abc'")
+    assert "job with overrides" in line
+    assert snapshot(tmp_path) == {}
+    assert "reading MNIST" not in proc.stdout  # no job ran
+
+
+@pytest.mark.slow
+def test_a_failed_job_is_in_the_sweep_table(tmp_path, data_root):
+    """A job that fails as it runs (diverges) while another finishes: the sweep ends with the
+    failed job's one line (exit 1), and the table is still written, the failure in results.md;
+    once the job is run again with a lower rate and finishes, it leaves the failures."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", *ARGS, *DIVERGES[1:], f"hydra.sweep.dir={sweep}"]
+    proc = cli([*args, "optimizer.lr=1e4,0.01"], cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("error: training loss is nan at step 8 ")
+    assert "(job with overrides [" in line and "'optimizer.lr=10000.0']" in line
+    with (sweep / "results.csv").open(newline="") as f:
+        assert [r["optimizer.lr"] for r in csv.DictReader(f)] == ["0.01"]
+    table = (sweep / "results.md").read_text()
+    assert "Failed: 1 job(s)." in table
+    [failed] = [line for line in table.splitlines() if line.startswith("- job 0 (")]
+    assert "`optimizer.lr=10000.0`): training loss is nan at step 8" in failed
+
+    # job 0 continues at a lower rate, job 1 is found finished
+    rerun = cli([*args, "optimizer.lr=0.01,0.01"], cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "Failed" not in (sweep / "results.md").read_text()
+    assert not (sweep / "failed").exists()
+
+
+def test_aggregating_a_folder_that_is_not_a_sweep_is_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "reweight.outputs", str(tmp_path / "empty")],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert_refused(proc, str(tmp_path / "empty"), "hydra.sweep.dir")
+    assert snapshot(tmp_path) == {"empty": snapshot(tmp_path)["empty"]}
+    assert proc.stdout == ""

@@ -37,7 +37,11 @@ from typing import Any
 
 import hydra
 import torch
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -45,6 +49,7 @@ from omegaconf import DictConfig, OmegaConf
 from reweight.cli.errors import (
     JobErrorFilter,
     RunFailed,
+    describe,
     disk_full,
     is_config_error,
     is_multirun,
@@ -71,6 +76,7 @@ from reweight.outputs import (
     atomic_write,
     plot_learning_curves,
     plot_weight_histogram,
+    record_job,
     write_summary,
 )
 from reweight.signals import TrainingInterrupted
@@ -312,7 +318,23 @@ class AggregateSweep(Callback):
 
     Configured in ``conf/config.yaml`` under ``hydra.callbacks``; by hand:
     ``python -m reweight.outputs <sweep_dir>``.
+
+    Each job, as it ends, updates the table too (and records its error in ``failed/<num>.json``
+    if it failed), so that a sweep that stops at a failed job still leaves its table, with the
+    failure in ``results.md``.
     """
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        failed = job_return.status == JobStatus.FAILED
+        error = describe(job_return._return_value, task=train) if failed else None
+        overrides = list(config.hydra.overrides.task)
+        record_job(
+            sweep_dir, config.hydra.job.num, overrides, config.hydra.runtime.output_dir, error
+        )
+        aggregate_sweep(sweep_dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -364,9 +386,10 @@ class _ConfigRefused(BaseException):
     SystemExit is) because Hydra turns an Exception raised in a callback into a warning and
     then runs the job anyway."""
 
-    def __init__(self, error: Exception) -> None:
+    def __init__(self, error: Exception, job: list[str] | None = None) -> None:
         super().__init__(str(error))
         self.error = error
+        self.job = job  # the overrides of the job of a multirun that has this config
 
 
 class ValidateConfig(Callback):
@@ -375,7 +398,10 @@ class ValidateConfig(Callback):
     Configured in ``conf/config.yaml`` under ``hydra.callbacks``. Hydra calls ``on_run_start``
     after composing the config and before it makes the run directory, writes ``.hydra/`` and
     opens ``train.log``; the same check at the start of ``train`` comes after all of that.
-    A multirun is checked job by job in ``train`` (each job has its own config).
+    A multirun is checked whole, every job's config, before its first job runs (or Hydra makes
+    the sweep directory), where the sweep is a list of values (Hydra's basic sweeper, whatever
+    the launcher); a sweeper that draws values as it goes (Optuna) has each job checked in
+    ``train``.
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -384,6 +410,27 @@ class ValidateConfig(Callback):
             validate(job)
         except Exception as err:
             raise _ConfigRefused(err) from err
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        loader = GlobalHydra.instance().config_loader()
+        for overrides in _sweep_jobs(config):
+            try:
+                job = loader.load_sweep_config(config, overrides)
+                validate(OmegaConf.masked_copy(job, [k for k in job if k != "hydra"]))
+            except Exception as err:
+                raise _ConfigRefused(err, job=overrides) from err
+
+
+def _sweep_jobs(config: DictConfig) -> list[list[str]]:
+    """Every job's overrides of a multirun under Hydra's basic sweeper (the command line's
+    sweeps and ``hydra.sweeper.params``), in its order; none for another sweeper."""
+    if config.hydra.sweeper.get("_target_") != f"{BasicSweeper.__module__}.BasicSweeper":
+        return []
+    params = config.hydra.sweeper.get("params") or {}
+    arguments = [f"{k}={v}" for k, v in params.items()]
+    arguments += list(config.hydra.overrides.task)
+    parsed = OverridesParser.create().parse_overrides(arguments)
+    return [list(job) for job in BasicSweeper.split_arguments(parsed, None)[0]]
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")
@@ -421,14 +468,16 @@ def main() -> None:
     except (Exception, _ConfigRefused) as caught:
         err = caught.error if isinstance(caught, _ConfigRefused) else caught
         after_start = str(err) if isinstance(err, RunFailed) else disk_full(err)
+        failed = sys.stderr.failed_job if isinstance(sys.stderr, JobErrorFilter) else None
+        if isinstance(caught, _ConfigRefused) and caught.job is not None:
+            failed = str(caught.job)
+        where = f" (job with overrides {failed})" if failed and is_multirun() else ""
         if after_start is not None:  # the run started: exit status 1, as for any failed run
             if env_rank() == 0:
-                print(f"error: {after_start}", file=stderr)
+                print(f"error: {after_start}{where}", file=stderr)
             sys.exit(1)
         if not is_config_error(err, task=train):
             raise  # a bug, not a bad override: keep the traceback
-        failed = sys.stderr.failed_job if isinstance(sys.stderr, JobErrorFilter) else None
-        where = f" (job with overrides {failed})" if failed and is_multirun() else ""
         if env_rank() == 0:
             print(f"error: {one_line(err, task=train)}{where}", file=stderr)
         sys.exit(2)

@@ -23,6 +23,7 @@ __all__ = [
     "CONFIG_ERRORS",
     "JobErrorFilter",
     "RunFailed",
+    "describe",
     "disk_full",
     "is_config_error",
     "is_multirun",
@@ -119,6 +120,20 @@ def disk_full(err: BaseException) -> str | None:
             )
         candidate = candidate.__cause__ or candidate.__context__
     return None
+
+
+def describe(err: BaseException, task: Callable[..., Any] | None = None) -> str:
+    """Any error as one line: ours as the command line prints them, anything else as its type
+    and the first line of its message (what a sweep's table says of a job that failed)."""
+    if isinstance(err, RunFailed):
+        return str(err)
+    full = disk_full(err)
+    if full is not None:
+        return full
+    if is_config_error(err, task):
+        return one_line(err, task)
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
 _NOISE_PREFIXES = (

@@ -22,6 +22,7 @@ __all__ = [
     "CHECKPOINT",
     "CURVES_PNG",
     "DIVERGED",
+    "FAILED_JOBS",
     "HISTOGRAM_PNG",
     "HYDRA_DIR",
     "INFO_FILE",
@@ -83,6 +84,7 @@ REPLACED_SUFFIX = ".replaced"  # <run dir>.replaced: a finished run that resume=
 # In a sweep's directory
 RESULTS_CSV = "results.csv"
 RESULTS_MD = "results.md"
+FAILED_JOBS = "failed"  # failed/<job number>.json: a job that failed, its overrides and error
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:

@@ -531,3 +531,38 @@ def test_aggregating_a_folder_that_is_not_a_sweep_is_one_line(tmp_path):
     assert_refused(proc, str(tmp_path / "empty"), "hydra.sweep.dir")
     assert snapshot(tmp_path) == {"empty": snapshot(tmp_path)["empty"]}
     assert proc.stdout == ""
+
+
+@pytest.mark.slow
+def test_a_real_full_disk_at_the_checkpoint_is_one_line_and_keeps_the_last_one(tmp_path):
+    """The run folder on a real 2 MiB tmpfs (a mount namespace of its own, ``unshare``): the
+    checkpoint of step 2 (1.4 MB) fits, that of step 4 does not beside it. One line naming the
+    file and the full disk, exit 1; the checkpoint of step 2 kept, no temporary file left."""
+    disk, out = tmp_path / "disk", tmp_path / "out"
+    disk.mkdir()
+    run = disk / "run"
+    args = [*ARGS, "trainer.checkpoint_every=2", f"hydra.run.dir={run}"]
+    script = (
+        f"mount -t tmpfs -o size=2m tmpfs {disk} && "
+        f"{sys.executable} -m reweight {' '.join(args)} 2> {out}.stderr; "
+        f"echo $? > {out}.rc; ls -A {run} > {out}.ls; "
+        f"{sys.executable} -c \"import torch; print(torch.load('{run}/checkpoint.pt', "
+        f"weights_only=True)['step'])\" > {out}.step"
+    )
+    proc = subprocess.run(
+        ["unshare", "-Urm", "sh", "-c", script],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert Path(f"{out}.rc").read_text().strip() == "1"
+    [line] = Path(f"{out}.stderr").read_text().splitlines()
+    assert line.startswith(f"error: no space left on device writing {run / 'checkpoint.pt'}: ")
+    assert "resume=true" in line
+    assert Path(f"{out}.step").read_text().strip() == "2"
+    left = Path(f"{out}.ls").read_text().split()
+    assert "checkpoint.pt" in left and not [name for name in left if name.endswith(".tmp")]
+    assert "summary.json" not in left

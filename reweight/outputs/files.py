@@ -93,8 +93,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     ``open(path, "w")`` would (0666 less the umask), not ``mkstemp``'s owner-only 0600, so that
     others on a shared cluster can read run outputs. The temporary file never outlives a
     failure. The parent folder must exist.
-    An ``OSError`` that names no file (a full disk: ``ENOSPC`` from a write or the sync) is
-    raised again naming ``path``.
+    An ``OSError`` that names no file (a full disk: ``ENOSPC`` from a write or the sync), also
+    one that ``write`` wrapped in another error (``torch.save`` raises a ``RuntimeError`` about
+    its zip writer, the ``OSError`` its context), is raised again naming ``path``.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -105,14 +106,27 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as err:
-        if err.filename is not None:
+    except Exception as err:
+        cause = _os_error(err)
+        if cause is None or cause.filename is not None:
             raise
-        raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+        raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from err
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _os_error(err: BaseException) -> OSError | None:
+    """``err`` if it is an ``OSError``, else the first one among its causes and contexts."""
+    seen: set[int] = set()
+    candidate: BaseException | None = err
+    while candidate is not None and id(candidate) not in seen:
+        if isinstance(candidate, OSError):
+            return candidate
+        seen.add(id(candidate))
+        candidate = candidate.__cause__ or candidate.__context__
+    return None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

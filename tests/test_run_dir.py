@@ -407,6 +407,48 @@ def test_one_run_per_folder_and_a_stale_lock_is_taken_over(tmp_path, data_root):
     assert (run / "train.log").read_text().count("done: step 4") == 1
 
 
+@pytest.mark.slow
+def test_a_corrupt_summary_is_one_line_naming_it(finished_run, copy_of, tmp_path):
+    run = copy_of(finished_run)
+    (run / "summary.json").write_text('{"test_accuracy": 0.9')  # cut short
+    before = snapshot(tmp_path)
+    assert_refused(cli([*ARGS, f"hydra.run.dir={run}"], tmp_path), str(run / "summary.json"))
+    inspect = subprocess.run(
+        [sys.executable, "-m", "reweight.inspect", str(run)],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert_refused(inspect, str(run / "summary.json"))
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_inspect_that_cannot_rebuild_the_images_writes_nothing(finished_run, copy_of, tmp_path):
+    """Its one error line comes before any file is written (no 'wrote ...' line before it)."""
+    run = copy_of(finished_run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["dataset"].update(root=str(tmp_path / "nowhere"), download=False)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    before = snapshot(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "reweight.inspect", str(run)],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert_refused(proc, "cannot rebuild the run's images", str(tmp_path / "nowhere"))
+    assert snapshot(tmp_path) == before
+
+
+def test_an_unquoted_space_in_a_value_says_to_quote_it(tmp_path):
+    proc = cli([*ARGS, f"hydra.run.dir={tmp_path}/my", "runs"], tmp_path)
+    assert_refused(proc, "'runs' is not KEY=VALUE", f'"hydra.run.dir={tmp_path}/my runs"')
+    assert snapshot(tmp_path) == {}
+
+
 # -- folders that cannot be written --------------------------------------------------------------
 
 

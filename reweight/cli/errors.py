@@ -15,7 +15,12 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from hydra.errors import HydraException, InstantiationException, MissingConfigException
+from hydra.errors import (
+    HydraException,
+    InstantiationException,
+    MissingConfigException,
+    OverrideParseException,
+)
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
@@ -136,6 +141,20 @@ def describe(err: BaseException, task: Callable[..., Any] | None = None) -> str:
     return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
+def _not_key_value(word: str) -> str:
+    """An argument without ``=``: most often the rest of the previous one's value, split at an
+    unquoted space by the shell."""
+    args = sys.argv[1:]
+    where = args.index(word) if word in args else -1
+    if where > 0 and "=" in args[where - 1]:
+        joined = f"{args[where - 1]} {word}"
+        return (
+            f"{word!r} is not KEY=VALUE: if it is the rest of {args[where - 1]!r} (a value with "
+            f'a space), quote the whole override for the shell: "{joined}"'
+        )
+    return f"{word!r} is not KEY=VALUE: each override is key=value (quote a value with a space)"
+
+
 _NOISE_PREFIXES = (
     "Config search path",
     "provider=",
@@ -161,6 +180,8 @@ def one_line(err: BaseException, task: Callable[..., Any] | None = None) -> str:
             f"cannot write to {write.filename} ({write.strerror}): choose another {key} "
             "or fix the permissions"
         )
+    if isinstance(err, OverrideParseException) and "missing EQUAL" in err.message:
+        return _not_key_value(err.override)
     if isinstance(err, MissingConfigException) and err.options and err.missing_cfg_file:
         group, _, option = err.missing_cfg_file.rpartition("/")
         if group:

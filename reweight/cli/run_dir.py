@@ -238,7 +238,7 @@ class RunDir:
         self._start_over = step is None
         summary = self.path / SUMMARY
         if step == max_steps and summary.is_file():
-            recorded = json.loads(summary.read_text()).get("test_accuracy")
+            recorded = _load_json(summary).get("test_accuracy")
             accuracy = float(recorded) if isinstance(recorded, int | float) else math.nan
             return Finished(summary, step, accuracy)
         return None
@@ -566,8 +566,8 @@ def _load_json(path: Path) -> dict[str, Any]:
         record = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise RunDirError(
-            f"cannot read {path} ({err}): delete it to continue the run, or start over there "
-            "with resume=false"
+            f"cannot read {path} ({err}): delete it and run again (the run writes it anew), "
+            "or start over there with resume=false"
         ) from err
     return record if isinstance(record, dict) else {}
 

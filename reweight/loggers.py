@@ -29,6 +29,7 @@ The tracking packages are optional extras (``pip install "reweight[tensorboard]"
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import logging
 import math
@@ -134,7 +135,7 @@ class TensorBoardLogger:
     def log_histogram(self, name: str, values: Tensor, step: int) -> None:
         self._open(step).add_histogram(name, values.detach().float().cpu(), global_step=step)
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -170,6 +171,10 @@ class MLflowLogger:
 
     def _open(self) -> tuple[Any, str]:
         if self._client is None or self._run_id is None:
+            # MLflow announces the making of its SQLite tables on stderr, where a run keeps
+            # its one line for an error or an interrupt
+            for name in ("mlflow.store.db.utils", "alembic"):
+                logging.getLogger(name).setLevel(logging.WARNING)
             client = self._mlflow.tracking.MlflowClient(tracking_uri=self.tracking_uri)
             run_id = self.id_file.read_text().strip() if self.id_file.is_file() else ""
             if run_id:
@@ -226,6 +231,7 @@ class MLflowLogger:
         client.log_batch(run_id, metrics=metrics)
 
     def close(self, status: str = "FINISHED") -> None:
+        """End the MLflow run with ``status``: FINISHED, KILLED (interrupted) or FAILED."""
         if self._client is not None and self._run_id is not None:
             self._client.set_terminated(self._run_id, status=status)
         self._client = self._run_id = None
@@ -297,9 +303,10 @@ class WandbLogger:
         run.log({name: self._wandb.Histogram(v)}, step=step)
         self._last_step = step
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
+        """Finish the W&B run with the exit code of ``status``: 0 for FINISHED, else 1."""
         if self._run is not None:
-            self._run.finish()
+            self._run.finish(exit_code=0 if status == "FINISHED" else 1)
             self._run = None
 
 
@@ -349,12 +356,17 @@ def build_loggers(
     return out
 
 
-def close_all(loggers: Sequence[Logger]) -> None:
-    """Close every logger; a failing one does not keep the others open (logged, re-raised)."""
+def close_all(loggers: Sequence[Logger], status: str = "FINISHED") -> None:
+    """Close every logger; a failing one does not keep the others open (logged, re-raised).
+    ``status`` (FINISHED, KILLED, FAILED) goes to those whose ``close`` takes it (MLflow's run
+    status, W&B's exit code)."""
     error: BaseException | None = None
     for logger in loggers:
         try:
-            logger.close()
+            if "status" in inspect.signature(logger.close).parameters:
+                logger.close(status=status)
+            else:
+                logger.close()
         except Exception as err:  # close the rest, then report the first
             log.warning("closing %s failed: %s", type(logger).__name__, err)
             error = error or err
@@ -380,8 +392,8 @@ class LoggerGroup:
                 logger.log_histogram("weights", weights, step)
         self._config_logged = bool(self.loggers)
 
-    def close(self) -> None:
-        close_all(self.loggers)
+    def close(self, status: str = "FINISHED") -> None:
+        close_all(self.loggers, status)
 
 
 def _millis() -> int:

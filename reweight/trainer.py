@@ -203,12 +203,18 @@ class Trainer:
         ``fit(resume=True)`` continues bit for bit; a second signal aborts at once. In
         data-parallel training every process stops after the same step.
         """
+        status = "FAILED"  # what the trackers record: FINISHED, KILLED (a signal) or FAILED
         try:
             with StopOnSignal(self.checkpoint_path) as stop:
-                return self._fit(resume, stop, on_start)
+                result = self._fit(resume, stop, on_start)
+            status = "FINISHED"
+            return result
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
         finally:
             if self.is_main:
-                self._trackers.close()
+                self._trackers.close(status)
 
     def _fit(
         self, resume: bool, stop: StopOnSignal, on_start: Callable[[], None] | None

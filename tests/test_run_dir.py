@@ -188,6 +188,29 @@ def test_another_config_is_refused_with_each_key_and_both_values(tmp_path):
     assert config_differences({"a": 1}, {"a": True}) == [("a", 1, True)]  # 1 is not true
 
 
+@pytest.mark.parametrize(
+    ("args", "method"),
+    [
+        (["method=mwnet"], "mwnet"),
+        (["method=mwnet_sum"], "mwnet_sum"),  # its method.name is mwnet
+        (["experiment=mwnet_mnist_noisy"], "mwnet_sum"),  # chosen by the preset
+    ],
+)
+def test_the_run_folder_is_named_by_the_method_config_chosen(tmp_path, args, method):
+    """Two method configs with one method.name (and the same overrides) never share a folder."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "reweight", *args, "--cfg", "all", "--resolve", "-p",
+         "hydra.run.dir"],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip()).parts[2] == method, proc.stdout  # outputs/<dataset>/
+
+
 def test_docstring_example():
     result = doctest.testmod(reweight.cli.run_dir, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

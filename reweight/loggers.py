@@ -49,6 +49,7 @@ __all__ = [
     "TensorBoardLogger",
     "WandbLogger",
     "build_loggers",
+    "check_writable",
     "flatten_config",
 ]
 
@@ -92,6 +93,29 @@ def scalars(row: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def check_writable(path: Path, key: str, folder: bool = True) -> None:
+    """``ValueError`` naming ``path`` and ``key`` (the setting that chose it) when a tracker
+    could not write there: a file where a folder goes (or the reverse), no permission. Checked
+    before the first training step, so that a run that cannot track writes nothing."""
+    fix = f"move it, or choose another {key}" if key.startswith("logger.") else "move it"
+    if path.exists():
+        if path.is_dir() != folder:
+            kind = "a folder" if folder else "a file"
+            raise ValueError(f"{key}: {path} is in the way, it should be {kind}: {fix}")
+        targets = [path] if folder else [path, path.parent]  # SQLite writes a journal beside
+    else:
+        existing = next(p for p in path.absolute().parents if p.exists())
+        if not existing.is_dir():
+            raise ValueError(f"{key}: {existing} is a file, not a folder: {fix}")
+        targets = [existing]
+    for target in targets:
+        if not os.access(target, os.W_OK | (os.X_OK if target.is_dir() else 0)):
+            raise ValueError(
+                f"{key}: cannot write to {target} (permission denied): fix the permissions"
+                + (f", or choose another {key}" if key.startswith("logger.") else "")
+            )
+
+
 def _require(module: str, extra: str) -> Any:
     try:
         return importlib.import_module(module)
@@ -123,6 +147,10 @@ class TensorBoardLogger:
                 text = json.dumps(self._config, indent=2, sort_keys=True, default=str)
                 self._writer.add_text("config", f"```\n{text}\n```", global_step=step)
         return self._writer
+
+    def check(self) -> None:
+        """Before the first step: ``ValueError`` if ``log_dir`` cannot be written."""
+        check_writable(self.log_dir, "logger=tensorboard")
 
     def log_config(self, config: Mapping[str, Any]) -> None:
         self._config = dict(config)  # written with the first row (the step it needs is there)
@@ -205,6 +233,20 @@ class MLflowLogger:
                     client.log_batch(run_id, params=params[i : i + 100])
         return self._client, self._run_id
 
+    def check(self) -> None:
+        """Before the first step: ``ValueError`` if a local store (``sqlite:///`` or
+        ``file:``) or its artifact folder cannot be written; a server is not contacted."""
+        uri = self.tracking_uri
+        if uri.startswith("sqlite:///"):
+            check_writable(Path(uri[len("sqlite:///") :]), "logger.mlflow.tracking_uri", False)
+        elif uri.startswith("file:") or "://" not in uri:
+            check_writable(
+                Path(uri.removeprefix("file://").removeprefix("file:")),
+                "logger.mlflow.tracking_uri",
+            )
+        if self.artifact_location and self.artifact_location.startswith("file:"):
+            check_writable(Path(self.artifact_location.removeprefix("file://")), "logger=mlflow")
+
     def log_config(self, config: Mapping[str, Any]) -> None:
         self._config = dict(config)
 
@@ -284,6 +326,11 @@ class WandbLogger:
                 reinit="create_new",
             )
         return self._run
+
+    def check(self) -> None:
+        """Before the first step: ``ValueError`` if ``directory`` cannot be written."""
+        check_writable(self.directory, "logger.wandb.dir")
+        check_writable(self.directory / "wandb", "logger.wandb.dir")
 
     def log_config(self, config: Mapping[str, Any]) -> None:
         self._config = dict(config)

@@ -512,6 +512,45 @@ def test_unwritable_run_dir_is_one_line_naming_the_path(tmp_path, setup):
     assert after == before
 
 
+def _tracker_file_in_the_way(tmp: Path, name: str) -> tuple[list[str], str]:
+    (tmp / "run").mkdir()
+    (tmp / "run" / name).write_text("not a folder")
+    logger = "tensorboard" if name == "tensorboard" else "wandb"
+    return [f"logger={logger}", f"hydra.run.dir={tmp / 'run'}"], str(tmp / "run" / name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "setup",
+    [
+        lambda tmp: _tracker_file_in_the_way(tmp, "tensorboard"),
+        lambda tmp: _tracker_file_in_the_way(tmp, "wandb"),
+        lambda tmp: (
+            (tmp / "ro").mkdir(mode=0o555),
+            (["logger=wandb", f"logger.wandb.dir={tmp / 'ro'}", f"hydra.run.dir={tmp / 'run'}"],
+             f"logger.wandb.dir: cannot write to {tmp / 'ro'}"),
+        )[1],
+        lambda tmp: (
+            (tmp / "ro").mkdir(mode=0o555),
+            (["logger=mlflow", f"logger.mlflow.tracking_uri=sqlite:///{tmp / 'ro' / 'm.db'}",
+              f"hydra.run.dir={tmp / 'run'}"],
+             f"logger.mlflow.tracking_uri: cannot write to {tmp / 'ro'}"),
+        )[1],
+    ],
+    ids=["tensorboard-file", "wandb-file", "wandb-dir-read-only", "mlflow-store-read-only"],
+)  # fmt: skip
+def test_a_tracker_that_cannot_write_is_one_line_before_anything_is_written(tmp_path, setup):
+    args, shown = setup(tmp_path)
+    before = snapshot(tmp_path)
+    try:
+        proc = cli([*ARGS, *args], cwd=tmp_path, as_user=True)
+        after = snapshot(tmp_path)
+    finally:
+        chmod_tree(tmp_path, writable=True)
+    assert_refused(proc, shown)
+    assert after == before
+
+
 @pytest.mark.slow
 def test_finished_run_made_read_only_is_one_line(finished_run, copy_of, tmp_path):
     run = copy_of(finished_run)

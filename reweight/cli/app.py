@@ -202,6 +202,10 @@ def _train(cfg: DictConfig, run: RunDir) -> float:
         trainer.loggers = build_loggers(
             _container(cfg.logger), run_dir, files=LOGGER_FILES, run_name=_run_name(cfg)
         )
+        for tracker in trainer.loggers:  # a place a tracker cannot write: refused now
+            check = getattr(tracker, "check", None)
+            if check is not None:
+                check()
         trainer.run_config = _container(cfg)
     metrics_csv = MetricsCSV(run_dir / METRICS, history=lambda: trainer.history)
     trainer.callbacks.append(metrics_csv)

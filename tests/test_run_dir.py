@@ -472,6 +472,32 @@ def test_an_unquoted_space_in_a_value_says_to_quote_it(tmp_path):
     assert snapshot(tmp_path) == {}
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_before_the_first_step_is_one_line_and_leaves_nothing(
+    tmp_path, data_root, signum, status
+):
+    """Ctrl-C or SIGTERM while the data are read: the interrupt line, 130 / 143, and neither
+    the run folder Hydra made nor anything else left."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reweight", *ARGS, f"hydra.run.dir={tmp_path / 'a' / 'run'}"],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in proc.stdout:
+        if "reading MNIST" in line:  # before the first step
+            proc.send_signal(signum)
+            break
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == status, err
+    assert err.splitlines() == ["interrupted; run the same command to continue"]
+    assert "step 1:" not in out
+    assert snapshot(tmp_path) == {}
+
+
 # -- folders that cannot be written --------------------------------------------------------------
 
 

@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -497,7 +498,13 @@ def _run_app() -> None:
     """``_app()``; a run stopped by SIGINT or SIGTERM (``TrainingInterrupted``, raised after its
     checkpoint is written) ends with one line on stderr, from rank 0 only, and the exit status
     of death by that signal (130, 143). A sweep stops at the interrupted job: the exception is
-    a KeyboardInterrupt, which Hydra's job runner does not catch."""
+    a KeyboardInterrupt, which Hydra's job runner does not catch. Outside training (reading the
+    data, writing the final files) SIGINT and SIGTERM alike end with one line too, ``interrupted;
+    run the same command to continue``: nothing was written yet, or the run is not finished
+    (its ``summary.json`` is written last) and the same command completes it."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_DFL:  # SIGTERM outside training: as Ctrl-C, one line
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         _app()
     except TrainingInterrupted as stop:
@@ -507,6 +514,21 @@ def _run_app() -> None:
                 file=sys.stderr,
             )
         sys.exit(stop.exit_status)
+    except KeyboardInterrupt as stop:  # before the first step, or after the last
+        if env_rank() == 0:
+            print("interrupted; run the same command to continue", file=sys.stderr)
+        sys.exit(128 + (signal.SIGTERM if isinstance(stop, _Terminated) else signal.SIGINT))
+    finally:
+        if previous is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM outside ``Trainer.fit`` (which handles it itself): stops the app as Ctrl-C does."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
 
 
 # -- helpers ------------------------------------------------------------------------------------

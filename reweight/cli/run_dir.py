@@ -28,6 +28,7 @@ writes ``.hydra/`` at the commit) and the ``run_log`` job logging opens ``train.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import errno
 import fcntl
@@ -454,6 +455,7 @@ class RunDirCleanup(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._made = _missing(_select_dir(config, "hydra.run.dir"))
+        atexit.register(self._remove_empty)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep = _select_dir(config, "hydra.sweep.dir")
@@ -462,6 +464,19 @@ class RunDirCleanup(Callback):
         self._sweep = str(sweep)
         self._made = _missing(sweep)
         self._existing = {root for root, _, _ in os.walk(sweep)}
+        atexit.register(self._remove_empty)
+
+    def _remove_empty(self) -> None:
+        """At exit, however the run ended (an interrupt before the first step skips
+        ``on_job_end``): the folders made for it that are still empty go."""
+        made = set(self._made)
+        if self._sweep is not None and os.path.isdir(self._sweep):
+            made.update(root for root, _, _ in os.walk(self._sweep) if self._was_made(root))
+        for folder in sorted(made, key=len, reverse=True):  # the deepest first
+            try:
+                os.rmdir(folder)  # only when empty
+            except OSError:
+                pass
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         if job_return.status != JobStatus.FAILED:

@@ -696,3 +696,36 @@ def test_a_real_full_disk_at_the_checkpoint_is_one_line_and_keeps_the_last_one(t
     left = Path(f"{out}.ls").read_text().split()
     assert "checkpoint.pt" in left and not [name for name in left if name.endswith(".tmp")]
     assert "summary.json" not in left
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "bad",
+    [["trainer.batch_size=21"], ["dataset.root={tmp}/nowhere", "dataset.download=false"]],
+    ids=["config", "data"],
+)
+def test_torchrun_bad_input_is_one_line_from_rank_zero(tmp_path, data_root, bad):
+    """Under torchrun (2 CPU ranks), a bad config or bad data: one ``error:`` line, from rank
+    0, nothing from rank 1 (no traceback of a broken barrier), no run folder; then torchrun's
+    own failure summary (its traceback and the ChildFailedError table), and its exit status,
+    1."""
+    from tests.test_distributed import _free_port
+
+    run = tmp_path / "run"
+    args = [*ARGS, *(b.format(tmp=tmp_path) for b in bad), f"hydra.run.dir={run}"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         f"--master-port={_free_port()}", "-m", "reweight", *args],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and bad[0].split("=")[0] in errors[0], proc.stderr
+    assert "[rank" not in proc.stderr and "interrupted" not in proc.stderr
+    assert str(Path(reweight.cli.run_dir.__file__).parents[1]) not in proc.stderr  # our code
+    assert "ChildFailedError" in proc.stderr  # torchrun's summary
+    assert snapshot(tmp_path) == {}

@@ -169,12 +169,17 @@ def _train(cfg: DictConfig, run: RunDir) -> float:
         return _objective(cfg, recorded if isinstance(recorded, int | float) else math.nan)
 
     # 1. data: the (possibly corrupted) training set, the clean meta set, the test set
-    #    (rank 0 first, so that a download happens once)
-    if ctx is not None and not ctx.is_main:
-        ctx.barrier()
-    bundle = build_dataset(**_container(cfg.dataset))
+    #    (rank 0 first, so that a download happens once; the others learn whether it could)
+    if ctx is not None and not ctx.is_main and ctx.max_int(0, _collective_device()):
+        raise _DataFailedOnRankZero("rank 0 could not build the dataset (its error says why)")
+    try:
+        bundle = build_dataset(**_container(cfg.dataset))
+    except BaseException:
+        if ctx is not None and ctx.is_main:
+            ctx.max_int(1, _collective_device())  # the others stop without a word
+        raise
     if ctx is not None and ctx.is_main:
-        ctx.barrier()
+        ctx.max_int(0, _collective_device())
     input_shape = list(bundle.test[0][0].shape)  # (C, H, W); test items are not augmented
 
     # 2. the model, then the method (MW-Net's weighting net draws from the global RNG after
@@ -286,6 +291,18 @@ def _train(cfg: DictConfig, run: RunDir) -> float:
         run_dir / SUMMARY,
     )
     return _objective(cfg, objective)
+
+
+class _DataFailedOnRankZero(ValueError):
+    """Under torchrun: rank 0 could not build the dataset and reports why; the other ranks
+    stop with this (exit status 2, no line: only rank 0 prints)."""
+
+
+def _collective_device() -> torch.device:
+    """Where a small all-reduce of the process group runs: this rank's GPU for NCCL."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _scale_lr(trainer: Trainer, factor: float) -> None:

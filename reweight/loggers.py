@@ -15,12 +15,14 @@ the writers below open their files on the first call, which the Trainer makes af
 ``close`` may be followed by more calls (the writer reopens), which is how ``Trainer.fit``
 closes them on success, interrupt and error alike and a later ``fit(resume=True)`` goes on.
 
-Resuming: the Trainer logs only rows it makes after the checkpoint, but a run killed between
-its last checkpoint and the kill had logged rows that are made again. TensorBoard reopens with
-``purge_step`` = the first step of the session (the events from that step on are dropped, the
-standard TensorBoard remedy); MLflow skips steps at or below the last step stored for the run;
-W&B (offline: one folder per session, one run id) skips steps at or below the last one it
-logged in this process, and ``wandb sync`` keeps the first value of a step.
+Resuming: a run killed between its last checkpoint and the kill had logged rows that are made
+again, and a tracker may have lost rows from before its checkpoint (W&B's service writes its
+file behind the run: a SIGKILL loses its last rows). So a resumed run hands the trackers its
+history from the checkpoint first, then its new rows, and each keeps every step once.
+TensorBoard reopens with ``purge_step`` = the first step it is given (the events from that
+step on are dropped, the standard TensorBoard remedy); MLflow skips steps at or below the last
+step stored for the run; W&B (offline: one folder per session, one run id) skips steps at or
+below the last one its earlier sessions wrote to disk, or this process logged.
 
 The tracking packages are optional extras (``pip install "reweight[tensorboard]"``, ``[wandb]``,
 ``[mlflow]``); each is imported when its logger is built, with the install line if missing.
@@ -126,6 +128,23 @@ def _require(module: str, extra: str) -> Any:
         ) from err
 
 
+def _tensorboard_last_step(log_dir: Path) -> int:
+    """The last step of a scalar in the event files under ``log_dir``, or -1."""
+    if not log_dir.is_dir():
+        return -1
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    last = -1
+    for path in log_dir.glob("events.out.tfevents.*"):
+        try:
+            for event in EventFileLoader(str(path)).Load():
+                if event.HasField("summary"):
+                    last = max(last, int(event.step))
+        except Exception:  # a torn file: what was read before counts
+            continue
+    return last
+
+
 class TensorBoardLogger:
     """Event files in ``log_dir`` (``tensorboard --logdir <run dir>/tensorboard``): one scalar
     per row key, the weight histogram, the config as text."""
@@ -136,6 +155,13 @@ class TensorBoardLogger:
         self.flush_secs = flush_secs
         self._writer: Any = None
         self._config: Mapping[str, Any] | None = None
+        self._on_disk: int | None = None  # the last step in the event files before this process
+
+    def has_step(self, step: int) -> bool:
+        """Whether the event files already hold ``step`` (a resumed run's earlier rows)."""
+        if self._on_disk is None:
+            self._on_disk = _tensorboard_last_step(self.log_dir)
+        return self._writer is None and step <= self._on_disk
 
     def _open(self, step: int) -> Any:
         if self._writer is None:
@@ -250,6 +276,11 @@ class MLflowLogger:
     def log_config(self, config: Mapping[str, Any]) -> None:
         self._config = dict(config)
 
+    def has_step(self, step: int) -> bool:
+        """Whether the run in the store already has ``step`` (a resumed run's earlier rows)."""
+        self._open()
+        return step <= self._last_step
+
     def log_row(self, step: int, row: Mapping[str, float]) -> None:
         client, run_id = self._open()
         if step <= self._last_step:
@@ -277,6 +308,41 @@ class MLflowLogger:
         if self._client is not None and self._run_id is not None:
             self._client.set_terminated(self._run_id, status=status)
         self._client = self._run_id = None
+
+
+def _wandb_last_step(directory: Path, run_id: str) -> int:
+    """The last step that the offline sessions of W&B run ``run_id`` under ``directory`` wrote
+    to disk (a session killed with SIGKILL loses what its service had not yet written), or -1.
+
+    Reads each ``wandb/offline-run-*-<id>/run-<id>.wandb``: W&B's log of protobuf ``Record``s
+    (a 7-byte header, then 32 KiB blocks of chunks, each with a 7-byte header: CRC, length,
+    type FULL/FIRST/MIDDLE/LAST). Anything it cannot read counts as nothing written."""
+    try:
+        from wandb.proto import wandb_internal_pb2 as pb
+    except ImportError:
+        return -1
+    last = -1
+    for path in (directory / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"):
+        try:
+            data, pos, chunk = path.read_bytes(), 7, b""
+            while pos + 7 <= len(data):
+                left = 32768 - pos % 32768
+                if left < 7:  # the rest of a block is padding
+                    pos += left
+                    continue
+                length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+                chunk += data[pos + 7 : pos + 7 + length]
+                pos += 7 + length
+                if kind in (1, 4):  # FULL, LAST: a whole record
+                    record = pb.Record()
+                    record.ParseFromString(chunk)
+                    if record.WhichOneof("record_type") == "history":
+                        last = max(last, int(record.history.step.num))
+                if kind in (0, 1, 4):
+                    chunk = b""
+        except Exception:  # a torn file: what was read before counts
+            continue
+    return last
 
 
 class WandbLogger:
@@ -308,6 +374,8 @@ class WandbLogger:
         if self._run is None:
             if self.id_file.is_file():
                 run_id = self.id_file.read_text().strip()
+                if self.mode == "offline":  # what earlier sessions wrote down is not logged again
+                    self._last_step = max(self._last_step, _wandb_last_step(self.directory, run_id))
             else:
                 run_id = uuid.uuid4().hex[:12]
                 self.id_file.parent.mkdir(parents=True, exist_ok=True)
@@ -334,6 +402,11 @@ class WandbLogger:
 
     def log_config(self, config: Mapping[str, Any]) -> None:
         self._config = dict(config)
+
+    def has_step(self, step: int) -> bool:
+        """Whether an earlier session wrote ``step`` to disk, or this process logged it."""
+        self._open()
+        return step <= self._last_step
 
     def log_row(self, step: int, row: Mapping[str, float]) -> None:
         run = self._open()
@@ -424,20 +497,30 @@ def close_all(loggers: Sequence[Logger], status: str = "FINISHED") -> None:
 class LoggerGroup:
     """Several loggers as one, for the Trainer: the run's ``config`` once, with the first row;
     then every history row and a histogram of the last batch's relative weights; ``close``
-    closes them all (``close_all``)."""
+    closes them all (``close_all``). ``backlog``: rows logged before the next one (a resumed
+    run's history, which a tracker may lack), to the loggers with a ``has_step(step)`` method,
+    each row it says it lacks."""
 
     def __init__(self, loggers: Sequence[Logger], config: Mapping[str, Any]) -> None:
         self.loggers, self.config = list(loggers), dict(config)
         self._config_logged = False
+        self.backlog: list[Mapping[str, Any]] = []
 
     def log(self, step: int, row: Mapping[str, Any], weights: Any | None = None) -> None:
-        for logger in self.loggers:
-            if not self._config_logged:
+        if not self._config_logged:
+            for logger in self.loggers:
                 logger.log_config(self.config)
+            self._config_logged = bool(self.loggers)
+        backlog, self.backlog = self.backlog, []
+        for old in backlog:  # a resumed run's rows from before its checkpoint, first
+            for logger in self.loggers:
+                has_step = getattr(logger, "has_step", None)  # a logger that can tell
+                if has_step is not None and not has_step(int(old["step"])):
+                    logger.log_row(int(old["step"]), old)
+        for logger in self.loggers:
             logger.log_row(step, row)
             if weights is not None:
                 logger.log_histogram("weights", weights, step)
-        self._config_logged = bool(self.loggers)
 
     def close(self, status: str = "FINISHED") -> None:
         close_all(self.loggers, status)

@@ -225,6 +225,8 @@ class Trainer:
             log.info("resumed from %s at step %d", self.checkpoint_path, self.step)
         elif self.step == 0:
             torch.manual_seed(cfg.seed)
+        if self.step > 0:  # the trackers get the rows from before, each skipping those it has
+            self._trackers.backlog = list(self.history)
         self._setup()
         pin = self.device.type == "cuda"
         shard = (self.dist.rank, self.dist.world_size) if self.dist else (0, 1)

@@ -551,3 +551,47 @@ def test_an_interrupted_or_failed_run_is_not_finished_in_any_tracker(tmp_path, d
 def test_a_finished_run_is_finished_in_every_tracker(tracked_run: Path) -> None:
     assert _mlflow_status(tracked_run) == "FINISHED"
     assert _exit_codes(tracked_run) == [0]
+
+
+@pytest.mark.slow
+def test_after_sigkill_and_resume_every_tracker_has_each_step_once(tmp_path, data_root):
+    """Killed (SIGKILL: nothing flushed, W&B's service loses its last rows) at step 15 with a
+    checkpoint at step 10, then the same command: TensorBoard, MLflow and W&B each hold every
+    step of 1..40 exactly once."""
+    import signal as signals
+
+    run = tmp_path / "run"
+    args = [
+        *[a for a in TINY if not a.startswith("trainer.max_steps")],
+        "trainer.max_steps=40",
+        "trainer.checkpoint_every=10",
+        "logger=[tensorboard,mlflow,wandb]",
+        f"hydra.run.dir={run}",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reweight", *args],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    for line in proc.stdout:
+        if "step 15:" in line:
+            proc.send_signal(signals.SIGKILL)
+            break
+    proc.wait()
+    proc.stdout.close()
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 10
+    _cli(args, tmp_path)
+    steps = list(range(1, 41))
+    assert [s for s, _ in _tb_scalars(run / "tensorboard")["lr"]] == steps
+    import mlflow
+
+    run_id = (run / "mlflow_run_id.txt").read_text().strip()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        client = mlflow.tracking.MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
+        assert sorted(m.step for m in client.get_metric_history(run_id, "lr")) == steps
+    history = [r for r in _wandb_records(run) if r.WhichOneof("record_type") == "history"]
+    assert sorted(r.history.step.num for r in history) == steps

@@ -119,14 +119,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.top < 1:
         sys.stderr.write(f"error: --top must be >= 1, got {args.top}\n")
         return 2
+    summary_path = run_dir / SUMMARY
     try:
         rows = read_suspects(run_dir)
-        summary_path = run_dir / SUMMARY
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    except json.JSONDecodeError as err:
+        sys.stderr.write(
+            f"error: cannot read {summary_path} ({err}): run the training again to write it\n"
+        )
+        return 2
     except (OSError, ValueError) as err:
         sys.stderr.write(f"error: {err}\n")
         return 2
     top = rows[: args.top]
+    try:  # before anything is printed or written: an error is then the only line
+        images = _images(run_dir, top) if top else None
+    except (OSError, ValueError) as err:
+        sys.stderr.write(f"error: cannot rebuild the run's images: {err}\n")
+        return 2
     report = [
         f"{len(rows)} training examples in {run_dir / SUSPECTS}; the {len(top)} most suspect:",
         _table(top),
@@ -144,11 +154,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if scatter is not None:
         log.info("wrote %s", scatter)
-    try:
-        images = _images(run_dir, top) if top else None
-    except (OSError, ValueError) as err:
-        sys.stderr.write(f"error: cannot rebuild the run's images: {err}\n")
-        return 2
     if images is not None:
         captions = [
             f"{r['given_label']} → {r['predicted_label']} ({float(r['probability']):.2f})"

@@ -15,12 +15,14 @@ the writers below open their files on the first call, which the Trainer makes af
 ``close`` may be followed by more calls (the writer reopens), which is how ``Trainer.fit``
 closes them on success, interrupt and error alike and a later ``fit(resume=True)`` goes on.
 
-Resuming: the Trainer logs only rows it makes after the checkpoint, but a run killed between
-its last checkpoint and the kill had logged rows that are made again. TensorBoard reopens with
-``purge_step`` = the first step of the session (the events from that step on are dropped, the
-standard TensorBoard remedy); MLflow skips steps at or below the last step stored for the run;
-W&B (offline: one folder per session, one run id) skips steps at or below the last one it
-logged in this process, and ``wandb sync`` keeps the first value of a step.
+Resuming: a run killed between its last checkpoint and the kill had logged rows that are made
+again, and a tracker may have lost rows from before its checkpoint (W&B's service writes its
+file behind the run: a SIGKILL loses its last rows). So a resumed run hands the trackers its
+history from the checkpoint first, then its new rows, and each keeps every step once.
+TensorBoard reopens with ``purge_step`` = the first step it is given (the events from that
+step on are dropped, the standard TensorBoard remedy); MLflow skips steps at or below the last
+step stored for the run; W&B (offline: one folder per session, one run id) skips steps at or
+below the last one its earlier sessions wrote to disk, or this process logged.
 
 The tracking packages are optional extras (``pip install "reweight[tensorboard]"``, ``[wandb]``,
 ``[mlflow]``); each is imported when its logger is built, with the install line if missing.
@@ -29,6 +31,7 @@ The tracking packages are optional extras (``pip install "reweight[tensorboard]"
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import logging
 import math
@@ -48,6 +51,7 @@ __all__ = [
     "TensorBoardLogger",
     "WandbLogger",
     "build_loggers",
+    "check_writable",
     "flatten_config",
 ]
 
@@ -91,6 +95,29 @@ def scalars(row: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def check_writable(path: Path, key: str, folder: bool = True) -> None:
+    """``ValueError`` naming ``path`` and ``key`` (the setting that chose it) when a tracker
+    could not write there: a file where a folder goes (or the reverse), no permission. Checked
+    before the first training step, so that a run that cannot track writes nothing."""
+    fix = f"move it, or choose another {key}" if key.startswith("logger.") else "move it"
+    if path.exists():
+        if path.is_dir() != folder:
+            kind = "a folder" if folder else "a file"
+            raise ValueError(f"{key}: {path} is in the way, it should be {kind}: {fix}")
+        targets = [path] if folder else [path, path.parent]  # SQLite writes a journal beside
+    else:
+        existing = next(p for p in path.absolute().parents if p.exists())
+        if not existing.is_dir():
+            raise ValueError(f"{key}: {existing} is a file, not a folder: {fix}")
+        targets = [existing]
+    for target in targets:
+        if not os.access(target, os.W_OK | (os.X_OK if target.is_dir() else 0)):
+            raise ValueError(
+                f"{key}: cannot write to {target} (permission denied): fix the permissions"
+                + (f", or choose another {key}" if key.startswith("logger.") else "")
+            )
+
+
 def _require(module: str, extra: str) -> Any:
     try:
         return importlib.import_module(module)
@@ -99,6 +126,23 @@ def _require(module: str, extra: str) -> Any:
             f"logger={extra} needs the {module.split('.')[0]} package: "
             f'pip install "reweight[{extra}]"'
         ) from err
+
+
+def _tensorboard_last_step(log_dir: Path) -> int:
+    """The last step of a scalar in the event files under ``log_dir``, or -1."""
+    if not log_dir.is_dir():
+        return -1
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    last = -1
+    for path in log_dir.glob("events.out.tfevents.*"):
+        try:
+            for event in EventFileLoader(str(path)).Load():
+                if event.HasField("summary"):
+                    last = max(last, int(event.step))
+        except Exception:  # a torn file: what was read before counts
+            continue
+    return last
 
 
 class TensorBoardLogger:
@@ -111,6 +155,13 @@ class TensorBoardLogger:
         self.flush_secs = flush_secs
         self._writer: Any = None
         self._config: Mapping[str, Any] | None = None
+        self._on_disk: int | None = None  # the last step in the event files before this process
+
+    def has_step(self, step: int) -> bool:
+        """Whether the event files already hold ``step`` (a resumed run's earlier rows)."""
+        if self._on_disk is None:
+            self._on_disk = _tensorboard_last_step(self.log_dir)
+        return self._writer is None and step <= self._on_disk
 
     def _open(self, step: int) -> Any:
         if self._writer is None:
@@ -123,6 +174,10 @@ class TensorBoardLogger:
                 self._writer.add_text("config", f"```\n{text}\n```", global_step=step)
         return self._writer
 
+    def check(self) -> None:
+        """Before the first step: ``ValueError`` if ``log_dir`` cannot be written."""
+        check_writable(self.log_dir, "logger=tensorboard")
+
     def log_config(self, config: Mapping[str, Any]) -> None:
         self._config = dict(config)  # written with the first row (the step it needs is there)
 
@@ -134,7 +189,7 @@ class TensorBoardLogger:
     def log_histogram(self, name: str, values: Tensor, step: int) -> None:
         self._open(step).add_histogram(name, values.detach().float().cpu(), global_step=step)
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -170,6 +225,10 @@ class MLflowLogger:
 
     def _open(self) -> tuple[Any, str]:
         if self._client is None or self._run_id is None:
+            # MLflow announces the making of its SQLite tables on stderr, where a run keeps
+            # its one line for an error or an interrupt
+            for name in ("mlflow.store.db.utils", "alembic"):
+                logging.getLogger(name).setLevel(logging.WARNING)
             client = self._mlflow.tracking.MlflowClient(tracking_uri=self.tracking_uri)
             run_id = self.id_file.read_text().strip() if self.id_file.is_file() else ""
             if run_id:
@@ -200,8 +259,27 @@ class MLflowLogger:
                     client.log_batch(run_id, params=params[i : i + 100])
         return self._client, self._run_id
 
+    def check(self) -> None:
+        """Before the first step: ``ValueError`` if a local store (``sqlite:///`` or
+        ``file:``) or its artifact folder cannot be written; a server is not contacted."""
+        uri = self.tracking_uri
+        if uri.startswith("sqlite:///"):
+            check_writable(Path(uri[len("sqlite:///") :]), "logger.mlflow.tracking_uri", False)
+        elif uri.startswith("file:") or "://" not in uri:
+            check_writable(
+                Path(uri.removeprefix("file://").removeprefix("file:")),
+                "logger.mlflow.tracking_uri",
+            )
+        if self.artifact_location and self.artifact_location.startswith("file:"):
+            check_writable(Path(self.artifact_location.removeprefix("file://")), "logger=mlflow")
+
     def log_config(self, config: Mapping[str, Any]) -> None:
         self._config = dict(config)
+
+    def has_step(self, step: int) -> bool:
+        """Whether the run in the store already has ``step`` (a resumed run's earlier rows)."""
+        self._open()
+        return step <= self._last_step
 
     def log_row(self, step: int, row: Mapping[str, float]) -> None:
         client, run_id = self._open()
@@ -226,9 +304,45 @@ class MLflowLogger:
         client.log_batch(run_id, metrics=metrics)
 
     def close(self, status: str = "FINISHED") -> None:
+        """End the MLflow run with ``status``: FINISHED, KILLED (interrupted) or FAILED."""
         if self._client is not None and self._run_id is not None:
             self._client.set_terminated(self._run_id, status=status)
         self._client = self._run_id = None
+
+
+def _wandb_last_step(directory: Path, run_id: str) -> int:
+    """The last step that the offline sessions of W&B run ``run_id`` under ``directory`` wrote
+    to disk (a session killed with SIGKILL loses what its service had not yet written), or -1.
+
+    Reads each ``wandb/offline-run-*-<id>/run-<id>.wandb``: W&B's log of protobuf ``Record``s
+    (a 7-byte header, then 32 KiB blocks of chunks, each with a 7-byte header: CRC, length,
+    type FULL/FIRST/MIDDLE/LAST). Anything it cannot read counts as nothing written."""
+    try:
+        from wandb.proto import wandb_internal_pb2 as pb
+    except ImportError:
+        return -1
+    last = -1
+    for path in (directory / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"):
+        try:
+            data, pos, chunk = path.read_bytes(), 7, b""
+            while pos + 7 <= len(data):
+                left = 32768 - pos % 32768
+                if left < 7:  # the rest of a block is padding
+                    pos += left
+                    continue
+                length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+                chunk += data[pos + 7 : pos + 7 + length]
+                pos += 7 + length
+                if kind in (1, 4):  # FULL, LAST: a whole record
+                    record = pb.Record()
+                    record.ParseFromString(chunk)
+                    if record.WhichOneof("record_type") == "history":
+                        last = max(last, int(record.history.step.num))
+                if kind in (0, 1, 4):
+                    chunk = b""
+        except Exception:  # a torn file: what was read before counts
+            continue
+    return last
 
 
 class WandbLogger:
@@ -260,6 +374,8 @@ class WandbLogger:
         if self._run is None:
             if self.id_file.is_file():
                 run_id = self.id_file.read_text().strip()
+                if self.mode == "offline":  # what earlier sessions wrote down is not logged again
+                    self._last_step = max(self._last_step, _wandb_last_step(self.directory, run_id))
             else:
                 run_id = uuid.uuid4().hex[:12]
                 self.id_file.parent.mkdir(parents=True, exist_ok=True)
@@ -279,8 +395,18 @@ class WandbLogger:
             )
         return self._run
 
+    def check(self) -> None:
+        """Before the first step: ``ValueError`` if ``directory`` cannot be written."""
+        check_writable(self.directory, "logger.wandb.dir")
+        check_writable(self.directory / "wandb", "logger.wandb.dir")
+
     def log_config(self, config: Mapping[str, Any]) -> None:
         self._config = dict(config)
+
+    def has_step(self, step: int) -> bool:
+        """Whether an earlier session wrote ``step`` to disk, or this process logged it."""
+        self._open()
+        return step <= self._last_step
 
     def log_row(self, step: int, row: Mapping[str, float]) -> None:
         run = self._open()
@@ -297,9 +423,10 @@ class WandbLogger:
         run.log({name: self._wandb.Histogram(v)}, step=step)
         self._last_step = step
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
+        """Finish the W&B run with the exit code of ``status``: 0 for FINISHED, else 1."""
         if self._run is not None:
-            self._run.finish()
+            self._run.finish(exit_code=0 if status == "FINISHED" else 1)
             self._run = None
 
 
@@ -349,12 +476,17 @@ def build_loggers(
     return out
 
 
-def close_all(loggers: Sequence[Logger]) -> None:
-    """Close every logger; a failing one does not keep the others open (logged, re-raised)."""
+def close_all(loggers: Sequence[Logger], status: str = "FINISHED") -> None:
+    """Close every logger; a failing one does not keep the others open (logged, re-raised).
+    ``status`` (FINISHED, KILLED, FAILED) goes to those whose ``close`` takes it (MLflow's run
+    status, W&B's exit code)."""
     error: BaseException | None = None
     for logger in loggers:
         try:
-            logger.close()
+            if "status" in inspect.signature(logger.close).parameters:
+                logger.close(status=status)
+            else:
+                logger.close()
         except Exception as err:  # close the rest, then report the first
             log.warning("closing %s failed: %s", type(logger).__name__, err)
             error = error or err
@@ -365,23 +497,33 @@ def close_all(loggers: Sequence[Logger]) -> None:
 class LoggerGroup:
     """Several loggers as one, for the Trainer: the run's ``config`` once, with the first row;
     then every history row and a histogram of the last batch's relative weights; ``close``
-    closes them all (``close_all``)."""
+    closes them all (``close_all``). ``backlog``: rows logged before the next one (a resumed
+    run's history, which a tracker may lack), to the loggers with a ``has_step(step)`` method,
+    each row it says it lacks."""
 
     def __init__(self, loggers: Sequence[Logger], config: Mapping[str, Any]) -> None:
         self.loggers, self.config = list(loggers), dict(config)
         self._config_logged = False
+        self.backlog: list[Mapping[str, Any]] = []
 
     def log(self, step: int, row: Mapping[str, Any], weights: Any | None = None) -> None:
-        for logger in self.loggers:
-            if not self._config_logged:
+        if not self._config_logged:
+            for logger in self.loggers:
                 logger.log_config(self.config)
+            self._config_logged = bool(self.loggers)
+        backlog, self.backlog = self.backlog, []
+        for old in backlog:  # a resumed run's rows from before its checkpoint, first
+            for logger in self.loggers:
+                has_step = getattr(logger, "has_step", None)  # a logger that can tell
+                if has_step is not None and not has_step(int(old["step"])):
+                    logger.log_row(int(old["step"]), old)
+        for logger in self.loggers:
             logger.log_row(step, row)
             if weights is not None:
                 logger.log_histogram("weights", weights, step)
-        self._config_logged = bool(self.loggers)
 
-    def close(self) -> None:
-        close_all(self.loggers)
+    def close(self, status: str = "FINISHED") -> None:
+        close_all(self.loggers, status)
 
 
 def _millis() -> int:

@@ -203,12 +203,18 @@ class Trainer:
         ``fit(resume=True)`` continues bit for bit; a second signal aborts at once. In
         data-parallel training every process stops after the same step.
         """
+        status = "FAILED"  # what the trackers record: FINISHED, KILLED (a signal) or FAILED
         try:
             with StopOnSignal(self.checkpoint_path) as stop:
-                return self._fit(resume, stop, on_start)
+                result = self._fit(resume, stop, on_start)
+            status = "FINISHED"
+            return result
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
         finally:
             if self.is_main:
-                self._trackers.close()
+                self._trackers.close(status)
 
     def _fit(
         self, resume: bool, stop: StopOnSignal, on_start: Callable[[], None] | None
@@ -219,6 +225,8 @@ class Trainer:
             log.info("resumed from %s at step %d", self.checkpoint_path, self.step)
         elif self.step == 0:
             torch.manual_seed(cfg.seed)
+        if self.step > 0:  # the trackers get the rows from before, each skipping those it has
+            self._trackers.backlog = list(self.history)
         self._setup()
         pin = self.device.type == "cuda"
         shard = (self.dist.rank, self.dist.world_size) if self.dist else (0, 1)
@@ -267,12 +275,10 @@ class Trainer:
                 stop.signum if self.dist is None else self.dist.max_int(stop.signum, self.device)
             )
             due = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
-            if (
-                self.checkpoint_path
-                and self.is_main
-                and (due or self.step == cfg.max_steps or signum)
-            ):
-                self.save_checkpoint(self.checkpoint_path)
+            if self.checkpoint_path and (due or self.step == cfg.max_steps or signum):
+                self._check_finite_parameters()  # every rank: a checkpoint is always finite
+                if self.is_main:
+                    self.save_checkpoint(self.checkpoint_path)
             if signum:
                 self._stop(signum, bar)
         bar.close()
@@ -562,6 +568,14 @@ class Trainer:
         if out.meta_loss is not None and not math.isfinite(out.meta_loss):
             where = f"at step {self.step + 1} (method {self.method.name})"
             raise FloatingPointError(f"meta loss is {out.meta_loss} {where}")
+
+    def _check_finite_parameters(self) -> None:
+        """A finite loss can still step the parameters to inf: never checkpoint those."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            raise FloatingPointError(
+                f"the parameters are not finite after step {self.step} (method "
+                f"{self.method.name}); lower the learning rate or set trainer.grad_clip"
+            )
 
     @property
     def loggers(self) -> list[Logger]:

@@ -236,6 +236,106 @@ def test_label_outside_the_classes_is_named(tmp_path):
     assert_refused(tmp_path, args, "m.csv has the label 'cow'")
 
 
+def _save(path: Path, **arrays) -> None:
+    if path.suffix == ".npz":
+        np.savez(path, **arrays)
+    else:
+        torch.save(arrays, path)
+
+
+_X = np.arange(20, dtype=np.float32).reshape(10, 2)
+_Y = np.arange(10) % 2
+
+
+def _with(row: int, value: float) -> np.ndarray:
+    x = _X.copy()
+    x[row, 1] = value
+    return x
+
+
+def _plain_pickle(path: Path) -> None:
+    """A .pt that torch.save did not write: pickle protocol 4, which torch warns about."""
+    import pickle
+
+    path.write_bytes(pickle.dumps({"x": [[1.0, 2.0]], "y": [0]}, protocol=4))
+
+
+_TABLE = ["dataset=tensors", "model=mlp", "dataset.meta_rows=[0,1]"]
+
+
+@pytest.mark.slow  # a CLI subprocess each: ~10 s of CPU
+@pytest.mark.parametrize(
+    ("name", "make", "extra", "names"),
+    [
+        ("t.npz", lambda p: _save(p, x=_with(3, np.nan), y=_Y), [],
+         "t.npz has NaN or infinity in 'x' at row 3"),
+        ("t.pt", lambda p: _save(p, x=torch.tensor(_with(7, np.inf)), y=torch.tensor(_Y)), [],
+         "t.pt has NaN or infinity in 'x' at row 7"),
+        ("t.npz", lambda p: _save(p, x=np.float32(1.0), y=_Y), [], "t.npz: 'x' is a single"),
+        ("t.pt", lambda p: _save(p, x=["a", "b"], y=torch.tensor([0, 1])), [],
+         "t.pt: 'x' is not an array of numbers"),
+        ("t.pt", _plain_pickle, [], "t.pt (it holds Python objects other than arrays"),
+        ("t.csv", lambda p: write_csv(p, ["a", "label"], [[1, 0], [2, ""], [3, 1]] * 4), [],
+         "t.csv has an empty label in column 'label' on line 3"),
+        ("t.csv", lambda p: write_csv(p, ["id", "a", "label"], [["u", 1, 0], ["v", 2, 1],
+                                                                  ["u", 3, 1]] * 4),
+         ["dataset.id_column=id"], "t.csv has the id 'u' on lines 2 and 4"),
+        ("t.csv", lambda p: write_csv(p, ["a", "label"], [[1, 0], [2, 1]] * 5),
+         ["dataset.meta_rows=[0,1,0]"], "dataset.meta_rows lists 0 twice"),
+    ],
+)  # fmt: skip
+def test_bad_tensor_and_table_files_are_one_line(tmp_path, name, make, extra, names):
+    """Every bad value is refused in every file format with the file and the row, column or
+    key: exit 2, exactly one stderr line (no warning before it), nothing written."""
+    make(tmp_path / name)
+    before = snapshot(tmp_path)
+    args = [*_TABLE, f"dataset.path={name}", *extra, *TINY, f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = run(args, tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("error: ") and names in line, line
+    assert snapshot(tmp_path) == before
+
+
+def test_sixteen_bit_images_are_scaled_by_their_own_range(tmp_path):
+    """A 16-bit PNG among 8-bit ones: both in [0, 1], the 16-bit one by 65535."""
+    from PIL import Image
+
+    make_images(tmp_path / "train")
+    make_images(tmp_path / "meta")
+    deep = np.full((8, 8), 65535, dtype=np.uint16)
+    deep[0, 0] = 0
+    Image.fromarray(deep).save(tmp_path / "train" / "1" / "deep.png")
+    bundle = build_dataset(
+        "image_folder",
+        train_dir=str(tmp_path / "train"),
+        meta_dir=str(tmp_path / "meta"),
+        test_dir=str(tmp_path / "meta"),
+        grayscale=True,
+        standardize=False,
+    )
+    x = bundle.train.inputs
+    assert float(x.min()) == 0.0 and float(x.max()) == 1.0
+    deep_x = x[bundle.train_ids.index(str(tmp_path / "train" / "1" / "deep.png"))]
+    assert (float(deep_x.min()), float(deep_x.max())) == (0.0, 1.0)
+    eight_bit = x[bundle.train_ids.index(str(tmp_path / "train" / "1" / "2.png"))]
+    assert float(eight_bit.max()) == pytest.approx(80 / 255)
+
+
+def test_a_trusted_set_without_a_class_is_one_warning_naming_it(tmp_path, caplog):
+    make_images(tmp_path / "train")
+    (tmp_path / "train" / "2").mkdir()
+    for i in range(3):
+        write_png(torch.full((1, 8, 8), 9, dtype=torch.uint8), str(tmp_path / f"train/2/{i}.png"))
+    make_images(tmp_path / "meta")  # classes 0 and 1 only
+    with caplog.at_level("WARNING", logger="reweight.data.own"):
+        build_dataset(
+            "image_folder", train_dir=str(tmp_path / "train"), meta_dir=str(tmp_path / "meta")
+        )
+    [record] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "no example of class '2'" in record.getMessage()
+
+
 # -- in process ----------------------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import yaml
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
+import reweight.cli.run_dir
 from reweight.cli.run_dir import NO_EFFECT_KEYS, RunDir, RunDirError, config_differences
 from tests.test_cli import cli_env
 
@@ -53,10 +55,30 @@ def _as_a_user() -> None:
             raise OSError(ctypes.get_errno(), f"prctl(PR_CAPBSET_DROP, {cap}) failed")
 
 
-def cli(args: list[str], cwd: Path, as_user: bool = False) -> subprocess.CompletedProcess:
-    """``python -m reweight ARGS`` in ``cwd``; ``as_user``: permission bits apply even to root."""
+# `python -m reweight` on a disk that is full for one file: every write of a run's file ends with
+# the fsync of atomic_write's temporary file ".<name>.*.tmp"; that one fails with ENOSPC, as a
+# write to a full disk does (the file system itself is left as it is).
+_ENOSPC = """
+import errno, os, runpy, sys
+name = sys.argv.pop(1)
+sync = os.fsync
+def fsync(fd):
+    if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(f".{name}."):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return sync(fd)
+os.fsync = fsync
+runpy.run_module("reweight", run_name="__main__", alter_sys=True)
+"""
+
+
+def cli(
+    args: list[str], cwd: Path, as_user: bool = False, disk_full_at: str | None = None
+) -> subprocess.CompletedProcess:
+    """``python -m reweight ARGS`` in ``cwd``; ``as_user``: permission bits apply even to root;
+    ``disk_full_at``: writing the run file of that name fails with ENOSPC (``_ENOSPC``)."""
+    command = ["-m", "reweight"] if disk_full_at is None else ["-c", _ENOSPC, disk_full_at]
     return subprocess.run(
-        [sys.executable, "-m", "reweight", *args],
+        [sys.executable, *command, *args],
         cwd=cwd,
         env=cli_env(),
         capture_output=True,
@@ -165,6 +187,29 @@ def test_another_config_is_refused_with_each_key_and_both_values(tmp_path):
     assert config_differences({"a": 1}, {"a": True}) == [("a", 1, True)]  # 1 is not true
 
 
+@pytest.mark.parametrize(
+    ("args", "method"),
+    [
+        (["method=mwnet"], "mwnet"),
+        (["method=mwnet_sum"], "mwnet_sum"),  # its method.name is mwnet
+        (["experiment=mwnet_mnist_noisy"], "mwnet_sum"),  # chosen by the preset
+    ],
+)
+def test_the_run_folder_is_named_by_the_method_config_chosen(tmp_path, args, method):
+    """Two method configs with one method.name (and the same overrides) never share a folder."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "reweight", *args, "--cfg", "all", "--resolve", "-p",
+         "hydra.run.dir"],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip()).parts[2] == method, proc.stdout  # outputs/<dataset>/
+
+
 # -- runs that fail before their first step --------------------------------------------------------
 
 
@@ -257,6 +302,196 @@ def test_resume_false_starts_over_once_the_first_step_is_done(finished_run, copy
     assert (run / "notes.txt").read_text() == "mine"
 
 
+def files_of(tree: dict[str, tuple]) -> dict[str, tuple]:
+    """A ``snapshot`` without folders' mtimes (a folder moved elsewhere may get a new one)."""
+    return {k: v if v[4] is not None else v[:2] for k, v in tree.items()}
+
+
+@pytest.mark.slow
+def test_disk_full_in_the_final_files_keeps_the_finished_run(finished_run, copy_of, tmp_path):
+    """A finished run, then resume=false with another config on a disk that fills up at the
+    last plot: one line naming the file, exit 1; the finished run is kept whole beside, the new
+    run is not taken for finished (no summary.json), and once there is space again the same
+    command finishes it (the plots made) and the finished run it replaced goes."""
+    run = copy_of(finished_run)
+    old = files_of(snapshot(run))
+    curves = run / "learning_curves.png"
+    args = [*ARGS, "trainer.max_steps=6", f"hydra.run.dir={run}"]
+    proc = cli([*args, "resume=false"], tmp_path, disk_full_at=curves.name)
+    assert proc.returncode == 1, proc.stderr
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("error: no space left on device writing ") and str(curves) in line
+    assert "resume=true" in line
+    kept = tmp_path / "run.replaced"
+    assert files_of(snapshot(kept)) == old  # whole, every file as it was
+    assert f"finished run in {run} moved to {kept}" in proc.stdout
+    left = {p.name for p in run.iterdir()}
+    assert "summary.json" not in left and curves.name not in left
+    assert not [name for name in left if name.endswith(".tmp")]
+    assert "suspects.csv" in left  # the new run's, written before the plots
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 6
+
+    again = cli(args, tmp_path)  # space again; resume=true (the default) continues
+    assert again.returncode == 0, again.stderr
+    assert "finished at step" not in again.stdout  # not taken for finished
+    assert json.loads((run / "summary.json").read_text())["steps"] == 6
+    assert curves.read_bytes().startswith(b"\x89PNG")
+    assert not kept.exists()
+
+
+DIVERGES = [
+    "optimizer.lr=1e4",
+    "trainer.max_steps=10",
+    "trainer.checkpoint_every=2",
+    "trainer.log_every=1",
+]
+"""With ARGS: a NaN loss at step 8 (a checkpoint at step 6 before it)."""
+
+
+@pytest.mark.slow
+def test_a_diverging_restart_keeps_the_finished_run(finished_run, copy_of, tmp_path):
+    """A finished run, then resume=false with a learning rate that diverges at step 8: one line
+    naming the step, the checkpoint kept and the folder the finished run is kept in, exit 1;
+    the finished run whole there; nothing of it (suspects.csv...) left in the run folder."""
+    run = copy_of(finished_run)
+    old = files_of(snapshot(run))
+    proc = cli([*ARGS, *DIVERGES, "resume=false", f"hydra.run.dir={run}"], tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    [line] = proc.stderr.splitlines()
+    kept = tmp_path / "run.replaced"
+    assert line.startswith("error: training loss is nan at step 8 ")
+    assert f"{run / 'checkpoint.pt'} (step 6), the last finite checkpoint, is kept" in line
+    assert "lower optimizer.lr" in line and f"kept in {kept}" in line
+    assert files_of(snapshot(kept)) == old
+    left = {p.name for p in run.iterdir()}
+    assert not left & {"summary.json", "suspects.csv", "learning_curves.png", "weights.pt"}
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 6
+
+
+@pytest.mark.slow
+def test_a_diverged_run_continues_only_with_a_lower_learning_rate(tmp_path, data_root):
+    """Diverged at step 8: the same command again is refused with one line (it would diverge
+    again) and changes nothing; with a lower optimizer.lr it continues from the step-6
+    checkpoint at that rate and finishes."""
+    run = tmp_path / "run"
+    args = [*ARGS, *DIVERGES, f"hydra.run.dir={run}"]
+    assert cli(args, tmp_path).returncode == 1
+    before = snapshot(tmp_path)
+    assert_refused(cli(args, tmp_path), str(run), "diverged", "step 6", "optimizer.lr")
+    assert snapshot(tmp_path) == before
+    lower = cli([*args, "optimizer.lr=0.01"], tmp_path)
+    assert lower.returncode == 0, lower.stderr
+    assert "resumed from checkpoint.pt at step 6 with optimizer.lr=0.01" in lower.stdout
+    assert json.loads((run / "summary.json").read_text())["steps"] == 10
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.01)
+    assert [int(row["step"]) for row in state["history"]] == list(range(1, 11))
+    assert not (run / "diverged.json").exists()
+
+
+@pytest.mark.slow
+def test_one_run_per_folder_and_a_stale_lock_is_taken_over(tmp_path, data_root):
+    """Two identical commands into one folder: while the first holds it (here frozen by SIGSTOP
+    once it has logged its run directory), the second exits 2 with one line naming the first's
+    process and changes nothing; once the first is killed (SIGKILL: no clean-up of any kind)
+    the lock it left is taken over and the run completes, with one log."""
+    run = tmp_path / "run"
+    args = [*ARGS, f"hydra.run.dir={run}"]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "reweight", *args],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        for line in first.stdout:  # the lock is taken before this line
+            if "run directory:" in line:
+                break
+        first.send_signal(signal.SIGSTOP)
+        before = snapshot(tmp_path)
+        second = cli(args, tmp_path)
+        assert_refused(second, str(run), f"in use by process {first.pid}", "hydra.run.dir")
+        assert snapshot(tmp_path) == before
+    finally:
+        first.kill()
+        first.wait()
+        first.stdout.close()
+    third = cli(args, tmp_path)
+    assert third.returncode == 0, third.stderr
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4
+    assert (run / "train.log").read_text().count("done: step 4") == 1
+
+
+@pytest.mark.slow
+def test_a_corrupt_summary_is_one_line_naming_it(finished_run, copy_of, tmp_path):
+    run = copy_of(finished_run)
+    (run / "summary.json").write_text('{"test_accuracy": 0.9')  # cut short
+    before = snapshot(tmp_path)
+    assert_refused(cli([*ARGS, f"hydra.run.dir={run}"], tmp_path), str(run / "summary.json"))
+    inspect = subprocess.run(
+        [sys.executable, "-m", "reweight.inspect", str(run)],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert_refused(inspect, str(run / "summary.json"))
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_inspect_that_cannot_rebuild_the_images_writes_nothing(finished_run, copy_of, tmp_path):
+    """Its one error line comes before any file is written (no 'wrote ...' line before it)."""
+    run = copy_of(finished_run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["dataset"].update(root=str(tmp_path / "nowhere"), download=False)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    before = snapshot(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "reweight.inspect", str(run)],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert_refused(proc, "cannot rebuild the run's images", str(tmp_path / "nowhere"))
+    assert snapshot(tmp_path) == before
+
+
+def test_an_unquoted_space_in_a_value_says_to_quote_it(tmp_path):
+    proc = cli([*ARGS, f"hydra.run.dir={tmp_path}/my", "runs"], tmp_path)
+    assert_refused(proc, "'runs' is not KEY=VALUE", f'"hydra.run.dir={tmp_path}/my runs"')
+    assert snapshot(tmp_path) == {}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_before_the_first_step_is_one_line_and_leaves_nothing(
+    tmp_path, data_root, signum, status
+):
+    """Ctrl-C or SIGTERM while the data are read: the interrupt line, 130 / 143, and neither
+    the run folder Hydra made nor anything else left."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reweight", *ARGS, f"hydra.run.dir={tmp_path / 'a' / 'run'}"],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in proc.stdout:
+        if "reading MNIST" in line:  # before the first step
+            proc.send_signal(signum)
+            break
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == status, err
+    assert err.splitlines() == ["interrupted; run the same command to continue"]
+    assert "step 1:" not in out
+    assert snapshot(tmp_path) == {}
+
+
 # -- folders that cannot be written --------------------------------------------------------------
 
 
@@ -297,6 +532,45 @@ def test_unwritable_run_dir_is_one_line_naming_the_path(tmp_path, setup):
     assert after == before
 
 
+def _tracker_file_in_the_way(tmp: Path, name: str) -> tuple[list[str], str]:
+    (tmp / "run").mkdir()
+    (tmp / "run" / name).write_text("not a folder")
+    logger = "tensorboard" if name == "tensorboard" else "wandb"
+    return [f"logger={logger}", f"hydra.run.dir={tmp / 'run'}"], str(tmp / "run" / name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "setup",
+    [
+        lambda tmp: _tracker_file_in_the_way(tmp, "tensorboard"),
+        lambda tmp: _tracker_file_in_the_way(tmp, "wandb"),
+        lambda tmp: (
+            (tmp / "ro").mkdir(mode=0o555),
+            (["logger=wandb", f"logger.wandb.dir={tmp / 'ro'}", f"hydra.run.dir={tmp / 'run'}"],
+             f"logger.wandb.dir: cannot write to {tmp / 'ro'}"),
+        )[1],
+        lambda tmp: (
+            (tmp / "ro").mkdir(mode=0o555),
+            (["logger=mlflow", f"logger.mlflow.tracking_uri=sqlite:///{tmp / 'ro' / 'm.db'}",
+              f"hydra.run.dir={tmp / 'run'}"],
+             f"logger.mlflow.tracking_uri: cannot write to {tmp / 'ro'}"),
+        )[1],
+    ],
+    ids=["tensorboard-file", "wandb-file", "wandb-dir-read-only", "mlflow-store-read-only"],
+)  # fmt: skip
+def test_a_tracker_that_cannot_write_is_one_line_before_anything_is_written(tmp_path, setup):
+    args, shown = setup(tmp_path)
+    before = snapshot(tmp_path)
+    try:
+        proc = cli([*ARGS, *args], cwd=tmp_path, as_user=True)
+        after = snapshot(tmp_path)
+    finally:
+        chmod_tree(tmp_path, writable=True)
+    assert_refused(proc, shown)
+    assert after == before
+
+
 @pytest.mark.slow
 def test_finished_run_made_read_only_is_one_line(finished_run, copy_of, tmp_path):
     run = copy_of(finished_run)
@@ -325,3 +599,127 @@ def test_finished_sweep_jobs_are_skipped(tmp_path, data_root):
     with (sweep / "results.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["method"], r["n"]) for r in rows] == [("erm", "1"), ("random", "1")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=parallel", "hydra.launcher.n_jobs=2"]])
+def test_a_sweep_is_validated_whole_before_its_first_job(tmp_path, launcher):
+    """One bad value among good ones (the second of three): refused before any job runs, with
+    the key and that job's overrides; no sweep folder, nothing written."""
+    sweep = tmp_path / "sweep"
+    proc = cli(
+        ["-m", *ARGS, "trainer.max_steps=4,abc,5", *launcher, f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+    )
+    line = assert_refused(proc, "trainer.max_steps", "'trainer.max_steps=abc'")
+    assert "job with overrides" in line
+    assert snapshot(tmp_path) == {}
+    assert "reading MNIST" not in proc.stdout  # no job ran
+
+
+@pytest.mark.slow
+def test_a_failed_job_is_in_the_sweep_table(tmp_path, data_root):
+    """A job that fails as it runs (diverges) while another finishes: the sweep ends with the
+    failed job's one line (exit 1), and the table is still written, the failure in results.md;
+    once the job is run again with a lower rate and finishes, it leaves the failures."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", *ARGS, *DIVERGES[1:], f"hydra.sweep.dir={sweep}"]
+    proc = cli([*args, "optimizer.lr=1e4,0.01"], cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("error: training loss is nan at step 8 ")
+    assert "(job with overrides [" in line and "'optimizer.lr=10000.0']" in line
+    with (sweep / "results.csv").open(newline="") as f:
+        assert [r["optimizer.lr"] for r in csv.DictReader(f)] == ["0.01"]
+    table = (sweep / "results.md").read_text()
+    assert "Failed: 1 job(s)." in table
+    [failed] = [line for line in table.splitlines() if line.startswith("- job 0 (")]
+    assert "`optimizer.lr=10000.0`): training loss is nan at step 8" in failed
+
+    # job 0 continues at a lower rate, job 1 is found finished
+    rerun = cli([*args, "optimizer.lr=0.01,0.01"], cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "Failed" not in (sweep / "results.md").read_text()
+    assert not (sweep / "failed").exists()
+
+
+def test_aggregating_a_folder_that_is_not_a_sweep_is_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "reweight.outputs", str(tmp_path / "empty")],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert_refused(proc, str(tmp_path / "empty"), "hydra.sweep.dir")
+    assert snapshot(tmp_path) == {"empty": snapshot(tmp_path)["empty"]}
+    assert proc.stdout == ""
+
+
+@pytest.mark.slow
+def test_a_real_full_disk_at_the_checkpoint_is_one_line_and_keeps_the_last_one(tmp_path):
+    """The run folder on a real 2 MiB tmpfs (a mount namespace of its own, ``unshare``): the
+    checkpoint of step 2 (1.4 MB) fits, that of step 4 does not beside it. One line naming the
+    file and the full disk, exit 1; the checkpoint of step 2 kept, no temporary file left."""
+    disk, out = tmp_path / "disk", tmp_path / "out"
+    disk.mkdir()
+    run = disk / "run"
+    args = [*ARGS, "trainer.checkpoint_every=2", f"hydra.run.dir={run}"]
+    script = (
+        f"mount -t tmpfs -o size=2m tmpfs {disk} && "
+        f"{sys.executable} -m reweight {' '.join(args)} 2> {out}.stderr; "
+        f"echo $? > {out}.rc; ls -A {run} > {out}.ls; "
+        f"{sys.executable} -c \"import torch; print(torch.load('{run}/checkpoint.pt', "
+        f"weights_only=True)['step'])\" > {out}.step"
+    )
+    proc = subprocess.run(
+        ["unshare", "-Urm", "sh", "-c", script],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert Path(f"{out}.rc").read_text().strip() == "1"
+    [line] = Path(f"{out}.stderr").read_text().splitlines()
+    assert line.startswith(f"error: no space left on device writing {run / 'checkpoint.pt'}: ")
+    assert "resume=true" in line
+    assert Path(f"{out}.step").read_text().strip() == "2"
+    left = Path(f"{out}.ls").read_text().split()
+    assert "checkpoint.pt" in left and not [name for name in left if name.endswith(".tmp")]
+    assert "summary.json" not in left
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "bad",
+    [["trainer.batch_size=21"], ["dataset.root={tmp}/nowhere", "dataset.download=false"]],
+    ids=["config", "data"],
+)
+def test_torchrun_bad_input_is_one_line_from_rank_zero(tmp_path, data_root, bad):
+    """Under torchrun (2 CPU ranks), a bad config or bad data: one ``error:`` line, from rank
+    0, nothing from rank 1 (no traceback of a broken barrier), no run folder; then torchrun's
+    own failure summary (its traceback and the ChildFailedError table), and its exit status,
+    1."""
+    from tests.test_distributed import _free_port
+
+    run = tmp_path / "run"
+    args = [*ARGS, *(b.format(tmp=tmp_path) for b in bad), f"hydra.run.dir={run}"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         f"--master-port={_free_port()}", "-m", "reweight", *args],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and bad[0].split("=")[0] in errors[0], proc.stderr
+    assert "[rank" not in proc.stderr and "interrupted" not in proc.stderr
+    assert str(Path(reweight.cli.run_dir.__file__).parents[1]) not in proc.stderr  # our code
+    assert "ChildFailedError" in proc.stderr  # torchrun's summary
+    assert snapshot(tmp_path) == {}

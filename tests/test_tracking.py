@@ -460,3 +460,138 @@ def test_starting_over_removes_the_old_runs_tracker_files(tmp_path: Path) -> Non
         assert (run / "tensorboard" / "sub" / "old").exists()  # nothing before the commit
         rd.commit({"config.yaml": b"seed: 1\n"})
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "mine.txt"]
+
+
+# -- how a run ended, as each tracker records it ------------------------------------------------
+
+
+def _wandb_records(run_dir: Path) -> list:
+    """Every record of the run's offline W&B files (what ``wandb sync`` uploads), session by
+    session: the LevelDB-style log of protobuf ``Record``s (a 7-byte header, 32 KiB blocks,
+    each chunk with a 7-byte header: CRC, length, type FULL/FIRST/MIDDLE/LAST)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    records = []
+    for path in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb")):
+        data, pos, chunk = path.read_bytes(), 7, b""
+        while pos + 7 <= len(data):
+            left = 32768 - pos % 32768
+            if left < 7:  # the rest of a block is padding
+                pos += left
+                continue
+            length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+            chunk += data[pos + 7 : pos + 7 + length]
+            pos += 7 + length
+            if kind in (1, 4):  # FULL, LAST: a whole record
+                record = pb.Record()
+                record.ParseFromString(chunk)
+                records.append(record)
+                chunk = b""
+            elif kind == 0:
+                chunk = b""
+    return records
+
+
+def _mlflow_status(run_dir: Path) -> str:
+    import mlflow
+
+    run_id = (run_dir / "mlflow_run_id.txt").read_text().strip()
+    with warnings.catch_warnings():  # MLflow's SQL store uses APIs SQLAlchemy 2.1 deprecates
+        warnings.simplefilter("ignore", DeprecationWarning)
+        client = mlflow.tracking.MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+        return client.get_run(run_id).info.status
+
+
+def _exit_codes(run_dir: Path) -> list[int]:
+    return [
+        r.exit.exit_code for r in _wandb_records(run_dir) if r.WhichOneof("record_type") == "exit"
+    ]
+
+
+@pytest.mark.slow
+def test_an_interrupted_or_failed_run_is_not_finished_in_any_tracker(tmp_path, data_root):
+    """SIGINT mid-run: MLflow's run KILLED, W&B's exit code non-zero; a run that diverges:
+    FAILED and non-zero; the finished run (the fixture's, the same code path): FINISHED, 0."""
+    import signal as signals
+
+    run = tmp_path / "killed"
+    args = [*TINY, "trainer.max_steps=400", "logger=[mlflow,wandb]", f"hydra.run.dir={run}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reweight", *args],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in proc.stdout:
+        if "step 3:" in line:  # the trackers have opened
+            proc.send_signal(signals.SIGINT)
+            break
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130, err
+    [line] = err.splitlines()
+    assert line.startswith("interrupted at step ")
+    assert _mlflow_status(run) == "KILLED"
+    assert _exit_codes(run) and all(code != 0 for code in _exit_codes(run))
+
+    run = tmp_path / "diverged"
+    diverges = ["optimizer.lr=1e4", "trainer.max_steps=10", "trainer.checkpoint_every=2"]
+    failed = _cli(
+        [*TINY, *diverges, "logger=[mlflow,wandb]", f"hydra.run.dir={run}"], tmp_path, False
+    )
+    assert failed.returncode == 1, failed.stderr
+    [line] = failed.stderr.splitlines()
+    assert line.startswith("error: training loss is nan at step ")
+    assert _mlflow_status(run) == "FAILED"
+    assert _exit_codes(run) and all(code != 0 for code in _exit_codes(run))
+
+
+@pytest.mark.slow
+def test_a_finished_run_is_finished_in_every_tracker(tracked_run: Path) -> None:
+    assert _mlflow_status(tracked_run) == "FINISHED"
+    assert _exit_codes(tracked_run) == [0]
+
+
+@pytest.mark.slow
+def test_after_sigkill_and_resume_every_tracker_has_each_step_once(tmp_path, data_root):
+    """Killed (SIGKILL: nothing flushed, W&B's service loses its last rows) at step 15 with a
+    checkpoint at step 10, then the same command: TensorBoard, MLflow and W&B each hold every
+    step of 1..40 exactly once."""
+    import signal as signals
+
+    run = tmp_path / "run"
+    args = [
+        *[a for a in TINY if not a.startswith("trainer.max_steps")],
+        "trainer.max_steps=40",
+        "trainer.checkpoint_every=10",
+        "logger=[tensorboard,mlflow,wandb]",
+        f"hydra.run.dir={run}",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reweight", *args],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    for line in proc.stdout:
+        if "step 15:" in line:
+            proc.send_signal(signals.SIGKILL)
+            break
+    proc.wait()
+    proc.stdout.close()
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 10
+    _cli(args, tmp_path)
+    steps = list(range(1, 41))
+    assert [s for s, _ in _tb_scalars(run / "tensorboard")["lr"]] == steps
+    import mlflow
+
+    run_id = (run / "mlflow_run_id.txt").read_text().strip()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        client = mlflow.tracking.MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
+        assert sorted(m.step for m in client.get_metric_history(run_id, "lr")) == steps
+    history = [r for r in _wandb_records(run) if r.WhichOneof("record_type") == "history"]
+    assert sorted(r.history.step.num for r in history) == steps

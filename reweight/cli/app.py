@@ -31,18 +31,31 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from reweight.cli.errors import JobErrorFilter, is_config_error, is_multirun, one_line
+from reweight.cli.errors import (
+    JobErrorFilter,
+    RunFailed,
+    describe,
+    disk_full,
+    is_config_error,
+    is_multirun,
+    one_line,
+)
 from reweight.cli.run_dir import RunDir, hydra_files
 from reweight.cli.schema import validate_config
 from reweight.data import build_dataset, save_labels
@@ -64,6 +77,7 @@ from reweight.outputs import (
     atomic_write,
     plot_learning_curves,
     plot_weight_histogram,
+    record_job,
     write_summary,
 )
 from reweight.signals import TrainingInterrupted
@@ -103,10 +117,15 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> float:
     Configuration errors raise ``ValueError`` naming the key and the allowed values.
 
     Nothing is written before the first training step (``reweight.cli.run_dir``): a run that fails
-    earlier leaves ``run_dir`` as it found it. A ``run_dir`` holding this run finished (same
-    config up to ``run_dir.NO_EFFECT_KEYS``, checkpoint at ``trainer.max_steps``) is left alone
-    and its recorded objective returned; one holding a run of another config is refused
-    (``RunDirError``, a ``ValueError``) unless ``resume=false``.
+    earlier leaves ``run_dir`` as it found it. ``summary.json`` is written last, so a run that
+    fails while writing its final files is not taken for finished: run again, it writes them.
+    A ``run_dir`` holding this run finished (same config up to ``run_dir.NO_EFFECT_KEYS``,
+    checkpoint at ``trainer.max_steps``) is left alone and its recorded objective returned; one
+    holding a run of another config is refused (``RunDirError``, a ``ValueError``) unless
+    ``resume=false``, which keeps a finished run beside until the new one has finished. A NaN
+    or inf raises ``RunFailed`` naming the step and the last finite checkpoint, kept (recorded
+    in ``diverged.json``): the run continues from it only with another ``optimizer.lr`` or
+    ``trainer.grad_clip`` (``run_dir.DIVERGENCE_KEYS``).
     """
     cfg = validate(cfg)
     dir_key = "run_dir"
@@ -116,7 +135,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> float:
         hydra_cfg = HydraConfig.get()
         run_dir = hydra_cfg.runtime.output_dir
         dir_key = "hydra.sweep.dir" if hydra_cfg.mode == RunMode.MULTIRUN else "hydra.run.dir"
-    with RunDir(run_dir, dir_key) as run:  # holds train.log back until the first step
+    # holds train.log back until the first step; one run per folder (rank 0 locks it)
+    with RunDir(run_dir, dir_key, lock=env_rank() == 0) as run:
         return _train(cfg, run)
 
 
@@ -149,12 +169,17 @@ def _train(cfg: DictConfig, run: RunDir) -> float:
         return _objective(cfg, recorded if isinstance(recorded, int | float) else math.nan)
 
     # 1. data: the (possibly corrupted) training set, the clean meta set, the test set
-    #    (rank 0 first, so that a download happens once)
-    if ctx is not None and not ctx.is_main:
-        ctx.barrier()
-    bundle = build_dataset(**_container(cfg.dataset))
+    #    (rank 0 first, so that a download happens once; the others learn whether it could)
+    if ctx is not None and not ctx.is_main and ctx.max_int(0, _collective_device()):
+        raise _DataFailedOnRankZero("rank 0 could not build the dataset (its error says why)")
+    try:
+        bundle = build_dataset(**_container(cfg.dataset))
+    except BaseException:
+        if ctx is not None and ctx.is_main:
+            ctx.max_int(1, _collective_device())  # the others stop without a word
+        raise
     if ctx is not None and ctx.is_main:
-        ctx.barrier()
+        ctx.max_int(0, _collective_device())
     input_shape = list(bundle.test[0][0].shape)  # (C, H, W); test items are not augmented
 
     # 2. the model, then the method (MW-Net's weighting net draws from the global RNG after
@@ -183,6 +208,10 @@ def _train(cfg: DictConfig, run: RunDir) -> float:
         trainer.loggers = build_loggers(
             _container(cfg.logger), run_dir, files=LOGGER_FILES, run_name=_run_name(cfg)
         )
+        for tracker in trainer.loggers:  # a place a tracker cannot write: refused now
+            check = getattr(tracker, "check", None)
+            if check is not None:
+                check()
         trainer.run_config = _container(cfg)
     metrics_csv = MetricsCSV(run_dir / METRICS, history=lambda: trainer.history)
     trainer.callbacks.append(metrics_csv)
@@ -192,7 +221,21 @@ def _train(cfg: DictConfig, run: RunDir) -> float:
     if main_rank:
         records = {RESOLVED_CONFIG: resolved.encode(), **hydra_files(cfg)}
         commit = functools.partial(run.commit, records, functools.partial(save_labels, bundle))
-    result = trainer.fit(resume=resume, on_start=commit)
+    if run.lr_change is not None and resume and (run_dir / CHECKPOINT).is_file():
+        # a run that diverged, continued with another optimizer.lr: its checkpoint's schedule,
+        # scaled by new / old (loaded here, so fit() does not load it again)
+        trainer.load_checkpoint(run_dir / CHECKPOINT)
+        resume = False
+        old_lr, new_lr = run.lr_change
+        _scale_lr(trainer, new_lr / old_lr)
+        log.info(
+            "resumed from %s at step %d with optimizer.lr=%s", CHECKPOINT, trainer.step, new_lr
+        )
+    try:
+        result = trainer.fit(resume=resume, on_start=commit)
+    except FloatingPointError as err:  # NaN/inf: one line naming the step and what is kept
+        reason = str(err).split(";")[0]  # the Trainer's own advice follows the ";"
+        raise RunFailed(run.diverged(reason) if main_rank else reason) from None
     if commit is not None:
         commit()
     accuracy = float(result.metrics.get("test_accuracy", math.nan))
@@ -227,7 +270,6 @@ def _train(cfg: DictConfig, run: RunDir) -> float:
         "objective_value": objective,
         "objective_is_test": cfg.objective.startswith("test_"),
     }
-    write_summary(run_dir / SUMMARY, summary)
     title = f"{summary['method']} on {summary['dataset']} (seed {seed})"
     plot_learning_curves(result.history, run_dir / CURVES_PNG, title=title)
     if weights is not None:
@@ -239,6 +281,8 @@ def _train(cfg: DictConfig, run: RunDir) -> float:
             class_names=bundle.class_names,
             title=title,
         )
+    write_summary(run_dir / SUMMARY, summary)  # last: a run with a summary.json is finished
+    run.finish()
     log.info(
         "done: step %d, test accuracy %.4f, balanced %.4f -> %s",
         trainer.step,
@@ -247,6 +291,29 @@ def _train(cfg: DictConfig, run: RunDir) -> float:
         run_dir / SUMMARY,
     )
     return _objective(cfg, objective)
+
+
+class _DataFailedOnRankZero(ValueError):
+    """Under torchrun: rank 0 could not build the dataset and reports why; the other ranks
+    stop with this (exit status 2, no line: only rank 0 prints)."""
+
+
+def _collective_device() -> torch.device:
+    """Where a small all-reduce of the process group runs: this rank's GPU for NCCL."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _scale_lr(trainer: Trainer, factor: float) -> None:
+    """Every learning rate of the trainer's optimizer and schedule times ``factor``."""
+    for group in trainer.optimizer.param_groups:
+        group["lr"] *= factor
+        if "initial_lr" in group:
+            group["initial_lr"] *= factor
+    base = getattr(trainer.scheduler, "base_lrs", None)
+    if base is not None:
+        trainer.scheduler.base_lrs = [lr * factor for lr in base]
 
 
 def _objective(cfg: DictConfig, value: float) -> float:
@@ -273,7 +340,23 @@ class AggregateSweep(Callback):
 
     Configured in ``conf/config.yaml`` under ``hydra.callbacks``; by hand:
     ``python -m reweight.outputs <sweep_dir>``.
+
+    Each job, as it ends, updates the table too (and records its error in ``failed/<num>.json``
+    if it failed), so that a sweep that stops at a failed job still leaves its table, with the
+    failure in ``results.md``.
     """
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        failed = job_return.status == JobStatus.FAILED
+        error = describe(job_return._return_value, task=train) if failed else None
+        overrides = list(config.hydra.overrides.task)
+        record_job(
+            sweep_dir, config.hydra.job.num, overrides, config.hydra.runtime.output_dir, error
+        )
+        aggregate_sweep(sweep_dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -325,9 +408,10 @@ class _ConfigRefused(BaseException):
     SystemExit is) because Hydra turns an Exception raised in a callback into a warning and
     then runs the job anyway."""
 
-    def __init__(self, error: Exception) -> None:
+    def __init__(self, error: Exception, job: list[str] | None = None) -> None:
         super().__init__(str(error))
         self.error = error
+        self.job = job  # the overrides of the job of a multirun that has this config
 
 
 class ValidateConfig(Callback):
@@ -336,7 +420,10 @@ class ValidateConfig(Callback):
     Configured in ``conf/config.yaml`` under ``hydra.callbacks``. Hydra calls ``on_run_start``
     after composing the config and before it makes the run directory, writes ``.hydra/`` and
     opens ``train.log``; the same check at the start of ``train`` comes after all of that.
-    A multirun is checked job by job in ``train`` (each job has its own config).
+    A multirun is checked whole, every job's config, before its first job runs (or Hydra makes
+    the sweep directory), where the sweep is a list of values (Hydra's basic sweeper, whatever
+    the launcher); a sweeper that draws values as it goes (Optuna) has each job checked in
+    ``train``.
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -345,6 +432,27 @@ class ValidateConfig(Callback):
             validate(job)
         except Exception as err:
             raise _ConfigRefused(err) from err
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        loader = GlobalHydra.instance().config_loader()
+        for overrides in _sweep_jobs(config):
+            try:
+                job = loader.load_sweep_config(config, overrides)
+                validate(OmegaConf.masked_copy(job, [k for k in job if k != "hydra"]))
+            except Exception as err:
+                raise _ConfigRefused(err, job=overrides) from err
+
+
+def _sweep_jobs(config: DictConfig) -> list[list[str]]:
+    """Every job's overrides of a multirun under Hydra's basic sweeper (the command line's
+    sweeps and ``hydra.sweeper.params``), in its order; none for another sweeper."""
+    if config.hydra.sweeper.get("_target_") != f"{BasicSweeper.__module__}.BasicSweeper":
+        return []
+    params = config.hydra.sweeper.get("params") or {}
+    arguments = [f"{k}={v}" for k, v in params.items()]
+    arguments += list(config.hydra.overrides.task)
+    parsed = OverridesParser.create().parse_overrides(arguments)
+    return [list(job) for job in BasicSweeper.split_arguments(parsed, None)[0]]
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")
@@ -381,10 +489,17 @@ def main() -> None:
         _run_app()
     except (Exception, _ConfigRefused) as caught:
         err = caught.error if isinstance(caught, _ConfigRefused) else caught
+        after_start = str(err) if isinstance(err, RunFailed) else disk_full(err)
+        failed = sys.stderr.failed_job if isinstance(sys.stderr, JobErrorFilter) else None
+        if isinstance(caught, _ConfigRefused) and caught.job is not None:
+            failed = str(caught.job)
+        where = f" (job with overrides {failed})" if failed and is_multirun() else ""
+        if after_start is not None:  # the run started: exit status 1, as for any failed run
+            if env_rank() == 0:
+                print(f"error: {after_start}{where}", file=stderr)
+            sys.exit(1)
         if not is_config_error(err, task=train):
             raise  # a bug, not a bad override: keep the traceback
-        failed = sys.stderr.failed_job if isinstance(sys.stderr, JobErrorFilter) else None
-        where = f" (job with overrides {failed})" if failed and is_multirun() else ""
         if env_rank() == 0:
             print(f"error: {one_line(err, task=train)}{where}", file=stderr)
         sys.exit(2)
@@ -400,7 +515,13 @@ def _run_app() -> None:
     """``_app()``; a run stopped by SIGINT or SIGTERM (``TrainingInterrupted``, raised after its
     checkpoint is written) ends with one line on stderr, from rank 0 only, and the exit status
     of death by that signal (130, 143). A sweep stops at the interrupted job: the exception is
-    a KeyboardInterrupt, which Hydra's job runner does not catch."""
+    a KeyboardInterrupt, which Hydra's job runner does not catch. Outside training (reading the
+    data, writing the final files) SIGINT and SIGTERM alike end with one line too, ``interrupted;
+    run the same command to continue``: nothing was written yet, or the run is not finished
+    (its ``summary.json`` is written last) and the same command completes it."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_DFL:  # SIGTERM outside training: as Ctrl-C, one line
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         _app()
     except TrainingInterrupted as stop:
@@ -410,6 +531,21 @@ def _run_app() -> None:
                 file=sys.stderr,
             )
         sys.exit(stop.exit_status)
+    except KeyboardInterrupt as stop:  # before the first step, or after the last
+        if env_rank() == 0:
+            print("interrupted; run the same command to continue", file=sys.stderr)
+        sys.exit(128 + (signal.SIGTERM if isinstance(stop, _Terminated) else signal.SIGINT))
+    finally:
+        if previous is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM outside ``Trainer.fit`` (which handles it itself): stops the app as Ctrl-C does."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
 
 
 # -- helpers ------------------------------------------------------------------------------------

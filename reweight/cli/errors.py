@@ -9,20 +9,40 @@ turns a failed write of Hydra's into the run directory into its path and the fix
 from __future__ import annotations
 
 import errno
+import os
 import sys
 import traceback
 from collections.abc import Callable
 from typing import Any
 
-from hydra.errors import HydraException, InstantiationException, MissingConfigException
+from hydra.errors import (
+    HydraException,
+    InstantiationException,
+    MissingConfigException,
+    OverrideParseException,
+)
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-__all__ = ["CONFIG_ERRORS", "JobErrorFilter", "is_config_error", "is_multirun", "one_line"]
+__all__ = [
+    "CONFIG_ERRORS",
+    "JobErrorFilter",
+    "RunFailed",
+    "describe",
+    "disk_full",
+    "is_config_error",
+    "is_multirun",
+    "one_line",
+]
 
 # Exceptions that mean "the configuration is wrong": reported as one line, exit status 2.
 # FileNotFoundError covers a missing data root (the data module names the expected folder).
 CONFIG_ERRORS = (ValueError, FileNotFoundError, HydraException, OmegaConfBaseException)
+
+
+class RunFailed(Exception):
+    """A run that failed after it started, for a reason the user can act on (it diverged): one
+    ``error:`` line with the message, which says what was kept and what to do, exit status 1."""
 
 
 class JobErrorFilter:
@@ -85,6 +105,56 @@ def _write_error(err: BaseException, task: Callable[..., Any] | None) -> OSError
     return None
 
 
+_FULL_ERRNOS = frozenset((errno.ENOSPC, errno.EDQUOT))
+
+
+def disk_full(err: BaseException) -> str | None:
+    """The one line for a write that failed because the disk (or the quota) is full, naming the
+    file, or None for any other error. Every file of a run goes through ``atomic_write``, which
+    keeps the previous version of the file and names the file in the error it raises."""
+    seen: set[int] = set()
+    candidate: BaseException | None = err
+    while candidate is not None and id(candidate) not in seen:  # the error and its causes
+        seen.add(id(candidate))
+        if isinstance(candidate, OSError) and candidate.errno in _FULL_ERRNOS:
+            where = f" writing {candidate.filename}" if candidate.filename else ""
+            return (
+                f"{os.strerror(candidate.errno).lower()}{where}: free some space there, then "
+                "run the command again (with resume=true it continues from the last checkpoint, "
+                "which was kept)"
+            )
+        candidate = candidate.__cause__ or candidate.__context__
+    return None
+
+
+def describe(err: BaseException, task: Callable[..., Any] | None = None) -> str:
+    """Any error as one line: ours as the command line prints them, anything else as its type
+    and the first line of its message (what a sweep's table says of a job that failed)."""
+    if isinstance(err, RunFailed):
+        return str(err)
+    full = disk_full(err)
+    if full is not None:
+        return full
+    if is_config_error(err, task):
+        return one_line(err, task)
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+def _not_key_value(word: str) -> str:
+    """An argument without ``=``: most often the rest of the previous one's value, split at an
+    unquoted space by the shell."""
+    args = sys.argv[1:]
+    where = args.index(word) if word in args else -1
+    if where > 0 and "=" in args[where - 1]:
+        joined = f"{args[where - 1]} {word}"
+        return (
+            f"{word!r} is not KEY=VALUE: if it is the rest of {args[where - 1]!r} (a value with "
+            f'a space), quote the whole override for the shell: "{joined}"'
+        )
+    return f"{word!r} is not KEY=VALUE: each override is key=value (quote a value with a space)"
+
+
 _NOISE_PREFIXES = (
     "Config search path",
     "provider=",
@@ -110,6 +180,8 @@ def one_line(err: BaseException, task: Callable[..., Any] | None = None) -> str:
             f"cannot write to {write.filename} ({write.strerror}): choose another {key} "
             "or fix the permissions"
         )
+    if isinstance(err, OverrideParseException) and "missing EQUAL" in err.message:
+        return _not_key_value(err.override)
     if isinstance(err, MissingConfigException) and err.options and err.missing_cfg_file:
         group, _, option = err.missing_cfg_file.rpartition("/")
         if group:

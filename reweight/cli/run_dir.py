@@ -12,8 +12,12 @@ that, ``RunDir.check`` reads what a previous invocation left there and decides:
 ``RunDir.commit``, called by the Trainer right after the first optimizer step, then writes the
 run's records (``config.yaml``, ``.hydra/``, ``labels.pt``...) and opens ``train.log`` with the
 lines logged so far. A run that starts over (``resume=false``, or no checkpoint to resume from)
-deletes the files of the run it replaces only at that point, so an invocation that fails its
-checks, cannot read its data or fails before its first step leaves an existing run untouched.
+deletes the files of the unfinished run it replaces only at that point, so an invocation that
+fails its checks, cannot read its data or fails before its first step leaves an existing run
+untouched. A *finished* run is never deleted by one that does not finish: at that point its
+files move, whole, to the folder beside it, ``<run dir>.replaced``, which ``RunDir.finish``
+removes once the new run has written its last file (``summary.json``, the marker of a finished
+run, is written last).
 Hydra creates the directory (and its missing parents) before the app runs; ``RunDirCleanup``, a
 Hydra callback, removes the folders it made for a job that failed while they were still empty.
 
@@ -24,8 +28,10 @@ writes ``.hydra/`` at the commit) and the ``run_log`` job logging opens ``train.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import errno
+import fcntl
 import json
 import logging
 import math
@@ -45,14 +51,19 @@ from omegaconf import DictConfig, OmegaConf
 from reweight.outputs.files import (
     CHECKPOINT,
     CURVES_PNG,
+    DIVERGED,
     HISTOGRAM_PNG,
     HYDRA_DIR,
     INFO_FILE,
     LABELS_FILE,
     METRICS,
     OVERRIDES,
+    REPLACED_SUFFIX,
     RESOLVED_CONFIG,
     SUMMARY,
+    SUSPECTS,
+    SUSPECTS_PNG,
+    SUSPECTS_SCATTER_PNG,
     TRACKER_DIRS,
     TRACKER_FILES,
     WEIGHTS,
@@ -60,6 +71,7 @@ from reweight.outputs.files import (
 )
 
 __all__ = [
+    "DIVERGENCE_KEYS",
     "NO_EFFECT_KEYS",
     "Finished",
     "RunDir",
@@ -83,6 +95,10 @@ _RUN_FILES = (
     HISTOGRAM_PNG,
     LABELS_FILE,
     INFO_FILE,
+    SUSPECTS,
+    SUSPECTS_PNG,
+    SUSPECTS_SCATTER_PNG,
+    DIVERGED,
     *TRACKER_FILES,
     *(str(_HYDRA_SUBDIR / name) for name in _HYDRA_FILES),
 )
@@ -99,6 +115,9 @@ NO_EFFECT_KEYS = (
 """Config keys that cannot change a run's result: a run may resume, or be found finished, with
 them changed. ``conf/config.yaml`` leaves them out of the run directory's name
 (``hydra.job.config.override_dirname.exclude_keys``; a test keeps the two lists equal)."""
+
+DIVERGENCE_KEYS = ("optimizer.lr", "trainer.grad_clip")
+"""What a run that diverged may change to continue from its last finite checkpoint."""
 
 _LONG = 40  # characters of a value shown in an error message
 
@@ -134,18 +153,51 @@ class RunDir:
     error messages (``hydra.run.dir``, ``hydra.sweep.dir``, or ``run_dir`` from Python).
     """
 
-    def __init__(self, path: str | os.PathLike, dir_key: str = "run_dir") -> None:
+    def __init__(
+        self, path: str | os.PathLike, dir_key: str = "run_dir", lock: bool = True
+    ) -> None:
         self.path = Path(path)
         self.dir_key = dir_key
         self._logs = _HeldLogs(self.path)
         self._start_over = True
         self._committed = False
+        self._lock = lock
+        self._lock_fd: int | None = None
+        self.lr_change: tuple[Any, Any] | None = None  # (old, new) optimizer.lr after divergence
 
     def __enter__(self) -> RunDir:
+        try:
+            self._take_lock()
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._logs.hand_back()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # the lock goes with the descriptor
+            self._lock_fd = None
+
+    def _take_lock(self) -> None:
+        """One run per folder at a time: an exclusive ``flock`` on the folder itself (no file is
+        written; the kernel drops it when the process ends, however it ends, so a lock left by a
+        killed run is taken over). Under torchrun rank 0 alone takes it (``lock=False``
+        elsewhere). A folder that does not exist yet is locked when the commit makes it."""
+        if not self._lock or self._lock_fd is not None or not self.path.is_dir():
+            return
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _flock_holder(fd)
+            os.close(fd)
+            who = f"process {holder}" if holder is not None else "another process"
+            raise RunDirError(
+                f"{self.path} is in use by {who}, another run into the same folder: wait for "
+                f"it to end (or stop it), or choose another {self.dir_key}"
+            ) from None
+        self._lock_fd = fd
 
     # -- before anything is written ---------------------------------------------------------
 
@@ -169,9 +221,13 @@ class RunDir:
                 )
             return None
         if not resume:  # start over: the old run stays until this one has made a step
+            if (self.path / SUMMARY).is_file():  # a finished run moves beside at that step
+                self._check_writable(self.replaced.parent)
             return None
         old = _load_yaml(previous)
         diffs = config_differences(old, _load_yaml_text(config_yaml, "the config"))
+        if (self.path / DIVERGED).is_file():
+            diffs = self._after_divergence(diffs)
         if diffs:
             shown = "; ".join(f"{k}: {_show(a)} there, {_show(b)} here" for k, a, b in diffs[:5])
             more = f"; and {len(diffs) - 5} more" if len(diffs) > 5 else ""
@@ -183,21 +239,70 @@ class RunDir:
         self._start_over = step is None
         summary = self.path / SUMMARY
         if step == max_steps and summary.is_file():
-            recorded = json.loads(summary.read_text()).get("test_accuracy")
+            recorded = _load_json(summary).get("test_accuracy")
             accuracy = float(recorded) if isinstance(recorded, int | float) else math.nan
             return Finished(summary, step, accuracy)
         return None
 
-    def _check_writable(self) -> None:
+    def _after_divergence(self, diffs: list[tuple[str, Any, Any]]) -> list[tuple[str, Any, Any]]:
+        """A run that diverged continues from its last finite checkpoint only with a change
+        that may keep it finite (``DIVERGENCE_KEYS``; ``RunDirError`` for none); returns the
+        differences that still refuse it."""
+        changed = [d for d in diffs if d[0] in DIVERGENCE_KEYS]
+        if not diffs:
+            record = _load_json(self.path / DIVERGED)
+            step = record.get("checkpoint_step")
+            kept = f"its checkpoint at step {step}" if step is not None else "the start"
+            raise RunDirError(
+                f"{self.path} holds a run that diverged ({record.get('reason', 'NaN/inf')}): "
+                f"to continue from {kept} run again with a lower optimizer.lr or with "
+                "trainer.grad_clip; resume=false starts over"
+            )
+        self.lr_change = next(((a, b) for k, a, b in changed if k == "optimizer.lr"), None)
+        return [d for d in diffs if d[0] not in DIVERGENCE_KEYS]
+
+    def diverged(self, reason: str) -> str:
+        """The run stopped at a NaN/inf (``reason`` names the step): record it in
+        ``diverged.json`` (once the run has written its files) and return the line that says
+        which checkpoint is kept and how to continue from it."""
+        fix = "run again with a lower optimizer.lr or with trainer.grad_clip"
+        if not self._committed:
+            return f"{reason}; nothing was written to {self.path}: {fix}"
+        step = _checkpoint_step(self.path / CHECKPOINT)
+        record = {"reason": reason, "checkpoint_step": step}
+        atomic_write(self.path / DIVERGED, lambda f: f.write(json.dumps(record).encode()))
+        kept = (
+            f"{self.path / CHECKPOINT} (step {step}), the last finite checkpoint, is kept: to "
+            "continue from it"
+            if step is not None
+            else "no checkpoint was written before it: to start again"
+        )
+        beside = (
+            f" (the finished run it replaced is kept in {self.replaced})"
+            if self.replaced.is_dir()
+            else ""
+        )
+        return f"{reason}; {kept} {fix}{beside}"
+
+    @property
+    def replaced(self) -> Path:
+        """``<run dir>.replaced``: where a finished run waits while ``resume=false`` replaces it."""
+        path = self.path.absolute()
+        return path.with_name(path.name + REPLACED_SUFFIX)
+
+    def _check_writable(self, folder: Path | None = None) -> None:
         """Fail now, naming the path, where a write would fail after the first step."""
-        existing = next(p for p in (self.path, *self.path.absolute().parents) if p.exists())
+        start = self.path if folder is None else folder
+        existing = next(p for p in (start, *start.absolute().parents) if p.exists())
         if not existing.is_dir():
             raise RunDirError(
                 f"{existing} is a file, not a folder: choose another {self.dir_key} "
                 "or move the file"
             )
         needed = [existing]
-        if existing == self.path:  # an existing run: the files appended to or written into
+        if (
+            folder is None and existing == self.path
+        ):  # an existing run: the files appended to or written into
             needed += [p for p in (self.path / _HYDRA_SUBDIR, *self._logs.paths) if p.exists()]
         for path in needed:
             mode = os.W_OK | os.X_OK if path.is_dir() else os.W_OK
@@ -222,10 +327,12 @@ class RunDir:
         self._committed = True
         if self._start_over:
             self._remove_old_run()
+        (self.path / DIVERGED).unlink(missing_ok=True)  # a diverged run continues: no longer
         made = not self.path.exists()
         before = set() if made else set(_tree(self.path))
         try:
             self.path.mkdir(parents=True, exist_ok=True)
+            self._take_lock()
             for name, data in files.items():
                 target = self.path / name
                 target.parent.mkdir(exist_ok=True)
@@ -243,8 +350,18 @@ class RunDir:
             raise
         self._logs.attach()
 
+    def finish(self) -> None:
+        """The run has written its last file: the finished run it replaced (``resume=false``),
+        kept beside it until now, goes."""
+        if self.replaced.is_dir():
+            shutil.rmtree(self.replaced)
+            log.info("removed %s, the finished run this one replaced", self.replaced)
+
     def _remove_old_run(self) -> None:
         self._logs.close_files()  # the log of the old run goes too; reopened at its next line
+        if (self.path / SUMMARY).is_file():
+            self._keep_beside()
+            return
         for name in (*_RUN_FILES, *self._logs.paths):
             (self.path / name).unlink(missing_ok=True)
         for name in TRACKER_DIRS:  # the old run's TensorBoard events, MLflow store, W&B runs
@@ -253,6 +370,27 @@ class RunDir:
         hydra_dir = self.path / _HYDRA_SUBDIR
         if hydra_dir.is_dir() and not any(hydra_dir.iterdir()):
             hydra_dir.rmdir()
+
+    def _keep_beside(self) -> None:
+        """Move the finished run here, whole, to ``self.replaced`` (one rename per file, its
+        ``.hydra/`` and tracker folders as they are); files that are not a run's stay."""
+        kept = self.replaced
+        if kept.exists():  # a run kept there earlier, superseded by the one finished here since
+            shutil.rmtree(kept)
+        kept.mkdir()
+        names = {Path(name).parts[0] for name in _RUN_FILES}
+        names.update(
+            TRACKER_DIRS, (p.name for p in self._logs.paths if p.parent == self.path.resolve())
+        )
+        for name in sorted(names):
+            if (self.path / name).exists():
+                os.replace(self.path / name, kept / name)
+        log.warning(
+            "resume=false: the finished run in %s moved to %s, where it stays until this run "
+            "has finished",
+            self.path,
+            kept,
+        )
 
 
 class _HeldLogs(logging.Handler):
@@ -317,6 +455,7 @@ class RunDirCleanup(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._made = _missing(_select_dir(config, "hydra.run.dir"))
+        atexit.register(self._remove_empty)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep = _select_dir(config, "hydra.sweep.dir")
@@ -325,6 +464,19 @@ class RunDirCleanup(Callback):
         self._sweep = str(sweep)
         self._made = _missing(sweep)
         self._existing = {root for root, _, _ in os.walk(sweep)}
+        atexit.register(self._remove_empty)
+
+    def _remove_empty(self) -> None:
+        """At exit, however the run ended (an interrupt before the first step skips
+        ``on_job_end``): the folders made for it that are still empty go."""
+        made = set(self._made)
+        if self._sweep is not None and os.path.isdir(self._sweep):
+            made.update(root for root, _, _ in os.walk(self._sweep) if self._was_made(root))
+        for folder in sorted(made, key=len, reverse=True):  # the deepest first
+            try:
+                os.rmdir(folder)  # only when empty
+            except OSError:
+                pass
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         if job_return.status != JobStatus.FAILED:
@@ -424,6 +576,17 @@ def _load_yaml(path: Path) -> Any:
         ) from err
 
 
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise RunDirError(
+            f"cannot read {path} ({err}): delete it and run again (the run writes it anew), "
+            "or start over there with resume=false"
+        ) from err
+    return record if isinstance(record, dict) else {}
+
+
 def _load_yaml_text(text: str, what: str) -> Any:
     try:
         return yaml.safe_load(text)
@@ -443,6 +606,22 @@ def _checkpoint_step(path: Path) -> int | None:
         return int(state["step"])
     except Exception:  # any unreadable checkpoint: the resume says why
         return None
+
+
+def _flock_holder(fd: int) -> int | None:
+    """The process holding the ``flock`` on the file open at ``fd``, from ``/proc/locks``
+    (Linux), or None where that cannot be told."""
+    st = os.fstat(fd)
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:  # "1: FLOCK  ADVISORY  WRITE 4242 fe:00:2147009 0 EOF"; "->" waits
+        parts = line.split()
+        if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == where and parts[4].isdigit():
+            return int(parts[4])
+    return None
 
 
 def _tree(path: Path) -> list[Path]:

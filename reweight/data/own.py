@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import warnings
 from collections.abc import Sequence
@@ -43,6 +44,8 @@ from reweight.data.splits import (
 )
 
 __all__ = ["IMAGE_EXTENSIONS", "build_image_folder", "build_tensors", "make_bundle"]
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".webp")
 """Files read as images (by ``torchvision.io.decode_image``); other files are ignored."""
@@ -155,6 +158,13 @@ def make_bundle(
         info["standardized"] = {"mean": mean.flatten().tolist(), "std": std.flatten().tolist()}
     if missing:
         info["meta_classes_missing"] = missing
+        log.warning(
+            "the trusted set has no example of class %s: the weights learn nothing about %s; "
+            "add trusted examples of %s",
+            ", ".join(map(repr, missing)),
+            "them" if len(missing) > 1 else "it",
+            "each" if len(missing) > 1 else "it",
+        )
     return DataBundle(
         name=name,
         train=TensorData(train_x, observed, pool),
@@ -198,7 +208,8 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def _read_image(path: Path, grayscale: bool, size: int | None) -> Tensor:
-    """(C, H, W) float32 in [0, 1]; resized (bilinear, antialiased) to size x size if given."""
+    """(C, H, W) float32 in [0, 1] (an 8-bit or a 16-bit image alike); resized (bilinear,
+    antialiased) to size x size if given."""
     from torchvision.io import ImageReadMode, decode_image
 
     try:
@@ -214,7 +225,8 @@ def _read_image(path: Path, grayscale: bool, size: int | None) -> Tensor:
         raise ValueError(
             f"cannot read the image {path} ({reason}): replace or delete the file"
         ) from err
-    x = image.to(torch.float32) / 255.0
+    # by the range of its own type: 8-bit / 255, 16-bit (PNG) / 65535
+    x = image.to(torch.float32) / float(torch.iinfo(image.dtype).max)
     if size is not None and tuple(x.shape[1:]) != (size, size):
         x = F.interpolate(
             x[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False
@@ -332,6 +344,7 @@ def build_image_folder(
     else:
         position = {Path(p).resolve(): i for i, p in enumerate(ids)}
         meta = []
+        _check_unique("dataset.meta_files", list(meta_files or []))
         for name in meta_files or []:
             found = position.get((train / name).resolve())
             if found is None:
@@ -417,7 +430,21 @@ def _read_table(
         r = int(np.argwhere(~np.isfinite(values))[0][0])
         raise ValueError(f"the CSV file {path} has NaN or infinity on line {r + 2}: fix it")
     labels = [row[li].strip() for row in body]
+    if "" in labels:
+        raise ValueError(
+            f"the CSV file {path} has an empty label in column {label_column!r} on line "
+            f"{labels.index('') + 2}: give every row its label, or remove the row"
+        )
     ids = [row[ii] for row in body] if ii is not None else [f"row {r}" for r in range(len(body))]
+    if ii is not None:
+        seen: dict[str, int] = {}
+        for r, v in enumerate(ids):
+            if v in seen:
+                raise ValueError(
+                    f"the CSV file {path} has the id {v!r} on lines {seen[v] + 2} and {r + 2} "
+                    f"(column {id_column!r}): every row needs its own id"
+                )
+            seen[v] = r
     return torch.from_numpy(values), labels, ids
 
 
@@ -426,19 +453,30 @@ def _read_arrays(path: Path, key: str) -> tuple[Tensor, list[str], list[str]]:
     if not path.is_file():
         raise FileNotFoundError(f"dataset.{key}={str(path)!r} is not a file")
     try:
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                data = {k: torch.from_numpy(z[k]) for k in z.files}
-        else:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of pickle protocols before it refuses
+            warnings.simplefilter("ignore")
+            if path.suffix == ".npz":
+                with np.load(path, allow_pickle=False) as z:
+                    data = {k: z[k] for k in z.files}
+            else:
+                data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any unreadable file: zip, pickle and torch errors differ
-        raise ValueError(f"cannot read {path} ({type(err).__name__}): fix or replace it") from err
+        raise ValueError(f"cannot read {path} ({_why(err)}): fix or replace it") from err
     if not isinstance(data, dict) or "x" not in data or "y" not in data:
         raise ValueError(
             f"{path} must hold a dict of a features tensor 'x' (N, ...) and a labels tensor 'y' "
             "(N,): e.g. torch.save({'x': x, 'y': y}, path) or numpy.savez(path, x=x, y=y)"
         )
-    x, y = torch.as_tensor(data["x"]), torch.as_tensor(data["y"])
+    x, y = _as_tensor(data["x"], path, "x"), _as_tensor(data["y"], path, "y")
+    if x.dim() == 0:
+        raise ValueError(
+            f"{path}: 'x' is a single number; it needs one row per example, shape (N, ...)"
+        )
+    if x.dtype == torch.bool or x.dtype.is_complex:
+        raise ValueError(f"{path}: 'x' must be numbers (float or integer); got dtype {x.dtype}")
+    if x.dtype.is_floating_point and not bool(torch.isfinite(x).all()):
+        row = int((~torch.isfinite(x.reshape(x.shape[0], -1))).any(1).nonzero()[0])
+        raise ValueError(f"{path} has NaN or infinity in 'x' at row {row} (0-based): fix it")
     if y.dim() != 1 or y.shape[0] != x.shape[0] or y.dtype.is_floating_point:
         raise ValueError(
             f"{path}: 'y' must be integer labels of shape ({x.shape[0]},); got dtype {y.dtype}, "
@@ -449,6 +487,33 @@ def _read_arrays(path: Path, key: str) -> tuple[Tensor, list[str], list[str]]:
         [str(int(v)) for v in y.tolist()],
         [f"row {r}" for r in range(y.shape[0])],
     )
+
+
+def _why(err: Exception) -> str:
+    """A few words on why a tensor file could not be read (never torch's advice to load it
+    with ``weights_only=False``, i.e. to run the code it may hold)."""
+    if "weights_only" in str(err) or type(err).__name__ == "UnpicklingError":
+        return "it holds Python objects other than arrays and plain containers"
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+def _as_tensor(value: Any, path: Path, name: str) -> Tensor:
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(
+            f"{path}: {name!r} is not an array of numbers ({type(value).__name__}: {err}): "
+            "save a tensor or a numpy array"
+        ) from None
+
+
+def _check_unique(key: str, items: Sequence[Any]) -> None:
+    seen = set()
+    for item in items:
+        if item in seen:
+            raise ValueError(f"{key} lists {item!r} twice: list each once")
+        seen.add(item)
 
 
 def _read_any(
@@ -541,6 +606,7 @@ def build_tensors(
         meta = load(meta_path, "meta_path")
     else:
         meta = list(meta_rows or [])
+        _check_unique("dataset.meta_rows", meta)
         bad = [r for r in meta if not isinstance(r, int) or not 0 <= r < len(ids)]
         if bad:
             raise ValueError(

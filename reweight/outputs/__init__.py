@@ -49,7 +49,7 @@ from reweight.outputs.files import (
 )
 from reweight.outputs.plots import plot_learning_curves, plot_weight_histogram
 from reweight.outputs.records import MetricsCSV, write_metrics_csv, write_summary
-from reweight.outputs.sweeps import aggregate_sweep, main
+from reweight.outputs.sweeps import aggregate_sweep, main, record_job
 
 __all__ = [
     "CHECKPOINT",
@@ -76,6 +76,7 @@ __all__ = [
     "main",
     "plot_learning_curves",
     "plot_weight_histogram",
+    "record_job",
     "write_metrics_csv",
     "write_summary",
 ]

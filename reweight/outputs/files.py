@@ -21,6 +21,8 @@ from typing import IO
 __all__ = [
     "CHECKPOINT",
     "CURVES_PNG",
+    "DIVERGED",
+    "FAILED_JOBS",
     "HISTOGRAM_PNG",
     "HYDRA_DIR",
     "INFO_FILE",
@@ -28,6 +30,7 @@ __all__ = [
     "LOGGER_FILES",
     "METRICS",
     "OVERRIDES",
+    "REPLACED_SUFFIX",
     "RESOLVED_CONFIG",
     "RESULTS_CSV",
     "RESULTS_MD",
@@ -45,11 +48,12 @@ __all__ = [
 # In a run's directory
 CHECKPOINT = "checkpoint.pt"  # Trainer.state_dict(), every trainer.checkpoint_every steps
 METRICS = "metrics.csv"  # the history, one row per trainer.log_every steps
-SUMMARY = "summary.json"  # the final metrics
+SUMMARY = "summary.json"  # the final metrics, written last: it says the run is finished
 RESOLVED_CONFIG = "config.yaml"  # the config, interpolations resolved
 WEIGHTS = "weights.pt"  # every training example's final weight
 LABELS_FILE = "labels.pt"  # observed and true training labels, the corruption mask
 INFO_FILE = "dataset.json"  # how the dataset was built (sizes, noise rate, seeds)
+DIVERGED = "diverged.json"  # a run stopped by a NaN/inf: the step, the checkpoint kept
 SUSPECTS = "suspects.csv"  # every training example, most suspect label first (reweight.suspects)
 CURVES_PNG = "learning_curves.png"
 # written by `python -m reweight.inspect RUN_DIR`
@@ -75,9 +79,12 @@ TRACKER_DIRS = (TENSORBOARD_DIR, MLFLOW_DIR, WANDB_DIR)
 """Where each tracker writes in a run directory (``reweight.loggers.build_loggers``)."""
 HYDRA_DIR = Path(".hydra")  # Hydra's records of the job: config, hydra, overrides
 OVERRIDES = HYDRA_DIR / "overrides.yaml"  # the job's command-line overrides (sweep tables)
+REPLACED_SUFFIX = ".replaced"  # <run dir>.replaced: a finished run that resume=false replaces,
+# kept beside until the new run has finished (reweight.cli.run_dir)
 # In a sweep's directory
 RESULTS_CSV = "results.csv"
 RESULTS_MD = "results.md"
+FAILED_JOBS = "failed"  # failed/<job number>.json: a job that failed, its overrides and error
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
@@ -85,7 +92,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     ``path``, then ``os.replace`` it onto ``path``. The file gets the permissions a plain
     ``open(path, "w")`` would (0666 less the umask), not ``mkstemp``'s owner-only 0600, so that
     others on a shared cluster can read run outputs. The temporary file never outlives a
-    failure. The parent folder must exist."""
+    failure. The parent folder must exist.
+    An ``OSError`` that names no file (a full disk: ``ENOSPC`` from a write or the sync), also
+    one that ``write`` wrapped in another error (``torch.save`` raises a ``RuntimeError`` about
+    its zip writer, the ``OSError`` its context), is raised again naming ``path``.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -95,10 +106,27 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as err:
+        cause = _os_error(err)
+        if cause is None or cause.filename is not None:
+            raise
+        raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from err
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _os_error(err: BaseException) -> OSError | None:
+    """``err`` if it is an ``OSError``, else the first one among its causes and contexts."""
+    seen: set[int] = set()
+    candidate: BaseException | None = err
+    while candidate is not None and id(candidate) not in seen:
+        if isinstance(candidate, OSError):
+            return candidate
+        seen.add(id(candidate))
+        candidate = candidate.__cause__ or candidate.__context__
+    return None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

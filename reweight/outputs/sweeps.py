@@ -5,7 +5,9 @@ shell: ``python -m reweight.outputs <sweep_dir>``."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import fcntl
 import io
 import json
 import logging
@@ -13,13 +15,21 @@ import math
 import os
 import statistics
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from reweight.outputs.files import OVERRIDES, RESULTS_CSV, RESULTS_MD, SUMMARY, atomic_write_text
+from reweight.outputs.files import (
+    FAILED_JOBS,
+    OVERRIDES,
+    REPLACED_SUFFIX,
+    RESULTS_CSV,
+    RESULTS_MD,
+    SUMMARY,
+    atomic_write_text,
+)
 
-__all__ = ["aggregate_sweep", "main"]
+__all__ = ["aggregate_sweep", "main", "record_job"]
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +65,64 @@ def _natural_key(path: Path) -> tuple[tuple[int, int, str], ...]:
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.parts)
 
 
+def _under(sweep: Path, name: str) -> list[Path]:
+    """Every ``name`` under ``sweep``, but for those of a run kept beside a job's folder while
+    ``resume=false`` replaces it (``<job>.replaced``, not a job of the sweep)."""
+    return [
+        p
+        for p in sweep.rglob(name)
+        if not any(part.endswith(REPLACED_SUFFIX) for part in p.relative_to(sweep).parts)
+    ]
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     if not values:
         return math.nan, math.nan
     mean = statistics.fmean(values)
     return mean, statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def record_job(
+    sweep_dir: str | os.PathLike,
+    num: int,
+    overrides: Sequence[str],
+    output_dir: str | os.PathLike,
+    error: str | None,
+) -> None:
+    """Record how job ``num`` of a sweep ended: ``error`` (one line) in
+    ``failed/<num>.json``, for the sweep's table; ``None`` (it finished) removes an earlier
+    record of a failure."""
+    record = Path(sweep_dir) / FAILED_JOBS / f"{num}.json"
+    if error is None:
+        record.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # only when empty
+            record.parent.rmdir()
+        return
+    record.parent.mkdir(parents=True, exist_ok=True)
+    data = {"job": num, "overrides": list(overrides), "dir": str(output_dir), "error": error}
+    atomic_write_text(record, json.dumps(data, indent=2) + "\n")
+
+
+def _failed_jobs(sweep: Path) -> list[dict[str, Any]]:
+    """The records of ``record_job``, but for jobs that have finished since."""
+    out = []
+    for path in sorted((sweep / FAILED_JOBS).glob("*.json"), key=_natural_key):
+        record = json.loads(path.read_text())
+        if not (Path(record.get("dir", "")) / SUMMARY).is_file():
+            out.append(record)
+    return out
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """The sweep's table is read and written by one process at a time (the jobs of a parallel
+    launcher each update it as they end)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def aggregate_sweep(
@@ -72,14 +135,26 @@ def aggregate_sweep(
     seeds of one configuration are averaged (std: the sample standard deviation, NaN for one
     seed). Writes ``results.csv`` (one column per override key, ``n``, means and stds as
     fractions) and ``results.md`` (percentages; the keys shared by every job listed above the
-    table) into ``sweep_dir``, and returns the rows of the CSV.
+    table, and the jobs that failed with their error) into ``sweep_dir``, and returns the rows
+    of the CSV. ``ValueError`` for a folder that holds no job of a sweep.
     """
     sweep = Path(sweep_dir)
     if not sweep.is_dir():
         raise FileNotFoundError(f"sweep directory {sweep} does not exist")
+    with _locked(sweep):
+        return _aggregate(sweep, seed_keys)
+
+
+def _aggregate(sweep: Path, seed_keys: Iterable[str]) -> list[dict[str, Any]]:
+    failed = _failed_jobs(sweep)
+    if not failed and not _under(sweep, SUMMARY) and not _under(sweep, str(OVERRIDES)):
+        raise ValueError(
+            f"{sweep} holds no job of a sweep (no {SUMMARY} nor {OVERRIDES} under it): give "
+            "the folder of a multirun (its hydra.sweep.dir)"
+        )
     seed_keys = set(seed_keys)
     groups: dict[tuple[tuple[str, str], ...], list[dict[str, Any]]] = {}
-    for summary_path in sorted(sweep.rglob(SUMMARY), key=_natural_key):
+    for summary_path in sorted(_under(sweep, SUMMARY), key=_natural_key):
         job = summary_path.parent
         overrides = _read_overrides(job / OVERRIDES) if (job / OVERRIDES).exists() else []
         config = tuple((k, v) for k, v in map(_split_override, overrides) if k not in seed_keys)
@@ -87,7 +162,7 @@ def aggregate_sweep(
     unfinished = sorted(
         (
             p.parent.parent
-            for p in sweep.rglob(str(OVERRIDES))
+            for p in _under(sweep, str(OVERRIDES))
             if not (p.parent.parent / SUMMARY).exists()
         ),
         key=_natural_key,
@@ -120,7 +195,9 @@ def aggregate_sweep(
         log.warning("no %s under %s: nothing to aggregate", SUMMARY, sweep)
     _write_results_csv(sweep / RESULTS_CSV, rows, keys)
     best = None if chosen is None or objective is None else (objective, *chosen)
-    _write_results_md(sweep / RESULTS_MD, rows, keys, unfinished=len(unfinished), chosen=best)
+    _write_results_md(
+        sweep / RESULTS_MD, rows, keys, unfinished=len(unfinished), chosen=best, failed=failed
+    )
     log.info("sweep table of %d configuration(s) written to %s", len(rows), sweep / RESULTS_MD)
     return rows
 
@@ -152,6 +229,7 @@ def _write_results_md(
     keys: list[str],
     unfinished: int = 0,
     chosen: tuple[str, float, dict[str, Any]] | None = None,
+    failed: Sequence[dict[str, Any]] = (),
 ) -> None:
     # with several configurations, keys equal in all of them go above the table
     shared = [k for k in keys if len(rows) > 1 and len({str(r[k]) for r in rows}) == 1]
@@ -184,6 +262,11 @@ def _write_results_md(
             lines.append("Warning: the objective is a TEST-SET metric; the number is optimistic.")
     if unfinished:
         lines += ["", f"Left out: {unfinished} job(s) without a summary (failed or unfinished)."]
+    if failed:
+        lines += ["", f"Failed: {len(failed)} job(s).", ""]
+        for job in failed:
+            overrides = " ".join(f"`{o}`" for o in job.get("overrides", [])) or "(no overrides)"
+            lines.append(f"- job {job.get('job')} ({overrides}): {job.get('error')}")
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 

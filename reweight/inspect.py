@@ -3,7 +3,8 @@
 Prints the top ``N`` rows of ``RUN_DIR/suspects.csv`` (most suspect first: see
 :mod:`reweight.suspects`) and writes next to it ``suspects_scatter.png`` (weight against final loss,
 clean and corrupted in two colours when the corruption is known) and, for image data,
-``suspects.png`` (the ``N`` most suspect images captioned ``given → predicted (probability)``;
+``suspects.png`` (the ``N`` most suspect images, each captioned with its id, ``given →
+predicted`` and the model's probability of the predicted label;
 the dataset is rebuilt from the run's ``config.yaml``, which is quick: everything is seeded).
 With precision@k in ``summary.json`` (synthetic corruption), prints it beside the small-loss
 baseline. A missing or unreadable run file is one ``error:`` line, exit status 2.
@@ -150,11 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"error: cannot rebuild the run's images: {err}\n")
         return 2
     if images is not None:
-        captions = [
-            f"{r['given_label']} → {r['predicted_label']} ({float(r['probability']):.2f})"
-            for r in top
-        ]
-        grid = plot_suspect_grid(images, captions, run_dir / SUSPECTS_PNG, title=title)
+        grid = plot_suspect_grid(images, top, run_dir / SUSPECTS_PNG, title=title)
         if grid is not None:
             log.info("wrote %s", grid)
     return 0

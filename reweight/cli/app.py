@@ -229,7 +229,13 @@ def _train(cfg: DictConfig, run: RunDir) -> float:
     }
     write_summary(run_dir / SUMMARY, summary)
     title = f"{summary['method']} on {summary['dataset']} (seed {seed})"
-    plot_learning_curves(result.history, run_dir / CURVES_PNG, title=title)
+    plot_learning_curves(
+        result.history,
+        run_dir / CURVES_PNG,
+        title=title,
+        class_names=bundle.class_names,
+        max_steps=trainer_config.max_steps,
+    )
     if weights is not None:
         plot_weight_histogram(
             weights,

@@ -51,7 +51,8 @@ def read_suspects(run_dir: str | Path) -> list[dict[str, str]]:
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} does not exist: give the folder of a finished run (python -m reweight "
-            "writes suspects.csv at its end)"
+            "writes suspects.csv at its end where the labels may be noisy: synthetic noise or "
+            "your own data, not a dataset whose labels are all true, e.g. mnist_imbalanced)"
         )
     with path.open(newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))

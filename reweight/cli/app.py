@@ -45,7 +45,7 @@ from omegaconf import DictConfig, OmegaConf
 from reweight.cli.errors import JobErrorFilter, is_config_error, is_multirun, one_line
 from reweight.cli.run_dir import RunDir, hydra_files
 from reweight.cli.schema import validate_config
-from reweight.data import build_dataset, save_labels
+from reweight.data import build_dataset, resolve_data_root, save_labels
 from reweight.distributed import env_rank, env_world_size, init_from_env
 from reweight.loggers import build_loggers
 from reweight.methods import build_method
@@ -67,7 +67,7 @@ from reweight.outputs import (
     write_summary,
 )
 from reweight.signals import TrainingInterrupted
-from reweight.suspects import ranking_metrics, suspects_table, write_suspects
+from reweight.suspects import example_ids, ranking_metrics, suspects_table, write_suspects
 from reweight.trainer import Trainer, TrainerConfig
 
 __all__ = ["CONFIG_PATH", "AggregateSweep", "ValidateConfig", "main", "train", "validate"]
@@ -95,7 +95,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> float:
     Writes into ``run_dir`` (default: Hydra's output directory of this job) the resolved
     ``config.yaml``, ``labels.pt`` / ``dataset.json``, ``checkpoint.pt`` (every
     ``trainer.checkpoint_every`` steps), ``metrics.csv`` (as rows are made), ``summary.json``,
-    ``weights.pt``, ``suspects.csv`` (``reweight.suspects``), the plots and the trackers' files
+    ``weights.pt`` (the weights and each example's id), ``suspects.csv`` (``reweight.suspects``;
+    only where the labels may be noisy), the plots and the trackers' files
     (``cfg.logger``, ``reweight.loggers``), and returns the final value of ``cfg.objective``
     (what a sweeper such as Optuna maximises; default ``val_accuracy``, on the clean validation
     set; a test metric only with ``objective_allow_test=true``). With ``cfg.resume`` it
@@ -134,6 +135,8 @@ def _train(cfg: DictConfig, run: RunDir) -> float:
     optimizer = _partial(cfg.optimizer, "optimizer")
     schedule = cfg.get("scheduler")  # {} for scheduler=none
     scheduler = _partial(schedule, "scheduler") if schedule and "_target_" in schedule else None
+    # the data folder as dataset.json records it (absolute), so config.yaml names the same one
+    cfg.dataset.root = str(resolve_data_root(cfg.dataset.get("root")).resolve())
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
     finished = run.check(resolved, resume=resume, max_steps=trainer_config.max_steps)
     if finished is not None:
@@ -203,16 +206,25 @@ def _train(cfg: DictConfig, run: RunDir) -> float:
     # 4. outputs
     metrics_csv.write()
     weights = getattr(trainer, "final_example_weights", None)
+    ids = example_ids(bundle.train_ids, len(bundle.train))
     if weights is not None:
-        payload = {"weights": weights.detach().cpu().clone(), "step": trainer.step}
+        payload = {"weights": weights.detach().cpu().clone(), "ids": ids, "step": trainer.step}
         atomic_write(run_dir / WEIGHTS, lambda f: torch.save(payload, f))
     info = bundle.info
     known = bundle.corrupted if bool(bundle.corrupted.any()) else None
-    rows, ranking_w, losses = suspects_table(
-        trainer, class_names=bundle.class_names, ids=bundle.train_ids, corrupted=known
-    )
-    write_suspects(run_dir / SUSPECTS, rows)
-    ranking = {} if known is None else ranking_metrics(ranking_w, losses, known)
+    ranking = {}
+    if known is not None or not info.get("true_labels_known", True):
+        rows, ranking_w, losses = suspects_table(
+            trainer, class_names=bundle.class_names, ids=ids, corrupted=known
+        )
+        write_suspects(run_dir / SUSPECTS, rows)
+        ranking = {} if known is None else ranking_metrics(ranking_w, losses, known)
+    else:
+        log.info(
+            "no %s: every training label of %s is its true label (no noisy label to find)",
+            SUSPECTS,
+            info.get("name", cfg.dataset.name),
+        )
     summary = {
         "method": result.metrics["method"],
         "dataset": info.get("name", cfg.dataset.name),

@@ -47,6 +47,7 @@ from reweight.inputs import Inputs, to_device
 from reweight.loggers import Logger, LoggerGroup
 from reweight.methods import Method, MethodOutput, StepInputs, build_method
 from reweight.metrics import best_accuracy_of, evaluate_classifier, summarize_test
+from reweight.progress import Heartbeat, phase
 from reweight.signals import StopOnSignal, TrainingInterrupted
 from reweight.trainer_config import TrainerConfig
 from reweight.weight_stats import WeightStats, example_labels, weight_diagnostics
@@ -233,6 +234,8 @@ class Trainer:
             disable=not (cfg.show_progress and self.is_main),
             dynamic_ncols=True,
         )
+        # without a bar (no terminal), a line with the step and the ETA, first after 3 s
+        beat = Heartbeat(log, cfg.max_steps) if bar.disable and self.is_main else None
         t0 = time.perf_counter() - self._elapsed
         while self.step < cfg.max_steps:
             # 1. a training batch and, for meta methods, a clean batch
@@ -243,6 +246,8 @@ class Trainer:
             # 2-3. the method's weights, the real update on Σ wᵢℓᵢ
             result = self.train_step(x, y, mx, my)
             bar.update(1)
+            if beat is not None:
+                beat.tick(self.step)
             if on_start is not None:  # the first step of this call is done
                 on_start()
                 on_start = None
@@ -366,13 +371,18 @@ class Trainer:
         separate them, and the mean weight per class (for up to 10 classes).
         """
         metrics: dict[str, Any] = {"method": self.method.name, "steps": self.step}
-        metrics.update(self._val_metrics())
-        if self.test_data is not None:
-            metrics.update(summarize_test(self._evaluate_test(), self.best_test_accuracy))
+        sets = [name for name, d in (("val", self.val_data), ("test", self.test_data)) if d]
+        with phase(log, "final evaluation", " and ".join(sets) or "nothing to evaluate"):
+            metrics.update(self._val_metrics())
+            if self.test_data is not None:
+                metrics.update(summarize_test(self._evaluate_test(), self.best_test_accuracy))
         metrics.update(self._stats.summary())
         metrics.update(self.method.describe())  # e.g. meta_engine: which engine ran, and why
         if self.config.final_weights:
-            self.final_example_weights = w = self.example_weights(self.config.final_weights)
+            passes = self.config.final_weights
+            n = len(self.train_data)  # type: ignore[arg-type]
+            with phase(log, "final weights", f"{n} examples, {passes} pass(es)"):
+                self.final_example_weights = w = self.example_weights(passes)
             metrics.update(
                 weight_diagnostics(w, self.corrupted, self.train_labels, self.num_classes)
             )
@@ -403,7 +413,15 @@ class Trainer:
                 meta_iter = self._meta_batches(stream=2 + p, position=0)
                 seed = cfg.seed + 12_345 + p
                 scored = shuffled_pass(self.train_data, cfg.batch_size, seed, cfg.num_workers)
-                for idx, x, y in scored:
+                bar = tqdm(
+                    scored,
+                    total=-(-n // cfg.batch_size),
+                    desc=f"final weights, pass {p + 1}/{passes}",
+                    leave=False,
+                    disable=not (cfg.show_progress and self.is_main),
+                    dynamic_ncols=True,
+                )
+                for idx, x, y in bar:
                     mx = my = None
                     if meta_iter is not None:
                         _, mx, my = next(meta_iter)

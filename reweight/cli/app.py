@@ -66,6 +66,7 @@ from reweight.outputs import (
     plot_weight_histogram,
     write_summary,
 )
+from reweight.progress import phase
 from reweight.signals import TrainingInterrupted
 from reweight.suspects import example_ids, ranking_metrics, suspects_table, write_suspects
 from reweight.trainer import Trainer, TrainerConfig
@@ -214,10 +215,11 @@ def _train(cfg: DictConfig, run: RunDir) -> float:
     known = bundle.corrupted if bool(bundle.corrupted.any()) else None
     ranking = {}
     if known is not None or not info.get("true_labels_known", True):
-        rows, ranking_w, losses = suspects_table(
-            trainer, class_names=bundle.class_names, ids=ids, corrupted=known
-        )
-        write_suspects(run_dir / SUSPECTS, rows)
+        with phase(log, SUSPECTS, f"scoring {len(ids)} training examples"):
+            rows, ranking_w, losses = suspects_table(
+                trainer, class_names=bundle.class_names, ids=ids, corrupted=known
+            )
+            write_suspects(run_dir / SUSPECTS, rows)
         ranking = {} if known is None else ranking_metrics(ranking_w, losses, known)
     else:
         log.info(
@@ -241,22 +243,24 @@ def _train(cfg: DictConfig, run: RunDir) -> float:
     }
     write_summary(run_dir / SUMMARY, summary)
     title = f"{summary['method']} on {summary['dataset']} (seed {seed})"
-    plot_learning_curves(
-        result.history,
-        run_dir / CURVES_PNG,
-        title=title,
-        class_names=bundle.class_names,
-        max_steps=trainer_config.max_steps,
-    )
-    if weights is not None:
-        plot_weight_histogram(
-            weights,
-            bundle.corrupted,
-            run_dir / HISTOGRAM_PNG,
-            labels=bundle.train_labels,
-            class_names=bundle.class_names,
+    pngs = [CURVES_PNG] + ([HISTOGRAM_PNG] if weights is not None else [])
+    with phase(log, "plots", ", ".join(pngs)):
+        plot_learning_curves(
+            result.history,
+            run_dir / CURVES_PNG,
             title=title,
+            class_names=bundle.class_names,
+            max_steps=trainer_config.max_steps,
         )
+        if weights is not None:
+            plot_weight_histogram(
+                weights,
+                bundle.corrupted,
+                run_dir / HISTOGRAM_PNG,
+                labels=bundle.train_labels,
+                class_names=bundle.class_names,
+                title=title,
+            )
     log.info(
         "done: step %d, test accuracy %.4f, balanced %.4f -> %s",
         trainer.step,
@@ -374,7 +378,8 @@ def main() -> None:
     """``python -m reweight``: run the Hydra app; a configuration error is one line on stderr.
 
     Under ``torchrun`` every rank runs this; ranks other than 0 write no Hydra files (no
-    ``.hydra/``, no log file) into the run directory they share with rank 0.
+    ``.hydra/``, no log file) into the run directory they share with rank 0, and log only
+    warnings and errors (each line would otherwise be printed once per rank).
 
     Hydra prints its own errors over several lines (and ours with a traceback), so this runs
     the app with ``HYDRA_FULL_ERROR=1`` (errors propagate here) and reports a configuration
@@ -386,8 +391,12 @@ def main() -> None:
     and one line, ``interrupted at step N; run the same command to continue``, exit status 130
     or 143 (see ``Trainer.fit``); a second Ctrl-C aborts at once.
     """
-    if env_rank() > 0:
-        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    if env_rank() > 0:  # rank 0 alone logs what every rank does alike; the others warn
+        sys.argv += [
+            "hydra.output_subdir=null",
+            "hydra/job_logging=stdout",
+            "hydra.job_logging.root.level=WARNING",
+        ]
     previous = os.environ.get("HYDRA_FULL_ERROR")
     if previous == "1":
         _run_app()

@@ -240,6 +240,8 @@ def _train(cfg: DictConfig, run: RunDir) -> float:
         "objective": cfg.objective,
         "objective_value": objective,
         "objective_is_test": cfg.objective.startswith("test_"),
+        # own data without a test set: what its test accuracy is measured against
+        **({"test_labels": info["held_out_test"]["note"]} if "held_out_test" in info else {}),
     }
     write_summary(run_dir / SUMMARY, summary)
     title = f"{summary['method']} on {summary['dataset']} (seed {seed})"

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from reweight.batches import BatchStream, shuffled_pass
 from reweight.checkpoint import read_checkpoint, restore_rng_state, rng_state, write_checkpoint
-from reweight.device import resolve_device
+from reweight.device import channels_last_choice, resolve_device
 from reweight.distributed import DistContext, check_batch_split
 from reweight.functional import LossFn
 from reweight.inputs import Inputs, to_device
@@ -146,7 +146,9 @@ class Trainer:
         if self.method.needs_meta and meta_data is None:
             raise ValueError(f"method {self.method.name!r} needs a clean meta set (meta_data)")
         self.model = model.to(self.device)
-        if cfg.channels_last:
+        self.channels_last, why = channels_last_choice(cfg.channels_last, model, self.device)
+        log.info("memory format: %s (%s)", "NHWC" if self.channels_last else "NCHW", why)
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.train_data, self.meta_data, self.test_data = train_data, meta_data, test_data
         self.loss_fn = loss_fn
@@ -562,7 +564,7 @@ class Trainer:
     def _inputs(self, x: Inputs) -> Inputs:
         """A batch of inputs on the device, NHWC when ``channels_last`` and the batch is 4-D."""
         x = to_device(x, self.device, non_blocking=True)
-        if self.config.channels_last and isinstance(x, Tensor) and x.dim() == 4:
+        if self.channels_last and isinstance(x, Tensor) and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+from reweight.device import check_channels_last
+
 __all__ = ["NO_EFFECT_FIELDS", "TrainerConfig"]
 
 NO_EFFECT_FIELDS = ("progress", "num_workers", "eval_batch_size", "channels_last")
@@ -29,7 +31,9 @@ class TrainerConfig:
     seed: int = 0  # training seed: data order, dropout, augmentation (not data corruption)
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", or "auto"
     bf16: bool = False  # bf16 autocast for forward passes (CUDA only)
-    channels_last: bool = False  # NHWC memory format for the model and 4-D inputs (convnets)
+    # NHWC memory format for the model and 4-D inputs: True, False, or "auto" (on where it is
+    # faster and changes only the rounding: reweight.device.channels_last_choice)
+    channels_last: bool | str = "auto"
     num_workers: int = 0  # DataLoader workers
     checkpoint_every: int = 0  # write the checkpoint every N steps (0: only at the end)
     progress: bool | None = None  # tqdm bars; None: only when stderr is a terminal
@@ -46,5 +50,6 @@ class TrainerConfig:
         for key in ("eval_every", "checkpoint_every", "num_workers"):
             if int(getattr(self, key)) < 0:
                 raise ValueError(f"trainer.{key} must be >= 0, got {getattr(self, key)}")
+        check_channels_last(self.channels_last)
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"trainer.grad_clip must be > 0 or null, got {self.grad_clip}")

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from reweight.batches import BatchStream, shuffled_pass
 from reweight.checkpoint import read_checkpoint, restore_rng_state, rng_state, write_checkpoint
+from reweight.data.core import save_labels
 from reweight.device import channels_last_choice, resolve_device
 from reweight.distributed import DistContext, check_batch_split
 from reweight.functional import LossFn
@@ -47,7 +48,10 @@ from reweight.inputs import Inputs, to_device
 from reweight.loggers import Logger, LoggerGroup
 from reweight.methods import Method, MethodOutput, StepInputs, build_method
 from reweight.metrics import best_accuracy_of, evaluate_classifier, summarize_test
+from reweight.outputs.files import CHECKPOINT, METRICS
+from reweight.outputs.records import MetricsCSV
 from reweight.progress import Heartbeat, phase
+from reweight.run_files import write_run_files
 from reweight.signals import StopOnSignal, TrainingInterrupted
 from reweight.trainer_config import TrainerConfig
 from reweight.weight_stats import WeightStats, example_labels, weight_diagnostics
@@ -101,6 +105,11 @@ class Trainer:
             ``loss_fn(outputs, targets)``.
         checkpoint_path: where ``fit`` writes the last state (atomically), and its state when
             interrupted (see ``fit``).
+        run_dir: a folder for the run's files, as the command line writes them: ``metrics.csv``
+            (row by row), ``checkpoint.pt`` (unless ``checkpoint_path`` says otherwise), and
+            after training ``summary.json``, ``weights.pt``, ``suspects.csv`` and the plots
+            (``reweight.run_files``); ``from_bundle`` adds ``labels.pt`` and ``dataset.json``
+            and the dataset's class names and example ids.
         callbacks: called with each history row as it is made.
         val_data: a clean validation set, disjoint from the others, evaluated with the test
             set: ``val_*`` keys in rows and final metrics (what a sweep should optimise).
@@ -132,6 +141,7 @@ class Trainer:
         val_data: Dataset | None = None,
         loggers: Sequence[Logger] = (),
         run_config: dict[str, Any] | None = None,
+        run_dir: str | os.PathLike | None = None,
     ) -> None:
         self.config = cfg = config or TrainerConfig()
         self.dist = DistContext.for_training(process_group)
@@ -159,8 +169,14 @@ class Trainer:
         self.train_labels, self.corrupted, self.num_classes = example_labels(
             n_train, train_labels, corrupted, num_classes
         )
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        if checkpoint_path is None and self.run_dir is not None:
+            checkpoint_path = self.run_dir / CHECKPOINT
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
         self.callbacks = list(callbacks)
+        if self.run_dir is not None:
+            self.callbacks.append(MetricsCSV(self.run_dir / METRICS, history=lambda: self.history))
+        self.bundle: Any = None  # the DataBundle of from_bundle: class names, ids, labels.pt
         self.val_data = val_data
         run_config = run_config or {"trainer": asdict(cfg)}
         self._trackers = LoggerGroup(loggers, {"method": self.method.name, **run_config})
@@ -178,7 +194,7 @@ class Trainer:
         """A Trainer on a ``reweight.data.DataBundle`` (train, meta, validation, test, labels,
         mask)."""
         kwargs.setdefault("val_data", bundle.val)
-        return cls(
+        trainer = cls(
             model,
             bundle.train,
             bundle.meta,
@@ -188,6 +204,8 @@ class Trainer:
             num_classes=bundle.num_classes,
             **kwargs,
         )
+        trainer.bundle = bundle
+        return trainer
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -206,12 +224,34 @@ class Trainer:
         ``fit(resume=True)`` continues bit for bit; a second signal aborts at once. In
         data-parallel training every process stops after the same step.
         """
+        if self.run_dir is not None and self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
             with StopOnSignal(self.checkpoint_path) as stop:
-                return self._fit(resume, stop, on_start)
+                result = self._fit(resume, stop, on_start)
         finally:
             if self.is_main:
                 self._trackers.close()
+        if self.run_dir is not None and self.is_main:
+            self._write_run_files(result)
+        return result
+
+    def _write_run_files(self, result: FitResult) -> None:
+        """``reweight.run_files.write_run_files`` into ``run_dir``, with the bundle's records."""
+        bundle, extra = self.bundle, {"run_dir": str(self.run_dir.resolve())}
+        if bundle is not None:
+            save_labels(bundle, self.run_dir)
+            extra["dataset_info"] = bundle.info
+        write_run_files(
+            self.run_dir,
+            self,
+            result.metrics,
+            dataset=bundle.name if bundle is not None else "data",
+            class_names=bundle.class_names if bundle is not None else None,
+            ids=bundle.train_ids if bundle is not None else None,
+            labels_known=bundle is not None and bundle.info.get("true_labels_known", True),
+            extra=extra,
+        )
 
     def _fit(
         self, resume: bool, stop: StopOnSignal, on_start: Callable[[], None] | None

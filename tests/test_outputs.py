@@ -369,3 +369,44 @@ def test_suspects_png_shows_id_labels_and_probability_without_overlap(
     check_png(tmp_path / "suspects_scatter.png", drawn["suspects_scatter.png"])
     assert {"clean (" , "corrupted ("} <= {w[: w.index("(") + 1] for w in texts(
         drawn["suspects_scatter.png"]) if "(" in w}  # fmt: skip
+
+
+def _readme_outputs() -> set[str]:
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    outputs = readme[readme.index("**Outputs.**") : readme.index("**Resume.**")]
+    return set(re.findall(r"`([\w.]+\.(?:yaml|log|csv|json|pt|png))`", outputs))
+
+
+@pytest.mark.slow
+def test_a_trainer_with_a_run_dir_writes_the_clis_run_files(tmp_path, data_root):
+    """From Python, Trainer.from_bundle(..., run_dir=...): every file of the README's outputs
+    list (which test_cli keeps equal to what the CLI writes) but the CLI's own config.yaml and
+    train.log, with the same contents' shape."""
+    from reweight import Trainer, TrainerConfig
+    from reweight.data import build_dataset
+    from reweight.models import build_model
+
+    bundle = build_dataset("mnist_noisy", train_per_class=20)
+    torch.manual_seed(0)
+    trainer = Trainer.from_bundle(
+        build_model("mlp", num_classes=10, in_channels=1, input_shape=(1, 28, 28)),
+        bundle,
+        method="l2rw",
+        config=TrainerConfig(max_steps=3, batch_size=20, eval_every=0, log_every=1, progress=False),
+        run_dir=tmp_path / "run",
+    )
+    result = trainer.fit()
+    run_dir = tmp_path / "run"
+    written = {p.name for p in run_dir.iterdir() if p.is_file()}
+    assert written == _readme_outputs() - {"config.yaml", "train.log"}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["dataset"] == "mnist_noisy"
+    assert summary["test_accuracy"] == pytest.approx(result.metrics["test_accuracy"])
+    assert summary["suspect_ranking"]["num_corrupted"] == bundle.info["num_corrupted"]
+    record = torch.load(run_dir / "weights.pt", weights_only=True)
+    assert record["ids"] == [str(i) for i in range(len(bundle.train))]
+    assert len(read_csv(run_dir / "metrics.csv")) == 3
+    assert len(read_csv(run_dir / "suspects.csv")) == len(bundle.train)
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"] == 3

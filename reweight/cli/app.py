@@ -51,24 +51,15 @@ from reweight.loggers import build_loggers
 from reweight.methods import build_method
 from reweight.outputs import (
     CHECKPOINT,
-    CURVES_PNG,
-    HISTOGRAM_PNG,
     LOGGER_FILES,
     METRICS,
     RESOLVED_CONFIG,
     SUMMARY,
-    SUSPECTS,
-    WEIGHTS,
     MetricsCSV,
     aggregate_sweep,
-    atomic_write,
-    plot_learning_curves,
-    plot_weight_histogram,
-    write_summary,
 )
-from reweight.progress import phase
+from reweight.run_files import write_run_files
 from reweight.signals import TrainingInterrupted
-from reweight.suspects import example_ids, ranking_metrics, suspects_table, write_suspects
 from reweight.trainer import Trainer, TrainerConfig
 
 __all__ = ["CONFIG_PATH", "AggregateSweep", "ValidateConfig", "main", "train", "validate"]
@@ -205,65 +196,30 @@ def _train(cfg: DictConfig, run: RunDir) -> float:
     if not main_rank:
         return _objective(cfg, objective)
 
-    # 4. outputs
-    metrics_csv.write()
-    weights = getattr(trainer, "final_example_weights", None)
-    ids = example_ids(bundle.train_ids, len(bundle.train))
-    if weights is not None:
-        payload = {"weights": weights.detach().cpu().clone(), "ids": ids, "step": trainer.step}
-        atomic_write(run_dir / WEIGHTS, lambda f: torch.save(payload, f))
+    # 4. outputs: the same files as Trainer(..., run_dir=...) writes (reweight.run_files)
     info = bundle.info
-    known = bundle.corrupted if bool(bundle.corrupted.any()) else None
-    ranking = {}
-    if known is not None or not info.get("true_labels_known", True):
-        with phase(log, SUSPECTS, f"scoring {len(ids)} training examples"):
-            rows, ranking_w, losses = suspects_table(
-                trainer, class_names=bundle.class_names, ids=ids, corrupted=known
-            )
-            write_suspects(run_dir / SUSPECTS, rows)
-        ranking = {} if known is None else ranking_metrics(ranking_w, losses, known)
-    else:
-        log.info(
-            "no %s: every training label of %s is its true label (no noisy label to find)",
-            SUSPECTS,
-            info.get("name", cfg.dataset.name),
-        )
-    summary = {
-        "method": result.metrics["method"],
-        "dataset": info.get("name", cfg.dataset.name),
-        **result.metrics,
-        **({"suspect_ranking": ranking} if ranking else {}),
-        "seed": seed,
-        "dataset_seed": info.get("seed"),
-        "model": cfg.model.get("name"),
-        "run_dir": str(run_dir.resolve()),
-        "dataset_info": info,
-        "objective": cfg.objective,
-        "objective_value": objective,
-        "objective_is_test": cfg.objective.startswith("test_"),
-        # own data without a test set: what its test accuracy is measured against
-        **({"test_labels": info["held_out_test"]["note"]} if "held_out_test" in info else {}),
-    }
-    write_summary(run_dir / SUMMARY, summary)
-    title = f"{summary['method']} on {summary['dataset']} (seed {seed})"
-    pngs = [CURVES_PNG] + ([HISTOGRAM_PNG] if weights is not None else [])
-    with phase(log, "plots", ", ".join(pngs)):
-        plot_learning_curves(
-            result.history,
-            run_dir / CURVES_PNG,
-            title=title,
-            class_names=bundle.class_names,
-            max_steps=trainer_config.max_steps,
-        )
-        if weights is not None:
-            plot_weight_histogram(
-                weights,
-                bundle.corrupted,
-                run_dir / HISTOGRAM_PNG,
-                labels=bundle.train_labels,
-                class_names=bundle.class_names,
-                title=title,
-            )
+    write_run_files(
+        run_dir,
+        trainer,
+        result.metrics,
+        dataset=info.get("name", cfg.dataset.name),
+        class_names=bundle.class_names,
+        ids=bundle.train_ids,
+        labels_known=info.get("true_labels_known", True),
+        title=f"{result.metrics['method']} on {info.get('name', cfg.dataset.name)} (seed {seed})",
+        extra={
+            "seed": seed,
+            "dataset_seed": info.get("seed"),
+            "model": cfg.model.get("name"),
+            "run_dir": str(run_dir.resolve()),
+            "dataset_info": info,
+            "objective": cfg.objective,
+            "objective_value": objective,
+            "objective_is_test": cfg.objective.startswith("test_"),
+            # own data without a test set: what its test accuracy is measured against
+            **({"test_labels": info["held_out_test"]["note"]} if "held_out_test" in info else {}),
+        },
+    )
     log.info(
         "done: step %d, test accuracy %.4f, balanced %.4f -> %s",
         trainer.step,

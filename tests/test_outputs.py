@@ -171,7 +171,8 @@ def test_learning_curves_png(tmp_path, drawn):
     assert weight.get_yscale() == "linear"
     for ax in fig.axes:  # one test point at step 20 sits on the run's axis, not on 19.5-20.5
         assert ax.get_xlim()[0] == 0 and ax.get_xlim()[1] >= 20
-    assert accuracy.get_ylim()[0] <= 0 and accuracy.get_ylim()[1] >= 1
+    low, high = accuracy.get_ylim()  # 0.85 and 0.9 measured: ±0.02 around them, not ±5 %
+    assert (round(low, 3), round(high, 3)) == (0.83, 0.92)
     assert plot_learning_curves([], tmp_path / "empty.png") is None
 
 

@@ -78,7 +78,8 @@ def plot_learning_curves(
     keeps a loss that falls by decades readable), test accuracy and the mean relative weight of
     clean and corrupted examples (of each class, by ``class_names``, when nothing is
     corrupted). Every panel spans steps 0 to ``max_steps`` (else the last logged step), so a
-    single evaluation of a short run sits where it belongs instead of alone on a ±5% axis.
+    single evaluation of a short run sits where it belongs instead of alone on a ±5% axis;
+    accuracies get at least ±0.02 around what was measured, within [0, 1].
     Returns the PNG's path, or None when matplotlib is missing or ``history`` is empty."""
     if not history:
         log.warning("no history rows: no learning curves")
@@ -127,8 +128,10 @@ def plot_learning_curves(
                 ax.yaxis.set_major_formatter(ticker.LogFormatter())
                 ax.yaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False))
                 ylabel = f"{ylabel} (log scale)"
-            if "accuracy" in ylabel and drawn:
-                ax.set_ylim(-0.02, 1.02)  # one point or many: the full range of an accuracy
+            if "accuracy" in ylabel and drawn:  # one point or many: a range of accuracies
+                values = [v for key, _ in curves for v in _series(history, key)[1]]
+                margin = max(0.02, 0.1 * (max(values) - min(values)))
+                ax.set_ylim(max(min(values) - margin, -0.01), min(max(values) + margin, 1.01))
             ax.set_xlim(0, max(right, 1.0) * 1.02)
             ax.set_xlabel("optimizer step")
             ax.set_ylabel(ylabel)

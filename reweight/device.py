@@ -1,10 +1,20 @@
-"""``trainer.device`` as a device that exists on this machine."""
+"""``trainer.device`` as a device that exists on this machine, and the memory format a model
+trains in there (``trainer.channels_last``)."""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-__all__ = ["resolve_device"]
+__all__ = [
+    "CHANNELS_LAST_SETTINGS",
+    "channels_last_choice",
+    "check_channels_last",
+    "resolve_device",
+]
+
+CHANNELS_LAST_SETTINGS = (True, False, "auto")
+"""The values of ``trainer.channels_last``."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -33,3 +43,47 @@ def resolve_device(device: str) -> torch.device:
                 f"(cuda:0 to cuda:{count - 1}); allowed: {allowed}"
             )
     return dev
+
+
+def check_channels_last(setting: object) -> None:
+    """``ValueError`` naming the key unless ``setting`` is True, False or ``"auto"``."""
+    if not isinstance(setting, bool | str) or setting not in CHANNELS_LAST_SETTINGS:
+        raise ValueError(f"trainer.channels_last must be true, false or auto, got {setting!r}")
+
+
+def channels_last_choice(
+    setting: bool | str, model: nn.Module, device: torch.device
+) -> tuple[bool, str]:
+    """Whether a model trains in NHWC (``channels_last``), and why: ``True`` / ``False`` as
+    given; ``"auto"`` on where it was measured faster and changes only the rounding.
+
+    ``"auto"`` is on for a CPU model with 2-D convolutions and no BatchNorm: there NHWC
+    computes the same sums in another order (first-step parameters 4e-8 apart) and LeNet's
+    steps were measured 1.25-1.67x faster (``benchmarks/channels_last.py``; its max-pooling is
+    slow in NCHW). It stays off elsewhere: with BatchNorm (ResNet-32 measured 1.09-1.15x, within
+    the noise of a loaded machine, and the tangent tape cannot replay its NHWC forward, so L2RW
+    and MW-Net fall back to a slower engine), without 2-D convolutions (nothing to change), and
+    on a GPU (not measured here).
+
+    >>> channels_last_choice("auto", nn.Sequential(nn.Conv2d(1, 2, 3)), torch.device("cpu"))[0]
+    True
+    >>> channels_last_choice("auto", nn.Linear(2, 2), torch.device("cpu"))
+    (False, 'auto: off, no 2-D convolution (the memory format changes nothing)')
+    """
+    check_channels_last(setting)
+    if isinstance(setting, bool):
+        return setting, f"trainer.channels_last={str(setting).lower()} as given"
+    modules = list(model.modules())
+    if device.type != "cpu":
+        return False, f"auto: off on {device.type} (NHWC not measured there; NCHW as given)"
+    if not any(isinstance(m, nn.Conv2d) for m in modules):
+        return False, "auto: off, no 2-D convolution (the memory format changes nothing)"
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in modules):
+        return False, (
+            "auto: off, BatchNorm (NHWC measured no clear gain for ResNet-32 on CPU, and the "
+            "tangent tape cannot replay it); trainer.channels_last=true to force it"
+        )
+    return True, (
+        "auto: on, a CPU model with 2-D convolutions and no BatchNorm (NHWC measured 1.25-1.67x "
+        "faster per LeNet step; the same sums in another order, rounding only)"
+    )

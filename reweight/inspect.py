@@ -3,7 +3,8 @@
 Prints the top ``N`` rows of ``RUN_DIR/suspects.csv`` (most suspect first: see
 :mod:`reweight.suspects`) and writes next to it ``suspects_scatter.png`` (weight against final loss,
 clean and corrupted in two colours when the corruption is known) and, for image data,
-``suspects.png`` (the ``N`` most suspect images captioned ``given → predicted (probability)``;
+``suspects.png`` (the ``N`` most suspect images, each captioned with its id, ``given →
+predicted`` and the model's probability of the predicted label;
 the dataset is rebuilt from the run's ``config.yaml``, which is quick: everything is seeded).
 With precision@k in ``summary.json`` (synthetic corruption), prints it beside the small-loss
 baseline. A missing or unreadable run file is one ``error:`` line, exit status 2.
@@ -50,7 +51,8 @@ def read_suspects(run_dir: str | Path) -> list[dict[str, str]]:
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} does not exist: give the folder of a finished run (python -m reweight "
-            "writes suspects.csv at its end)"
+            "writes suspects.csv at its end where the labels may be noisy: synthetic noise or "
+            "your own data, not a dataset whose labels are all true, e.g. mnist_imbalanced)"
         )
     with path.open(newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -155,11 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if scatter is not None:
         log.info("wrote %s", scatter)
     if images is not None:
-        captions = [
-            f"{r['given_label']} → {r['predicted_label']} ({float(r['probability']):.2f})"
-            for r in top
-        ]
-        grid = plot_suspect_grid(images, captions, run_dir / SUSPECTS_PNG, title=title)
+        grid = plot_suspect_grid(images, top, run_dir / SUSPECTS_PNG, title=title)
         if grid is not None:
             log.info("wrote %s", grid)
     return 0

@@ -118,12 +118,18 @@ def check_writable(path: Path, key: str, folder: bool = True) -> None:
             )
 
 
+EXTRA_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+"""The package each tracker's extra installs (``pyproject.toml``), named when it is missing."""
+
+
 def _require(module: str, extra: str) -> Any:
+    """``import module``, or one line naming the missing package and the extra that installs it
+    (``torch.utils.tensorboard`` is part of torch but needs the ``tensorboard`` package)."""
     try:
         return importlib.import_module(module)
     except ImportError as err:
         raise ValueError(
-            f"logger={extra} needs the {module.split('.')[0]} package: "
+            f"logger={extra} needs the {EXTRA_PACKAGES[extra]} package ({err}): "
             f'pip install "reweight[{extra}]"'
         ) from err
 

@@ -39,6 +39,7 @@ from reweight.outputs.files import atomic_write
 __all__ = [
     "FIXED_K",
     "SUSPECT_COLUMNS",
+    "example_ids",
     "precision_recall_at_k",
     "ranking_metrics",
     "score_examples",
@@ -66,6 +67,12 @@ SUSPECT_COLUMNS = (
 path or CSV id (else the index), labels are class names, ``probability`` is the model's
 softmax probability of its predicted label, ``loss`` the loss on the given label,
 ``corrupted`` is 1/0 where the corruption is known (synthetic noise), else empty."""
+
+
+def example_ids(ids: list[str] | None, n: int) -> list[str]:
+    """The id of each of ``n`` training examples as ``suspects.csv`` and ``weights.pt`` write it:
+    the dataset's ids (file path, CSV id) where it has them, else the index as a string."""
+    return list(ids) if ids is not None else [str(i) for i in range(n)]
 
 
 @torch.no_grad()
@@ -152,13 +159,14 @@ def suspects_table(
     def name(c: int) -> str:
         return class_names[c] if class_names is not None else str(c)
 
+    names = example_ids(ids, n)
     rows = []
     for rank, i in enumerate(order.tolist(), start=1):
         rows.append(
             {
                 "rank": rank,
                 "index": i,
-                "id": ids[i] if ids is not None else str(i),
+                "id": names[i],
                 "given_label": name(int(labels[i])),
                 "predicted_label": name(int(scores["predicted"][i])),
                 "probability": f"{float(scores['probability'][i]):.6g}",

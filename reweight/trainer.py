@@ -40,13 +40,18 @@ from tqdm.auto import tqdm
 
 from reweight.batches import BatchStream, shuffled_pass
 from reweight.checkpoint import read_checkpoint, restore_rng_state, rng_state, write_checkpoint
-from reweight.device import resolve_device
+from reweight.data.core import save_labels
+from reweight.device import channels_last_choice, resolve_device
 from reweight.distributed import DistContext, check_batch_split
 from reweight.functional import LossFn
 from reweight.inputs import Inputs, to_device
 from reweight.loggers import Logger, LoggerGroup
 from reweight.methods import Method, MethodOutput, StepInputs, build_method
 from reweight.metrics import best_accuracy_of, evaluate_classifier, summarize_test
+from reweight.outputs.files import CHECKPOINT, METRICS
+from reweight.outputs.records import MetricsCSV
+from reweight.progress import Heartbeat, phase
+from reweight.run_files import write_run_files
 from reweight.signals import StopOnSignal, TrainingInterrupted
 from reweight.trainer_config import TrainerConfig
 from reweight.weight_stats import WeightStats, example_labels, weight_diagnostics
@@ -100,6 +105,11 @@ class Trainer:
             ``loss_fn(outputs, targets)``.
         checkpoint_path: where ``fit`` writes the last state (atomically), and its state when
             interrupted (see ``fit``).
+        run_dir: a folder for the run's files, as the command line writes them: ``metrics.csv``
+            (row by row), ``checkpoint.pt`` (unless ``checkpoint_path`` says otherwise), and
+            after training ``summary.json``, ``weights.pt``, ``suspects.csv`` and the plots
+            (``reweight.run_files``); ``from_bundle`` adds ``labels.pt`` and ``dataset.json``
+            and the dataset's class names and example ids.
         callbacks: called with each history row as it is made.
         val_data: a clean validation set, disjoint from the others, evaluated with the test
             set: ``val_*`` keys in rows and final metrics (what a sweep should optimise).
@@ -131,6 +141,7 @@ class Trainer:
         val_data: Dataset | None = None,
         loggers: Sequence[Logger] = (),
         run_config: dict[str, Any] | None = None,
+        run_dir: str | os.PathLike | None = None,
     ) -> None:
         self.config = cfg = config or TrainerConfig()
         self.dist = DistContext.for_training(process_group)
@@ -145,7 +156,9 @@ class Trainer:
         if self.method.needs_meta and meta_data is None:
             raise ValueError(f"method {self.method.name!r} needs a clean meta set (meta_data)")
         self.model = model.to(self.device)
-        if cfg.channels_last:
+        self.channels_last, why = channels_last_choice(cfg.channels_last, model, self.device)
+        log.info("memory format: %s (%s)", "NHWC" if self.channels_last else "NCHW", why)
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.train_data, self.meta_data, self.test_data = train_data, meta_data, test_data
         self.loss_fn = loss_fn
@@ -156,8 +169,14 @@ class Trainer:
         self.train_labels, self.corrupted, self.num_classes = example_labels(
             n_train, train_labels, corrupted, num_classes
         )
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        if checkpoint_path is None and self.run_dir is not None:
+            checkpoint_path = self.run_dir / CHECKPOINT
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
         self.callbacks = list(callbacks)
+        if self.run_dir is not None:
+            self.callbacks.append(MetricsCSV(self.run_dir / METRICS, history=lambda: self.history))
+        self.bundle: Any = None  # the DataBundle of from_bundle: class names, ids, labels.pt
         self.val_data = val_data
         run_config = run_config or {"trainer": asdict(cfg)}
         self._trackers = LoggerGroup(loggers, {"method": self.method.name, **run_config})
@@ -175,7 +194,7 @@ class Trainer:
         """A Trainer on a ``reweight.data.DataBundle`` (train, meta, validation, test, labels,
         mask)."""
         kwargs.setdefault("val_data", bundle.val)
-        return cls(
+        trainer = cls(
             model,
             bundle.train,
             bundle.meta,
@@ -185,6 +204,8 @@ class Trainer:
             num_classes=bundle.num_classes,
             **kwargs,
         )
+        trainer.bundle = bundle
+        return trainer
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -203,18 +224,39 @@ class Trainer:
         ``fit(resume=True)`` continues bit for bit; a second signal aborts at once. In
         data-parallel training every process stops after the same step.
         """
+        if self.run_dir is not None and self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         status = "FAILED"  # what the trackers record: FINISHED, KILLED (a signal) or FAILED
         try:
             with StopOnSignal(self.checkpoint_path) as stop:
                 result = self._fit(resume, stop, on_start)
             status = "FINISHED"
-            return result
         except KeyboardInterrupt:
             status = "KILLED"
             raise
         finally:
             if self.is_main:
                 self._trackers.close(status)
+        if self.run_dir is not None and self.is_main:
+            self._write_run_files(result)
+        return result
+
+    def _write_run_files(self, result: FitResult) -> None:
+        """``reweight.run_files.write_run_files`` into ``run_dir``, with the bundle's records."""
+        bundle, extra = self.bundle, {"run_dir": str(self.run_dir.resolve())}
+        if bundle is not None:
+            save_labels(bundle, self.run_dir)
+            extra["dataset_info"] = bundle.info
+        write_run_files(
+            self.run_dir,
+            self,
+            result.metrics,
+            dataset=bundle.name if bundle is not None else "data",
+            class_names=bundle.class_names if bundle is not None else None,
+            ids=bundle.train_ids if bundle is not None else None,
+            labels_known=bundle is not None and bundle.info.get("true_labels_known", True),
+            extra=extra,
+        )
 
     def _fit(
         self, resume: bool, stop: StopOnSignal, on_start: Callable[[], None] | None
@@ -241,6 +283,8 @@ class Trainer:
             disable=not (cfg.show_progress and self.is_main),
             dynamic_ncols=True,
         )
+        # without a bar (no terminal), a line with the step and the ETA, first after 3 s
+        beat = Heartbeat(log, cfg.max_steps) if bar.disable and self.is_main else None
         t0 = time.perf_counter() - self._elapsed
         while self.step < cfg.max_steps:
             # 1. a training batch and, for meta methods, a clean batch
@@ -251,6 +295,8 @@ class Trainer:
             # 2-3. the method's weights, the real update on Σ wᵢℓᵢ
             result = self.train_step(x, y, mx, my)
             bar.update(1)
+            if beat is not None:
+                beat.tick(self.step)
             if on_start is not None:  # the first step of this call is done
                 on_start()
                 on_start = None
@@ -372,13 +418,18 @@ class Trainer:
         separate them, and the mean weight per class (for up to 10 classes).
         """
         metrics: dict[str, Any] = {"method": self.method.name, "steps": self.step}
-        metrics.update(self._val_metrics())
-        if self.test_data is not None:
-            metrics.update(summarize_test(self._evaluate_test(), self.best_test_accuracy))
+        sets = [name for name, d in (("val", self.val_data), ("test", self.test_data)) if d]
+        with phase(log, "final evaluation", " and ".join(sets) or "nothing to evaluate"):
+            metrics.update(self._val_metrics())
+            if self.test_data is not None:
+                metrics.update(summarize_test(self._evaluate_test(), self.best_test_accuracy))
         metrics.update(self._stats.summary())
         metrics.update(self.method.describe())  # e.g. meta_engine: which engine ran, and why
         if self.config.final_weights:
-            self.final_example_weights = w = self.example_weights(self.config.final_weights)
+            passes = self.config.final_weights
+            n = len(self.train_data)  # type: ignore[arg-type]
+            with phase(log, "final weights", f"{n} examples, {passes} pass(es)"):
+                self.final_example_weights = w = self.example_weights(passes)
             metrics.update(
                 weight_diagnostics(w, self.corrupted, self.train_labels, self.num_classes)
             )
@@ -409,7 +460,15 @@ class Trainer:
                 meta_iter = self._meta_batches(stream=2 + p, position=0)
                 seed = cfg.seed + 12_345 + p
                 scored = shuffled_pass(self.train_data, cfg.batch_size, seed, cfg.num_workers)
-                for idx, x, y in scored:
+                bar = tqdm(
+                    scored,
+                    total=-(-n // cfg.batch_size),
+                    desc=f"final weights, pass {p + 1}/{passes}",
+                    leave=False,
+                    disable=not (cfg.show_progress and self.is_main),
+                    dynamic_ncols=True,
+                )
+                for idx, x, y in bar:
                     mx = my = None
                     if meta_iter is not None:
                         _, mx, my = next(meta_iter)
@@ -550,7 +609,7 @@ class Trainer:
     def _inputs(self, x: Inputs) -> Inputs:
         """A batch of inputs on the device, NHWC when ``channels_last`` and the batch is 4-D."""
         x = to_device(x, self.device, non_blocking=True)
-        if self.config.channels_last and isinstance(x, Tensor) and x.dim() == 4:
+        if self.channels_last and isinstance(x, Tensor) and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 

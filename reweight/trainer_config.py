@@ -6,7 +6,15 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-__all__ = ["TrainerConfig"]
+from reweight.device import check_channels_last
+
+__all__ = ["NO_EFFECT_FIELDS", "TrainerConfig"]
+
+NO_EFFECT_FIELDS = ("progress", "num_workers", "eval_batch_size", "channels_last")
+"""The fields that cannot change what a run computes: bars, DataLoader workers (every batch is
+drawn by the Trainer's own seeded order), the evaluation's batch size (memory only) and the
+memory format (NHWC computes the same sums in another order: rounding only). A run may resume,
+or be found finished, with them changed (``reweight.cli.run_dir.NO_EFFECT_KEYS``)."""
 
 
 @dataclass
@@ -23,7 +31,9 @@ class TrainerConfig:
     seed: int = 0  # training seed: data order, dropout, augmentation (not data corruption)
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", or "auto"
     bf16: bool = False  # bf16 autocast for forward passes (CUDA only)
-    channels_last: bool = False  # NHWC memory format for the model and 4-D inputs (convnets)
+    # NHWC memory format for the model and 4-D inputs: True, False, or "auto" (on where it is
+    # faster and changes only the rounding: reweight.device.channels_last_choice)
+    channels_last: bool | str = "auto"
     num_workers: int = 0  # DataLoader workers
     checkpoint_every: int = 0  # write the checkpoint every N steps (0: only at the end)
     progress: bool | None = None  # tqdm bars; None: only when stderr is a terminal
@@ -40,5 +50,6 @@ class TrainerConfig:
         for key in ("eval_every", "checkpoint_every", "num_workers"):
             if int(getattr(self, key)) < 0:
                 raise ValueError(f"trainer.{key} must be >= 0, got {getattr(self, key)}")
+        check_channels_last(self.channels_last)
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"trainer.grad_clip must be > 0 or null, got {self.grad_clip}")

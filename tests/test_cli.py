@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -139,8 +140,17 @@ def test_single_run_writes_every_output(tmp_path, data_root):
 
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert checkpoint["step"] == 20 and {"model", "optimizer", "method", "rng"} <= set(checkpoint)
-    weights = torch.load(run_dir / "weights.pt", weights_only=True)["weights"]
-    assert weights.shape == (4990,)
+    record = torch.load(run_dir / "weights.pt", weights_only=True)
+    assert record["weights"].shape == (4990,) and record["step"] == 20
+    assert record["ids"] == [str(i) for i in range(4990)]  # MNIST has no file names: the index
+    # every label true (4 vs 9, nothing corrupted): no suspects.csv, and the log says why
+    assert not (run_dir / "suspects.csv").exists()
+    assert (
+        "no suspects.csv: every training label of mnist_imbalanced is its true label"
+        in (run_dir / "train.log").read_text()
+    )
+    info = json.loads((run_dir / "dataset.json").read_text())
+    assert yaml.safe_load(resolved)["dataset"]["root"] == info["root"]  # one data folder
     labels = torch.load(run_dir / "labels.pt", weights_only=True)
     assert labels["train_labels"].bincount().tolist() == [20, 4970]
     assert "it/s" not in proc.stderr  # no tqdm bars when stderr is not a terminal
@@ -148,6 +158,43 @@ def test_single_run_writes_every_output(tmp_path, data_root):
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in run_dir.rglob("*") if p.is_file()}
     assert {"summary.json", "metrics.csv", "checkpoint.pt", "learning_curves.png"} <= set(modes)
     assert set(modes.values()) == {"0o644"}, modes
+
+
+def _backticked_files(text: str) -> set[str]:
+    return set(re.findall(r"`([\w.]+\.(?:yaml|log|csv|json|pt|png))`", text))
+
+
+@pytest.mark.slow
+def test_the_readme_lists_every_file_a_run_writes(tmp_path, data_root):
+    """The README's *Outputs* paragraph names exactly the files of a run with noisy labels, and
+    `--help` names each of them (its plots as "PNG plots")."""
+    run_dir = tmp_path / "run"
+    run_cli(
+        ["dataset=mnist_noisy", "dataset.train_per_class=20", "model=mlp", "trainer.max_steps=3",
+         "trainer.eval_every=0", "trainer.batch_size=20", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    written = {p.name for p in run_dir.iterdir() if p.is_file()}
+    readme = (REPO / "README.md").read_text()
+    outputs = readme[readme.index("**Outputs.**") : readme.index("**Resume.**")]
+    assert _backticked_files(outputs) == written
+    assert "`.hydra/`" in outputs and (run_dir / ".hydra").is_dir()
+    help_text = run_cli(["--help"], cwd=tmp_path).stdout
+    listed = help_text[help_text.index("A run writes") : help_text.index("Config groups")]
+    for name in sorted(written):
+        assert name in listed or (name.endswith(".png") and "PNG plots" in listed), name
+
+
+def test_the_readme_lists_every_option_of_each_group():
+    """`optimizer` (sgd, adam, adamw), `scheduler` (...): each list is the group's yaml files."""
+    readme = (REPO / "README.md").read_text()
+    for group in ("dataset", "optimizer", "scheduler"):
+        match = re.search(rf"`{group}` \(([^)]*)\)", readme)
+        assert match, group
+        listed = {w.strip() for w in match.group(1).replace("\n", " ").split(",")}
+        files = {p.stem for p in (REPO / "conf" / group).glob("*.yaml")}
+        own = {"image_folder", "tensors"}  # your own data: their own section of the README
+        assert listed == files - (own if group == "dataset" else set()), group
 
 
 def test_train_function_returns_the_objective(tmp_path):

@@ -186,8 +186,9 @@ def test_torchrun_cli_writes_one_set_of_outputs_equal_to_one_process(tmp_path, d
         "-m",
         "reweight",
     ]
+    console = {}
     for cmd, run in ((torchrun, "ddp"), ([sys.executable, "-m", "reweight"], "single")):
-        proc = subprocess.run(
+        proc = console[run] = subprocess.run(
             [*cmd, *args, f"hydra.run.dir={tmp_path / run}"],
             env=env,
             cwd=tmp_path,
@@ -204,6 +205,9 @@ def test_torchrun_cli_writes_one_set_of_outputs_equal_to_one_process(tmp_path, d
     )
     log = (ddp / "train.log").read_text()
     assert log.count("run directory:") == 1  # rank 1 did not write into the log file
+    # nor on the console: rank 1 logs only warnings, so each line is printed once
+    assert console["ddp"].stdout.count("run directory:") == 1, console["ddp"].stdout[-3000:]
+    assert console["ddp"].stdout.count("done: step 20") == 1
     a = torch.load(ddp / "checkpoint.pt", weights_only=True)
     b = torch.load(single / "checkpoint.pt", weights_only=True)
     assert a["step"] == b["step"] == 20

@@ -68,6 +68,7 @@ def test_readme_commands_are_what_ci_runs():
         "reweight.outputs",
         "reweight.outputs.files",
         "reweight.suspects",
+        "reweight.progress",
         "reweight.metastep",
         "reweight.meta.twins",
         "reweight.jvp.planner",

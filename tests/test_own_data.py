@@ -137,9 +137,14 @@ def test_own_data_trains_and_lists_suspects(files, tmp_path, kind, method):
     weights = [float(r["final_weight"]) for r in rows]
     assert weights == sorted(weights)  # most suspect (lowest weight) first
     assert all(0.0 <= float(r["probability"]) <= 1.0 for r in rows)
-    # no test folder / file given: a held-out split, recorded
+    # no test folder / file given: a held-out split, recorded, and what its labels are said
     assert info["split_sizes"]["test"] == len(info["held_out_test"]["indices"]) > 0
     summary = json.loads((run_dir / "summary.json").read_text())
+    key = "dataset.test_dir" if kind == "images" else "dataset.test_path"
+    note = info["held_out_test"]["note"]
+    assert summary["test_labels"] == note and f"give {key} with labels you trust" in note
+    assert "carry whatever noise the training labels have" in note
+    assert note in proc.stdout and note in (run_dir / "train.log").read_text()  # logged
     if kind == "images":
         assert all(r["id"].endswith(".png") and r["corrupted"] == "" for r in rows)
         assert "suspect_ranking" not in summary  # the misfiled images are unknown to the run
@@ -157,6 +162,37 @@ def test_own_data_trains_and_lists_suspects(files, tmp_path, kind, method):
     assert rows[0]["id"][-37:] in shown.stdout
     assert (run_dir / "suspects_scatter.png").stat().st_size > 0
     assert (run_dir / "suspects.png").exists() == (kind == "images")
+
+
+def test_synthetic_noise_never_reaches_the_held_out_test_labels(files):
+    """dataset.noise_rate corrupts the training labels after the test split is held out: the
+    held-out rows keep the labels the CSV gives them, while training labels change."""
+    root = files["root"]
+    with (root / "table.csv").open(newline="") as f:
+        given = [row["digit"] for row in csv.DictReader(f)]
+    bundle = build_dataset(
+        "tensors",
+        path=str(root / "table.csv"),
+        meta_path=str(root / "trusted.csv"),
+        label_column="digit",
+        id_column="id",
+        noise_rate=0.5,
+        val_per_class=0,
+    )
+    held = bundle.info["held_out_test"]["indices"]
+    assert len(held) == round(0.2 * N_TRAIN) and bundle.info["num_corrupted"] > 0
+    assert [bundle.class_names[int(c)] for c in bundle.test.labels] == [given[i] for i in held]
+    assert "dataset.test_path" in bundle.info["held_out_test"]["note"]
+    with_test = build_dataset(
+        "tensors",
+        path=str(root / "table.csv"),
+        meta_path=str(root / "trusted.csv"),
+        test_path=str(root / "trusted.csv"),
+        label_column="digit",
+        id_column="id",
+        val_per_class=0,
+    )
+    assert "held_out_test" not in with_test.info  # a test file given: nothing held out, no note
 
 
 # -- bad files: one error line naming the file, exit 2, nothing written --------------------------

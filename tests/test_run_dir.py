@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import ctypes
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,9 +26,11 @@ import torch
 import yaml
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
 import reweight.cli.run_dir
 from reweight.cli.run_dir import NO_EFFECT_KEYS, RunDir, RunDirError, config_differences
+from reweight.trainer_config import NO_EFFECT_FIELDS, TrainerConfig
 from tests.test_cli import cli_env
 
 ARGS = [
@@ -165,18 +168,32 @@ def test_no_effect_keys_are_left_out_of_the_run_dir_name():
         GlobalHydra.instance().clear()
     excluded = list(cfg.hydra.job.config.override_dirname.exclude_keys)
     assert excluded == ["dataset", "method", "seed", *NO_EFFECT_KEYS]
+    # and every one is a key the code reads: of the composed config, the trainer's the fields
+    # TrainerConfig declares without effect (a renamed or dropped key fails here)
+    for key in NO_EFFECT_KEYS:
+        assert OmegaConf.select(cfg, key, default="absent") != "absent", key
+    trainer_keys = [k.removeprefix("trainer.") for k in NO_EFFECT_KEYS if k.startswith("trainer.")]
+    assert trainer_keys == list(NO_EFFECT_FIELDS)
+    assert set(NO_EFFECT_FIELDS) <= {f.name for f in dataclasses.fields(TrainerConfig)}
+
+
+def test_channels_last_is_not_a_differing_key():
+    old = {"trainer": {"channels_last": False, "max_steps": 4}, "seed": 0}
+    assert (
+        config_differences(old, {**old, "trainer": {"channels_last": True, "max_steps": 4}}) == []
+    )
 
 
 def test_another_config_is_refused_with_each_key_and_both_values(tmp_path):
     long_root = "/data/" + "x" * 80
-    old = {"trainer": {"max_steps": 4, "progress": None}, "note": long_root, "gone": 1}
+    old = {"trainer": {"batch_size": 4, "progress": None}, "note": long_root, "gone": 1}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
-    new = {"trainer": {"max_steps": 8, "progress": True}, "note": long_root + "y"}
+    new = {"trainer": {"batch_size": 8, "progress": True}, "note": long_root + "y"}
     before = snapshot(tmp_path)
     with RunDir(tmp_path, dir_key="hydra.run.dir") as run, pytest.raises(RunDirError) as info:
         run.check(yaml.safe_dump(new), resume=True, max_steps=8)
     message = str(info.value)
-    assert "trainer.max_steps: 4 there, 8 here" in message
+    assert "trainer.batch_size: 4 there, 8 here" in message
     assert 'note: "/data/' + "x" * 30 + "... there" in message  # shortened to 40 characters
     assert "gone: 1 there, <absent> here" in message
     assert "progress" not in message  # trainer.progress cannot change the result
@@ -250,7 +267,8 @@ def test_failed_run_leaves_an_unfinished_run_unchanged(finished_run, copy_of, tm
 @pytest.mark.parametrize(
     ("change", "shown"),
     [
-        (["trainer.max_steps=8"], "trainer.max_steps: 4 there, 8 here"),
+        (["trainer.max_steps=2"], "at step 4, past trainer.max_steps=2|trainer.max_steps=4"),
+        (["scheduler=cosine"], "scheduler: "),
         (
             ["optimizer.lr=0.5", "seed=1"],
             "optimizer.lr: 0.001 there, 0.5 here|seed: 0 there, 1 here",
@@ -284,6 +302,57 @@ def test_finished_run_run_again_is_a_noop(finished_run, copy_of, tmp_path):
     assert str(run / "summary.json") in line and f"test accuracy {accuracy:.4f}" in line
     assert "reading MNIST" not in proc.stdout  # skipped before the data
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_a_larger_max_steps_continues_a_finished_run_as_one_uninterrupted_run(tmp_path, data_root):
+    """4 steps, then trainer.max_steps=8 in the same folder = 8 steps at once, bit for bit
+    (CPU): the same parameters, optimizer and schedule state, step. (channels_last is not a
+    differing key either, but changes the rounding: not part of a bitwise comparison.)"""
+    schedule = ["scheduler=multistep", "scheduler.milestones=[3,6]", "scheduler.gamma=0.5"]
+    short, whole = tmp_path / "short", tmp_path / "whole"
+    for args in (
+        [*ARGS, *schedule, f"hydra.run.dir={short}"],
+        [*ARGS, *schedule, "trainer.max_steps=8", f"hydra.run.dir={short}"],
+        [*ARGS, *schedule, "trainer.max_steps=8", f"hydra.run.dir={whole}"],
+    ):  # fmt: skip
+        proc = cli(args, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+    assert f"resumed from {short / 'checkpoint.pt'} at step 4" in (short / "train.log").read_text()
+    a = torch.load(short / "checkpoint.pt", weights_only=True)
+    b = torch.load(whole / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 8
+    for key, value in b["model"].items():
+        assert torch.equal(a["model"][key], value), key
+    assert a["scheduler"] == b["scheduler"] and a["scheduler"]["last_epoch"] == 8
+    for i, state in b["optimizer"]["state"].items():
+        assert torch.equal(a["optimizer"]["state"][i]["momentum_buffer"], state["momentum_buffer"])
+    assert yaml.safe_load((short / "config.yaml").read_text())["trainer"]["max_steps"] == 8
+    assert json.loads((short / "summary.json").read_text())["steps"] == 8
+    again = cli([*ARGS, *schedule, "trainer.max_steps=8", f"hydra.run.dir={short}"], tmp_path)
+    assert "finished at step 8" in again.stdout  # and now it is finished at 8
+
+
+@pytest.mark.slow
+def test_a_schedule_that_follows_max_steps_is_refused_with_the_way_on(tmp_path, data_root):
+    """A cosine schedule's T_max is trainer.max_steps: 4 -> 8 would change the schedule of the
+    steps already made, so it is refused in one line naming why and the override that goes
+    on with the old schedule, which then continues the run."""
+    run = tmp_path / "run"
+    assert cli([*ARGS, "scheduler=cosine", f"hydra.run.dir={run}"], tmp_path).returncode == 0
+    before = snapshot(tmp_path)
+    proc = cli([*ARGS, "scheduler=cosine", "trainer.max_steps=8", f"hydra.run.dir={run}"], tmp_path)
+    assert_refused(
+        proc, "scheduler.T_max follows trainer.max_steps (4 there, 8 here)",
+        "add scheduler.T_max=4", "resume=false",
+    )  # fmt: skip
+    assert snapshot(tmp_path) == before
+    proc = cli(
+        [*ARGS, "scheduler=cosine", "trainer.max_steps=8", "scheduler.T_max=4",
+         f"hydra.run.dir={run}"], tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 8
 
 
 @pytest.mark.slow

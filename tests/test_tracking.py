@@ -595,3 +595,43 @@ def test_after_sigkill_and_resume_every_tracker_has_each_step_once(tmp_path, dat
         assert sorted(m.step for m in client.get_metric_history(run_id, "lr")) == steps
     history = [r for r in _wandb_records(run) if r.WhichOneof("record_type") == "history"]
     assert sorted(r.history.step.num for r in history) == steps
+
+
+# -- a missing extra ----------------------------------------------------------------------------
+
+
+def test_every_extra_package_is_what_its_extra_installs() -> None:
+    """The package a missing-extra message names is one that the extra in pyproject installs."""
+    import tomllib
+
+    from reweight.loggers import EXTRA_PACKAGES, LOGGERS
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    assert set(EXTRA_PACKAGES) == set(LOGGERS) - {"csv"}
+    for extra, package in EXTRA_PACKAGES.items():
+        assert any(req.startswith(package) for req in extras[extra]), (extra, extras[extra])
+
+
+@pytest.mark.parametrize("extra", ["tensorboard", "mlflow", "wandb"])
+def test_a_missing_extra_names_its_package_in_one_line(tmp_path: Path, data_root, extra) -> None:
+    """The real CLI with the tracker's package shadowed by one that cannot be imported (as when
+    the extra is not installed): one line naming that package (not torch), exit 2."""
+    shadow = tmp_path / "shadow" / extra
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text(
+        f"raise ModuleNotFoundError(\"No module named '{extra}'\", name={extra!r})\n"
+    )
+    env = {**_env(tmp_path), "PYTHONPATH": str(tmp_path / "shadow")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "reweight", *TINY, f"logger={extra}",
+         f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: logger={extra} needs the {extra} package (No module named '{extra}'): "
+        f'pip install "reweight[{extra}]"'
+    ], proc.stderr

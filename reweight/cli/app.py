@@ -58,30 +58,22 @@ from reweight.cli.errors import (
 )
 from reweight.cli.run_dir import RunDir, hydra_files
 from reweight.cli.schema import validate_config
-from reweight.data import build_dataset, save_labels
+from reweight.data import build_dataset, resolve_data_root, save_labels
 from reweight.distributed import env_rank, env_world_size, init_from_env
 from reweight.loggers import build_loggers
 from reweight.methods import build_method
 from reweight.outputs import (
     CHECKPOINT,
-    CURVES_PNG,
-    HISTOGRAM_PNG,
     LOGGER_FILES,
     METRICS,
     RESOLVED_CONFIG,
     SUMMARY,
-    SUSPECTS,
-    WEIGHTS,
     MetricsCSV,
     aggregate_sweep,
-    atomic_write,
-    plot_learning_curves,
-    plot_weight_histogram,
     record_job,
-    write_summary,
 )
+from reweight.run_files import write_run_files
 from reweight.signals import TrainingInterrupted
-from reweight.suspects import ranking_metrics, suspects_table, write_suspects
 from reweight.trainer import Trainer, TrainerConfig
 
 __all__ = ["CONFIG_PATH", "AggregateSweep", "ValidateConfig", "main", "train", "validate"]
@@ -109,7 +101,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> float:
     Writes into ``run_dir`` (default: Hydra's output directory of this job) the resolved
     ``config.yaml``, ``labels.pt`` / ``dataset.json``, ``checkpoint.pt`` (every
     ``trainer.checkpoint_every`` steps), ``metrics.csv`` (as rows are made), ``summary.json``,
-    ``weights.pt``, ``suspects.csv`` (``reweight.suspects``), the plots and the trackers' files
+    ``weights.pt`` (the weights and each example's id), ``suspects.csv`` (``reweight.suspects``;
+    only where the labels may be noisy), the plots and the trackers' files
     (``cfg.logger``, ``reweight.loggers``), and returns the final value of ``cfg.objective``
     (what a sweeper such as Optuna maximises; default ``val_accuracy``, on the clean validation
     set; a test metric only with ``objective_allow_test=true``). With ``cfg.resume`` it
@@ -121,11 +114,12 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> float:
     fails while writing its final files is not taken for finished: run again, it writes them.
     A ``run_dir`` holding this run finished (same config up to ``run_dir.NO_EFFECT_KEYS``,
     checkpoint at ``trainer.max_steps``) is left alone and its recorded objective returned; one
-    holding a run of another config is refused (``RunDirError``, a ``ValueError``) unless
-    ``resume=false``, which keeps a finished run beside until the new one has finished. A NaN
-    or inf raises ``RunFailed`` naming the step and the last finite checkpoint, kept (recorded
-    in ``diverged.json``): the run continues from it only with another ``optimizer.lr`` or
-    ``trainer.grad_clip`` (``run_dir.DIVERGENCE_KEYS``).
+    holding it at an earlier step (interrupted, or finished at a smaller ``trainer.max_steps``)
+    continues it; one holding a run of another config is refused (``RunDirError``, a
+    ``ValueError``) unless ``resume=false``, which keeps a finished run beside until the new one
+    has finished. A NaN or inf raises ``RunFailed`` naming the step and the last finite
+    checkpoint, kept (recorded in ``diverged.json``): the run continues from it only with
+    another ``optimizer.lr`` or ``trainer.grad_clip`` (``run_dir.DIVERGENCE_KEYS``).
     """
     cfg = validate(cfg)
     dir_key = "run_dir"
@@ -154,6 +148,8 @@ def _train(cfg: DictConfig, run: RunDir) -> float:
     optimizer = _partial(cfg.optimizer, "optimizer")
     schedule = cfg.get("scheduler")  # {} for scheduler=none
     scheduler = _partial(schedule, "scheduler") if schedule and "_target_" in schedule else None
+    # the data folder as dataset.json records it (absolute), so config.yaml names the same one
+    cfg.dataset.root = str(resolve_data_root(cfg.dataset.get("root")).resolve())
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
     finished = run.check(resolved, resume=resume, max_steps=trainer_config.max_steps)
     if finished is not None:
@@ -243,45 +239,30 @@ def _train(cfg: DictConfig, run: RunDir) -> float:
     if not main_rank:
         return _objective(cfg, objective)
 
-    # 4. outputs
-    metrics_csv.write()
-    weights = getattr(trainer, "final_example_weights", None)
-    if weights is not None:
-        payload = {"weights": weights.detach().cpu().clone(), "step": trainer.step}
-        atomic_write(run_dir / WEIGHTS, lambda f: torch.save(payload, f))
+    # 4. outputs: the same files as Trainer(..., run_dir=...) writes (reweight.run_files)
     info = bundle.info
-    known = bundle.corrupted if bool(bundle.corrupted.any()) else None
-    rows, ranking_w, losses = suspects_table(
-        trainer, class_names=bundle.class_names, ids=bundle.train_ids, corrupted=known
+    write_run_files(
+        run_dir,
+        trainer,
+        result.metrics,
+        dataset=info.get("name", cfg.dataset.name),
+        class_names=bundle.class_names,
+        ids=bundle.train_ids,
+        labels_known=info.get("true_labels_known", True),
+        title=f"{result.metrics['method']} on {info.get('name', cfg.dataset.name)} (seed {seed})",
+        extra={
+            "seed": seed,
+            "dataset_seed": info.get("seed"),
+            "model": cfg.model.get("name"),
+            "run_dir": str(run_dir.resolve()),
+            "dataset_info": info,
+            "objective": cfg.objective,
+            "objective_value": objective,
+            "objective_is_test": cfg.objective.startswith("test_"),
+            # own data without a test set: what its test accuracy is measured against
+            **({"test_labels": info["held_out_test"]["note"]} if "held_out_test" in info else {}),
+        },
     )
-    write_suspects(run_dir / SUSPECTS, rows)
-    ranking = {} if known is None else ranking_metrics(ranking_w, losses, known)
-    summary = {
-        "method": result.metrics["method"],
-        "dataset": info.get("name", cfg.dataset.name),
-        **result.metrics,
-        **({"suspect_ranking": ranking} if ranking else {}),
-        "seed": seed,
-        "dataset_seed": info.get("seed"),
-        "model": cfg.model.get("name"),
-        "run_dir": str(run_dir.resolve()),
-        "dataset_info": info,
-        "objective": cfg.objective,
-        "objective_value": objective,
-        "objective_is_test": cfg.objective.startswith("test_"),
-    }
-    title = f"{summary['method']} on {summary['dataset']} (seed {seed})"
-    plot_learning_curves(result.history, run_dir / CURVES_PNG, title=title)
-    if weights is not None:
-        plot_weight_histogram(
-            weights,
-            bundle.corrupted,
-            run_dir / HISTOGRAM_PNG,
-            labels=bundle.train_labels,
-            class_names=bundle.class_names,
-            title=title,
-        )
-    write_summary(run_dir / SUMMARY, summary)  # last: a run with a summary.json is finished
     run.finish()
     log.info(
         "done: step %d, test accuracy %.4f, balanced %.4f -> %s",
@@ -464,7 +445,8 @@ def main() -> None:
     """``python -m reweight``: run the Hydra app; a configuration error is one line on stderr.
 
     Under ``torchrun`` every rank runs this; ranks other than 0 write no Hydra files (no
-    ``.hydra/``, no log file) into the run directory they share with rank 0.
+    ``.hydra/``, no log file) into the run directory they share with rank 0, and log only
+    warnings and errors (each line would otherwise be printed once per rank).
 
     Hydra prints its own errors over several lines (and ours with a traceback), so this runs
     the app with ``HYDRA_FULL_ERROR=1`` (errors propagate here) and reports a configuration
@@ -476,8 +458,12 @@ def main() -> None:
     and one line, ``interrupted at step N; run the same command to continue``, exit status 130
     or 143 (see ``Trainer.fit``); a second Ctrl-C aborts at once.
     """
-    if env_rank() > 0:
-        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    if env_rank() > 0:  # rank 0 alone logs what every rank does alike; the others warn
+        sys.argv += [
+            "hydra.output_subdir=null",
+            "hydra/job_logging=stdout",
+            "hydra.job_logging.root.level=WARNING",
+        ]
     previous = os.environ.get("HYDRA_FULL_ERROR")
     if previous == "1":
         _run_app()

@@ -6,7 +6,10 @@ that, ``RunDir.check`` reads what a previous invocation left there and decides:
 - nothing there (or no ``config.yaml``): a fresh run;
 - the same config (keys in ``NO_EFFECT_KEYS`` aside) and a checkpoint at ``trainer.max_steps``
   with a ``summary.json``: the run is finished, a re-run is a no-op that reports its results;
-- the same config and a checkpoint before the end: ``resume=true`` continues from it;
+- the same config and a checkpoint before the end: ``resume=true`` continues from it; so does
+  a finished or interrupted run given a larger ``trainer.max_steps`` (the checkpoint holds the
+  schedule, the RNG states and every counter; a key that follows ``trainer.max_steps``, such
+  as a cosine schedule's ``T_max``, differs, and is refused with the override that keeps it);
 - another config: refused with the differing keys (``resume=false`` starts over there).
 
 ``RunDir.commit``, called by the Trainer right after the first optimizer step, then writes the
@@ -69,6 +72,7 @@ from reweight.outputs.files import (
     WEIGHTS,
     atomic_write,
 )
+from reweight.trainer_config import NO_EFFECT_FIELDS
 
 __all__ = [
     "DIVERGENCE_KEYS",
@@ -108,9 +112,7 @@ NO_EFFECT_KEYS = (
     "threads",
     "dataset.root",
     "dataset.download",
-    "trainer.progress",
-    "trainer.num_workers",
-    "trainer.eval_batch_size",
+    *(f"trainer.{name}" for name in NO_EFFECT_FIELDS),
 )
 """Config keys that cannot change a run's result: a run may resume, or be found finished, with
 them changed. ``conf/config.yaml`` leaves them out of the run directory's name
@@ -225,17 +227,20 @@ class RunDir:
                 self._check_writable(self.replaced.parent)
             return None
         old = _load_yaml(previous)
-        diffs = config_differences(old, _load_yaml_text(config_yaml, "the config"))
+        new = _load_yaml_text(config_yaml, "the config")
+        # trainer.max_steps may change: the run goes on from its checkpoint to the new length
+        diffs = config_differences(old, new, ignore=(*NO_EFFECT_KEYS, _LENGTH))
         if (self.path / DIVERGED).is_file():
             diffs = self._after_divergence(diffs)
         if diffs:
-            shown = "; ".join(f"{k}: {_show(a)} there, {_show(b)} here" for k, a, b in diffs[:5])
-            more = f"; and {len(diffs) - 5} more" if len(diffs) > 5 else ""
-            raise RunDirError(
-                f"{self.path} holds a run with another config ({shown}{more}): to start over "
-                f"there run with resume=false, or choose another {self.dir_key}"
-            )
+            raise RunDirError(_another_config(self.path, diffs, old, new, self.dir_key))
         step = _checkpoint_step(checkpoint)
+        if step is not None and step > max_steps:
+            raise RunDirError(
+                f"{self.path} holds this run at step {step}, past trainer.max_steps={max_steps}: "
+                f"give trainer.max_steps={step} or more to continue it, resume=false to start "
+                f"over there, or choose another {self.dir_key}"
+            )
         self._start_over = step is None
         summary = self.path / SUMMARY
         if step == max_steps and summary.is_file():
@@ -518,6 +523,33 @@ def config_differences(
         if not _same(x, y):
             out.append((key, x, y))
     return out
+
+
+_LENGTH = "trainer.max_steps"
+
+
+def _another_config(
+    path: Path, diffs: list[tuple[str, Any, Any]], old: Any, new: Any, dir_key: str
+) -> str:
+    """The refusal of a run directory holding another config: the differing keys and both
+    values; keys that follow a changed ``trainer.max_steps`` (a cosine schedule's ``T_max``)
+    named as such, with the override that continues on the old schedule."""
+    lengths = (_flatten(old).get(_LENGTH), _flatten(new).get(_LENGTH))
+    follow = [k for k, a, b in diffs if lengths[0] != lengths[1] and (a, b) == lengths]
+    if follow and len(follow) == len(diffs):
+        keys = ", ".join(follow)
+        return (
+            f"{path} holds this run with trainer.max_steps={lengths[0]}, and {keys} follows "
+            f"trainer.max_steps ({lengths[0]} there, {lengths[1]} here): a run cannot go on "
+            f"with a schedule of another length; to continue it on its schedule add "
+            f"{follow[0]}={lengths[0]}, to start over there run with resume=false"
+        )
+    shown = "; ".join(f"{k}: {_show(a)} there, {_show(b)} here" for k, a, b in diffs[:5])
+    more = f"; and {len(diffs) - 5} more" if len(diffs) > 5 else ""
+    return (
+        f"{path} holds a run with another config ({shown}{more}): to start over "
+        f"there run with resume=false, or choose another {dir_key}"
+    )
 
 
 def hydra_files(cfg: DictConfig) -> dict[str, bytes]:

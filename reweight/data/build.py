@@ -45,6 +45,9 @@ class _Spec:
     # held out of the meta draw (meta_per_class + val_per_class per class, split in two)
     val_per_class: int = 10
     native_val: bool = False
+    # whether the builder knows every training example's true label (a built-in dataset, whose
+    # corruption is synthetic or recorded), or only the labels as given (your own data)
+    true_labels_known: bool = True
 
 
 _NOISY = {"noise_type": "uniform", "noise_rate": 0.4}
@@ -103,6 +106,7 @@ _REGISTRY: dict[str, _Spec] = {
             **_OWN_CORRUPTION,
         },
         val_per_class=2,
+        true_labels_known=False,
     ),
     "tensors": _Spec(
         build_tensors,
@@ -120,6 +124,7 @@ _REGISTRY: dict[str, _Spec] = {
             **_OWN_CORRUPTION,
         },
         val_per_class=2,
+        true_labels_known=False,
     ),
 }
 
@@ -281,6 +286,9 @@ def _describe(
         "test_class_counts": class_counts(bundle.test.labels, k),
         "val_class_counts": class_counts(val.labels, k) if val is not None else [],
         "num_corrupted": int(bundle.corrupted.sum()),
+        # False for your own data: its labels are as given, and num_corrupted counts only
+        # the synthetic corruption (dataset.noise_rate), not the noise the labels may carry
+        "true_labels_known": spec.true_labels_known,
         "indices_hash": tensor_hash(
             bundle.train.source_indices, bundle.meta.source_indices, bundle.test.source_indices
         ),

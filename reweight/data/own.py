@@ -43,7 +43,15 @@ from reweight.data.splits import (
     subsample_per_class,
 )
 
-__all__ = ["IMAGE_EXTENSIONS", "build_image_folder", "build_tensors", "make_bundle"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "build_image_folder",
+    "build_tensors",
+    "held_out_note",
+    "make_bundle",
+]
+
+log = logging.getLogger(__name__)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +67,18 @@ _NO_META = (
 
 
 # -- shared: trusted set, held-out test split, corruption, the bundle ----------------------------
+
+
+def held_out_note(name: str) -> str:
+    """What a test set held out of the training data means for its accuracy (logged, and in
+    ``dataset.json`` and ``summary.json``)."""
+    key = "dataset.test_dir" if name == "image_folder" else "dataset.test_path"
+    return (
+        f"the test set is held out of the training data (no {key} given): its labels are as "
+        "given there and carry whatever noise the training labels have (never the synthetic "
+        f"dataset.noise_rate), so test accuracy is measured against them; give {key} with "
+        "labels you trust for a clean test accuracy"
+    )
 
 
 def _check_common(
@@ -131,8 +151,10 @@ def make_bundle(
             )
         held = pool[torch.randperm(pool.numel(), generator=generator)[:n_test]].sort().values
         keep[held] = False
-        test = (x[held], y[held])
-        info["held_out_test"] = {"fraction": test_fraction, "indices": held.tolist()}
+        test = (x[held], y[held])  # the labels as given: the synthetic corruption comes later
+        note = held_out_note(name)
+        info["held_out_test"] = {"fraction": test_fraction, "indices": held.tolist(), "note": note}
+        log.warning("%s", note)
         pool = keep.nonzero().squeeze(1)
     if imbalance_factor > 1:
         pool_y = y[pool]

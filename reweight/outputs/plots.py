@@ -68,10 +68,18 @@ def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float]
 
 
 def plot_learning_curves(
-    history: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str | None = None
+    history: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike,
+    title: str | None = None,
+    class_names: Sequence[str] | None = None,
+    max_steps: int | None = None,
 ) -> Path | None:
-    """Four panels over optimizer steps: training losses, meta loss, test accuracy and the mean
-    relative weight of clean and corrupted examples (of each class when nothing is corrupted).
+    """Four panels over optimizer steps: training losses, meta loss (both on a log axis, which
+    keeps a loss that falls by decades readable), test accuracy and the mean relative weight of
+    clean and corrupted examples (of each class, by ``class_names``, when nothing is
+    corrupted). Every panel spans steps 0 to ``max_steps`` (else the last logged step), so a
+    single evaluation of a short run sits where it belongs instead of alone on a ±5% axis;
+    accuracies get at least ±0.02 around what was measured, within [0, 1].
     Returns the PNG's path, or None when matplotlib is missing or ``history`` is empty."""
     if not history:
         log.warning("no history rows: no learning curves")
@@ -90,6 +98,8 @@ def plot_learning_curves(
             (("test_accuracy", "accuracy"), ("test_balanced_accuracy", "balanced accuracy")),
         ),
     )
+    from matplotlib import ticker
+
     with _figure(plt, 2, 2, figsize=(10, 7), constrained_layout=True) as (fig, axes):
         weight_curves = (("weight_mean_clean", "clean"), ("weight_mean_corrupted", "corrupted"))
         if not _series(history, "weight_mean_corrupted")[0]:  # nothing corrupted: per class
@@ -97,17 +107,32 @@ def plot_learning_curves(
                 {k for row in history for k in row if k.startswith("weight_mean_class")},
                 key=lambda k: int(k.removeprefix("weight_mean_class")),
             )
-            weight_curves = tuple((k, k.removeprefix("weight_mean_")) for k in classes) or (
-                ("weight_mean", "all"),
-            )
+            weight_curves = tuple(
+                (k, _class_name(int(k.removeprefix("weight_mean_class")), class_names))
+                for k in classes
+            ) or (("weight_mean", "all"),)
         panels = (*panels, ("mean relative weight (1 = uniform)", weight_curves))
+        steps = [float(row["step"]) for row in history if "step" in row]
+        right = float(max_steps) if max_steps else max(steps, default=1.0)
         for ax, (ylabel, curves) in zip(axes.flat, panels, strict=True):
-            drawn = 0
+            drawn, positive = 0, True
             for key, label in curves:
                 xs, ys = _series(history, key)
                 if xs:
                     ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=label)
                     drawn += 1
+                    positive = positive and min(ys) > 0
+            if "loss" in ylabel and drawn and positive:
+                ax.set_yscale("log")
+                # plain numbers (0.8, not 8×10⁻¹), minor ticks labelled as matplotlib thins them
+                ax.yaxis.set_major_formatter(ticker.LogFormatter())
+                ax.yaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False))
+                ylabel = f"{ylabel} (log scale)"
+            if "accuracy" in ylabel and drawn:  # one point or many: a range of accuracies
+                values = [v for key, _ in curves for v in _series(history, key)[1]]
+                margin = max(0.02, 0.1 * (max(values) - min(values)))
+                ax.set_ylim(max(min(values) - margin, -0.01), min(max(values) + margin, 1.01))
+            ax.set_xlim(0, max(right, 1.0) * 1.02)
             ax.set_xlabel("optimizer step")
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
@@ -149,12 +174,8 @@ def plot_weight_histogram(
         ]
     elif labels is not None and len(set(_tolist(labels))) <= 10:
         ys = [int(y) for y in _tolist(labels)]
-        names = list(class_names or [])
         groups = [
-            (
-                names[k] if k < len(names) else f"class {k}",
-                [v for v, y in zip(w, ys, strict=True) if y == k],
-            )
+            (_class_name(k, class_names), [v for v, y in zip(w, ys, strict=True) if y == k])
             for k in sorted(set(ys))
         ]
     else:
@@ -181,33 +202,54 @@ def _tolist(values: Any) -> list:
     return values.tolist() if hasattr(values, "tolist") else list(values)
 
 
+def _class_name(k: int, class_names: Sequence[str] | None) -> str:
+    """The dataset's name of class ``k`` (as ``suspects.csv`` writes it), else ``class k``."""
+    names = list(class_names or [])
+    return str(names[k]) if k < len(names) else f"class {k}"
+
+
+def _short(text: str, width: int = 18) -> str:
+    """``text`` cut to its last ``width`` characters (a file path keeps its name)."""
+    return text if len(text) <= width else "…" + text[-(width - 1) :]
+
+
 def plot_suspect_grid(
     images: Sequence[Any],
-    captions: Sequence[str],
+    suspects: Sequence[Mapping[str, Any]],
     path: str | os.PathLike,
     title: str | None = None,
 ) -> Path | None:
-    """A grid of images (``(C, H, W)`` tensors, any scale: each is min-max scaled for display)
-    each captioned, e.g. ``"7 → 1 (0.93)"``: the most suspect labels of a run."""
+    """A grid of images (``(C, H, W)`` tensors, any scale: each is min-max scaled for display),
+    each captioned from its row of ``suspects.csv`` (``id``, ``given_label``,
+    ``predicted_label``, ``probability``) over three lines: the id (a file name keeps its
+    tail), ``given → predicted`` and ``p = 0.93``; the heading says what the lines are."""
     plt = _pyplot()
     if plt is None or not images:
         return None
     cols = min(8, len(images))
     rows = -(-len(images) // cols)
-    with _figure(plt, rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False) as (fig, axes):
+    figsize = (max(1.7 * cols, 6.0), 2.3 * rows + 0.8)  # wide enough for the heading
+    with _figure(plt, rows, cols, figsize=figsize, squeeze=False, layout="constrained") as (
+        fig,
+        axes,
+    ):
         for ax in axes.flat:
             ax.axis("off")
-        for ax, image, caption in zip(axes.flat, images, captions, strict=False):
+        for ax, image, row in zip(axes.flat, images, suspects, strict=False):
             x = image.detach().float().cpu()
             x = (x - x.min()) / (x.max() - x.min()).clamp_min(1e-12)
             if x.shape[0] == 1:
                 ax.imshow(x[0].numpy(), cmap="gray", vmin=0, vmax=1)
             else:
                 ax.imshow(x[:3].permute(1, 2, 0).numpy())
-            ax.set_title(caption, fontsize=8)
-        if title:
-            fig.suptitle(title, fontsize=9)
-        fig.tight_layout()
+            caption = (
+                f"{_short(str(row['id']))}\n"
+                f"{row['given_label']} → {row['predicted_label']}\n"
+                f"p = {float(row['probability']):.2f}"
+            )
+            ax.set_title(caption, fontsize=8, linespacing=1.15)
+        legend = "each image: id; given label → predicted label; p = the model's probability of it"
+        fig.suptitle(f"{title}\n{legend}" if title else legend, fontsize=9)
         return _save(fig, path)
 
 

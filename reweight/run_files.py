@@ -1,0 +1,114 @@
+"""The files a finished run leaves, written in one place for the command line and for
+``Trainer(..., run_dir=...)`` alike: ``metrics.csv``, ``weights.pt`` (each example's final
+weight and id), ``suspects.csv`` (where the labels may be noisy), ``summary.json`` and the
+plots. ``checkpoint.pt`` is the Trainer's; ``labels.pt`` / ``dataset.json`` come with a dataset
+bundle (``Trainer.from_bundle``); ``config.yaml``, ``train.log`` and ``.hydra/`` are the
+command line's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from reweight.outputs.files import (
+    CURVES_PNG,
+    HISTOGRAM_PNG,
+    METRICS,
+    SUMMARY,
+    SUSPECTS,
+    WEIGHTS,
+    atomic_write,
+)
+from reweight.outputs.plots import plot_learning_curves, plot_weight_histogram
+from reweight.outputs.records import write_metrics_csv, write_summary
+from reweight.progress import phase
+from reweight.suspects import example_ids, ranking_metrics, suspects_table, write_suspects
+
+__all__ = ["write_run_files"]
+
+log = logging.getLogger(__name__)
+
+
+def write_run_files(
+    run_dir: str | os.PathLike,
+    trainer: Any,
+    metrics: Mapping[str, Any],
+    *,
+    dataset: str = "data",
+    class_names: Sequence[str] | None = None,
+    ids: Sequence[str] | None = None,
+    labels_known: bool = False,
+    extra: Mapping[str, Any] | None = None,
+    title: str | None = None,
+) -> dict[str, Any]:
+    """Write the end-of-run files of ``trainer`` (after ``fit``) into ``run_dir``; returns the
+    summary written to ``summary.json``.
+
+    ``metrics``: ``FitResult.metrics``. ``class_names`` / ``ids``: the dataset's class names
+    and each training example's id (default: the indices). ``labels_known``: every training
+    label's truth is known (a built-in dataset), so that without corrupted labels there is no
+    noisy label to find and ``suspects.csv`` is left out (and the log says why). ``extra``:
+    more summary keys, after the metrics.
+    """
+    run_dir = Path(run_dir)
+    write_metrics_csv(run_dir / METRICS, trainer.history)
+    n = len(trainer.train_data)
+    names = example_ids(list(ids) if ids is not None else None, n)
+    weights: Tensor | None = getattr(trainer, "final_example_weights", None)
+    if weights is not None:
+        payload = {"weights": weights.detach().cpu().clone(), "ids": names, "step": trainer.step}
+        atomic_write(run_dir / WEIGHTS, lambda f: torch.save(payload, f))
+    corrupted = trainer.corrupted
+    known = corrupted if corrupted is not None and bool(corrupted.any()) else None
+    ranking: dict[str, Any] = {}
+    if known is not None or not labels_known:
+        with phase(log, SUSPECTS, f"scoring {n} training examples"):
+            rows, ranking_w, losses = suspects_table(
+                trainer,
+                class_names=list(class_names) if class_names is not None else None,
+                ids=names,
+                corrupted=known,
+            )
+            write_suspects(run_dir / SUSPECTS, rows)
+        ranking = {} if known is None else ranking_metrics(ranking_w, losses, known)
+    else:
+        log.info(
+            "no %s: every training label of %s is its true label (no noisy label to find)",
+            SUSPECTS,
+            dataset,
+        )
+    summary = {
+        "method": metrics["method"],
+        "dataset": dataset,
+        **metrics,
+        **({"suspect_ranking": ranking} if ranking else {}),
+        **(extra or {}),
+    }
+    title = title or f"{summary['method']} on {dataset}"
+    pngs = [CURVES_PNG] + ([HISTOGRAM_PNG] if weights is not None else [])
+    with phase(log, "plots", ", ".join(pngs)):
+        plot_learning_curves(
+            trainer.history,
+            run_dir / CURVES_PNG,
+            title=title,
+            class_names=class_names,
+            max_steps=trainer.config.max_steps,
+        )
+        if weights is not None:
+            plot_weight_histogram(
+                weights,
+                corrupted,
+                run_dir / HISTOGRAM_PNG,
+                labels=trainer.train_labels,
+                class_names=class_names,
+                title=title,
+            )
+    write_summary(run_dir / SUMMARY, summary)  # last: a run with a summary.json is finished
+    return summary

@@ -110,13 +110,31 @@ def test_job_folders_in_natural_order_numbers_before_names(tmp_path: Path):
 
 
 def test_a_tie_goes_to_the_first_configuration_in_the_table(tmp_path: Path):
+    """The chosen line lists the keys the configuration sets, not those it leaves default."""
     job(tmp_path, "0", ["method=erm"], summary(0.1, 0.7, "val_accuracy"))
-    job(tmp_path, "1", ["method=mwnet"], summary(0.9, 0.7, "val_accuracy"))
-    aggregate_sweep(tmp_path)
-    assert (
-        "(the sweep's objective, mean over seeds): `method=erm`, val_accuracy 70.00."
-        in (tmp_path / "results.md").read_text()
-    )
+    job(tmp_path, "1", ["method=mwnet", "+Xtra=1"], summary(0.9, 0.7, "val_accuracy"))
+    job(tmp_path, "2", ["~Xgone", "method=l2rw"], summary(0.9, 0.1, "val_accuracy"))
+    rows = aggregate_sweep(tmp_path)
+    assert [k for k in rows[0] if not k.endswith(("_mean", "_std"))] == [
+        "method",
+        "Xtra",
+        "Xgone",
+        "n",
+    ]
+    md = (tmp_path / "results.md").read_text()
+    assert "(the sweep's objective, mean over seeds): `method=erm`, val_accuracy 70.00. Its" in md
+
+
+def test_the_chosen_default_configuration_and_two_shared_keys(tmp_path: Path):
+    job(tmp_path / "alone", "0", [], summary(0.5, 0.5, "val_accuracy"))
+    aggregate_sweep(tmp_path / "alone")
+    md = (tmp_path / "alone" / "results.md").read_text()
+    assert "mean over seeds): (default), val_accuracy 50.00. Its" in md
+    job(tmp_path / "shared", "0", ["a=1", "b=2", "c=3"], summary(0.5, 0.5, "val_accuracy"))
+    job(tmp_path / "shared", "1", ["a=1", "b=2", "c=4"], summary(0.5, 0.5, "val_accuracy"))
+    aggregate_sweep(tmp_path / "shared")
+    md = (tmp_path / "shared" / "results.md").read_text()
+    assert "\nShared by every job: `a=1`, `b=2`\n" in md
 
 
 @pytest.mark.parametrize("objectives", [("val_accuracy", "val_balanced_accuracy")])
@@ -146,5 +164,6 @@ def test_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture):
         "Aggregate a sweep: mean ± std of the final test accuracy per configuration into " in text
     )
     assert "SWEEP_DIR/results.csv and SWEEP_DIR/results.md." in text
-    assert "the multirun directory (holds one folder per job)" in text
-    assert "override keys averaged over rather than told apart (default: seed)" in text
+    assert " the multirun directory (holds one folder per job) " in text
+    assert " override keys averaged over rather than told apart (default: seed)" in text
+    assert text.endswith("(default: seed)")

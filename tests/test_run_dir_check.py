@@ -39,7 +39,8 @@ def test_invalid_yaml_is_named(tmp_path: Path):
     ):
         check(tmp_path, {"a": 1})
     (tmp_path / "config.yaml").write_text("a: 1\n")
-    with pytest.raises(RunDirError, match=r"(?s)^the config is not valid YAML .*with resume=false$"):
+    invalid = r"(?s)^the config is not valid YAML .*with resume=false$"
+    with pytest.raises(RunDirError, match=invalid):
         check(tmp_path, "a: [1\n")
 
 

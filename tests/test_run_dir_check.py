@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,20 @@ def test_a_finished_run_reports_its_accuracy(tmp_path: Path):
     (tmp_path / "summary.json").write_text(json.dumps({"test_accuracy": 0.5}))
     assert check(tmp_path, config) == Finished(tmp_path / "summary.json", 4, 0.5)
     assert check(tmp_path, config, max_steps=6) is None  # not finished for 6 steps: resumes
+
+
+@pytest.mark.parametrize(("n", "more"), [(5, ""), (6, "; and 1 more")])
+def test_five_differences_are_all_shown(tmp_path: Path, n: int, more: str):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({f"k{i}": i for i in range(n)}))
+    with pytest.raises(RunDirError) as info:
+        check(tmp_path, {f"k{i}": i + 10 for i in range(n)})
+    shown = "; ".join(f"k{i}: {i} there, {i + 10} here" for i in range(5))
+    assert f"another config ({shown}{more}): to start over" in str(info.value)
+
+
+def test_a_finished_run_without_a_recorded_accuracy(tmp_path: Path):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"a": 1}))
+    torch.save({"step": 4}, tmp_path / "checkpoint.pt")
+    (tmp_path / "summary.json").write_text(json.dumps({"test_accuracy": None}))  # NaN written
+    found = check(tmp_path, {"a": 1})
+    assert isinstance(found, Finished) and found.step == 4 and math.isnan(found.test_accuracy)

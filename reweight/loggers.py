@@ -227,6 +227,7 @@ class MLflowLogger:
         self._client: Any = None
         self._run_id: str | None = None
         self._last_step = -1
+        self._stored_step = -1  # the last step of the run already in the store when opened
         self._config: Mapping[str, Any] | None = None
 
     def _open(self) -> tuple[Any, str]:
@@ -240,6 +241,7 @@ class MLflowLogger:
             if run_id:
                 history = client.get_metric_history(run_id, "lr")
                 self._last_step = max((m.step for m in history), default=-1)
+                self._stored_step = self._last_step
                 client.update_run(run_id, status="RUNNING")
             else:
                 exp = client.get_experiment_by_name(self.experiment)
@@ -299,8 +301,8 @@ class MLflowLogger:
     def log_histogram(self, name: str, values: Tensor, step: int) -> None:
         client, run_id = self._open()
         v = values.detach().float().cpu().flatten()
-        if v.numel() == 0:
-            return
+        if v.numel() == 0 or step <= self._stored_step:
+            return  # empty, or logged before a resume (as the row was)
         qs = torch.quantile(v, torch.tensor([0.1, 0.5, 0.9])).tolist()
         now = _millis()
         metrics = [

@@ -61,8 +61,8 @@ def test_a_symmetric_dilated_same_convolution_is_read_per_layer_exactly(kernel, 
     got, unrolled, method = mwnet_pair(
         model, x, y, xv, yv, normalize="sum", replay=None, warm=False
     )
-    assert method.planner.per_layer_verdict(model) == "ok"
-    assert method.planner.last_engine == "per_layer"
+    assert method.metastep.planner.per_layer_verdict(model) == "ok"
+    assert method.metastep.planner.last_engine == "per_layer"
     for a, b in zip(got, unrolled, strict=True):
         assert b.abs().max() > 0
         assert_equal(a, b)
@@ -78,8 +78,8 @@ def test_an_asymmetric_dilated_same_convolution_falls_back(kernel, dilation):
     got, unrolled, method = mwnet_pair(
         model, x, y, xv, yv, normalize="sum", replay=None, warm=False
     )
-    assert method.planner.per_layer_verdict(model) == "no"
-    assert method.planner.last_engine == "tape"
+    assert method.metastep.planner.per_layer_verdict(model) == "no"
+    assert method.metastep.planner.last_engine == "tape"
     for a, b in zip(got, unrolled, strict=True):
         assert b.abs().max() > 0
         assert_equal(a, b)
@@ -136,7 +136,7 @@ def test_slight_interaction_between_examples_keeps_the_model_off_the_path():
     got, unrolled, method = mwnet_pair(
         model, x, y, xv, yv, normalize="sum", replay=None, warm=False
     )
-    assert method.planner.per_layer_verdict(model) == "no"
-    assert method.planner.last_engine == "tape"
+    assert method.metastep.planner.per_layer_verdict(model) == "no"
+    assert method.metastep.planner.last_engine == "tape"
     for a, b in zip(got, unrolled, strict=True):
         assert_equal(a, b)

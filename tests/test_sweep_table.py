@@ -80,10 +80,9 @@ def test_the_table_to_the_letter(tmp_path: Path, caplog: pytest.LogCaptureFixtur
     assert "nothing to aggregate" not in caplog.text
 
 
-def test_an_empty_sweep_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture):
-    with caplog.at_level(logging.WARNING, logger="reweight.outputs.sweeps"):
-        assert aggregate_sweep(tmp_path) == []
-    assert "nothing to aggregate" in caplog.text
+def test_an_empty_sweep_says_so(tmp_path: Path):
+    with pytest.raises(ValueError, match=r"holds no job of a sweep .*: give the folder of a"):
+        aggregate_sweep(tmp_path)
 
 
 def test_overrides_that_add_delete_or_are_missing(tmp_path: Path):

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jvp
 
-from reweight.functional import l2rw_eps_grad, l2rw_eps_grad_fast
-from reweight.jvp import Planner
+from reweight.functional import l2rw_eps_grad
 from reweight.jvp.tape import TangentTape
 from reweight.meta import trainable
+from reweight.metastep import MetaStep
 
 DT = torch.float64
 
@@ -74,8 +74,8 @@ def test_fast_l2rw_through_the_tape_equals_unrolled_for_alpha_ops():
     x, y = torch.randn(8, 4, generator=g, dtype=DT), torch.randint(0, 3, (8,), generator=g)
     xv, yv = torch.randn(6, 4, generator=g, dtype=DT), torch.randint(0, 3, (6,), generator=g)
     want = l2rw_eps_grad(model, x, y, xv, yv, 0.5, meta_grad="unrolled")
-    planner = Planner("l2rw", engine="tape")
-    got, _, _ = l2rw_eps_grad_fast(model, x, y, xv, yv, 0.5, planner=planner)
-    assert planner.jvps == {"tape": 1}
+    step = MetaStep(at_zero=True, engine="tape")
+    got = l2rw_eps_grad(model, x, y, xv, yv, 0.5, step=step)
+    assert step.planner.jvps == {"tape": 1}
     assert want.abs().max() > 1e-4
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)

@@ -196,7 +196,10 @@ def build_dataset(
     data_root = resolve_data_root(root)
     generator = torch.Generator().manual_seed(seed)
     bundle = _build(spec, data_root, generator, download, resolved, n_val)
-    bundle.info = {**_describe(bundle, name, resolved, seed, data_root, n_val), **bundle.info}
+    bundle.info = {
+        **_describe(bundle, name, resolved, seed, data_root, n_val, spec.true_labels_known),
+        **bundle.info,
+    }
     logger.info(
         "dataset %s (seed %d): %d train (%d corrupted), %d meta, %d val, %d test",
         name,
@@ -260,6 +263,7 @@ def _describe(
     seed: int,
     data_root: Path,
     n_val: int,
+    true_labels_known: bool,
 ) -> dict[str, Any]:
     """What ``dataset.json`` records of a built bundle (its own ``info`` is added after)."""
     k = bundle.num_classes
@@ -288,7 +292,7 @@ def _describe(
         "num_corrupted": int(bundle.corrupted.sum()),
         # False for your own data: its labels are as given, and num_corrupted counts only
         # the synthetic corruption (dataset.noise_rate), not the noise the labels may carry
-        "true_labels_known": spec.true_labels_known,
+        "true_labels_known": true_labels_known,
         "indices_hash": tensor_hash(
             bundle.train.source_indices, bundle.meta.source_indices, bundle.test.source_indices
         ),

@@ -367,8 +367,8 @@ def run_main(monkeypatch, capsys, tmp_path, *args: str) -> tuple[int, str]:
         (["dataset=imagenet"], "dataset=imagenet is not an option of 'dataset'; allowed: "
          "cifar100_lt, cifar100_noisy, cifar10_lt, cifar10_noisy, cifar10n, image_folder, "
          "mnist_imbalanced"),
-        (["method=l2w"], "allowed: class_balanced, erm, l2rw, mwnet, mwnet_sum, random"),
-        (["method.name=l2w"], "method.name must be one of ['class_balanced', 'erm', 'l2rw',"),
+        (["method=l2w"], "allowed: class_balanced, cmwnet, erm, l2rw, mwnet, mwnet_sum, random"),
+        (["method.name=l2w"], "method.name must be one of ['class_balanced', 'cmwnet', 'erm', 'l2rw',"),
         (["trainer.max_steps=0"], "trainer.max_steps must be >= 1, got 0"),
         (["trainer.max_steps=ten"], "trainer.max_steps must be an integer, got 'ten'"),
         (["trainer.maxsteps=5"], "trainer.maxsteps is not a config key; keys of trainer: "
@@ -405,7 +405,7 @@ def test_bad_override_in_a_subprocess(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [
         "error: method=l2w is not an option of 'method'; "
-        "allowed: class_balanced, erm, l2rw, mwnet, mwnet_sum, random"
+        "allowed: class_balanced, cmwnet, erm, l2rw, mwnet, mwnet_sum, random"
     ]
     assert proc.stdout == "" and not (tmp_path / "outputs").exists()
 
@@ -417,7 +417,7 @@ def test_help_lists_groups_and_examples(monkeypatch, capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "python -m reweight -m method=erm,l2rw,mwnet seed=0,1,2" in out
-    assert "method: class_balanced, erm, l2rw, mwnet, mwnet_sum, random" in out
+    assert "method: class_balanced, cmwnet, erm, l2rw, mwnet, mwnet_sum, random" in out
     assert "model: lenet, lstm, mlp, resnet32, torchvision, vit_tiny, wrn28_10" in out
     assert "experiment: l2rw_cifar10_noisy, l2rw_mnist_imbalance" in out
 
@@ -481,7 +481,7 @@ def test_wheel_runs_outside_the_repository(tmp_path, data_root):
     assert Path(where).is_relative_to(venv), where
 
     helped = run_cli(["--help"], cwd=elsewhere, python=python)
-    assert "method: class_balanced, erm, l2rw, mwnet, mwnet_sum, random" in helped.stdout
+    assert "method: class_balanced, cmwnet, erm, l2rw, mwnet, mwnet_sum, random" in helped.stdout
     script = (venv / "bin" / "reweight").read_text()  # the [project.scripts] entry point
     assert script.startswith(f"#!{python}") and "from reweight.cli import main" in script
     assert "from reweight.outputs import main" in (venv / "bin" / "reweight-aggregate").read_text()

@@ -207,13 +207,14 @@ def test_the_switch_finder_finds_switches(tmp_path: Path):
 
 # Lowest first: a module may import its own layer and the layers below it, never one above.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("core", ("reweight.inputs", "reweight.device", "reweight.outputs.files")),
+    ("core", ("reweight.inputs", "reweight.device", "reweight.outputs.files", "reweight.progress")),
     ("leaves", ("reweight.data", "reweight.models")),
     ("meta", ("reweight.meta",)),
     ("jvp", ("reweight.jvp",)),
     ("metastep", ("reweight.metastep", "reweight.functional")),
     ("methods", ("reweight.methods",)),
     ("loops", ("reweight.reweighter", "reweight.integrations")),
+    ("outputs", ("reweight.outputs", "reweight.inspect")),
     (
         "train",
         (
@@ -227,9 +228,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "reweight.loggers",
             "reweight.distributed",
             "reweight.suspects",
+            "reweight.run_files",
         ),
     ),
-    ("outputs", ("reweight.outputs", "reweight.inspect")),
     ("cli", ("reweight.cli", "reweight.__main__", "reweight")),
 ]
 # leaves import nothing of the package but the core (and themselves)

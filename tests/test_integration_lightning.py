@@ -96,7 +96,7 @@ def test_lightning_takes_reweights_own_updates(tmp_path: Path, name: str, opt: s
         meta_data=data(24, 2),
         method=method(name),
         optimizer=optimizer_factory(opt),
-        config=TrainerConfig(progress=False, final_weights=0),
+        config=TrainerConfig(progress=False, final_weights=0, channels_last=False),
     )
     replay = DataLoader(
         data(24, 2), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(3)

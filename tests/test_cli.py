@@ -368,7 +368,7 @@ def run_main(monkeypatch, capsys, tmp_path, *args: str) -> tuple[int, str]:
          "cifar100_lt, cifar100_noisy, cifar10_lt, cifar10_noisy, cifar10n, image_folder, "
          "mnist_imbalanced"),
         (["method=l2w"], "allowed: class_balanced, cmwnet, erm, l2rw, mwnet, mwnet_sum, random"),
-        (["method.name=l2w"], "method.name must be one of ['class_balanced', 'cmwnet', 'erm', 'l2rw',"),
+        (["method.name=l2w"], "method.name must be one of ['class_balanced', 'cmwnet', 'erm',"),
         (["trainer.max_steps=0"], "trainer.max_steps must be >= 1, got 0"),
         (["trainer.max_steps=ten"], "trainer.max_steps must be an integer, got 'ten'"),
         (["trainer.maxsteps=5"], "trainer.maxsteps is not a config key; keys of trainer: "

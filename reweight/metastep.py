@@ -462,7 +462,16 @@ class MetaStep:
         twin.bind(model)  # drop θ′ and its graph
         return MetaGrad(c.detach(), seeds, losses if update else None, meta_loss.detach())
 
-    # -- reporting ------------------------------------------------------------------------------
+    # -- state and reporting -------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps: the JVPs computed per engine (a resumed run's summary
+        counts every session's)."""
+        return {"jvps": dict(self.planner.jvps)}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if state:  # a checkpoint from before the meta step kept its counts has none
+            self.planner.jvps = {str(k): int(v) for k, v in state.get("jvps", {}).items()}
 
     def describe(self) -> dict[str, Any]:
         """The meta-gradient engine and why, the JVPs per engine, the moved parameters."""

@@ -334,3 +334,32 @@ def test_a_fresh_meta_step_refuses_a_seed_function_at_zero_and_needs_one_otherwi
         MetaStep()(batch)
     with pytest.raises(ValueError, match=r"method\.engine=dual cannot run mwnet"):
         MWNet(engine="dual")
+
+
+@pytest.mark.parametrize("name", ["l2rw", "mwnet"])
+def test_a_resumed_run_counts_every_sessions_jvps(tmp_path, name: str):
+    """summary.json's meta_engine.jvps after a resume: the JVPs of both sessions (4 + 4)."""
+    model, *_ = setup("mlp")
+    gen = torch.Generator().manual_seed(4)
+    data = torch.utils.data.TensorDataset(
+        torch.randn(64, 5, generator=gen, dtype=torch.float64),
+        torch.randint(0, CLASSES, (64,), generator=gen),
+    )
+
+    def trainer(steps: int) -> Trainer:
+        method = L2RW() if name == "l2rw" else MWNet(hidden=5)
+        return Trainer(
+            copy.deepcopy(model),
+            data,
+            meta_data=data,
+            method=method,
+            optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+            checkpoint_path=tmp_path / "checkpoint.pt",
+            config=TrainerConfig(
+                max_steps=steps, batch_size=8, meta_batch_size=8, progress=False, final_weights=0
+            ),
+        )
+
+    trainer(4).fit()
+    resumed = trainer(8).fit(resume=True)
+    assert sum(resumed.metrics["meta_engine"]["jvps"].values()) == 8

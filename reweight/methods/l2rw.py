@@ -92,10 +92,11 @@ class L2RW(Method):
         return {"meta_engine": self.metastep.describe()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"zero_sum_batches": self.zero_sum_batches}
+        return {"zero_sum_batches": self.zero_sum_batches, "meta_step": self.metastep.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.zero_sum_batches = int(state["zero_sum_batches"])
+        self.metastep.load_state_dict(state.get("meta_step"))
 
     def __repr__(self) -> str:
         return f"L2RW({self.metastep!r})"

@@ -156,7 +156,11 @@ class WeightingNetMethod(Method):
         return {"meta_engine": self.metastep.describe()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"vnet": self.vnet.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return {
+            "vnet": self.vnet.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "meta_step": self.metastep.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         first = next(iter(state["vnet"].values()), None)
@@ -164,6 +168,7 @@ class WeightingNetMethod(Method):
             self.vnet.to(dtype=first.dtype)
         self.vnet.load_state_dict(state["vnet"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.metastep.load_state_dict(state.get("meta_step"))
 
     def __repr__(self) -> str:
         return (

@@ -245,6 +245,17 @@ def test_unreadable_image_is_named(tmp_path):
 
 
 @pytest.mark.slow  # a CLI subprocess: ~10 s of CPU
+def test_a_trusted_file_listed_twice_is_named(tmp_path):
+    make_images(tmp_path / "train")
+    args = [
+        "dataset=image_folder",
+        "dataset.train_dir=train",
+        "dataset.meta_files=[0/0.png,1/1.png,0/0.png]",
+    ]
+    assert_refused(tmp_path, args, "dataset.meta_files lists '0/0.png' twice")
+
+
+@pytest.mark.slow  # a CLI subprocess: ~10 s of CPU
 def test_missing_trusted_set_says_how_to_give_one(tmp_path):
     make_images(tmp_path / "train")
     assert_refused(

@@ -35,12 +35,12 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from reweight.jvp.base import Forward, Recording
+from reweight.jvp.layers import CONVS, LAYERS, NORMS, LayerCall
 
 __all__ = [
     "GhostRecord",
@@ -59,207 +59,9 @@ __all__ = [
 # name in ``model.named_modules()`` -> (its trainable weight, its trainable bias), None if frozen
 Layers = dict[str, tuple[Tensor | None, Tensor | None]]
 
-aten = torch.ops.aten
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-# affine normalisations: per example, their weight's gradient is Σ (g ⊙ x̂) over the positions
-_NORMS = (nn.LayerNorm, nn.GroupNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
-_LAYERS = (nn.Linear, *_CONVS, *_NORMS, nn.Embedding)
-
 
 class Ineligible(Exception):
     """The model (or this forward) does not fit the per-layer path; the reason is the message."""
-
-
-@dataclass(slots=True)
-class _Layer:
-    """One call of a linear or convolutional layer in the recorded forward."""
-
-    module: nn.Module
-    weight: Tensor | None  # the trainable weight (None: frozen)
-    bias: Tensor | None  # the trainable bias (None: frozen or absent)
-    x: Tensor | None = None  # input (B, ...), detached; None once per-example grads replace it
-    z: Tensor | None = None  # output, with graph, until the backward has run
-    g: Tensor | None = None  # ∂Σℓ/∂z (B, ...), detached
-    per_example: Tensor | None = None  # (B, weight.numel() [+ bias.numel()]) instead of x, g
-    versions: tuple[int, int] = (0, 0)  # of x and z when recorded: in-place writes show later
-    problem: str | None = None  # why this call cannot be used (raised by ``finish``)
-
-    # -- the layer's maths -----------------------------------------------------------------
-
-    def _conv_args(self) -> tuple:
-        m = self.module
-        padding = m.padding
-        if isinstance(padding, str):  # "valid" or a symmetric "same" (checked at record time)
-            padding = (
-                [0] * len(m.kernel_size)
-                if padding == "valid"
-                else [d * (k - 1) // 2 for d, k in zip(m.dilation, m.kernel_size, strict=True)]
-            )
-        return list(m.stride), list(padding), list(m.dilation), m.groups
-
-    def apply(self, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-        """The layer's linear map of the recorded input with the given weight and bias."""
-        assert self.x is not None
-        if isinstance(self.module, nn.Linear):
-            out = self.x @ weight.t() if weight is not None else None
-            if bias is not None:
-                out = bias.expand(*self.x.shape[:-1], -1) if out is None else out + bias
-            return out
-        stride, padding, dilation, groups = self._conv_args()
-        w = weight if weight is not None else torch.zeros_like(self.module.weight)
-        return aten.convolution(
-            self.x, w, bias, stride, padding, dilation, False, [0] * len(padding), groups
-        )
-
-    def normalized(self) -> Tensor:
-        """A normalisation layer's input normalised, before its affine weight and bias: x̂."""
-        m, x = self.module, self.x
-        assert x is not None
-        if isinstance(m, nn.GroupNorm):
-            return torch.nn.functional.group_norm(x, m.num_groups, None, None, m.eps)
-        if isinstance(m, nn.LayerNorm):
-            return torch.nn.functional.layer_norm(x, m.normalized_shape, None, None, m.eps)
-        return torch.nn.functional.rms_norm(x, m.normalized_shape, None, m.eps)
-
-    def _embedding_rows(self, seeds: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(indices, g) of an embedding's calls, flat, padding positions dropped (its row gets
-        no gradient), g scaled per example by ``seeds``."""
-        assert self.x is not None and self.g is not None
-        idx, g = self.x, self.g
-        if seeds is not None:
-            g = g * seeds.to(g.dtype).view(-1, *([1] * (g.dim() - 1)))
-        idx, g = idx.reshape(-1), g.reshape(-1, g.shape[-1])
-        pad = self.module.padding_idx
-        if pad is not None:
-            keep = idx != pad
-            idx, g = idx[keep], g[keep]
-        return idx, g
-
-    def weighted_grads(self, seeds: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """(∂/∂W, ∂/∂b) of Σᵢ sᵢℓᵢ for this layer."""
-        if isinstance(self.module, nn.Embedding):
-            idx, g = self._embedding_rows(seeds)
-            assert self.weight is not None
-            return torch.zeros_like(self.weight).index_add_(0, idx, g.to(self.weight.dtype)), None
-        if self.per_example is not None:
-            flat = seeds.to(self.per_example.dtype) @ self.per_example
-            return self._split(flat)
-        assert self.x is not None and self.g is not None
-        gs = self.g * seeds.to(self.g.dtype).view(-1, *([1] * (self.g.dim() - 1)))
-        if isinstance(self.module, nn.Linear):
-            x2, g2 = self.x.reshape(-1, self.x.shape[-1]), gs.reshape(-1, gs.shape[-1])
-            gw = g2.t() @ x2 if self.weight is not None else None
-            gb = g2.sum(0) if self.bias is not None else None
-            return gw, gb
-        stride, padding, dilation, groups = self._conv_args()
-        w = self.module.weight
-        _, gw, gb = aten.convolution_backward(
-            gs,
-            self.x,
-            w,
-            [w.shape[0]] if self.bias is not None else None,
-            stride,
-            padding,
-            dilation,
-            False,
-            [0] * len(padding),
-            groups,
-            [False, self.weight is not None, self.bias is not None],
-        )
-        return gw, gb
-
-    def inner(self, u_w: Tensor | None, u_b: Tensor | None) -> Tensor:
-        """⟨∇ℓᵢ, (u_w, u_b)⟩ restricted to this layer, for every i: (B,)."""
-        if isinstance(self.module, nn.Embedding):
-            # the forward's derivative, padding row included, as dual numbers and the tape take
-            # it (a direction made by a backward is zero there: torch gives that row no gradient)
-            assert self.x is not None and self.g is not None and u_w is not None
-            rows = torch.nn.functional.embedding(self.x, u_w.to(self.g.dtype))
-            return (rows * self.g).flatten(1).sum(1)
-        if self.per_example is not None:
-            parts = [
-                (torch.zeros_like(t) if u is None else u).reshape(-1)
-                for t, u in ((self.weight, u_w), (self.bias, u_b))
-                if t is not None
-            ]
-            return self.per_example @ torch.cat(parts).to(self.per_example.dtype)
-        assert self.g is not None
-        t = self.apply(u_w.to(self.g.dtype) if u_w is not None else None, u_b)
-        return (t * self.g).flatten(1).sum(1)
-
-    def _norm_per_example(self) -> Tensor:
-        """(B, P): a normalisation's per-example (weight, bias) gradients, Σ over positions of
-        g ⊙ x̂ and of g (the affine acts on dim 1 for GroupNorm, on the trailing dims else)."""
-        assert self.g is not None
-        g, b = self.g, self.g.shape[0]
-        if isinstance(self.module, nn.GroupNorm):
-            dims = tuple(range(2, g.dim()))
-        else:
-            dims = tuple(range(1, g.dim() - len(self.module.normalized_shape)))
-
-        def over_positions(t: Tensor) -> Tensor:  # (B, P); an empty dims would sum everything
-            return (t.sum(dims) if dims else t).reshape(b, -1)
-
-        cols = []
-        if self.weight is not None:
-            cols.append(over_positions(g * self.normalized()))
-        if self.bias is not None:
-            cols.append(over_positions(g))
-        return torch.cat(cols, 1) if len(cols) > 1 else cols[0]
-
-    def _split(self, flat: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        gw = gb = None
-        k = 0
-        if self.weight is not None:
-            k = self.weight.numel()
-            gw = flat[:k].view(self.weight.shape)
-        if self.bias is not None:
-            gb = flat[k:].view(self.bias.shape)
-        return gw, gb
-
-    def make_per_example(self) -> None:
-        """Replace (x, g) by the per-example gradients (B, P) of this layer."""
-        assert self.x is not None and self.g is not None
-        b = self.x.shape[0]
-        if isinstance(self.module, _NORMS):
-            self.per_example = self._norm_per_example()
-            self.x = self.g = None
-            return
-        cols = []
-        if self.weight is not None:
-            if isinstance(self.module, nn.Linear):
-                x3, g3 = (
-                    self.x.reshape(b, -1, self.x.shape[-1]),
-                    self.g.reshape(b, -1, self.g.shape[-1]),
-                )
-                cols.append((g3.transpose(1, 2) @ x3).reshape(b, -1))
-            else:  # the batch as groups: one grouped weight gradient gives all B of them
-                stride, padding, dilation, groups = self._conv_args()
-                w = self.module.weight
-                x = self.x.reshape(1, -1, *self.x.shape[2:])
-                g = self.g.reshape(1, -1, *self.g.shape[2:])
-                wide = w.detach().repeat(b, *([1] * (w.dim() - 1)))
-                _, gw, _ = aten.convolution_backward(
-                    g,
-                    x,
-                    wide,
-                    None,
-                    stride,
-                    padding,
-                    dilation,
-                    False,
-                    [0] * len(padding),
-                    groups * b,
-                    [False, True, False],
-                )
-                cols.append(gw.reshape(b, -1))
-        if self.bias is not None:
-            if isinstance(self.module, nn.Linear):
-                cols.append(self.g.reshape(b, -1, self.g.shape[-1]).sum(1))
-            else:
-                cols.append(self.g.flatten(2).sum(2))
-        self.per_example = torch.cat(cols, 1) if len(cols) > 1 else cols[0]
-        self.x = self.g = None
 
 
 def ghost_layers(model: nn.Module, weights: Sequence[Tensor]) -> Layers:
@@ -280,7 +82,7 @@ def ghost_layers(model: nn.Module, weights: Sequence[Tensor]) -> Layers:
         own = [p for p in m._parameters.values() if p is not None and id(p) in wanted]
         if not own:
             continue
-        if type(m) not in _LAYERS:
+        if type(m) not in LAYERS:
             raise Ineligible(
                 f"{name or 'the model'} ({type(m).__name__}) has trainable weights, and only "
                 "nn.Linear, nn.Conv, nn.Embedding and affine normalisation layers' are read "
@@ -291,7 +93,7 @@ def ghost_layers(model: nn.Module, weights: Sequence[Tensor]) -> Layers:
             raise Ineligible(f"{name}: Embedding with max_norm or scale_grad_by_freq")
         if isinstance(m, nn.Embedding) and m.sparse:
             raise Ineligible(f"{name}: a sparse Embedding")
-        if isinstance(m, _CONVS):
+        if isinstance(m, CONVS):
             if m.padding_mode != "zeros":
                 raise Ineligible(f"{name}: padding_mode={m.padding_mode!r}")
             if m.padding == "same" and any(
@@ -313,13 +115,13 @@ def ghost_layers(model: nn.Module, weights: Sequence[Tensor]) -> Layers:
 
 def _kind(layer: nn.Module) -> str:
     """The layer's class as the model has it (a twin's ``MetaLinear`` is a ``Linear``)."""
-    return next(c.__name__ for c in _LAYERS if isinstance(layer, c))
+    return next(c.__name__ for c in LAYERS if isinstance(layer, c))
 
 
 @contextlib.contextmanager
-def recording(model: nn.Module, layers: Layers) -> Iterator[list[_Layer]]:
+def recording(model: nn.Module, layers: Layers) -> Iterator[list[LayerCall]]:
     """Note every call of the named layers of ``model`` made inside (their input and output)."""
-    calls: list[_Layer] = []
+    calls: list[LayerCall] = []
     by_module = {m: layers[n] for n, m in model.named_modules() if n in layers}
 
     def hook(module: nn.Module, args: tuple, out: object) -> None:
@@ -330,9 +132,11 @@ def recording(model: nn.Module, layers: Layers) -> Iterator[list[_Layer]]:
         w, b = by_module[module]
         if not isinstance(x, Tensor) or not isinstance(out, Tensor) or not out.requires_grad:
             problem = f"{_kind(module)}: not called on one tensor with a graph"
-            calls.append(_Layer(module, w, b, problem=problem))
+            calls.append(LayerCall(module, w, b, problem=problem))
             return
-        calls.append(_Layer(module, w, b, x=x.detach(), z=out, versions=(x._version, out._version)))
+        calls.append(
+            LayerCall(module, w, b, x=x.detach(), z=out, versions=(x._version, out._version))
+        )
 
     handle = nn.modules.module.register_module_forward_hook(hook)
     try:
@@ -342,7 +146,7 @@ def recording(model: nn.Module, layers: Layers) -> Iterator[list[_Layer]]:
 
 
 def finish(
-    weights: Sequence[Tensor], calls: list[_Layer], losses: Tensor, keep_graph: bool = False
+    weights: Sequence[Tensor], calls: list[LayerCall], losses: Tensor, keep_graph: bool = False
 ) -> GhostRecord:
     """The record of a recorded forward, from its per-example losses (B,), with graph (with
     ``keep_graph``, the record's ``graph`` holds those losses with their graph still whole).
@@ -373,7 +177,7 @@ def finish(
     del zs, gs
     for c in calls:
         params = sum(t.numel() for t in (c.weight, c.bias) if t is not None)
-        if isinstance(c.module, _NORMS) or (
+        if isinstance(c.module, NORMS) or (
             not isinstance(c.module, nn.Embedding) and c.g.dim() > 2 and params * n <= c.g.numel()
         ):
             c.make_per_example()
@@ -398,7 +202,7 @@ def jvp_of(records: Sequence[GhostRecord], directions: Sequence[Tensor]) -> Tens
 class GhostRecord:
     """One training forward kept per layer: JVPs and weighted gradients for any seeds."""
 
-    def __init__(self, weights: Sequence[Tensor], calls: list[_Layer], values: Tensor) -> None:
+    def __init__(self, weights: Sequence[Tensor], calls: list[LayerCall], values: Tensor) -> None:
         self.weights = list(weights)
         self.calls = calls
         self.values = values  # the losses (B,), detached

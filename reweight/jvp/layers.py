@@ -1,0 +1,211 @@
+"""One recorded call of a layer the per-layer engine reads (``reweight.jvp.per_layer``): its
+input and output gradient, and the layer's own maths on them (JVPs, weighted gradients,
+per-example gradients) for linear, convolutional, embedding and affine normalisation layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["CONVS", "LAYERS", "NORMS", "LayerCall"]
+
+aten = torch.ops.aten
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# affine normalisations: per example, their weight's gradient is Σ (g ⊙ x̂) over the positions
+NORMS = (nn.LayerNorm, nn.GroupNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
+LAYERS = (nn.Linear, *CONVS, *NORMS, nn.Embedding)
+
+
+@dataclass(slots=True)
+class LayerCall:
+    """One call of a linear or convolutional layer in the recorded forward."""
+
+    module: nn.Module
+    weight: Tensor | None  # the trainable weight (None: frozen)
+    bias: Tensor | None  # the trainable bias (None: frozen or absent)
+    x: Tensor | None = None  # input (B, ...), detached; None once per-example grads replace it
+    z: Tensor | None = None  # output, with graph, until the backward has run
+    g: Tensor | None = None  # ∂Σℓ/∂z (B, ...), detached
+    per_example: Tensor | None = None  # (B, weight.numel() [+ bias.numel()]) instead of x, g
+    versions: tuple[int, int] = (0, 0)  # of x and z when recorded: in-place writes show later
+    problem: str | None = None  # why this call cannot be used (raised by ``finish``)
+
+    # -- the layer's maths -----------------------------------------------------------------
+
+    def _conv_args(self) -> tuple:
+        m = self.module
+        padding = m.padding
+        if isinstance(padding, str):  # "valid" or a symmetric "same" (checked at record time)
+            padding = (
+                [0] * len(m.kernel_size)
+                if padding == "valid"
+                else [d * (k - 1) // 2 for d, k in zip(m.dilation, m.kernel_size, strict=True)]
+            )
+        return list(m.stride), list(padding), list(m.dilation), m.groups
+
+    def apply(self, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        """The layer's linear map of the recorded input with the given weight and bias."""
+        assert self.x is not None
+        if isinstance(self.module, nn.Linear):
+            out = self.x @ weight.t() if weight is not None else None
+            if bias is not None:
+                out = bias.expand(*self.x.shape[:-1], -1) if out is None else out + bias
+            return out
+        stride, padding, dilation, groups = self._conv_args()
+        w = weight if weight is not None else torch.zeros_like(self.module.weight)
+        return aten.convolution(
+            self.x, w, bias, stride, padding, dilation, False, [0] * len(padding), groups
+        )
+
+    def normalized(self) -> Tensor:
+        """A normalisation layer's input normalised, before its affine weight and bias: x̂."""
+        m, x = self.module, self.x
+        assert x is not None
+        if isinstance(m, nn.GroupNorm):
+            return torch.nn.functional.group_norm(x, m.num_groups, None, None, m.eps)
+        if isinstance(m, nn.LayerNorm):
+            return torch.nn.functional.layer_norm(x, m.normalized_shape, None, None, m.eps)
+        return torch.nn.functional.rms_norm(x, m.normalized_shape, None, m.eps)
+
+    def _embedding_rows(self, seeds: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(indices, g) of an embedding's calls, flat, padding positions dropped (its row gets
+        no gradient), g scaled per example by ``seeds``."""
+        assert self.x is not None and self.g is not None
+        idx, g = self.x, self.g
+        if seeds is not None:
+            g = g * seeds.to(g.dtype).view(-1, *([1] * (g.dim() - 1)))
+        idx, g = idx.reshape(-1), g.reshape(-1, g.shape[-1])
+        pad = self.module.padding_idx
+        if pad is not None:
+            keep = idx != pad
+            idx, g = idx[keep], g[keep]
+        return idx, g
+
+    def weighted_grads(self, seeds: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """(∂/∂W, ∂/∂b) of Σᵢ sᵢℓᵢ for this layer."""
+        if isinstance(self.module, nn.Embedding):
+            idx, g = self._embedding_rows(seeds)
+            assert self.weight is not None
+            return torch.zeros_like(self.weight).index_add_(0, idx, g.to(self.weight.dtype)), None
+        if self.per_example is not None:
+            flat = seeds.to(self.per_example.dtype) @ self.per_example
+            return self._split(flat)
+        assert self.x is not None and self.g is not None
+        gs = self.g * seeds.to(self.g.dtype).view(-1, *([1] * (self.g.dim() - 1)))
+        if isinstance(self.module, nn.Linear):
+            x2, g2 = self.x.reshape(-1, self.x.shape[-1]), gs.reshape(-1, gs.shape[-1])
+            gw = g2.t() @ x2 if self.weight is not None else None
+            gb = g2.sum(0) if self.bias is not None else None
+            return gw, gb
+        stride, padding, dilation, groups = self._conv_args()
+        w = self.module.weight
+        _, gw, gb = aten.convolution_backward(
+            gs,
+            self.x,
+            w,
+            [w.shape[0]] if self.bias is not None else None,
+            stride,
+            padding,
+            dilation,
+            False,
+            [0] * len(padding),
+            groups,
+            [False, self.weight is not None, self.bias is not None],
+        )
+        return gw, gb
+
+    def inner(self, u_w: Tensor | None, u_b: Tensor | None) -> Tensor:
+        """⟨∇ℓᵢ, (u_w, u_b)⟩ restricted to this layer, for every i: (B,)."""
+        if isinstance(self.module, nn.Embedding):
+            # the forward's derivative, padding row included, as dual numbers and the tape take
+            # it (a direction made by a backward is zero there: torch gives that row no gradient)
+            assert self.x is not None and self.g is not None and u_w is not None
+            rows = torch.nn.functional.embedding(self.x, u_w.to(self.g.dtype))
+            return (rows * self.g).flatten(1).sum(1)
+        if self.per_example is not None:
+            parts = [
+                (torch.zeros_like(t) if u is None else u).reshape(-1)
+                for t, u in ((self.weight, u_w), (self.bias, u_b))
+                if t is not None
+            ]
+            return self.per_example @ torch.cat(parts).to(self.per_example.dtype)
+        assert self.g is not None
+        t = self.apply(u_w.to(self.g.dtype) if u_w is not None else None, u_b)
+        return (t * self.g).flatten(1).sum(1)
+
+    def _norm_per_example(self) -> Tensor:
+        """(B, P): a normalisation's per-example (weight, bias) gradients, Σ over positions of
+        g ⊙ x̂ and of g (the affine acts on dim 1 for GroupNorm, on the trailing dims else)."""
+        assert self.g is not None
+        g, b = self.g, self.g.shape[0]
+        if isinstance(self.module, nn.GroupNorm):
+            dims = tuple(range(2, g.dim()))
+        else:
+            dims = tuple(range(1, g.dim() - len(self.module.normalized_shape)))
+
+        def over_positions(t: Tensor) -> Tensor:  # (B, P); an empty dims would sum everything
+            return (t.sum(dims) if dims else t).reshape(b, -1)
+
+        cols = []
+        if self.weight is not None:
+            cols.append(over_positions(g * self.normalized()))
+        if self.bias is not None:
+            cols.append(over_positions(g))
+        return torch.cat(cols, 1) if len(cols) > 1 else cols[0]
+
+    def _split(self, flat: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        gw = gb = None
+        k = 0
+        if self.weight is not None:
+            k = self.weight.numel()
+            gw = flat[:k].view(self.weight.shape)
+        if self.bias is not None:
+            gb = flat[k:].view(self.bias.shape)
+        return gw, gb
+
+    def make_per_example(self) -> None:
+        """Replace (x, g) by the per-example gradients (B, P) of this layer."""
+        assert self.x is not None and self.g is not None
+        b = self.x.shape[0]
+        if isinstance(self.module, NORMS):
+            self.per_example = self._norm_per_example()
+            self.x = self.g = None
+            return
+        cols = []
+        if self.weight is not None:
+            if isinstance(self.module, nn.Linear):
+                x3, g3 = (
+                    self.x.reshape(b, -1, self.x.shape[-1]),
+                    self.g.reshape(b, -1, self.g.shape[-1]),
+                )
+                cols.append((g3.transpose(1, 2) @ x3).reshape(b, -1))
+            else:  # the batch as groups: one grouped weight gradient gives all B of them
+                stride, padding, dilation, groups = self._conv_args()
+                w = self.module.weight
+                x = self.x.reshape(1, -1, *self.x.shape[2:])
+                g = self.g.reshape(1, -1, *self.g.shape[2:])
+                wide = w.detach().repeat(b, *([1] * (w.dim() - 1)))
+                _, gw, _ = aten.convolution_backward(
+                    g,
+                    x,
+                    wide,
+                    None,
+                    stride,
+                    padding,
+                    dilation,
+                    False,
+                    [0] * len(padding),
+                    groups * b,
+                    [False, True, False],
+                )
+                cols.append(gw.reshape(b, -1))
+        if self.bias is not None:
+            if isinstance(self.module, nn.Linear):
+                cols.append(self.g.reshape(b, -1, self.g.shape[-1]).sum(1))
+            else:
+                cols.append(self.g.flatten(2).sum(2))
+        self.per_example = torch.cat(cols, 1) if len(cols) > 1 else cols[0]
+        self.x = self.g = None

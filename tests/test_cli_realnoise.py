@@ -32,6 +32,7 @@ WRITERS = {
 SMALL = [
     "model.arch=resnet18",
     "model.weights=null",
+    "model.pretrained=false",
     "dataset.image_size=16",
     "dataset.val_per_class=1",
     "trainer.batch_size=8",
@@ -65,8 +66,10 @@ def command(experiment: str, root: Path, run_dir: Path, *extra: str) -> list[str
     ]
 
 
-def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=600)
+def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        args, cwd=cwd, env=cli_env(**env), capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.mark.slow
@@ -159,3 +162,16 @@ def test_bad_list_is_one_error_line(tmp_path, file, text, named):
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
     assert str(path.resolve()) in errors[0] and named in errors[0]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_pretrained_preset_offline_is_one_error_line(replicas, tmp_path):
+    """The preset's model.pretrained=true with an empty torch cache and no network."""
+    args = command("mwnet_clothing1m", replicas, tmp_path / "run", "trainer.max_steps=2")
+    args.remove("model.pretrained=false")
+    dead = "http://127.0.0.1:9"
+    proc = run(args, tmp_path, TORCH_HOME=str(tmp_path / "torch"), https_proxy=dead, no_proxy="")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    expected = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    assert str(expected) in errors[0] and "download.pytorch.org" in errors[0]

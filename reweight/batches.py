@@ -3,13 +3,39 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 __all__ = ["BatchStream", "shuffled_pass"]
+
+
+class _SeededBatches(Dataset):
+    """``dataset`` fetched a batch at a time, torch's RNG seeded from the batch's key first.
+
+    The batch sampler yields ``[(key, index), ...]``. Random transforms (crops, flips) then draw
+    the same numbers for a batch wherever it is fetched: in any DataLoader worker, in the main
+    process, in a run resumed mid-epoch. In the main process the global RNG is forked, so the
+    training stream (dropout, the weighting net) does not see the augmentation's draws.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitems__(self, keyed: Sequence[tuple[int, int]]) -> list[Any]:
+        indices = [i for _, i in keyed]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(keyed[0][0])
+            fetch = getattr(self.dataset, "__getitems__", None)
+            if fetch is not None:
+                return list(fetch(indices))
+            return [self.dataset[i] for i in indices]
 
 
 class BatchStream:
@@ -44,6 +70,10 @@ class BatchStream:
         key = self.seed * 1_000_003 + self.stream * 7_919 + epoch * 104_729 + offset
         return torch.Generator().manual_seed(key % 2**62)
 
+    def _batch_key(self, epoch: int, position: int) -> int:
+        key = self._generator(epoch).initial_seed() * 15_485_863 + position * 2 + 1
+        return (key * self.world + self.rank) % 2**62
+
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         perm = torch.randperm(self.n, generator=self._generator(epoch)).tolist()
         b = self.batch_size
@@ -57,9 +87,14 @@ class BatchStream:
             batches = [b[self.rank * k : (self.rank + 1) * k] for b in global_batches]
             # The loader's own generator (not the global RNG) seeds its workers, so starting
             # a loader mid-epoch on resume leaves the global RNG stream untouched.
+            # each batch carries a key fixed by (seed, stream, epoch, position, rank): its
+            # random transforms are the same with or without workers, and after a resume
+            keyed = [
+                [(self._batch_key(epoch, offset + j), i) for i in b] for j, b in enumerate(batches)
+            ]
             loader = DataLoader(
-                self.dataset,
-                batch_sampler=batches,
+                _SeededBatches(self.dataset),
+                batch_sampler=keyed,
                 num_workers=self.num_workers,
                 pin_memory=self.pin_memory,
                 generator=self._generator(epoch, offset + 1),

@@ -124,8 +124,11 @@ def test_experiment_preset(experiment):
         _partial(cfg.scheduler, "scheduler")
         assert all(0 < m < cfg.trainer.max_steps for m in cfg.scheduler.milestones)
     lrs = {"l2rw_mnist_imbalance": 1e-3, "mwnet_mnist_noisy": 0.05}
-    assert optimizer.keywords["lr"] == lrs.get(experiment, 0.1)
-    assert cfg.trainer.batch_size == 100
+    # the real-noise recipes (conf/experiment/*_{clothing1m,food101n,animal10n,mini_webvision})
+    real = {"clothing1m": (0.01, 32), "food101n": (0.01, 32), "animal10n": (0.1, 128)}
+    lr, batch = real.get(dataset, (0.02, 32) if dataset == "mini_webvision" else (0.1, 100))
+    assert optimizer.keywords["lr"] == lrs.get(experiment, lr)
+    assert cfg.trainer.batch_size == batch
     if experiment in STEPS_PER_EPOCH:  # epochs converted to optimizer steps
         per_epoch = STEPS_PER_EPOCH[experiment]
         epochs = {"mwnet_cifar10_noisy": (40, [36, 38]), "mwnet_cifar10_lt": (200, [160, 180])}

@@ -10,9 +10,11 @@ whether it is corrupted. One entry point, :func:`build_dataset`::
 
 Modules: :mod:`~reweight.data.noise` (transition matrices, corruption), :mod:`~reweight.data.splits`
 (meta split, long tail; pure functions on label tensors), :mod:`~reweight.data.mnist`,
-:mod:`~reweight.data.cifar` (thin torchvision layers), :mod:`~reweight.data.core` (containers,
-data root, atomic files), :mod:`~reweight.data.checksums` (MD5 checks of raw files, recorded in
-``$REWEIGHT_CACHE_DIR``) and :mod:`~reweight.data.build` (the registry).
+:mod:`~reweight.data.cifar` (thin torchvision layers), :mod:`~reweight.data.realnoise`
+(Clothing1M, Food-101N, ANIMAL-10N, mini-WebVision from their own layouts, read from disk),
+:mod:`~reweight.data.core` (containers, data root, atomic files), :mod:`~reweight.data.checksums`
+(MD5 checks of raw files, recorded in ``$REWEIGHT_CACHE_DIR``) and :mod:`~reweight.data.build`
+(the registry).
 """
 
 from reweight.data.build import DATASETS, build_dataset

@@ -28,6 +28,12 @@ from reweight.data.cifar import build_cifar10n, build_cifar_lt, build_cifar_nois
 from reweight.data.core import DataBundle, TensorData, resolve_data_root, tensor_hash
 from reweight.data.mnist import build_mnist_imbalanced, build_mnist_noisy
 from reweight.data.own import build_image_folder, build_tensors
+from reweight.data.realnoise import (
+    build_animal10n,
+    build_clothing1m,
+    build_food101n,
+    build_mini_webvision,
+)
 from reweight.data.splits import class_counts
 
 __all__ = ["COMMON_KEYS", "DATASETS", "build_dataset", "dataset_builder", "dataset_defaults"]
@@ -125,6 +131,18 @@ _REGISTRY: dict[str, _Spec] = {
         },
         val_per_class=2,
         true_labels_known=False,
+    ),
+    # real-world noise, streamed from disk (reweight/data/realnoise.py); meta_per_class null:
+    # the whole trusted pool (Clothing1M's clean validation keys, MW-Net's meta set)
+    "clothing1m": _Spec(
+        build_clothing1m, {"meta_per_class": None, "image_size": 224, "augment": True}
+    ),
+    "food101n": _Spec(build_food101n, {"meta_per_class": 10, "image_size": 224, "augment": True}),
+    "animal10n": _Spec(build_animal10n, {"meta_per_class": 10, "image_size": 64, "augment": True}),
+    "mini_webvision": _Spec(
+        build_mini_webvision,
+        {"meta_per_class": 10, "image_size": 224, "augment": True},
+        val_per_class=5,
     ),
 }
 

@@ -157,6 +157,7 @@ def _torchvision(
     *,
     arch: str | None = None,
     weights: str | None = None,
+    pretrained: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     if arch is None:
@@ -164,7 +165,9 @@ def _torchvision(
             "model 'torchvision' needs arch=<torchvision model name>, e.g. "
             "python -m reweight model=torchvision model.arch=resnet18"
         )
-    return torchvision_model(arch, num_classes, in_channels=in_channels, weights=weights, **kwargs)
+    return torchvision_model(
+        arch, num_classes, in_channels=in_channels, weights=weights, pretrained=pretrained, **kwargs
+    )
 
 
 _Builder = Callable[..., nn.Module]

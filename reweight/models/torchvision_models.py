@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 import torchvision
@@ -127,6 +129,7 @@ def torchvision_model(
     num_classes: int,
     in_channels: int = 3,
     weights: str | None = None,
+    pretrained: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """Build torchvision classification model ``name`` for ``num_classes`` and ``in_channels``.
@@ -135,7 +138,10 @@ def torchvision_model(
     torchvision's own initialisation. With ``weights`` (e.g. ``"DEFAULT"`` or
     ``"IMAGENET1K_V1"``; torchvision downloads them on first use) the pretrained model is built
     and its last linear layer replaced when ``num_classes`` differs (see ``replace_head``). For
-    ``in_channels != 3`` the stem conv is replaced (see ``adapt_input_channels``). Extra
+    ``in_channels != 3`` the stem conv is replaced (see ``adapt_input_channels``).
+    ``pretrained=True`` means ``weights="DEFAULT"``. Offline, the weights file must already be in
+    torch's cache (``$TORCH_HOME/hub/checkpoints``): if it is not and the download fails, a
+    one-line ``FileNotFoundError`` names the file, its URL and the folder to put it in. Extra
     ``kwargs`` go to the torchvision builder (``dropout=``, ``width_per_group=``, ...).
 
     Note that ImageNet stems down-sample by 4–32×: on 32×32 CIFAR images most of these models
@@ -152,11 +158,35 @@ def torchvision_model(
         # Their builders warn (an error under ``-W error``) unless init_weights is explicit;
         # True keeps their published truncated-normal init, which pretrained weights overwrite.
         kwargs.setdefault("init_weights", True)
+    if pretrained and weights is None:
+        weights = "DEFAULT"
     if weights is None:
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
     else:
-        model = torchvision.models.get_model(name, weights=weights, **kwargs)
+        model = _pretrained(name, weights, **kwargs)
         replace_head(model, num_classes)
     if in_channels != 3:
         adapt_input_channels(model, in_channels)
     return model
+
+
+def _pretrained(name: str, weights: str, **kwargs: Any) -> nn.Module:
+    """torchvision's ``name`` with ``weights``; a failed download of a file not in torch's cache
+    is one line naming the file, where torch looks for it and where to get it."""
+    table = torchvision.models.get_model_weights(name)
+    if weights != "DEFAULT" and weights not in table.__members__:
+        allowed = ", ".join(["DEFAULT", *table.__members__])
+        raise ValueError(f"model.weights={weights!r} is not a weight set of {name}: {allowed}")
+    entry = table.DEFAULT if weights == "DEFAULT" else table[weights]
+    file = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(entry.url).path).name
+    try:
+        return torchvision.models.get_model(name, weights=entry, **kwargs)
+    except (OSError, RuntimeError) as err:
+        if file.is_file():  # in the cache, yet unreadable: not a download problem
+            raise
+        reason = str(getattr(err, "reason", err)).splitlines()[0][:100]
+        raise FileNotFoundError(
+            f"the {weights} weights of {name} are not in torch's cache and the download failed "
+            f"({reason}): download {entry.url} and put it at {file} (torch looks there; set "
+            "TORCH_HOME to move it), or use model.weights=null"
+        ) from err

@@ -1,0 +1,40 @@
+"""BatchStream seeds each batch's random transforms from the batch's key: the same augmented
+batches with or without DataLoader workers and after a resume mid-epoch, and the global RNG
+stream untouched by them."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+
+from reweight.batches import BatchStream
+
+
+class Augmented(Dataset):
+    """Item i is i plus a random draw, as a random crop or flip draws from torch's RNG."""
+
+    def __len__(self) -> int:
+        return 24
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return torch.tensor([float(index)]) + torch.rand(1), index % 3
+
+
+def draw(num_workers: int, position: int, count: int) -> list[torch.Tensor]:
+    stream = BatchStream(Augmented(), 5, 7, 0, True, num_workers, False).iterate(position)
+    return [next(stream)[1] for _ in range(count)]
+
+
+def test_workers_and_resume_give_the_same_augmented_batches():
+    torch.manual_seed(0)
+    plain = draw(0, 0, 9)  # 4 batches per epoch: nearly three epochs
+    state = torch.get_rng_state()
+    torch.manual_seed(0)
+    assert torch.equal(state, torch.get_rng_state())  # the draws left the global RNG alone
+    workers = draw(2, 0, 9)
+    resumed = draw(2, 6, 3)  # mid-epoch: batch 6 is epoch 1, position 2
+    for a, b in zip(plain, workers, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(plain[6:], resumed, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(plain[0] - plain[0].floor(), plain[4] - plain[4].floor())

@@ -122,9 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"error: --top must be >= 1, got {args.top}\n")
         return 2
     summary_path = run_dir / SUMMARY
-    try:
-        rows = read_suspects(run_dir)
+    try:  # the run's record first: a damaged summary.json is named before anything else
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        rows = read_suspects(run_dir)
     except json.JSONDecodeError as err:
         sys.stderr.write(
             f"error: cannot read {summary_path} ({err}): run the training again to write it\n"

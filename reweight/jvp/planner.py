@@ -297,7 +297,8 @@ class Planner:
                     f"method.engine=per_layer cannot run {name}: {err}; use method.engine=auto"
                 ) from err
             self._set_per_layer(model, "no", str(err))
-            log.warning("per-layer path off for %s: %s", name, err)
+            # not the user's to act on: the exact general engine runs (the next plan says so)
+            log.info("per-layer path off for %s: %s", name, err)
             fwd.rng.rewind()  # the general engine's forward draws what this one drew
             return None
         if check:

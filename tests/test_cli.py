@@ -365,8 +365,8 @@ def run_main(monkeypatch, capsys, tmp_path, *args: str) -> tuple[int, str]:
     ("args", "expected"),
     [
         (["dataset=imagenet"], "dataset=imagenet is not an option of 'dataset'; allowed: "
-         "cifar100_lt, cifar100_noisy, cifar10_lt, cifar10_noisy, cifar10n, image_folder, "
-         "mnist_imbalanced"),
+         "animal10n, cifar100_lt, cifar100_noisy, cifar10_lt, cifar10_noisy, cifar10n, "
+         "clothing1m, food101n, image_folder, mini_webvision, mnist_imbalanced"),
         (["method=l2w"], "allowed: class_balanced, cmwnet, erm, l2rw, mwnet, mwnet_sum, random"),
         (["method.name=l2w"], "method.name must be one of ['class_balanced', 'cmwnet', 'erm',"),
         (["trainer.max_steps=0"], "trainer.max_steps must be >= 1, got 0"),
@@ -419,7 +419,9 @@ def test_help_lists_groups_and_examples(monkeypatch, capsys):
     assert "python -m reweight -m method=erm,l2rw,mwnet seed=0,1,2" in out
     assert "method: class_balanced, cmwnet, erm, l2rw, mwnet, mwnet_sum, random" in out
     assert "model: lenet, lstm, mlp, resnet32, torchvision, vit_tiny, wrn28_10" in out
-    assert "experiment: l2rw_cifar10_noisy, l2rw_mnist_imbalance" in out
+    experiments = next(line for line in out.splitlines() if line.strip().startswith("experiment:"))
+    assert "cmwnet_animal10n, cmwnet_clothing1m" in experiments
+    assert "l2rw_cifar10_noisy, l2rw_clothing1m" in experiments
 
 
 # -- the wheel -----------------------------------------------------------------------------------

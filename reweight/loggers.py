@@ -37,7 +37,7 @@ import logging
 import math
 import os
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -318,37 +318,40 @@ class MLflowLogger:
         self._client = self._run_id = None
 
 
+def _read_wandb_records(path: Path) -> Iterator[Any]:
+    """The protobuf ``Record``s of one offline W&B log (``run-<id>.wandb``), in order: a 7-byte
+    header, then 32 KiB blocks of chunks, each with a 7-byte header (CRC, length, type
+    FULL/FIRST/MIDDLE/LAST). A torn file raises after the records before the tear."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, chunk = path.read_bytes(), 7, b""
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:  # the rest of a block is padding
+            pos += left
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        chunk += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL, LAST: a whole record
+            record = pb.Record()
+            record.ParseFromString(chunk)
+            yield record
+        if kind in (0, 1, 4):
+            chunk = b""
+
+
 def _wandb_last_step(directory: Path, run_id: str) -> int:
     """The last step that the offline sessions of W&B run ``run_id`` under ``directory`` wrote
     to disk (a session killed with SIGKILL loses what its service had not yet written), or -1.
-
-    Reads each ``wandb/offline-run-*-<id>/run-<id>.wandb``: W&B's log of protobuf ``Record``s
-    (a 7-byte header, then 32 KiB blocks of chunks, each with a 7-byte header: CRC, length,
-    type FULL/FIRST/MIDDLE/LAST). Anything it cannot read counts as nothing written."""
-    try:
-        from wandb.proto import wandb_internal_pb2 as pb
-    except ImportError:
-        return -1
+    Anything it cannot read counts as nothing written."""
     last = -1
     for path in (directory / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"):
         try:
-            data, pos, chunk = path.read_bytes(), 7, b""
-            while pos + 7 <= len(data):
-                left = 32768 - pos % 32768
-                if left < 7:  # the rest of a block is padding
-                    pos += left
-                    continue
-                length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
-                chunk += data[pos + 7 : pos + 7 + length]
-                pos += 7 + length
-                if kind in (1, 4):  # FULL, LAST: a whole record
-                    record = pb.Record()
-                    record.ParseFromString(chunk)
-                    if record.WhichOneof("record_type") == "history":
-                        last = max(last, int(record.history.step.num))
-                if kind in (0, 1, 4):
-                    chunk = b""
-        except Exception:  # a torn file: what was read before counts
+            for record in _read_wandb_records(path):
+                if record.WhichOneof("record_type") == "history":
+                    last = max(last, int(record.history.step.num))
+        except Exception:  # a torn file, or no wandb: what was read before counts
             continue
     return last
 

@@ -492,29 +492,12 @@ def test_starting_over_removes_the_old_runs_tracker_files(tmp_path: Path) -> Non
 
 def _wandb_records(run_dir: Path) -> list:
     """Every record of the run's offline W&B files (what ``wandb sync`` uploads), session by
-    session: the LevelDB-style log of protobuf ``Record``s (a 7-byte header, 32 KiB blocks,
-    each chunk with a 7-byte header: CRC, length, type FULL/FIRST/MIDDLE/LAST)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    records = []
-    for path in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb")):
-        data, pos, chunk = path.read_bytes(), 7, b""
-        while pos + 7 <= len(data):
-            left = 32768 - pos % 32768
-            if left < 7:  # the rest of a block is padding
-                pos += left
-                continue
-            length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
-            chunk += data[pos + 7 : pos + 7 + length]
-            pos += 7 + length
-            if kind in (1, 4):  # FULL, LAST: a whole record
-                record = pb.Record()
-                record.ParseFromString(chunk)
-                records.append(record)
-                chunk = b""
-            elif kind == 0:
-                chunk = b""
-    return records
+    session."""
+    return [
+        record
+        for path in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+        for record in wandb_records(path)
+    ]
 
 
 def _mlflow_status(run_dir: Path) -> str:

@@ -10,7 +10,7 @@ says that NHWC changes only the rounding (the same sums in another order; like a
 summation order, e.g. the thread count, such differences grow over a run's steps).
 
 What ``trainer.channels_last=auto`` (the default) decides from: on for CPU models with 2-D
-convolutions (``reweight.device.channels_last_choice``).
+convolutions (``reweight.core.device.channels_last_choice``).
 
 Usage:
     python benchmarks/channels_last.py                          # lenet and resnet32, l2rw

@@ -5,7 +5,6 @@ own), the one meta step every method uses (``MetaStep``), the per-batch helpers
 ``l2rw_weights`` / ``l2rw_eps_grad`` and the meta layer ``to_meta`` / ``MetaModule``.
 """
 
-from reweight.checkpoint import CheckpointError
 from reweight.functional import (
     l2rw_eps_grad,
     l2rw_weights,
@@ -31,8 +30,9 @@ from reweight.methods import (
     build_method,
 )
 from reweight.reweighter import Reweighted, Reweighter
-from reweight.signals import TrainingInterrupted
-from reweight.trainer import FitResult, Trainer, TrainerConfig
+from reweight.train.checkpoint import CheckpointError
+from reweight.train.signals import TrainingInterrupted
+from reweight.train.trainer import FitResult, Trainer, TrainerConfig
 
 __all__ = [
     "ERM",

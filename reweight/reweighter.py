@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reweight.inputs import Inputs, to_device
+from reweight.core.inputs import Inputs, to_device
 from reweight.meta import LossFn
 from reweight.methods import Method, MethodOutput, StepInputs, build_method
 

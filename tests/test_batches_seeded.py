@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from reweight.batches import BatchStream
+from reweight.train.batches import BatchStream
 
 
 class Augmented(Dataset):

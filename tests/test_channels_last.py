@@ -1,6 +1,6 @@
 """trainer.channels_last=auto (the default): NHWC where it was measured faster and changes only
 the rounding (CPU convnets without BatchNorm), NCHW elsewhere, the choice and its reason logged
-(reweight.device.channels_last_choice; the measurement: benchmarks/channels_last.py)."""
+(reweight.core.device.channels_last_choice; the measurement: benchmarks/channels_last.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from reweight import Trainer, TrainerConfig
-from reweight.device import channels_last_choice
+from reweight.core.device import channels_last_choice
 from reweight.models import build_model
 
 CPU = torch.device("cpu")
@@ -61,7 +61,7 @@ def _trainer(channels_last):
 
 
 def test_auto_trains_lenet_in_nhwc_and_changes_only_the_rounding(caplog):
-    with caplog.at_level(logging.INFO, logger="reweight.trainer"):
+    with caplog.at_level(logging.INFO, logger="reweight.train.trainer"):
         auto, batch = _trainer("auto")
     assert auto.channels_last
     assert auto.model.features[0].weight.is_contiguous(memory_format=torch.channels_last)

@@ -18,7 +18,7 @@ from reweight.cli.app import _partial, _trainer_config
 from reweight.data.build import COMMON_KEYS, DATASETS, dataset_defaults
 from reweight.methods import METHODS, build_method
 from reweight.models import MODEL_NAMES
-from reweight.trainer import TrainerConfig
+from reweight.train.trainer import TrainerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"

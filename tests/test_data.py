@@ -565,7 +565,7 @@ def test_atomic_write_gives_the_usual_permissions(tmp_path: Path, umask: int) ->
     import os
     import stat
 
-    from reweight.outputs.files import atomic_write
+    from reweight.core.files import atomic_write
 
     old = os.umask(umask)
     try:

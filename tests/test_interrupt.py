@@ -28,7 +28,7 @@ from torch.utils.data import TensorDataset
 
 import reweight
 from reweight import CheckpointError, Trainer, TrainerConfig, TrainingInterrupted
-from reweight.checkpoint import read_checkpoint
+from reweight.train.checkpoint import read_checkpoint
 from tests.test_cli import cli_env, read_csv
 
 SGD = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)

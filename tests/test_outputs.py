@@ -338,7 +338,7 @@ def test_the_pngs_of_an_imbalanced_run_name_its_classes(tmp_path, data_root, dra
 def test_suspects_png_shows_id_labels_and_probability_without_overlap(
     tmp_path, data_root, drawn, capsys
 ):
-    from reweight import inspect as inspect_cli
+    from reweight.outputs import inspect as inspect_cli
 
     _train(tmp_path, "dataset=mnist_noisy", "dataset.train_per_class=20")
     assert inspect_cli.main([str(tmp_path), "--top", "16"]) == 0

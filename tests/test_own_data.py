@@ -1,7 +1,8 @@
-"""Your own data (reweight/data/own.py) and the suspects of a run (reweight/suspects.py,
-reweight/inspect.py): real files made from the shared MNIST in a temporary folder (PNGs in class
-folders with 30 % of them in a wrong folder, a CSV of pooled pixel features), the real CLI in a
-subprocess, and the bad-file rule: one ``error:`` line naming the file, exit 2, nothing written.
+"""Your own data (reweight/data/own.py) and the suspects of a run (reweight/outputs/suspects.py,
+reweight/outputs/inspect.py): real files made from the shared MNIST in a temporary folder (PNGs
+in class folders with 30 % of them in a wrong folder, a CSV of pooled pixel features), the real
+CLI in a subprocess, and the bad-file rule: one ``error:`` line naming the file, exit 2, nothing
+written.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import torchvision
 from torchvision.io import write_png as _write_png
 
 from reweight.data import build_dataset
-from reweight.inspect import main as inspect_main
-from reweight.suspects import (
+from reweight.outputs.inspect import main as inspect_main
+from reweight.outputs.suspects import (
     SUSPECT_COLUMNS,
     precision_recall_at_k,
     ranking_metrics,
@@ -157,7 +158,7 @@ def test_own_data_trains_and_lists_suspects(files, tmp_path, kind, method):
             assert 0.0 <= ranking[name]["precision_at_k"] <= 1.0
             assert "recall_at_100" in ranking[name]
 
-    shown = run([str(run_dir), "--top", "5"], tmp_path, module="reweight.inspect")
+    shown = run([str(run_dir), "--top", "5"], tmp_path, module="reweight.outputs.inspect")
     assert shown.returncode == 0, shown.stderr
     assert rows[0]["id"][-37:] in shown.stdout
     assert (run_dir / "suspects_scatter.png").stat().st_size > 0
@@ -470,7 +471,7 @@ def test_inspect_prints_the_top_rows_and_plots_known_corruption(tmp_path, capsys
         for r, i in enumerate([4, 0, 3, 1, 2])
     ]
     write_suspects(tmp_path / "suspects.csv", rows)
-    with caplog.at_level("INFO", logger="reweight.inspect"):
+    with caplog.at_level("INFO", logger="reweight.outputs.inspect"):
         assert inspect_main([str(tmp_path), "--top", "2"]) == 0
     out = capsys.readouterr().out
     assert "row 4" in out and "row 0" in out and "row 3" not in out
@@ -487,7 +488,7 @@ def test_suspects_table_ranks_by_final_else_mean_weight(final_weights):
     from torch import nn
 
     from reweight.data.core import TensorData
-    from reweight.trainer import Trainer, TrainerConfig
+    from reweight.train.trainer import Trainer, TrainerConfig
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(60, 4, generator=g), torch.arange(60) % 3

@@ -1,4 +1,4 @@
-"""What a user sees while a run works (reweight.progress): log lines that never run into a
+"""What a user sees while a run works (reweight.core.progress): log lines that never run into a
 progress bar, the heartbeat with the ETA without a terminal, and the end-of-run phases of the
 real CLI logged with their durations when nothing is a terminal."""
 
@@ -13,7 +13,7 @@ import sys
 
 from tqdm import tqdm
 
-from reweight.progress import Heartbeat, TqdmHandler, format_duration
+from reweight.core.progress import Heartbeat, TqdmHandler, format_duration
 
 from .test_cli import cli_env
 

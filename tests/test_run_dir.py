@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 
 import reweight.cli.run_dir
 from reweight.cli.run_dir import NO_EFFECT_KEYS, RunDir, RunDirError, config_differences
-from reweight.trainer_config import NO_EFFECT_FIELDS, TrainerConfig
+from reweight.train.config import NO_EFFECT_FIELDS, TrainerConfig
 from tests.test_cli import cli_env
 
 ARGS = [
@@ -500,7 +500,7 @@ def test_a_corrupt_summary_is_one_line_naming_it(finished_run, copy_of, tmp_path
     before = snapshot(tmp_path)
     assert_refused(cli([*ARGS, f"hydra.run.dir={run}"], tmp_path), str(run / "summary.json"))
     inspect = subprocess.run(
-        [sys.executable, "-m", "reweight.inspect", str(run)],
+        [sys.executable, "-m", "reweight.outputs.inspect", str(run)],
         env=cli_env(),
         capture_output=True,
         text=True,
@@ -523,7 +523,7 @@ def test_inspect_that_cannot_rebuild_the_images_writes_nothing(tmp_path):
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     before = snapshot(tmp_path)
     proc = subprocess.run(
-        [sys.executable, "-m", "reweight.inspect", str(run)],
+        [sys.executable, "-m", "reweight.outputs.inspect", str(run)],
         env=cli_env(),
         capture_output=True,
         text=True,

@@ -29,8 +29,8 @@ from reweight.cli.schema import (
     schema_classes,
     validate_config,
 )
-from reweight.device import resolve_device
-from reweight.trainer import TrainerConfig
+from reweight.core.device import resolve_device
+from reweight.train.trainer import TrainerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"

@@ -1,5 +1,5 @@
-"""The suspects of a run are scored in eval mode (reweight.suspects): a model with dropout and
-BatchNorm, trained by the real Trainer and left in training mode, gets the losses, predictions
+"""The suspects of a run are scored in eval mode (reweight.outputs.suspects): a model with dropout
+and BatchNorm, trained by the real Trainer and left in training mode, gets the losses, predictions
 and probabilities of its eval-mode forward, and is handed back as it was (training mode, the
 BatchNorm running statistics untouched)."""
 
@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from reweight.data.core import TensorData
-from reweight.suspects import score_examples, suspects_table
-from reweight.trainer import Trainer, TrainerConfig
+from reweight.outputs.suspects import score_examples, suspects_table
+from reweight.train.trainer import Trainer, TrainerConfig
 
 
 def trained_in_training_mode() -> Trainer:

@@ -1,5 +1,5 @@
-"""suspects.csv and the ranking metrics to the letter (reweight.suspects), in-process: a real
-Trainer, real files. The CLI tests in test_own_data.py check the same through a subprocess;
+"""suspects.csv and the ranking metrics to the letter (reweight.outputs.suspects), in-process: a
+real Trainer, real files. The CLI tests in test_own_data.py check the same through a subprocess;
 these pin down what a mutation run (tools/mutation.py) showed they leave open in-process."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from reweight.data.core import TensorData
-from reweight.suspects import (
+from reweight.outputs.suspects import (
     SUSPECT_COLUMNS,
     precision_recall_at_k,
     ranking_metrics,
@@ -21,7 +21,7 @@ from reweight.suspects import (
     suspects_table,
     write_suspects,
 )
-from reweight.trainer import Trainer, TrainerConfig
+from reweight.train.trainer import Trainer, TrainerConfig
 
 HEADER = (
     "rank,index,id,given_label,predicted_label,probability,loss,final_weight,mean_weight,corrupted"

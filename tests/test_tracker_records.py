@@ -1,6 +1,6 @@
-"""What the trackers (reweight.loggers) actually store, read back from their own files: the real
-W&B (offline: its ``.wandb`` record log, parsed with W&B's own protobuf), MLflow (a local SQLite
-store) and TensorBoard (event files) packages, no network.
+"""What the trackers (reweight.train.loggers) actually store, read back from their own files: the
+real W&B (offline: its ``.wandb`` record log, parsed with W&B's own protobuf), MLflow (a local
+SQLite store) and TensorBoard (event files) packages, no network.
 
 - W&B: every row's scalars and the weight histogram, at their steps;
 - MLflow: a resumed run logs the rows a killed session had already logged once, not twice;
@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 
-from reweight.loggers import MLflowLogger, TensorBoardLogger, WandbLogger
+from reweight.train.loggers import MLflowLogger, TensorBoardLogger, WandbLogger
 
 _BLOCK, _FULL, _FIRST, _MIDDLE, _LAST = 32768, 1, 2, 3, 4
 
@@ -172,7 +172,7 @@ def tb_events(log_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], dict[s
 # the main thread blocks, as in close()), so without a working close() no row reaches the file.
 _ENDS_AFTER_CLOSE = """
 import os, sys
-from reweight.loggers import TensorBoardLogger
+from reweight.train.loggers import TensorBoardLogger
 
 logger = TensorBoardLogger(sys.argv[1], flush_secs=3600)
 sys.setswitchinterval(1e4)

@@ -1,4 +1,4 @@
-"""Experiment trackers (reweight.loggers), the clean validation split and the sweep objective:
+"""Experiment trackers (reweight.train.loggers), the clean validation split and the sweep objective:
 the real TensorBoard, MLflow, W&B (offline) and Optuna packages, no network."""
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from torch.utils.data import TensorDataset
 from reweight import Trainer, TrainerConfig
 from reweight.cli import validate
 from reweight.data import build_dataset
-from reweight.loggers import Logger, TensorBoardLogger
-from reweight.signals import TrainingInterrupted
+from reweight.train.loggers import Logger, TensorBoardLogger
+from reweight.train.signals import TrainingInterrupted
 from tests.test_tracker_records import wandb_history, wandb_records
 
 TINY = [
@@ -470,7 +470,7 @@ def test_starting_over_removes_the_old_runs_tracker_files(tmp_path: Path) -> Non
     """resume=false in a run directory: the replaced run's events, store and ids go with its
     other files (at the new run's first step), so no tracker mixes two runs."""
     from reweight.cli.run_dir import RunDir
-    from reweight.outputs.files import TRACKER_DIRS, TRACKER_FILES
+    from reweight.core.files import TRACKER_DIRS, TRACKER_FILES
 
     run = tmp_path / "run"
     for name in TRACKER_DIRS:
@@ -612,7 +612,7 @@ def test_every_extra_package_is_what_its_extra_installs() -> None:
     """The package a missing-extra message names is one that the extra in pyproject installs."""
     import tomllib
 
-    from reweight.loggers import EXTRA_PACKAGES, LOGGERS
+    from reweight.train.loggers import EXTRA_PACKAGES, LOGGERS
 
     extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
         "optional-dependencies"

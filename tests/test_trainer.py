@@ -11,9 +11,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from reweight import L2RW, MWNet, Trainer, TrainerConfig, build_method
-from reweight.batches import BatchStream
 from reweight.methods.baselines import effective_number_weights
-from reweight.metrics import auc
+from reweight.train.batches import BatchStream
+from reweight.train.metrics import auc
 
 SGD = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)
 

@@ -59,8 +59,6 @@ from reweight.cli.errors import (
 from reweight.cli.run_dir import RunDir, hydra_files
 from reweight.cli.schema import validate_config
 from reweight.data import build_dataset, resolve_data_root, save_labels
-from reweight.distributed import env_rank, env_world_size, init_from_env
-from reweight.loggers import build_loggers
 from reweight.methods import build_method
 from reweight.outputs import (
     CHECKPOINT,
@@ -72,9 +70,11 @@ from reweight.outputs import (
     aggregate_sweep,
     record_job,
 )
-from reweight.run_files import write_run_files
-from reweight.signals import TrainingInterrupted
-from reweight.trainer import Trainer, TrainerConfig
+from reweight.train.distributed import env_rank, env_world_size, init_from_env
+from reweight.train.loggers import build_loggers
+from reweight.train.run_files import write_run_files
+from reweight.train.signals import TrainingInterrupted
+from reweight.train.trainer import Trainer, TrainerConfig
 
 __all__ = ["CONFIG_PATH", "AggregateSweep", "ValidateConfig", "main", "train", "validate"]
 
@@ -101,12 +101,12 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> float:
     Writes into ``run_dir`` (default: Hydra's output directory of this job) the resolved
     ``config.yaml``, ``labels.pt`` / ``dataset.json``, ``checkpoint.pt`` (every
     ``trainer.checkpoint_every`` steps), ``metrics.csv`` (as rows are made), ``summary.json``,
-    ``weights.pt`` (the weights and each example's id), ``suspects.csv`` (``reweight.suspects``;
-    only where the labels may be noisy), the plots and the trackers' files
-    (``cfg.logger``, ``reweight.loggers``), and returns the final value of ``cfg.objective``
-    (what a sweeper such as Optuna maximises; default ``val_accuracy``, on the clean validation
-    set; a test metric only with ``objective_allow_test=true``). With ``cfg.resume`` it
-    continues from ``run_dir/checkpoint.pt``.
+    ``weights.pt`` (the weights and each example's id), ``suspects.csv``
+    (``reweight.outputs.suspects``; only where the labels may be noisy), the plots and the
+    trackers' files (``cfg.logger``, ``reweight.train.loggers``), and returns the final value of
+    ``cfg.objective`` (what a sweeper such as Optuna maximises; default ``val_accuracy``, on the
+    clean validation set; a test metric only with ``objective_allow_test=true``). With
+    ``cfg.resume`` it continues from ``run_dir/checkpoint.pt``.
     Configuration errors raise ``ValueError`` naming the key and the allowed values.
 
     Nothing is written before the first training step (``reweight.cli.run_dir``): a run that fails
@@ -239,7 +239,7 @@ def _train(cfg: DictConfig, run: RunDir) -> float:
     if not main_rank:
         return _objective(cfg, objective)
 
-    # 4. outputs: the same files as Trainer(..., run_dir=...) writes (reweight.run_files)
+    # 4. outputs: the same files as Trainer(..., run_dir=...) writes (reweight.train.run_files)
     info = bundle.info
     write_run_files(
         run_dir,

@@ -51,7 +51,7 @@ from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from reweight.outputs.files import (
+from reweight.core.files import (
     CHECKPOINT,
     CURVES_PNG,
     DIVERGED,
@@ -72,7 +72,7 @@ from reweight.outputs.files import (
     WEIGHTS,
     atomic_write,
 )
-from reweight.trainer_config import NO_EFFECT_FIELDS
+from reweight.train.config import NO_EFFECT_FIELDS
 
 __all__ = [
     "DIVERGENCE_KEYS",

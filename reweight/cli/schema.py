@@ -9,7 +9,7 @@ key is consumed, so that a new argument is typed where it is written:
 - the root keys ``seed``, ``resume``, ``meta_grad``, ``threads``, ``objective``,
   ``objective_allow_test``: :class:`RunConfig`;
 - ``logger``: :class:`LoggerConfig`, one dataclass per option of ``conf/logger/``;
-- ``trainer``: the fields of :class:`reweight.trainer.TrainerConfig` (less ``seed``, a root key);
+- ``trainer``: the fields of :class:`reweight.train.TrainerConfig` (less ``seed``, a root key);
 - ``method``: the constructor of the class that ``method.name`` names (``reweight.methods``);
 - ``dataset``: :func:`reweight.data.build_dataset`'s ``name``, ``root``, ``seed``, ``download``
   and the keyword arguments of the builder that ``dataset.name`` names;
@@ -61,15 +61,15 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
+from reweight.core.device import resolve_device
 from reweight.data._validate import check_choice
 from reweight.data.build import COMMON_KEYS, DATASETS, build_dataset, dataset_builder
 from reweight.data.build import dataset_defaults as _dataset_defaults
-from reweight.device import resolve_device
-from reweight.distributed import check_batch_split
 from reweight.functional import check_meta_grad
 from reweight.methods import method_class
 from reweight.models.factory import build_model, model_builder
-from reweight.trainer import TrainerConfig
+from reweight.train.distributed import check_batch_split
+from reweight.train.trainer import TrainerConfig
 
 OBJECTIVES = (
     "val_accuracy",
@@ -181,14 +181,14 @@ class CSVLoggerConfig:
 
 @dataclass
 class TensorBoardLoggerConfig:
-    """``conf/logger/tensorboard.yaml`` (``reweight.loggers.TensorBoardLogger``)."""
+    """``conf/logger/tensorboard.yaml`` (``reweight.train.loggers.TensorBoardLogger``)."""
 
     flush_secs: int = field(default=MISSING, metadata={"rule": _at_least(1)})
 
 
 @dataclass
 class MLflowLoggerConfig:
-    """``conf/logger/mlflow.yaml`` (``reweight.loggers.MLflowLogger``)."""
+    """``conf/logger/mlflow.yaml`` (``reweight.train.loggers.MLflowLogger``)."""
 
     tracking_uri: str | None = MISSING
     experiment: str = MISSING
@@ -196,7 +196,7 @@ class MLflowLoggerConfig:
 
 @dataclass
 class WandbLoggerConfig:
-    """``conf/logger/wandb.yaml`` (``reweight.loggers.WandbLogger``)."""
+    """``conf/logger/wandb.yaml`` (``reweight.train.loggers.WandbLogger``)."""
 
     mode: str = field(default=MISSING, metadata={"rule": _wandb_mode})
     project: str = MISSING

@@ -33,7 +33,7 @@ import logging
 import os
 from pathlib import Path
 
-from reweight.outputs.files import atomic_write
+from reweight.core.files import atomic_write
 
 __all__ = ["CACHE_DIR_ENV", "file_md5", "resolve_cache_dir", "verify_md5"]
 

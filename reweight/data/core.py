@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from reweight.outputs.files import INFO_FILE, LABELS_FILE, atomic_write
+from reweight.core.files import INFO_FILE, LABELS_FILE, atomic_write
 
 __all__ = [
     "DATA_DIR_ENV",

@@ -34,7 +34,7 @@ import lightning as L
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reweight.inputs import Inputs
+from reweight.core.inputs import Inputs
 from reweight.meta import LossFn
 from reweight.methods import Method
 from reweight.reweighter import Reweighted, Reweighter

@@ -29,8 +29,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
-from reweight import inputs as batch_inputs
-from reweight.inputs import Inputs
+from reweight.core import inputs as batch_inputs
+from reweight.core.inputs import Inputs
 from reweight.meta import LossFn, MetaModule
 
 __all__ = [
@@ -129,7 +129,7 @@ class Forward:
 
     module: nn.Module  # what runs: the real model, or its bound twin (model left unchanged)
     weights: list[Tensor]  # the model's trainable weights θ (the twin holds the same tensors)
-    inputs: Inputs  # a tensor, or a mapping of tensors (``reweight.inputs``)
+    inputs: Inputs  # a tensor, or a mapping of tensors (``reweight.core.inputs``)
     targets: Tensor
     loss_fn: LossFn
     twin: Callable[[], MetaModule]  # the model's twin, bound to θ (for dual-number JVPs)

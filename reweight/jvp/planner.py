@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from reweight import inputs as batch_inputs
+from reweight.core import inputs as batch_inputs
 from reweight.jvp.base import ENGINE_SPECS, ENGINES, Forward, Recording, Unsupported
 from reweight.jvp.choice import POLICIES, Facts, Plan, choose, general
 from reweight.jvp.dual import DualRecording, DualTwinRecording, dual_twin_jvp

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from reweight import inputs as batch_inputs
+from reweight.core import inputs as batch_inputs
 from reweight.meta.modules import MetaModule, to_meta
 
 __all__ = [

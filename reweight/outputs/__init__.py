@@ -1,6 +1,7 @@
 """What a run leaves on disk, and the table of a sweep: pure file I/O, no Hydra.
 
-- ``files``: the name of every file a run writes, and the one atomic writer they all go through.
+- the names of the files a run writes, re-exported from ``reweight.core.files`` (where the
+  atomic writer they all go through lives).
 
 - ``MetricsCSV``: a ``Trainer`` callback that keeps ``metrics.csv`` equal to the history so far.
 - ``write_summary``: ``summary.json``, atomically, NaN written as ``null``.
@@ -26,7 +27,7 @@ Example:
     | method | n | test accuracy (%) | balanced accuracy (%) | val accuracy (%) |
 """
 
-from reweight.outputs.files import (
+from reweight.core.files import (
     CHECKPOINT,
     CURVES_PNG,
     HISTOGRAM_PNG,

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from reweight.outputs.files import atomic_write
+from reweight.core.files import atomic_write
 
 __all__ = [
     "plot_learning_curves",

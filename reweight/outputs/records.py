@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from reweight.outputs.files import atomic_write_text
+from reweight.core.files import atomic_write_text
 
 __all__ = ["MetricsCSV", "write_metrics_csv", "write_summary"]
 

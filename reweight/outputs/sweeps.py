@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from reweight.outputs.files import (
+from reweight.core.files import (
     FAILED_JOBS,
     OVERRIDES,
     REPLACED_SUFFIX,

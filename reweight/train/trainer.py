@@ -38,23 +38,28 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from reweight.batches import BatchStream, shuffled_pass
-from reweight.checkpoint import read_checkpoint, restore_rng_state, rng_state, write_checkpoint
+from reweight.core.device import channels_last_choice, resolve_device
+from reweight.core.files import CHECKPOINT, METRICS
+from reweight.core.inputs import Inputs, to_device
+from reweight.core.progress import Heartbeat, phase
 from reweight.data.core import save_labels
-from reweight.device import channels_last_choice, resolve_device
-from reweight.distributed import DistContext, check_batch_split
 from reweight.functional import LossFn
-from reweight.inputs import Inputs, to_device
-from reweight.loggers import Logger, LoggerGroup
 from reweight.methods import Method, MethodOutput, StepInputs, build_method
-from reweight.metrics import best_accuracy_of, evaluate_classifier, summarize_test
-from reweight.outputs.files import CHECKPOINT, METRICS
 from reweight.outputs.records import MetricsCSV
-from reweight.progress import Heartbeat, phase
-from reweight.run_files import write_run_files
-from reweight.signals import StopOnSignal, TrainingInterrupted
-from reweight.trainer_config import TrainerConfig
-from reweight.weight_stats import WeightStats, example_labels, weight_diagnostics
+from reweight.train.batches import BatchStream, shuffled_pass
+from reweight.train.checkpoint import (
+    read_checkpoint,
+    restore_rng_state,
+    rng_state,
+    write_checkpoint,
+)
+from reweight.train.config import TrainerConfig
+from reweight.train.distributed import DistContext, check_batch_split
+from reweight.train.loggers import Logger, LoggerGroup
+from reweight.train.metrics import best_accuracy_of, evaluate_classifier, summarize_test
+from reweight.train.run_files import write_run_files
+from reweight.train.signals import StopOnSignal, TrainingInterrupted
+from reweight.train.weight_stats import WeightStats, example_labels, weight_diagnostics
 
 __all__ = ["FitResult", "StepResult", "Trainer", "TrainerConfig"]
 
@@ -108,12 +113,12 @@ class Trainer:
         run_dir: a folder for the run's files, as the command line writes them: ``metrics.csv``
             (row by row), ``checkpoint.pt`` (unless ``checkpoint_path`` says otherwise), and
             after training ``summary.json``, ``weights.pt``, ``suspects.csv`` and the plots
-            (``reweight.run_files``); ``from_bundle`` adds ``labels.pt`` and ``dataset.json``
+            (``reweight.train.run_files``); ``from_bundle`` adds ``labels.pt`` and ``dataset.json``
             and the dataset's class names and example ids.
         callbacks: called with each history row as it is made.
         val_data: a clean validation set, disjoint from the others, evaluated with the test
             set: ``val_*`` keys in rows and final metrics (what a sweep should optimise).
-        loggers: experiment trackers (``reweight.loggers.Logger``): ``log_config(run_config)``
+        loggers: experiment trackers (``reweight.train.loggers.Logger``): ``log_config(run_config)``
             once after the first step, then each row and the weight histogram; closed when
             ``fit`` returns or raises.
         run_config: what the loggers record as the run's config (default: the TrainerConfig
@@ -218,7 +223,7 @@ class Trainer:
 
         Returns the history and the final metrics (the same keys as ``summary.json``).
 
-        Interrupts (``reweight.signals``): the first SIGINT (Ctrl-C) or SIGTERM (what SLURM
+        Interrupts (``reweight.train.signals``): the first SIGINT (Ctrl-C) or SIGTERM (what SLURM
         sends before it kills a job) lets the current step finish, writes the checkpoint (when
         there is a ``checkpoint_path``) and raises ``TrainingInterrupted``, after which
         ``fit(resume=True)`` continues bit for bit; a second signal aborts at once. In
@@ -242,7 +247,7 @@ class Trainer:
         return result
 
     def _write_run_files(self, result: FitResult) -> None:
-        """``reweight.run_files.write_run_files`` into ``run_dir``, with the bundle's records."""
+        """``run_files.write_run_files`` into ``run_dir``, with the bundle's records."""
         bundle, extra = self.bundle, {"run_dir": str(self.run_dir.resolve())}
         if bundle is not None:
             save_labels(bundle, self.run_dir)
@@ -553,7 +558,7 @@ class Trainer:
         self._elapsed = float(state["elapsed"])
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
-        """Write ``state_dict()`` atomically (``reweight.checkpoint.write_checkpoint``)."""
+        """Write ``state_dict()`` atomically (``reweight.train.checkpoint.write_checkpoint``)."""
         write_checkpoint(path, self.state_dict())
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from reweight.device import check_channels_last
+from reweight.core.device import check_channels_last
 
 __all__ = ["NO_EFFECT_FIELDS", "TrainerConfig"]
 
@@ -32,7 +32,7 @@ class TrainerConfig:
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", or "auto"
     bf16: bool = False  # bf16 autocast for forward passes (CUDA only)
     # NHWC memory format for the model and 4-D inputs: True, False, or "auto" (on where it is
-    # faster and changes only the rounding: reweight.device.channels_last_choice)
+    # faster and changes only the rounding: reweight.core.device.channels_last_choice)
     channels_last: bool | str = "auto"
     num_workers: int = 0  # DataLoader workers
     checkpoint_every: int = 0  # write the checkpoint every N steps (0: only at the end)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from reweight.metrics import auc
+from reweight.train.metrics import auc
 
 __all__ = [
     "WeightStats",

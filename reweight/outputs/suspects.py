@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from reweight.inputs import to_device
-from reweight.outputs.files import atomic_write
+from reweight.core.files import atomic_write
+from reweight.core.inputs import to_device
 
 __all__ = [
     "FIXED_K",

@@ -54,9 +54,11 @@ WEIGHTS = "weights.pt"  # every training example's final weight
 LABELS_FILE = "labels.pt"  # observed and true training labels, the corruption mask
 INFO_FILE = "dataset.json"  # how the dataset was built (sizes, noise rate, seeds)
 DIVERGED = "diverged.json"  # a run stopped by a NaN/inf: the step, the checkpoint kept
-SUSPECTS = "suspects.csv"  # every training example, most suspect label first (reweight.suspects)
+SUSPECTS = (
+    "suspects.csv"  # every training example, most suspect label first (reweight.outputs.suspects)
+)
 CURVES_PNG = "learning_curves.png"
-# written by `python -m reweight.inspect RUN_DIR`
+# written by `python -m reweight.outputs.inspect RUN_DIR`
 SUSPECTS_PNG = "suspects.png"  # the lowest-weight images, given -> predicted label
 SUSPECTS_SCATTER_PNG = "suspects_scatter.png"  # final weight vs loss, clean / corrupted
 HISTOGRAM_PNG = "weight_histogram.png"
@@ -76,7 +78,7 @@ LOGGER_FILES = {
 TRACKER_FILES = (MLFLOW_DB, MLFLOW_RUN_ID, WANDB_RUN_ID)
 TRACKER_DIRS = (TENSORBOARD_DIR, MLFLOW_DIR, WANDB_DIR)
 """What the trackers leave in a run directory: a run that starts over there removes them."""
-"""Where each tracker writes in a run directory (``reweight.loggers.build_loggers``)."""
+"""Where each tracker writes in a run directory (``reweight.train.loggers.build_loggers``)."""
 HYDRA_DIR = Path(".hydra")  # Hydra's records of the job: config, hydra, overrides
 OVERRIDES = HYDRA_DIR / "overrides.yaml"  # the job's command-line overrides (sweep tables)
 REPLACED_SUFFIX = ".replaced"  # <run dir>.replaced: a finished run that resume=false replaces,

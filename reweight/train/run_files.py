@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from reweight.outputs.files import (
+from reweight.core.files import (
     CURVES_PNG,
     HISTOGRAM_PNG,
     METRICS,
@@ -26,10 +26,10 @@ from reweight.outputs.files import (
     WEIGHTS,
     atomic_write,
 )
+from reweight.core.progress import phase
 from reweight.outputs.plots import plot_learning_curves, plot_weight_histogram
 from reweight.outputs.records import write_metrics_csv, write_summary
-from reweight.progress import phase
-from reweight.suspects import example_ids, ranking_metrics, suspects_table, write_suspects
+from reweight.outputs.suspects import example_ids, ranking_metrics, suspects_table, write_suspects
 
 __all__ = ["write_run_files"]
 

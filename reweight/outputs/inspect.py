@@ -1,8 +1,8 @@
-"""``python -m reweight.inspect RUN_DIR [--top N]``: the most suspect labels of a finished run.
+"""``python -m reweight.outputs.inspect RUN_DIR [--top N]``: a finished run's most suspect labels.
 
 Prints the top ``N`` rows of ``RUN_DIR/suspects.csv`` (most suspect first: see
-:mod:`reweight.suspects`) and writes next to it ``suspects_scatter.png`` (weight against final loss,
-clean and corrupted in two colours when the corruption is known) and, for image data,
+:mod:`reweight.outputs.suspects`) and writes next to it ``suspects_scatter.png`` (weight against
+final loss, clean and corrupted in two colours when the corruption is known) and, for image data,
 ``suspects.png`` (the ``N`` most suspect images, each captioned with its id, ``given →
 predicted`` and the model's probability of the predicted label;
 the dataset is rebuilt from the run's ``config.yaml``, which is quick: everything is seeded).
@@ -10,8 +10,8 @@ With precision@k in ``summary.json`` (synthetic corruption), prints it beside th
 baseline. A missing or unreadable run file is one ``error:`` line, exit status 2.
 
 The report (table and precision) is this command's output, written to stdout in one piece by
-``main``; what it did besides (the PNGs written) is logged (``reweight.inspect``, INFO, shown
-on stderr when run as a command).
+``main``; what it did besides (the PNGs written) is logged (``reweight.outputs.inspect``, INFO,
+shown on stderr when run as a command).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from reweight.outputs.files import (
+from reweight.core.files import (
     RESOLVED_CONFIG,
     SUMMARY,
     SUSPECTS,
@@ -110,7 +110,7 @@ def _ranking_lines(summary: dict[str, Any]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the top suspects of a run and write its PNGs; 0 on success, 2 on a bad run dir."""
     parser = argparse.ArgumentParser(
-        prog="python -m reweight.inspect",
+        prog="python -m reweight.outputs.inspect",
         description="The most suspect training labels of a run (RUN_DIR/suspects.csv), with "
         "suspects_scatter.png and, for images, suspects.png written into RUN_DIR.",
     )

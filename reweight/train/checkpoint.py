@@ -1,5 +1,5 @@
 """Reading a Trainer checkpoint safely: ``weights_only`` loading, and one clear error naming the
-file and the fix when it cannot be resumed from. Writing goes through ``reweight.outputs.files``."""
+file and the fix when it cannot be resumed from. Writing goes through ``reweight.core.files``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from reweight.outputs.files import atomic_write
+from reweight.core.files import atomic_write
 
 __all__ = [
     "CheckpointError",

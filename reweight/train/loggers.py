@@ -454,7 +454,7 @@ def build_loggers(
 ) -> list[Logger]:
     """The loggers of the ``logger`` config block (``{"tensorboard": {...}, ...}``) for a run
     in ``run_dir``. ``files`` names their places in the run directory
-    (``reweight.outputs.files``: tensorboard, mlflow_db, mlruns, mlflow_id, wandb_id). Nothing is
+    (``reweight.core.files``: tensorboard, mlflow_db, mlruns, mlflow_id, wandb_id). Nothing is
     written here. An unknown name raises ``ValueError`` with the allowed names."""
     run = Path(run_dir)
     out: list[Logger] = []

@@ -1,0 +1,5 @@
+"""What every layer may use: a batch's inputs (a tensor or a dict of tensors), the device
+helpers, the file names of a run and the one atomic writer, and the progress bars.
+
+Nothing here imports another module of the package.
+"""

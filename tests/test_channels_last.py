@@ -61,7 +61,7 @@ def _trainer(channels_last):
 
 
 def test_auto_trains_lenet_in_nhwc_and_changes_only_the_rounding(caplog):
-    with caplog.at_level(logging.INFO, logger="reweight.train.trainer"):
+    with caplog.at_level(logging.INFO, logger="reweight.core.device"):
         auto, batch = _trainer("auto")
     assert auto.channels_last
     assert auto.model.features[0].weight.is_contiguous(memory_format=torch.channels_last)

@@ -14,7 +14,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import get_method
 from omegaconf import OmegaConf
 
-from reweight.cli.app import _partial, _trainer_config
+from reweight.cli.job import _partial, _trainer_config
 from reweight.data.build import COMMON_KEYS, DATASETS, dataset_defaults
 from reweight.methods import METHODS, build_method
 from reweight.models import MODEL_NAMES

@@ -504,10 +504,11 @@ def test_suspects_table_ranks_by_final_else_mean_weight(final_weights):
         config=config,
         train_labels=y[:50],
     )
-    trainer.fit()
-    rows, ranked_by, losses = suspects_table(trainer, class_names=["a", "b", "c"])
+    final = trainer.fit().example_weights
+    assert (final is None) == (final_weights == 0)
+    rows, ranked_by, losses = suspects_table(trainer, final=final, class_names=["a", "b", "c"])
     assert len(rows) == 50 and {r["given_label"] for r in rows} == {"a", "b", "c"}
-    expected = trainer.final_example_weights if final_weights else trainer.mean_example_weights()
+    expected = final if final_weights else trainer.mean_example_weights()
     torch.testing.assert_close(ranked_by, expected.float(), rtol=0, atol=0, equal_nan=True)
     assert ranked_by.isnan().any() == (final_weights == 0)  # 4 x 10 draws leave some unseen
     assert [r["index"] for r in rows] == suspect_order(ranked_by, losses).tolist()

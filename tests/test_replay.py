@@ -438,7 +438,7 @@ def hydra_cfg():
 @pytest.mark.parametrize("method", ["l2rw", "mwnet"])
 def test_config_replays_adamw(hydra_cfg, method: str):
     from reweight import build_method, cli
-    from reweight.cli.app import _partial
+    from reweight.cli.job import _partial
 
     cfg = hydra_cfg("optimizer=adamw", f"method={method}", "method.replay_optimizer=true")
     checked = cli.validate(cfg)  # the schema, then every constructor the run would call

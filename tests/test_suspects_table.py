@@ -21,7 +21,7 @@ from reweight.outputs.suspects import (
     suspects_table,
     write_suspects,
 )
-from reweight.train.trainer import Trainer, TrainerConfig
+from reweight.train.trainer import FitResult, Trainer, TrainerConfig
 
 HEADER = (
     "rank,index,id,given_label,predicted_label,probability,loss,final_weight,mean_weight,corrupted"
@@ -29,7 +29,7 @@ HEADER = (
 
 
 @pytest.fixture(scope="module")
-def trainer() -> Trainer:
+def fitted() -> tuple[Trainer, FitResult]:
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(60, 4, generator=g), torch.arange(60) % 3
     torch.manual_seed(0)
@@ -41,8 +41,7 @@ def trainer() -> Trainer:
         config=TrainerConfig(max_steps=4, batch_size=10, eval_every=0, progress=False),
         train_labels=y[:50],
     )
-    trainer.fit()
-    return trainer
+    return trainer, trainer.fit()
 
 
 def read(path) -> tuple[bytes, list[dict[str, str]]]:
@@ -51,11 +50,13 @@ def read(path) -> tuple[bytes, list[dict[str, str]]]:
         return data, list(csv.DictReader(f))
 
 
-def test_suspects_csv_to_the_letter(trainer: Trainer, tmp_path):
+def test_suspects_csv_to_the_letter(fitted: tuple[Trainer, FitResult], tmp_path):
+    trainer, result = fitted
     ids = [f"img{i}.png" for i in range(50)]
     corrupted = torch.arange(50) % 4 == 0
+    final = result.example_weights
     rows, ranked_by, losses = suspects_table(
-        trainer, class_names=["a", "b", "c"], ids=ids, corrupted=corrupted
+        trainer, final=final, class_names=["a", "b", "c"], ids=ids, corrupted=corrupted
     )
     write_suspects(tmp_path / "suspects.csv", rows)
     data, table = read(tmp_path / "suspects.csv")
@@ -65,7 +66,7 @@ def test_suspects_csv_to_the_letter(trainer: Trainer, tmp_path):
     order = suspect_order(ranked_by, losses)
     assert [int(r["index"]) for r in table] == order.tolist()
     scores = score_examples(trainer)
-    mean, final = trainer.mean_example_weights(), trainer.final_example_weights
+    mean = trainer.mean_example_weights()
     names = ["a", "b", "c"]
     for r in table:
         i = int(r["index"])
@@ -79,8 +80,9 @@ def test_suspects_csv_to_the_letter(trainer: Trainer, tmp_path):
         assert r["corrupted"] == ("1" if corrupted[i] else "0")
 
 
-def test_without_ids_labels_or_corruption(trainer: Trainer, tmp_path):
+def test_without_ids_labels_or_corruption(fitted: tuple[Trainer, FitResult], tmp_path):
     """No ids: the index; no known corruption: empty; no train_labels: the data's labels."""
+    trainer = fitted[0]
     saved = trainer.train_labels
     trainer.train_labels = None
     try:

@@ -431,9 +431,9 @@ def test_every_train_return_is_the_objective() -> None:
     of a raw test accuracy fails here)."""
     import inspect
 
-    from reweight.cli import app
+    from reweight.cli import job
 
-    source = inspect.getsource(app._train)
+    source = inspect.getsource(job._train)
     returns = [line.strip() for line in source.splitlines() if line.strip().startswith("return")]
     assert returns and all(r.startswith("return _objective(cfg,") for r in returns), returns
 

@@ -3,11 +3,20 @@ trains in there (``trainer.channels_last``)."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from reweight.core.inputs import Inputs, to_device
+
+log = logging.getLogger(__name__)
+
 __all__ = [
     "CHANNELS_LAST_SETTINGS",
+    "Placement",
     "channels_last_choice",
     "check_channels_last",
     "resolve_device",
@@ -87,3 +96,42 @@ def channels_last_choice(
         "auto: on, a CPU model with 2-D convolutions and no BatchNorm (NHWC measured 1.25-1.67x "
         "faster per LeNet step; the same sums in another order, rounding only)"
     )
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a batch goes and in which precision it runs: the device, NHWC for 4-D inputs when
+    ``channels_last``, bf16 autocast when ``bf16`` (the loop's, evaluation's and scoring's)."""
+
+    device: torch.device
+    channels_last: bool = False
+    bf16: bool = False
+
+    @classmethod
+    def of(
+        cls, model: nn.Module, device: str, channels_last: bool | str, bf16: bool
+    ) -> tuple[Placement, nn.Module]:
+        """The placement ``trainer.device``, ``trainer.channels_last`` and ``trainer.bf16`` ask
+        for, and ``model`` moved there (logged: the memory format and why)."""
+        where = resolve_device(device)
+        if bf16 and where.type != "cuda":
+            raise ValueError(f"trainer.bf16=true needs a CUDA device (trainer.device), got {where}")
+        model = model.to(where)
+        nhwc, why = channels_last_choice(channels_last, model, where)
+        log.info("memory format: %s (%s)", "NHWC" if nhwc else "NCHW", why)
+        if nhwc:
+            model = model.to(memory_format=torch.channels_last)
+        return cls(where, nhwc, bf16), model
+
+    def inputs(self, x: Inputs) -> Inputs:
+        """A batch of inputs on the device, NHWC when ``channels_last`` and the batch is 4-D."""
+        x = to_device(x, self.device, non_blocking=True)
+        if self.channels_last and isinstance(x, torch.Tensor) and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast on the device, or nothing."""
+        if self.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()

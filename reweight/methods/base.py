@@ -76,7 +76,7 @@ class Method(ABC):
 
     def describe(self) -> dict[str, Any]:
         """What a run's summary should say about how this method computed its steps
-        (``Trainer.final_metrics`` merges it); e.g. the meta-gradient engine and why."""
+        (``Trainer.final_result`` merges it); e.g. the meta-gradient engine and why."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:

@@ -140,16 +140,17 @@ def ranking_metrics(weights: Tensor, losses: Tensor, corrupted: Tensor) -> dict[
 def suspects_table(
     trainer: Any,
     *,
+    final: Tensor | None = None,
     class_names: list[str] | None = None,
     ids: list[str] | None = None,
     corrupted: Tensor | None = None,
 ) -> tuple[list[dict[str, Any]], Tensor, Tensor]:
     """The rows of ``suspects.csv`` (most suspect first), the weights that ranked them and the
-    final losses. Uses ``trainer.final_example_weights`` when the trainer scored them."""
+    final losses. ``final``: every example's final weight (``FitResult.example_weights``), which
+    ranks them when given; else their mean weight over training."""
     scores = score_examples(trainer)
     n = scores["loss"].numel()
     mean = trainer.mean_example_weights()
-    final = getattr(trainer, "final_example_weights", None)
     ranking_w = final.detach().cpu().float() if final is not None else mean.float()
     order = suspect_order(ranking_w, scores["loss"])
     labels = trainer.train_labels if trainer.train_labels is not None else None

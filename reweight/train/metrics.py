@@ -1,4 +1,5 @@
-"""Metrics: AUC of weights against a corruption mask, accuracy per class, evaluation."""
+"""Metrics: AUC of weights against a corruption mask, accuracy per class, and the evaluation
+of a model on the validation and test sets while it trains (``Evaluation``)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,20 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-__all__ = ["auc", "best_accuracy_of", "evaluate_classifier", "per_class_accuracy", "summarize_test"]
+from reweight.core.device import Placement
+from reweight.train.config import TrainerConfig
+
+__all__ = [
+    "Evaluation",
+    "auc",
+    "best_accuracy_of",
+    "evaluate_classifier",
+    "per_class_accuracy",
+    "summarize_test",
+]
 
 
 def auc(scores: Tensor, positive: Tensor) -> float:
@@ -104,3 +116,84 @@ def summarize_test(evaluation: dict[str, Any], best_accuracy: float) -> dict[str
         "best_test_accuracy": best_accuracy_of(best_accuracy, acc),
         "per_class_accuracy": evaluation["per_class_accuracy"],
     }
+
+
+class Evaluation:
+    """The validation and test sets of a run, evaluated when the loop asks.
+
+    ``row(step)``: the ``val_*`` and ``test_*`` scalars of a history row (the best test accuracy
+    so far follows); ``summary(step)``: the summary's keys. The test set is evaluated once per
+    step: the summary reuses the last row's result. ``best_test_accuracy`` is part of a
+    checkpoint (the loop saves and restores it). ``config``: the loop's (its evaluation batch
+    size, workers and progress bars).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[..., Tensor],
+        placement: Placement,
+        num_classes: int | None,
+        config: TrainerConfig,
+        val_data: Dataset | None = None,
+        test_data: Dataset | None = None,
+    ) -> None:
+        self.model, self.loss_fn, self.placement = model, loss_fn, placement
+        self.num_classes, self.config = num_classes, config
+        self.val_data, self.test_data = val_data, test_data
+        self.best_test_accuracy = float("nan")
+        self._test: tuple[int, dict[str, Any]] | None = None  # (step, result)
+
+    def evaluate(self, data: Dataset) -> dict[str, Any]:
+        """Accuracy, balanced (mean per-class) accuracy, per-class accuracy and mean loss."""
+        loader = DataLoader(
+            data,
+            batch_size=self.config.eval_batch_size,
+            num_workers=self.config.num_workers,
+            generator=torch.Generator().manual_seed(0),  # keep the global RNG intact
+        )
+        device = self.placement.device
+        return evaluate_classifier(
+            self.model,
+            loader,
+            self.loss_fn,
+            prepare=lambda x, y: (self.placement.inputs(x), torch.as_tensor(y).to(device)),
+            autocast=self.placement.autocast,
+            num_classes=self.num_classes,
+            progress=self.config.show_progress,
+        )
+
+    def val_metrics(self) -> dict[str, float]:
+        """``val_*`` scalars of the validation set ({} without one)."""
+        if self.val_data is None:
+            return {}
+        ev = self.evaluate(self.val_data)
+        return {f"val_{k}": v for k, v in ev.items() if not isinstance(v, list)}
+
+    def test(self, step: int) -> dict[str, Any]:
+        """``evaluate(test_data)``, once per step."""
+        assert self.test_data is not None
+        if self._test is None or self._test[0] != step:
+            self._test = (step, self.evaluate(self.test_data))
+        return self._test[1]
+
+    def row(self, step: int) -> dict[str, float]:
+        """The evaluation scalars of a history row at ``step``."""
+        row = self.val_metrics()
+        if self.test_data is not None:
+            ev = self.test(step)
+            row.update({f"test_{k}": v for k, v in ev.items() if not isinstance(v, list)})
+            self.best_test_accuracy = best_accuracy_of(self.best_test_accuracy, ev["accuracy"])
+        return row
+
+    def summary(self, step: int) -> dict[str, Any]:
+        """The summary's evaluation keys at ``step`` (``summarize_test`` for the test set)."""
+        out: dict[str, Any] = self.val_metrics()
+        if self.test_data is not None:
+            out.update(summarize_test(self.test(step), self.best_test_accuracy))
+        return out
+
+    def sets(self) -> str:
+        """What ``summary`` evaluates, in words (for the log)."""
+        names = [n for n, d in (("val", self.val_data), ("test", self.test_data)) if d]
+        return " and ".join(names) or "nothing to evaluate"

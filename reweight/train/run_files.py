@@ -27,11 +27,12 @@ from reweight.core.files import (
     atomic_write,
 )
 from reweight.core.progress import phase
+from reweight.data.core import save_labels
 from reweight.outputs.plots import plot_learning_curves, plot_weight_histogram
 from reweight.outputs.records import write_metrics_csv, write_summary
 from reweight.outputs.suspects import example_ids, ranking_metrics, suspects_table, write_suspects
 
-__all__ = ["write_run_files"]
+__all__ = ["write_run_files", "write_trainer_files"]
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 def write_run_files(
     run_dir: str | os.PathLike,
     trainer: Any,
-    metrics: Mapping[str, Any],
+    result: Any,
     *,
     dataset: str = "data",
     class_names: Sequence[str] | None = None,
@@ -51,7 +52,8 @@ def write_run_files(
     """Write the end-of-run files of ``trainer`` (after ``fit``) into ``run_dir``; returns the
     summary written to ``summary.json``.
 
-    ``metrics``: ``FitResult.metrics``. ``class_names`` / ``ids``: the dataset's class names
+    ``result``: what ``fit`` returned (``FitResult``: the metrics, and every example's final
+    weight when the trainer scored them). ``class_names`` / ``ids``: the dataset's class names
     and each training example's id (default: the indices). ``labels_known``: every training
     label's truth is known (a built-in dataset), so that without corrupted labels there is no
     noisy label to find and ``suspects.csv`` is left out (and the log says why). ``extra``:
@@ -61,7 +63,8 @@ def write_run_files(
     write_metrics_csv(run_dir / METRICS, trainer.history)
     n = len(trainer.train_data)
     names = example_ids(list(ids) if ids is not None else None, n)
-    weights: Tensor | None = getattr(trainer, "final_example_weights", None)
+    metrics: Mapping[str, Any] = result.metrics
+    weights: Tensor | None = result.example_weights
     if weights is not None:
         payload = {"weights": weights.detach().cpu().clone(), "ids": names, "step": trainer.step}
         atomic_write(run_dir / WEIGHTS, lambda f: torch.save(payload, f))
@@ -72,6 +75,7 @@ def write_run_files(
         with phase(log, SUSPECTS, f"scoring {n} training examples"):
             rows, ranking_w, losses = suspects_table(
                 trainer,
+                final=weights,
                 class_names=list(class_names) if class_names is not None else None,
                 ids=names,
                 corrupted=known,
@@ -112,3 +116,25 @@ def write_run_files(
             )
     write_summary(run_dir / SUMMARY, summary)  # last: a run with a summary.json is finished
     return summary
+
+
+def write_trainer_files(trainer: Any, result: Any) -> dict[str, Any]:
+    """``write_run_files`` into ``trainer.run_dir`` (``Trainer(run_dir=...)`` after ``fit``),
+    with the records of ``trainer.bundle`` when it was made ``from_bundle``: ``labels.pt``,
+    ``dataset.json``, the class names and each example's id."""
+    run_dir, bundle = Path(trainer.run_dir), trainer.bundle
+    extra: dict[str, Any] = {"run_dir": str(run_dir.resolve())}
+    if bundle is None:
+        return write_run_files(run_dir, trainer, result, extra=extra)
+    save_labels(bundle, run_dir)
+    extra["dataset_info"] = bundle.info
+    return write_run_files(
+        run_dir,
+        trainer,
+        result,
+        dataset=bundle.name,
+        class_names=bundle.class_names,
+        ids=bundle.train_ids,
+        labels_known=bundle.info.get("true_labels_known", True),
+        extra=extra,
+    )

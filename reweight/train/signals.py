@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from pathlib import Path
@@ -19,6 +20,8 @@ from types import FrameType
 from typing import Any
 
 __all__ = ["StopOnSignal", "TrainingInterrupted"]
+
+log = logging.getLogger("reweight.train.trainer")  # the loop's lines, under the loop's name
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -93,3 +96,14 @@ class StopOnSignal:
         self.signum = signum
         if self.steps_done is not None:
             raise TrainingInterrupted(self.steps_done, signum, self.checkpoint)
+
+    def stop(self, step: int, signum: int, dist: Any = None, is_main: bool = True) -> None:
+        """Raise ``TrainingInterrupted`` after step ``step``, whose checkpoint is on disk. In
+        data-parallel training (``dist``) no rank leaves before rank 0 has written: torchrun
+        answers the first rank to exit by sending SIGTERM to the others."""
+        if dist is not None:
+            dist.barrier()
+        if is_main:
+            where = f"; checkpoint {self.checkpoint}" if self.checkpoint is not None else ""
+            log.info("%s: stopped after step %d%s", signal.Signals(signum).name, step, where)
+        raise TrainingInterrupted(step, signum, self.checkpoint)

@@ -1,6 +1,7 @@
 """Statistics of the per-example weights: how clean and corrupted examples are weighed, and
 each class; kept while training (``WeightStats``) and for a final scoring of every example
-(``weight_diagnostics``). Weights here are *relative*: B·wᵢ, 1 is the uniform weight.
+(``score_example_weights``, ``weight_diagnostics``). Weights here are *relative*: B·wᵢ, 1 is
+the uniform weight.
 
 Example:
     >>> import torch
@@ -13,18 +14,27 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
+from reweight.core.device import Placement
+from reweight.train.batches import shuffled_pass
 from reweight.train.metrics import auc
+
+if TYPE_CHECKING:
+    from reweight.methods import Method, StepInputs
 
 __all__ = [
     "WeightStats",
     "clean_vs_corrupted",
     "example_labels",
     "per_class_means",
+    "score_example_weights",
     "weight_diagnostics",
 ]
 
@@ -174,3 +184,57 @@ def weight_diagnostics(
         if means:
             out["weight_mean_per_class"] = means
     return out
+
+
+def score_example_weights(
+    method: Method,
+    model: nn.Module,
+    data: Dataset,
+    placement: Placement,
+    *,
+    meta_batches: Callable[[int], Iterator[Any] | None],
+    step_inputs: Callable[[Any, Tensor, Any, Tensor | None], StepInputs],
+    batch_size: int,
+    seed: int,
+    num_workers: int = 0,
+    passes: int = 1,
+    progress: bool = False,
+) -> Tensor:
+    """The relative weight (B·wᵢ; 1 is uniform) the method gives every example of ``data`` now.
+
+    Each pass visits ``data`` once in seeded random batches of ``batch_size`` (pass ``p``: seed
+    ``seed + 12345 + p``), each with the meta batch ``meta_batches(2 + p)`` yields (None for
+    methods without one), through ``method.weigh``; the result is the mean over ``passes``
+    (different batch compositions average out the batch-to-batch noise of L2RW's clamped
+    weights). Nothing is updated: not the model, its BatchNorm statistics or the method's
+    state. ``step_inputs(x, y, meta_x, meta_y)`` builds what the method sees of a batch (on
+    the device). Returns a (N,) tensor in dataset order.
+    """
+    n = len(data)  # type: ignore[arg-type]
+    weights = torch.zeros(n)
+    was_training = model.training
+    model.train()
+    try:
+        for p in range(passes):
+            meta_iter = meta_batches(2 + p)
+            scored = shuffled_pass(data, batch_size, seed + 12_345 + p, num_workers)
+            bar = tqdm(
+                scored,
+                total=-(-n // batch_size),
+                desc=f"final weights, pass {p + 1}/{passes}",
+                leave=False,
+                disable=not progress,
+                dynamic_ncols=True,
+            )
+            for idx, x, y in bar:
+                mx = my = None
+                if meta_iter is not None:
+                    _, mx, my = next(meta_iter)
+                    mx, my = placement.inputs(mx), my.to(placement.device)
+                batch = step_inputs(placement.inputs(x), y.to(placement.device), mx, my)
+                with placement.autocast():
+                    w = method.weigh(batch)
+                weights[idx] += w.detach().float().cpu() * len(idx) / passes
+    finally:
+        model.train(was_training)
+    return weights

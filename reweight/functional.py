@@ -141,17 +141,8 @@ def l2rw_eps_grad(
             f"l2rw_eps_grad: step.replay_optimizer is {step.replay_optimizer} but optimizer is "
             f"{'given' if optimizer is not None else 'None'}"
         )
-    batch = StepInputs(
-        model,
-        inputs,
-        targets,
-        meta_inputs,
-        meta_targets,
-        lr,
-        loss_fn,
-        optimizer,  # type: ignore[arg-type]
-    )
-    return step(batch, update=False).c
+    batch = (model, inputs, targets, meta_inputs, meta_targets, lr, loss_fn, optimizer)
+    return step(StepInputs(*batch), update=False).c  # type: ignore[arg-type]
 
 
 def l2rw_weights(

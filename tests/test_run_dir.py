@@ -29,7 +29,8 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 import reweight.cli.run_dir
-from reweight.cli.run_dir import NO_EFFECT_KEYS, RunDir, RunDirError, config_differences
+from reweight.cli.run_config import NO_EFFECT_KEYS, config_differences
+from reweight.cli.run_dir import RunDir, RunDirError
 from reweight.train.config import NO_EFFECT_FIELDS, TrainerConfig
 from tests.test_cli import cli_env
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 import yaml
 
-from reweight.cli.run_dir import Finished, RunDir, RunDirError, config_differences
+from reweight.cli.run_config import config_differences
+from reweight.cli.run_dir import Finished, RunDir, RunDirError
 
 
 def check(folder: Path, config: dict | str, resume: bool = True, max_steps: int = 4):

@@ -11,7 +11,8 @@ import pytest
 import torch
 import yaml
 
-from reweight.cli.run_dir import Finished, RunDir, RunDirError, config_differences
+from reweight.cli.run_config import config_differences
+from reweight.cli.run_dir import Finished, RunDir, RunDirError
 
 
 def finished_run(folder: Path, hidden: list) -> dict:

@@ -21,14 +21,8 @@ from hydra.utils import get_method
 from omegaconf import OmegaConf
 
 from reweight import cli
-from reweight.cli.schema import (
-    OPTIMIZER_SCHEMAS,
-    SCHEDULER_SCHEMAS,
-    RunConfig,
-    TargetConfig,
-    schema_classes,
-    validate_config,
-)
+from reweight.cli.keys import OPTIMIZER_SCHEMAS, SCHEDULER_SCHEMAS, RunConfig, TargetConfig
+from reweight.cli.schema import schema_classes, validate_config
 from reweight.core.device import resolve_device
 from reweight.train.trainer import TrainerConfig
 

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 
-from reweight.train.loggers import MLflowLogger, TensorBoardLogger, WandbLogger
+from reweight.train.trackers import MLflowLogger, TensorBoardLogger, WandbLogger
 
 _BLOCK, _FULL, _FIRST, _MIDDLE, _LAST = 32768, 1, 2, 3, 4
 
@@ -172,7 +172,7 @@ def tb_events(log_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], dict[s
 # the main thread blocks, as in close()), so without a working close() no row reaches the file.
 _ENDS_AFTER_CLOSE = """
 import os, sys
-from reweight.train.loggers import TensorBoardLogger
+from reweight.train.trackers import TensorBoardLogger
 
 logger = TensorBoardLogger(sys.argv[1], flush_secs=3600)
 sys.setswitchinterval(1e4)

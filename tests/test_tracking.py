@@ -23,8 +23,9 @@ from torch.utils.data import TensorDataset
 from reweight import Trainer, TrainerConfig
 from reweight.cli import validate
 from reweight.data import build_dataset
-from reweight.train.loggers import Logger, TensorBoardLogger
+from reweight.train.loggers import Logger
 from reweight.train.signals import TrainingInterrupted
+from reweight.train.trackers import TensorBoardLogger
 from tests.test_tracker_records import wandb_history, wandb_records
 
 TINY = [
@@ -446,7 +447,7 @@ def test_every_logger_key_is_typed(option) -> None:
     import dataclasses
     import typing
 
-    from reweight.cli.schema import LoggerConfig
+    from reweight.cli.keys import LoggerConfig
 
     node = yaml.safe_load(
         (Path(__file__).parents[1] / "conf" / "logger" / f"{option}.yaml").read_text()
@@ -612,7 +613,8 @@ def test_every_extra_package_is_what_its_extra_installs() -> None:
     """The package a missing-extra message names is one that the extra in pyproject installs."""
     import tomllib
 
-    from reweight.train.loggers import EXTRA_PACKAGES, LOGGERS
+    from reweight.train.loggers import LOGGERS
+    from reweight.train.trackers import EXTRA_PACKAGES
 
     extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
         "optional-dependencies"

@@ -112,7 +112,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> float:
     Nothing is written before the first training step (``reweight.cli.run_dir``): a run that fails
     earlier leaves ``run_dir`` as it found it. ``summary.json`` is written last, so a run that
     fails while writing its final files is not taken for finished: run again, it writes them.
-    A ``run_dir`` holding this run finished (same config up to ``run_dir.NO_EFFECT_KEYS``,
+    A ``run_dir`` holding this run finished (same config up to ``run_config.NO_EFFECT_KEYS``,
     checkpoint at ``trainer.max_steps``) is left alone and its recorded objective returned; one
     holding it at an earlier step (interrupted, or finished at a smaller ``trainer.max_steps``)
     continues it; one holding a run of another config is refused (``RunDirError``, a

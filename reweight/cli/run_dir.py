@@ -31,7 +31,6 @@ writes ``.hydra/`` at the commit) and the ``run_log`` job logging opens ``train.
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import errno
 import fcntl
@@ -40,17 +39,22 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.utils import JobStatus
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from reweight.cli.hydra_dirs import HeldLogs
+from reweight.cli.run_config import (
+    LENGTH_KEY,
+    NO_EFFECT_KEYS,
+    another_config,
+    config_differences,
+)
 from reweight.core.files import (
     CHECKPOINT,
     CURVES_PNG,
@@ -72,18 +76,8 @@ from reweight.core.files import (
     WEIGHTS,
     atomic_write,
 )
-from reweight.train.config import NO_EFFECT_FIELDS
 
-__all__ = [
-    "DIVERGENCE_KEYS",
-    "NO_EFFECT_KEYS",
-    "Finished",
-    "RunDir",
-    "RunDirCleanup",
-    "RunDirError",
-    "config_differences",
-    "hydra_files",
-]
+__all__ = ["DIVERGENCE_KEYS", "Finished", "RunDir", "RunDirError", "hydra_files"]
 
 log = logging.getLogger(__name__)
 
@@ -107,21 +101,8 @@ _RUN_FILES = (
     *(str(_HYDRA_SUBDIR / name) for name in _HYDRA_FILES),
 )
 
-NO_EFFECT_KEYS = (
-    "resume",
-    "threads",
-    "dataset.root",
-    "dataset.download",
-    *(f"trainer.{name}" for name in NO_EFFECT_FIELDS),
-)
-"""Config keys that cannot change a run's result: a run may resume, or be found finished, with
-them changed. ``conf/config.yaml`` leaves them out of the run directory's name
-(``hydra.job.config.override_dirname.exclude_keys``; a test keeps the two lists equal)."""
-
 DIVERGENCE_KEYS = ("optimizer.lr", "trainer.grad_clip")
 """What a run that diverged may change to continue from its last finite checkpoint."""
-
-_LONG = 40  # characters of a value shown in an error message
 
 
 class RunDirError(ValueError):
@@ -160,7 +141,7 @@ class RunDir:
     ) -> None:
         self.path = Path(path)
         self.dir_key = dir_key
-        self._logs = _HeldLogs(self.path)
+        self._logs = HeldLogs(self.path)
         self._start_over = True
         self._committed = False
         self._lock = lock
@@ -229,11 +210,11 @@ class RunDir:
         old = _load_yaml(previous)
         new = _load_yaml_text(config_yaml, "the config")
         # trainer.max_steps may change: the run goes on from its checkpoint to the new length
-        diffs = config_differences(old, new, ignore=(*NO_EFFECT_KEYS, _LENGTH))
+        diffs = config_differences(old, new, ignore=(*NO_EFFECT_KEYS, LENGTH_KEY))
         if (self.path / DIVERGED).is_file():
             diffs = self._after_divergence(diffs)
         if diffs:
-            raise RunDirError(_another_config(self.path, diffs, old, new, self.dir_key))
+            raise RunDirError(another_config(self.path, diffs, old, new, self.dir_key))
         step = _checkpoint_step(checkpoint)
         if step is not None and step > max_steps:
             raise RunDirError(
@@ -398,160 +379,6 @@ class RunDir:
         )
 
 
-class _HeldLogs(logging.Handler):
-    """Stands in on the root logger for its file handlers that write into ``run_dir``: keeps
-    their records until ``attach`` (which writes them and puts the handlers back) and drops
-    them at ``hand_back`` if the run never committed. ``hand_back`` also takes the file handlers
-    off the root logger, so that nothing logged after the run (Hydra's launcher announcing the
-    next job of a sweep) lands in this run's log."""
-
-    def __init__(self, run_dir: Path) -> None:
-        super().__init__()
-        self._root = logging.getLogger()
-        inside = run_dir.resolve()
-        self.files = [
-            h
-            for h in self._root.handlers
-            if isinstance(h, logging.FileHandler) and Path(h.baseFilename).is_relative_to(inside)
-        ]
-        self.paths = [Path(h.baseFilename) for h in self.files]
-        self.records: list[logging.LogRecord] = []
-        for handler in self.files:
-            self._root.removeHandler(handler)
-        if self.files:
-            self._root.addHandler(self)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def attach(self) -> None:
-        self._root.removeHandler(self)
-        for handler in self.files:
-            for record in self.records:
-                handler.handle(record)
-            self._root.addHandler(handler)
-        self.records.clear()
-
-    def close_files(self) -> None:
-        for handler in self.files:
-            handler.close()  # a FileHandler opens its file again at its next record
-
-    def hand_back(self) -> None:
-        self._root.removeHandler(self)
-        for handler in self.files:
-            self._root.removeHandler(handler)
-        self.close_files()
-        self.records.clear()
-
-
-class RunDirCleanup(Callback):
-    """Hydra callback: a job that failed leaves none of the folders Hydra made for it.
-
-    Hydra creates the run directory (with its missing parents) before the app runs; a run that
-    fails before its first step writes nothing into it (``RunDir``), so the folders that did not
-    exist when the run or sweep started are removed if they are still empty. Configured in
-    ``conf/config.yaml`` under ``hydra.callbacks``.
-    """
-
-    def __init__(self) -> None:
-        self._made: set[str] = set()  # folders missing at the start
-        self._sweep: str | None = None
-        self._existing: set[str] = set()  # folders under the sweep directory at its start
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._made = _missing(_select_dir(config, "hydra.run.dir"))
-        atexit.register(self._remove_empty)
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep = _select_dir(config, "hydra.sweep.dir")
-        if sweep is None:
-            return
-        self._sweep = str(sweep)
-        self._made = _missing(sweep)
-        self._existing = {root for root, _, _ in os.walk(sweep)}
-        atexit.register(self._remove_empty)
-
-    def _remove_empty(self) -> None:
-        """At exit, however the run ended (an interrupt before the first step skips
-        ``on_job_end``): the folders made for it that are still empty go."""
-        made = set(self._made)
-        if self._sweep is not None and os.path.isdir(self._sweep):
-            made.update(root for root, _, _ in os.walk(self._sweep) if self._was_made(root))
-        for folder in sorted(made, key=len, reverse=True):  # the deepest first
-            try:
-                os.rmdir(folder)  # only when empty
-            except OSError:
-                pass
-
-    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        if job_return.status != JobStatus.FAILED:
-            return
-        job_dir = Path(os.path.abspath(str(config.hydra.runtime.output_dir)))
-        for folder in (job_dir, *job_dir.parents):
-            if not self._was_made(str(folder)):
-                return
-            try:
-                folder.rmdir()  # only when empty
-            except OSError:
-                return
-
-    def _was_made(self, folder: str) -> bool:
-        if folder in self._made:
-            return True
-        under_sweep = self._sweep is not None and folder.startswith(self._sweep + os.sep)
-        return under_sweep and folder not in self._existing
-
-
-def config_differences(
-    old: Mapping[str, Any], new: Mapping[str, Any], ignore: Iterable[str] = NO_EFFECT_KEYS
-) -> list[tuple[str, Any, Any]]:
-    """``(dotted key, old value, new value)`` for every leaf that differs between two configs
-    (nested mappings, as ``config.yaml`` holds them), keys under ``ignore`` aside, in the new
-    config's order; a key missing on one side has the value ``_ABSENT`` there.
-
-    >>> config_differences({"trainer": {"max_steps": 4}, "resume": True},
-    ...                    {"trainer": {"max_steps": 8}, "resume": False})
-    [('trainer.max_steps', 4, 8)]
-    """
-    ignore = tuple(ignore)
-    a, b = _flatten(old), _flatten(new)
-    out = []
-    for key in dict.fromkeys([*b, *a]):
-        if any(key == i or key.startswith(i + ".") for i in ignore):
-            continue
-        x, y = a.get(key, _ABSENT), b.get(key, _ABSENT)
-        if not _same(x, y):
-            out.append((key, x, y))
-    return out
-
-
-_LENGTH = "trainer.max_steps"
-
-
-def _another_config(
-    path: Path, diffs: list[tuple[str, Any, Any]], old: Any, new: Any, dir_key: str
-) -> str:
-    """The refusal of a run directory holding another config: the differing keys and both
-    values; keys that follow a changed ``trainer.max_steps`` (a cosine schedule's ``T_max``)
-    named as such, with the override that continues on the old schedule."""
-    lengths = (_flatten(old).get(_LENGTH), _flatten(new).get(_LENGTH))
-    follow = [k for k, a, b in diffs if lengths[0] != lengths[1] and (a, b) == lengths]
-    if follow and len(follow) == len(diffs):
-        keys = ", ".join(follow)
-        return (
-            f"{path} holds this run with trainer.max_steps={lengths[0]}, and {keys} follows "
-            f"trainer.max_steps ({lengths[0]} there, {lengths[1]} here): a run cannot go on "
-            f"with a schedule of another length; to continue it on its schedule add "
-            f"{follow[0]}={lengths[0]}, to start over there run with resume=false"
-        )
-    shown = "; ".join(f"{k}: {_show(a)} there, {_show(b)} here" for k, a, b in diffs[:5])
-    more = f"; and {len(diffs) - 5} more" if len(diffs) > 5 else ""
-    return (
-        f"{path} holds a run with another config ({shown}{more}): to start over "
-        f"there run with resume=false, or choose another {dir_key}"
-    )
-
-
 def hydra_files(cfg: DictConfig) -> dict[str, bytes]:
     """What Hydra writes into ``<run dir>/.hydra/`` (the job's config unresolved, Hydra's
     config, the command line's overrides), for ``RunDir.commit``; empty outside a Hydra app."""
@@ -567,35 +394,6 @@ def hydra_files(cfg: DictConfig) -> dict[str, bytes]:
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-class _Absent:
-    def __repr__(self) -> str:
-        return "<absent>"
-
-
-_ABSENT = _Absent()
-
-
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(node, Mapping) or not node:
-        return {prefix: node}
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        out.update(_flatten(value, f"{prefix}{key}" if not prefix else f"{prefix}.{key}"))
-    return out
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Equal, and of one kind: ``1`` is not ``true`` nor ``1.0`` in a config."""
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return type(a) is type(b) and a == b
-
-
-def _show(value: Any) -> str:
-    text = repr(value) if value is _ABSENT else json.dumps(value, default=str)
-    return text if len(text) <= _LONG else text[: _LONG - 3] + "..."
 
 
 def _load_yaml(path: Path) -> Any:
@@ -658,18 +456,3 @@ def _flock_holder(fd: int) -> int | None:
 
 def _tree(path: Path) -> list[Path]:
     return sorted(path.rglob("*")) if path.is_dir() else []
-
-
-def _select_dir(config: DictConfig, key: str) -> Path | None:
-    try:  # interpolations Hydra resolves only later (${hydra:...}) leave nothing to record
-        value = OmegaConf.select(config, key)
-    except Exception:  # a callback must not fail the run
-        return None
-    return Path(os.path.abspath(str(value))) if value is not None else None
-
-
-def _missing(path: Path | None) -> set[str]:
-    """``path`` and its parents that do not exist yet (the folders ``mkdir -p`` would make)."""
-    if path is None:
-        return set()
-    return {str(p) for p in (path, *path.parents) if not p.exists()}

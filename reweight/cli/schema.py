@@ -1,8 +1,5 @@
 """The schema of a run's config: the type of every key, checked before any work.
 
-Why one file of ~550 lines: it is the one table of which key has which type, group by
-group; split up, a reader would have to look in several places for one key's type.
-
 ``conf/*.yaml`` owns the defaults; this module owns the types, and reads each from where the
 key is consumed, so that a new argument is typed where it is written:
 
@@ -15,9 +12,9 @@ key is consumed, so that a new argument is typed where it is written:
   and the keyword arguments of the builder that ``dataset.name`` names;
 - ``model``: ``_target_``, ``name``, ``input_shape`` and the keyword-only arguments of the
   builder that ``model.name`` names (``reweight.models.build_model``);
-- ``optimizer`` and ``scheduler``: one dataclass per torch target the configs use, written out
-  here because torch's own annotations are not config types (``float | Tensor``, and none at
-  all in older releases). Another ``_target_`` gets only ``_target_`` and ``_partial_`` typed.
+- ``optimizer`` and ``scheduler``: one dataclass per torch target the configs use
+  (``reweight.cli.keys``, with the root keys, the loggers and the rules of single keys).
+  Another ``_target_`` gets only ``_target_`` and ``_partial_`` typed.
 
 :func:`validate_config` merges a composed config onto the schema of the options it selects
 (OmegaConf structured configs: a value of the wrong type is refused, ``"10"`` becomes ``10``),
@@ -27,7 +24,7 @@ then applies what OmegaConf does not: booleans must be booleans (OmegaConf would
 over the processes). Each refusal is a ``ValueError`` whose message is one line naming the full
 key, the value and what is expected. Ranges that a constructor checks (``TrainerConfig``,
 the method classes, torch's optimizers) stay there; the CLI runs those constructors right after
-this, still before Hydra creates the run directory (``reweight.cli.validate``).
+this, still before Hydra creates the run directory (``reweight.cli.job.validate``).
 
 Why a merge in code and not Hydra ConfigStore schemas: the keys of a group differ between its
 options (``model=lenet`` and ``model=mlp`` share two), so each option would need its own
@@ -49,259 +46,40 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import inspect
-import itertools
 import math
 import os
 import types
 import typing
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from reweight.core.device import resolve_device
+from reweight.cli.keys import (
+    OBJECTIVES,
+    OPTIMIZER_SCHEMAS,
+    SCHEDULER_SCHEMAS,
+    LoggerConfig,
+    NoSchedulerConfig,
+    Rule,
+    RunConfig,
+    TargetConfig,
+    device_rule,
+    key,
+)
 from reweight.data._validate import check_choice
 from reweight.data.build import COMMON_KEYS, DATASETS, build_dataset, dataset_builder
 from reweight.data.build import dataset_defaults as _dataset_defaults
-from reweight.functional import check_meta_grad
 from reweight.methods import method_class
 from reweight.models.factory import build_model, model_builder
 from reweight.train.distributed import check_batch_split
 from reweight.train.trainer import TrainerConfig
 
-OBJECTIVES = (
-    "val_accuracy",
-    "val_balanced_accuracy",
-    "test_accuracy",
-    "test_balanced_accuracy",
-)
-"""What ``train(cfg)`` may return to a sweeper (``objective``): a final summary metric, all to
-be maximised. The ``test_*`` ones need ``objective_allow_test=true`` (reweight.cli.app)."""
-
-__all__ = [
-    "OBJECTIVES",
-    "OPTIMIZER_SCHEMAS",
-    "SCHEDULER_SCHEMAS",
-    "AdamConfig",
-    "CosineAnnealingLRConfig",
-    "MultiStepLRConfig",
-    "NoSchedulerConfig",
-    "RunConfig",
-    "SGDConfig",
-    "TargetConfig",
-    "config_type",
-    "schema_classes",
-    "validate_config",
-]
-
-Rule = Callable[[str, Any], None]
-"""A check of one key's (already typed) value: ``rule(full_key, value)`` raises ValueError."""
+__all__ = ["OBJECTIVES", "config_type", "schema_classes", "validate_config"]
 
 MODEL_TARGET = "reweight.models.build_model"
-
-
-def _key(rule: Rule | None = None) -> Any:
-    """A schema field: no default (the YAML owns the defaults; a key the config does not set
-    stays ``???`` in the merge and is left out again), optionally with a rule."""
-    return field(default=MISSING, metadata={"rule": rule} if rule else {})
-
-
-# -- rules of single keys ----------------------------------------------------------------------
-
-
-def _at_least(minimum: int) -> Rule:
-    def rule(key: str, value: Any) -> None:
-        if value is not None and value < minimum:
-            raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
-
-    return rule
-
-
-def _meta_grad(key: str, value: Any) -> None:
-    check_meta_grad(value)  # "meta_grad must be one of [...]": names the root key itself
-
-
-def _device(key: str, value: Any) -> None:
-    resolve_device(value)  # names trainer.device and the allowed values
-
-
-def _milestones(key: str, value: Any) -> None:
-    """MultiStepLR counts milestones in a multiset: unordered or repeated steps are legal
-    there but almost always a typo, and an empty list is scheduler=none in disguise."""
-    steps = list(value)
-    if not steps:
-        raise ValueError(
-            f"{key} must list at least one optimizer step, got []; for a constant learning "
-            "rate use scheduler=none"
-        )
-    if steps[0] < 1 or any(b <= a for a, b in itertools.pairwise(steps)):
-        raise ValueError(
-            f"{key} must be increasing positive optimizer steps (e.g. [4000,6000]), got {steps}"
-        )
-
-
-def _objective(key: str, value: Any) -> None:
-    check_choice(key, value, OBJECTIVES)
-
-
-def _betas(key: str, value: Any) -> None:
-    betas = list(value)
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ValueError(
-            f"{key} must be a pair of numbers in [0, 1), e.g. [0.9,0.999], got {betas}"
-        )
-
-
-# -- hand-written schemas ------------------------------------------------------------------------
-
-
-@dataclass
-class RunConfig:
-    """The root keys of ``conf/config.yaml`` (the groups are added per option by
-    :func:`schema_classes`)."""
-
-    seed: int = field(default=MISSING, metadata={"rule": _at_least(0)})
-    resume: bool = MISSING
-    meta_grad: str = field(default=MISSING, metadata={"rule": _meta_grad})
-    threads: int | None = field(default=MISSING, metadata={"rule": _at_least(1)})
-    objective: str = field(default=MISSING, metadata={"rule": _objective})
-    objective_allow_test: bool = MISSING
-
-
-def _wandb_mode(key: str, value: Any) -> None:
-    check_choice(key, value, ("offline", "online", "disabled"))
-
-
-@dataclass
-class CSVLoggerConfig:
-    """``logger=csv``: metrics.csv, which every run writes; no settings."""
-
-
-@dataclass
-class TensorBoardLoggerConfig:
-    """``conf/logger/tensorboard.yaml`` (``reweight.train.loggers.TensorBoardLogger``)."""
-
-    flush_secs: int = field(default=MISSING, metadata={"rule": _at_least(1)})
-
-
-@dataclass
-class MLflowLoggerConfig:
-    """``conf/logger/mlflow.yaml`` (``reweight.train.loggers.MLflowLogger``)."""
-
-    tracking_uri: str | None = MISSING
-    experiment: str = MISSING
-
-
-@dataclass
-class WandbLoggerConfig:
-    """``conf/logger/wandb.yaml`` (``reweight.train.loggers.WandbLogger``)."""
-
-    mode: str = field(default=MISSING, metadata={"rule": _wandb_mode})
-    project: str = MISSING
-    entity: str | None = MISSING
-    dir: str | None = MISSING
-
-
-@dataclass
-class LoggerConfig:
-    """The ``logger`` group: one block per selected option (``logger=[tensorboard,mlflow]``)."""
-
-    csv: CSVLoggerConfig = MISSING
-    tensorboard: TensorBoardLoggerConfig = MISSING
-    mlflow: MLflowLoggerConfig = MISSING
-    wandb: WandbLoggerConfig = MISSING
-
-
-@dataclass
-class TargetConfig:
-    """Any ``_target_`` this module has no schema for: the rest of its keys pass untyped (the
-    CLI checks them against the target's signature when it builds the factory)."""
-
-    _target_: str = MISSING
-    _partial_: bool = MISSING
-
-
-@dataclass
-class SGDConfig(TargetConfig):
-    """``torch.optim.SGD`` (``conf/optimizer/sgd.yaml``)."""
-
-    lr: float = MISSING
-    momentum: float = MISSING
-    dampening: float = MISSING
-    weight_decay: float = MISSING
-    nesterov: bool = MISSING
-    maximize: bool = MISSING
-    foreach: bool | None = MISSING
-    differentiable: bool = MISSING
-    fused: bool | None = MISSING
-
-
-@dataclass
-class _AdamKeys(TargetConfig):
-    """The keys ``torch.optim.Adam`` and ``AdamW`` share."""
-
-    lr: float = MISSING
-    betas: tuple[float, float] = field(default=MISSING, metadata={"rule": _betas})
-    eps: float = MISSING
-    weight_decay: float = MISSING
-    amsgrad: bool = MISSING
-    foreach: bool | None = MISSING
-    maximize: bool = MISSING
-    capturable: bool = MISSING
-    differentiable: bool = MISSING
-    fused: bool | None = MISSING
-
-
-@dataclass
-class AdamConfig(_AdamKeys):
-    """``torch.optim.Adam`` (``conf/optimizer/adam.yaml``)."""
-
-    decoupled_weight_decay: bool = MISSING
-
-
-@dataclass
-class AdamWConfig(_AdamKeys):
-    """``torch.optim.AdamW`` (``conf/optimizer/adamw.yaml``; its weight decay is always
-    decoupled)."""
-
-
-@dataclass
-class MultiStepLRConfig(TargetConfig):
-    """``torch.optim.lr_scheduler.MultiStepLR`` (``conf/scheduler/multistep.yaml``)."""
-
-    milestones: list[int] = field(default=MISSING, metadata={"rule": _milestones})
-    gamma: float = MISSING
-    last_epoch: int = MISSING
-
-
-@dataclass
-class CosineAnnealingLRConfig(TargetConfig):
-    """``torch.optim.lr_scheduler.CosineAnnealingLR`` (``conf/scheduler/cosine.yaml``)."""
-
-    T_max: int = field(default=MISSING, metadata={"rule": _at_least(1)})
-    eta_min: float = MISSING
-    last_epoch: int = MISSING
-
-
-@dataclass
-class NoSchedulerConfig:
-    """``scheduler=none``: an empty group, a constant learning rate."""
-
-
-OPTIMIZER_SCHEMAS: dict[str, type] = {
-    "torch.optim.SGD": SGDConfig,
-    "torch.optim.Adam": AdamConfig,
-    "torch.optim.AdamW": AdamWConfig,
-}
-"""The schema of each optimizer ``_target_`` the configs use."""
-
-SCHEDULER_SCHEMAS: dict[str, type] = {
-    "torch.optim.lr_scheduler.MultiStepLR": MultiStepLRConfig,
-    "torch.optim.lr_scheduler.CosineAnnealingLR": CosineAnnealingLRConfig,
-}
-"""The schema of each scheduler ``_target_`` the configs use."""
 
 
 # -- schemas derived from signatures -------------------------------------------------------------
@@ -352,7 +130,7 @@ def _derived(
 ) -> type:
     """A schema dataclass ``name`` of ``keys``, each typed by ``config_type(hints[key])``."""
     rules = rules or {}
-    fields = [(k, config_type(hints.get(k, Any)), _key(rules.get(k))) for k in keys]
+    fields = [(k, config_type(hints.get(k, Any)), key(rules.get(k))) for k in keys]
     return dataclasses.make_dataclass(name, fields, bases=(base,) if base else ())
 
 
@@ -365,7 +143,7 @@ def _trainer_schema() -> type:
     """``TrainerConfig``'s fields, less ``seed`` (the root key ``seed`` fills it)."""
     keys = [f.name for f in dataclasses.fields(TrainerConfig) if f.name != "seed"]
     return _derived(
-        "TrainerConfig", typing.get_type_hints(TrainerConfig), keys, {"device": _device}
+        "TrainerConfig", typing.get_type_hints(TrainerConfig), keys, {"device": device_rule}
     )
 
 

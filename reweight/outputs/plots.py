@@ -98,51 +98,69 @@ def plot_learning_curves(
             (("test_accuracy", "accuracy"), ("test_balanced_accuracy", "balanced accuracy")),
         ),
     )
-    from matplotlib import ticker
-
+    panels = (*panels, ("mean relative weight (1 = uniform)", _weight_curves(history, class_names)))
+    steps = [float(row["step"]) for row in history if "step" in row]
+    right = float(max_steps) if max_steps else max(steps, default=1.0)
     with _figure(plt, 2, 2, figsize=(10, 7), constrained_layout=True) as (fig, axes):
-        weight_curves = (("weight_mean_clean", "clean"), ("weight_mean_corrupted", "corrupted"))
-        if not _series(history, "weight_mean_corrupted")[0]:  # nothing corrupted: per class
-            classes = sorted(
-                {k for row in history for k in row if k.startswith("weight_mean_class")},
-                key=lambda k: int(k.removeprefix("weight_mean_class")),
-            )
-            weight_curves = tuple(
-                (k, _class_name(int(k.removeprefix("weight_mean_class")), class_names))
-                for k in classes
-            ) or (("weight_mean", "all"),)
-        panels = (*panels, ("mean relative weight (1 = uniform)", weight_curves))
-        steps = [float(row["step"]) for row in history if "step" in row]
-        right = float(max_steps) if max_steps else max(steps, default=1.0)
         for ax, (ylabel, curves) in zip(axes.flat, panels, strict=True):
-            drawn, positive = 0, True
-            for key, label in curves:
-                xs, ys = _series(history, key)
-                if xs:
-                    ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=label)
-                    drawn += 1
-                    positive = positive and min(ys) > 0
-            if "loss" in ylabel and drawn and positive:
-                ax.set_yscale("log")
-                # plain numbers (0.8, not 8×10⁻¹), minor ticks labelled as matplotlib thins them
-                ax.yaxis.set_major_formatter(ticker.LogFormatter())
-                ax.yaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False))
-                ylabel = f"{ylabel} (log scale)"
-            if "accuracy" in ylabel and drawn:  # one point or many: a range of accuracies
-                values = [v for key, _ in curves for v in _series(history, key)[1]]
-                margin = max(0.02, 0.1 * (max(values) - min(values)))
-                ax.set_ylim(max(min(values) - margin, -0.01), min(max(values) + margin, 1.01))
-            ax.set_xlim(0, max(right, 1.0) * 1.02)
-            ax.set_xlabel("optimizer step")
-            ax.set_ylabel(ylabel)
-            ax.grid(alpha=0.3)
-            if drawn:
-                ax.legend(fontsize="small")
-            else:
-                ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+            _panel(ax, history, ylabel, curves, right)
         if title:
             fig.suptitle(title)
         return _save(fig, path)
+
+
+def _weight_curves(
+    history: Sequence[Mapping[str, Any]], class_names: Sequence[str] | None
+) -> tuple[tuple[str, str], ...]:
+    """The weight panel's curves: clean and corrupted, or each class when nothing is
+    corrupted (the mean over all when no class was logged)."""
+    if _series(history, "weight_mean_corrupted")[0]:
+        return (("weight_mean_clean", "clean"), ("weight_mean_corrupted", "corrupted"))
+    classes = sorted(
+        {k for row in history for k in row if k.startswith("weight_mean_class")},
+        key=lambda k: int(k.removeprefix("weight_mean_class")),
+    )
+    return tuple(
+        (k, _class_name(int(k.removeprefix("weight_mean_class")), class_names)) for k in classes
+    ) or (("weight_mean", "all"),)
+
+
+def _panel(
+    ax: Any,
+    history: Sequence[Mapping[str, Any]],
+    ylabel: str,
+    curves: Sequence[tuple[str, str]],
+    right: float,
+) -> None:
+    """One panel of the learning curves: each curve logged, losses on a log axis, accuracies
+    with a margin, steps 0 to ``right``."""
+    from matplotlib import ticker
+
+    drawn, positive = 0, True
+    for key, label in curves:
+        xs, ys = _series(history, key)
+        if xs:
+            ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=label)
+            drawn += 1
+            positive = positive and min(ys) > 0
+    if "loss" in ylabel and drawn and positive:
+        ax.set_yscale("log")
+        # plain numbers (0.8, not 8×10⁻¹), minor ticks labelled as matplotlib thins them
+        ax.yaxis.set_major_formatter(ticker.LogFormatter())
+        ax.yaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False))
+        ylabel = f"{ylabel} (log scale)"
+    if "accuracy" in ylabel and drawn:  # one point or many: a range of accuracies
+        values = [v for key, _ in curves for v in _series(history, key)[1]]
+        margin = max(0.02, 0.1 * (max(values) - min(values)))
+        ax.set_ylim(max(min(values) - margin, -0.01), min(max(values) + margin, 1.01))
+    ax.set_xlim(0, max(right, 1.0) * 1.02)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
 
 
 def plot_weight_histogram(

@@ -14,7 +14,7 @@ NO_EFFECT_FIELDS = ("progress", "num_workers", "eval_batch_size", "channels_last
 """The fields that cannot change what a run computes: bars, DataLoader workers (every batch is
 drawn by the Trainer's own seeded order), the evaluation's batch size (memory only) and the
 memory format (NHWC computes the same sums in another order: rounding only). A run may resume,
-or be found finished, with them changed (``reweight.cli.run_dir.NO_EFFECT_KEYS``)."""
+or be found finished, with them changed (``reweight.cli.run_config.NO_EFFECT_KEYS``)."""
 
 
 @dataclass

@@ -68,26 +68,7 @@ def write_run_files(
     if weights is not None:
         payload = {"weights": weights.detach().cpu().clone(), "ids": names, "step": trainer.step}
         atomic_write(run_dir / WEIGHTS, lambda f: torch.save(payload, f))
-    corrupted = trainer.corrupted
-    known = corrupted if corrupted is not None and bool(corrupted.any()) else None
-    ranking: dict[str, Any] = {}
-    if known is not None or not labels_known:
-        with phase(log, SUSPECTS, f"scoring {n} training examples"):
-            rows, ranking_w, losses = suspects_table(
-                trainer,
-                final=weights,
-                class_names=list(class_names) if class_names is not None else None,
-                ids=names,
-                corrupted=known,
-            )
-            write_suspects(run_dir / SUSPECTS, rows)
-        ranking = {} if known is None else ranking_metrics(ranking_w, losses, known)
-    else:
-        log.info(
-            "no %s: every training label of %s is its true label (no noisy label to find)",
-            SUSPECTS,
-            dataset,
-        )
+    ranking = _suspects(run_dir, trainer, weights, class_names, names, labels_known, dataset)
     summary = {
         "method": metrics["method"],
         "dataset": dataset,
@@ -96,6 +77,51 @@ def write_run_files(
         **(extra or {}),
     }
     title = title or f"{summary['method']} on {dataset}"
+    _plots(run_dir, trainer, weights, class_names, title)
+    write_summary(run_dir / SUMMARY, summary)  # last: a run with a summary.json is finished
+    return summary
+
+
+def _suspects(
+    run_dir: Path,
+    trainer: Any,
+    weights: Tensor | None,
+    class_names: Sequence[str] | None,
+    names: list[str],
+    labels_known: bool,
+    dataset: str,
+) -> dict[str, Any]:
+    """``suspects.csv`` where a label may be noisy; the ranking's precision where the
+    corruption is known ({} otherwise)."""
+    corrupted = trainer.corrupted
+    known = corrupted if corrupted is not None and bool(corrupted.any()) else None
+    if known is None and labels_known:
+        log.info(
+            "no %s: every training label of %s is its true label (no noisy label to find)",
+            SUSPECTS,
+            dataset,
+        )
+        return {}
+    with phase(log, SUSPECTS, f"scoring {len(names)} training examples"):
+        rows, ranking_w, losses = suspects_table(
+            trainer,
+            final=weights,
+            class_names=list(class_names) if class_names is not None else None,
+            ids=names,
+            corrupted=known,
+        )
+        write_suspects(run_dir / SUSPECTS, rows)
+    return {} if known is None else ranking_metrics(ranking_w, losses, known)
+
+
+def _plots(
+    run_dir: Path,
+    trainer: Any,
+    weights: Tensor | None,
+    class_names: Sequence[str] | None,
+    title: str,
+) -> None:
+    """The learning curves, and the final weights' histogram when there are final weights."""
     pngs = [CURVES_PNG] + ([HISTOGRAM_PNG] if weights is not None else [])
     with phase(log, "plots", ", ".join(pngs)):
         plot_learning_curves(
@@ -108,14 +134,12 @@ def write_run_files(
         if weights is not None:
             plot_weight_histogram(
                 weights,
-                corrupted,
+                trainer.corrupted,
                 run_dir / HISTOGRAM_PNG,
                 labels=trainer.train_labels,
                 class_names=class_names,
                 title=title,
             )
-    write_summary(run_dir / SUMMARY, summary)  # last: a run with a summary.json is finished
-    return summary
 
 
 def write_trainer_files(trainer: Any, result: Any) -> dict[str, Any]:

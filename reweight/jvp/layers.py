@@ -64,10 +64,9 @@ class LayerCall:
         """The layer's linear map of the recorded input with the given weight and bias."""
         assert self.x is not None
         if self.kind == "linear":
-            out = self.x @ weight.t() if weight is not None else None
-            if bias is not None:
-                out = bias.expand(*self.x.shape[:-1], -1) if out is None else out + bias
-            return out
+            if weight is not None:  # one fused op with the bias
+                return torch.nn.functional.linear(self.x, weight, bias)
+            return bias.expand(*self.x.shape[:-1], -1)
         stride, padding, dilation, groups = self._conv_args()
         w = weight if weight is not None else torch.zeros_like(self.module.weight)
         return aten.convolution(
@@ -108,12 +107,18 @@ class LayerCall:
             flat = seeds.to(self.per_example.dtype) @ self.per_example
             return self._split(flat)
         assert self.x is not None and self.g is not None
-        gs = self.g * seeds.to(self.g.dtype).view(-1, *([1] * (self.g.dim() - 1)))
+        s = seeds.to(self.g.dtype).view(-1, *([1] * (self.g.dim() - 1)))
         if self.kind == "linear":
-            x2, g2 = self.x.reshape(-1, self.x.shape[-1]), gs.reshape(-1, gs.shape[-1])
-            gw = g2.t() @ x2 if self.weight is not None else None
-            gb = g2.sum(0) if self.bias is not None else None
+            x, g = self.x, self.g
+            gw = gb = None
+            if self.weight is not None:  # the seeds scale the narrower of input and gradient
+                x, g = (x * s, g) if x.shape[-1] <= g.shape[-1] else (x, g * s)
+                gw = g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+            if self.bias is not None:
+                b = self.g.shape[0]
+                gb = seeds.to(self.g.dtype) @ self.g.reshape(b, -1, self.g.shape[-1]).sum(1)
             return gw, gb
+        gs = self.g * s
         stride, padding, dilation, groups = self._conv_args()
         w = self.module.weight
         _, gw, gb = aten.convolution_backward(

@@ -1,8 +1,9 @@
-"""The per-layer path on transformers: weights shared by every example of a batch (a ViT's class
-token and position embedding, a BERT's position embeddings looked up once for the batch) and
-``nn.MultiheadAttention``'s functional projections, in float64, against per-example gradients
-taken one example at a time and against the unrolled meta step; and mutation checks: the same
-comparisons fail when one per-example term is dropped from the record.
+"""The per-layer path on transformers (vit_tiny, a tiny BERT, a tiny HuggingFace ViT): weights
+shared by every example of a batch (a ViT's class token and position embedding, a BERT's
+position embeddings looked up once for the batch) and ``nn.MultiheadAttention``'s functional
+projections, in float64, against per-example gradients taken one example at a time and against
+the unrolled meta step; and mutation checks: the same comparisons fail when one per-example
+term is dropped from the record.
 """
 
 from __future__ import annotations
@@ -61,7 +62,45 @@ def bert():
     return model, batch
 
 
-MODELS = {"vit_tiny": vit, "bert": bert}
+class PixelLogits(nn.Module):
+    """A HuggingFace image classifier as a model of pixels to logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).logits
+
+
+def hf_vit():
+    pytest.importorskip("transformers")
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=1,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+    )
+    model = PixelLogits(ViTForImageClassification(config)).to(DT).train()
+    with torch.no_grad():  # HF starts the class token at zero
+        model.model.vit.embeddings.cls_token.normal_()
+
+    def batch(n: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, 1, 8, 8, generator=g, dtype=DT)
+        return x, torch.randint(0, 3, (n,), generator=g)
+
+    return model, batch
+
+
+MODELS = {"vit_tiny": vit, "bert": bert, "hf_vit": hf_vit}
 
 
 def per_example_grads(model: nn.Module, x, y) -> list[torch.Tensor]:
@@ -155,6 +194,8 @@ def _differs(got: torch.Tensor, want: torch.Tensor) -> bool:
         ("vit_tiny", "encoder.layers.encoder_layer_0.self_attention.in_proj_weight"),
         ("vit_tiny", "encoder.layers.encoder_layer_1.self_attention.out_proj.bias"),
         ("bert", "model.bert.embeddings.position_embeddings.weight"),
+        ("hf_vit", "model.vit.embeddings.cls_token"),
+        ("hf_vit", "model.vit.embeddings.position_embeddings"),
     ],
 )
 def test_mutation_a_dropped_per_example_term_fails_the_comparison(name: str, term: str):

@@ -10,6 +10,9 @@ batches. All variants live in one process and are run interleaved, one step each
 median over the timed rounds is reported with its ratio to the plain step.
 
     plain            forward, mean loss, backward, SGD step: the unit every ratio divides by
+    floor            the least an exact meta step can cost (issue 28): the plain step, the
+                     meta batch's forward and backward, and one more forward of the training
+                     batch (without graph); fast rows are also given × floor
     erm              the Trainer's path with ERM (method.step, then Σ wᵢℓᵢ as the loss)
     l2rw/unrolled    virtual step through the meta twin with a double backward (the reference)
     l2rw/fast        the exact forward-mode identity, by the engine the planner picks
@@ -69,6 +72,7 @@ log = logging.getLogger("meta_step")
 
 VARIANTS = (
     "plain",
+    "floor",
     "erm",
     "l2rw/unrolled",
     "l2rw/fast",
@@ -115,6 +119,9 @@ CASES = {
     # the sequence-model demos' networks (model=lstm, model=vit_tiny) on MNIST-sized images
     "lstm": [Case("lstm", 100, 100, (1, 28, 28), 10)],
     "vit_tiny": [Case("vit_tiny", 100, 100, (1, 28, 28), 10)],
+    # a tiny BERT (HuggingFace, random weights; width 64 like vit_tiny, 2 layers, 4 heads) on
+    # token sequences of 32, padded from 16-32 tokens
+    "bert": [Case("bert", 100, 100, (32,), 2)],
 }
 
 
@@ -158,6 +165,48 @@ def _plain_step(model, opt, data, autocast) -> None:
     float(loss.detach())
     loss.backward()
     opt.step()
+
+
+def _floor_step(model, opt, data, autocast) -> None:
+    """The floor of an exact meta step: one forward of the training batch (no graph), the meta
+    batch's forward and backward (its weight gradients), then the plain step."""
+    x, _, mx, my = data
+    model.train()
+    weights = [p for p in model.parameters() if p.requires_grad]
+    with autocast():
+        with torch.no_grad():
+            model(x)
+        meta = F.cross_entropy(model(mx), my)
+    torch.autograd.grad(meta, weights)
+    _plain_step(model, opt, data, autocast)
+
+
+def tiny_bert(num_classes: int, length: int) -> nn.Module:
+    """The benchmark's tiny BERT: random weights, nothing downloaded."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from reweight.models.hf import SequenceClassifier
+
+    config = BertConfig(
+        vocab_size=1000,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=length,
+        num_labels=num_classes,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return SequenceClassifier(BertForSequenceClassification(config))
+
+
+def tokens(n: int, length: int, gen: torch.Generator) -> dict[str, Tensor]:
+    """A padded batch of token ids (n, length): 16 to ``length`` real tokens each."""
+    ids = torch.randint(1, 1000, (n, length), generator=gen)
+    real = torch.randint(16, length + 1, (n, 1), generator=gen)
+    mask = (torch.arange(length) < real).long()
+    return {"input_ids": ids * mask, "attention_mask": mask}
 
 
 def _higher_step(higher, model, opt, data, autocast) -> None:
@@ -223,10 +272,15 @@ def build_variants(
 ]:
     """One step callable per variant (each on its own copy of one initial model)."""
     torch.manual_seed(0)
-    in_channels = case.shape[0]
-    base = build_model(
-        case.model, num_classes=case.num_classes, in_channels=in_channels, input_shape=case.shape
-    )
+    if case.model == "bert":
+        base = tiny_bert(case.num_classes, case.shape[0])
+    else:
+        base = build_model(
+            case.model,
+            num_classes=case.num_classes,
+            in_channels=case.shape[0],
+            input_shape=case.shape,
+        )
     base = base.to(device)
     if channels_last:  # as trainer.channels_last=true does: NHWC weights (the batches are NHWC)
         base = base.to(memory_format=torch.channels_last)
@@ -249,6 +303,9 @@ def build_variants(
         opts[name] = opt
         if name == "plain":
             steps[name] = lambda m=model, o=opt: _plain_step(m, o, data, autocast)
+            continue
+        if name == "floor":
+            steps[name] = lambda m=model, o=opt: _floor_step(m, o, data, autocast)
             continue
         if name == "l2rw/higher":
             try:
@@ -354,14 +411,26 @@ def run_case(
     policy: str = "auto",
 ) -> list[dict]:
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(case.batch, *case.shape, generator=gen)
+
+    def inputs(n: int):
+        if case.model == "bert":
+            return tokens(n, case.shape[0], gen)
+        return torch.randn(n, *case.shape, generator=gen)
+
+    x = inputs(case.batch)
     y = torch.randint(0, case.num_classes, (case.batch,), generator=gen)
-    mx = torch.randn(case.meta_batch, *case.shape, generator=gen)
+    mx = inputs(case.meta_batch)
     my = torch.randint(0, case.num_classes, (case.meta_batch,), generator=gen)
-    data = tuple(t.to(device) for t in (x, y, mx, my))
+    data = tuple(
+        {k: v.to(device) for k, v in t.items()} if isinstance(t, dict) else t.to(device)
+        for t in (x, y, mx, my)
+    )
     if channels_last:
         data = tuple(
-            t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in data
+            t.contiguous(memory_format=torch.channels_last)
+            if isinstance(t, Tensor) and t.dim() == 4
+            else t
+            for t in data
         )
     steps, opts, methods, skipped = build_variants(
         case, device, bf16, data, channels_last, variants, policy
@@ -371,6 +440,7 @@ def run_case(
     times = time_interleaved(steps, device, warmup, rounds)
     peaks = {n: peak_memory(steps[n], opts[n], device) if memory else float("nan") for n in steps}
     base_t = statistics.median(times["plain"])
+    floor_t = statistics.median(times["floor"]) if "floor" in times else float("nan")
     rows = []
     for name in steps:
         ts = sorted(times[name])
@@ -393,6 +463,7 @@ def run_case(
                 "p25_ms": q[0] * 1e3,
                 "p75_ms": q[2] * 1e3,
                 "ratio": statistics.median(ts) / base_t,
+                "floor_ratio": statistics.median(ts) / floor_t,
                 "peak_mb": peaks[name] / 2**20,
                 "peak_ratio": peaks[name] / peaks["plain"] if peaks["plain"] else float("nan"),
                 "steps": len(ts),
@@ -414,8 +485,8 @@ def _engine_of(method: Method | None) -> str:
 def format_table(rows: list[dict]) -> str:
     head = (
         "| model | batch / meta | device | threads | dtype | policy | variant | engine "
-        "| ms / step (median) | p25–p75 ms | × plain | peak MB | × plain |\n"
-        "|---|---|---|---|---|---|---|---|---:|---:|---:|---:|---:|"
+        "| ms / step (median) | p25–p75 ms | × plain | × floor | peak MB | × plain |\n"
+        "|---|---|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"
     )
     lines = [head]
     for r in rows:
@@ -423,12 +494,13 @@ def format_table(rows: list[dict]) -> str:
         where += f"{r['threads'] if r['threads'] is not None else '-'} | {r['dtype']} | "
         where += f"{r.get('policy', 'auto')} | "
         if "skipped" in r:
-            lines.append(where + f"{r['variant']} | - | {r['skipped']} | | | | |")
+            lines.append(where + f"{r['variant']} | - | {r['skipped']} | | | | | |")
             continue
         lines.append(
             where + f"{r['variant']} | {r.get('engine', '-')} | {r['median_ms']:.1f} "
             f"| {r['p25_ms']:.1f}–{r['p75_ms']:.1f} "
-            f"| {r['ratio']:.2f} | {r['peak_mb']:.1f} | {r['peak_ratio']:.2f} |"
+            f"| {r['ratio']:.2f} | {r.get('floor_ratio', float('nan')):.2f} "
+            f"| {r['peak_mb']:.1f} | {r['peak_ratio']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -459,7 +531,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--models",
         default="lenet,resnet32",
-        help="comma-separated: lenet,resnet32,resnet32_tiny,lstm,vit_tiny",
+        help="comma-separated: lenet,resnet32,resnet32_tiny,lstm,vit_tiny,bert",
     )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")

@@ -1,10 +1,11 @@
 """Data-parallel training on 2 CPU processes (gloo) equals one process on the global batch.
-
 Every method, and both meta-gradient modes of L2RW and MW-Net: ``fast`` (the default) with the
 engines the planner picks for this MLP (per layer, its first step checked) and the tangent tape
-forced; MW-Net with both normalisations, the replayed optimizer and the net fed the losses
-undetached (detach_loss=False: the virtual step's seeds then take the other ranks' weights'
-dependence on the local losses through the normalisation).
+forced; both methods on a small attention model with a class token and a position embedding
+(per layer: their per-example terms summed over ranks like any weight's); MW-Net with both
+normalisations, the replayed optimizer and the net fed the losses undetached
+(detach_loss=False: the virtual step's seeds then take the other ranks' weights' dependence on
+the local losses through the normalisation).
 """
 
 from __future__ import annotations
@@ -42,12 +43,39 @@ CASES = {
         hidden=8, lr=1e-2, normalize="sum", detach_loss=False, engine_policy="cuda"
     ),
     "mwnet_dual_twin": lambda: MWNet(hidden=8, lr=1e-2, engine="dual_twin"),
+    "l2rw_attention": lambda: build_method("l2rw"),
+    "mwnet_attention": lambda: MWNet(hidden=8, lr=1e-2, normalize="sum"),
     "mwnet_unrolled": lambda: MWNet(hidden=8, lr=1e-2, meta_grad="unrolled"),
     "mwnet_unrolled_sum": lambda: MWNet(hidden=8, lr=1e-2, normalize="sum", meta_grad="unrolled"),
     "mwnet_unrolled_replay": lambda: MWNet(
         hidden=8, lr=1e-2, replay_optimizer=True, meta_grad="unrolled"
     ),
 }
+
+
+class Tokens(nn.Module):
+    """Each of the 5 features a token, a class token and a position embedding (weights shared
+    by every example), one self-attention layer: the per-layer path's shared weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(1, 8)
+        self.cls = nn.Parameter(0.5 * torch.randn(1, 1, 8))
+        self.pos = nn.Parameter(0.1 * torch.randn(1, 6, 8))
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x.unsqueeze(-1))  # (B, 5, 8)
+        t = torch.cat([self.cls.expand(len(x), -1, -1), t], 1) + self.pos
+        return self.head(self.attn(t, t, t, need_weights=False)[0][:, 0])
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 2))
+
+
+MODELS = {"l2rw_attention": Tokens, "mwnet_attention": Tokens}  # the others: mlp
 
 
 def data():
@@ -61,7 +89,7 @@ def data():
 def train(case: str, out: Path | None = None) -> dict[str, torch.Tensor]:
     x, y = data()
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 2)).double()
+    model = MODELS.get(case, mlp)().double()
     trainer = Trainer(
         model,
         TensorDataset(x, y),
@@ -139,6 +167,8 @@ WANT_JVPS = {
     "mwnet_tape_sum_undetached": {"tape": 6},
     "mwnet_sum_undetached": {"per_layer": 6},
     "mwnet_dual_twin": {"dual_twin": 6},
+    "l2rw_attention": {"per_layer": 6},
+    "mwnet_attention": {"per_layer": 6},
 }
 
 
@@ -153,7 +183,8 @@ def test_two_processes_equal_one(two_process_results, case: str):
     # rank 0 wrote the checkpoint; it holds the same parameters
     ckpt = torch.load(out / f"{case}.pt", weights_only=True)
     assert ckpt["step"] == STEPS
-    torch.testing.assert_close(ckpt["model"]["0.weight"], single["0.weight"], rtol=0, atol=1e-6)
+    for key, value in ckpt["model"].items():
+        torch.testing.assert_close(value, single[key], rtol=0, atol=1e-6, msg=key)
 
 
 @pytest.mark.slow

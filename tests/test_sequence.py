@@ -322,4 +322,4 @@ def test_the_benchmark_runs_the_sequence_models(monkeypatch: pytest.MonkeyPatch)
         assert all(r["ratio"] > 0 for r in rows)
         engines[name] = {r["variant"]: r["engine"] for r in rows}
     assert engines["lstm"]["l2rw/fast"] == engines["lstm"]["mwnet/fast"] == "dual_twin"
-    assert engines["vit_tiny"]["l2rw/fast"] == engines["vit_tiny"]["mwnet/fast"] == "tape"
+    assert engines["vit_tiny"]["l2rw/fast"] == engines["vit_tiny"]["mwnet/fast"] == "per_layer"

@@ -1,6 +1,9 @@
 """One recorded call of a layer the per-layer engine reads (``reweight.jvp.per_layer``): its
 input and output gradient, and the layer's own maths on them (JVPs, weighted gradients,
-per-example gradients) for linear, convolutional, embedding and affine normalisation layers.
+per-example gradients) for linear, convolutional, embedding and affine normalisation layers,
+``F.linear`` calls on weights outside such layers (``module`` None) and weights shared by every
+example of a batch (``kind`` "broadcast": a class token, a position embedding), whose
+per-example gradients are read off the output of the op that broadcasts them.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CONVS", "LAYERS", "NORMS", "LayerCall"]
+__all__ = ["CONVS", "LAYERS", "NORMS", "LayerCall", "kind_of"]
 
 aten = torch.ops.aten
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -19,11 +22,22 @@ NORMS = (nn.LayerNorm, nn.GroupNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") e
 LAYERS = (nn.Linear, *CONVS, *NORMS, nn.Embedding)
 
 
+def kind_of(layer: nn.Module) -> str:
+    """Linear, conv, norm or embedding (a twin's ``MetaLinear`` is a linear layer)."""
+    if isinstance(layer, nn.Linear):
+        return "linear"
+    if isinstance(layer, CONVS):
+        return "conv"
+    return "norm" if isinstance(layer, NORMS) else "embedding"
+
+
 @dataclass(slots=True)
 class LayerCall:
-    """One call of a linear or convolutional layer in the recorded forward."""
+    """One call of a layer in the recorded forward (or one broadcast use of a shared weight)."""
 
-    module: nn.Module
+    module: nn.Module | None  # None: an ``F.linear`` call or a broadcast use
+    kind: str  # "linear", "conv", "norm", "embedding" or "broadcast"
+    name: str  # for messages: the layer's class, or the function
     weight: Tensor | None  # the trainable weight (None: frozen)
     bias: Tensor | None  # the trainable bias (None: frozen or absent)
     x: Tensor | None = None  # input (B, ...), detached; None once per-example grads replace it
@@ -49,11 +63,10 @@ class LayerCall:
     def apply(self, weight: Tensor | None, bias: Tensor | None) -> Tensor:
         """The layer's linear map of the recorded input with the given weight and bias."""
         assert self.x is not None
-        if isinstance(self.module, nn.Linear):
-            out = self.x @ weight.t() if weight is not None else None
-            if bias is not None:
-                out = bias.expand(*self.x.shape[:-1], -1) if out is None else out + bias
-            return out
+        if self.kind == "linear":
+            if weight is not None:  # one fused op with the bias
+                return torch.nn.functional.linear(self.x, weight, bias)
+            return bias.expand(*self.x.shape[:-1], -1)
         stride, padding, dilation, groups = self._conv_args()
         w = weight if weight is not None else torch.zeros_like(self.module.weight)
         return aten.convolution(
@@ -86,7 +99,7 @@ class LayerCall:
 
     def weighted_grads(self, seeds: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """(∂/∂W, ∂/∂b) of Σᵢ sᵢℓᵢ for this layer."""
-        if isinstance(self.module, nn.Embedding):
+        if self.kind == "embedding":
             idx, g = self._embedding_rows(seeds)
             assert self.weight is not None
             return torch.zeros_like(self.weight).index_add_(0, idx, g.to(self.weight.dtype)), None
@@ -94,12 +107,18 @@ class LayerCall:
             flat = seeds.to(self.per_example.dtype) @ self.per_example
             return self._split(flat)
         assert self.x is not None and self.g is not None
-        gs = self.g * seeds.to(self.g.dtype).view(-1, *([1] * (self.g.dim() - 1)))
-        if isinstance(self.module, nn.Linear):
-            x2, g2 = self.x.reshape(-1, self.x.shape[-1]), gs.reshape(-1, gs.shape[-1])
-            gw = g2.t() @ x2 if self.weight is not None else None
-            gb = g2.sum(0) if self.bias is not None else None
+        s = seeds.to(self.g.dtype).view(-1, *([1] * (self.g.dim() - 1)))
+        if self.kind == "linear":
+            x, g = self.x, self.g
+            gw = gb = None
+            if self.weight is not None:  # the seeds scale the narrower of input and gradient
+                x, g = (x * s, g) if x.shape[-1] <= g.shape[-1] else (x, g * s)
+                gw = g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+            if self.bias is not None:
+                b = self.g.shape[0]
+                gb = seeds.to(self.g.dtype) @ self.g.reshape(b, -1, self.g.shape[-1]).sum(1)
             return gw, gb
+        gs = self.g * s
         stride, padding, dilation, groups = self._conv_args()
         w = self.module.weight
         _, gw, gb = aten.convolution_backward(
@@ -119,7 +138,7 @@ class LayerCall:
 
     def inner(self, u_w: Tensor | None, u_b: Tensor | None) -> Tensor:
         """⟨∇ℓᵢ, (u_w, u_b)⟩ restricted to this layer, for every i: (B,)."""
-        if isinstance(self.module, nn.Embedding):
+        if self.kind == "embedding":
             # the forward's derivative, padding row included, as dual numbers and the tape take
             # it (a direction made by a backward is zero there: torch gives that row no gradient)
             assert self.x is not None and self.g is not None and u_w is not None
@@ -170,13 +189,13 @@ class LayerCall:
         """Replace (x, g) by the per-example gradients (B, P) of this layer."""
         assert self.x is not None and self.g is not None
         b = self.x.shape[0]
-        if isinstance(self.module, NORMS):
+        if self.kind == "norm":
             self.per_example = self._norm_per_example()
             self.x = self.g = None
             return
         cols = []
         if self.weight is not None:
-            if isinstance(self.module, nn.Linear):
+            if self.kind == "linear":
                 x3, g3 = (
                     self.x.reshape(b, -1, self.x.shape[-1]),
                     self.g.reshape(b, -1, self.g.shape[-1]),
@@ -203,7 +222,7 @@ class LayerCall:
                 )
                 cols.append(gw.reshape(b, -1))
         if self.bias is not None:
-            if isinstance(self.module, nn.Linear):
+            if self.kind == "linear":
                 cols.append(self.g.reshape(b, -1, self.g.shape[-1]).sum(1))
             else:
                 cols.append(self.g.flatten(2).sum(2))

@@ -18,13 +18,18 @@ per-example gradients are no bigger than its output (a first convolution with fe
 channels) keeps those instead of Xᵢ and Gᵢ.
 
 Whether a model qualifies is decided in two stages. By structure: every trainable tensor is the
-weight or bias of an ``nn.Linear`` or ``nn.Conv1d/2d/3d`` (zero padding, not transposed), no
-BatchNorm is in training mode, and every layer's input and output are batched and not written
-in place later in the forward (``ReLU(inplace=True)`` right after a layer is). By measurement,
-because a model's own code may still mix examples or use a weight outside its layer: on the
-first step of every (model, structure, mode) a separate forward computes a JVP both ways (this
-one and an exact engine's) and the per-layer path is used only if they agree to rounding;
-otherwise a warning says so and the exact general path stays (``reweight.jvp.planner``).
+weight or bias of an ``nn.Linear``, ``nn.Conv1d/2d/3d`` (zero padding, not transposed),
+``nn.Embedding`` or affine normalisation layer, or a ``loose`` weight, read where the forward
+uses it (``reweight.jvp.shared``): an ``nn.MultiheadAttention``'s projections, and the own
+weights of modules outside ``torch.nn`` (a ViT's class token and position embedding); no
+BatchNorm is in training mode, and every layer's input and output are batched (or, for a call
+made once for the whole batch, such as BERT's position embeddings, broadcast over it) and not
+written in place later in the forward (``ReLU(inplace=True)`` right after a layer is). By
+measurement, because a model's own code may still mix examples or use a weight outside its
+layer: on the first step of every (model, structure, mode) a separate forward computes a JVP
+both ways (this one and an exact engine's) and the per-layer path is used only if they agree
+to rounding; otherwise a warning says so and the exact general path stays
+(``reweight.jvp.planner``).
 
 Layers are named as in ``model.named_modules()``, so the same record can be made of the real
 model or of its twin (whose layers have the same names and hold the same weight tensors).
@@ -35,12 +40,14 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from reweight.jvp.base import Forward, Recording
-from reweight.jvp.layers import CONVS, LAYERS, NORMS, LayerCall
+from reweight.jvp.layers import CONVS, LAYERS, LayerCall, kind_of
+from reweight.jvp.shared import Watch, reduce_to
 
 __all__ = [
     "GhostRecord",
@@ -56,8 +63,18 @@ __all__ = [
     "weighted_grads_of",
 ]
 
-# name in ``model.named_modules()`` -> (its trainable weight, its trainable bias), None if frozen
-Layers = dict[str, tuple[Tensor | None, Tensor | None]]
+
+@dataclass(frozen=True)
+class Layers:
+    """What the per-layer path reads of a model: ``modules``, name in ``model.named_modules()``
+    -> (its trainable weight, its trainable bias), None if frozen; ``loose``, the trainable
+    tensors no such layer owns, read where the forward uses them (``reweight.jvp.shared``)."""
+
+    modules: dict[str, tuple[Tensor | None, Tensor | None]]
+    loose: tuple[Tensor, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.modules)
 
 
 class Ineligible(Exception):
@@ -70,23 +87,34 @@ def ghost_layers(model: nn.Module, weights: Sequence[Tensor]) -> Layers:
     Raises ``Ineligible`` when the model's structure rules the path out.
     """
     wanted = {id(w) for w in weights}
-    layers: Layers = {}
+    layers: dict[str, tuple[Tensor | None, Tensor | None]] = {}
+    loose: list[Tensor] = []
     covered: set[int] = set()
+    attention_parts: set[int] = set()  # an nn.MultiheadAttention's out_proj (called functionally)
     for name, m in model.named_modules():
         # BatchNorm couples the examples of a batch for every weight it lies downstream of; one
         # registered before every weight the direction moves (the body of a net whose head
         # alone moves) leaves their per-example gradients exact. Registration order stands in
         # for the order of the forward here; the first step's numerical check confirms it.
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and layers:
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and (layers or loose):
             raise Ineligible(f"BatchNorm in training mode ({name or type(m).__name__})")
+        if isinstance(m, nn.MultiheadAttention):
+            if m.bias_k is not None or not m._qkv_same_embed_dim:
+                raise Ineligible(f"{name}: MultiheadAttention with add_bias_kv or kdim/vdim")
+            attention_parts.add(id(m.out_proj))
         own = [p for p in m._parameters.values() if p is not None and id(p) in wanted]
         if not own:
+            continue
+        if isinstance(m, nn.MultiheadAttention) or id(m) in attention_parts or not _torch(m):
+            # read where the forward uses them: F.linear calls, broadcasts over the batch
+            loose.extend(own)
+            covered.update(id(p) for p in own)
             continue
         if type(m) not in LAYERS:
             raise Ineligible(
                 f"{name or 'the model'} ({type(m).__name__}) has trainable weights, and only "
-                "nn.Linear, nn.Conv, nn.Embedding and affine normalisation layers' are read "
-                "per layer"
+                "nn.Linear, nn.Conv, nn.Embedding, nn.MultiheadAttention and affine "
+                "normalisation layers' are read per layer"
             )
         if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.scale_grad_by_freq):
             # max_norm rewrites the weight in the forward; scale_grad_by_freq couples examples
@@ -110,19 +138,21 @@ def ghost_layers(model: nn.Module, weights: Sequence[Tensor]) -> Layers:
     missing = wanted - covered
     if missing:
         raise Ineligible("a trainable tensor is not a weight or bias of a linear/conv layer")
-    return layers
+    return Layers(layers, tuple(loose))
 
 
-def _kind(layer: nn.Module) -> str:
-    """The layer's class as the model has it (a twin's ``MetaLinear`` is a ``Linear``)."""
-    return next(c.__name__ for c in LAYERS if isinstance(layer, c))
+def _torch(module: nn.Module) -> bool:
+    """A layer of torch's own (``torch.nn``): its weights are read by its class or not at all;
+    another module's own weights (a class token, a position embedding) are read where used."""
+    return type(module).__module__.startswith("torch.")
 
 
 @contextlib.contextmanager
-def recording(model: nn.Module, layers: Layers) -> Iterator[list[LayerCall]]:
-    """Note every call of the named layers of ``model`` made inside (their input and output)."""
-    calls: list[LayerCall] = []
-    by_module = {m: layers[n] for n, m in model.named_modules() if n in layers}
+def recording(model: nn.Module, layers: Layers) -> Iterator[Watch]:
+    """Note every call of the named layers of ``model`` made inside (their input and output),
+    and every use of a weight no layer owns (``reweight.jvp.shared``)."""
+    watch = Watch(layers.loose, [])
+    by_module = {m: layers.modules[n] for n, m in model.named_modules() if n in layers.modules}
 
     def hook(module: nn.Module, args: tuple, out: object) -> None:
         if module not in by_module:
@@ -130,23 +160,29 @@ def recording(model: nn.Module, layers: Layers) -> Iterator[list[LayerCall]]:
         # never raise here: that would abort the model's forward, which may be the real one
         x = args[0] if args else None
         w, b = by_module[module]
+        kind = kind_of(module)
+        name = next(c.__name__ for c in LAYERS if isinstance(module, c))
         if not isinstance(x, Tensor) or not isinstance(out, Tensor) or not out.requires_grad:
-            problem = f"{_kind(module)}: not called on one tensor with a graph"
-            calls.append(LayerCall(module, w, b, problem=problem))
+            problem = f"{name}: not called on one tensor with a graph"
+            watch.calls.append(LayerCall(module, kind, name, w, b, problem=problem))
             return
-        calls.append(
-            LayerCall(module, w, b, x=x.detach(), z=out, versions=(x._version, out._version))
+        call = LayerCall(
+            module, kind, name, w, b, x=x.detach(), z=out, versions=(x._version, out._version)
         )
+        watch.calls.append(call)
+        if x.dim() and x.shape[0] == 1:  # perhaps shared by the batch: its uses are followed
+            watch.watch_output(call, out)
 
     handle = nn.modules.module.register_module_forward_hook(hook)
     try:
-        yield calls
+        with watch:
+            yield watch
     finally:
         handle.remove()
 
 
 def finish(
-    weights: Sequence[Tensor], calls: list[LayerCall], losses: Tensor, keep_graph: bool = False
+    weights: Sequence[Tensor], watch: Watch, losses: Tensor, keep_graph: bool = False
 ) -> GhostRecord:
     """The record of a recorded forward, from its per-example losses (B,), with graph (with
     ``keep_graph``, the record's ``graph`` holds those losses with their graph still whole).
@@ -156,29 +192,61 @@ def finish(
     trainable ones, the real update backpropagates through the forward itself.
     """
     n = losses.shape[0]
+    calls = list(watch.calls)
+    shared = {}  # id(call) -> its Watched: a layer call on an input shared by the batch
     for c in calls:
-        name = _kind(c.module)
         if c.problem is not None:
             raise Ineligible(c.problem)
-        least = 1 if isinstance(c.module, nn.Embedding) else 2  # indices (B,) or (B, T, ...)
-        if c.x is None or c.x.dim() < least or c.x.shape[0] != n or c.z is None:
-            raise Ineligible(f"{name}: input not batched like the losses")
-        if c.z.shape[0] != n:
-            raise Ineligible(f"{name}: input not batched like the losses")
+        least = 1 if c.kind == "embedding" else 2  # indices (B,) or (B, T, ...)
+        if c.x is None or c.x.dim() < least or c.z is None:
+            raise Ineligible(f"{c.name}: input not batched like the losses")
         if (c.x._version, c.z._version) != c.versions:
             # e.g. ReLU(inplace=True) on a layer's output: autograd would then differentiate
             # with respect to the ReLU's result, not the layer's output
-            raise Ineligible(f"{name}: its input or output was modified in place")
-    zs = [c.z for c in calls]
+            raise Ineligible(f"{c.name}: its input or output was modified in place")
+        if c.x.shape[0] == n and c.z.shape[0] == n:
+            continue
+        w = watch.watched.get(id(c.z))
+        if c.x.shape[0] != 1 or c.z.shape[0] != 1 or w is None or not w.uses:
+            raise Ineligible(f"{c.name}: input not batched like the losses")
+        shared[id(c)] = w
+    followed = [w for w in watch.watched.values() if w.call is None or id(w.call) in shared]
+    uses = [u for w in followed for u in w.uses]
+    for w in followed:
+        if w.problem is not None:
+            raise Ineligible(w.problem)
+    for u in uses:
+        if u.out.shape[0] != n or u.out._version != u.version:
+            raise Ineligible("a weight shared by the batch is not broadcast like the losses")
+    batched = [c for c in calls if id(c) not in shared]
+    zs = [c.z for c in batched] + [u.out for u in uses]
     gs = torch.autograd.grad(losses.sum(), zs, allow_unused=True, retain_graph=keep_graph)
-    for c, g in zip(calls, gs, strict=True):
-        c.g = torch.zeros_like(c.z) if g is None else g.detach()
-        c.z = None
-    del zs, gs
+    for t, g in zip([*batched, *uses], gs, strict=True):
+        z = t.z if isinstance(t, LayerCall) else t.out
+        t.g = torch.zeros_like(z) if g is None else g.detach()
     for c in calls:
+        c.z = None
+    for u in uses:
+        u.out = None
+    del zs, gs
+    for w in followed:
+        if not w.uses:
+            continue
+        per_example = sum(reduce_to(u.g, u.shape) for u in w.uses)
+        if w.call is None:  # a weight no layer owns: its per-example gradients, as they are
+            calls.append(LayerCall(None, "broadcast", "broadcast", w.tensor, None))
+            calls[-1].per_example = per_example
+        else:  # the layer's call, as if made on every example's copy of its input
+            c = w.call
+            c.g = per_example.view(n, *w.tensor.shape[1:])
+            c.x = c.x.expand(n, *c.x.shape[1:])
+        w.uses = []
+    for c in calls:
+        if c.per_example is not None:
+            continue
         params = sum(t.numel() for t in (c.weight, c.bias) if t is not None)
-        if isinstance(c.module, NORMS) or (
-            not isinstance(c.module, nn.Embedding) and c.g.dim() > 2 and params * n <= c.g.numel()
+        if c.kind == "norm" or (
+            c.kind != "embedding" and c.g.dim() > 2 and params * n <= c.g.numel()
         ):
             c.make_per_example()
     record = GhostRecord(weights, calls, losses.detach())
@@ -287,14 +355,14 @@ class PerLayerRecording(Recording):
                 if not len(part):
                     continue
                 rows = slice(int(part[0]), int(part[-1]) + 1)
-                with recording(fwd.module, layers) as calls:
+                with recording(fwd.module, layers) as watch:
                     losses = fwd.run(rows=rows)
-                record = finish(fwd.weights, calls, losses, keep)
+                record = finish(fwd.weights, watch, losses, keep)
                 self.records.append(record)
                 if record.graph is not None:
                     kept.append(record.graph)
                     record.graph = None  # held once, by this recording
-                del calls, losses
+                del watch, losses
         self.values = (
             torch.cat([r.values for r in self.records])
             if len(self.records) > 1

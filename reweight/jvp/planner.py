@@ -140,7 +140,7 @@ class Planner:
     ) -> tuple[str, Layers, str]:
         """("ok" | "check" | "no", layers, why not) for the model's current structure and modes."""
         if torch.is_autocast_enabled(device.type):
-            return "no", {}, "autocast is on"
+            return "no", Layers({}), "autocast is on"
         key = (
             signature(model),
             tuple(m.training for m in model.modules()),
@@ -151,14 +151,15 @@ class Planner:
             try:
                 entry = (key, "check", ghost_layers(model, weights), "")
             except Ineligible as err:
-                entry = (key, "no", {}, str(err))
+                entry = (key, "no", Layers({}), str(err))
             self._per_layer[model] = entry
         return entry[1], entry[2], entry[3]
 
     def _set_per_layer(self, model: nn.Module, state: str, why: str = "") -> None:
         entry = self._per_layer.get(model)
         if entry is not None:
-            self._per_layer[model] = (entry[0], state, entry[2] if state == "ok" else {}, why)
+            layers = entry[2] if state == "ok" else Layers({})
+            self._per_layer[model] = (entry[0], state, layers, why)
 
     def _facts(self, model: nn.Module, state: str, why: str, device: torch.device) -> Facts:
         """What ``choose`` needs of ``model``; under the cuda policy its timings (made on first
@@ -181,14 +182,14 @@ class Planner:
         """(plan, layers, check): ``check`` when the per-layer path runs for the first time on
         this (model, structure, mode) and is to be compared with an exact JVP."""
         if self.engine not in ("auto", "per_layer"):
-            return choose(None, self.engine)[0], {}, False
+            return choose(None, self.engine)[0], Layers({}), False
         state, layers, why = self._per_layer_state(model, weights, device)
         if self.engine == "per_layer":
             facts = Facts(type(model).__name__, self._policy(device), state, why, False, None, None)
         else:
             facts = self._facts(model, state, why, device)
         plan, check = choose(facts, self.engine)
-        return plan, (layers if plan.engine == "per_layer" else {}), check
+        return plan, (layers if plan.engine == "per_layer" else Layers({})), check
 
     def _note(self, plan: Plan) -> None:
         self.current = plan

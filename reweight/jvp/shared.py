@@ -1,0 +1,209 @@
+"""What the per-layer engine sees of a forward beyond its layers' calls: weights used outside a
+layer (``F.linear`` on an attention block's projections, a class token, a position embedding)
+and layer calls shared by every example (a position embedding looked up once for the batch).
+
+A ``Watch`` is a ``TorchFunctionMode`` over the recorded forward. It follows *watched* tensors
+(the trainable weights no layer owns, and the outputs of layer calls on an unbatched input) and
+notes each use of one:
+
+- ``F.linear(x, W, b)`` with a watched ``W`` or ``b``: a linear call like an ``nn.Linear``'s;
+- a broadcast over the batch (``t.expand(B, ...)``, ``x + t``, ``x += t``): for every example,
+  ∂ℓᵢ/∂t is the gradient at that op's output, example i's row, summed over the broadcast dims,
+  so the gradient of a weight shared by every example comes from the same one backward;
+- anything else that carries a watched tensor's graph on is a use the path cannot read: noted
+  as the reason the model is refused (the forward itself goes on untouched).
+
+``nn.MultiheadAttention`` calls ``F.multi_head_attention_forward``, a Python function that the
+mode sees whole and whose ``F.linear`` calls it would not; for self-attention without masks,
+extra key/value biases or returned weights (a ViT's encoder), the watch computes it from calls
+it does see: the packed projection, ``F.scaled_dot_product_attention`` and the output
+projection, batch first (the same maths; its dropout draws what torch's would).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+from reweight.jvp.layers import LayerCall
+
+__all__ = ["Use", "Watch", "reduce_to"]
+
+# out = f(t, ...) broadcasting t over the batch: ∂out/∂t is the identity, broadcast
+_BROADCASTS = frozenset(
+    {
+        Tensor.expand,
+        Tensor.expand_as,
+        Tensor.broadcast_to,
+        torch.broadcast_to,
+        torch.add,
+        Tensor.add,
+        Tensor.add_,
+        Tensor.__add__,
+        Tensor.__radd__,
+        Tensor.__iadd__,
+    }
+)
+_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+
+
+@dataclass(slots=True)
+class Use:
+    """One broadcast use of a watched tensor: ``out`` carries it over the batch."""
+
+    out: Tensor  # with graph until the backward
+    shape: torch.Size  # the watched tensor's
+    version: int  # of ``out`` when made: an in-place write later shows
+    g: Tensor | None = None  # ∂Σℓ/∂out, detached
+
+
+@dataclass(slots=True)
+class Watched:
+    """A watched tensor's owner and uses: a weight no layer owns (``call`` None until its
+    broadcast record exists) or a layer call on an unbatched input."""
+
+    tensor: Tensor
+    call: LayerCall | None = None  # the layer call whose output this is
+    uses: list[Use] = field(default_factory=list)
+    problem: str | None = None
+
+
+class Watch(TorchFunctionMode):
+    """Notes the uses of watched tensors in a forward (``calls``: where ``F.linear`` calls on
+    watched weights go, in order with the layer calls)."""
+
+    def __init__(self, loose: tuple[Tensor, ...], calls: list[LayerCall]) -> None:
+        super().__init__()
+        self.calls = calls
+        self.loose = {id(t) for t in loose}
+        self.watched: dict[int, Watched] = {id(t): Watched(t) for t in loose}
+
+    def watch_output(self, call: LayerCall, out: Tensor) -> None:
+        """Follow a layer call's output (its input is not batched: it may be shared)."""
+        self.watched[id(out)] = Watched(out, call)
+
+    def __torch_function__(self, func: Callable, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.multi_head_attention_forward:
+            bound = _MHA_SIGNATURE.bind(*args, **kwargs)
+            if _plain_self_attention(bound.arguments) and self._hits(
+                (), {k: v for k, v in bound.arguments.items() if isinstance(v, Tensor)}
+            ):
+                with self:  # its linear calls are seen
+                    return _self_attention(**bound.arguments)
+        if func is F.linear:
+            x, w, b = _linear_args(args, kwargs)
+            if id(w) in self.loose or (b is not None and id(b) in self.loose):
+                out = func(*args, **kwargs)
+                self._linear(x, w, b, out)
+                return out
+        hits = self._hits(args, kwargs)
+        out = func(*args, **kwargs)
+        if not hits:
+            return out
+        name = getattr(func, "__name__", str(func))
+        if (
+            func in _BROADCASTS
+            and len(hits) == 1  # once: ``t + t`` is not a broadcast of t
+            and "alpha" not in kwargs
+            and isinstance(out, Tensor)
+            and out.requires_grad
+        ):
+            hits[0].uses.append(Use(out, hits[0].tensor.shape, out._version))
+        elif _carries_graph(out):
+            for w in hits:
+                w.problem = w.problem or f"a weight shared by the batch is used by {name}"
+        return out
+
+    def _hits(self, args: tuple, kwargs: dict) -> list[Watched]:
+        found = []
+        for a in (*args, *kwargs.values()):
+            items = a if isinstance(a, (list, tuple)) else (a,)
+            for t in items:
+                if isinstance(t, Tensor) and id(t) in self.watched:
+                    w = self.watched[id(t)]
+                    if w.tensor is t:
+                        found.append(w)
+        return found
+
+    def _linear(self, x: object, w: Tensor, b: Tensor | None, out: Tensor) -> None:
+        weight = w if id(w) in self.loose else None
+        bias = b if b is not None and id(b) in self.loose else None
+        call = LayerCall(None, "linear", "F.linear", weight, bias)
+        if not isinstance(x, Tensor) or not out.requires_grad:
+            call.problem = "F.linear: not called on one tensor with a graph"
+        elif weight is None and w.requires_grad:
+            call.problem = "F.linear: a trainable weight of a layer used outside its layer"
+        else:
+            call.x, call.z, call.versions = x.detach(), out, (x._version, out._version)
+        self.calls.append(call)
+
+
+def reduce_to(g: Tensor, shape: torch.Size) -> Tensor:
+    """(B, P): per example, ``g`` (B, ...) summed over the dims an operand of ``shape`` was
+    broadcast along (its dims of size 1 and the leading ones it lacks), batch dim kept."""
+    full = (1,) * (g.dim() - len(shape)) + tuple(shape)
+    dims = [d for d in range(1, g.dim()) if full[d] == 1 and g.shape[d] != 1]
+    out = g.sum(dims, keepdim=True) if dims else g
+    return out.reshape(g.shape[0], -1)
+
+
+def _linear_args(args: tuple, kwargs: dict) -> tuple[object, Tensor, Tensor | None]:
+    named = dict(zip(("input", "weight", "bias"), args, strict=False)) | kwargs
+    return named.get("input"), named["weight"], named.get("bias")
+
+
+def _carries_graph(out: object) -> bool:
+    items = out if isinstance(out, (list, tuple)) else (out,)
+    return any(isinstance(t, Tensor) and t.requires_grad for t in items)
+
+
+def _plain_self_attention(a: dict) -> bool:
+    """Self-attention on a batched (T, B, E) input with one packed projection, no masks, no
+    extra key/value biases, no returned weights: what ``_self_attention`` computes."""
+    q = a["query"]
+    return (
+        q is a["key"] is a["value"]
+        and q.dim() == 3
+        and a.get("in_proj_weight") is not None
+        and a.get("bias_k") is None
+        and a.get("bias_v") is None
+        and not a.get("add_zero_attn")
+        and not a.get("need_weights", True)
+        and a.get("key_padding_mask") is None
+        and a.get("attn_mask") is None
+        and not a.get("use_separate_proj_weight", False)
+        and a.get("static_k") is None
+        and a.get("static_v") is None
+        and not a.get("is_causal", False)
+        and q.shape[-1] == a["embed_dim_to_check"]
+        and q.shape[-1] % a["num_heads"] == 0
+    )
+
+
+def _self_attention(
+    query: Tensor,
+    num_heads: int,
+    in_proj_weight: Tensor,
+    in_proj_bias: Tensor | None,
+    dropout_p: float,
+    out_proj_weight: Tensor,
+    out_proj_bias: Tensor | None,
+    training: bool = True,
+    **_: object,
+) -> tuple[Tensor, None]:
+    """``F.multi_head_attention_forward`` in the cases ``_plain_self_attention`` admits."""
+    x = query.transpose(0, 1)  # (B, T, E): nn.MultiheadAttention hands it sequence first
+    b, t, e = x.shape
+    h = num_heads
+    qkv = F.linear(x, in_proj_weight, in_proj_bias)  # (B, T, 3E)
+    q, k, v = qkv.view(b, t, 3, h, e // h).permute(2, 0, 3, 1, 4)  # each (B, H, T, E/H)
+    o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p if training else 0.0)
+    o = F.linear(o.transpose(1, 2).reshape(b, t, e), out_proj_weight, out_proj_bias)
+    return o.transpose(0, 1), None  # (T, B, E)

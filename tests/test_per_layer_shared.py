@@ -1,0 +1,267 @@
+"""The per-layer path on transformers (vit_tiny, a tiny BERT, a tiny HuggingFace ViT): weights
+shared by every example of a batch (a ViT's class token and position embedding, a BERT's
+position embeddings looked up once for the batch) and ``nn.MultiheadAttention``'s functional
+projections, in float64, against per-example gradients taken one example at a time and against
+the unrolled meta step; and mutation checks: the same comparisons fail when one per-example
+term is dropped from the record.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reweight import L2RW, l2rw_eps_grad
+from reweight.jvp import per_layer as ghost
+from reweight.meta import trainable
+from reweight.meta.kernels import differentiable_kernels
+from reweight.metastep import StepInputs
+from reweight.models import build_model
+
+from .test_fast import assert_equal, mwnet_pair
+
+DT = torch.float64
+
+
+def vit():
+    torch.manual_seed(0)
+    model = build_model("vit_tiny", 10, 1, (1, 28, 28)).to(DT).train()
+    with torch.no_grad():  # away from their zero initialisation, so that every term counts
+        model.class_token.normal_()
+        model.heads.head.weight.normal_(std=0.1)
+
+    def batch(n: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, 1, 28, 28, generator=g, dtype=DT)
+        return x, torch.randint(0, 10, (n,), generator=g)
+
+    return model, batch
+
+
+def bert():
+    pytest.importorskip("transformers")
+    from transformers import BertForSequenceClassification
+
+    from reweight.models.hf import SequenceClassifier
+
+    from .helpers import tiny_bert_config
+
+    torch.manual_seed(0)
+    model = SequenceClassifier(BertForSequenceClassification(tiny_bert_config()))
+    model = model.to(DT).train()
+
+    def batch(n: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(1, 40, (n, 7), generator=g)
+        mask = torch.ones(n, 7, dtype=torch.long)
+        mask[0, 5:] = 0  # one padded example
+        return {"input_ids": ids, "attention_mask": mask}, torch.randint(0, 3, (n,), generator=g)
+
+    return model, batch
+
+
+class PixelLogits(nn.Module):
+    """A HuggingFace image classifier as a model of pixels to logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).logits
+
+
+def hf_vit():
+    pytest.importorskip("transformers")
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=1,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+    )
+    model = PixelLogits(ViTForImageClassification(config)).to(DT).train()
+    with torch.no_grad():  # HF starts the class token at zero
+        model.model.vit.embeddings.cls_token.normal_()
+
+    def batch(n: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, 1, 8, 8, generator=g, dtype=DT)
+        return x, torch.randint(0, 3, (n,), generator=g)
+
+    return model, batch
+
+
+MODELS = {"vit_tiny": vit, "bert": bert, "hf_vit": hf_vit}
+
+
+def per_example_grads(model: nn.Module, x, y) -> list[torch.Tensor]:
+    """(B, *weight.shape) per trainable weight, one example's backward at a time."""
+    _, weights = trainable(model)
+    rows = []
+    for i in range(len(y)):
+        xi = {k: v[i : i + 1] for k, v in x.items()} if isinstance(x, dict) else x[i : i + 1]
+        loss = F.cross_entropy(model(xi), y[i : i + 1])
+        grads = torch.autograd.grad(loss, weights, allow_unused=True)
+        zero = [
+            torch.zeros_like(w) if g is None else g for w, g in zip(weights, grads, strict=True)
+        ]
+        rows.append(zero)
+    return [torch.stack(col) for col in zip(*rows, strict=True)]
+
+
+def records(model: nn.Module, x, y) -> list[ghost.GhostRecord]:
+    _, weights = trainable(model)
+    layers = ghost.ghost_layers(model, weights)
+    with ghost.recording(model, layers) as watch:
+        losses = F.cross_entropy(model(x), y, reduction="none")
+    return [ghost.finish(weights, watch, losses)]
+
+
+def direction(weights, seed: int = 2) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(w.shape, generator=g, dtype=DT) for w in weights]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_jvp_and_weighted_gradients_equal_per_example_gradients(name: str):
+    model, batch = MODELS[name]()
+    x, y = batch(5, 1)
+    _, weights = trainable(model)
+    per = per_example_grads(model, x, y)
+    recs = records(model, x, y)
+    u = direction(weights)
+    if name == "bert":  # a direction made by a backward: nothing on the padding row
+        u[0][0] = 0
+    want = sum(p.flatten(1) @ d.flatten() for p, d in zip(per, u, strict=True))
+    assert_equal(ghost.jvp_of(recs, u), want)
+    seeds = torch.rand(len(y), generator=torch.Generator().manual_seed(3), dtype=DT)
+    got = torch.autograd.grad((seeds * ghost.losses_of(recs)).sum(), weights)
+    for a, p in zip(got, per, strict=True):
+        assert_equal(a, torch.einsum("b,b...->...", seeds, p))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_l2rw_and_mwnet_take_the_path_and_equal_unrolled(name: str):
+    model, batch = MODELS[name]()
+    (x, y), (xv, yv) = batch(6, 1), batch(5, 2)
+    want = l2rw_eps_grad(model, x, y, xv, yv, 0.5, meta_grad="unrolled")
+    method = L2RW()
+    out = method.metastep(StepInputs(model, x, y, xv, yv, 0.5, F.cross_entropy))
+    assert method.metastep.planner.last_engine == "per_layer"
+    assert float(want.abs().max()) > 1e-3
+    assert_equal(out.c, want)
+    # the helper's reference differentiates the real model's forward twice: attention's math
+    # kernel (the L2RW step above ran the default one)
+    with differentiable_kernels(model):
+        got, unrolled, method = mwnet_pair(
+            model, x, y, xv, yv, normalize="sum", replay=None, warm=False
+        )
+    assert method.metastep.planner.per_layer_verdict(model) == "ok"
+    assert method.metastep.planner.last_engine == "per_layer"
+    for a, b in zip(got, unrolled, strict=True):
+        assert b.abs().max() > 0
+        assert_equal(a, b)
+
+
+def _dropped(recs: list[ghost.GhostRecord], keep) -> list[ghost.GhostRecord]:
+    for r in recs:
+        r.calls = [c for c in r.calls if keep(c)]
+    return recs
+
+
+def _differs(got: torch.Tensor, want: torch.Tensor) -> bool:
+    try:
+        assert_equal(got, want)
+    except AssertionError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize(
+    ("name", "term"),
+    [
+        ("vit_tiny", "class_token"),
+        ("vit_tiny", "encoder.pos_embedding"),
+        ("vit_tiny", "encoder.layers.encoder_layer_0.self_attention.in_proj_weight"),
+        ("vit_tiny", "encoder.layers.encoder_layer_1.self_attention.out_proj.bias"),
+        ("bert", "model.bert.embeddings.position_embeddings.weight"),
+        ("hf_vit", "model.vit.embeddings.cls_token"),
+        ("hf_vit", "model.vit.embeddings.position_embeddings"),
+    ],
+)
+def test_mutation_a_dropped_per_example_term_fails_the_comparison(name: str, term: str):
+    """Each term the shared-weight reading adds carries weight: without it, the JVP and the
+    weighted gradients the tests above compare are off (so those tests would fail)."""
+    model, batch = MODELS[name]()
+    x, y = batch(5, 1)
+    names, weights = trainable(model)
+    target = weights[names.index(term)]
+    per = per_example_grads(model, x, y)
+    u = direction(weights)
+    want = sum(p.flatten(1) @ d.flatten() for p, d in zip(per, u, strict=True))
+    intact = records(model, x, y)
+    assert any(target is c.weight or target is c.bias for c in intact[0].calls)
+    assert_equal(ghost.jvp_of(intact, u), want)
+    recs = _dropped(records(model, x, y), lambda c: target is not c.weight and target is not c.bias)
+    assert _differs(ghost.jvp_of(recs, u), want)
+    seeds = torch.rand(len(y), generator=torch.Generator().manual_seed(3), dtype=DT)
+    (got,) = torch.autograd.grad((seeds * ghost.losses_of(recs)).sum(), [target], allow_unused=True)
+    k = names.index(term)
+    assert got is None or _differs(got, torch.einsum("b,b...->...", seeds, per[k]))
+
+
+class UsedTwice(nn.Module):
+    """A shared offset added, then multiplied in: the product is no broadcast the path reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offset = nn.Parameter(torch.randn(5))
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head((x + self.offset) * self.offset)
+
+
+def test_a_shared_weight_used_otherwise_is_refused_and_the_step_stays_exact():
+    torch.manual_seed(0)
+    model = UsedTwice().to(DT)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 5, generator=g, dtype=DT), torch.randint(0, 3, (6,), generator=g)
+    xv, yv = torch.randn(7, 5, generator=g, dtype=DT), torch.randint(0, 3, (7,), generator=g)
+    with pytest.raises(ghost.Ineligible, match="shared by the batch is used by mul"):
+        records(model, x, y)
+    got, want, method = mwnet_pair(model, x, y, xv, yv, normalize="sum", replay=None, warm=False)
+    assert method.metastep.planner.per_layer_verdict(model) == "no"
+    assert method.metastep.planner.last_engine == "tape"
+    for a, b in zip(got, want, strict=True):
+        assert_equal(a, b)
+
+
+def test_attention_with_a_mask_is_refused():
+    """Masked attention is computed by torch's own function, whose projections the path does
+    not see: refused (here, at the recording), never read wrongly."""
+
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).triu(1)
+            return self.head(self.attn(x, x, x, attn_mask=mask, need_weights=False)[0].mean(1))
+
+    torch.manual_seed(0)
+    model = Masked().to(DT)
+    x, y = torch.randn(6, 3, 4, dtype=DT), torch.randint(0, 3, (6,))
+    with pytest.raises(ghost.Ineligible, match="multi_head_attention_forward"):
+        records(model, x, y)

@@ -63,7 +63,7 @@ from reweight.meta import (
 from reweight.meta.kernels import differentiable_kernels
 
 if TYPE_CHECKING:  # a type only: the loop builds it
-    from reweight.train.distributed import DistContext
+    from reweight.core.distributed import DistContext
 
 __all__ = [
     "META_GRAD_MODES",

@@ -52,11 +52,11 @@ from reweight.cli.errors import (
     one_line,
 )
 from reweight.cli.job import train, validate
+from reweight.core.distributed import env_rank
 from reweight.outputs import (
     aggregate_sweep,
     record_job,
 )
-from reweight.train.distributed import env_rank
 from reweight.train.signals import TrainingInterrupted
 
 __all__ = ["CONFIG_PATH", "AggregateSweep", "ValidateConfig", "main", "train", "validate"]

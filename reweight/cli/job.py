@@ -28,10 +28,10 @@ from omegaconf import DictConfig, OmegaConf
 from reweight.cli.errors import RunFailed
 from reweight.cli.run_dir import RunDir, hydra_files
 from reweight.cli.schema import validate_config
+from reweight.core.distributed import DistContext, env_rank, env_world_size, init_from_env
 from reweight.data import DataBundle, build_dataset, resolve_data_root, save_labels
 from reweight.methods import build_method
 from reweight.outputs import CHECKPOINT, LOGGER_FILES, METRICS, RESOLVED_CONFIG, SUMMARY, MetricsCSV
-from reweight.train.distributed import DistContext, env_rank, env_world_size, init_from_env
 from reweight.train.loggers import Logger, build_loggers
 from reweight.train.run_files import write_run_files
 from reweight.train.trainer import FitResult, Trainer, TrainerConfig

@@ -69,12 +69,12 @@ from reweight.cli.keys import (
     device_rule,
     key,
 )
+from reweight.core.distributed import check_batch_split
 from reweight.data._validate import check_choice
 from reweight.data.build import COMMON_KEYS, DATASETS, build_dataset, dataset_builder
 from reweight.data.build import dataset_defaults as _dataset_defaults
 from reweight.methods import method_class
 from reweight.models.factory import build_model, model_builder
-from reweight.train.distributed import check_batch_split
 from reweight.train.trainer import TrainerConfig
 
 __all__ = ["OBJECTIVES", "config_type", "schema_classes", "validate_config"]

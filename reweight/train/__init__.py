@@ -1,6 +1,6 @@
 """The training loop and what only it uses: ``Trainer`` (``fit → train_step → bookkeeping``), its
 config, the batch streams, signals, checkpoints, evaluation metrics, weight statistics, the
-loggers, data-parallel and the files a run writes while it trains.
+loggers and the files a run writes while it trains.
 
 Example (plain Python objects, no Hydra):
     >>> import torch, torch.nn as nn

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from reweight.core.device import Placement
+from reweight.core.distributed import DistContext, check_batch_split
 from reweight.core.files import CHECKPOINT, METRICS
 from reweight.core.progress import Heartbeat, phase
 from reweight.functional import LossFn
@@ -36,7 +37,6 @@ from reweight.train.checkpoint import (
     write_checkpoint,
 )
 from reweight.train.config import TrainerConfig
-from reweight.train.distributed import DistContext, check_batch_split
 from reweight.train.guards import check_finite_loss, check_finite_parameters
 from reweight.train.history import FitResult, History, StepResult
 from reweight.train.loggers import Logger

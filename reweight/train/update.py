@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from reweight.train.distributed import DistContext
+from reweight.core.distributed import DistContext
 
 __all__ = ["weighted_update"]
 

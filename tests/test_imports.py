@@ -207,7 +207,16 @@ def test_the_switch_finder_finds_switches(tmp_path: Path):
 
 # Lowest first: a module may import its own layer and the layers below it, never one above.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("core", ("reweight.inputs", "reweight.device", "reweight.outputs.files", "reweight.progress")),
+    (
+        "core",
+        (
+            "reweight.inputs",
+            "reweight.device",
+            "reweight.outputs.files",
+            "reweight.progress",
+            "reweight.distributed",
+        ),
+    ),
     ("leaves", ("reweight.data", "reweight.models")),
     ("meta", ("reweight.meta",)),
     ("jvp", ("reweight.jvp",)),
@@ -226,7 +235,6 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "reweight.weight_stats",
             "reweight.metrics",
             "reweight.loggers",
-            "reweight.distributed",
             "reweight.suspects",
             "reweight.run_files",
         ),

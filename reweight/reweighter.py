@@ -35,8 +35,9 @@ Every rank must draw the same trusted batches (the same ``meta_data`` order: a s
 not a ``DistributedSampler``). The weights are then those of one process on the union of the
 shards (rank order), and so is the summed gradient of Σᵢ wᵢℓᵢ: ``reweight.distributed`` says
 what each rank computes. With a model wrapped in ``DistributedDataParallel``, which averages
-the gradients instead of summing them, give the wrapper's ``module`` to the Reweighter and
-backpropagate ``out.loss * reweight.world_size``.
+the gradients instead of summing them, give the wrapper's ``module`` to the Reweighter, set
+``out.scale = reweight.world_size`` before taking ``out.loss`` and skip ``sum_gradients``
+(``reweight.integrations.lightning`` does this under Lightning's DDP strategies).
 """
 
 from __future__ import annotations
@@ -64,11 +65,15 @@ class Reweighted:
     weights: Tensor  # (B,), detached; Σ wᵢ = 1 for L2RW, v/B for MW-Net
     losses: Tensor  # (B,), with the graph of the model's forward at θ
     output: MethodOutput  # the method's full output (meta loss, zero-sum flag)
+    # the loss's factor: the number of ranks when the loop's gradients are averaged over
+    # them (DistributedDataParallel), so that their mean is the global batch's Σ wᵢ∇ℓᵢ
+    scale: int = 1
 
     @property
     def loss(self) -> Tensor:
-        """Σᵢ wᵢℓᵢ: the loss of the real update."""
-        return (self.weights.to(self.losses.dtype) * self.losses).sum()
+        """Σᵢ wᵢℓᵢ (times ``scale``): the loss of the real update."""
+        loss = (self.weights.to(self.losses.dtype) * self.losses).sum()
+        return loss * self.scale if self.scale != 1 else loss
 
 
 class Reweighter:

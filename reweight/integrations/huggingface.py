@@ -18,9 +18,10 @@ dicts with ``input_ids``, ``attention_mask`` and ``labels``)::
     )
     trainer.train()  # or trainer.train(resume_from_checkpoint=True)
 
-Supported heads, whose per-example loss is known: ``...ForSequenceClassification`` (the
-cross-entropy of each example's logits) and ``...ForCausalLM`` (the mean token loss of each
-sequence, labels of -100 and padding ignored); pass ``loss_fn`` for any other. Gradient
+Supported heads, whose per-example loss is known: ``...ForSequenceClassification`` and
+``...ForImageClassification`` (the cross-entropy of each example's logits) and
+``...ForCausalLM`` (the mean token loss of each sequence, labels of -100 and padding
+ignored); pass ``loss_fn`` for any other. Gradient
 accumulation: each micro-batch is weighed on its own, with its own trusted batch, and the
 update is HF's mean over the micro-batches of their Σᵢ wᵢℓᵢ. The method's state (a weighting
 net, its optimizer, the counters) is saved beside each HF checkpoint (``reweight_state.pt``)
@@ -47,7 +48,7 @@ from reweight.reweighter import Reweighter
 __all__ = ["STATE_FILE", "ReweightingTrainer", "per_example_loss"]
 
 STATE_FILE = "reweight_state.pt"  # beside HF's files in each checkpoint folder
-_HEADS = ("ForSequenceClassification", "ForCausalLM")
+_HEADS = ("ForSequenceClassification", "ForImageClassification", "ForCausalLM")
 
 
 def per_example_loss(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
@@ -194,8 +195,9 @@ def _check_supported(model: nn.Module, args: Any, loss_fn: Any) -> None:
     name = type(model).__name__
     if loss_fn is None and not name.endswith(_HEADS):
         raise ValueError(
-            f"ReweightingTrainer knows the per-example loss of ...ForSequenceClassification and "
-            f"...ForCausalLM models, not {name}: pass loss_fn=f(logits, labels, reduction=...)"
+            f"ReweightingTrainer knows the per-example loss of ...ForSequenceClassification, "
+            f"...ForImageClassification and ...ForCausalLM models, not {name}: pass "
+            "loss_fn=f(logits, labels, reduction=...)"
         )
     if getattr(args, "gradient_checkpointing", False) or getattr(
         args, "activation_checkpointing", False

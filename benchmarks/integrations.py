@@ -42,7 +42,7 @@ from reweight import Trainer, TrainerConfig
 from reweight.models.hf import SequenceClassifier
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-import noisy_mnist_integrations as demo  # noqa: E402  (the demo's data, models, settings)
+import noisy_mnist_integrations as demo  # the demo's data, models and settings
 
 
 class Interleaved:

@@ -29,8 +29,8 @@ and restored by ``resume_from_checkpoint``. Under ``torchrun`` (DDP), each rank 
 shard of the global batch as one process would weigh the whole (the trusted batches are the
 same on every rank) and the gradients are summed over the ranks after each micro-batch's
 backward; HF's DistributedDataParallel wrapper is bypassed (the meta step runs on the model
-inside it, so the wrapper's own reduction never runs). At each logging step HF's log gets the weights'
-mean relative weight (1 is uniform), their spread and zero fraction, and the meta loss.
+inside it, so the wrapper's own reduction never runs). At each logging step HF's log gets the
+weights' mean relative weight (1 is uniform), their spread and zero fraction, and the meta loss.
 """
 
 from __future__ import annotations

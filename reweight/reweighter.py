@@ -34,10 +34,12 @@ the gradients summed over the processes between ``backward`` and ``step``::
 Every rank must draw the same trusted batches (the same ``meta_data`` order: a seeded loader,
 not a ``DistributedSampler``). The weights are then those of one process on the union of the
 shards (rank order), and so is the summed gradient of Σᵢ wᵢℓᵢ: ``reweight.distributed`` says
-what each rank computes. With a model wrapped in ``DistributedDataParallel``, which averages
-the gradients instead of summing them, give the wrapper's ``module`` to the Reweighter, set
-``out.scale = reweight.world_size`` before taking ``out.loss`` and skip ``sum_gradients``
-(``reweight.integrations.lightning`` does this under Lightning's DDP strategies).
+what each rank computes. Leave the model unwrapped: ``DistributedDataParallel`` reduces only
+after a forward through its own ``forward``, which the meta step does not take (so under HF's
+wrapper nothing is reduced and the HF integration sums). Where the whole step runs inside the
+wrapper's forward (Lightning's ``training_step`` under DDP), the wrapper averages the
+gradients: set ``out.scale = reweight.world_size`` before taking ``out.loss`` and skip
+``sum_gradients`` (``reweight.integrations.lightning`` does).
 """
 
 from __future__ import annotations

@@ -112,7 +112,6 @@ def two_ranks(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 @pytest.mark.parametrize("name", CASES)
 def test_lightning_ddp_equals_one_process_on_the_global_batch(two_ranks, name: str):
     single = fit(name)

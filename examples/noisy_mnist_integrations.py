@@ -10,12 +10,12 @@ trusted batch 100, the gradient norm clipped at 1.
 - ``--integration lightning``: ``LeNet`` in a ``ReweightingModule`` under ``lightning.Trainer``,
   SGD lr 0.05, momentum 0.9 (the experiment's optimizer).
 
-Run (docs/integrations.md has the results)::
+Run (the commands of the results in docs/integrations.md; ``--seed`` the training seed)::
 
     REWEIGHT_DATA_DIR=data python examples/noisy_mnist_integrations.py --integration lightning \\
-        --steps 1000 --eval-every 100 --json lightning.json
+        --steps 300 --eval-every 50 --json lightning.json
     REWEIGHT_DATA_DIR=data python examples/noisy_mnist_integrations.py --integration hf \\
-        --steps 1000 --eval-every 100 --json hf.json
+        --steps 300 --eval-every 50 --json hf.json   # and --steps 1000 --eval-every 100
 
 Prints one row per method: final and peak test accuracy (and the step of the peak), the
 wall time, and the seconds per step.

@@ -21,6 +21,25 @@ Example (a hand-written loop; LeNet, SGD and the trusted batches are yours):
     ...     optimizer.step()
     >>> out.weights.shape, reweight.steps
     (torch.Size([32]), 3)
+
+Data-parallel (``torchrun``, each process a shard of the global batch): the same loop, with
+the gradients summed over the processes between ``backward`` and ``step``::
+
+    out = reweight(model, x_shard, y_shard, optimizer=optimizer)
+    optimizer.zero_grad()
+    out.loss.backward()
+    reweight.sum_gradients(model.parameters())  # Σ over ranks; a no-op in one process
+    optimizer.step()
+
+Every rank must draw the same trusted batches (the same ``meta_data`` order: a seeded loader,
+not a ``DistributedSampler``). The weights are then those of one process on the union of the
+shards (rank order), and so is the summed gradient of Σᵢ wᵢℓᵢ: ``reweight.core.distributed`` says
+what each rank computes. Leave the model unwrapped: ``DistributedDataParallel`` reduces only
+after a forward through its own ``forward``, which the meta step does not take (so under HF's
+wrapper nothing is reduced and the HF integration sums). Where the whole step runs inside the
+wrapper's forward (Lightning's ``training_step`` under DDP), the wrapper averages the
+gradients: set ``out.scale = reweight.world_size`` before taking ``out.loss`` and skip
+``sum_gradients`` (``reweight.integrations.lightning`` does).
 """
 
 from __future__ import annotations
@@ -33,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reweight.core.distributed import DistContext
 from reweight.core.inputs import Inputs, to_device
 from reweight.meta import LossFn
 from reweight.methods import Method, MethodOutput, StepInputs, build_method
@@ -47,11 +67,15 @@ class Reweighted:
     weights: Tensor  # (B,), detached; Σ wᵢ = 1 for L2RW, v/B for MW-Net
     losses: Tensor  # (B,), with the graph of the model's forward at θ
     output: MethodOutput  # the method's full output (meta loss, zero-sum flag)
+    # the loss's factor: the number of ranks when the loop's gradients are averaged over
+    # them (DistributedDataParallel), so that their mean is the global batch's Σ wᵢ∇ℓᵢ
+    scale: int = 1
 
     @property
     def loss(self) -> Tensor:
-        """Σᵢ wᵢℓᵢ: the loss of the real update."""
-        return (self.weights.to(self.losses.dtype) * self.losses).sum()
+        """Σᵢ wᵢℓᵢ (times ``scale``): the loss of the real update."""
+        loss = (self.weights.to(self.losses.dtype) * self.losses).sum()
+        return loss * self.scale if self.scale != 1 else loss
 
 
 class Reweighter:
@@ -64,6 +88,10 @@ class Reweighter:
             need none.
         train_labels, num_classes: the training set's labels and class count, for methods that
             read them (``cmwnet`` groups the classes by size; ``class_balanced``).
+        process_group: data-parallel training over this ``torch.distributed`` group; by
+            default the default group when ``torch.distributed`` is initialised with more
+            than one process (read at the first call, so a loop may join it after building
+            the Reweighter), else one process. Each call's batch is then this rank's shard.
 
     Each call: the next trusted batch, the method's step (a meta step for meta methods) on the
     model in training mode, and the weights with the losses of the model's forward, whose
@@ -80,6 +108,7 @@ class Reweighter:
         *,
         train_labels: Tensor | None = None,
         num_classes: int | None = None,
+        process_group: Any = None,
     ) -> None:
         self.method = build_method(method) if isinstance(method, str) else method
         if self.method.needs_meta and meta_data is None:
@@ -90,6 +119,26 @@ class Reweighter:
         self.meta_drawn = 0  # trusted batches drawn
         self._meta: Iterator[Any] | None = None
         self._model: nn.Module | None = None
+        self.process_group = process_group
+        self._dist: DistContext | bool | None = False  # False: not looked up yet
+
+    @property
+    def dist(self) -> DistContext | None:
+        """The data-parallel group (None: one process), looked up at the first call."""
+        if self._dist is False:
+            self._dist = DistContext.for_training(self.process_group)
+        return self._dist  # type: ignore[return-value]
+
+    @property
+    def world_size(self) -> int:
+        return 1 if self.dist is None else self.dist.world_size
+
+    def sum_gradients(self, params: Iterable[nn.Parameter]) -> None:
+        """Σ over ranks of the ``.grad`` of ``params`` (one all-reduce of a flat buffer),
+        between the loop's ``backward`` and its ``step``: then every rank holds the gradient
+        of Σᵢ wᵢℓᵢ over the global batch. Nothing to do in one process."""
+        if self.dist is not None:
+            self.dist.sum_gradients(list(params))
 
     def __call__(
         self,
@@ -114,9 +163,10 @@ class Reweighter:
             mx, my = self._next_meta()
             mx, my = to_device(mx, device), my.to(device)
         model.train()
+        targets = targets.to(device)
         batch = StepInputs(
-            model, to_device(inputs, device), targets.to(device), mx, my, lr, loss_fn,
-            optimizer, self.steps,
+            model, to_device(inputs, device), targets, mx, my, lr, loss_fn, optimizer,
+            self.steps, **self._shard(len(targets), device),
         )  # fmt: skip
         out = self.method.step(batch)
         losses = out.losses
@@ -124,6 +174,20 @@ class Reweighter:
             losses = loss_fn(model(batch.inputs), batch.targets, reduction="none")
         self.steps += 1
         return Reweighted(out.weights, losses, out)
+
+    def _shard(self, n: int, device: torch.device) -> dict[str, Any]:
+        """This rank's place in the global batch: the shards' sizes (one all-gather of an
+        int, so shards may differ in size), the global size and this shard's offset."""
+        dist = self.dist
+        if dist is None:
+            return {}
+        sizes = dist.all_gather_cat(torch.tensor([n], dtype=torch.int64, device=device))
+        sizes = sizes.tolist()
+        return {
+            "dist": dist,
+            "global_batch_size": int(sum(sizes)),
+            "offset": int(sum(sizes[: dist.rank])),
+        }
 
     def _setup(self, model: nn.Module, device: torch.device) -> None:
         if self._model is not model:

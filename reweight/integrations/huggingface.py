@@ -18,14 +18,19 @@ dicts with ``input_ids``, ``attention_mask`` and ``labels``)::
     )
     trainer.train()  # or trainer.train(resume_from_checkpoint=True)
 
-Supported heads, whose per-example loss is known: ``...ForSequenceClassification`` (the
-cross-entropy of each example's logits) and ``...ForCausalLM`` (the mean token loss of each
-sequence, labels of -100 and padding ignored); pass ``loss_fn`` for any other. Gradient
+Supported heads, whose per-example loss is known: ``...ForSequenceClassification`` and
+``...ForImageClassification`` (the cross-entropy of each example's logits) and
+``...ForCausalLM`` (the mean token loss of each sequence, labels of -100 and padding
+ignored); pass ``loss_fn`` for any other. Gradient
 accumulation: each micro-batch is weighed on its own, with its own trusted batch, and the
 update is HF's mean over the micro-batches of their Σᵢ wᵢℓᵢ. The method's state (a weighting
 net, its optimizer, the counters) is saved beside each HF checkpoint (``reweight_state.pt``)
-and restored by ``resume_from_checkpoint``. At each logging step HF's log gets the weights'
-mean relative weight (1 is uniform), their spread and zero fraction, and the meta loss.
+and restored by ``resume_from_checkpoint``. Under ``torchrun`` (DDP), each rank weighs its
+shard of the global batch as one process would weigh the whole (the trusted batches are the
+same on every rank) and the gradients are summed over the ranks after each micro-batch's
+backward; HF's DistributedDataParallel wrapper is bypassed (the meta step runs on the model
+inside it, so the wrapper's own reduction never runs). At each logging step HF's log gets the
+weights' mean relative weight (1 is uniform), their spread and zero fraction, and the meta loss.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from reweight.reweighter import Reweighter
 __all__ = ["STATE_FILE", "ReweightingTrainer", "per_example_loss"]
 
 STATE_FILE = "reweight_state.pt"  # beside HF's files in each checkpoint folder
-_HEADS = ("ForSequenceClassification", "ForCausalLM")
+_HEADS = ("ForSequenceClassification", "ForImageClassification", "ForCausalLM")
 
 
 def per_example_loss(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
@@ -151,6 +156,9 @@ class ReweightingTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs = dict(inputs)
         labels = inputs.pop("labels")
+        # under torchrun HF hands us its DistributedDataParallel wrapper: the meta step runs on
+        # the model inside, and training_step sums the gradients (the wrapper never reduces)
+        model = self.accelerator.unwrap_model(model)
         out = self.reweighter(
             self._logits_model(model), inputs, labels, loss_fn=self.loss_fn,
             optimizer=self.optimizer,
@@ -158,6 +166,15 @@ class ReweightingTrainer(Trainer):
         self._window.append((out.weights.detach() * len(out.weights), out.output.meta_loss))
         loss = out.loss
         return (loss, None) if return_outputs else loss
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> Tensor:
+        """HF's step; data-parallel, then the gradients summed over the ranks (each rank's
+        Σᵢ wᵢℓᵢ holds its shard of the global batch, weighted as one process would)."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.reweighter.sum_gradients(model.parameters())
+        return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._window and "loss" in logs:  # a training log row: the weights since the last
@@ -194,8 +211,9 @@ def _check_supported(model: nn.Module, args: Any, loss_fn: Any) -> None:
     name = type(model).__name__
     if loss_fn is None and not name.endswith(_HEADS):
         raise ValueError(
-            f"ReweightingTrainer knows the per-example loss of ...ForSequenceClassification and "
-            f"...ForCausalLM models, not {name}: pass loss_fn=f(logits, labels, reduction=...)"
+            f"ReweightingTrainer knows the per-example loss of ...ForSequenceClassification, "
+            f"...ForImageClassification and ...ForCausalLM models, not {name}: pass "
+            "loss_fn=f(logits, labels, reduction=...)"
         )
     if getattr(args, "gradient_checkpointing", False) or getattr(
         args, "activation_checkpointing", False

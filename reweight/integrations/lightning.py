@@ -23,6 +23,13 @@ Example::
 The network passed to ``reweigh`` is a plain ``nn.Module`` (the meta step keeps a
 buffer-backed twin of it), and the trusted batches are ``(inputs, targets)`` pairs, moved to
 its device. Only one optimizer, automatic optimization.
+
+Data-parallel (``strategy="ddp"``, any number of processes): each rank's batch is its shard of
+the global batch, the weights are those of one process on the global batch (the Reweighter sums
+across the ranks what the meta step needs) and the returned loss is scaled by the number of
+ranks, so that DDP's average of the gradients is the global Σᵢ wᵢ∇ℓᵢ. Every rank must draw the
+same trusted batches: a seeded ``DataLoader``, which Lightning does not shard (it shards only
+the training loader).
 """
 
 from __future__ import annotations
@@ -80,6 +87,7 @@ class ReweightingModule(L.LightningModule):
         optimizer = self.optimizers()
         optimizer = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper
         out = self.reweighter(model, inputs, targets, loss_fn=loss_fn, optimizer=optimizer)
+        out.scale = self._gradient_scale()
         relative = out.weights.detach() * len(out.weights)
         stats = {
             "weight_mean": float(relative.mean()),
@@ -89,6 +97,24 @@ class ReweightingModule(L.LightningModule):
             stats["meta_loss"] = out.output.meta_loss
         self.log_dict(stats, on_step=True, on_epoch=False, batch_size=len(out.weights))
         return out
+
+    def _gradient_scale(self) -> int:
+        """1 in one process; under a DDP strategy, which averages the ranks' gradients, the
+        number of ranks (then the mean is the gradient of Σᵢ wᵢℓᵢ over the global batch,
+        whose weights the Reweighter computed across the ranks)."""
+        world = self.reweighter.world_size
+        if world == 1:
+            return 1
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = self.trainer.strategy
+        if not isinstance(strategy, DDPStrategy):
+            raise ValueError(
+                f"ReweightingModule runs data-parallel under Lightning's DDP strategies "
+                f"(strategy='ddp', 'ddp_spawn'), not {type(strategy).__name__}: the meta step "
+                "needs every parameter whole on each rank"
+            )
+        return world
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = self.reweighter.state_dict()

@@ -46,6 +46,7 @@ from reweight.distributed import DistContext, check_batch_split
 from reweight.functional import LossFn
 from reweight.inputs import Inputs, to_device
 from reweight.loggers import Logger, LoggerGroup
+from reweight.meta_source import SmallLossMetaSource, drop_rows
 from reweight.methods import Method, MethodOutput, StepInputs, build_method
 from reweight.metrics import best_accuracy_of, evaluate_classifier, summarize_test
 from reweight.outputs.files import CHECKPOINT, METRICS
@@ -118,6 +119,10 @@ class Trainer:
             ``fit`` returns or raises.
         run_config: what the loggers record as the run's config (default: the TrainerConfig
             and the method's name).
+        meta_source: where meta batches come from instead of ``meta_data`` (e.g.
+            ``reweight.meta_source.SmallLossMetaSource``: the training set's small-loss
+            examples, no clean set); its examples are left out of training batches while they
+            serve. ``from_bundle`` builds it from ``dataset.meta_source``.
     """
 
     def __init__(
@@ -142,6 +147,7 @@ class Trainer:
         loggers: Sequence[Logger] = (),
         run_config: dict[str, Any] | None = None,
         run_dir: str | os.PathLike | None = None,
+        meta_source: SmallLossMetaSource | None = None,
     ) -> None:
         self.config = cfg = config or TrainerConfig()
         self.dist = DistContext.for_training(process_group)
@@ -153,7 +159,13 @@ class Trainer:
                 f"trainer.bf16=true needs a CUDA device (trainer.device), got {self.device}"
             )
         self.method = build_method(method) if isinstance(method, str) else method
-        if self.method.needs_meta and meta_data is None:
+        self.meta_source = meta_source
+        if meta_source is not None and self.dist is not None:
+            raise ValueError(
+                "dataset.meta_source=small_loss does not run data-parallel yet (each rank would "
+                "drop a different number of serving examples from its shard); use one process"
+            )
+        if self.method.needs_meta and meta_data is None and meta_source is None:
             raise ValueError(f"method {self.method.name!r} needs a clean meta set (meta_data)")
         self.model = model.to(self.device)
         self.channels_last, why = channels_last_choice(cfg.channels_last, model, self.device)
@@ -194,6 +206,18 @@ class Trainer:
         """A Trainer on a ``reweight.data.DataBundle`` (train, meta, validation, test, labels,
         mask)."""
         kwargs.setdefault("val_data", bundle.val)
+        source = bundle.info.get("meta_source", {"name": "clean"})
+        if source["name"] == "small_loss" and "meta_source" not in kwargs:
+            # the training set's small-loss examples; bundle.meta is empty then (build_dataset)
+            kwargs["meta_source"] = SmallLossMetaSource(
+                bundle.train_labels,
+                bundle.num_classes,
+                per_class=source["per_class"],
+                warmup=source["warmup"],
+                refresh=source["refresh"],
+                seed=kwargs["config"].seed if kwargs.get("config") else 0,
+                corrupted=bundle.corrupted,
+            )
         trainer = cls(
             model,
             bundle.train,
@@ -292,6 +316,8 @@ class Trainer:
             mx = my = None
             if meta_iter is not None:
                 _, mx, my = next(meta_iter)
+                if self.meta_source is not None:  # examples serving as meta do not train
+                    idx, x, y = drop_rows(idx, x, y, self.meta_source.serving())
             # 2-3. the method's weights, the real update on Σ wᵢℓᵢ
             result = self.train_step(x, y, mx, my)
             bar.update(1)
@@ -425,6 +451,8 @@ class Trainer:
                 metrics.update(summarize_test(self._evaluate_test(), self.best_test_accuracy))
         metrics.update(self._stats.summary())
         metrics.update(self.method.describe())  # e.g. meta_engine: which engine ran, and why
+        if self.meta_source is not None:  # the trusted set found in the noisy data
+            metrics.update(self.meta_source.describe())
         if self.config.final_weights:
             passes = self.config.final_weights
             n = len(self.train_data)  # type: ignore[arg-type]
@@ -531,6 +559,11 @@ class Trainer:
             "stats": self._stats.state_dict(),
             "elapsed": self._elapsed,
             "config": asdict(self.config),
+            **(
+                {"meta_source": self.meta_source.state_dict()}
+                if self.meta_source is not None
+                else {}
+            ),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -551,6 +584,8 @@ class Trainer:
         self.best_test_accuracy = float(state["best_test_accuracy"])
         self._stats.load_state_dict(state["stats"])
         self._elapsed = float(state["elapsed"])
+        if self.meta_source is not None:
+            self.meta_source.load_state_dict(state["meta_source"])
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         """Write ``state_dict()`` atomically (``reweight.checkpoint.write_checkpoint``)."""
@@ -574,9 +609,12 @@ class Trainer:
             self._setup_done = True
 
     def _meta_batches(self, stream: int, position: int, pin: bool = False) -> Any:
-        """Clean batches from the meta set for meta methods (None for the others)."""
+        """Clean batches from the meta set for meta methods (None for the others), or the
+        meta source's batches."""
         if not self.method.needs_meta:
             return None
+        if self.meta_source is not None:
+            return self.meta_source.batches(self, stream, position)
         assert self.meta_data is not None
         cfg = self.config
         batches = BatchStream(

@@ -229,6 +229,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "reweight.distributed",
             "reweight.suspects",
             "reweight.run_files",
+            "reweight.meta_source",
         ),
     ),
     ("cli", ("reweight.cli", "reweight.__main__", "reweight")),

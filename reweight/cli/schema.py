@@ -62,7 +62,13 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from reweight.data._validate import check_choice
-from reweight.data.build import COMMON_KEYS, DATASETS, build_dataset, dataset_builder
+from reweight.data.build import (
+    COMMON_KEYS,
+    DATASETS,
+    META_SOURCES,
+    build_dataset,
+    dataset_builder,
+)
 from reweight.data.build import dataset_defaults as _dataset_defaults
 from reweight.device import resolve_device
 from reweight.distributed import check_batch_split
@@ -144,6 +150,10 @@ def _milestones(key: str, value: Any) -> None:
 
 def _objective(key: str, value: Any) -> None:
     check_choice(key, value, OBJECTIVES)
+
+
+def _meta_source(key: str, value: Any) -> None:
+    check_choice(key, value, META_SOURCES)
 
 
 def _betas(key: str, value: Any) -> None:
@@ -383,7 +393,8 @@ def _dataset_schema(name: str) -> type:
     check_choice("dataset.name", name, DATASETS)
     hints = {**_hints(dataset_builder(name)), **_hints(build_dataset)}
     keys = [*COMMON_KEYS, *_dataset_defaults(name)]
-    return _derived(name, hints, keys)
+    rules = {"meta_source": _meta_source, "meta_warmup": _at_least(0), "meta_refresh": _at_least(0)}
+    return _derived(name, hints, keys, rules)
 
 
 def _model_schema(target: str | None, name: Any) -> tuple[type, bool]:

@@ -42,6 +42,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -179,17 +180,23 @@ class SmallLossMetaSource:
         due = self._due(step)
         if due == self.selected_at:
             return
+        start = time.perf_counter()
         losses = self.training_losses(trainer)
         self.selected = small_loss_selection(losses, self.labels, self.num_classes, self.per_class)
         self.selected_at = step
-        record = {"step": float(step), "size": float(len(self.selected))}
+        record = {
+            "step": float(step),
+            "size": float(len(self.selected)),
+            "seconds": time.perf_counter() - start,  # the cost: one forward over the training set
+        }
         if self.corrupted is not None:
             record["corrupted_frac"] = self._corrupted_frac()
         self.history.append(record)
         log.info(
-            "small-loss meta set at step %d: %d examples%s",
+            "small-loss meta set at step %d: %d examples in %.2f s%s",
             step,
             len(self.selected),
+            record["seconds"],
             f", {record['corrupted_frac']:.1%} with corrupted labels"
             if "corrupted_frac" in record
             else "",

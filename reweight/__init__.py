@@ -14,6 +14,7 @@ from reweight.functional import (
     normalize_l2rw,
 )
 from reweight.meta import MetaModule, sgd_step, to_meta
+from reweight.meta_source import SmallLossMetaSource
 from reweight.metastep import MetaGrad, MetaStep, select_params
 from reweight.methods import (
     ERM,
@@ -51,6 +52,7 @@ __all__ = [
     "RandomWeights",
     "Reweighted",
     "Reweighter",
+    "SmallLossMetaSource",
     "StepInputs",
     "Trainer",
     "TrainerConfig",

@@ -25,8 +25,7 @@ run serves the same meta batches.
 Example:
     >>> import torch, torch.nn as nn
     >>> from torch.utils.data import TensorDataset
-    >>> from reweight import Trainer, TrainerConfig
-    >>> from reweight.meta_source import SmallLossMetaSource
+    >>> from reweight import SmallLossMetaSource, Trainer, TrainerConfig
     >>> g = torch.Generator().manual_seed(0)
     >>> x, y = torch.randn(200, 2, generator=g), torch.randint(0, 2, (200,), generator=g)
     >>> source = SmallLossMetaSource(y, num_classes=2, per_class=5, warmup=2, refresh=2)

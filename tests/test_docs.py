@@ -63,6 +63,7 @@ def test_readme_commands_are_what_ci_runs():
         "reweight.models.hf",
         "reweight.functional",
         "reweight.trainer",
+        "reweight.meta_source",
         "reweight.signals",
         "reweight.weight_stats",
         "reweight.outputs",

@@ -92,7 +92,7 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 
 def _pct(xs: list[float]) -> str:
     m, s = mean_std([100 * x for x in xs])
-    return f"{m:.1f} ± {s:.1f}"
+    return f"{m:.1f}" if math.isnan(s) else f"{m:.1f} ± {s:.1f}"
 
 
 def table(results: dict[Setting, dict[str, list[dict]]]) -> str:
@@ -110,7 +110,7 @@ def table(results: dict[Setting, dict[str, list[dict]]]) -> str:
                 f"| {setting[0]} {setting[1]:.0%} | {method} | {len(jobs)} "
                 f"| {_pct([j['test_accuracy'] for j in jobs])} "
                 f"| {_pct([j['best_test_accuracy'] for j in jobs])} "
-                f"| {auc[0]:.3f} ± {auc[1]:.3f} "
+                f"| {auc[0]:.3f}{'' if math.isnan(auc[1]) else f' ± {auc[1]:.3f}'} "
                 f"| {_auc_at(jobs, AUC_STEP)} / {_auc_at(jobs, None)} "
                 f"| {statistics.fmean(j['wall_time_s'] for j in jobs):.0f} |"
             )

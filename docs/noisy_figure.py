@@ -124,6 +124,8 @@ def figure(results: dict[Setting, dict[str, list[dict]]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     settings = sorted(results)
+    variants = _order({v for setting in settings for v in results[setting]})
+    colors = {v: f"C{i % 10}" for i, v in enumerate(variants)}  # one colour per row, all panels
     fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.6), squeeze=False)
     for ax, setting in zip(axes[0], settings, strict=True):
         for method in _order(results[setting]):
@@ -132,16 +134,17 @@ def figure(results: dict[Setting, dict[str, list[dict]]], path: Path) -> None:
             stats = [mean_std([100 * c[s] for c in curves]) for s in steps]
             mean = [m for m, _ in stats]
             std = [0.0 if math.isnan(s) else s for _, s in stats]
-            ax.plot(steps, mean, label=f"{method} (n={len(curves)})")
+            ax.plot(steps, mean, color=colors[method], label=method)
             low = [m - s for m, s in zip(mean, std, strict=True)]
             high = [m + s for m, s in zip(mean, std, strict=True)]
-            ax.fill_between(steps, low, high, alpha=0.2)
+            ax.fill_between(steps, low, high, color=colors[method], alpha=0.2)
         ax.set_title(f"{setting[0]} noise {setting[1]:.0%}")
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test accuracy (%), mean ± std over seeds")
-    axes[0][-1].legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
+    handles = [plt.Line2D([], [], color=colors[v], label=v) for v in variants]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(variants), 6), fontsize=8)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

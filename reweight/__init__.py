@@ -31,6 +31,7 @@ from reweight.methods import (
 )
 from reweight.reweighter import Reweighted, Reweighter
 from reweight.train.checkpoint import CheckpointError
+from reweight.train.meta_source import SmallLossMetaSource
 from reweight.train.signals import TrainingInterrupted
 from reweight.train.trainer import FitResult, Trainer, TrainerConfig
 
@@ -51,6 +52,7 @@ __all__ = [
     "RandomWeights",
     "Reweighted",
     "Reweighter",
+    "SmallLossMetaSource",
     "StepInputs",
     "Trainer",
     "TrainerConfig",

@@ -62,9 +62,10 @@ def test_readme_commands_are_what_ci_runs():
         "reweight.meta.optim",
         "reweight.models.hf",
         "reweight.functional",
-        "reweight.train.trainer",
+        "reweight.train",
         "reweight.train.signals",
         "reweight.train.weight_stats",
+        "reweight.train.meta_source",
         "reweight.outputs",
         "reweight.core.files",
         "reweight.outputs.suspects",
@@ -72,7 +73,7 @@ def test_readme_commands_are_what_ci_runs():
         "reweight.metastep",
         "reweight.meta.twins",
         "reweight.jvp.planner",
-        "reweight.cli.run_dir",
+        "reweight.cli.run_config",
         "reweight.cli.schema",
     ]
     + [f"reweight.models.{m}" for m in ("factory", "lenet", "mlp", "resnet", "sequence")]
@@ -88,7 +89,7 @@ def test_the_entry_points_show_an_example(module: str):
 def test_public_surface_imports():
     for name in reweight.__all__:
         assert getattr(reweight, name) is not None, name
-    subpackages = ("meta", "methods", "data", "models", "cli", "outputs")
+    subpackages = ("meta", "methods", "data", "models", "cli", "outputs", "train")
     for sub in (f"reweight.{name}" for name in subpackages):
         mod = importlib.import_module(sub)
         for name in mod.__all__:

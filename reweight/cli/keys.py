@@ -16,6 +16,7 @@ from omegaconf import MISSING
 
 from reweight.core.device import resolve_device
 from reweight.data._validate import check_choice
+from reweight.data.build import META_SOURCES
 from reweight.functional import check_meta_grad
 
 __all__ = [
@@ -32,8 +33,10 @@ __all__ = [
     "RunConfig",
     "SGDConfig",
     "TargetConfig",
+    "at_least",
     "device_rule",
     "key",
+    "meta_source_rule",
 ]
 
 OBJECTIVES = (
@@ -58,7 +61,7 @@ def key(rule: Rule | None = None) -> Any:
 # -- rules of single keys ----------------------------------------------------------------------
 
 
-def _at_least(minimum: int) -> Rule:
+def at_least(minimum: int) -> Rule:
     def rule(key: str, value: Any) -> None:
         if value is not None and value < minimum:
             raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
@@ -93,6 +96,10 @@ def _objective(key: str, value: Any) -> None:
     check_choice(key, value, OBJECTIVES)
 
 
+def meta_source_rule(key: str, value: Any) -> None:
+    check_choice(key, value, META_SOURCES)
+
+
 def _betas(key: str, value: Any) -> None:
     betas = list(value)
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
@@ -109,10 +116,10 @@ class RunConfig:
     """The root keys of ``conf/config.yaml`` (the groups are added per option by
     :func:`schema_classes`)."""
 
-    seed: int = field(default=MISSING, metadata={"rule": _at_least(0)})
+    seed: int = field(default=MISSING, metadata={"rule": at_least(0)})
     resume: bool = MISSING
     meta_grad: str = field(default=MISSING, metadata={"rule": _meta_grad})
-    threads: int | None = field(default=MISSING, metadata={"rule": _at_least(1)})
+    threads: int | None = field(default=MISSING, metadata={"rule": at_least(1)})
     objective: str = field(default=MISSING, metadata={"rule": _objective})
     objective_allow_test: bool = MISSING
 
@@ -130,7 +137,7 @@ class CSVLoggerConfig:
 class TensorBoardLoggerConfig:
     """``conf/logger/tensorboard.yaml`` (``reweight.train.trackers.TensorBoardLogger``)."""
 
-    flush_secs: int = field(default=MISSING, metadata={"rule": _at_least(1)})
+    flush_secs: int = field(default=MISSING, metadata={"rule": at_least(1)})
 
 
 @dataclass
@@ -227,7 +234,7 @@ class MultiStepLRConfig(TargetConfig):
 class CosineAnnealingLRConfig(TargetConfig):
     """``torch.optim.lr_scheduler.CosineAnnealingLR`` (``conf/scheduler/cosine.yaml``)."""
 
-    T_max: int = field(default=MISSING, metadata={"rule": _at_least(1)})
+    T_max: int = field(default=MISSING, metadata={"rule": at_least(1)})
     eta_min: float = MISSING
     last_epoch: int = MISSING
 

@@ -66,12 +66,19 @@ from reweight.cli.keys import (
     Rule,
     RunConfig,
     TargetConfig,
+    at_least,
     device_rule,
     key,
+    meta_source_rule,
 )
 from reweight.core.distributed import check_batch_split
 from reweight.data._validate import check_choice
-from reweight.data.build import COMMON_KEYS, DATASETS, build_dataset, dataset_builder
+from reweight.data.build import (
+    COMMON_KEYS,
+    DATASETS,
+    build_dataset,
+    dataset_builder,
+)
 from reweight.data.build import dataset_defaults as _dataset_defaults
 from reweight.methods import method_class
 from reweight.models.factory import build_model, model_builder
@@ -161,7 +168,12 @@ def _dataset_schema(name: str) -> type:
     check_choice("dataset.name", name, DATASETS)
     hints = {**_hints(dataset_builder(name)), **_hints(build_dataset)}
     keys = [*COMMON_KEYS, *_dataset_defaults(name)]
-    return _derived(name, hints, keys)
+    rules = {
+        "meta_source": meta_source_rule,
+        "meta_warmup": at_least(0),
+        "meta_refresh": at_least(0),
+    }
+    return _derived(name, hints, keys, rules)
 
 
 def _model_schema(target: str | None, name: Any) -> tuple[type, bool]:

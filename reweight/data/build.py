@@ -36,7 +36,14 @@ from reweight.data.realnoise import (
 )
 from reweight.data.splits import class_counts
 
-__all__ = ["COMMON_KEYS", "DATASETS", "build_dataset", "dataset_builder", "dataset_defaults"]
+__all__ = [
+    "COMMON_KEYS",
+    "DATASETS",
+    "META_SOURCES",
+    "build_dataset",
+    "dataset_builder",
+    "dataset_defaults",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +156,21 @@ _REGISTRY: dict[str, _Spec] = {
 DATASETS: tuple[str, ...] = tuple(_REGISTRY)
 """Names accepted by :func:`build_dataset` (one Hydra config ``conf/dataset/<name>.yaml`` each)."""
 
-COMMON_KEYS = ("name", "root", "seed", "download", "val_per_class")
+COMMON_KEYS = (
+    "name",
+    "root",
+    "seed",
+    "download",
+    "val_per_class",
+    "meta_source",
+    "meta_warmup",
+    "meta_refresh",
+)
 """Keys every dataset accepts besides its own parameters."""
+
+META_SOURCES = ("clean", "small_loss")
+"""``dataset.meta_source``: ``clean``, the hand-checked meta split; ``small_loss``, meta
+examples chosen from the noisy training set by their loss (``reweight.train.meta_source``)."""
 
 
 def dataset_defaults(name: str) -> dict[str, Any]:
@@ -178,6 +198,9 @@ def build_dataset(
     seed: int = 0,
     download: bool = True,
     val_per_class: int | None = None,
+    meta_source: str = "clean",
+    meta_warmup: int = 200,
+    meta_refresh: int = 500,
     **params: Any,
 ) -> DataBundle:
     """Build the dataset ``name`` (one of :data:`DATASETS`).
@@ -198,6 +221,15 @@ def build_dataset(
     ``val_per_class`` (default: :func:`default_val_per_class`; 0: none) clean examples per class
     form ``bundle.val``, the validation set a sweep optimises: from the trusted pool the meta set
     comes from, disjoint from train, meta and test, evaluated without augmentation.
+
+    ``meta_source="small_loss"``: no clean image serves the meta step. The splits are drawn as
+    for ``clean`` (the same training set), then ``bundle.meta`` is emptied, and the Trainer
+    (``Trainer.from_bundle``) takes ``meta_per_class`` meta examples per class from the noisy
+    training set by their loss, first after ``meta_warmup`` steps and again every
+    ``meta_refresh`` steps (0: once), as ``reweight.train.meta_source`` describes;
+    ``bundle.info["meta_source"]`` records it. The validation set stays clean (it chooses
+    models, it does not train them). ``meta_warmup`` and ``meta_refresh`` are unused with
+    ``clean``.
     """
     spec = _REGISTRY[check_choice("name", name, DATASETS)]
     unknown = sorted(set(params) - set(spec.defaults))
@@ -211,12 +243,21 @@ def build_dataset(
     resolved = {**spec.defaults, **params}
     n_val = spec.val_per_class if val_per_class is None else val_per_class
     check_int("val_per_class", n_val, minimum=0)
+    check_choice("meta_source", meta_source, META_SOURCES)
+    check_int("meta_warmup", meta_warmup, minimum=0)
+    check_int("meta_refresh", meta_refresh, minimum=0)
     data_root = resolve_data_root(root)
     generator = torch.Generator().manual_seed(seed)
     bundle = _build(spec, data_root, generator, download, resolved, n_val)
+    source: dict[str, Any] = {"name": meta_source}
+    if meta_source == "small_loss":  # nothing of the clean meta split is handed on
+        per_class = resolved.get("meta_per_class") or 10
+        bundle.meta = _subset(bundle.meta, torch.zeros(len(bundle.meta), dtype=torch.bool), None)
+        source.update(per_class=per_class, warmup=meta_warmup, refresh=meta_refresh)
     bundle.info = {
         **_describe(bundle, name, resolved, seed, data_root, n_val, spec.true_labels_known),
         **bundle.info,
+        "meta_source": source,
     }
     logger.info(
         "dataset %s (seed %d): %d train (%d corrupted), %d meta, %d val, %d test",

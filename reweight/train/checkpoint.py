@@ -3,9 +3,11 @@ file and the fix when it cannot be resumed from. Writing goes through ``reweight
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +17,11 @@ from reweight.core.files import atomic_write
 
 __all__ = [
     "CheckpointError",
+    "load_trainer_state",
     "read_checkpoint",
     "restore_rng_state",
     "rng_state",
+    "trainer_state",
     "write_checkpoint",
 ]
 
@@ -105,3 +109,50 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["cpu"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainer_state(trainer: Any) -> dict[str, Any]:
+    """Everything a ``Trainer`` needs to resume exactly: the model, optimizer, schedule and
+    method states, the RNG states, the history and every counter; loadable with
+    ``weights_only=True`` (the format of ``checkpoint.pt``)."""
+    scheduler, source = trainer.scheduler, trainer.meta_source
+    return {
+        "step": trainer.step,
+        "model": trainer.model.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "method": {"name": trainer.method.name, "state": trainer.method.state_dict()},
+        "rng": rng_state(),
+        "history": trainer.history,
+        "best_test_accuracy": trainer.evaluation.best_test_accuracy,
+        "stats": trainer._stats.state_dict(),
+        "elapsed": trainer._elapsed,
+        "config": dataclasses.asdict(trainer.config),
+        **({"meta_source": source.state_dict()} if source is not None else {}),
+    }
+
+
+def load_trainer_state(
+    trainer: Any, state: dict[str, Any], setup: Callable[[], None] = lambda: None
+) -> None:
+    """Put ``trainer_state``'s record back into ``trainer``, after ``setup()`` (the method's,
+    which needs the model); ``ValueError`` first when another method wrote it."""
+    if state["method"]["name"] != trainer.method.name:
+        raise ValueError(
+            f"checkpoint was written by method {state['method']['name']!r}, "
+            f"this run uses {trainer.method.name!r}"
+        )
+    setup()
+    trainer.model.load_state_dict(state["model"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    if trainer.scheduler is not None and state["scheduler"] is not None:
+        trainer.scheduler.load_state_dict(state["scheduler"])
+    trainer.method.load_state_dict(state["method"]["state"])
+    restore_rng_state(state["rng"])
+    trainer.step = int(state["step"])
+    trainer.records.rows = list(state["history"])
+    trainer.evaluation.best_test_accuracy = float(state["best_test_accuracy"])
+    trainer._stats.load_state_dict(state["stats"])
+    trainer._elapsed = float(state["elapsed"])
+    if trainer.meta_source is not None:
+        trainer.meta_source.load_state_dict(state["meta_source"])

@@ -31,15 +31,16 @@ from reweight.methods import Method, StepInputs, build_method
 from reweight.outputs.records import MetricsCSV
 from reweight.train.batches import BatchStream
 from reweight.train.checkpoint import (
+    load_trainer_state,
     read_checkpoint,
-    restore_rng_state,
-    rng_state,
+    trainer_state,
     write_checkpoint,
 )
 from reweight.train.config import TrainerConfig
 from reweight.train.guards import check_finite_loss, check_finite_parameters
 from reweight.train.history import FitResult, History, StepResult
 from reweight.train.loggers import Logger
+from reweight.train.meta_source import SmallLossMetaSource, drop_rows, meta_source_for
 from reweight.train.metrics import Evaluation
 from reweight.train.run_files import write_trainer_files
 from reweight.train.signals import StopOnSignal, TrainingInterrupted
@@ -93,6 +94,10 @@ class Trainer:
             ``fit`` returns or raises.
         run_config: what the loggers record as the run's config (default: the TrainerConfig
             and the method's name).
+        meta_source: where meta batches come from instead of ``meta_data`` (e.g.
+            ``reweight.train.meta_source.SmallLossMetaSource``: the training set's small-loss
+            examples, no clean set); its examples are left out of training batches while they
+            serve. ``from_bundle`` builds it from ``dataset.meta_source``.
     """
 
     def __init__(
@@ -117,6 +122,7 @@ class Trainer:
         loggers: Sequence[Logger] = (),
         run_config: dict[str, Any] | None = None,
         run_dir: str | os.PathLike | None = None,
+        meta_source: SmallLossMetaSource | None = None,
     ) -> None:
         self.config = cfg = config or TrainerConfig()
         self.dist = DistContext.for_training(process_group)
@@ -125,7 +131,13 @@ class Trainer:
         self.placement, self.model = Placement.of(model, cfg.device, cfg.channels_last, cfg.bf16)
         self.device = self.placement.device
         self.method = build_method(method) if isinstance(method, str) else method
-        if self.method.needs_meta and meta_data is None:
+        self.meta_source = meta_source
+        if meta_source is not None and self.dist is not None:
+            raise ValueError(
+                "dataset.meta_source=small_loss does not run data-parallel yet (each rank would "
+                "drop a different number of serving examples from its shard); use one process"
+            )
+        if self.method.needs_meta and meta_data is None and meta_source is None:
             raise ValueError(f"method {self.method.name!r} needs a clean meta set (meta_data)")
         self.train_data, self.meta_data, self.test_data = train_data, meta_data, test_data
         self.loss_fn = loss_fn
@@ -160,6 +172,9 @@ class Trainer:
         """A Trainer on a ``reweight.data.DataBundle`` (train, meta, validation, test, labels,
         mask)."""
         kwargs.setdefault("val_data", bundle.val)
+        if "meta_source" not in kwargs:  # the small-loss set: bundle.meta is empty then
+            config = kwargs.get("config")
+            kwargs["meta_source"] = meta_source_for(bundle, config.seed if config else 0)
         trainer = cls(
             model,
             bundle.train,
@@ -238,6 +253,8 @@ class Trainer:
             # 1. a training batch and, for meta methods, a clean batch
             idx, x, y = next(train_iter)
             _, mx, my = next(meta_iter) if meta_iter is not None else (None, None, None)
+            if self.meta_source is not None:  # examples serving as meta do not train
+                idx, x, y = drop_rows(idx, x, y, self.meta_source.serving())
             # 2-3. the method's weights, the real update on Σ wᵢℓᵢ
             result = self.train_step(x, y, mx, my)
             bar.update(1)
@@ -360,6 +377,8 @@ class Trainer:
             metrics.update(self.evaluation.summary(self.step))
         metrics.update(self._stats.summary())
         metrics.update(self.method.describe())  # e.g. meta_engine: which engine ran, and why
+        if self.meta_source is not None:  # the trusted set found in the noisy data
+            metrics.update(self.meta_source.describe())
         weights = None
         if self.config.final_weights:
             passes = self.config.final_weights
@@ -402,39 +421,12 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly; loadable with ``weights_only=True``."""
-        return {
-            "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "method": {"name": self.method.name, "state": self.method.state_dict()},
-            "rng": rng_state(),
-            "history": self.history,
-            "best_test_accuracy": self.evaluation.best_test_accuracy,
-            "stats": self._stats.state_dict(),
-            "elapsed": self._elapsed,
-            "config": asdict(self.config),
-        }
+        """Everything needed to resume exactly (``checkpoint.trainer_state``)."""
+        return trainer_state(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["method"]["name"] != self.method.name:
-            raise ValueError(
-                f"checkpoint was written by method {state['method']['name']!r}, "
-                f"this run uses {self.method.name!r}"
-            )
-        self._setup()
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state["scheduler"] is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        self.method.load_state_dict(state["method"]["state"])
-        restore_rng_state(state["rng"])
-        self.step = int(state["step"])
-        self.records.rows = list(state["history"])
-        self.evaluation.best_test_accuracy = float(state["best_test_accuracy"])
-        self._stats.load_state_dict(state["stats"])
-        self._elapsed = float(state["elapsed"])
+        """Resume from ``state_dict()`` (``checkpoint.load_trainer_state``)."""
+        load_trainer_state(self, state, setup=self._setup)
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         """Write ``state_dict()`` atomically (``reweight.train.checkpoint.write_checkpoint``)."""
@@ -456,9 +448,12 @@ class Trainer:
             self._setup_done = True
 
     def _meta_batches(self, stream: int, position: int, pin: bool = False) -> Any:
-        """Clean batches from the meta set for meta methods (None for the others)."""
+        """Clean batches from the meta set for meta methods (None for the others), or the
+        meta source's batches."""
         if not self.method.needs_meta:
             return None
+        if self.meta_source is not None:
+            return self.meta_source.batches(self, stream, position)
         assert self.meta_data is not None
         cfg, data = self.config, self.meta_data
         batches = BatchStream(

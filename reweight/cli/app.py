@@ -153,6 +153,7 @@ def _train(cfg: DictConfig, run: RunDir) -> float:
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
     finished = run.check(resolved, resume=resume, max_steps=trainer_config.max_steps)
     if finished is not None:
+        run.finish()  # a finished run stopped after summary.json: the run it replaced goes now
         log.info(
             "%s holds this run, finished at step %d: results in %s (test accuracy %.4f); "
             "nothing to do (resume=false starts over)",

@@ -179,7 +179,8 @@ def main() -> None:
 
     Ctrl-C or SIGTERM during training stops after the current step with the checkpoint written
     and one line, ``interrupted at step N; run the same command to continue``, exit status 130
-    or 143 (see ``Trainer.fit``); a second Ctrl-C aborts at once.
+    or 143 (see ``Trainer.fit``); a second Ctrl-C aborts at once. A ``resume=false`` run says
+    ``run it again with resume=true to continue`` instead once it has written its files.
     """
     if env_rank() > 0:  # rank 0 alone logs what every rank does alike; the others warn
         sys.argv += [
@@ -235,18 +236,25 @@ def _run_app() -> None:
         _app()
     except TrainingInterrupted as stop:
         if env_rank() == 0:
-            print(
-                f"interrupted at step {stop.step}; run the same command to continue",
-                file=sys.stderr,
-            )
+            print(f"interrupted at step {stop.step}; {_again(stop)}", file=sys.stderr)
         sys.exit(stop.exit_status)
     except KeyboardInterrupt as stop:  # before the first step, or after the last
         if env_rank() == 0:
-            print("interrupted; run the same command to continue", file=sys.stderr)
+            print(f"interrupted; {_again(stop)}", file=sys.stderr)
         sys.exit(128 + (signal.SIGTERM if isinstance(stop, _Terminated) else signal.SIGINT))
     finally:
         if previous is signal.SIG_DFL:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _again(stop: KeyboardInterrupt) -> str:
+    """What the interrupt line says to do: run the same command, or, for a ``resume=false``
+    run that had written its files (``stop.rerun``, set by ``train``), run it with
+    ``resume=true``, since the same command would start over once more."""
+    change = getattr(stop, "rerun", None)
+    if change is None:
+        return "run the same command to continue"
+    return f"run it again with {change} to continue (resume=false starts over)"
 
 
 class _Terminated(KeyboardInterrupt):

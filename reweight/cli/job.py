@@ -131,7 +131,12 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> float:
         dir_key = "hydra.sweep.dir" if hydra_cfg.mode == RunMode.MULTIRUN else "hydra.run.dir"
     # holds train.log back until the first step; one run per folder (rank 0 locks it)
     with RunDir(run_dir, dir_key, lock=env_rank() == 0) as run:
-        return _train(built, run)
+        try:
+            return _train(built, run)
+        except KeyboardInterrupt as stop:
+            if not built.cfg.resume and run.committed:  # the same command would start over
+                stop.rerun = "resume=true"  # type: ignore[attr-defined]  # read by app._again
+            raise
 
 
 def _train(built: Settings, run: RunDir) -> float:
@@ -147,6 +152,7 @@ def _train(built: Settings, run: RunDir) -> float:
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
     finished = run.check(resolved, resume=cfg.resume, max_steps=built.trainer.max_steps)
     if finished is not None:
+        run.finish()  # a finished run stopped after summary.json: the run it replaced goes now
         log.info(
             "%s holds this run, finished at step %d: results in %s (test accuracy %.4f); "
             "nothing to do (resume=false starts over)",

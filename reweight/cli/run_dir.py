@@ -271,6 +271,11 @@ class RunDir:
         return f"{reason}; {kept} {fix}{beside}"
 
     @property
+    def committed(self) -> bool:
+        """The run has written its records (``commit``): the folder holds this run now."""
+        return self._committed
+
+    @property
     def replaced(self) -> Path:
         """``<run dir>.replaced``: where a finished run waits while ``resume=false`` replaces it."""
         path = self.path.absolute()

@@ -522,3 +522,136 @@ def test_a_sweep_dir_hydra_resolves_later_is_skipped(tmp_path: Path):
     callback.on_multirun_start(OmegaConf.create({"hydra": {}}))
     callback._remove_empty()  # nothing recorded, nothing removed
     assert tmp_path.exists()
+
+
+# -- what a mutation run of run_dir.py left open -----------------------------------------------
+
+
+def test_a_commit_takes_the_held_logs_off_the_root_logger(tmp_path: Path, file_handler):
+    with RunDir(tmp_path / "run") as run:
+        assert any(type(h).__name__ == "_HeldLogs" for h in logging.getLogger().handlers)
+        run.commit({})
+        assert not any(type(h).__name__ == "_HeldLogs" for h in logging.getLogger().handlers)
+
+
+def test_the_holder_of_the_lock_is_read_from_proc_locks(tmp_path: Path, monkeypatch):
+    """The line of this folder's FLOCK, among a POSIX lock on it, a waiter ("->", no pid in
+    its place) and locks of other files."""
+    real = Path.read_text
+    st = os.stat(tmp_path)
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    lines = [
+        "1: FLOCK  ADVISORY  WRITE 11 00:01:1 0 EOF",
+        f"2: POSIX  ADVISORY  WRITE 12 {where} 0 EOF",
+        f"3: -> FLOCK  ADVISORY  WRITE 13 {where} 0 EOF",
+        f"4: FLOCK  ADVISORY  WRITE 4242 {where} 0 EOF",
+    ]
+
+    def read_text(self, *args, **kwargs):
+        return (
+            "\n".join(lines) + "\n" if str(self) == "/proc/locks" else real(self, *args, **kwargs)
+        )
+
+    with RunDir(tmp_path):
+        monkeypatch.setattr(Path, "read_text", read_text)
+        with pytest.raises(RunDirError, match=r" is in use by process 4242, "), RunDir(tmp_path):
+            pass
+        lines.pop()  # no line of its own: the process is not named
+        with pytest.raises(RunDirError, match=r" is in use by another process, "), RunDir(tmp_path):
+            pass
+
+
+def test_unreadable_records_are_named(tmp_path: Path, monkeypatch):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(OLD))
+    torch.save({"step": 4}, tmp_path / "checkpoint.pt")
+    (tmp_path / "summary.json").write_text("[0.5]")  # not a record: no accuracy in it
+    found = RunDir(tmp_path).check(yaml.safe_dump(OLD), resume=True, max_steps=4)
+    assert found is not None and found.step == 4 and found.test_accuracy != found.test_accuracy
+    (tmp_path / "summary.json").write_text("{")
+    with pytest.raises(RunDirError) as info:
+        RunDir(tmp_path).check(yaml.safe_dump(OLD), resume=True, max_steps=4)
+    assert str(info.value).startswith(f"cannot read {tmp_path / 'summary.json'} (")
+    assert str(info.value).endswith(
+        "): delete it and run again (the run writes it anew), or start over there with resume=false"
+    )
+    real = Path.read_text
+
+    def read_text(self, *args, **kwargs):
+        if self.name == "config.yaml":
+            raise PermissionError(13, "Permission denied")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    with pytest.raises(RunDirError) as info:
+        RunDir(tmp_path).check(yaml.safe_dump(OLD), resume=True, max_steps=4)
+    assert str(info.value) == (
+        f"cannot read {tmp_path / 'config.yaml'} (Permission denied): fix the permissions, or "
+        "start over there with resume=false"
+    )
+
+
+def test_a_diverged_record_that_is_not_a_mapping_reads_as_empty(tmp_path: Path):
+    config = diverged_run(tmp_path, {})
+    (tmp_path / "diverged.json").write_text("[1, 2]")
+    with pytest.raises(RunDirError, match=r"diverged \(NaN/inf\): to continue from the start"):
+        RunDir(tmp_path).check(yaml.safe_dump(config), resume=True, max_steps=4)
+
+
+def test_two_keys_that_follow_max_steps_are_both_named(tmp_path: Path):
+    old = {"trainer": {"max_steps": 4}, "a": {"T_max": 4}, "b": {"total": 4}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    new = {"trainer": {"max_steps": 8}, "a": {"T_max": 8}, "b": {"total": 8}}
+    with pytest.raises(RunDirError) as info:
+        RunDir(tmp_path).check(yaml.safe_dump(new), resume=True, max_steps=8)
+    assert ", and a.T_max, b.total follows trainer.max_steps (4 there, 8 here)" in str(info.value)
+    assert "add a.T_max=4, to start over" in str(info.value)
+
+
+def test_a_failed_single_run_removes_only_the_folders_made_for_it(tmp_path: Path):
+    from hydra.core.utils import JobStatus
+
+    class Failed:
+        status = JobStatus.FAILED
+
+    there = tmp_path / "there"  # existed, empty: stays
+    there.mkdir()
+    run_dir = there / "x" / "run"
+    callback = RunDirCleanup()
+    callback.on_run_start(OmegaConf.create({"hydra": {"run": {"dir": str(run_dir)}}}))
+    run_dir.mkdir(parents=True)
+    config = OmegaConf.create({"hydra": {"runtime": {"output_dir": str(run_dir)}}})
+    callback.on_job_end(config, Failed())
+    assert there.is_dir() and not (there / "x").exists()
+
+
+def test_a_run_dir_named_none_is_not_taken_for_a_missing_setting(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "None").mkdir()  # what str(None) would name
+    callback = RunDirCleanup()
+    callback.on_multirun_start(OmegaConf.create({"hydra": {}}))
+    callback.on_run_start(OmegaConf.create({"hydra": {}}))
+    callback._remove_empty()
+    assert (tmp_path / "None").is_dir()
+
+
+def test_hydra_files_are_the_jobs_config_hydras_and_the_overrides():
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module("reweight.conf", version_base="1.3"):
+            cfg = compose("config", overrides=["seed=3"], return_hydra_config=True)
+            HydraConfig.instance().set_config(cfg)
+            hydra_cfg = HydraConfig.instance().cfg
+            job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+            files = hydra_files(job)
+    finally:
+        GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = None
+    assert list(files) == [".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml"]
+    assert files[".hydra/config.yaml"] == OmegaConf.to_yaml(job).encode()
+    assert files[".hydra/hydra.yaml"] == OmegaConf.to_yaml(hydra_cfg).encode()
+    assert files[".hydra/overrides.yaml"] == b"- seed=3\n"
+    assert yaml.safe_load(files[".hydra/config.yaml"])["seed"] == 3

@@ -338,7 +338,8 @@ def test_a_diverged_run_resumes_with_a_lower_lr_or_a_clip(tmp_path: Path):
 
 def test_a_checkpoint_past_max_steps_is_refused_with_the_way_on(tmp_path: Path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(OLD))
-    torch.save({"step": 6}, tmp_path / "checkpoint.pt")
+    # with tensors, as a real checkpoint: read to the CPU, without unpickling code
+    torch.save({"step": 6, "model": {"w": torch.ones(2)}}, tmp_path / "checkpoint.pt")
     with RunDir(tmp_path, dir_key="hydra.run.dir") as run:
         with pytest.raises(RunDirError) as info:
             run.check(yaml.safe_dump(OLD), resume=True, max_steps=5)
@@ -655,3 +656,15 @@ def test_hydra_files_are_the_jobs_config_hydras_and_the_overrides():
     assert files[".hydra/hydra.yaml"] == OmegaConf.to_yaml(hydra_cfg).encode()
     assert files[".hydra/overrides.yaml"] == b"- seed=3\n"
     assert yaml.safe_load(files[".hydra/config.yaml"])["seed"] == 3
+
+
+def test_a_run_dir_used_twice_locks_each_time_and_names_its_setting(tmp_path: Path):
+    run = RunDir(tmp_path)
+    assert run.lr_change is None
+    with run:
+        pass
+    with run, pytest.raises(RunDirError, match="is in use by process"), RunDir(tmp_path):
+        pass
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunDirError, match=r"not a folder: choose another run_dir or move"):
+        RunDir(tmp_path / "file").check("a: 1\n", resume=True, max_steps=1)

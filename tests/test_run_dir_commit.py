@@ -627,10 +627,10 @@ def test_a_failed_single_run_removes_only_the_folders_made_for_it(tmp_path: Path
 
 def test_a_run_dir_named_none_is_not_taken_for_a_missing_setting(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "None").mkdir()  # what str(None) would name
     callback = RunDirCleanup()
     callback.on_multirun_start(OmegaConf.create({"hydra": {}}))
     callback.on_run_start(OmegaConf.create({"hydra": {}}))
+    (tmp_path / "None").mkdir()  # what str(None) would name, made by the job
     callback._remove_empty()
     assert (tmp_path / "None").is_dir()
 

@@ -499,3 +499,27 @@ def test_a_constant_feature_is_left_unscaled(tmp_path: Path):
         single = tensors(one, meta_rows=[0], test_fraction=0.5)
     assert single.info["standardized"]["std"] == [1.0]
     torch.testing.assert_close(single.train.inputs, torch.zeros(1, 1))
+
+
+def test_an_unreadable_tensor_file_says_why_in_a_few_words(tmp_path: Path):
+    """The error's type and its first line (the type alone when it says nothing more)."""
+    cases = {
+        "a.npz": (b"", "EOFError: No data left in file"),
+        "a.pt": (b"", "EOFError"),
+        "c.npz": (b"not a zip", "ValueError: This file contains pickled (object) data. If you "
+                  "trust the file you can load it unsafely using the `allow_pickle=` keyword "
+                  "argument or `pickle.load()`."),
+    }  # fmt: skip
+    for name, (data, why) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError) as info:
+            tensors(str(tmp_path / name), meta_rows=[0])
+        assert str(info.value) == f"cannot read {tmp_path / name} ({why}): fix or replace it"
+    p = tmp_path / "y.pt"
+    torch.save({"x": torch.ones(4, 2), "y": ["a", "b", "c", "d"]}, p)
+    with pytest.raises(ValueError) as info:
+        tensors(str(p), meta_rows=[0])
+    assert str(info.value) == (
+        f"{p}: 'y' is not an array of numbers (list: too many dimensions 'str'): save a tensor "
+        "or a numpy array"
+    )

@@ -523,3 +523,25 @@ def test_an_unreadable_tensor_file_says_why_in_a_few_words(tmp_path: Path):
         f"{p}: 'y' is not an array of numbers (list: too many dimensions 'str'): save a tensor "
         "or a numpy array"
     )
+
+
+def test_an_npz_of_python_objects_is_not_unpickled(tmp_path: Path):
+    x = np.empty((4, 2), dtype=object)
+    x[:] = 1.0
+    np.savez(tmp_path / "o.npz", x=x, y=np.arange(4) % 2)
+    with pytest.raises(ValueError) as info:
+        tensors(str(tmp_path / "o.npz"), meta_rows=[0])
+    assert str(info.value) == (
+        f"cannot read {tmp_path / 'o.npz'} (ValueError: Object arrays cannot be loaded when "
+        "allow_pickle=False): fix or replace it"
+    )
+
+
+def test_ten_columns_are_listed_whole_and_a_quoted_label_keeps_its_line_break(tmp_path: Path):
+    p = write_csv(tmp_path / "t.csv", [f"c{i}" for i in range(10)], [list(range(10))])
+    with pytest.raises(ValueError) as info:
+        tensors(p, meta_rows=[0])
+    assert "(columns: c0, c1, c2, c3, c4, c5, c6, c7, c8, c9): set" in str(info.value)
+    rows = [[i, "a\r\nb" if i % 2 else "c"] for i in range(6)]  # csv quotes the first label
+    p = write_csv(tmp_path / "q.csv", ["v", "label"], rows)
+    assert tensors(p, meta_rows=[0, 1]).class_names == ["a\r\nb", "c"]

@@ -545,3 +545,74 @@ def test_ten_columns_are_listed_whole_and_a_quoted_label_keeps_its_line_break(tm
     rows = [[i, "a\r\nb" if i % 2 else "c"] for i in range(6)]  # csv quotes the first label
     p = write_csv(tmp_path / "q.csv", ["v", "label"], rows)
     assert tensors(p, meta_rows=[0, 1]).class_names == ["a\r\nb", "c"]
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"standardize": "yes"}, "standardize must be true or false; got 'yes'"),
+        ({"meta_per_class": 0}, "meta_per_class must be an integer >= 1; got 0"),
+        ({"test_fraction": 1.0}, "test_fraction must be a number in [0, 1); got 1.0"),
+        ({"noise_rate": -0.1}, "noise_rate must be a number in [0, 1); got -0.1"),
+        ({"imbalance_factor": 0.5}, "imbalance_factor must be a number >= 1; got 0.5"),
+    ],
+)
+def test_each_key_of_a_table_is_checked_by_name(tmp_path: Path, params, message):
+    p = write_csv(tmp_path / "t.csv", ["a", "label"], TABLE)
+    with pytest.raises(ValueError) as info:
+        tensors(p, meta_rows=[0, 1], **params)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"grayscale": 1}, "grayscale must be true or false; got 1"),
+        ({"standardize": "no"}, "standardize must be true or false; got 'no'"),
+        ({"image_size": 0}, "image_size must be an integer >= 1; got 0"),
+        ({"meta_per_class": 0}, "meta_per_class must be an integer >= 1; got 0"),
+    ],
+)
+def test_each_key_of_an_image_folder_is_checked_by_name(tmp_path: Path, params, message):
+    with pytest.raises(ValueError) as info:
+        image_folder(tmp_path, meta_files=["a/0.png"], **params)
+    assert str(info.value) == message
+
+
+def test_the_smallest_meta_per_class_and_image_size_are_one(tmp_path: Path):
+    p = write_csv(tmp_path / "t.csv", ["a", "label"], TABLE)
+    bundle = tensors(p, meta_path=p, meta_per_class=1, test_fraction=0.2)
+    assert sorted(bundle.meta.labels.tolist()) == [0, 1]
+    assert bundle.info["source"] == "tensors" and bundle.info["path"] == str(Path(p).resolve())
+    images(tmp_path / "train")
+    one = image_folder(tmp_path / "train", meta_dir=str(tmp_path / "train"), image_size=1,
+                       meta_per_class=1)  # fmt: skip
+    assert one.train.inputs.shape[1:] == (3, 1, 1) and len(one.meta) == 2
+    assert one.info["source"] == "image_folder"
+
+
+def test_trusted_and_test_files_are_named_in_their_messages(tmp_path: Path):
+    p = write_csv(tmp_path / "t.csv", ["a", "label"], TABLE)
+    for key in ("meta_path", "test_path"):
+        missing = str(tmp_path / f"{key}.csv")
+        params = {"meta_rows": [0]} if key == "test_path" else {}
+        with pytest.raises(FileNotFoundError) as info:
+            tensors(p, **{key: missing}, **params)
+        assert str(info.value) == f"dataset.{key}={missing!r} is not a file: give a CSV file"
+    bad = write_csv(tmp_path / "bad.csv", ["a", "label"], [[1, 0], [2, 7]])
+    with pytest.raises(ValueError) as info:
+        tensors(p, meta_path=bad)
+    assert str(info.value) == (
+        f"{bad} has the label '7' on data row 1, not one of the classes (0, 1): fix the label or "
+        "list every class in dataset.classes"
+    )
+
+
+def test_labels_are_numbers_only_when_every_one_is_an_integer(tmp_path: Path):
+    p = write_csv(tmp_path / "t.csv", ["a", "label"],
+                  [[i, ["X10", "X9", "-X"][i % 3]] for i in range(9)])  # fmt: skip
+    assert tensors(p, meta_rows=[0, 1, 2]).class_names == ["-X", "X10", "X9"]  # as strings
+    ten = [str(i) for i in range(10)]
+    q = write_csv(tmp_path / "q.csv", ["a", "label"], [[i, i % 10] for i in range(20)] + [[0, 10]])
+    with pytest.raises(ValueError, match=r"classes \(0, 1, 2, 3, 4, 5, 6, 7, 8, 9\): fix"):
+        tensors(q, meta_rows=[0], classes=ten)

@@ -657,3 +657,26 @@ def test_an_unreadable_image_gives_the_decoders_reason(tmp_path: Path):
     assert message.startswith(f"cannot read the image {path} (")
     assert message.endswith("): replace or delete the file") and "(None)" not in message
     assert "decode" in message.lower()  # torchvision's own words, first line only
+
+
+def test_a_trusted_folder_is_read_like_the_training_folder(tmp_path: Path):
+    """Grayscale and image_size apply to it too; non-square sizes are compared as (H, W)."""
+    images(tmp_path / "train", size=(8, 6), channels=3)
+    images(tmp_path / "same", size=(8, 6), channels=3)
+    images(tmp_path / "other", size=(5, 4), channels=3)
+    bundle = image_folder(tmp_path / "train", meta_dir=str(tmp_path / "same"), grayscale=True)
+    assert bundle.train.inputs.shape[1:] == bundle.meta.inputs.shape[1:] == (1, 8, 6)
+    with pytest.raises(ValueError) as info:
+        image_folder(tmp_path / "train", meta_dir=str(tmp_path / "other"))
+    assert str(info.value) == (
+        f"the image {tmp_path / 'other' / 'a' / '0.png'} is 4x5 but the training images are "
+        "6x8: set dataset.image_size to resize every image"
+    )
+    resized = image_folder(tmp_path / "train", meta_dir=str(tmp_path / "other"), image_size=3)
+    assert resized.meta.inputs.shape[1:] == (3, 3, 3)
+    with pytest.raises(FileNotFoundError) as info:
+        image_folder(tmp_path / "train", meta_dir=str(tmp_path / "none"))
+    assert str(info.value) == (
+        f"dataset.meta_dir={str(tmp_path / 'none')!r} is not a folder: give a folder holding one "
+        "subfolder of images per class"
+    )

@@ -668,3 +668,14 @@ def test_a_run_dir_used_twice_locks_each_time_and_names_its_setting(tmp_path: Pa
     (tmp_path / "file").write_text("x")
     with pytest.raises(RunDirError, match=r"not a folder: choose another run_dir or move"):
         RunDir(tmp_path / "file").check("a: 1\n", resume=True, max_steps=1)
+
+
+class _NotWeights:
+    """A pickled object torch.load refuses with weights_only=True."""
+
+
+def test_a_checkpoint_that_needs_unpickling_code_is_not_read(tmp_path: Path):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(OLD))
+    torch.save({"step": 6, "obj": _NotWeights()}, tmp_path / "checkpoint.pt")
+    with RunDir(tmp_path) as run:  # no step read: the resume reports the checkpoint
+        assert run.check(yaml.safe_dump(OLD), resume=True, max_steps=5) is None

@@ -680,3 +680,54 @@ def test_a_trusted_folder_is_read_like_the_training_folder(tmp_path: Path):
         f"dataset.meta_dir={str(tmp_path / 'none')!r} is not a folder: give a folder holding one "
         "subfolder of images per class"
     )
+
+
+@pytest.mark.parametrize(("name", "key"), [("tensors", "test_path"), ("image_folder", "test_dir")])
+def test_a_held_out_test_set_is_recorded_with_its_note(tmp_path: Path, name, key):
+    if name == "tensors":
+        bundle = tensors(write_csv(tmp_path / "t.csv", ["a", "label"], TABLE), meta_rows=[0, 1])
+    else:
+        images(tmp_path / "train", per_class=5)
+        bundle = image_folder(tmp_path / "train", meta_files=["a/0.png", "b/0.png"])
+    held = bundle.info["held_out_test"]
+    assert held["fraction"] == 0.2 and len(held["indices"]) == 2
+    assert held["note"] == (
+        f"the test set is held out of the training data (no dataset.{key} given): its labels "
+        "are as given there and carry whatever noise the training labels have (never the "
+        f"synthetic dataset.noise_rate), so test accuracy is measured against them; give "
+        f"dataset.{key} with labels you trust for a clean test accuracy"
+    )
+
+
+def test_no_test_set_and_a_zero_fraction_is_refused(tmp_path: Path):
+    p = write_csv(tmp_path / "t.csv", ["a", "label"], TABLE)
+    with pytest.raises(ValueError) as info:
+        tensors(p, meta_rows=[0, 1], test_fraction=0.0)
+    assert str(info.value) == (
+        "no test set and test_fraction=0.0 holds out 0 of 8 training examples; give "
+        "dataset.test_* or a test_fraction in (0, 1) that leaves examples on both sides"
+    )
+
+
+def test_the_dataset_seed_alone_fixes_every_draw(tmp_path: Path):
+    """meta_per_class, the held-out split, the long tail and the noise: the same for one
+    dataset seed whatever the global RNG holds, and the global RNG is left as it was."""
+    p = write_csv(tmp_path / "t.csv", ["a", "label"], [[i, i % 3] for i in range(300)])
+    m = write_csv(tmp_path / "m.csv", ["a", "label"], [[i, i % 3] for i in range(30)])
+    params = dict(meta_path=m, meta_per_class=4, imbalance_factor=1.5, noise_rate=0.4)
+    bundles = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        state = torch.random.get_rng_state()
+        bundles.append(tensors(p, **params))
+        assert torch.equal(torch.random.get_rng_state(), state)
+    a, b = bundles
+    assert torch.equal(a.meta.inputs, b.meta.inputs)
+    assert a.info["held_out_test"]["indices"] == b.info["held_out_test"]["indices"]
+    assert torch.equal(a.train.source_indices, b.train.source_indices)
+    assert torch.equal(a.train_labels, b.train_labels) and a.corrupted.any()
+    assert a.info["noise_matrix"] == b.info["noise_matrix"]
+    # a factor below 2 still makes a tail: int(n * 1.5 ** (-i / 2)) per class
+    counts = a.info["long_tail_counts"]
+    assert counts == [counts[0], int(counts[0] * 1.5**-0.5), int(counts[0] / 1.5)]
+    assert counts[0] > counts[1] > counts[2]

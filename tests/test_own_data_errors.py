@@ -555,8 +555,10 @@ def test_ten_columns_are_listed_whole_and_a_quoted_label_keeps_its_line_break(tm
         ({"test_fraction": 1.0}, "test_fraction must be a number in [0, 1); got 1.0"),
         ({"noise_rate": -0.1}, "noise_rate must be a number in [0, 1); got -0.1"),
         ({"imbalance_factor": 0.5}, "imbalance_factor must be a number >= 1; got 0.5"),
+        ({"noise_type": "gauss"},
+         "noise_type must be one of uniform, symmetric, flip, flip2, pair; got 'gauss'"),
     ],
-)
+)  # fmt: skip
 def test_each_key_of_a_table_is_checked_by_name(tmp_path: Path, params, message):
     p = write_csv(tmp_path / "t.csv", ["a", "label"], TABLE)
     with pytest.raises(ValueError) as info:
@@ -636,14 +638,14 @@ def test_images_are_resized_with_antialiasing_as_pil_does(tmp_path: Path):
 
 
 def test_the_second_image_of_another_size_is_named_with_both_sizes(tmp_path: Path):
-    write_png(torch.zeros(1, 8, 8, dtype=torch.uint8), tmp_path / "train" / "a" / "0.png")
+    write_png(torch.zeros(1, 8, 10, dtype=torch.uint8), tmp_path / "train" / "a" / "0.png")
     write_png(torch.zeros(1, 7, 6, dtype=torch.uint8), tmp_path / "train" / "a" / "1.png")
     with pytest.raises(ValueError) as info:
         image_folder(tmp_path / "train", meta_files=["a/0.png"])
     first, second = tmp_path / "train" / "a" / "0.png", tmp_path / "train" / "a" / "1.png"
     assert str(info.value) == (
-        f"the image {second} is 6x7 but {first} is 8x8: set dataset.image_size to resize every "
-        "image"
+        f"the image {second} is 6x7 but {first} is 10x8: set dataset.image_size to resize "
+        "every image"
     )
 
 
@@ -731,3 +733,12 @@ def test_the_dataset_seed_alone_fixes_every_draw(tmp_path: Path):
     counts = a.info["long_tail_counts"]
     assert counts == [counts[0], int(counts[0] * 1.5**-0.5), int(counts[0] / 1.5)]
     assert counts[0] > counts[1] > counts[2]
+
+
+def test_features_of_small_spread_are_scaled_up_and_the_bundle_is_named(tmp_path: Path):
+    """A std below 1 divides too (only a zero std is left at 1)."""
+    rows = [[0.01 * i, i % 2] for i in range(10)]
+    bundle = tensors(write_csv(tmp_path / "t.csv", ["a", "label"], rows), meta_rows=[0, 1])
+    assert bundle.name == "tensors"
+    assert 0 < bundle.info["standardized"]["std"][0] < 0.1
+    assert float(bundle.train.inputs.std()) == pytest.approx(1.0, rel=1e-5)

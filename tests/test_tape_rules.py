@@ -38,6 +38,9 @@ def check(f, tensors, moving=None, rng_seed=None):
             for s in itertools.combinations(range(len(tensors)), r)
         ]
     )
+    # the moving tensors require grad, as weights do: some ops dispatch otherwise without it
+    # (dropout on a tensor without grad is not aten.native_dropout)
+    tensors = [t.detach().requires_grad_(t.is_floating_point()) for t in tensors]
     for subset in subsets:
         seeds = [tensors[i] for i in subset]
         dirs = [rand(*t.shape, seed=100 + i) for i, t in zip(subset, seeds, strict=True)]
@@ -57,7 +60,7 @@ def check(f, tensors, moving=None, rng_seed=None):
         got = tape.jvp(dirs, out)
         if rng_seed is not None:
             torch.manual_seed(rng_seed)
-        want = jvp(g, tuple(seeds), tuple(dirs))[1]
+        want = jvp(g, tuple(s.detach() for s in seeds), tuple(dirs))[1]
         assert want.abs().max() > 1e-3, subset
         assert got.shape == want.shape and got.dtype == want.dtype
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=f"moving {subset}")

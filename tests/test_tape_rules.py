@@ -320,3 +320,18 @@ def test_an_output_that_does_not_depend_on_the_seeds_has_a_zero_tangent():
     tape, _ = record(lambda x: x * 2, x)
     c = rand(3)
     assert torch.equal(tape.jvp([rand(3)], c), torch.zeros(3, dtype=DT))
+
+
+@pytest.mark.parametrize("p", [0.5, 0.2])
+def test_native_dropout_scales_the_tangent_by_the_recorded_mask(p):
+    """aten.native_dropout (what dropout dispatches to on CUDA; on CPU it is bernoulli and a
+    mul): the tangent is the direction times the kept mask over (1 - p)."""
+    x = rand(6, 5).requires_grad_()
+    tape = TangentTape([x])
+    torch.manual_seed(3)
+    with tape:
+        out, mask = torch.native_dropout(x * 1.0, p, True)
+    d = rand(6, 5, seed=4)
+    want = d * mask / (1 - p)
+    assert 0 < int(mask.sum()) < mask.numel()
+    torch.testing.assert_close(tape.jvp([d], out), want, rtol=1e-12, atol=0)

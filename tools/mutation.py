@@ -10,8 +10,10 @@ the slow ones start the CLI in a subprocess, which imports the installed code, n
 mutmut reads its settings from the pyproject.toml of the folder it runs in and writes
 ``mutants/`` there, so this runs it in a scratch copy of the checkout, ``.mutation/<module>/``,
 whose pyproject.toml adds the module (``only_mutate``) and its tests; a second run of the same
-module reuses what mutmut recorded there (``--fresh`` starts over). It prints the count of each
-outcome, the kill rate (killed, timeouts included, over all mutants that ran) and the diff of
+module reuses what mutmut recorded there (``--fresh`` starts over; ``--survivors`` runs the
+survivors, and the mutants no test reached, of the last run again against the tests as they are
+now, e.g. after adding tests: mutmut keeps a recorded result otherwise). It prints the count of
+each outcome, the kill rate (killed, timeouts included, over all mutants that ran) and the diff of
 every surviving mutant. Example::
 
     python tools/mutation.py reweight/outputs/sweeps.py
@@ -77,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("module", help="a file under reweight/, as listed in pyproject.toml")
     parser.add_argument("--fresh", action="store_true", help="forget an earlier run's results")
     parser.add_argument(
+        "--survivors", action="store_true", help="run the last run's survivors again"
+    )
+    parser.add_argument(
         "--max-children", type=int, default=1, help="mutants tested at once (default 1)"
     )
     args = parser.parse_args(argv)
@@ -91,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     scratch = scratch_copy(args.module, table[args.module], args.fresh)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     mutmut = [sys.executable, "-m", "mutmut"]
+    again = _results(mutmut, scratch, env, ("survived", "no tests")) if args.survivors else []
     run = subprocess.run(
-        [*mutmut, "run", "--max-children", str(args.max_children)],
+        [*mutmut, "run", "--max-children", str(args.max_children), *again],
         cwd=scratch,
         env=env,
         stdout=subprocess.DEVNULL,  # a progress line redrawn per mutant
@@ -121,6 +127,19 @@ def main(argv: list[str] | None = None) -> int:
     rate = f"{100 * killed / tested:.1f} %" if tested else "n/a"
     print(f"{args.module}: {killed} of {tested} mutants killed ({rate}), {len(survivors)} survived")
     return 0
+
+
+def _results(mutmut: list[str], scratch: Path, env: dict, statuses: tuple) -> list[str]:
+    """The names of the mutants mutmut recorded with one of ``statuses`` in ``scratch``."""
+    listing = subprocess.run(
+        [*mutmut, "results", "--all", "true"],
+        cwd=scratch,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [n for n, s in re.findall(r"^\s*(\S+): (.+)$", listing, flags=re.M) if s in statuses]
 
 
 def _natural(name: str) -> tuple:

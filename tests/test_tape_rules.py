@@ -1,0 +1,337 @@
+"""Each of the tangent tape's op rules (reweight.jvp.rules) against ``torch.func.jvp`` in
+float64, op by op on small tensors, with the tangent on each input alone and on all together
+(a rule has one branch per input that moves), and the ops the tape refuses, with their reason.
+Small and fast, so that a mutation run of rules.py can run them for each mutant; test_fast.py
+checks whole models (ResNet-32, LeNet) through the engines."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import jvp
+
+from reweight.jvp.base import Unsupported
+from reweight.jvp.rules import op_info
+from reweight.jvp.tape import TangentTape
+
+DT = torch.float64
+aten = torch.ops.aten
+
+
+def rand(*shape, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed + 17 * len(shape) + sum(shape))
+    return torch.randn(*shape, generator=g, dtype=DT)
+
+
+def check(f, tensors, moving=None, rng_seed=None):
+    """The tape's JVP of ``f(*tensors)`` when the tensors at positions ``moving`` (default:
+    every subset but the empty one, in turn) move, against torch.func.jvp."""
+    subsets = (
+        [moving]
+        if moving is not None
+        else [
+            s
+            for r in range(1, len(tensors) + 1)
+            for s in itertools.combinations(range(len(tensors)), r)
+        ]
+    )
+    # the moving tensors require grad, as weights do: some ops dispatch otherwise without it
+    # (dropout on a tensor without grad is not aten.native_dropout)
+    tensors = [t.detach().requires_grad_(t.is_floating_point()) for t in tensors]
+    for subset in subsets:
+        seeds = [tensors[i] for i in subset]
+        dirs = [rand(*t.shape, seed=100 + i) for i, t in zip(subset, seeds, strict=True)]
+
+        def g(*moved, subset=subset):
+            args = list(tensors)
+            for i, m in zip(subset, moved, strict=True):
+                args[i] = m
+            return f(*args)
+
+        tape = TangentTape(seeds)
+        if rng_seed is not None:
+            torch.manual_seed(rng_seed)
+        with tape:
+            out = f(*tensors)
+        assert tape.error is None, tape.error
+        got = tape.jvp(dirs, out)
+        if rng_seed is not None:
+            torch.manual_seed(rng_seed)
+        want = jvp(g, tuple(s.detach() for s in seeds), tuple(dirs))[1]
+        assert want.abs().max() > 1e-3, subset
+        assert got.shape == want.shape and got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=f"moving {subset}")
+
+
+# -- convolutions and pools --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"stride": 2, "padding": 1}, {"dilation": 2, "padding": 2}, {"groups": 2}],
+    ids=["plain", "stride-pad", "dilation", "groups"],
+)
+def test_conv2d(kw):
+    x, w, b = rand(3, 4, 7, 7), rand(6, 4 // kw.get("groups", 1), 3, 3), rand(6)
+    check(lambda x, w, b: F.conv2d(x, w, b, **kw).tanh(), [x, w, b])
+
+
+def test_conv1d_without_bias_and_a_conv_of_an_unbatched_input():
+    x, w = rand(2, 3, 9), rand(4, 3, 3)
+    check(lambda x, w: F.conv1d(x, w), [x, w])
+    check(lambda x, w, b: F.conv2d(x, w, b), [rand(3, 6, 6), rand(2, 3, 3, 3), rand(2)])
+
+
+def test_conv_then_max_pool_fused_slice_by_slice():
+    """A max-pool reading a convolution alone: its tangent made in slices of the batch
+    (here 4 = conv size / pool size slices of 6 examples: 2, 2, 2)."""
+    x, w, b = rand(6, 2, 8, 8), rand(3, 2, 3, 3), rand(3)
+    check(lambda x, w, b: F.max_pool2d(F.conv2d(x, w, b, padding=1), 2), [x, w, b])
+    check(lambda x, w, b: F.max_pool2d(F.conv2d(x, w, b, padding=1), 2), [x, w, b], (2,))
+    check(lambda x, w, b: F.max_pool2d(F.conv2d(x, w, b), 3, stride=2), [rand(5, 2, 9, 9), w, b])
+
+
+def test_a_convolution_read_by_a_pool_and_another_op_is_not_fused():
+    def f(x, w, b):
+        z = F.conv2d(x, w, b, padding=1)
+        return F.max_pool2d(z, 2).sum((2, 3)) + z.mean((2, 3))
+
+    check(f, [rand(4, 2, 6, 6), rand(3, 2, 3, 3), rand(3)])
+
+
+def test_max_pool3d_and_the_pool_of_an_input():
+    x = rand(2, 2, 4, 4, 4)
+    check(lambda x: F.max_pool3d(x, 2), [x])
+    check(lambda x: F.max_pool2d(x, 2, stride=1), [rand(3, 2, 5, 5)])
+
+
+# -- matrix products ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("beta", "alpha"), [(1.0, 1.0), (0.5, 2.0), (-1.5, 1.0), (1.0, -0.25)])
+def test_addmm(beta, alpha):
+    b, x, w = rand(5), rand(4, 3), rand(3, 5)
+    check(lambda b, x, w: torch.addmm(b, x, w, beta=beta, alpha=alpha), [b, x, w])
+    check(lambda b, x, w: torch.addmm(b, x, w, beta=beta, alpha=alpha), [rand(4, 5), x, w])
+
+
+def test_linear_layers_mm_and_bmm():
+    x, w, b = rand(4, 3), rand(5, 3), rand(5)
+    check(lambda x, w, b: F.linear(x, w, b), [x, w, b])
+    check(lambda x, w: F.linear(x, w), [x, w])
+    check(lambda x, y: x @ y, [rand(4, 3), rand(3, 2)])
+    check(lambda x, y: torch.bmm(x, y), [rand(2, 4, 3), rand(2, 3, 5)])
+    check(lambda x, w, b: F.linear(x, w, b), [rand(2, 4, 3), w, b])  # 3-D: matmul via mm
+
+
+# -- elementwise -------------------------------------------------------------------------------
+
+
+def test_mul_by_a_tensor_broadcast_and_by_a_number():
+    check(lambda x, y: x * y, [rand(4, 3), rand(3)])
+    check(lambda x, y: x * y, [rand(3), rand(4, 3)])
+    check(lambda x: x * 2.5, [rand(4, 3)])
+    check(lambda x: torch.mul(x, -3), [rand(4, 3)])
+
+
+def test_relu_and_its_in_place_form():
+    x = rand(5, 4)
+    check(lambda x: F.relu(x * 1.0), [x])
+    check(lambda x: F.relu(x * 1.0, inplace=True), [x])
+    check(lambda x: torch.relu_(x * 2.0).tanh(), [x])
+
+
+@pytest.mark.parametrize("p", [0.5, 0.2])
+def test_dropout_in_training_replays_the_recorded_mask(p):
+    x = rand(6, 5)
+    check(lambda x: F.dropout(x * 1.0, p=p, training=True), [x], rng_seed=3)
+
+
+def test_dropout_outside_training_and_a_dropout_that_drops_everything():
+    x = rand(6, 5)
+    check(lambda x: F.dropout(x * 2.0, p=0.5, training=False), [x])
+    tape = TangentTape([x])
+    with tape:
+        out = torch.native_dropout(x * 1.0, 1.0, True)[0]
+    assert torch.equal(tape.jvp([rand(6, 5)], out), torch.zeros(6, 5, dtype=DT))
+    tape = TangentTape([x])
+    with tape:
+        out = torch.native_dropout(x * 1.0, 0.5, False)[0]
+    d = rand(6, 5, seed=4)
+    torch.testing.assert_close(tape.jvp([d], out), d, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (4, 3, 5), (4, 3, 2, 2)])
+def test_batch_norm_in_training(shape):
+    x, w, b = rand(*shape), rand(3), rand(3)
+
+    def f(x, w, b):
+        return F.batch_norm(x, torch.zeros(3, dtype=DT), torch.ones(3, dtype=DT), w, b, True)
+
+    check(f, [x, w, b])
+    check(lambda x: F.batch_norm(x, None, None, training=True), [x])
+
+
+def test_batch_norm_in_eval_mode_reads_the_running_statistics():
+    x, w, b = rand(5, 3, 2), rand(3), rand(3)
+    mean, var = rand(3), rand(3).abs() + 0.5
+
+    def f(x, w, b):
+        return F.batch_norm(x, mean, var, w, b, False, eps=0.1)
+
+    check(f, [x, w, b])
+    check(lambda x: F.batch_norm(x, mean, var, None, None, False, eps=0.1), [x])
+
+
+# -- ops linear in their inputs, and the rest on dual numbers ----------------------------------
+
+
+LINEAR = {
+    "view": lambda x: (x * 1).view(6, 4),
+    "reshape": lambda x: x.reshape(4, 6),
+    "t": lambda x: x[0].t(),
+    "transpose": lambda x: x.transpose(0, 2),
+    "permute": lambda x: x.permute(2, 0, 1),
+    "expand": lambda x: x[:, :1].expand(2, 5, 4),
+    "squeeze": lambda x: x[:, :1].squeeze(1),
+    "unsqueeze": lambda x: x.unsqueeze(1),
+    "slice": lambda x: x[:, 1:3],
+    "select": lambda x: x[1],
+    "clone": lambda x: x.clone(),
+    "to": lambda x: x.to(torch.float32).to(DT),
+    "mean": lambda x: x.mean(1),
+    "sum": lambda x: x.sum((0, 2)),
+    "neg": lambda x: -x,
+    "cat": lambda x: torch.cat([x, 2 * x], 1),
+    "stack": lambda x: torch.stack([x, x * 3]),
+    "avg_pool2d": lambda x: F.avg_pool2d(x[None], 2),
+    "adaptive_avg_pool2d": lambda x: F.adaptive_avg_pool2d(x[None], 1),
+    "pad": lambda x: F.pad(x, (1, 2), value=5.0),
+    "split": lambda x: torch.stack(torch.split(x, 2, dim=2)),
+    "unbind": lambda x: torch.stack(torch.unbind(x, 1)[::-1]),
+    "add-constant": lambda x: x + torch.ones(4, dtype=DT),
+}
+
+
+@pytest.mark.parametrize("name", list(LINEAR))
+def test_ops_linear_in_their_inputs(name):
+    check(lambda x: LINEAR[name](x) * rand(1), [rand(2, 3, 4)])
+
+
+def test_a_linear_op_of_a_weight_and_a_constant():
+    c = rand(2, 3)
+    check(lambda x: torch.cat([x, c]) * 2.0, [rand(2, 3)])
+    check(lambda x: torch.stack([c, x, c]).sum(0), [rand(2, 3)])
+
+
+@pytest.mark.parametrize(
+    "f",
+    [torch.tanh, torch.sigmoid, torch.exp, lambda x: x.pow(3), lambda x: F.softmax(x, -1),
+     lambda x: F.gelu(x), lambda x: F.layer_norm(x, (4,))],
+    ids=["tanh", "sigmoid", "exp", "pow", "softmax", "gelu", "layer_norm"],
+)  # fmt: skip
+def test_any_other_op_on_dual_numbers(f):
+    check(f, [rand(3, 4)])
+
+
+def test_dual_numbers_for_an_op_of_two_moving_tensors():
+    check(lambda x, y: torch.atan2(x, y), [rand(3, 4), rand(3, 4)])
+    check(lambda x, y: torch.where(x > 0, x, y), [rand(3, 4), rand(3, 4)])
+
+
+def test_results_of_shape_only_factories_are_constants():
+    check(lambda x: x * torch.ones_like(x) + torch.zeros_like(x).normal_(), [rand(3)])
+
+
+# -- what the tape refuses ---------------------------------------------------------------------
+
+
+def record(f, *seeds):
+    tape = TangentTape(list(seeds))
+    with tape:
+        out = f(*seeds)
+    return tape, out
+
+
+def test_an_in_place_op_on_a_moving_tensor_is_refused_with_its_name():
+    x = rand(3)
+    tape, out = record(lambda x: (x * 2).mul_(3.0), x)
+    assert tape.error == (
+        "aten.mul_.Tensor: Unsupported: in-place aten.mul_.Tensor on a tensor that depends on "
+        "the weights"
+    )
+    with pytest.raises(Unsupported, match=r"^aten\.mul_\.Tensor: Unsupported: in-place"):
+        tape.jvp([x], out)
+    assert tape.entries == []
+
+
+def test_a_random_op_and_an_op_writing_its_input_are_refused():
+    tape, _ = record(lambda x: torch.bernoulli(torch.sigmoid(x)), rand(3))
+    assert tape.error.endswith(
+        "random op aten.bernoulli.default (of the random ops only dropout is supported)"
+    )
+    buf = torch.empty(3, dtype=DT)
+    tape, _ = record(lambda x: torch.tanh(x * 1, out=buf), rand(3))
+    assert tape.error.endswith("aten.tanh.out writes one of its inputs")
+
+
+def test_an_op_info_says_what_each_op_may_do():
+    assert op_info(aten.relu_.default).refuse is None and op_info(aten.relu_.default).in_place
+    assert op_info(aten.add_.Tensor).refuse is None
+    assert op_info(aten.sub_.Tensor).refuse is None
+    assert op_info(aten.mul_.Tensor).refuse.startswith("in-place aten.mul_.Tensor")
+    info = op_info(aten.addmm.default)
+    assert info.names == ("self", "mat1", "mat2", "beta", "alpha")
+    assert info.defaults == {"beta": 1, "alpha": 1}
+    assert info.reads({"self": True, "mat1": True, "mat2": False}) == {"mat2"}
+    assert info.reads({"self": False, "mat1": False, "mat2": True}) == {"mat1"}
+    assert info.reads({"mat1": True, "mat2": True}) == {"mat1", "mat2"}
+    assert not info.in_place and info.written == () and info.refuse is None
+    bn = op_info(aten.native_batch_norm.default)
+    assert bn.reads({}) == {"input", "weight", "running_mean", "running_var"}
+    assert bn.reads_out == (1, 2)
+    assert op_info(aten.max_pool2d_with_indices.default).reads_out == (1,)
+    assert op_info(aten.relu.default).reads({"self": True}) == set()
+    assert op_info(aten.tanh.default).reads is None  # dual numbers: every argument
+    assert op_info(aten.native_dropout.default).refuse is None  # random, but it has a rule
+    assert op_info(aten.randn_like.default).refuse is not None
+
+
+def test_a_tensor_modified_after_a_rule_read_it_is_refused_at_the_replay():
+    def f(x):
+        a = x * 2.0
+        b = a * a  # keeps a as a primal
+        a.add_(1.0)
+        return b
+
+    x = rand(3)
+    tape, out = record(f, x)
+    assert tape.error is None
+    with pytest.raises(Unsupported) as info:
+        tape.jvp([rand(3)], out)
+    assert str(info.value) == "a tensor of the forward was modified in place after being read"
+
+
+def test_an_output_that_does_not_depend_on_the_seeds_has_a_zero_tangent():
+    x = rand(3)
+    tape, _ = record(lambda x: x * 2, x)
+    c = rand(3)
+    assert torch.equal(tape.jvp([rand(3)], c), torch.zeros(3, dtype=DT))
+
+
+@pytest.mark.parametrize("p", [0.5, 0.2])
+def test_native_dropout_scales_the_tangent_by_the_recorded_mask(p):
+    """aten.native_dropout (what dropout dispatches to on CUDA; on CPU it is bernoulli and a
+    mul): the tangent is the direction times the kept mask over (1 - p)."""
+    x = rand(6, 5).requires_grad_()
+    tape = TangentTape([x])
+    torch.manual_seed(3)
+    with tape:
+        out, mask = torch.native_dropout(x * 1.0, p, True)
+    d = rand(6, 5, seed=4)
+    want = d * mask / (1 - p)
+    assert 0 < int(mask.sum()) < mask.numel()
+    torch.testing.assert_close(tape.jvp([d], out), want, rtol=1e-12, atol=0)

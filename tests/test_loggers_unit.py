@@ -1,5 +1,5 @@
-"""The trackers' plumbing (reweight.train.loggers, reweight.train.trackers) in-process: which rows and values reach a tracker,
-the checks before the first step and their messages, the loggers a config builds, closing them
+"""The trackers' plumbing (reweight.train.loggers, reweight.train.trackers) in-process: which
+rows and values reach a tracker, the checks before the first step and their messages, the loggers a config builds, closing them
 all, and what a resumed run hands them. The real packages write to a temporary folder and are
 read back with their own readers (test_tracker_records.py checks the records themselves)."""
 

@@ -27,7 +27,8 @@ from reweight.data._validate import check_bool, check_choice, check_int
 from reweight.data.cifar import build_cifar10n, build_cifar_lt, build_cifar_noisy
 from reweight.data.core import DataBundle, TensorData, resolve_data_root, tensor_hash
 from reweight.data.mnist import build_mnist_imbalanced, build_mnist_noisy
-from reweight.data.own import build_image_folder, build_tensors
+from reweight.data.own_images import build_image_folder
+from reweight.data.own_tables import build_tensors
 from reweight.data.realnoise import (
     build_animal10n,
     build_clothing1m,
@@ -95,7 +96,7 @@ _REGISTRY: dict[str, _Spec] = {
         build_cifar10n,
         {"label_key": "worse_label", "label_file": None, "meta_per_class": 100, "augment": True},
     ),
-    # your own data (reweight/data/own.py): no corruption unless asked for; the validation set
+    # your own data (reweight/data/own*.py): no corruption unless asked for; the validation set
     # comes out of the trusted pool (2 per class: trusted sets are small)
     "image_folder": _Spec(
         build_image_folder,

@@ -29,12 +29,7 @@ from reweight.data.core import DataBundle, TensorData, resolve_data_root, tensor
 from reweight.data.mnist import build_mnist_imbalanced, build_mnist_noisy
 from reweight.data.own_images import build_image_folder
 from reweight.data.own_tables import build_tensors
-from reweight.data.realnoise import (
-    build_animal10n,
-    build_clothing1m,
-    build_food101n,
-    build_mini_webvision,
-)
+from reweight.data.realnoise import build_realnoise
 from reweight.data.splits import class_counts
 
 __all__ = ["COMMON_KEYS", "DATASETS", "build_dataset", "dataset_builder", "dataset_defaults"]
@@ -59,6 +54,13 @@ class _Spec:
 
 _NOISY = {"noise_type": "uniform", "noise_rate": 0.4}
 _OWN_CORRUPTION = {"noise_type": "uniform", "noise_rate": 0.0, "imbalance_factor": 1.0}
+
+
+def _real_noise(dataset: str, meta_per_class: int | None, image_size: int, **spec: Any) -> _Spec:
+    """A real-noise dataset: :func:`build_realnoise` bound to ``dataset``, and its defaults."""
+    defaults = {"meta_per_class": meta_per_class, "image_size": image_size, "augment": True}
+    return _Spec(build_realnoise, defaults, {"dataset": dataset}, **spec)
+
 
 _REGISTRY: dict[str, _Spec] = {
     "mnist_imbalanced": _Spec(
@@ -133,18 +135,12 @@ _REGISTRY: dict[str, _Spec] = {
         val_per_class=2,
         true_labels_known=False,
     ),
-    # real-world noise, streamed from disk (reweight/data/realnoise.py); meta_per_class null:
+    # real-world noise, streamed from disk (reweight/data/realnoise*.py); meta_per_class null:
     # the whole trusted pool (Clothing1M's clean validation keys, MW-Net's meta set)
-    "clothing1m": _Spec(
-        build_clothing1m, {"meta_per_class": None, "image_size": 224, "augment": True}
-    ),
-    "food101n": _Spec(build_food101n, {"meta_per_class": 10, "image_size": 224, "augment": True}),
-    "animal10n": _Spec(build_animal10n, {"meta_per_class": 10, "image_size": 64, "augment": True}),
-    "mini_webvision": _Spec(
-        build_mini_webvision,
-        {"meta_per_class": 10, "image_size": 224, "augment": True},
-        val_per_class=5,
-    ),
+    "clothing1m": _real_noise("clothing1m", None, 224),
+    "food101n": _real_noise("food101n", 10, 224),
+    "animal10n": _real_noise("animal10n", 10, 64),
+    "mini_webvision": _real_noise("mini_webvision", 10, 224, val_per_class=5),
 }
 
 DATASETS: tuple[str, ...] = tuple(_REGISTRY)

@@ -60,25 +60,13 @@ def build_tensors(
     if path is None:
         raise ValueError("dataset.path is not set: give a .csv, .pt or .npz file of examples")
     if meta_path is None and not meta_rows:
-        raise no_trusted_set(
-            pool="meta_path",
-            kind="a file like dataset.path",
-            rows="meta_rows",
-            what="rows, 0-based",
-            example="[0,17,42]",
-        )
+        raise no_trusted_set("tensors")
     x, raw, ids = _read_any(Path(path), "path", label_column, id_column)
     names = _class_names(raw, classes, path)
     y = _encode(raw, names, path)
 
     def load(file: str, key: str) -> tuple[Tensor, Tensor]:
-        fx, fraw, _ = _read_any(Path(file), key, label_column, id_column)
-        if tuple(fx.shape[1:]) != tuple(x.shape[1:]):
-            raise ValueError(
-                f"{file} has examples of shape {tuple(fx.shape[1:])}, {path} of shape "
-                f"{tuple(x.shape[1:])}: both need the same feature columns"
-            )
-        return fx, _encode(fraw, names, file)
+        return _load_like(x, path, file, key, names, (label_column, id_column))
 
     meta: tuple[Tensor, Tensor] | list[int]
     if meta_path is not None:
@@ -92,6 +80,20 @@ def build_tensors(
     return make_bundle(
         "tensors", (x, y, ids), meta, test, names, protocol, generator=generator, info=info
     )
+
+
+def _load_like(
+    x: Tensor, path: str, file: str, key: str, names: list[str], columns: tuple[str, str | None]
+) -> tuple[Tensor, Tensor]:
+    """The examples and encoded labels of ``file``, whose examples must have the shape of those
+    of ``path`` (``x``); ``columns``: the label and id columns."""
+    fx, fraw, _ = _read_any(Path(file), key, *columns)
+    if tuple(fx.shape[1:]) != tuple(x.shape[1:]):
+        raise ValueError(
+            f"{file} has examples of shape {tuple(fx.shape[1:])}, {path} of shape "
+            f"{tuple(x.shape[1:])}: both need the same feature columns"
+        )
+    return fx, _encode(fraw, names, file)
 
 
 def _class_names(raw: list[str], classes: list[str] | None, path: str) -> list[str]:

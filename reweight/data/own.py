@@ -31,21 +31,11 @@ from torch import Tensor
 from reweight.data._validate import check_at_least, check_bool, check_choice, check_int, check_rate
 from reweight.data.core import DataBundle, TensorData
 from reweight.data.noise import NOISE_TYPES, corrupt_labels, noise_matrix
-from reweight.data.splits import (
-    class_counts,
-    long_tail_counts,
-    noise_info,
-    subsample_per_class,
-)
+from reweight.data.splits import class_counts, long_tail_counts, noise_info, subsample_per_class
 
 __all__ = ["SplitProtocol", "held_out_note", "make_bundle"]
 
 log = logging.getLogger(__name__)
-
-_NO_META = (
-    "no trusted set: give dataset.{pool} ({kind}) or dataset.{rows} (the training {what} whose "
-    "labels you trust, e.g. dataset.{rows}={example}); reweight learns the weights from it"
-)
 
 
 @dataclass(frozen=True)
@@ -71,9 +61,29 @@ class SplitProtocol:
             check_int("meta_per_class", self.meta_per_class, minimum=1)
 
 
-def no_trusted_set(*, pool: str, kind: str, rows: str, what: str, example: str) -> ValueError:
-    """The error of a builder given neither a trusted file (``pool``) nor trusted ``rows``."""
-    return ValueError(_NO_META.format(pool=pool, kind=kind, rows=rows, what=what, example=example))
+def no_trusted_set(name: str) -> ValueError:
+    """The error of builder ``name`` (image_folder, tensors) given no trusted set."""
+    pool, kind, rows, what, example = {
+        "image_folder": (
+            "meta_dir",
+            "a folder with the same class folders",
+            "meta_files",
+            "images, paths relative to train_dir",
+            "[cat/1.png,dog/7.png]",
+        ),
+        "tensors": (
+            "meta_path",
+            "a file like dataset.path",
+            "meta_rows",
+            "rows, 0-based",
+            "[0,17,42]",
+        ),
+    }[name]
+    return ValueError(
+        f"no trusted set: give dataset.{pool} ({kind}) or dataset.{rows} (the training {what} "
+        f"whose labels you trust, e.g. dataset.{rows}={example}); reweight learns the weights "
+        "from it"
+    )
 
 
 def check_unique(key: str, items: Sequence[Any]) -> None:

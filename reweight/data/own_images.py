@@ -65,13 +65,7 @@ def build_image_folder(
     train_dir = _require_train_dir(train_dir)
     train = Path(train_dir)
     if meta_dir is None and not meta_files:
-        raise no_trusted_set(
-            pool="meta_dir",
-            kind="a folder with the same class folders",
-            rows="meta_files",
-            what="images, paths relative to train_dir",
-            example="[cat/1.png,dog/7.png]",
-        )
+        raise no_trusted_set("image_folder")
     x, y, ids, names = _load_folder(train, "train_dir", None, grayscale, image_size)
 
     def load(folder: str, key: str) -> tuple[Tensor, Tensor]:

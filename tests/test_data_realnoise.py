@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from reweight.data import build_dataset
-from reweight.data.realnoise import (
+from reweight.data.realnoise_images import recipe_transform
+from reweight.data.realnoise_lists import (
     parse_animal10n_name,
     parse_filelist,
     parse_key_list,
     parse_label_kv,
     parse_verified_tsv,
-    recipe_transform,
 )
 from tests.realnoise_replicas import (
     FOOD,

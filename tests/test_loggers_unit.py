@@ -1,7 +1,8 @@
 """The trackers' plumbing (reweight.train.loggers, reweight.train.trackers) in-process: which
-rows and values reach a tracker, the checks before the first step and their messages, the loggers a config builds, closing them
-all, and what a resumed run hands them. The real packages write to a temporary folder and are
-read back with their own readers (test_tracker_records.py checks the records themselves)."""
+rows and values reach a tracker, the checks before the first step and their messages, the
+loggers a config builds, closing them all, and what a resumed run hands them. The real packages
+write to a temporary folder and are read back with their own readers (test_tracker_records.py
+checks the records themselves)."""
 
 from __future__ import annotations
 

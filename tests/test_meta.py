@@ -10,9 +10,7 @@ from torch import nn
 from torch.func import functional_call
 
 from reweight.meta import (
-    MetaLinear,
     MetaModule,
-    MetaSequential,
     TwinCache,
     sgd_direction,
     sgd_step,
@@ -20,6 +18,7 @@ from reweight.meta import (
     to_meta,
     trainable,
 )
+from reweight.meta.modules import MetaLinear, MetaSequential
 
 # ---------------------------------------------------------------------------------------------
 # Small models used throughout: a LeNet-sized CNN, an MLP and a ResNet with BatchNorm.

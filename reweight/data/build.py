@@ -27,13 +27,9 @@ from reweight.data._validate import check_bool, check_choice, check_int
 from reweight.data.cifar import build_cifar10n, build_cifar_lt, build_cifar_noisy
 from reweight.data.core import DataBundle, TensorData, resolve_data_root, tensor_hash
 from reweight.data.mnist import build_mnist_imbalanced, build_mnist_noisy
-from reweight.data.own import build_image_folder, build_tensors
-from reweight.data.realnoise import (
-    build_animal10n,
-    build_clothing1m,
-    build_food101n,
-    build_mini_webvision,
-)
+from reweight.data.own_images import build_image_folder
+from reweight.data.own_tables import build_tensors
+from reweight.data.realnoise import build_realnoise
 from reweight.data.splits import class_counts
 
 __all__ = [
@@ -65,6 +61,13 @@ class _Spec:
 
 _NOISY = {"noise_type": "uniform", "noise_rate": 0.4}
 _OWN_CORRUPTION = {"noise_type": "uniform", "noise_rate": 0.0, "imbalance_factor": 1.0}
+
+
+def _real_noise(dataset: str, meta_per_class: int | None, image_size: int, **spec: Any) -> _Spec:
+    """A real-noise dataset: :func:`build_realnoise` bound to ``dataset``, and its defaults."""
+    defaults = {"meta_per_class": meta_per_class, "image_size": image_size, "augment": True}
+    return _Spec(build_realnoise, defaults, {"dataset": dataset}, **spec)
+
 
 _REGISTRY: dict[str, _Spec] = {
     "mnist_imbalanced": _Spec(
@@ -102,7 +105,7 @@ _REGISTRY: dict[str, _Spec] = {
         build_cifar10n,
         {"label_key": "worse_label", "label_file": None, "meta_per_class": 100, "augment": True},
     ),
-    # your own data (reweight/data/own.py): no corruption unless asked for; the validation set
+    # your own data (reweight/data/own*.py): no corruption unless asked for; the validation set
     # comes out of the trusted pool (2 per class: trusted sets are small)
     "image_folder": _Spec(
         build_image_folder,
@@ -139,18 +142,12 @@ _REGISTRY: dict[str, _Spec] = {
         val_per_class=2,
         true_labels_known=False,
     ),
-    # real-world noise, streamed from disk (reweight/data/realnoise.py); meta_per_class null:
+    # real-world noise, streamed from disk (reweight/data/realnoise*.py); meta_per_class null:
     # the whole trusted pool (Clothing1M's clean validation keys, MW-Net's meta set)
-    "clothing1m": _Spec(
-        build_clothing1m, {"meta_per_class": None, "image_size": 224, "augment": True}
-    ),
-    "food101n": _Spec(build_food101n, {"meta_per_class": 10, "image_size": 224, "augment": True}),
-    "animal10n": _Spec(build_animal10n, {"meta_per_class": 10, "image_size": 64, "augment": True}),
-    "mini_webvision": _Spec(
-        build_mini_webvision,
-        {"meta_per_class": 10, "image_size": 224, "augment": True},
-        val_per_class=5,
-    ),
+    "clothing1m": _real_noise("clothing1m", None, 224),
+    "food101n": _real_noise("food101n", 10, 224),
+    "animal10n": _real_noise("animal10n", 10, 64),
+    "mini_webvision": _real_noise("mini_webvision", 10, 224, val_per_class=5),
 }
 
 DATASETS: tuple[str, ...] = tuple(_REGISTRY)

@@ -21,6 +21,7 @@ import logging
 import os
 import pickle
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -252,18 +253,14 @@ def build_cifar_noisy(
     check_choice("noise_type", noise_type, NOISE_TYPES)
     check_rate("noise_rate", noise_rate)
     check_int("meta_per_class", meta_per_class, minimum=1)
-    check_bool("augment", augment)
-    check_bool("download", download)
-    train, test = load_cifar(variant, root, download=download)
-    plan = plan_noisy(
-        _targets(train),
-        len(train.classes),
+    plan = partial(
+        plan_noisy,
         meta_per_class=meta_per_class,
         noise_type=noise_type,
         noise_rate=noise_rate,
         generator=generator,
     )
-    return _bundle(f"{variant}_noisy", variant, plan, train, test, augment)
+    return _load_and_plan(f"{variant}_noisy", variant, root, download, augment, plan)
 
 
 def build_cifar_lt(
@@ -281,17 +278,28 @@ def build_cifar_lt(
     (:func:`reweight.data.splits.long_tail_counts`); the test set stays balanced."""
     check_at_least("imbalance_factor", imbalance_factor, 1.0)
     check_int("meta_per_class", meta_per_class, minimum=1)
-    check_bool("augment", augment)
-    check_bool("download", download)
-    train, test = load_cifar(variant, root, download=download)
-    plan = plan_long_tail(
-        _targets(train),
-        len(train.classes),
+    plan = partial(
+        plan_long_tail,
         meta_per_class=meta_per_class,
         imbalance_factor=imbalance_factor,
         generator=generator,
     )
-    return _bundle(f"{variant}_lt", variant, plan, train, test, augment)
+    return _load_and_plan(f"{variant}_lt", variant, root, download, augment, plan)
+
+
+def _load_and_plan(
+    name: str,
+    variant: str,
+    root: Path,
+    download: bool,
+    augment: bool,
+    plan: Callable[[Tensor, int], SplitPlan],
+) -> DataBundle:
+    """CIFAR ``variant`` loaded, its training split planned by ``plan(targets, num_classes)``."""
+    check_bool("augment", augment)
+    check_bool("download", download)
+    train, test = load_cifar(variant, root, download=download)
+    return _bundle(name, variant, plan(_targets(train), len(train.classes)), train, test, augment)
 
 
 def _numpy_safe_globals() -> list[Any]:

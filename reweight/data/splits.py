@@ -355,6 +355,49 @@ def _binary_test(
     return torch.cat([test_minor, test_major]).sort().values
 
 
+def _binary_draws(
+    groups: list[Tensor],
+    wanted: dict[str, tuple[int, int]],
+    meta_per_class: int,
+    val_per_class: int,
+    n_train: int,
+    p: float,
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The meta, training and validation indices (each sorted): for each role (minority, then
+    majority: the generator's order) with its ``(digit, count)`` in ``wanted``, ``count`` random
+    training indices of the digit, the first ``meta_per_class`` of them for the meta set, and
+    ``val_per_class`` more for the validation set."""
+    draws = {}
+    for role, (cls, want) in wanted.items():
+        pool = _shuffle(groups[cls], generator)
+        if want > pool.numel():
+            most = _largest_n_train(
+                p, groups[wanted["minority"][0]].numel(), groups[wanted["majority"][0]].numel()
+            )
+            raise ValueError(
+                f"n_train={n_train} with proportion={p} needs {want} {role} images (digit {cls}) "
+                f"but the training split has {pool.numel()}; use n_train <= {most}"
+            )
+        if want + val_per_class > pool.numel():
+            raise ValueError(
+                f"val_per_class={val_per_class} needs {val_per_class} {role} images (digit "
+                f"{cls}) beyond the {want} drawn, but the training split has {pool.numel()}"
+            )
+        draws[role] = pool[:want]
+        draws[f"{role}_val"] = pool[want : want + val_per_class]
+    k = meta_per_class
+    meta = torch.cat([draws["minority"][:k], draws["majority"][:k]]).sort().values
+    train = torch.cat([draws["minority"][k:], draws["majority"][k:]]).sort().values
+    val = torch.cat([draws["minority_val"], draws["majority_val"]]).sort().values
+    return meta, train, val
+
+
+def _is_majority(targets: Tensor, idx: Tensor, majority: int) -> Tensor:
+    """The binary labels of ``targets[idx]``: 1 for the majority digit, 0 for the minority."""
+    return (targets[idx] == majority).to(torch.int64)
+
+
 def plan_binary_imbalance(
     train_targets: Tensor,
     test_targets: Tensor,
@@ -386,36 +429,13 @@ def plan_binary_imbalance(
         n, p, k, minority=f"digit {minority}", majority=f"digit {majority}"
     )
     num_digits = max(minority, majority) + 1
-    train_groups = _class_groups(train_targets, num_digits)
-    draws = {}
-    for cls, want, role in ((minority, n_minor, "minority"), (majority, n_major, "majority")):
-        pool = _shuffle(train_groups[cls], generator)
-        if want > pool.numel():
-            most = _largest_n_train(
-                p, train_groups[minority].numel(), train_groups[majority].numel()
-            )
-            raise ValueError(
-                f"n_train={n} with proportion={p} needs {want} {role} images (digit {cls}) but "
-                f"the training split has {pool.numel()}; use n_train <= {most}"
-            )
-        if want + val_per_class > pool.numel():
-            raise ValueError(
-                f"val_per_class={val_per_class} needs {val_per_class} {role} images (digit "
-                f"{cls}) beyond the {want} drawn, but the training split has {pool.numel()}"
-            )
-        draws[role] = pool[:want]
-        draws[f"{role}_val"] = pool[want : want + val_per_class]
-    meta = torch.cat([draws["minority"][:k], draws["majority"][:k]]).sort().values
-    train = torch.cat([draws["minority"][k:], draws["majority"][k:]]).sort().values
+    wanted = {"minority": (minority, n_minor), "majority": (majority, n_major)}
+    groups = _class_groups(train_targets, num_digits)
+    meta, train, val = _binary_draws(groups, wanted, k, val_per_class, n, p, generator)
     test = _binary_test(
         _class_groups(test_targets, num_digits), minority, majority, test_balanced, generator
     )
-
-    def binary(targets: Tensor, idx: Tensor) -> Tensor:
-        return (targets[idx] == majority).to(torch.int64)
-
-    true = binary(train_targets, train)
-    val = torch.cat([draws["minority_val"], draws["majority_val"]]).sort().values
+    true = _is_majority(train_targets, train, majority)
     info = {
         "minority_class": minority,
         "majority_class": majority,
@@ -428,10 +448,10 @@ def plan_binary_imbalance(
         true.clone(),
         true,
         meta,
-        binary(train_targets, meta),
+        _is_majority(train_targets, meta, majority),
         info,
         test_indices=test,
-        test_labels=binary(test_targets, test),
+        test_labels=_is_majority(test_targets, test, majority),
         val_indices=val if val_per_class else None,
-        val_labels=binary(train_targets, val) if val_per_class else None,
+        val_labels=_is_majority(train_targets, val, majority) if val_per_class else None,
     )

@@ -12,7 +12,7 @@ the gradient does (d is affine in g). Everything else calls it:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -82,22 +82,13 @@ def sgd_step(
         grads = list(grads)
         for i, g in zip(present, reduced, strict=True):
             grads[i] = g
+    if first_order:
+        grads = [None if g is None else g.detach() for g in grads]
+    rule = (weight_decay, momentum, dampening, nesterov)
+    weights = [params[n] for n in names]
     new = dict(params)
-    buffers = momentum_buffers or {}
-    for name, g in zip(names, grads, strict=True):
-        if g is None:
-            continue
-        theta = params[name]
-        d, _ = sgd_direction(
-            g.detach() if first_order else g,
-            theta,
-            buffers.get(name),
-            weight_decay=weight_decay,
-            momentum=momentum,
-            dampening=dampening,
-            nesterov=nesterov,
-        )
-        new[name] = keep_layout(theta - lr * d, theta)
+    for i, value, _ in _moved(names, weights, grads, lr, momentum_buffers, rule):
+        new[names[i]] = value
     return new
 
 
@@ -120,12 +111,28 @@ def sgd_values(
     (κ = 0). κ is per weight because momentum buffers are: a weight whose buffer does not
     exist yet takes SGD's first step.
     """
+    rule = (weight_decay, momentum, dampening, nesterov)
+    new = [theta.detach() for theta in weights]  # a weight without gradient keeps θ
+    kappa = [0.0] * len(new)
+    for i, value, k in _moved(names, weights, grads, lr, momentum_buffers, rule):
+        new[i], kappa[i] = value, k
+    return new, kappa
+
+
+def _moved(
+    names: Sequence[str],
+    weights: Sequence[Tensor],
+    grads: Sequence[Tensor | None],
+    lr: float | Tensor,
+    momentum_buffers: Mapping[str, Tensor | None] | None,
+    rule: tuple[float, float, float, bool],
+) -> Iterator[tuple[int, Tensor, float]]:
+    """``(i, θ′, κ)`` for each weight ``i`` with a gradient: θ′ = θ − lr·d in θ's layout, d and κ
+    from ``sgd_direction`` with ``rule`` = (weight_decay, momentum, dampening, nesterov)."""
+    weight_decay, momentum, dampening, nesterov = rule
     buffers = momentum_buffers or {}
-    new, kappa = [], []
-    for name, theta, g in zip(names, weights, grads, strict=True):
+    for i, (name, theta, g) in enumerate(zip(names, weights, grads, strict=True)):
         if g is None:
-            new.append(theta.detach())
-            kappa.append(0.0)
             continue
         d, k = sgd_direction(
             g,
@@ -136,9 +143,7 @@ def sgd_values(
             dampening=dampening,
             nesterov=nesterov,
         )
-        new.append(keep_layout(theta.detach() - lr * d, theta))
-        kappa.append(k)
-    return new, kappa
+        yield i, keep_layout(theta - lr * d, theta), k
 
 
 def keep_layout(value: Tensor, template: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ from torch import nn
 from reweight.models.lenet import LeNet
 from reweight.models.mlp import MLP
 from reweight.models.resnet import CifarResNet, resnet32
-from reweight.models.sequence import RowLSTM, vit_tiny
+from reweight.models.sequence import RowLSTM, image_shape, vit_tiny
 from reweight.models.torchvision_models import torchvision_model
 from reweight.models.wide_resnet import WideResNet, wrn28_10
 
@@ -70,14 +70,6 @@ def _mlp(
     return MLP(in_features, num_classes, hidden=tuple(hidden), dropout=dropout)
 
 
-def _image_shape(name: str, input_shape: tuple[int, ...] | None) -> tuple[int, int, int]:
-    if input_shape is None or len(input_shape) != 3:
-        raise ValueError(
-            f"model {name!r} needs one image's shape (C, H, W): model.input_shape=[1,28,28]"
-        )
-    return input_shape[0], input_shape[1], input_shape[2]
-
-
 def _lstm(
     num_classes: int,
     in_channels: int,
@@ -88,31 +80,8 @@ def _lstm(
     bidirectional: bool = False,
     dropout: float = 0.0,
 ) -> nn.Module:
-    c, _, w = _image_shape("lstm", input_shape)
+    c, _, w = image_shape("lstm", input_shape)
     return RowLSTM(c * w, num_classes, hidden, num_layers, bidirectional, dropout)
-
-
-def _vit_tiny(
-    num_classes: int,
-    in_channels: int,
-    input_shape: tuple[int, ...] | None,
-    *,
-    patch_size: int = 7,
-    num_layers: int = 4,
-    num_heads: int = 4,
-    hidden_dim: int = 64,
-    mlp_dim: int = 128,
-    dropout: float = 0.0,
-) -> nn.Module:
-    _, h, w = _image_shape("vit_tiny", input_shape)
-    if h != w or h % patch_size:
-        raise ValueError(
-            f"model 'vit_tiny': images must be square and a multiple of patch_size="
-            f"{patch_size}, got {h}x{w}; set model.patch_size"
-        )
-    return vit_tiny(
-        num_classes, in_channels, h, patch_size, num_layers, num_heads, hidden_dim, mlp_dim, dropout
-    )
 
 
 def _resnet32(
@@ -180,7 +149,7 @@ _REGISTRY: dict[str, _Builder] = {
     "wrn": _wrn,
     "torchvision": _torchvision,
     "lstm": _lstm,
-    "vit_tiny": _vit_tiny,
+    "vit_tiny": vit_tiny,
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)

@@ -9,6 +9,8 @@ Meta-Weight-Net (Shu et al. 2019) uses for its long-tailed CIFAR experiments.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -56,6 +58,23 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
+def three_stages(
+    block: Callable[[int, int, int], nn.Module], widths: tuple[int, int, int], blocks: int
+) -> list[nn.Sequential]:
+    """The three stages of a CIFAR ResNet after its 16-channel stem: ``blocks`` blocks each,
+    ``block(in_planes, planes, stride)``, of ``widths`` channels; each stage's first block
+    has stride 1, 2, 2 (32x32 -> 16x16 -> 8x8)."""
+    stages = []
+    in_planes = 16
+    for planes, stride in zip(widths, (1, 2, 2), strict=True):
+        layers = []
+        for i in range(blocks):
+            layers.append(block(in_planes, planes, stride if i == 0 else 1))
+            in_planes = planes
+        stages.append(nn.Sequential(*layers))
+    return stages
+
+
 class CifarResNet(nn.Module):
     """ResNet-(6n+2) for CIFAR-sized images, with option-A shortcuts by default.
 
@@ -101,15 +120,11 @@ class CifarResNet(nn.Module):
         blocks_per_stage = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
-        stages: list[nn.Module] = []
-        in_planes = 16
-        for planes, stride in ((16, 1), (32, 2), (64, 2)):
-            blocks = []
-            for i in range(blocks_per_stage):
-                blocks.append(BasicBlock(in_planes, planes, stride if i == 0 else 1, shortcut))
-                in_planes = planes
-            stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = stages
+        self.layer1, self.layer2, self.layer3 = three_stages(
+            lambda cin, cout, stride: BasicBlock(cin, cout, stride, shortcut),
+            (16, 32, 64),
+            blocks_per_stage,
+        )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(64, num_classes)
         self.reset_parameters()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torchvision.models import VisionTransformer
 
-__all__ = ["RowLSTM", "vit_tiny"]
+__all__ = ["RowLSTM", "image_shape", "vit_tiny"]
 
 
 class RowLSTM(nn.Module):
@@ -51,7 +51,8 @@ class RowLSTM(nn.Module):
 def vit_tiny(
     num_classes: int,
     in_channels: int = 1,
-    image_size: int = 28,
+    input_shape: tuple[int, ...] | None = (1, 28, 28),
+    *,
     patch_size: int = 7,
     num_layers: int = 4,
     num_heads: int = 4,
@@ -61,14 +62,22 @@ def vit_tiny(
 ) -> nn.Module:
     """torchvision's ``VisionTransformer``, small enough for a CPU: 28×28 images in 7×7
     patches (16 tokens and a class token), 4 layers of width 64 with 4 heads (0.2M weights).
+    ``input_shape`` is one image's (C, H, W), square, H a multiple of ``patch_size``; the
+    keywords are ``conf/model/vit_tiny.yaml``'s keys (``build_model("vit_tiny", ...)``).
 
     Example:
         >>> import torch
         >>> vit_tiny(num_classes=10)(torch.randn(2, 1, 28, 28)).shape
         torch.Size([2, 10])
     """
+    _, h, w = image_shape("vit_tiny", input_shape)
+    if h != w or h % patch_size:
+        raise ValueError(
+            f"model 'vit_tiny': images must be square and a multiple of patch_size="
+            f"{patch_size}, got {h}x{w}; set model.patch_size"
+        )
     model = VisionTransformer(
-        image_size=image_size,
+        image_size=h,
         patch_size=patch_size,
         num_layers=num_layers,
         num_heads=num_heads,
@@ -80,3 +89,13 @@ def vit_tiny(
     if in_channels != 3:  # the patch embedding is a convolution over the input's channels
         model.conv_proj = nn.Conv2d(in_channels, hidden_dim, patch_size, stride=patch_size)
     return model
+
+
+def image_shape(name: str, input_shape: tuple[int, ...] | None) -> tuple[int, int, int]:
+    """``input_shape`` as one image's (C, H, W); anything else is an error naming model
+    ``name``."""
+    if input_shape is None or len(input_shape) != 3:
+        raise ValueError(
+            f"model {name!r} needs one image's shape (C, H, W): model.input_shape=[1,28,28]"
+        )
+    return input_shape[0], input_shape[1], input_shape[2]

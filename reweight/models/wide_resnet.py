@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reweight.models.resnet import three_stages
+
 __all__ = ["WideResNet", "wrn28_10"]
 
 
@@ -83,15 +85,11 @@ class WideResNet(nn.Module):
         blocks_per_group = (depth - 4) // 6
         widths = (16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
         self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=1, padding=1, bias=False)
-        groups: list[nn.Module] = []
-        in_planes = 16
-        for planes, stride in zip(widths, (1, 2, 2), strict=True):
-            blocks = []
-            for i in range(blocks_per_group):
-                blocks.append(WideBasicBlock(in_planes, planes, stride if i == 0 else 1, dropout))
-                in_planes = planes
-            groups.append(nn.Sequential(*blocks))
-        self.block1, self.block2, self.block3 = groups
+        self.block1, self.block2, self.block3 = three_stages(
+            lambda cin, cout, stride: WideBasicBlock(cin, cout, stride, dropout),
+            widths,
+            blocks_per_group,
+        )
         self.bn = nn.BatchNorm2d(widths[-1])
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[-1], num_classes)

@@ -193,19 +193,29 @@ def test_l2rw_eps_grad_equals_the_reference(name: str):
         assert_close(l2rw_eps_grad(model, x, y, xv, yv, LR, meta_grad=mode), want)
 
 
-@pytest.mark.parametrize("engine", L2RW_ENGINES)
-@pytest.mark.parametrize("name", list(MODELS))
-def test_l2rw_step_by_every_engine_equals_the_reference(name: str, engine: str):
+def step_by_engine(step, name: str, engine: str):
+    """``step`` (``l2rw_step`` or ``mwnet_grads``) on the model ``name`` with ``engine`` forced:
+    a forced tape on a recurrent model is refused (checked; returns None), any other forced
+    engine is the one that ran. Returns ((model, x, y, xv, yv), method, step's output)."""
     model, x, y, xv, yv = setup(name)
     if refused_tape(name, engine):
         with pytest.raises(ValueError, match=r"engine=tape cannot run Recurrent.*in-place"):
-            l2rw_step(model, x, y, xv, yv, engine=engine)
-        return
-    want = reference_eps_grad(model, x, y, xv, yv)
-    method, out = l2rw_step(model, x, y, xv, yv, engine=engine)
+            step(model, x, y, xv, yv, engine=engine)
+        return None
+    method, out = step(model, x, y, xv, yv, engine=engine)
     if engine != "auto":
         assert method.metastep.planner.last_engine == engine
-    elif name in RECURRENT:
+    return (model, x, y, xv, yv), method, out
+
+
+@pytest.mark.parametrize("engine", L2RW_ENGINES)
+@pytest.mark.parametrize("name", list(MODELS))
+def test_l2rw_step_by_every_engine_equals_the_reference(name: str, engine: str):
+    if (ran := step_by_engine(l2rw_step, name, engine)) is None:
+        return
+    (model, x, y, xv, yv), method, out = ran
+    want = reference_eps_grad(model, x, y, xv, yv)
+    if engine == "auto" and name in RECURRENT:
         assert method.metastep.planner.last_engine == "dual_twin"
     expected_w = torch.clamp(-want, min=0)
     assert_close(out.weights, expected_w / expected_w.sum())
@@ -229,14 +239,9 @@ def mwnet_grads(model, x, y, xv, yv, **kwargs):
 @pytest.mark.parametrize("engine", MWNET_ENGINES)
 @pytest.mark.parametrize("name", list(MODELS))
 def test_mwnet_net_gradients_equal_the_reference(name: str, engine: str):
-    model, x, y, xv, yv = setup(name)
-    if refused_tape(name, engine):
-        with pytest.raises(ValueError, match=r"engine=tape cannot run Recurrent.*in-place"):
-            mwnet_grads(model, x, y, xv, yv, engine=engine)
+    if (ran := step_by_engine(mwnet_grads, name, engine)) is None:
         return
-    method, fast = mwnet_grads(model, x, y, xv, yv, engine=engine)
-    if engine != "auto":
-        assert method.metastep.planner.last_engine == engine
+    (model, x, y, xv, yv), method, fast = ran
     want = reference_phi_grads(model, method.vnet, x, y, xv, yv)
     assert max(float(w.abs().max()) for w in want) > 1e-6
     _, unrolled = mwnet_grads(model, x, y, xv, yv, meta_grad="unrolled")

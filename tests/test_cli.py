@@ -23,6 +23,8 @@ from hydra.core.global_hydra import GlobalHydra
 
 from reweight import cli
 
+from .helpers import cli_env, run_command
+
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SUMMARY_KEYS = {
@@ -58,25 +60,10 @@ def _fresh_hydra():
     GlobalHydra.instance().clear()
 
 
-def cli_env(**extra: str) -> dict[str, str]:
-    """The test environment for a subprocess: the shared MNIST, one thread (2-core CI), no
-    inherited HYDRA_FULL_ERROR or PYTHONPATH."""
-    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "PYTHONPATH")}
-    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **extra)
-    return env
-
-
 def run_cli(
     args: list[str], cwd: Path, python: str = sys.executable, check: bool = True, timeout=600
 ) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [python, "-m", "reweight", *args],
-        cwd=cwd,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    proc = run_command([python, "-m", "reweight", *args], cwd, timeout=timeout)
     if check and proc.returncode != 0:
         pytest.fail(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc

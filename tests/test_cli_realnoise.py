@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import cli_env
 from tests.realnoise_replicas import (
     write_animal10n,
     write_clothing1m,
     write_food101n,
     write_mini_webvision,
 )
-from tests.test_cli import cli_env, read_csv
+from tests.test_cli import read_csv
 
 WRITERS = {
     "clothing1m": write_clothing1m,

@@ -20,10 +20,11 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import TensorDataset
 
-from reweight import CMWNet, MWNet, Trainer, TrainerConfig, build_method
+from reweight import CMWNet, MWNet, Trainer, build_method
 from reweight.metastep import StepInputs
 from reweight.methods.cmwnet import size_groups
 
+from .helpers import quiet
 from .test_metastep import (
     CLASSES,
     ENGINES,
@@ -133,7 +134,7 @@ def test_meta_every_k_runs_the_meta_step_on_every_kth_batch(method: str):
         train_labels=y,
         num_classes=CLASSES,
         optimizer=lambda p: torch.optim.SGD(p, lr=LR),
-        config=TrainerConfig(batch_size=8, meta_batch_size=8, progress=False, final_weights=0),
+        config=quiet(batch_size=8, meta_batch_size=8),
     )
     moved, forwards = [], []
     model.register_forward_hook(lambda *_: forwards.append(1))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -401,32 +402,24 @@ def test_bad_meta_per_class(empty_root: Path, name: str) -> None:
         build_dataset(name, root=empty_root, download=False, meta_per_class=0)
 
 
-def test_unknown_dataset(empty_root: Path) -> None:
-    with pytest.raises(
-        ValueError,
-        match=r"name must be one of mnist_imbalanced, mnist_noisy, "
-        r"cifar10_noisy, cifar100_noisy, cifar10_lt, "
-        r"cifar100_lt, cifar10n, image_folder, tensors, clothing1m, food101n, animal10n, "
-        r"mini_webvision; got 'svhn'",
-    ):
-        build_dataset("svhn", root=empty_root)
-
-
-def test_unknown_parameter(empty_root: Path) -> None:
-    with pytest.raises(
-        ValueError,
-        match=r"unknown parameter 'noise_rat' for dataset "
-        r"'cifar10_noisy'; allowed keys: name, root, seed, download, val_per_class, "
-        r"noise_type, noise_rate, meta_per_class, "
-        r"augment",
-    ):
-        build_dataset("cifar10_noisy", root=empty_root, noise_rat=0.2)
-    with pytest.raises(
-        ValueError,
-        match=r"unknown parameter 'noise_rate' for dataset "
-        r"'cifar10_lt'",
-    ):
-        build_dataset("cifar10_lt", root=empty_root, noise_rate=0.2)
+@pytest.mark.parametrize(
+    ("name", "params", "message"),
+    [
+        ("svhn", {}, "name must be one of mnist_imbalanced, mnist_noisy, cifar10_noisy, "
+         "cifar100_noisy, cifar10_lt, cifar100_lt, cifar10n, image_folder, tensors, clothing1m, "
+         "food101n, animal10n, mini_webvision; got 'svhn'"),
+        ("cifar10_noisy", {"noise_rat": 0.2}, "unknown parameter 'noise_rat' for dataset "
+         "'cifar10_noisy'; allowed keys: name, root, seed, download, val_per_class, noise_type, "
+         "noise_rate, meta_per_class, augment"),
+        # a key of another dataset
+        ("cifar10_lt", {"noise_rate": 0.2}, "unknown parameter 'noise_rate' for dataset "
+         "'cifar10_lt'"),
+    ],
+    ids=["dataset", "parameter", "another-datasets-parameter"],
+)  # fmt: skip
+def test_unknown_dataset_or_parameter(empty_root: Path, name: str, params: dict, message: str):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_dataset(name, root=empty_root, **params)
 
 
 @pytest.mark.parametrize("seed", [-1, 1.5, "0", True])

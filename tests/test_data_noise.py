@@ -305,18 +305,26 @@ def test_plan_human_noise() -> None:
     torch.testing.assert_close(E.sum(1), torch.ones(10, dtype=torch.float64))
 
 
+def plan_4_vs_9(train_labels, test_labels, *, test_balanced: bool = True, **task):
+    """The paper's binary task, 4 (the minority) against 9, planned on these labels; ``task``:
+    n_train, proportion, meta_per_class."""
+    return plan_binary_imbalance(
+        train_labels,
+        test_labels,
+        minority=4,
+        majority=9,
+        test_balanced=test_balanced,
+        generator=gen(),
+        **task,
+    )
+
+
 def test_plan_binary_imbalance_on_synthetic_labels() -> None:
     train = balanced_labels(10, 6000)
     test = balanced_labels(10, 1000)
     test = torch.cat([test, torch.full((50,), 9)])  # more 9s than 4s in the test split
-
-    def plan_for(balanced: bool):
-        return plan_binary_imbalance(
-            train, test, minority=4, majority=9, n_train=5000, proportion=0.995,
-            meta_per_class=5, test_balanced=balanced, generator=gen(),
-        )  # fmt: skip
-
-    plans = {balanced: plan_for(balanced) for balanced in (True, False)}
+    task = {"n_train": 5000, "proportion": 0.995, "meta_per_class": 5}
+    plans = {b: plan_4_vs_9(train, test, test_balanced=b, **task) for b in (True, False)}
     plan = plans[True]
     assert class_counts(plan.train_labels, 2) == [20, 4970]
     assert class_counts(plan.meta_labels, 2) == [5, 5]
@@ -326,33 +334,15 @@ def test_plan_binary_imbalance_on_synthetic_labels() -> None:
 
 @pytest.mark.parametrize("p", [0, 1, 1.2, -0.5])
 def test_proportion_outside_open_interval(p: float) -> None:
+    labels = balanced_labels(10, 10)
     with pytest.raises(ValueError, match=r"proportion must be a number in \(0, 1\); got"):
-        plan_binary_imbalance(
-            balanced_labels(10, 10),
-            balanced_labels(10, 10),
-            minority=4,
-            majority=9,
-            n_train=50,
-            proportion=p,
-            meta_per_class=1,
-            test_balanced=True,
-            generator=gen(),
-        )
+        plan_4_vs_9(labels, labels, n_train=50, proportion=p, meta_per_class=1)
 
 
 def test_binary_task_needs_enough_images() -> None:
+    train, test = balanced_labels(10, 100), balanced_labels(10, 10)
     with pytest.raises(ValueError, match=r"n_train=5000 with proportion=0.5 needs 2500 minority"):
-        plan_binary_imbalance(
-            balanced_labels(10, 100),
-            balanced_labels(10, 10),
-            minority=4,
-            majority=9,
-            n_train=5000,
-            proportion=0.5,
-            meta_per_class=5,
-            test_balanced=True,
-            generator=gen(),
-        )
+        plan_4_vs_9(train, test, n_train=5000, proportion=0.5, meta_per_class=5)
 
 
 @pytest.mark.parametrize("n", [14, 15, 50, 999, 5000, 12345, 60_000])

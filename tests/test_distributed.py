@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from reweight import MWNet, Trainer, TrainerConfig, build_method
 from reweight.jvp import ENGINES
+
+from .helpers import free_port, gloo_group, quiet, torchrun
 
 STEPS = 6
 CASES = {
@@ -99,15 +99,7 @@ def train(case: str, out: Path | None = None) -> dict[str, torch.Tensor]:
         train_labels=y,
         optimizer=functools.partial(torch.optim.SGD, lr=0.2, momentum=0.9, weight_decay=1e-3),
         checkpoint_path=out / f"{case}.pt" if out else None,
-        config=TrainerConfig(
-            max_steps=STEPS,
-            batch_size=32,
-            meta_batch_size=10,
-            log_every=2,
-            eval_every=3,
-            progress=False,
-            final_weights=0,
-        ),
+        config=quiet(max_steps=STEPS, batch_size=32, meta_batch_size=10, log_every=2, eval_every=3),
     )
     result = trainer.fit()
     state = {k: v.clone() for k, v in trainer.model.state_dict().items()}
@@ -118,10 +110,7 @@ def train(case: str, out: Path | None = None) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         x, y = data()
         try:  # 33 examples cannot be split evenly between 2 processes
             Trainer(nn.Linear(5, 2), TensorDataset(x, y), config=TrainerConfig(batch_size=33))
@@ -132,20 +121,12 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         results["_error"] = error
         if rank == 0:
             torch.save(results, Path(out) / "results.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     return out, torch.load(out / "results.pt", weights_only=True)
 
 
@@ -208,17 +189,8 @@ def test_torchrun_cli_writes_one_set_of_outputs_equal_to_one_process(tmp_path, d
         "trainer.final_weights=0",
     ]
     env = {**os.environ, "REWEIGHT_DATA_DIR": str(data_root), "PYTHONUNBUFFERED": "1"}
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master-port={_free_port()}",
-        "-m",
-        "reweight",
-    ]
     console = {}
-    for cmd, run in ((torchrun, "ddp"), ([sys.executable, "-m", "reweight"], "single")):
+    for cmd, run in ((torchrun(), "ddp"), ([sys.executable, "-m", "reweight"], "single")):
         proc = console[run] = subprocess.run(
             [*cmd, *args, f"hydra.run.dir={tmp_path / run}"],
             env=env,

@@ -25,7 +25,6 @@ from reweight import (
     L2RW,
     MWNet,
     Trainer,
-    TrainerConfig,
     l2rw_eps_grad,
     l2rw_weights,
     mwnet_meta_grads,
@@ -37,7 +36,8 @@ from reweight.meta import trainable
 from reweight.metastep import MetaStep, StepInputs
 from reweight.models import build_model
 
-from .test_meta import make
+from .helpers import quiet
+from .test_meta import eps_grad_closed_form, make
 
 LR = 0.5
 ATOL = 1e-8
@@ -159,14 +159,8 @@ def test_the_functional_form_and_the_step_make_the_same_choice():
 def test_l2rw_fast_is_the_closed_form_without_batchnorm():
     """g_i = −lr·⟨∇θℓᵢ, ∇θL_meta⟩, one per-example gradient at a time."""
     model, x, y, xv, yv = model_and_batches("lenet")
-    params = list(model.parameters())
-    meta = torch.autograd.grad(F.cross_entropy(model(xv), yv), params)
-    want = []
-    for i in range(len(x)):
-        gi = torch.autograd.grad(F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), params)
-        want.append(-LR * sum((a * b).sum() for a, b in zip(gi, meta, strict=True)))
     got = l2rw_eps_grad(model, x, y, xv, yv, LR, meta_grad="fast")
-    assert_equal(got, torch.stack(want))
+    assert_equal(got, eps_grad_closed_form(model, x, y, xv, yv, LR))
 
 
 @pytest.mark.parametrize(
@@ -437,9 +431,7 @@ def train(method, steps: int = 30, batchnorm: bool = True) -> nn.Module:
         TensorDataset(x[:40], y[:40]),
         method=method,
         optimizer=functools.partial(torch.optim.SGD, lr=0.2, momentum=0.9, weight_decay=1e-3),
-        config=TrainerConfig(
-            max_steps=steps, batch_size=32, meta_batch_size=16, progress=False, final_weights=0
-        ),
+        config=quiet(max_steps=steps, batch_size=32, meta_batch_size=16),
     ).fit()
     return model
 

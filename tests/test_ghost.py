@@ -336,6 +336,20 @@ class WeightOutsideItsLayer(nn.Module):
         return self.b(h + F.linear(h, self.a.weight))
 
 
+def assert_checked_step(model, x, y, xv, yv, *, verdict: str, engine: str, nonzero=False):
+    """MW-Net's first step (plain SGD, ``normalize="sum"``), the one that checks the per-layer
+    path: the planner's verdict on the model, the engine that ran, and the fast gradients equal
+    to the unrolled ones (each non-zero where ``nonzero``). Returns the method."""
+    got, want, method = mwnet_pair(model, x, y, xv, yv, normalize="sum", replay=None, warm=False)
+    assert method.metastep.planner.per_layer_verdict(model) == verdict
+    assert method.metastep.planner.last_engine == engine
+    for a, b in zip(got, want, strict=True):
+        if nonzero:
+            assert b.abs().max() > 0
+        assert_equal(a, b)
+    return method
+
+
 def test_an_output_modified_in_place_is_refused():
     """ReLU(inplace=True) right after a layer rewrites the output the record would hold."""
     torch.manual_seed(0)
@@ -345,11 +359,7 @@ def test_an_output_modified_in_place_is_refused():
         records(model, x, y)
     # the step's first (checking) forward finds it too, and goes on by the exact general path
     xv, yv = torch.randn(7, 5, dtype=DT), torch.randint(0, 3, (7,))
-    got, want, method = mwnet_pair(model, x, y, xv, yv, normalize="sum", replay=None, warm=False)
-    assert method.metastep.planner.per_layer_verdict(model) == "no"
-    assert method.metastep.planner.last_engine == "tape"
-    for a, b in zip(got, want, strict=True):
-        assert_equal(a, b)
+    assert_checked_step(model, x, y, xv, yv, verdict="no", engine="tape")
     with pytest.raises(ValueError, match=r"engine=per_layer cannot run Sequential: Linear: its"):
         mwnet_step(mwnet_method(model, engine="per_layer"), model, x, y, xv, yv)
 
@@ -373,11 +383,7 @@ def test_a_call_the_recording_cannot_read_is_refused_without_breaking_the_forwar
         records(model, x, y)
     xv, yv = torch.randn(7, 5, dtype=DT), torch.randint(0, 3, (7,))
     # the checking step finishes on the general path
-    got, want, method = mwnet_pair(model, x, y, xv, yv, normalize="sum", replay=None, warm=False)
-    assert method.metastep.planner.per_layer_verdict(model) == "no"
-    assert method.metastep.planner.last_engine == "tape"
-    for a, b in zip(got, want, strict=True):
-        assert_equal(a, b)
+    assert_checked_step(model, x, y, xv, yv, verdict="no", engine="tape")
 
 
 @pytest.mark.parametrize("cls", [MixesExamples, WeightOutsideItsLayer])
@@ -389,15 +395,10 @@ def test_the_check_keeps_models_off_the_path(cls, caplog: pytest.LogCaptureFixtu
     xv, yv = torch.randn(7, 5, generator=g, dtype=DT), torch.randint(0, 3, (7,), generator=g)
     records(model, x, y)  # its structure looks fine, and it records without complaint
     with caplog.at_level(logging.WARNING, logger="reweight.jvp.planner"):
-        got, want, method = mwnet_pair(
-            model, x, y, xv, yv, normalize="sum", replay=None, warm=False
-        )
-    assert method.metastep.planner.per_layer_verdict(model) == "no"
+        # the checking step goes on by the general engine, the tape on CPU
+        method = assert_checked_step(model, x, y, xv, yv, verdict="no", engine="tape")
     assert "does not fit the per-layer path" in caplog.text
-    # the checking step went on by the general engine, the tape on CPU
     assert method.metastep.planner.jvps == {"tape": 1}
-    for a, b in zip(got, want, strict=True):
-        assert_equal(a, b)
     _, losses, _ = mwnet_step(method, model, x, y, xv, yv)
     assert not is_per_layer(losses) and method.metastep.planner.last_engine == "tape"
     # and computed what every later step does: one slice by "auto", the same engine

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from transformers import (
     BertForSequenceClassification,
-    DistilBertConfig,
     DistilBertForSequenceClassification,
 )
 
@@ -22,10 +21,10 @@ from reweight import L2RW, MWNet, Trainer, TrainerConfig, l2rw_eps_grad, l2rw_we
 from reweight.methods import StepInputs
 from reweight.models.hf import SequenceClassifier
 
-from .helpers import tiny_bert_config
+from .helpers import TINY, tiny_bert_config, tiny_distilbert_config
 from .test_sequence import LR, assert_close, reference_eps_grad, reference_phi_grads
 
-VOCAB, CLASSES = 40, 3
+VOCAB, CLASSES = TINY["vocab"], TINY["labels"]
 
 
 def tiny(kind: str, dropout: float = 0.0) -> SequenceClassifier:
@@ -33,19 +32,7 @@ def tiny(kind: str, dropout: float = 0.0) -> SequenceClassifier:
     if kind == "bert":
         model = BertForSequenceClassification(tiny_bert_config(dropout))
     else:
-        config = DistilBertConfig(
-            vocab_size=VOCAB,
-            dim=16,
-            n_layers=2,
-            n_heads=2,
-            hidden_dim=32,
-            max_position_embeddings=16,
-            num_labels=CLASSES,
-            dropout=dropout,
-            attention_dropout=dropout,
-            seq_classif_dropout=dropout,
-        )
-        model = DistilBertForSequenceClassification(config)
+        model = DistilBertForSequenceClassification(tiny_distilbert_config(dropout))
     return SequenceClassifier(model)
 
 

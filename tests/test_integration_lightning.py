@@ -19,9 +19,11 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-from reweight import L2RW, MWNet, Trainer, TrainerConfig
+from reweight import L2RW, MWNet, Trainer
 from reweight.integrations.lightning import CHECKPOINT_KEY, ReweightingModule
 from reweight.models import LeNet
+
+from .helpers import quiet
 
 
 def lenet() -> LeNet:
@@ -96,7 +98,7 @@ def test_lightning_takes_reweights_own_updates(tmp_path: Path, name: str, opt: s
         meta_data=data(24, 2),
         method=method(name),
         optimizer=optimizer_factory(opt),
-        config=TrainerConfig(progress=False, final_weights=0, channels_last=False),
+        config=quiet(channels_last=False),
     )
     replay = DataLoader(
         data(24, 2), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(3)

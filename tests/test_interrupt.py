@@ -10,9 +10,7 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -21,15 +19,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import TensorDataset
 
 import reweight
-from reweight import CheckpointError, Trainer, TrainerConfig, TrainingInterrupted
+from reweight import CheckpointError, Trainer, TrainingInterrupted
 from reweight.train.checkpoint import read_checkpoint
-from tests.test_cli import cli_env, read_csv
+from tests.helpers import REWEIGHT, cli_env, free_port, gloo_group, quiet, start_command, torchrun
+from tests.test_cli import read_csv
 
 SGD = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)
 LINE = "interrupted at step {}; run the same command to continue"
@@ -57,13 +55,12 @@ def small_trainer(
         optimizer=SGD,
         checkpoint_path=checkpoint,
         callbacks=callbacks,
-        config=TrainerConfig(
+        config=quiet(
             max_steps=8,
             batch_size=20,
             meta_batch_size=10,
             log_every=1,
             eval_every=0,
-            progress=False,
             final_weights=final_weights,
         ),
     )
@@ -209,11 +206,8 @@ def test_training_interrupted_is_exported():
 
 
 def _rank(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
     # a rank that stops alone leaves the other waiting in a collective: fail, do not hang
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-    try:
+    with gloo_group(rank, world, port, timeout=timedelta(seconds=60)):
         trainer = small_trainer(Path(out) / "checkpoint.pt")
 
         def hook(optimizer, args, kwargs) -> None:
@@ -227,19 +221,11 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
         except TrainingInterrupted as stop:
             got = (stop.step, stop.signum)
         torch.save(torch.tensor(got), Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
-    mp.spawn(_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True).tolist()
         assert got == [3, signal.SIGTERM], f"rank {rank}"
@@ -320,15 +306,7 @@ STOP_AFTER = 10  # signal once metrics.csv shows this step
 
 
 def cli(args: list[str], run_dir: Path, **popen) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "reweight", *args, f"hydra.run.dir={run_dir}"],
-        cwd=run_dir.parent,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **popen,
-    )
+    return start_command([*REWEIGHT, *args, f"hydra.run.dir={run_dir}"], run_dir.parent, **popen)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str, str]:
@@ -467,7 +445,7 @@ def test_interrupted_sweep_stops_and_the_same_command_continues(tmp_path, data_r
         "trainer.max_steps=20",
         f"hydra.sweep.dir={sweep}",
     ]
-    command = [sys.executable, "-m", "reweight", *args]
+    command = [*REWEIGHT, *args]
     popen = dict(cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc = subprocess.Popen(command, text=True, **popen)
     try:
@@ -519,25 +497,8 @@ def test_torchrun_interrupt_stops_every_rank_at_one_step(tmp_path, data_root, ta
     other rank through the per-step all-reduce. Either way: every rank stops after the same
     step, rank 0 writes its checkpoint, the line is printed once, the exit status is not 0."""
     run_dir = tmp_path / "run"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master-port={_free_port()}",
-        "-m",
-        "reweight",
-        *ARGS,
-        f"hydra.run.dir={run_dir}",
-    ]
-    proc = subprocess.Popen(
-        command,
-        cwd=tmp_path,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    command = [*torchrun(), *ARGS, f"hydra.run.dir={run_dir}"]
+    proc = start_command(command, tmp_path)
     try:
         wait_for_step(proc, run_dir / "metrics.csv", STOP_AFTER)
         if target == "torchrun":

@@ -19,8 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad
 
-from reweight import L2RW, MWNet, Trainer, TrainerConfig, WeightingNetMethod, select_params
+from reweight import L2RW, MWNet, Trainer, WeightingNetMethod, select_params
 from reweight.metastep import MetaStep, StepInputs
+
+from .helpers import quiet
 
 LR, ATOL, CLASSES = 0.5, 1e-8, 3
 
@@ -220,7 +222,7 @@ def test_the_trainer_trains_a_method_from_outside(mode: str, engine: str, meta_p
         meta_data=data,
         method=method,
         optimizer=lambda p: torch.optim.SGD(p, lr=LR),
-        config=TrainerConfig(progress=False, final_weights=0),
+        config=quiet(),
     )
     for x, y, xv, yv in batches:
         trainer.train_step(x, y, xv, yv)
@@ -355,9 +357,7 @@ def test_a_resumed_run_counts_every_sessions_jvps(tmp_path, name: str):
             method=method,
             optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
             checkpoint_path=tmp_path / "checkpoint.pt",
-            config=TrainerConfig(
-                max_steps=steps, batch_size=8, meta_batch_size=8, progress=False, final_weights=0
-            ),
+            config=quiet(max_steps=steps, batch_size=8, meta_batch_size=8),
         )
 
     trainer(4).fit()

@@ -9,9 +9,11 @@ import functools
 import pytest
 import torch
 
-from reweight import L2RW, MWNet, Trainer, TrainerConfig
+from reweight import L2RW, MWNet, Trainer
 from reweight.data import build_dataset
 from reweight.models import build_model
+
+from .helpers import quiet
 
 STEPS = 300
 
@@ -48,14 +50,8 @@ def run(bundle, method, steps=STEPS, dtype=torch.float32):
         num_classes=bundle.num_classes,
         method=method,
         optimizer=functools.partial(torch.optim.SGD, lr=1e-3, momentum=0.9),  # the paper's
-        config=TrainerConfig(
-            max_steps=steps,
-            batch_size=100,
-            meta_batch_size=10,
-            eval_every=0,
-            log_every=50,
-            progress=False,
-            final_weights=0,
+        config=quiet(
+            max_steps=steps, batch_size=100, meta_batch_size=10, eval_every=0, log_every=50
         ),
     )
     metrics = trainer.fit().metrics

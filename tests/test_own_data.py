@@ -31,7 +31,7 @@ from reweight.outputs.suspects import (
     suspects_table,
     write_suspects,
 )
-from tests.test_cli import cli_env
+from tests.helpers import cli_env, tiny_l2rw_trainer
 
 N_TRAIN, N_META, N_TEST = 240, 60, 60
 
@@ -485,25 +485,7 @@ def test_inspect_prints_the_top_rows_and_plots_known_corruption(tmp_path, capsys
 
 @pytest.mark.parametrize("final_weights", [0, 1])
 def test_suspects_table_ranks_by_final_else_mean_weight(final_weights):
-    from torch import nn
-
-    from reweight.data.core import TensorData
-    from reweight.train.trainer import Trainer, TrainerConfig
-
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(60, 4, generator=g), torch.arange(60) % 3
-    config = TrainerConfig(
-        max_steps=4, batch_size=10, eval_every=0, progress=False, final_weights=final_weights
-    )
-    torch.manual_seed(0)
-    trainer = Trainer(
-        nn.Linear(4, 3),
-        TensorData(x[:50], y[:50]),
-        TensorData(x[50:], y[50:]),
-        method="l2rw",
-        config=config,
-        train_labels=y[:50],
-    )
+    trainer = tiny_l2rw_trainer(final_weights)
     final = trainer.fit().example_weights
     assert (final is None) == (final_weights == 0)
     rows, ranked_by, losses = suspects_table(trainer, final=final, class_names=["a", "b", "c"])

@@ -18,8 +18,8 @@ from torch import nn
 from reweight.jvp import per_layer as ghost
 from reweight.meta import trainable
 
-from .test_fast import assert_equal, mwnet_pair
-from .test_ghost import DT, per_example_grads, records
+from .test_fast import assert_equal
+from .test_ghost import DT, assert_checked_step, per_example_grads, records
 
 
 def dilated_same(kernel, dilation) -> nn.Module:
@@ -58,14 +58,7 @@ def test_a_symmetric_dilated_same_convolution_is_read_per_layer_exactly(kernel, 
     want = sum(p.flatten(1) @ d.flatten() for p, d in zip(per, u, strict=True))
     assert_equal(ghost.jvp_of(records(model, x, y), u), want)
     # the MW-Net step takes the path (checked on this step) and equals the unrolled one
-    got, unrolled, method = mwnet_pair(
-        model, x, y, xv, yv, normalize="sum", replay=None, warm=False
-    )
-    assert method.metastep.planner.per_layer_verdict(model) == "ok"
-    assert method.metastep.planner.last_engine == "per_layer"
-    for a, b in zip(got, unrolled, strict=True):
-        assert b.abs().max() > 0
-        assert_equal(a, b)
+    assert_checked_step(model, x, y, xv, yv, verdict="ok", engine="per_layer", nonzero=True)
 
 
 # torch's own note on the zero-padded copy it makes for these convolutions (warned once)
@@ -75,14 +68,7 @@ def test_an_asymmetric_dilated_same_convolution_falls_back(kernel, dilation):
     model, x, y, xv, yv = batches(dilated_same(kernel, dilation))
     with pytest.raises(ghost.Ineligible, match=r"0: asymmetric 'same' padding"):
         ghost.ghost_layers(model, trainable(model)[1])
-    got, unrolled, method = mwnet_pair(
-        model, x, y, xv, yv, normalize="sum", replay=None, warm=False
-    )
-    assert method.metastep.planner.per_layer_verdict(model) == "no"
-    assert method.metastep.planner.last_engine == "tape"
-    for a, b in zip(got, unrolled, strict=True):
-        assert b.abs().max() > 0
-        assert_equal(a, b)
+    assert_checked_step(model, x, y, xv, yv, verdict="no", engine="tape", nonzero=True)
 
 
 # -- the agreement check ------------------------------------------------------------------------
@@ -133,10 +119,4 @@ def test_slight_interaction_between_examples_keeps_the_model_off_the_path():
     approx = ghost.jvp_of(records(model, x, y), u)
     gap = float((approx - exact).abs().max() / exact.abs().max())
     assert 1e-7 < gap < 1e-3, gap
-    got, unrolled, method = mwnet_pair(
-        model, x, y, xv, yv, normalize="sum", replay=None, warm=False
-    )
-    assert method.metastep.planner.per_layer_verdict(model) == "no"
-    assert method.metastep.planner.last_engine == "tape"
-    for a, b in zip(got, unrolled, strict=True):
-        assert_equal(a, b)
+    assert_checked_step(model, x, y, xv, yv, verdict="no", engine="tape")

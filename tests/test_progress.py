@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from reweight.core.progress import Heartbeat, TqdmHandler, format_duration
 
-from .test_cli import cli_env
+from .helpers import cli_env
 
 
 def _segments(text: str) -> list[str]:

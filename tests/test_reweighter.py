@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from reweight import L2RW, CMWNet, MWNet, Reweighter, Trainer, TrainerConfig
+from reweight import L2RW, CMWNet, MWNet, Reweighter, Trainer
+
+from .helpers import quiet
 
 LR = 0.1
 
@@ -72,7 +74,7 @@ def test_a_hand_written_loop_takes_the_trainers_updates(name: str):
         train_labels=torch.arange(16) % 3,
         num_classes=3,
         optimizer=lambda p: torch.optim.SGD(p, lr=LR, momentum=0.9),
-        config=TrainerConfig(progress=False, final_weights=0),
+        config=quiet(),
     )
     for i, (x, y) in enumerate(train):
         trainer.train_step(x, y, *trusted[i % 2])

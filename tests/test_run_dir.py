@@ -32,7 +32,7 @@ import reweight.cli.run_dir
 from reweight.cli.run_config import NO_EFFECT_KEYS, config_differences
 from reweight.cli.run_dir import RunDir, RunDirError
 from reweight.train.config import NO_EFFECT_FIELDS, TrainerConfig
-from tests.test_cli import cli_env
+from tests.helpers import REWEIGHT, run_command, signal_at, start_command, torchrun
 
 ARGS = [
     "dataset=mnist_imbalanced",
@@ -80,15 +80,9 @@ def cli(
 ) -> subprocess.CompletedProcess:
     """``python -m reweight ARGS`` in ``cwd``; ``as_user``: permission bits apply even to root;
     ``disk_full_at``: writing the run file of that name fails with ENOSPC (``_ENOSPC``)."""
-    command = ["-m", "reweight"] if disk_full_at is None else ["-c", _ENOSPC, disk_full_at]
-    return subprocess.run(
-        [sys.executable, *command, *args],
-        cwd=cwd,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        preexec_fn=_as_a_user if as_user and os.geteuid() == 0 else None,
+    command = REWEIGHT if disk_full_at is None else [sys.executable, "-c", _ENOSPC, disk_full_at]
+    return run_command(
+        [*command, *args], cwd, preexec_fn=_as_a_user if as_user and os.geteuid() == 0 else None
     )
 
 
@@ -215,15 +209,11 @@ def test_another_config_is_refused_with_each_key_and_both_values(tmp_path):
 )
 def test_the_run_folder_is_named_by_the_method_config_chosen(tmp_path, args, method):
     """Two method configs with one method.name (and the same overrides) never share a folder."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "reweight", *args, "--cfg", "all", "--resolve", "-p",
-         "hydra.run.dir"],
-        cwd=tmp_path,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
+    proc = run_command(
+        [*REWEIGHT, *args, "--cfg", "all", "--resolve", "-p", "hydra.run.dir"],
+        tmp_path,
         timeout=120,
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stderr
     assert Path(proc.stdout.strip()).parts[2] == method, proc.stdout  # outputs/<dataset>/
 
@@ -467,14 +457,7 @@ def test_one_run_per_folder_and_a_stale_lock_is_taken_over(tmp_path, data_root):
     the lock it left is taken over and the run completes, with one log."""
     run = tmp_path / "run"
     args = [*ARGS, f"hydra.run.dir={run}"]
-    first = subprocess.Popen(
-        [sys.executable, "-m", "reweight", *args],
-        cwd=tmp_path,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    first = start_command([*REWEIGHT, *args], tmp_path, stderr=subprocess.DEVNULL)
     try:
         for line in first.stdout:  # the lock is taken before this line
             if "run directory:" in line:
@@ -500,13 +483,7 @@ def test_a_corrupt_summary_is_one_line_naming_it(finished_run, copy_of, tmp_path
     (run / "summary.json").write_text('{"test_accuracy": 0.9')  # cut short
     before = snapshot(tmp_path)
     assert_refused(cli([*ARGS, f"hydra.run.dir={run}"], tmp_path), str(run / "summary.json"))
-    inspect = subprocess.run(
-        [sys.executable, "-m", "reweight.outputs.inspect", str(run)],
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    inspect = run_command([sys.executable, "-m", "reweight.outputs.inspect", str(run)], timeout=300)
     assert_refused(inspect, str(run / "summary.json"))
     assert snapshot(tmp_path) == before
 
@@ -523,13 +500,7 @@ def test_inspect_that_cannot_rebuild_the_images_writes_nothing(tmp_path):
     config["dataset"].update(root=str(tmp_path / "nowhere"), download=False)
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     before = snapshot(tmp_path)
-    proc = subprocess.run(
-        [sys.executable, "-m", "reweight.outputs.inspect", str(run)],
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_command([sys.executable, "-m", "reweight.outputs.inspect", str(run)], timeout=300)
     assert_refused(proc, "cannot rebuild the run's images", str(tmp_path / "nowhere"))
     assert snapshot(tmp_path) == before
 
@@ -547,18 +518,8 @@ def test_a_signal_before_the_first_step_is_one_line_and_leaves_nothing(
 ):
     """Ctrl-C or SIGTERM while the data are read: the interrupt line, 130 / 143, and neither
     the run folder Hydra made nor anything else left."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "reweight", *ARGS, f"hydra.run.dir={tmp_path / 'a' / 'run'}"],
-        cwd=tmp_path,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    for line in proc.stdout:
-        if "reading MNIST" in line:  # before the first step
-            proc.send_signal(signum)
-            break
+    proc = start_command([*REWEIGHT, *ARGS, f"hydra.run.dir={tmp_path / 'a' / 'run'}"], tmp_path)
+    signal_at(proc, "reading MNIST", signum)  # before the first step
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == status, err
     assert err.splitlines() == ["interrupted; run the same command to continue"]
@@ -719,12 +680,8 @@ def test_a_failed_job_is_in_the_sweep_table(tmp_path, data_root):
 
 def test_aggregating_a_folder_that_is_not_a_sweep_is_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
-    proc = subprocess.run(
-        [sys.executable, "-m", "reweight.outputs", str(tmp_path / "empty")],
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
+    proc = run_command(
+        [sys.executable, "-m", "reweight.outputs", str(tmp_path / "empty")], timeout=120
     )
     assert_refused(proc, str(tmp_path / "empty"), "hydra.sweep.dir")
     assert snapshot(tmp_path) == {"empty": snapshot(tmp_path)["empty"]}
@@ -747,14 +704,7 @@ def test_a_real_full_disk_at_the_checkpoint_is_one_line_and_keeps_the_last_one(t
         f"{sys.executable} -c \"import torch; print(torch.load('{run}/checkpoint.pt', "
         f"weights_only=True)['step'])\" > {out}.step"
     )
-    proc = subprocess.run(
-        ["unshare", "-Urm", "sh", "-c", script],
-        cwd=tmp_path,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_command(["unshare", "-Urm", "sh", "-c", script], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert Path(f"{out}.rc").read_text().strip() == "1"
     [line] = Path(f"{out}.stderr").read_text().splitlines()
@@ -777,19 +727,9 @@ def test_torchrun_bad_input_is_one_line_from_rank_zero(tmp_path, data_root, bad)
     0, nothing from rank 1 (no traceback of a broken barrier), no run folder; then torchrun's
     own failure summary (its traceback and the ChildFailedError table), and its exit status,
     1."""
-    from tests.test_distributed import _free_port
-
     run = tmp_path / "run"
     args = [*ARGS, *(b.format(tmp=tmp_path) for b in bad), f"hydra.run.dir={run}"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         f"--master-port={_free_port()}", "-m", "reweight", *args],
-        cwd=tmp_path,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )  # fmt: skip
+    proc = run_command([*torchrun(), *args], tmp_path)
     assert proc.returncode == 1, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and bad[0].split("=")[0] in errors[0], proc.stderr

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import os
-import socket
-import subprocess
 import sys
 import typing
 from pathlib import Path
@@ -25,6 +22,8 @@ from reweight.cli.keys import OPTIMIZER_SCHEMAS, SCHEDULER_SCHEMAS, RunConfig, T
 from reweight.cli.schema import schema_classes, validate_config
 from reweight.core.device import resolve_device
 from reweight.train.trainer import TrainerConfig
+
+from .helpers import REWEIGHT, cli_env, run_command, torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -296,29 +295,15 @@ def main_in_process(monkeypatch, capsys, tmp_path: Path, args: list[str], **env:
     return exit_info.value.code, capsys.readouterr().err.splitlines()
 
 
-def cli_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "PYTHONPATH")}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **extra)
-    return env
-
-
 def in_subprocess(tmp_path: Path, args: list[str], command: list[str] | None = None, **env: str):
     """The real command line (``python -m reweight`` or ``command``) with ``args`` into
     ``<tmp>/run``; returns (exit status, stderr lines, the process)."""
     tree = Unchanged(tmp_path)
-    proc = subprocess.run(
-        [
-            *(command or [sys.executable, "-m", "reweight"]),
-            *args,
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
-        cwd=tmp_path,
-        env=cli_env(**env),
-        capture_output=True,
-        text=True,
+    proc = run_command(
+        [*(command or REWEIGHT), *args, f"hydra.run.dir={tmp_path / 'run'}"],
+        tmp_path,
         timeout=300,
+        env=cli_env(**env),
     )
     tree.check()
     return proc.returncode, proc.stderr.splitlines(), proc
@@ -367,20 +352,12 @@ def test_cli_other_ranks_refuse_silently_in_a_subprocess(tmp_path):
     assert (code, lines) == (2, [BATCH_15])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_torchrun_prints_the_error_once(tmp_path):
     """The real torchrun: one `error:` line (rank 0's), no run directory. torchrun itself then
     reports its workers' failure (exit status 1, a ChildFailedError traceback and summary that
     names rank 0's exit status 2): to its agent every non-zero worker status is a failure."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                f"--master-port={_free_port()}", "-m", "reweight"]  # fmt: skip
-    code, lines, proc = in_subprocess(tmp_path, ["trainer.batch_size=15"], command=torchrun)
+    code, lines, proc = in_subprocess(tmp_path, ["trainer.batch_size=15"], command=torchrun())
     assert [line for line in lines if line.startswith("error: ")] == [BATCH_15], proc.stderr
     assert code == 1 and "ChildFailedError" in proc.stderr
     assert "exitcode  : 2" in proc.stderr  # the worker's own status, in torchrun's summary

@@ -193,19 +193,28 @@ def test_l2rw_eps_grad_equals_the_reference(name: str):
         assert_close(l2rw_eps_grad(model, x, y, xv, yv, LR, meta_grad=mode), want)
 
 
-@pytest.mark.parametrize("engine", L2RW_ENGINES)
-@pytest.mark.parametrize("name", list(MODELS))
-def test_l2rw_step_by_every_engine_equals_the_reference(name: str, engine: str):
+def engine_cases(engines: list[str]) -> list[tuple[str, str]]:
+    """(model, engine) for an every-engine test: all but the refused ones (a forced tape on a
+    recurrent model: test_a_forced_tape_is_refused_on_a_recurrent_model)."""
+    return [(name, e) for name in MODELS for e in engines if not refused_tape(name, e)]
+
+
+def step_by_engine(step, name: str, engine: str):
+    """``step`` (``l2rw_step`` or ``mwnet_grads``) on the model ``name`` with ``engine`` forced
+    (``auto``: the planner's choice); a forced engine is the one that ran. Returns
+    ((model, x, y, xv, yv), the method, the step's output)."""
     model, x, y, xv, yv = setup(name)
-    if refused_tape(name, engine):
-        with pytest.raises(ValueError, match=r"engine=tape cannot run Recurrent.*in-place"):
-            l2rw_step(model, x, y, xv, yv, engine=engine)
-        return
-    want = reference_eps_grad(model, x, y, xv, yv)
-    method, out = l2rw_step(model, x, y, xv, yv, engine=engine)
+    method, out = step(model, x, y, xv, yv, engine=engine)
     if engine != "auto":
         assert method.metastep.planner.last_engine == engine
-    elif name in RECURRENT:
+    return (model, x, y, xv, yv), method, out
+
+
+@pytest.mark.parametrize(("name", "engine"), engine_cases(L2RW_ENGINES))
+def test_l2rw_step_by_every_engine_equals_the_reference(name: str, engine: str):
+    (model, x, y, xv, yv), method, out = step_by_engine(l2rw_step, name, engine)
+    want = reference_eps_grad(model, x, y, xv, yv)
+    if engine == "auto" and name in RECURRENT:
         assert method.metastep.planner.last_engine == "dual_twin"
     expected_w = torch.clamp(-want, min=0)
     assert_close(out.weights, expected_w / expected_w.sum())
@@ -226,17 +235,18 @@ def mwnet_grads(model, x, y, xv, yv, **kwargs):
     return method, grads
 
 
-@pytest.mark.parametrize("engine", MWNET_ENGINES)
-@pytest.mark.parametrize("name", list(MODELS))
-def test_mwnet_net_gradients_equal_the_reference(name: str, engine: str):
+@pytest.mark.parametrize("step", [l2rw_step, mwnet_grads], ids=["l2rw", "mwnet"])
+@pytest.mark.parametrize("name", sorted(RECURRENT))
+def test_a_forced_tape_is_refused_on_a_recurrent_model(name: str, step):
+    assert refused_tape(name, "tape")
     model, x, y, xv, yv = setup(name)
-    if refused_tape(name, engine):
-        with pytest.raises(ValueError, match=r"engine=tape cannot run Recurrent.*in-place"):
-            mwnet_grads(model, x, y, xv, yv, engine=engine)
-        return
-    method, fast = mwnet_grads(model, x, y, xv, yv, engine=engine)
-    if engine != "auto":
-        assert method.metastep.planner.last_engine == engine
+    with pytest.raises(ValueError, match=r"engine=tape cannot run Recurrent.*in-place"):
+        step(model, x, y, xv, yv, engine="tape")
+
+
+@pytest.mark.parametrize(("name", "engine"), engine_cases(MWNET_ENGINES))
+def test_mwnet_net_gradients_equal_the_reference(name: str, engine: str):
+    (model, x, y, xv, yv), method, fast = step_by_engine(mwnet_grads, name, engine)
     want = reference_phi_grads(model, method.vnet, x, y, xv, yv)
     assert max(float(w.abs().max()) for w in want) > 1e-6
     _, unrolled = mwnet_grads(model, x, y, xv, yv, meta_grad="unrolled")

@@ -9,9 +9,7 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
-from reweight.data.core import TensorData
 from reweight.outputs.suspects import (
     SUSPECT_COLUMNS,
     precision_recall_at_k,
@@ -21,7 +19,9 @@ from reweight.outputs.suspects import (
     suspects_table,
     write_suspects,
 )
-from reweight.train.trainer import FitResult, Trainer, TrainerConfig
+from reweight.train.trainer import FitResult, Trainer
+
+from .helpers import tiny_l2rw_trainer
 
 HEADER = (
     "rank,index,id,given_label,predicted_label,probability,loss,final_weight,mean_weight,corrupted"
@@ -30,17 +30,7 @@ HEADER = (
 
 @pytest.fixture(scope="module")
 def fitted() -> tuple[Trainer, FitResult]:
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(60, 4, generator=g), torch.arange(60) % 3
-    torch.manual_seed(0)
-    trainer = Trainer(
-        nn.Linear(4, 3),
-        TensorData(x[:50], y[:50]),
-        TensorData(x[50:], y[50:]),
-        method="l2rw",
-        config=TrainerConfig(max_steps=4, batch_size=10, eval_every=0, progress=False),
-        train_labels=y[:50],
-    )
+    trainer = tiny_l2rw_trainer()
     return trainer, trainer.fit()
 
 

@@ -6,9 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -20,12 +18,13 @@ from hydra.core.global_hydra import GlobalHydra
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from reweight import Trainer, TrainerConfig
+from reweight import Trainer
 from reweight.cli import validate
 from reweight.data import build_dataset
 from reweight.train.loggers import Logger
 from reweight.train.signals import TrainingInterrupted
 from reweight.train.trackers import TensorBoardLogger
+from tests.helpers import REWEIGHT, cli_env, quiet, run_command, signal_at, start_command
 from tests.test_tracker_records import wandb_history, wandb_records
 
 TINY = [
@@ -50,10 +49,7 @@ def _fresh_hydra():
 
 
 def _env(tmp: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "PYTHONPATH")}
-    env.update(
-        PYTHONUNBUFFERED="1",
-        OMP_NUM_THREADS="1",
+    return cli_env(
         WANDB_MODE="offline",
         WANDB_DIR=str(tmp),
         WANDB_SILENT="true",
@@ -61,18 +57,10 @@ def _env(tmp: Path) -> dict[str, str]:
         WANDB_CONFIG_DIR=str(tmp / "wandb-config"),
         MLFLOW_TRACKING_URI="",  # nothing from the user's environment
     )
-    return env
 
 
 def _cli(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "reweight", *args],
-        cwd=cwd,
-        env=_env(cwd),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = run_command([*REWEIGHT, *args], cwd, timeout=900, env=_env(cwd))
     if check and proc.returncode != 0:
         pytest.fail(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
@@ -222,14 +210,8 @@ def _tiny_trainer(tmp: Path, max_steps: int, loggers, **kwargs) -> Trainer:
         val_data=val,
         method="l2rw",
         optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
-        config=TrainerConfig(
-            max_steps=max_steps,
-            batch_size=10,
-            meta_batch_size=10,
-            eval_every=2,
-            log_every=1,
-            progress=False,
-            final_weights=0,
+        config=quiet(
+            max_steps=max_steps, batch_size=10, meta_batch_size=10, eval_every=2, log_every=1
         ),
         checkpoint_path=tmp / "ckpt.pt",
         loggers=loggers,
@@ -525,18 +507,8 @@ def test_an_interrupted_or_failed_run_is_not_finished_in_any_tracker(tmp_path, d
 
     run = tmp_path / "killed"
     args = [*TINY, "trainer.max_steps=400", "logger=[mlflow,wandb]", f"hydra.run.dir={run}"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "reweight", *args],
-        cwd=tmp_path,
-        env=_env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    for line in proc.stdout:
-        if "step 3:" in line:  # the trackers have opened
-            proc.send_signal(signals.SIGINT)
-            break
+    proc = start_command([*REWEIGHT, *args], tmp_path, env=_env(tmp_path))
+    signal_at(proc, "step 3:", signals.SIGINT)  # the trackers have opened
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 130, err
     [line] = err.splitlines()
@@ -577,18 +549,10 @@ def test_after_sigkill_and_resume_every_tracker_has_each_step_once(tmp_path, dat
         "logger=[tensorboard,mlflow,wandb]",
         f"hydra.run.dir={run}",
     ]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "reweight", *args],
-        cwd=tmp_path,
-        env=_env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
+    proc = start_command(
+        [*REWEIGHT, *args], tmp_path, env=_env(tmp_path), stderr=subprocess.DEVNULL
     )
-    for line in proc.stdout:
-        if "step 15:" in line:
-            proc.send_signal(signals.SIGKILL)
-            break
+    signal_at(proc, "step 15:", signals.SIGKILL)
     proc.wait()
     proc.stdout.close()
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 10
@@ -634,11 +598,11 @@ def test_a_missing_extra_names_its_package_in_one_line(tmp_path: Path, data_root
         f"raise ModuleNotFoundError(\"No module named '{extra}'\", name={extra!r})\n"
     )
     env = {**_env(tmp_path), "PYTHONPATH": str(tmp_path / "shadow")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "reweight", *TINY, f"logger={extra}",
-         f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    proc = run_command(
+        [*REWEIGHT, *TINY, f"logger={extra}", f"hydra.run.dir={tmp_path / 'run'}"],
+        tmp_path,
+        env=env,
+    )
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == [

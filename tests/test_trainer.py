@@ -15,6 +15,8 @@ from reweight.methods.baselines import effective_number_weights
 from reweight.train.batches import BatchStream
 from reweight.train.metrics import auc
 
+from .helpers import quiet
+
 SGD = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)
 
 
@@ -151,14 +153,7 @@ def test_batchnorm_statistics_move_only_through_the_real_step(name: str, meta_gr
     torch.manual_seed(0)
     model = BNNet()
     reference = copy.deepcopy(model).train()
-    cfg = TrainerConfig(
-        max_steps=3,
-        batch_size=16,
-        meta_batch_size=8,
-        log_every=1,
-        progress=False,
-        final_weights=False,
-    )
+    cfg = quiet(max_steps=3, batch_size=16, meta_batch_size=8, log_every=1)
     # lr = 0 keeps θ fixed, so the expected statistics are exactly those of one train-mode
     # forward per step on that step's batch; a twin writing them would add more updates.
     Trainer(
@@ -223,7 +218,7 @@ def _run(tmp_path, method, steps, resume=False, seed=0, ckpt_every=0, callbacks=
         train_labels=y,
         checkpoint_path=tmp_path / "ckpt.pt",
         callbacks=callbacks,
-        config=TrainerConfig(
+        config=quiet(
             max_steps=steps,
             batch_size=32,
             meta_batch_size=16,
@@ -231,8 +226,6 @@ def _run(tmp_path, method, steps, resume=False, seed=0, ckpt_every=0, callbacks=
             eval_every=4,
             checkpoint_every=ckpt_every,
             seed=seed,
-            progress=False,
-            final_weights=False,
         ),
     )
     return trainer, trainer.fit(resume=resume)
@@ -374,14 +367,12 @@ def test_channels_last_is_the_same_training_in_another_memory_format(method: str
             TensorDataset(x[:32].double(), y[:32]),
             method=chosen,
             optimizer=SGD,
-            config=TrainerConfig(
+            config=quiet(
                 max_steps=4,
                 batch_size=32,
                 meta_batch_size=16,
                 eval_every=0,
-                progress=False,
                 channels_last=channels_last,
-                final_weights=0,
             ),
         )
         trainer.fit()
@@ -409,7 +400,7 @@ def test_the_summary_says_which_meta_engine_ran_and_the_log_says_why(caplog):
             TensorDataset(x, y),
             TensorDataset(x[:8], y[:8]),
             method=method,
-            config=TrainerConfig(max_steps=3, batch_size=16, progress=False, final_weights=0),
+            config=quiet(max_steps=3, batch_size=16),
         ).fit()
 
     with caplog.at_level("INFO", logger="reweight.jvp.planner"):

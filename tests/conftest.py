@@ -60,3 +60,32 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def denied(monkeypatch):
+    """os.access refusing the paths added to the returned set (the tests run as root, for whom
+    a mode bit refuses nothing); records each (path, mode) asked."""
+    refused: set[Path] = set()
+    asked: list[tuple[Path, int]] = []
+    real = os.access
+
+    def access(path, mode, **kwargs):
+        asked.append((Path(path), mode))
+        return Path(path) not in refused and real(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    return refused, asked
+
+
+@pytest.fixture
+def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """W&B offline, writing only under the test's temporary folder, silent."""
+    for key, value in {
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(tmp_path),
+        "WANDB_SILENT": "true",
+        "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
+        "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
+    }.items():
+        monkeypatch.setenv(key, value)

@@ -11,18 +11,16 @@ net equal those of both ranks to 1e-10, for L2RW and MW-Net.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from reweight import Trainer
 from reweight.models.hf import SequenceClassifier
 
-from .helpers import quiet
+from .helpers import quiet, spawn_ranks
 from .test_integration_hf import Pairs, Recorded, args, method, rows, tiny_bert
 
 STEPS = 4
@@ -60,17 +58,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.save(results, Path(out) / f"rank{rank}.pt")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("hf_ddp")
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return spawn_ranks(_worker, out, weights_only=False)
 
 
 def union(parts: list[tuple[dict, torch.Tensor]]) -> tuple[dict, torch.Tensor]:

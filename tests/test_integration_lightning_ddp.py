@@ -10,19 +10,19 @@ trained on the whole global batches, in float64 to 1e-10, for L2RW and MW-Net.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from reweight import L2RW, MWNet
 from reweight.integrations.lightning import ReweightingModule
+
+from .helpers import spawn_ranks
 
 STEPS, BATCH = 4, 24  # the global batch; each of 2 ranks takes 12
 CASES = ("l2rw", "mwnet")
@@ -99,17 +99,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.save(results, Path(out) / f"rank{rank}.pt")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("lightning_ddp")
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return spawn_ranks(_worker, out)
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -47,22 +47,6 @@ def test_scalars_are_the_finite_numbers_but_step():
 # -- the checks before the first step ----------------------------------------------------------
 
 
-@pytest.fixture
-def denied(monkeypatch):
-    """os.access refusing the paths added to the returned set (the tests run as root, for whom
-    a mode bit refuses nothing); records each (path, mode) asked."""
-    refused: set[Path] = set()
-    asked: list[tuple[Path, int]] = []
-    real = os.access
-
-    def access(path, mode, **kwargs):
-        asked.append((Path(path), mode))
-        return Path(path) not in refused and real(path, mode, **kwargs)
-
-    monkeypatch.setattr(os, "access", access)
-    return refused, asked
-
-
 def test_check_writable_names_what_is_in_the_way(tmp_path: Path):
     (tmp_path / "file").write_text("x")
     (tmp_path / "dir").mkdir()
@@ -428,18 +412,6 @@ def test_mlflow_run_params_quantiles_and_status(tmp_path: Path, quiet):
 
 
 # -- W&B ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for key, value in {
-        "WANDB_MODE": "offline",
-        "WANDB_DIR": str(tmp_path),
-        "WANDB_SILENT": "true",
-        "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
-        "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
-    }.items():
-        monkeypatch.setenv(key, value)
 
 
 class FakeRun:

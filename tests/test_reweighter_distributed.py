@@ -10,16 +10,16 @@ replayed AdamW, shards of unequal size), and the weighting net of MW-Net too.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from reweight import L2RW, MWNet, Reweighter
+
+from .helpers import spawn_ranks
 
 STEPS = 4
 CASES = {
@@ -103,17 +103,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("reweighter_ddp")
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return spawn_ranks(_worker, out)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

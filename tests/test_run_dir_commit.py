@@ -397,22 +397,6 @@ def test_a_file_in_the_way_is_named(tmp_path: Path):
     )
 
 
-@pytest.fixture
-def denied(monkeypatch):
-    """os.access refusing the paths added to the returned set (the tests run as root, for whom
-    a mode bit refuses nothing); records each (path, mode) asked."""
-    refused: set[Path] = set()
-    asked: list[tuple[Path, int]] = []
-    real = os.access
-
-    def access(path, mode, **kwargs):
-        asked.append((Path(path), mode))
-        return Path(path) not in refused and real(path, mode, **kwargs)
-
-    monkeypatch.setattr(os, "access", access)
-    return refused, asked
-
-
 def test_an_unwritable_parent_is_named(tmp_path: Path, denied):
     refused, asked = denied
     refused.add(tmp_path)

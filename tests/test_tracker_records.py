@@ -73,18 +73,6 @@ def wandb_run_file(run_dir: Path, id_file: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for key, value in {
-        "WANDB_MODE": "offline",
-        "WANDB_DIR": str(tmp_path),
-        "WANDB_SILENT": "true",
-        "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
-        "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
-    }.items():
-        monkeypatch.setenv(key, value)
-
-
 WEIGHTS = {1: torch.linspace(0.0, 2.0, 10), 2: torch.tensor([0.5, 1.5, 1.0, 1.0]), 3: torch.ones(6)}
 
 

@@ -10,7 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -206,3 +206,12 @@ def signal_at(proc: subprocess.Popen, text: str, signum: signal.Signals) -> None
         if text in line:
             proc.send_signal(signum)
             break
+
+
+def spawn_ranks(worker: Callable[..., None], out: Path, world: int = 2, **load: Any) -> list:
+    """``worker(rank, world, port, out)`` in ``world`` spawned processes (``mp.spawn``, a free
+    port for their gloo group); then what each rank saved as ``out/rank<r>.pt``."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(worker, args=(world, free_port(), str(out)), nprocs=world, join=True)
+    return [torch.load(out / f"rank{r}.pt", **{"weights_only": True, **load}) for r in range(world)]

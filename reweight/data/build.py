@@ -210,33 +210,19 @@ def build_dataset(
     key, or a value outside its allowed range, raises ``ValueError`` naming the key and the
     allowed values before any file is read.
 
-    Example::
-
-        bundle = build_dataset("cifar10_noisy", noise_type="flip", noise_rate=0.4, seed=1)
-        bundle.info["noise_rate_measured"]  # the fraction of training labels actually changed
+    Example: ``build_dataset("cifar10_noisy", noise_type="flip", noise_rate=0.4, seed=1)``.
 
     ``val_per_class`` (default: :func:`default_val_per_class`; 0: none) clean examples per class
     form ``bundle.val``, the validation set a sweep optimises: from the trusted pool the meta set
     comes from, disjoint from train, meta and test, evaluated without augmentation.
 
     ``meta_source="small_loss"``: no clean image serves the meta step. The splits are drawn as
-    for ``clean`` (the same training set), then ``bundle.meta`` is emptied, and the Trainer
-    (``Trainer.from_bundle``) takes ``meta_per_class`` meta examples per class from the noisy
-    training set by their loss, first after ``meta_warmup`` steps and again every
-    ``meta_refresh`` steps (0: once), as ``reweight.train.meta_source`` describes;
-    ``bundle.info["meta_source"]`` records it. The validation set stays clean (it chooses
-    models, it does not train them). ``meta_warmup`` and ``meta_refresh`` are unused with
-    ``clean``.
+    for ``clean``, then ``bundle.meta`` is emptied; the Trainer takes ``meta_per_class`` meta
+    examples per class from the noisy training set by their loss after ``meta_warmup`` steps,
+    again every ``meta_refresh`` (``reweight.train.meta_source``). The validation set stays clean.
     """
     spec = _REGISTRY[check_choice("name", name, DATASETS)]
-    unknown = sorted(set(params) - set(spec.defaults))
-    if unknown:
-        allowed = ", ".join([*COMMON_KEYS, *spec.defaults])
-        raise ValueError(
-            f"unknown parameter {unknown[0]!r} for dataset {name!r}; allowed keys: {allowed}"
-        )
-    check_int("seed", seed, minimum=0)
-    check_bool("download", download)
+    _check_keys(name, spec, params, seed, download)
     resolved = {**spec.defaults, **params}
     n_val = spec.val_per_class if val_per_class is None else val_per_class
     check_int("val_per_class", n_val, minimum=0)
@@ -246,27 +232,46 @@ def build_dataset(
     data_root = resolve_data_root(root)
     generator = torch.Generator().manual_seed(seed)
     bundle = _build(spec, data_root, generator, download, resolved, n_val)
-    source: dict[str, Any] = {"name": meta_source}
-    if meta_source == "small_loss":  # nothing of the clean meta split is handed on
-        per_class = resolved.get("meta_per_class") or 10
-        bundle.meta = _subset(bundle.meta, torch.zeros(len(bundle.meta), dtype=torch.bool), None)
-        source.update(per_class=per_class, warmup=meta_warmup, refresh=meta_refresh)
+    source = _meta_source(bundle, meta_source, resolved, meta_warmup, meta_refresh)
     bundle.info = {
         **_describe(bundle, name, resolved, seed, data_root, n_val, spec.true_labels_known),
         **bundle.info,
         "meta_source": source,
     }
+    sizes = (len(bundle.train), bundle.info["num_corrupted"], len(bundle.meta))
+    sizes += (bundle.info["split_sizes"]["val"], len(bundle.test))
     logger.info(
         "dataset %s (seed %d): %d train (%d corrupted), %d meta, %d val, %d test",
         name,
         seed,
-        len(bundle.train),
-        bundle.info["num_corrupted"],
-        len(bundle.meta),
-        bundle.info["split_sizes"]["val"],
-        len(bundle.test),
+        *sizes,
     )
     return bundle
+
+
+def _meta_source(
+    bundle: DataBundle, name: str, resolved: dict[str, Any], warmup: int, refresh: int
+) -> dict[str, Any]:
+    """What ``bundle.info["meta_source"]`` records; with ``small_loss`` nothing of the clean
+    meta split is handed on (``bundle.meta`` emptied)."""
+    source: dict[str, Any] = {"name": name}
+    if name == "small_loss":
+        per_class = resolved.get("meta_per_class") or 10
+        bundle.meta = _subset(bundle.meta, torch.zeros(len(bundle.meta), dtype=torch.bool), None)
+        source.update(per_class=per_class, warmup=warmup, refresh=refresh)
+    return source
+
+
+def _check_keys(name: str, spec: _Spec, params: dict[str, Any], seed: Any, download: Any) -> None:
+    """``ValueError`` for a key ``name`` does not take, a bad ``seed`` or ``download``."""
+    unknown = sorted(set(params) - set(spec.defaults))
+    if unknown:
+        allowed = ", ".join([*COMMON_KEYS, *spec.defaults])
+        raise ValueError(
+            f"unknown parameter {unknown[0]!r} for dataset {name!r}; allowed keys: {allowed}"
+        )
+    check_int("seed", seed, minimum=0)
+    check_bool("download", download)
 
 
 def _build(

@@ -41,6 +41,7 @@ import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -193,23 +194,7 @@ def finish(
     """
     n = losses.shape[0]
     calls = list(watch.calls)
-    shared = {}  # id(call) -> its Watched: a layer call on an input shared by the batch
-    for c in calls:
-        if c.problem is not None:
-            raise Ineligible(c.problem)
-        least = 1 if c.kind == "embedding" else 2  # indices (B,) or (B, T, ...)
-        if c.x is None or c.x.dim() < least or c.z is None:
-            raise Ineligible(f"{c.name}: input not batched like the losses")
-        if (c.x._version, c.z._version) != c.versions:
-            # e.g. ReLU(inplace=True) on a layer's output: autograd would then differentiate
-            # with respect to the ReLU's result, not the layer's output
-            raise Ineligible(f"{c.name}: its input or output was modified in place")
-        if c.x.shape[0] == n and c.z.shape[0] == n:
-            continue
-        w = watch.watched.get(id(c.z))
-        if c.x.shape[0] != 1 or c.z.shape[0] != 1 or w is None or not w.uses:
-            raise Ineligible(f"{c.name}: input not batched like the losses")
-        shared[id(c)] = w
+    shared = _shared_calls(calls, watch, n)
     followed = [w for w in watch.watched.values() if w.call is None or id(w.call) in shared]
     uses = [u for w in followed for u in w.uses]
     for w in followed:
@@ -229,6 +214,47 @@ def finish(
     for u in uses:
         u.out = None
     del zs, gs
+    _fold_shared(followed, calls, n)
+    for c in calls:
+        if c.per_example is not None:
+            continue
+        params = sum(t.numel() for t in (c.weight, c.bias) if t is not None)
+        if c.kind == "norm" or (
+            c.kind != "embedding" and c.g.dim() > 2 and params * n <= c.g.numel()
+        ):
+            c.make_per_example()
+    record = GhostRecord(weights, calls, losses.detach())
+    record.graph = losses if keep_graph else None
+    return record
+
+
+def _shared_calls(calls: list[LayerCall], watch: Watch, n: int) -> dict[int, Any]:
+    """Every layer call checked to be readable per example (batched like the ``n`` losses, not
+    modified in place); ``{id(call): its Watched}`` for those on an input the batch shares."""
+    shared = {}  # id(call) -> its Watched: a layer call on an input shared by the batch
+    for c in calls:
+        if c.problem is not None:
+            raise Ineligible(c.problem)
+        least = 1 if c.kind == "embedding" else 2  # indices (B,) or (B, T, ...)
+        if c.x is None or c.x.dim() < least or c.z is None:
+            raise Ineligible(f"{c.name}: input not batched like the losses")
+        if (c.x._version, c.z._version) != c.versions:
+            # e.g. ReLU(inplace=True) on a layer's output: autograd would then differentiate
+            # with respect to the ReLU's result, not the layer's output
+            raise Ineligible(f"{c.name}: its input or output was modified in place")
+        if c.x.shape[0] == n and c.z.shape[0] == n:
+            continue
+        w = watch.watched.get(id(c.z))
+        if c.x.shape[0] != 1 or c.z.shape[0] != 1 or w is None or not w.uses:
+            raise Ineligible(f"{c.name}: input not batched like the losses")
+        shared[id(c)] = w
+    return shared
+
+
+def _fold_shared(followed: list[Any], calls: list[LayerCall], n: int) -> None:
+    """Each weight shared by the batch gets its per-example gradients (the sum over its uses,
+    reduced to its shape): a weight no layer owns as a record of its own, a layer called on a
+    shared input as if called on every example's copy of it."""
     for w in followed:
         if not w.uses:
             continue
@@ -241,17 +267,6 @@ def finish(
             c.g = per_example.view(n, *w.tensor.shape[1:])
             c.x = c.x.expand(n, *c.x.shape[1:])
         w.uses = []
-    for c in calls:
-        if c.per_example is not None:
-            continue
-        params = sum(t.numel() for t in (c.weight, c.bias) if t is not None)
-        if c.kind == "norm" or (
-            c.kind != "embedding" and c.g.dim() > 2 and params * n <= c.g.numel()
-        ):
-            c.make_per_example()
-    record = GhostRecord(weights, calls, losses.detach())
-    record.graph = losses if keep_graph else None
-    return record
 
 
 def losses_of(records: Sequence[GhostRecord]) -> Tensor:

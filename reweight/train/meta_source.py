@@ -134,6 +134,14 @@ class SmallLossMetaSource:
             idx = self._meta_indices(trainer.config.meta_batch_size, stream, step)
             yield idx, *self._fetch(trainer.train_data, idx)
 
+    def check_single_process(self, dist: Any) -> None:
+        """``ValueError`` in data-parallel training (``dist`` not None), which it does not run."""
+        if dist is not None:
+            raise ValueError(
+                "dataset.meta_source=small_loss does not run data-parallel yet (each rank would "
+                "drop a different number of serving examples from its shard); use one process"
+            )
+
     def serving(self) -> Tensor:
         """The training indices serving as meta examples now (left out of training batches)."""
         return self.selected

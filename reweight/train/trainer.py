@@ -132,11 +132,8 @@ class Trainer:
         self.device = self.placement.device
         self.method = build_method(method) if isinstance(method, str) else method
         self.meta_source = meta_source
-        if meta_source is not None and self.dist is not None:
-            raise ValueError(
-                "dataset.meta_source=small_loss does not run data-parallel yet (each rank would "
-                "drop a different number of serving examples from its shard); use one process"
-            )
+        if meta_source is not None:
+            meta_source.check_single_process(self.dist)
         if self.method.needs_meta and meta_data is None and meta_source is None:
             raise ValueError(f"method {self.method.name!r} needs a clean meta set (meta_data)")
         self.train_data, self.meta_data, self.test_data = train_data, meta_data, test_data
@@ -149,23 +146,19 @@ class Trainer:
             n_train, train_labels, corrupted, num_classes
         )
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        if checkpoint_path is None and self.run_dir is not None:
-            checkpoint_path = self.run_dir / CHECKPOINT
-        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
-        if self.run_dir is not None:
+        if self.run_dir is not None:  # the checkpoint and metrics.csv in it, by default
+            checkpoint_path = checkpoint_path or self.run_dir / CHECKPOINT
             csv = MetricsCSV(self.run_dir / METRICS, history=lambda: self.history)
             callbacks = [*callbacks, csv]
-        self.bundle: Any = None  # the DataBundle of from_bundle: class names, ids, labels.pt
-        self.val_data = val_data
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
+        self.val_data, self.bundle = val_data, None  # bundle: from_bundle's DataBundle
         evaluated = (self.num_classes, cfg, val_data, test_data)
         self.evaluation = Evaluation(self.model, loss_fn, self.placement, *evaluated)
         run_config = {"method": self.method.name, **(run_config or {"trainer": asdict(cfg)})}
         self.records = History(callbacks, loggers, run_config, self.is_main)
-        self._last_weights: Tensor | None = None
-        self.step = 0
         self._stats = WeightStats(self.num_classes, self.corrupted, n_train)
-        self._setup_done = False
-        self._elapsed = 0.0
+        self._last_weights: Tensor | None = None
+        self.step, self._elapsed, self._setup_done = 0, 0.0, False
 
     @classmethod
     def from_bundle(cls, model: nn.Module, bundle: Any, **kwargs: Any) -> Trainer:

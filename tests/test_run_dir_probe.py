@@ -4,7 +4,8 @@ directory must tell the truth after each (the checks are the probe's: ``check_in
 ``check_rerun``).
 
 The default suite runs ``QUICK`` (two cases); every phase x signal x starting point, every tracker
-and an option of every config group are ``slow``.
+and an option of every config group are the exhaustive probe (``probe``: minutes a case, several
+CLI runs each; deselected by default, run with ``python -m pytest -m probe``).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def test_a_signal_leaves_a_truthful_run_dir(tmp_path, reference, case):
 
 
 @pytest.mark.slow
+@pytest.mark.probe
 @pytest.mark.parametrize("case", REST, ids=ids)
 def test_a_signal_at_every_phase_leaves_a_truthful_run_dir(tmp_path, reference, case):
     assert_truthful(probe.probe(*case, tmp_path, reference))
@@ -66,6 +68,7 @@ TRACKERS = ("logger=[tensorboard,mlflow,wandb]",)
 
 
 @pytest.mark.slow
+@pytest.mark.probe
 @pytest.mark.parametrize("phase", ["mid_training", "final_eval", "plots"])
 def test_every_tracker_agrees_with_the_run_dir_after_a_signal(tmp_path_factory, data_root, phase):
     """SIGTERM at ``phase`` with TensorBoard, MLflow and W&B (offline), then the rerun: the run
@@ -123,6 +126,7 @@ GROUPS = [
 
 
 @pytest.mark.slow
+@pytest.mark.probe
 @pytest.mark.parametrize("option", GROUPS)
 def test_every_config_group_resumes_truthfully(tmp_path_factory, data_root, option):
     """SIGTERM in the middle of training and at the last checkpoint, with one option of a

@@ -409,8 +409,9 @@ def test_bad_meta_per_class(empty_root: Path, name: str) -> None:
          "cifar100_noisy, cifar10_lt, cifar100_lt, cifar10n, image_folder, tensors, clothing1m, "
          "food101n, animal10n, mini_webvision; got 'svhn'"),
         ("cifar10_noisy", {"noise_rat": 0.2}, "unknown parameter 'noise_rat' for dataset "
-         "'cifar10_noisy'; allowed keys: name, root, seed, download, val_per_class, noise_type, "
-         "noise_rate, meta_per_class, augment"),
+         "'cifar10_noisy'; allowed keys: name, root, seed, download, val_per_class, "
+         "meta_source, meta_warmup, meta_refresh, noise_type, noise_rate, meta_per_class, "
+         "augment"),
         # a key of another dataset
         ("cifar10_lt", {"noise_rate": 0.2}, "unknown parameter 'noise_rate' for dataset "
          "'cifar10_lt'"),

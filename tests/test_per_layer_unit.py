@@ -44,17 +44,19 @@ def test_batch_norm_in_training_after_a_layer_is_ruled_out_before_one_is_not():
     ineligible(nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.BatchNorm1d(4))),
                "BatchNorm in training mode (1.0)")  # fmt: skip
     before = nn.Sequential(nn.BatchNorm1d(3, affine=False), nn.Linear(3, 2)).to(DT)
-    assert list(ghost.ghost_layers(before, trainable(before))) == ["1"]
+    assert list(ghost.ghost_layers(before, trainable(before)).modules) == ["1"]
     evaluated = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, affine=False), nn.Linear(4, 2))
     evaluated[1].eval()
-    assert list(ghost.ghost_layers(evaluated, trainable(evaluated))) == ["0", "2"]
+    assert list(ghost.ghost_layers(evaluated, trainable(evaluated)).modules) == ["0", "2"]
 
 
 def test_layers_whose_weights_are_not_read_per_layer_are_named():
-    ineligible(nn.Sequential(nn.Linear(3, 4), nn.Bilinear(4, 4, 2)),
-               "1 (Bilinear) has trainable weights, and only nn.Linear, nn.Conv, nn.Embedding "
-               "and affine normalisation layers' are read per layer")  # fmt: skip
-    only = "nn.Linear, nn.Conv, nn.Embedding and affine normalisation layers' are read per layer"
+    only = (
+        "nn.Linear, nn.Conv, nn.Embedding, nn.MultiheadAttention and affine normalisation "
+        "layers' are read per layer"
+    )
+    bilinear = nn.Sequential(nn.Linear(3, 4), nn.Bilinear(4, 4, 2))
+    ineligible(bilinear, f"1 (Bilinear) has trainable weights, and only {only}")
     ineligible(nn.PReLU(), f"the model (PReLU) has trainable weights, and only {only}")
     ineligible(nn.Sequential(nn.Embedding(5, 3, max_norm=1.0)),
                "0: Embedding with max_norm or scale_grad_by_freq")  # fmt: skip
@@ -76,7 +78,7 @@ def test_layers_whose_weights_are_not_read_per_layer_are_named():
 
 def test_symmetric_same_padding_is_read_and_a_weight_outside_any_layer_is_not():
     conv = nn.Sequential(nn.Conv2d(1, 2, 3, padding="same", dilation=2))
-    assert list(ghost.ghost_layers(conv, trainable(conv))) == ["0"]
+    assert list(ghost.ghost_layers(conv, trainable(conv)).modules) == ["0"]
     model = nn.Linear(3, 2)
     stray = nn.Parameter(torch.ones(2))
     with pytest.raises(ghost.Ineligible) as info:
@@ -89,10 +91,10 @@ def test_frozen_weights_are_none_and_layers_without_moving_weights_are_left_out(
     model[0].weight.requires_grad_(False)
     model[1].requires_grad_(False)
     layers = ghost.ghost_layers(model, trainable(model))
-    assert layers == {"0": (None, model[0].bias), "2": (model[2].weight, None)}
+    assert layers.modules == {"0": (None, model[0].bias), "2": (model[2].weight, None)}
     norm = nn.Sequential(nn.LayerNorm(3), nn.Embedding(4, 3))
     layers = ghost.ghost_layers(norm, trainable(norm))
-    assert layers == {"0": (norm[0].weight, norm[0].bias), "1": (norm[1].weight, None)}
+    assert layers.modules == {"0": (norm[0].weight, norm[0].bias), "1": (norm[1].weight, None)}
 
 
 # -- recording and finishing -------------------------------------------------------------------
@@ -101,10 +103,10 @@ def test_frozen_weights_are_none_and_layers_without_moving_weights_are_left_out(
 def record(model, x, fn=None, weights=None, keep_graph=False):
     weights = trainable(model) if weights is None else weights
     layers = ghost.ghost_layers(model, weights)
-    with ghost.recording(model, layers) as calls:
+    with ghost.recording(model, layers) as watch:
         out = (fn or model)(x)
         losses = out.pow(2).sum(tuple(range(1, out.dim()))) if out.dim() > 1 else out
-    return ghost.finish(weights, calls, losses, keep_graph)
+    return ghost.finish(weights, watch, losses, keep_graph)
 
 
 def test_a_call_that_cannot_be_used_says_why():
@@ -128,8 +130,9 @@ def test_the_hook_notes_only_the_named_layers_and_leaves_after_the_block():
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
     model[0].requires_grad_(False)
     layers = ghost.ghost_layers(model, trainable(model))
-    with ghost.recording(model, layers) as calls:
+    with ghost.recording(model, layers) as watch:
         model(rand(5, 3))
+    calls = watch.calls
     assert [c.module for c in calls] == [model[2]]
     assert calls[0].x.shape == (5, 4) and not calls[0].x.requires_grad
     assert calls[0].versions == (calls[0].x._version, calls[0].z._version)

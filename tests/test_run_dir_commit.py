@@ -443,7 +443,11 @@ def test_a_finished_run_needs_a_writable_folder_beside_it(tmp_path: Path, denied
 # -- Hydra's files and the callback ------------------------------------------------------------
 
 
-def test_hydra_files_outside_hydra_are_none():
+def test_hydra_files_outside_hydra_are_none(monkeypatch):
+    from hydra.core.hydra_config import HydraConfig
+
+    # a Hydra app run earlier in this process (another test) leaves its config set: unset it
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)
     assert hydra_files(OmegaConf.create({"a": 1})) == {}
 
 

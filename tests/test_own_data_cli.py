@@ -34,11 +34,11 @@ TINY = [
 ]
 
 
-def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "reweight", *args],
         cwd=cwd,
-        env=cli_env(),
+        env=cli_env(**env),
         capture_output=True,
         text=True,
         timeout=600,
@@ -147,12 +147,11 @@ def test_a_trusted_set_without_a_class_runs_with_one_warning_naming_it(tmp_path,
 @pytest.mark.parametrize("device", ["cpu", "auto"])
 def test_bf16_where_there_is_no_cuda_is_one_line_and_writes_nothing(tmp_path, data_root, device):
     """trainer.bf16=true (16-bit autocast, CUDA only) on a CPU run: exit 2, one line naming the
-    key, the device and the fix, and no run folder."""
-    if device == "auto" and torch.cuda.is_available():
-        pytest.skip("trainer.device=auto picks CUDA here")
+    key, the device and the fix, and no run folder. No GPU is visible to the run (so that
+    ``auto`` resolves to the CPU on a machine with one too)."""
     run = tmp_path / "runs" / "run"
     args = ["dataset=mnist_imbalanced", *TINY, "trainer.bf16=true", f"trainer.device={device}"]
-    proc = cli([*args, f"hydra.run.dir={run}"], tmp_path)
+    proc = cli([*args, f"hydra.run.dir={run}"], tmp_path, CUDA_VISIBLE_DEVICES="")
     assert proc.returncode == 2, proc.stderr[-3000:]
     [line] = proc.stderr.splitlines()
     assert line.startswith("error: trainer.bf16=true needs a CUDA device"), line

@@ -105,15 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if run.returncode != 0:
         return run.returncode
-    listing = subprocess.run(
-        [*mutmut, "results", "--all", "true"],
-        cwd=scratch,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    status = dict(re.findall(r"^\s*(\S+): (.+)$", listing, flags=re.M))
+    status = _statuses(mutmut, scratch, env)
     counts = collections.Counter(status.values())
     killed = counts["killed"] + counts["timeout"]
     tested = sum(n for s, n in counts.items() if s not in ("skipped", "not checked"))
@@ -129,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _results(mutmut: list[str], scratch: Path, env: dict, statuses: tuple) -> list[str]:
-    """The names of the mutants mutmut recorded with one of ``statuses`` in ``scratch``."""
+def _statuses(mutmut: list[str], scratch: Path, env: dict) -> dict[str, str]:
+    """``{mutant: status}`` as mutmut recorded them in ``scratch``."""
     listing = subprocess.run(
         [*mutmut, "results", "--all", "true"],
         cwd=scratch,
@@ -139,7 +131,12 @@ def _results(mutmut: list[str], scratch: Path, env: dict, statuses: tuple) -> li
         text=True,
         check=True,
     ).stdout
-    return [n for n, s in re.findall(r"^\s*(\S+): (.+)$", listing, flags=re.M) if s in statuses]
+    return dict(re.findall(r"^\s*(\S+): (.+)$", listing, flags=re.M))
+
+
+def _results(mutmut: list[str], scratch: Path, env: dict, statuses: tuple) -> list[str]:
+    """The names of the mutants mutmut recorded with one of ``statuses`` in ``scratch``."""
+    return [n for n, s in _statuses(mutmut, scratch, env).items() if s in statuses]
 
 
 def _natural(name: str) -> tuple:

@@ -52,6 +52,7 @@ from reweight.cli.errors import (
     one_line,
 )
 from reweight.cli.job import train, validate
+from reweight.core.configs import config_dir
 from reweight.core.distributed import env_rank
 from reweight.outputs import (
     aggregate_sweep,
@@ -68,9 +69,7 @@ def _config_path() -> str:
     """The package ``reweight.conf`` when installed (wheel or editable); in a checkout that is
     only on ``sys.path`` (``PYTHONPATH=.``, no install), the top-level ``conf/`` folder."""
     if importlib.util.find_spec("reweight.conf") is None:
-        source = Path(__file__).resolve().parents[2] / "conf"
-        if (source / "config.yaml").is_file():
-            return str(source)
+        return str(config_dir())
     return "pkg://reweight.conf"
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from reweight.core.configs import option_keys
 from reweight.data._validate import check_bool, check_choice, check_int
 from reweight.data.cifar import build_cifar10n, build_cifar_lt, build_cifar_noisy
 from reweight.data.core import DataBundle, TensorData, resolve_data_root, tensor_hash
@@ -46,108 +47,41 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class _Spec:
+    """How to build a dataset. Its keys and their defaults are not here: they are
+    ``conf/dataset/<name>.yaml``'s, read by :func:`dataset_defaults` (one owner for the command
+    line and the Python API)."""
+
     builder: Callable[..., DataBundle]
-    defaults: dict[str, Any]  # the dataset's own keys with the papers' defaults
     fixed: dict[str, Any] = field(default_factory=dict)  # bound arguments, not config keys
-    # the default dataset.val_per_class; native: the builder draws the validation set itself
-    # (mnist_imbalanced: from the undrawn pool, so its 20 training fours stay 20), else it is
-    # held out of the meta draw (meta_per_class + val_per_class per class, split in two)
-    val_per_class: int = 10
+    # native: the builder draws the validation set itself (mnist_imbalanced: from the undrawn
+    # pool, so its 20 training fours stay 20), else it is held out of the meta draw
+    # (meta_per_class + val_per_class per class, split in two)
     native_val: bool = False
     # whether the builder knows every training example's true label (a built-in dataset, whose
     # corruption is synthetic or recorded), or only the labels as given (your own data)
     true_labels_known: bool = True
 
 
-_NOISY = {"noise_type": "uniform", "noise_rate": 0.4}
-_OWN_CORRUPTION = {"noise_type": "uniform", "noise_rate": 0.0, "imbalance_factor": 1.0}
-
-
-def _real_noise(dataset: str, meta_per_class: int | None, image_size: int, **spec: Any) -> _Spec:
-    """A real-noise dataset: :func:`build_realnoise` bound to ``dataset``, and its defaults."""
-    defaults = {"meta_per_class": meta_per_class, "image_size": image_size, "augment": True}
-    return _Spec(build_realnoise, defaults, {"dataset": dataset}, **spec)
+def _real_noise(dataset: str) -> _Spec:
+    """A real-noise dataset (streamed from disk): :func:`build_realnoise` bound to it."""
+    return _Spec(build_realnoise, {"dataset": dataset})
 
 
 _REGISTRY: dict[str, _Spec] = {
-    "mnist_imbalanced": _Spec(
-        build_mnist_imbalanced,
-        {"proportion": 0.995, "n_train": 5000, "meta_per_class": 5, "test_balanced": True},
-        val_per_class=5,
-        native_val=True,
-    ),
-    "mnist_noisy": _Spec(
-        build_mnist_noisy, {**_NOISY, "meta_per_class": 10, "train_per_class": None}
-    ),
-    "cifar10_noisy": _Spec(
-        build_cifar_noisy,
-        {**_NOISY, "meta_per_class": 100, "augment": True},
-        {"variant": "cifar10"},
-    ),
-    "cifar100_noisy": _Spec(
-        build_cifar_noisy,
-        {**_NOISY, "meta_per_class": 10, "augment": True},
-        {"variant": "cifar100"},
-        val_per_class=2,
-    ),
-    "cifar10_lt": _Spec(
-        build_cifar_lt,
-        {"imbalance_factor": 100, "meta_per_class": 10, "augment": True},
-        {"variant": "cifar10"},
-    ),
-    "cifar100_lt": _Spec(
-        build_cifar_lt,
-        {"imbalance_factor": 100, "meta_per_class": 10, "augment": True},
-        {"variant": "cifar100"},
-        val_per_class=2,
-    ),
-    "cifar10n": _Spec(
-        build_cifar10n,
-        {"label_key": "worse_label", "label_file": None, "meta_per_class": 100, "augment": True},
-    ),
-    # your own data (reweight/data/own*.py): no corruption unless asked for; the validation set
-    # comes out of the trusted pool (2 per class: trusted sets are small)
-    "image_folder": _Spec(
-        build_image_folder,
-        {
-            "train_dir": None,
-            "meta_dir": None,
-            "meta_files": None,
-            "meta_per_class": None,
-            "test_dir": None,
-            "test_fraction": 0.2,
-            "image_size": None,
-            "grayscale": False,
-            "standardize": True,
-            **_OWN_CORRUPTION,
-        },
-        val_per_class=2,
-        true_labels_known=False,
-    ),
-    "tensors": _Spec(
-        build_tensors,
-        {
-            "path": None,
-            "label_column": "label",
-            "id_column": None,
-            "classes": None,
-            "meta_path": None,
-            "meta_rows": None,
-            "meta_per_class": None,
-            "test_path": None,
-            "test_fraction": 0.2,
-            "standardize": True,
-            **_OWN_CORRUPTION,
-        },
-        val_per_class=2,
-        true_labels_known=False,
-    ),
-    # real-world noise, streamed from disk (reweight/data/realnoise*.py); meta_per_class null:
-    # the whole trusted pool (Clothing1M's clean validation keys, MW-Net's meta set)
-    "clothing1m": _real_noise("clothing1m", None, 224),
-    "food101n": _real_noise("food101n", 10, 224),
-    "animal10n": _real_noise("animal10n", 10, 64),
-    "mini_webvision": _real_noise("mini_webvision", 10, 224, val_per_class=5),
+    "mnist_imbalanced": _Spec(build_mnist_imbalanced, native_val=True),
+    "mnist_noisy": _Spec(build_mnist_noisy),
+    "cifar10_noisy": _Spec(build_cifar_noisy, {"variant": "cifar10"}),
+    "cifar100_noisy": _Spec(build_cifar_noisy, {"variant": "cifar100"}),
+    "cifar10_lt": _Spec(build_cifar_lt, {"variant": "cifar10"}),
+    "cifar100_lt": _Spec(build_cifar_lt, {"variant": "cifar100"}),
+    "cifar10n": _Spec(build_cifar10n),
+    # your own data (reweight/data/own*.py): only the labels as given are known
+    "image_folder": _Spec(build_image_folder, true_labels_known=False),
+    "tensors": _Spec(build_tensors, true_labels_known=False),
+    "clothing1m": _real_noise("clothing1m"),
+    "food101n": _real_noise("food101n"),
+    "animal10n": _real_noise("animal10n"),
+    "mini_webvision": _real_noise("mini_webvision"),
 }
 
 DATASETS: tuple[str, ...] = tuple(_REGISTRY)
@@ -171,14 +105,22 @@ examples chosen from the noisy training set by their loss (``reweight.train.meta
 
 
 def dataset_defaults(name: str) -> dict[str, Any]:
-    """The dataset-specific parameters of ``name`` and their defaults."""
-    return dict(_REGISTRY[check_choice("name", name, DATASETS)].defaults)
+    """The dataset-specific parameters of ``name`` and their defaults: the keys of
+    ``conf/dataset/<name>.yaml`` after the :data:`COMMON_KEYS`."""
+    keys = option_keys("dataset", check_choice("name", name, DATASETS))
+    return {key: value for key, value in keys.items() if key not in COMMON_KEYS}
+
+
+def _common_defaults(name: str) -> dict[str, Any]:
+    """``seed``, ``download``, ``val_per_class`` and the meta-source keys of ``name``, from
+    ``conf/dataset/<name>.yaml`` (``root`` is resolved by :func:`resolve_data_root`)."""
+    keys = option_keys("dataset", check_choice("name", name, DATASETS))
+    return {key: keys[key] for key in COMMON_KEYS if key not in ("name", "root")}
 
 
 def default_val_per_class(name: str) -> int:
-    """The default ``dataset.val_per_class`` of ``name`` (``conf/dataset/<name>.yaml`` says
-    the same; a test keeps them equal)."""
-    return _REGISTRY[check_choice("name", name, DATASETS)].val_per_class
+    """The default ``dataset.val_per_class`` of ``name`` (``conf/dataset/<name>.yaml``)."""
+    return int(_common_defaults(name)["val_per_class"])
 
 
 def dataset_builder(name: str) -> Callable[..., DataBundle]:
@@ -192,12 +134,12 @@ def build_dataset(
     name: str,
     *,
     root: str | os.PathLike | None = None,
-    seed: int = 0,
-    download: bool = True,
+    seed: int | None = None,
+    download: bool | None = None,
     val_per_class: int | None = None,
-    meta_source: str = "clean",
-    meta_warmup: int = 200,
-    meta_refresh: int = 500,
+    meta_source: str | None = None,
+    meta_warmup: int | None = None,
+    meta_refresh: int | None = None,
     **params: Any,
 ) -> DataBundle:
     """Build the dataset ``name`` (one of :data:`DATASETS`).
@@ -212,6 +154,8 @@ def build_dataset(
 
     Example: ``build_dataset("cifar10_noisy", noise_type="flip", noise_rate=0.4, seed=1)``.
 
+    A key left out takes its value from ``conf/dataset/<name>.yaml``, as the command line does.
+
     ``val_per_class`` (default: :func:`default_val_per_class`; 0: none) clean examples per class
     form ``bundle.val``, the validation set a sweep optimises: from the trusted pool the meta set
     comes from, disjoint from train, meta and test, evaluated without augmentation.
@@ -222,17 +166,17 @@ def build_dataset(
     again every ``meta_refresh`` (``reweight.train.meta_source``). The validation set stays clean.
     """
     spec = _REGISTRY[check_choice("name", name, DATASETS)]
-    _check_keys(name, spec, params, seed, download)
-    resolved = {**spec.defaults, **params}
-    n_val = spec.val_per_class if val_per_class is None else val_per_class
-    check_int("val_per_class", n_val, minimum=0)
-    check_choice("meta_source", meta_source, META_SOURCES)
-    check_int("meta_warmup", meta_warmup, minimum=0)
-    check_int("meta_refresh", meta_refresh, minimum=0)
+    given = {"seed": seed, "download": download, "val_per_class": val_per_class}
+    given |= {"meta_source": meta_source, "meta_warmup": meta_warmup, "meta_refresh": meta_refresh}
+    defaults = dataset_defaults(name)
+    _check_keys(name, defaults, params)
+    common = _common(name, given)
+    seed, download, n_val = common["seed"], common["download"], common["val_per_class"]
+    resolved = {**defaults, **params}
     data_root = resolve_data_root(root)
     generator = torch.Generator().manual_seed(seed)
     bundle = _build(spec, data_root, generator, download, resolved, n_val)
-    source = _meta_source(bundle, meta_source, resolved, meta_warmup, meta_refresh)
+    source = _meta_source(bundle, resolved, **common)
     bundle.info = {
         **_describe(bundle, name, resolved, seed, data_root, n_val, spec.true_labels_known),
         **bundle.info,
@@ -240,38 +184,46 @@ def build_dataset(
     }
     sizes = (len(bundle.train), bundle.info["num_corrupted"], len(bundle.meta))
     sizes += (bundle.info["split_sizes"]["val"], len(bundle.test))
-    logger.info(
-        "dataset %s (seed %d): %d train (%d corrupted), %d meta, %d val, %d test",
-        name,
-        seed,
-        *sizes,
-    )
+    message = "dataset %s (seed %d): %d train (%d corrupted), %d meta, %d val, %d test"
+    logger.info(message, name, seed, *sizes)
     return bundle
 
 
 def _meta_source(
-    bundle: DataBundle, name: str, resolved: dict[str, Any], warmup: int, refresh: int
+    bundle: DataBundle, resolved: dict[str, Any], meta_source: str, **common: Any
 ) -> dict[str, Any]:
     """What ``bundle.info["meta_source"]`` records; with ``small_loss`` nothing of the clean
     meta split is handed on (``bundle.meta`` emptied)."""
-    source: dict[str, Any] = {"name": name}
-    if name == "small_loss":
+    source: dict[str, Any] = {"name": meta_source}
+    if meta_source == "small_loss":
         per_class = resolved.get("meta_per_class") or 10
         bundle.meta = _subset(bundle.meta, torch.zeros(len(bundle.meta), dtype=torch.bool), None)
-        source.update(per_class=per_class, warmup=warmup, refresh=refresh)
+        source.update(per_class=per_class, warmup=common["meta_warmup"])
+        source.update(refresh=common["meta_refresh"])
     return source
 
 
-def _check_keys(name: str, spec: _Spec, params: dict[str, Any], seed: Any, download: Any) -> None:
-    """``ValueError`` for a key ``name`` does not take, a bad ``seed`` or ``download``."""
-    unknown = sorted(set(params) - set(spec.defaults))
+def _check_keys(name: str, defaults: dict[str, Any], params: dict[str, Any]) -> None:
+    """``ValueError`` for a key ``name`` does not take."""
+    unknown = sorted(set(params) - set(defaults))
     if unknown:
-        allowed = ", ".join([*COMMON_KEYS, *spec.defaults])
+        allowed = ", ".join([*COMMON_KEYS, *defaults])
         raise ValueError(
             f"unknown parameter {unknown[0]!r} for dataset {name!r}; allowed keys: {allowed}"
         )
-    check_int("seed", seed, minimum=0)
-    check_bool("download", download)
+
+
+def _common(name: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The common keys: those ``given`` (not ``None``), the others from the dataset's YAML;
+    ``ValueError`` naming a bad one."""
+    common = {**_common_defaults(name), **{k: v for k, v in given.items() if v is not None}}
+    check_int("seed", common["seed"], minimum=0)
+    check_bool("download", common["download"])
+    check_int("val_per_class", common["val_per_class"], minimum=0)
+    check_choice("meta_source", common["meta_source"], META_SOURCES)
+    check_int("meta_warmup", common["meta_warmup"], minimum=0)
+    check_int("meta_refresh", common["meta_refresh"], minimum=0)
+    return common
 
 
 def _build(

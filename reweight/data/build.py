@@ -63,9 +63,13 @@ _NOISY = {"noise_type": "uniform", "noise_rate": 0.4}
 _OWN_CORRUPTION = {"noise_type": "uniform", "noise_rate": 0.0, "imbalance_factor": 1.0}
 
 
-def _real_noise(dataset: str, meta_per_class: int | None, image_size: int, **spec: Any) -> _Spec:
-    """A real-noise dataset: :func:`build_realnoise` bound to ``dataset``, and its defaults."""
+def _real_noise(
+    dataset: str, meta_per_class: int | None, image_size: int, own: Any = None, **spec: Any
+) -> _Spec:
+    """A real-noise dataset: :func:`build_realnoise` bound to ``dataset``, and its defaults
+    (``own``: the keys only this dataset takes)."""
     defaults = {"meta_per_class": meta_per_class, "image_size": image_size, "augment": True}
+    defaults.update(own or {})
     return _Spec(build_realnoise, defaults, {"dataset": dataset}, **spec)
 
 
@@ -147,7 +151,9 @@ _REGISTRY: dict[str, _Spec] = {
     "clothing1m": _real_noise("clothing1m", None, 224),
     "food101n": _real_noise("food101n", 10, 224),
     "animal10n": _real_noise("animal10n", 10, 64),
-    "mini_webvision": _real_noise("mini_webvision", 10, 224, val_per_class=5),
+    "mini_webvision": _real_noise(
+        "mini_webvision", 10, 224, {"imagenet_val_dir": None}, val_per_class=5
+    ),
 }
 
 DATASETS: tuple[str, ...] = tuple(_REGISTRY)

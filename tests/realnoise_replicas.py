@@ -90,12 +90,21 @@ def write_animal10n(root: Path, per_class: int = 6, test_per_class: int = 2) -> 
                 n += 1
 
 
+def wnid(c: int) -> str:
+    """The replica's synset of class ``c`` (``n########``, increasing with ``c`` as WebVision's
+    synsets.txt lists ILSVRC2012's, sorted)."""
+    return f"n{1440764 + 1000 * c:08d}"
+
+
 def write_mini_webvision(root: Path) -> dict[str, int]:
     """<root>/webvision/info/{train_filelist_google.txt,val_filelist.txt} over 52 classes (the
-    lines of classes 50 and 51 are not mini-WebVision's); google/q<class>/<name>.jpg and
-    val_images_256/<name>.jpg. Per class: 2 training images, 4 validation images."""
+    lines of classes 50 and 51 are not mini-WebVision's), info/synsets.txt (1000 lines
+    '<wnid> <words>'); google/q<class>/<name>.jpg and val_images_256/<name>.jpg. Per class: 2
+    training images, 4 validation images."""
     d = root / "webvision"
     (d / "info").mkdir(parents=True)
+    words = "\n".join(f"{wnid(c)} class {c}, words" for c in range(1000))
+    (d / "info" / "synsets.txt").write_text(words + "\n")
     train, val = [], []
     for c in range(52):
         for i in range(2):
@@ -111,3 +120,45 @@ def write_mini_webvision(root: Path) -> dict[str, int]:
     (d / "info" / "train_filelist_google.txt").write_text("\n".join(train) + "\n")
     (d / "info" / "val_filelist.txt").write_text("\n".join(val) + "\n")
     return {"train": 100, "val": 200}
+
+
+IMAGENET_PER_CLASS = 2
+
+
+def write_imagenet_val(root: Path, layout: str = "synset") -> Path:
+    """ILSVRC2012's validation images of 52 classes (50 and 51 are not mini-WebVision's),
+    ``IMAGENET_PER_CLASS`` each, at <root>/imagenet/val in one of the layouts they are kept in:
+    ``synset`` (<wnid>/ILSVRC2012_val_<n>.JPEG), ``index`` (DivideMix's <class>/...) or ``flat``
+    as the tar ships (ILSVRC2012_val_<n>.JPEG, image n of class (n - 1) % 52) with the devkit
+    beside it: data/ILSVRC2012_validation_ground_truth.txt (one ILSVRC2012_ID per line) and
+    data/meta.mat, whose IDs are not the synsets' sorted order (ID i is synset (7 i) % 1000,
+    as the real devkit's are not) and which also lists non-leaf synsets. Returns the folder."""
+    val = root / "imagenet" / "val"
+    n_images = 52 * IMAGENET_PER_CLASS
+    for n in range(1, n_images + 1):
+        c = (n - 1) % 52
+        folder = {"synset": val / wnid(c), "index": val / str(c), "flat": val}[layout]
+        jpg(folder / f"ILSVRC2012_val_{n:08d}.JPEG", 3 * c + n)
+    if layout == "flat":
+        id_of = {(7 * i) % 1000: i for i in range(1, 1001)}  # synset index -> ILSVRC2012_ID
+        data = root / "imagenet" / "ILSVRC2012_devkit_t12" / "data"
+        data.mkdir(parents=True)
+        truth = [str(id_of[(n - 1) % 52]) for n in range(1, n_images + 1)]
+        (data / "ILSVRC2012_validation_ground_truth.txt").write_text("\n".join(truth) + "\n")
+        write_meta_mat(data / "meta.mat", {i: wnid((7 * i) % 1000) for i in range(1, 1001)})
+    return val
+
+
+def write_meta_mat(path: Path, synsets: dict[int, str]) -> None:
+    """The devkit's meta.mat: a struct array ``synsets`` (ILSVRC2012_ID, WNID, words,
+    num_children, ...), the leaves (num_children 0) and three ancestors after them."""
+    import numpy as np
+    from scipy.io import savemat
+
+    fields = ["ILSVRC2012_ID", "WNID", "words", "num_children"]
+    rows = [(i, w, f"words of {w}", 0) for i, w in synsets.items()]
+    rows += [(1001 + k, f"n{9000000 + k:08d}", "an ancestor", 3) for k in range(3)]
+    table = np.zeros((len(rows), 1), dtype=[(f, "O") for f in fields])
+    for k, row in enumerate(rows):
+        table[k, 0] = row
+    savemat(path, {"synsets": table})

@@ -1,6 +1,7 @@
 """The real-noise presets end to end through the CLI on replicas of the datasets' layouts
 (tests/realnoise_replicas.py): every preset for a few steps with a small ResNet-18 on 16-pixel
-crops, resume after SIGTERM with trainer.num_workers=2, and a damaged list as one error line."""
+crops, resume after SIGTERM with trainer.num_workers=2, a damaged list as one error line, and
+mini-WebVision's two test sets (WebVision's and ImageNet's validation images)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ import torch
 
 from tests.helpers import cli_env
 from tests.realnoise_replicas import (
+    IMAGENET_PER_CLASS,
     write_animal10n,
     write_clothing1m,
     write_food101n,
+    write_imagenet_val,
     write_mini_webvision,
 )
 from tests.test_cli import read_csv
@@ -176,3 +179,57 @@ def test_pretrained_preset_offline_is_one_error_line(replicas, tmp_path):
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
     expected = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     assert str(expected) in errors[0] and "download.pytorch.org" in errors[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("imagenet", [True, False])
+def test_mini_webvision_reports_both_test_sets(tmp_path, imagenet):
+    """With ILSVRC2012's validation images at <root>/imagenet/val, summary.json, metrics.csv and
+    the final log line hold both test accuracies; without, WebVision's alone, said once."""
+    write_mini_webvision(tmp_path)
+    if imagenet:
+        write_imagenet_val(tmp_path, "synset")
+    run_dir = tmp_path / "run"
+    proc = run(command("mwnet_mini_webvision", tmp_path, run_dir, "trainer.max_steps=2"), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    log = (run_dir / "train.log").read_text()
+    info = summary["dataset_info"]["imagenet_val"]
+    assert 0 <= summary["test_accuracy"] <= 1 and summary["dataset_info"]["split_sizes"]["test"] > 0
+    final = read_csv(run_dir / "metrics.csv")[-1]
+    assert final["test_accuracy"] != ""
+    if imagenet:
+        assert 0 <= summary["test_imagenet_accuracy"] <= 1
+        assert summary["test_imagenet_error"] == pytest.approx(
+            1 - summary["test_imagenet_accuracy"]
+        )
+        assert info == {
+            "used": True,
+            "folder": str((tmp_path / "imagenet" / "val").resolve()),
+            "layout": "synset folders",
+            "images": 50 * IMAGENET_PER_CLASS,
+        }
+        assert float(final["test_imagenet_accuracy"]) == summary["test_imagenet_accuracy"]
+        assert f"imagenet test accuracy {summary['test_imagenet_accuracy']:.4f}" in log
+    else:
+        assert not [k for k in summary if k.startswith("test_imagenet")] and not info["used"]
+        assert "test_imagenet_accuracy" not in final
+        assert log.count("tested on WebVision's validation images only") == 1
+
+
+@pytest.mark.slow
+def test_imagenet_val_dir_missing_is_one_error_line(tmp_path):
+    write_mini_webvision(tmp_path)
+    missing = tmp_path / "ILSVRC2012" / "val"
+    args = command(
+        "mwnet_mini_webvision",
+        tmp_path,
+        tmp_path / "run",
+        "trainer.max_steps=2",
+        f"dataset.imagenet_val_dir={missing}",
+    )
+    proc = run(args, tmp_path)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert str(missing) in errors[0] and "image-net.org" in errors[0]
+    assert not (tmp_path / "run").exists()

@@ -290,11 +290,16 @@ def _write_outputs(
         },
     )
     run.finish()
+    others = "".join(  # the further test sets (mini_webvision: ImageNet's validation images)
+        f", {name} test accuracy {result.metrics.get(f'test_{name}_accuracy', math.nan):.4f}"
+        for name in trainer.evaluation.extra_tests
+    )
     log.info(
-        "done: step %d, test accuracy %.4f, balanced %.4f -> %s",
+        "done: step %d, test accuracy %.4f, balanced %.4f%s -> %s",
         trainer.step,
         result.metrics.get("test_accuracy", math.nan),
         result.metrics.get("test_balanced_accuracy", math.nan),
+        others,
         run_dir / SUMMARY,
     )
 

@@ -21,7 +21,7 @@ import shutil
 import tarfile
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +124,9 @@ class DataBundle:
     # what names each training example in suspects.csv (file paths, CSV ids); None: its index
     train_ids: list[str] | None = None
     val: Dataset | None = None  # clean validation set, disjoint from train, meta and test
+    # more test sets, by name, evaluated beside ``test`` (mini_webvision: ``imagenet``,
+    # ILSVRC2012's validation images of its 50 classes); never corrupted
+    extra_tests: dict[str, Dataset] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.train)

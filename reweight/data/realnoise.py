@@ -16,7 +16,9 @@
   ``<root>/webvision/info/{train_filelist_google.txt,val_filelist.txt}``, training images at the
   listed paths under ``<root>/webvision``, validation images under ``val_images_256/``; the
   trusted set is ``meta_per_class`` images per class of WebVision's validation set, the rest is
-  the test set.
+  the test set. ILSVRC2012's validation images of the 50 classes are a second test set,
+  ``bundle.extra_tests["imagenet"]`` (``imagenet_val_dir``;
+  :mod:`reweight.data.realnoise_imagenet`).
 
 One builder, :func:`build_realnoise`, reads each dataset's layout with that dataset's reader
 (lists parsed by :mod:`reweight.data.realnoise_lists`); images are files
@@ -32,6 +34,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,6 +42,7 @@ import torch
 
 from reweight.data._validate import check_bool, check_choice, check_int
 from reweight.data.core import DataBundle
+from reweight.data.realnoise_imagenet import find_imagenet_val
 from reweight.data.realnoise_images import FoundFiles, draw_per_class, files_bundle, first_image
 from reweight.data.realnoise_lists import (
     DOWNLOADS,
@@ -78,7 +82,7 @@ ANIMAL10N_CLASSES = (  # ANIMAL-10N's README: label 0..9
 )
 WEBVISION_CLASSES = 50  # mini-WebVision: the first 50 classes
 
-_Reader = Callable[[Path, int | None, torch.Generator], FoundFiles]
+_Reader = Callable[..., FoundFiles]  # (root, meta_per_class, generator, **the dataset's own keys)
 
 
 def build_realnoise(
@@ -90,18 +94,26 @@ def build_realnoise(
     meta_per_class: int | None,
     image_size: int,
     augment: bool,
+    imagenet_val_dir: str | os.PathLike | None = None,
 ) -> DataBundle:
     """``dataset`` (one of :data:`REAL_NOISE_DATASETS`) read from ``root`` in its published
     layout: its reader finds the files, the labels and the splits (``meta_per_class`` trusted
     images per class, ``None``: the whole trusted pool where one is published), then one
     ``ImageFiles`` over them, with the recipe's transforms at ``image_size`` (``augment``: random
-    crops and flips for training). ``download`` is unused: these datasets are downloaded by hand."""
+    crops and flips for training). ``download`` is unused: these datasets are downloaded by hand.
+    ``imagenet_val_dir`` (``mini_webvision`` only): ILSVRC2012's validation images, a second
+    test set (:func:`reweight.data.realnoise_imagenet.find_imagenet_val`)."""
     reader, crop = REAL_NOISE_DATASETS[check_choice("dataset", dataset, tuple(REAL_NOISE_DATASETS))]
     if meta_per_class is not None:
         check_int("meta_per_class", meta_per_class, minimum=1)
     check_int("image_size", image_size, minimum=8)
     check_bool("augment", augment)
-    found = reader(Path(root), meta_per_class, generator)
+    own = {}
+    if dataset == "mini_webvision":
+        own["imagenet_val_dir"] = imagenet_val_dir
+    elif imagenet_val_dir is not None:
+        raise ValueError(f"imagenet_val_dir is mini_webvision's key, not {dataset}'s")
+    found = reader(Path(root), meta_per_class, generator, **own)
     return files_bundle(dataset, found, image_size=image_size, augment=augment, crop=crop)
 
 
@@ -243,10 +255,14 @@ def _read_animal10n(
 
 
 def _read_mini_webvision(
-    root: Path, meta_per_class: int | None, generator: torch.Generator
+    root: Path,
+    meta_per_class: int | None,
+    generator: torch.Generator,
+    imagenet_val_dir: str | os.PathLike | None = None,
 ) -> FoundFiles:
     """mini-WebVision: the Google training images of classes 0..49, ``meta_per_class`` images per
-    class of WebVision's validation set as the trusted set and the rest of it as the test set."""
+    class of WebVision's validation set as the trusted set and the rest of it as the test set;
+    ILSVRC2012's validation images of the 50 classes as the test set ``imagenet`` when found."""
     if meta_per_class is None:
         raise ValueError(
             "mini_webvision takes its trusted set out of WebVision's validation set: set "
@@ -269,9 +285,16 @@ def _read_mini_webvision(
         "test": n + (~meta).nonzero().flatten(),
     }
     first_image(files, parts, folder, "webvision")
+    labels = train_labels + val_labels
+    imagenet, imagenet_labels, imagenet_info = find_imagenet_val(
+        imagenet_val_dir, root, folder, WEBVISION_CLASSES
+    )
+    if imagenet:  # the second test set: ILSVRC2012's validation images of the 50 classes
+        parts["imagenet"] = torch.arange(len(files), len(files) + len(imagenet))
+        files, labels = files + imagenet, labels + imagenet_labels
     names = [f"webvision class {c}" for c in range(WEBVISION_CLASSES)]
-    info = {"folder": str(folder.resolve())}
-    return FoundFiles(files, train_labels + val_labels, parts, names, info)
+    info = {"folder": str(folder.resolve()), "imagenet_val": imagenet_info}
+    return FoundFiles(files, labels, parts, names, info)
 
 
 REAL_NOISE_DATASETS: dict[str, tuple[_Reader, str]] = {

@@ -108,7 +108,8 @@ def draw_per_class(
 def files_bundle(
     name: str, found: FoundFiles, *, image_size: int, augment: bool, crop: str
 ) -> DataBundle:
-    """One ``ImageFiles`` over every file found, a ``RelabeledSubset`` of it per split."""
+    """One ``ImageFiles`` over every file found, a ``RelabeledSubset`` of it per split; a part
+    besides train, meta and test is a further test set (``bundle.extra_tests``, by its name)."""
     files, parts, class_names = found.files, found.parts, found.class_names
     base = ImageFiles(files)
     y = torch.tensor(found.labels, dtype=torch.int64)
@@ -122,6 +123,7 @@ def files_bundle(
     for key in ("train", "meta", "test"):
         if parts[key].numel() == 0:
             raise ValueError(f"{name}: the {key} set is empty: check the list files")
+    extra = [key for key in parts if key not in ("train", "meta", "test")]
     return DataBundle(
         name=name,
         train=train,
@@ -141,6 +143,7 @@ def files_bundle(
             **found.info,
         },
         train_ids=[str(files[i]) for i in parts["train"].tolist()],
+        extra_tests={key: subset(key, test_tf) for key in extra},
     )
 
 

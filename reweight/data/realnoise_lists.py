@@ -4,6 +4,7 @@ download it again in every error (:mod:`reweight.data.realnoise` builds the data
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from reweight.data.core import DATA_DIR_ENV
@@ -15,9 +16,11 @@ __all__ = [
     "missing_file",
     "parse_animal10n_name",
     "parse_filelist",
+    "parse_ground_truth",
     "parse_key_list",
     "parse_label_kv",
     "parse_lines",
+    "parse_synsets",
     "parse_verified_tsv",
 ]
 
@@ -28,13 +31,21 @@ DOWNLOADS = {  # where each dataset's files come from, named in every error
     "animal10n": "https://dm.kaist.ac.kr/datasets/animal-10n/ (raw_image_ver.zip)",
     "webvision": "https://data.vision.ee.ethz.ch/cvl/webvision/download.html (WebVision 1.0, "
     "Google images + info + val_images_256)",
+    "imagenet": "https://image-net.org/challenges/LSVRC/2012/ (ILSVRC2012_img_val.tar; "
+    "ILSVRC2012_devkit_t12.tar.gz for the flat layout's labels)",
 }
 
 
-def missing_file(path: Path, what: str, source: str, folder: Path) -> FileNotFoundError:
+_WNID = re.compile(r"n\d{8}")  # a WordNet noun id, ImageNet's synset names
+
+
+def missing_file(
+    path: Path, what: str, source: str, folder: Path, key: str = f"dataset.root / {DATA_DIR_ENV}"
+) -> FileNotFoundError:
+    """One line: what is missing where, where to download it, where to put it (or ``key``)."""
     return FileNotFoundError(
         f"{what} not found: expected {path.resolve()}. Download it from {DOWNLOADS[source]} and "
-        f"extract it into {folder.resolve()}, or set dataset.root / {DATA_DIR_ENV}"
+        f"extract it into {folder.resolve()}, or set {key}"
     )
 
 
@@ -90,6 +101,40 @@ def parse_filelist(
             paths.append(parts[0])
             labels.append(int(parts[1]))
     return paths, labels
+
+
+def parse_synsets(path: Path, folder: Path) -> list[str]:
+    """WebVision's ``info/synsets.txt``: ``<wnid> <words>`` per line (``n01440764 tench, Tinca
+    tinca``), line ``c + 1`` naming class ``c``: the 1000 ILSVRC2012 synsets, distinct."""
+    wnids: dict[str, None] = {}  # ordered, and a repeat is found at once
+    for n, line in parse_lines(path, "webvision", folder):
+        wnid = line.split()[0]
+        if not _WNID.fullmatch(wnid) or wnid in wnids:
+            raise _bad_line(path, n, line, "'<new wnid n########> <words>'", "webvision")
+        wnids[wnid] = None
+    if len(wnids) != 1000:
+        raise ValueError(
+            f"{path} lists {len(wnids)} synsets, WebVision has 1000: the file is damaged, "
+            f"download it again from {DOWNLOADS['webvision']}"
+        )
+    return list(wnids)
+
+
+def parse_ground_truth(path: Path, folder: Path) -> list[int]:
+    """ILSVRC2012's devkit ``data/ILSVRC2012_validation_ground_truth.txt``: line ``n`` holds
+    the ILSVRC2012_ID (1..1000, the devkit's ``meta.mat`` numbering, not the synsets' sorted
+    order) of ``ILSVRC2012_val_<n, 8 digits>.JPEG``. Blank lines are not allowed: the line
+    number is the image's."""
+    if not path.is_file():
+        what = "ILSVRC2012's validation ground truth"
+        raise missing_file(path, what, "imagenet", folder, "dataset.imagenet_val_dir")
+    ids: list[int] = []
+    for n, line in enumerate(parse_lines(path, "imagenet", folder), 1):
+        if line[0] != n or not line[1].isdigit() or not 1 <= int(line[1]) <= 1000:
+            shown = (line[0], line[1]) if line[0] == n else (n, "(a blank line)")
+            raise _bad_line(path, *shown, "one ILSVRC2012_ID 1-1000 per line", "imagenet")
+        ids.append(int(line[1]))
+    return ids
 
 
 def parse_key_list(path: Path, source: str, folder: Path) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -103,27 +103,35 @@ def best_accuracy_of(best: float, accuracy: float) -> float:
     return accuracy if math.isnan(best) else max(best, accuracy)
 
 
-def summarize_test(evaluation: dict[str, Any], best_accuracy: float) -> dict[str, Any]:
+def summarize_test(
+    evaluation: dict[str, Any], best_accuracy: float, name: str | None = None
+) -> dict[str, Any]:
     """The summary's ``test_*`` keys from an ``evaluate_classifier`` result, and the best test
-    accuracy seen (``best_accuracy``, NaN when none was evaluated before)."""
+    accuracy seen (``best_accuracy``, NaN when none was evaluated before). ``name``: a further
+    test set's, whose keys are ``test_<name>_*`` (and no best accuracy: the main test set's
+    alone is tracked)."""
     acc, balanced = evaluation["accuracy"], evaluation["balanced_accuracy"]
-    return {
-        "test_accuracy": acc,
-        "test_error": 1 - acc,
-        "test_balanced_accuracy": balanced,
-        "test_balanced_error": 1 - balanced,
-        "test_loss": evaluation["loss"],
-        "best_test_accuracy": best_accuracy_of(best_accuracy, acc),
-        "per_class_accuracy": evaluation["per_class_accuracy"],
+    prefix = "test" if name is None else f"test_{name}"
+    out = {
+        f"{prefix}_accuracy": acc,
+        f"{prefix}_error": 1 - acc,
+        f"{prefix}_balanced_accuracy": balanced,
+        f"{prefix}_balanced_error": 1 - balanced,
+        f"{prefix}_loss": evaluation["loss"],
     }
+    if name is not None:
+        return {**out, f"{prefix}_per_class_accuracy": evaluation["per_class_accuracy"]}
+    out["best_test_accuracy"] = best_accuracy_of(best_accuracy, acc)
+    return {**out, "per_class_accuracy": evaluation["per_class_accuracy"]}
 
 
 class Evaluation:
     """The validation and test sets of a run, evaluated when the loop asks.
 
     ``row(step)``: the ``val_*`` and ``test_*`` scalars of a history row (the best test accuracy
-    so far follows); ``summary(step)``: the summary's keys. The test set is evaluated once per
-    step: the summary reuses the last row's result. ``best_test_accuracy`` is part of a
+    so far follows); ``summary(step)``: the summary's keys. ``extra_tests``: more test sets by
+    name, evaluated wherever the test set is (``test_<name>_*`` keys). A test set is evaluated
+    once per step: the summary reuses the last row's result. ``best_test_accuracy`` is part of a
     checkpoint (the loop saves and restores it). ``config``: the loop's (its evaluation batch
     size, workers and progress bars).
     """
@@ -137,12 +145,14 @@ class Evaluation:
         config: TrainerConfig,
         val_data: Dataset | None = None,
         test_data: Dataset | None = None,
+        extra_tests: Mapping[str, Dataset] | None = None,
     ) -> None:
         self.model, self.loss_fn, self.placement = model, loss_fn, placement
         self.num_classes, self.config = num_classes, config
         self.val_data, self.test_data = val_data, test_data
+        self.extra_tests = dict(extra_tests or {})
         self.best_test_accuracy = float("nan")
-        self._test: tuple[int, dict[str, Any]] | None = None  # (step, result)
+        self._tested: dict[str | None, tuple[int, dict[str, Any]]] = {}  # name: (step, result)
 
     def evaluate(self, data: Dataset) -> dict[str, Any]:
         """Accuracy, balanced (mean per-class) accuracy, per-class accuracy and mean loss."""
@@ -170,12 +180,14 @@ class Evaluation:
         ev = self.evaluate(self.val_data)
         return {f"val_{k}": v for k, v in ev.items() if not isinstance(v, list)}
 
-    def test(self, step: int) -> dict[str, Any]:
-        """``evaluate(test_data)``, once per step."""
-        assert self.test_data is not None
-        if self._test is None or self._test[0] != step:
-            self._test = (step, self.evaluate(self.test_data))
-        return self._test[1]
+    def test(self, step: int, name: str | None = None) -> dict[str, Any]:
+        """``evaluate(test_data)`` (``name``: ``extra_tests[name]``), once per step."""
+        data = self.test_data if name is None else self.extra_tests[name]
+        assert data is not None
+        done = self._tested.get(name)
+        if done is None or done[0] != step:
+            done = self._tested[name] = (step, self.evaluate(data))
+        return done[1]
 
     def row(self, step: int) -> dict[str, float]:
         """The evaluation scalars of a history row at ``step``."""
@@ -184,16 +196,22 @@ class Evaluation:
             ev = self.test(step)
             row.update({f"test_{k}": v for k, v in ev.items() if not isinstance(v, list)})
             self.best_test_accuracy = best_accuracy_of(self.best_test_accuracy, ev["accuracy"])
+        for name in self.extra_tests:
+            ev = self.test(step, name)
+            row.update({f"test_{name}_{k}": v for k, v in ev.items() if not isinstance(v, list)})
         return row
 
     def summary(self, step: int) -> dict[str, Any]:
-        """The summary's evaluation keys at ``step`` (``summarize_test`` for the test set)."""
+        """The summary's evaluation keys at ``step`` (``summarize_test`` for each test set)."""
         out: dict[str, Any] = self.val_metrics()
         if self.test_data is not None:
             out.update(summarize_test(self.test(step), self.best_test_accuracy))
+        for name in self.extra_tests:
+            out.update(summarize_test(self.test(step, name), math.nan, name))
         return out
 
     def sets(self) -> str:
         """What ``summary`` evaluates, in words (for the log)."""
         names = [n for n, d in (("val", self.val_data), ("test", self.test_data)) if d]
+        names += [f"test_{name}" for name in self.extra_tests]
         return " and ".join(names) or "nothing to evaluate"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -98,6 +98,9 @@ class Trainer:
             ``reweight.train.meta_source.SmallLossMetaSource``: the training set's small-loss
             examples, no clean set); its examples are left out of training batches while they
             serve. ``from_bundle`` builds it from ``dataset.meta_source``.
+        extra_tests: more test sets by name, evaluated wherever ``test_data`` is, as
+            ``test_<name>_*`` keys (``from_bundle``: ``bundle.extra_tests``, e.g. mini-WebVision's
+            ``imagenet``).
     """
 
     def __init__(
@@ -123,6 +126,7 @@ class Trainer:
         run_config: dict[str, Any] | None = None,
         run_dir: str | os.PathLike | None = None,
         meta_source: SmallLossMetaSource | None = None,
+        extra_tests: Mapping[str, Dataset] | None = None,
     ) -> None:
         self.config = cfg = config or TrainerConfig()
         self.dist = DistContext.for_training(process_group)
@@ -152,7 +156,7 @@ class Trainer:
             callbacks = [*callbacks, csv]
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
         self.val_data, self.bundle = val_data, None  # bundle: from_bundle's DataBundle
-        evaluated = (self.num_classes, cfg, val_data, test_data)
+        evaluated = (self.num_classes, cfg, val_data, test_data, extra_tests)
         self.evaluation = Evaluation(self.model, loss_fn, self.placement, *evaluated)
         run_config = {"method": self.method.name, **(run_config or {"trainer": asdict(cfg)})}
         self.records = History(callbacks, loggers, run_config, self.is_main)
@@ -165,6 +169,7 @@ class Trainer:
         """A Trainer on a ``reweight.data.DataBundle`` (train, meta, validation, test, labels,
         mask)."""
         kwargs.setdefault("val_data", bundle.val)
+        kwargs.setdefault("extra_tests", bundle.extra_tests)
         if "meta_source" not in kwargs:  # the small-loss set: bundle.meta is empty then
             config = kwargs.get("config")
             kwargs["meta_source"] = meta_source_for(bundle, config.seed if config else 0)

@@ -7,7 +7,8 @@ Cases: l2rw and mwnet × meta_grad fast / unrolled × {LeNet, ResNet-32 on 8×8 
 a tiny BERT} × {plain SGD virtual step, the replayed AdamW}; each 5 Trainer steps on CPU in
 float64 from fixed seeds. Recorded per case: the final parameters, the last step's weights, the
 weighting net's state (MW-Net), and the summary metrics. ``compare`` prints one line per case:
-``identical``, or the largest absolute difference (and fails above ``--atol``, default 1e-12).
+``identical``, or the largest absolute and relative differences (a case fails where a value
+is off by more than ``--atol`` and by more than ``--rtol``, both 1e-12 by default).
 """
 
 from __future__ import annotations
@@ -163,21 +164,25 @@ def _tensors(blob: dict) -> dict[str, torch.Tensor | float]:
     return flat
 
 
-def _diff(a, b) -> float:
+def _diff(a, b) -> tuple[float, float]:
+    """The largest absolute difference and the largest relative one (to the larger of the two
+    magnitudes: a sum taken in another order differs by rounding relative to its size)."""
     if isinstance(a, str):
-        return 0.0 if a == b else math.inf
+        return (0.0, 0.0) if a == b else (math.inf, math.inf)
     if isinstance(a, torch.Tensor):
         if a.shape != b.shape or a.dtype != b.dtype:
-            return math.inf
+            return math.inf, math.inf
         if torch.equal(a, b):
-            return 0.0
+            return 0.0, 0.0
         if not a.is_floating_point():
-            return math.inf
+            return math.inf, math.inf
         both_nan = torch.isnan(a) & torch.isnan(b)
-        return float((a - b).abs().masked_fill(both_nan, 0).max())
+        diff = (a - b).abs().masked_fill(both_nan, 0)
+        scale = torch.maximum(a.abs(), b.abs()).masked_fill(both_nan, 1).clamp_min(1e-300)
+        return float(diff.max()), float((diff / scale).max())
     if a == b or (math.isnan(a) and math.isnan(b)):
-        return 0.0
-    return abs(a - b)
+        return 0.0, 0.0
+    return abs(a - b), abs(a - b) / max(abs(a), abs(b))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", choices=["record", "compare"])
     parser.add_argument("path", type=Path)
     parser.add_argument("--atol", type=float, default=1e-12)
+    parser.add_argument("--rtol", type=float, default=1e-12, help="a value passes within either")
     parser.add_argument("--only", default="", help="comma-separated substrings of case names")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -203,14 +209,20 @@ def main(argv: list[str] | None = None) -> int:
         name = "-".join(c)
         got, want = _tensors(run_case(*c)), _tensors(golden[name])
         keys = sorted(set(got) | set(want))
-        diffs = {k: (_diff(got[k], want[k]) if k in got and k in want else math.inf) for k in keys}
-        d = max(diffs.values())
-        worst = max(worst, d)
-        bad = d > args.atol
+        missing = (math.inf, math.inf)
+        diffs = {k: (_diff(got[k], want[k]) if k in got and k in want else missing) for k in keys}
+        d = max(a for a, _ in diffs.values())
+        rel = max(r for _, r in diffs.values())
+        worst = max(worst, rel)
+        bad = any(a > args.atol and r > args.rtol for a, r in diffs.values())
         failed += bad
-        where = max(diffs, key=diffs.get)
-        print(f"{name:32s} {'identical' if d == 0 else f'max |diff| {d:.3g} ({where})'}")
-    print(f"{len(selected)} cases, {failed} over atol {args.atol:g}, worst {worst:.3g}")
+        where = max(diffs, key=lambda k: diffs[k][1])
+        said = f"max |diff| {d:.3g}, relative {rel:.3g} ({where})"
+        print(f"{name:32s} {'identical' if d == 0 else said}{'  FAIL' if bad else ''}")
+    print(
+        f"{len(selected)} cases, {failed} over atol {args.atol:g} and rtol {args.rtol:g}, "
+        f"worst relative {worst:.3g}"
+    )
     return 1 if failed else 0
 
 

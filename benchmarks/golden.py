@@ -165,8 +165,8 @@ def _tensors(blob: dict) -> dict[str, torch.Tensor | float]:
 
 
 def _diff(a, b) -> tuple[float, float]:
-    """The largest absolute difference and the largest relative one (to the larger of the two
-    magnitudes: a sum taken in another order differs by rounding relative to its size)."""
+    """The largest absolute difference, and that relative to the tensor's largest magnitude (a
+    sum taken in another order differs by rounding relative to the size of what it sums)."""
     if isinstance(a, str):
         return (0.0, 0.0) if a == b else (math.inf, math.inf)
     if isinstance(a, torch.Tensor):
@@ -178,8 +178,8 @@ def _diff(a, b) -> tuple[float, float]:
             return math.inf, math.inf
         both_nan = torch.isnan(a) & torch.isnan(b)
         diff = (a - b).abs().masked_fill(both_nan, 0)
-        scale = torch.maximum(a.abs(), b.abs()).masked_fill(both_nan, 1).clamp_min(1e-300)
-        return float(diff.max()), float((diff / scale).max())
+        scale = torch.maximum(a.abs(), b.abs()).masked_fill(both_nan, 0).max().clamp_min(1e-300)
+        return float(diff.max()), float(diff.max() / scale)
     if a == b or (math.isnan(a) and math.isnan(b)):
         return 0.0, 0.0
     return abs(a - b), abs(a - b) / max(abs(a), abs(b))

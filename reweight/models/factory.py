@@ -159,7 +159,7 @@ def model_builder(name: str) -> _Builder:
     """The function behind model ``name``: its keyword-only arguments are the keys that
     ``conf/model/<name>.yaml`` may set besides ``name`` and ``input_shape``, typed by their
     annotations (``reweight.cli.schema`` reads them there)."""
-    builder = _REGISTRY.get(name)
+    builder = _REGISTRY.get(name) if isinstance(name, str) else None  # a list: unhashable
     if builder is None:
         raise ValueError(f"model name {name!r} is unknown; allowed: {list(MODEL_NAMES)}")
     return builder

@@ -250,7 +250,15 @@ def cli(
         capture_output=True,
         text=True,
         timeout=900,
+        preexec_fn=_sigint_default,
     )
+
+
+def _sigint_default() -> None:
+    """In the child, before the CLI starts: SIGINT at its default. A probe started in the
+    background (``nohup``, ``&`` in a script) has SIGINT ignored, which its children inherit,
+    and the CLI rightly leaves an ignored signal ignored: its SIGINT cases would finish."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def snapshot(root: Path, skip: Sequence[str] = ()) -> dict[str, tuple]:
@@ -365,7 +373,7 @@ def tracker_problems(run: Path, finished: bool) -> list[str]:
         for name, value in want.items()
         if name in endings and endings[name] != value
     ]
-    if not finished and endings.get("wandb") in (0, None):
+    if not finished and "wandb" in endings and endings["wandb"] in (0, None):
         problems.append(f"wandb's last session exits {endings['wandb']!r}, not non-zero")
     return problems
 

@@ -150,6 +150,17 @@ def test_mlflow_checks_a_local_store_and_its_artifacts(tmp_path, uri, artifacts,
     logger.check()
 
 
+def test_mlflow_refuses_a_scheme_it_has_no_store_for(tmp_path: Path):
+    logger = MLflowLogger("htp://localhost:5000", tmp_path / "id")
+    with pytest.raises(ValueError) as info:
+        logger.check()
+    assert str(info.value).startswith(
+        "logger.mlflow.tracking_uri='htp://localhost:5000': MLflow has no tracking store for "
+    )
+    assert "http, https" in str(info.value) and "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []  # nothing written, no store built
+
+
 def test_a_server_is_not_checked(tmp_path: Path, denied):
     _refused, asked = denied
     MLflowLogger("http://localhost:1", tmp_path / "id", artifact_location="s3://b/x").check()

@@ -281,6 +281,7 @@ class MLflowLogger(_EachStepOnce):
         """Before the first step: ``ValueError`` if a local store (``sqlite:///`` or
         ``file:``) or its artifact folder cannot be written; a server is not contacted."""
         uri = self.tracking_uri
+        _check_mlflow_scheme(uri)
         if uri.startswith("sqlite:///"):
             check_writable(Path(uri[len("sqlite:///") :]), "logger.mlflow.tracking_uri", False)
         elif uri.startswith("file:") or "://" not in uri:
@@ -320,6 +321,25 @@ class MLflowLogger(_EachStepOnce):
         if self._client is not None and self._run_id is not None:
             self._client.set_terminated(self._run_id, status=status)
         self._client = self._run_id = None
+
+
+def _check_mlflow_scheme(uri: str) -> None:
+    """``ValueError`` naming ``logger.mlflow.tracking_uri`` when MLflow has no tracking store for
+    its scheme (a typo such as ``htp://``): found only when the first step opens the run, after
+    the run's files are written, as an MLflow traceback. The store is not built here."""
+    try:  # MLflow's own table of schemes (private: skipped if it moves)
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+        schemes = sorted(s for s in _tracking_store_registry._registry if s)
+        _tracking_store_registry.get_store_builder(uri)
+    except (ImportError, AttributeError):
+        return
+    except Exception as err:  # MLflow's UnsupportedModelRegistryStoreURIException
+        raise ValueError(
+            f"logger.mlflow.tracking_uri={uri!r}: MLflow has no tracking store for this URI "
+            f"({type(err).__name__}); use one of the schemes {', '.join(schemes)}, a folder, or "
+            "null (a SQLite store in the run directory)"
+        ) from err
 
 
 def _read_wandb_records(path: Path) -> Iterator[Any]:

@@ -201,14 +201,8 @@ def test_bad_values_are_refused_with_the_key(overrides, message):
 # Keys whose type the schema leaves to their constructor (a union such as ``str | list[str]``
 # or ``int | tuple``), which refuses a wrong value later, still before anything is written:
 # method.meta_params when the method is set up (first step), model.input_size when the model
-# is built (tests/test_models.py), the dataset's keys when the data is read.
-CHECKED_LATER = {
-    "method.meta_params",
-    "model.input_size",
-    "dataset.classes",
-    "dataset.meta_rows",
-    "dataset.meta_files",
-}
+# is built (tests/test_models.py).
+CHECKED_LATER = {"method.meta_params", "model.input_size"}
 
 
 def wrong_values(value) -> list:

@@ -150,6 +150,17 @@ def test_mlflow_checks_a_local_store_and_its_artifacts(tmp_path, uri, artifacts,
     logger.check()
 
 
+def test_mlflow_refuses_a_scheme_it_has_no_store_for(tmp_path: Path):
+    logger = MLflowLogger("htp://localhost:5000", tmp_path / "id")
+    with pytest.raises(ValueError) as info:
+        logger.check()
+    assert str(info.value).startswith(
+        "logger.mlflow.tracking_uri='htp://localhost:5000': MLflow has no tracking store for "
+    )
+    assert "http, https" in str(info.value) and "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []  # nothing written, no store built
+
+
 def test_a_server_is_not_checked(tmp_path: Path, denied):
     _refused, asked = denied
     MLflowLogger("http://localhost:1", tmp_path / "id", artifact_location="s3://b/x").check()
@@ -411,6 +422,27 @@ def test_mlflow_run_params_quantiles_and_status(tmp_path: Path, quiet):
     third.close()  # closed: nothing
 
 
+def test_mlflow_run_finished_by_a_session_that_logged_nothing(tmp_path: Path, quiet):
+    """A session stopped while writing the run's files ends the run KILLED; the next session,
+    with no step left, writes them and ends it FINISHED without logging (reopened). A session
+    that logged nothing and ends otherwise, or a logger closed twice, changes nothing."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    id_file = tmp_path / "id.txt"
+    first = MLflowLogger(uri, id_file)
+    first.log_row(1, {"lr": 0.1})
+    first.close(status="KILLED")
+    first.close()  # this logger opened and closed the run: nothing
+    client, run_id = mlflow_client(uri), id_file.read_text().strip()
+    assert client.get_run(run_id).info.status == "KILLED"
+    MLflowLogger(uri, id_file).close(status="FAILED")  # logged nothing, not finished: nothing
+    assert client.get_run(run_id).info.status == "KILLED"
+    MLflowLogger(uri, id_file).close()
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run_id, "lr")] == [1]
+    MLflowLogger(uri, tmp_path / "none.txt").close()  # no run yet: none made
+    assert not (tmp_path / "none.txt").exists()
+
+
 # -- W&B ---------------------------------------------------------------------------------------
 
 
@@ -475,3 +507,21 @@ def test_wandb_init_steps_and_exit_codes(tmp_path: Path, monkeypatch):
     again.close()
     assert fake.calls[0][1]["id"] == run_id and fake.calls[0][1]["config"] == {}
     assert fake.calls[1:] == [("log", ["lr"], 1), ("finish", 0)]
+
+
+def test_wandb_run_finished_by_a_session_that_logged_nothing(tmp_path: Path, monkeypatch):
+    """With the run's id on disk, a logger that logged nothing reopens the run only to finish
+    it with 0 (the run's files were written by its session); it never reopens to fail it, and
+    without an id there is no run to finish."""
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    id_file = tmp_path / "wandb_run_id.txt"
+    WandbLogger(tmp_path, id_file).close()
+    WandbLogger(tmp_path, id_file).close(status="KILLED")
+    assert fake.calls == [] and not id_file.exists()
+    id_file.write_text("abc123\n")
+    WandbLogger(tmp_path, id_file).close(status="KILLED")
+    assert fake.calls == []
+    WandbLogger(tmp_path, id_file).close()
+    assert [c[0] for c in fake.calls] == ["init", "finish"]
+    assert fake.calls[0][1]["id"] == "abc123" and fake.calls[1] == ("finish", 0)

@@ -381,7 +381,15 @@ def test_adapt_input_channels_errors() -> None:
         (lambda: build_model("mlp", 0, in_features=3), ValueError, r"num_classes must be .*got 0"),
         (lambda: build_model("mlp", 2.0, in_features=3), ValueError, r"num_classes.*got 2\.0"),
         (lambda: build_model("lenet", 2, in_channels=0), ValueError, r"in_channels .*got 0"),
-        (lambda: build_model("lenet", 2, input_size=[1, 2, 3]), ValueError, r"\(H, W\)"),
+        (
+            lambda: build_model("lenet", 2, input_size=[1, 2, 3]),
+            ValueError,
+            r"model\.input_size must be an integer or a pair \[H,W\] of integers, got \[1, 2, 3\]",
+        ),
+        # from the command line (model.input_size=abc / =[1,{a:1}]): were "invalid literal for
+        # int()" (no key) and a TypeError traceback
+        (lambda: build_model("lenet", 2, input_size="abc"), ValueError, r"input_size .*'abc'"),
+        (lambda: build_model("lenet", 2, input_size=[1, {"a": 1}]), ValueError, "input_size"),
         (lambda: CifarResNet(depth=33), ValueError, r"depth must be 6n \+ 2.*got 33"),
         (lambda: resnet32(shortcut="C"), ValueError, r"shortcut must be one of \('A', 'B'\)"),
         (lambda: WideResNet(depth=27), ValueError, r"depth must be 6n \+ 4.*got 27"),

@@ -591,8 +591,14 @@ def _tracker_file_in_the_way(tmp: Path, name: str) -> tuple[list[str], str]:
               f"hydra.run.dir={tmp / 'run'}"],
              f"logger.mlflow.tracking_uri: cannot write to {tmp / 'ro'}"),
         )[1],
+        lambda tmp: (  # a typo in the scheme: was MLflow's traceback after the first step
+            ["logger=mlflow", "logger.mlflow.tracking_uri=htp://localhost:5000",
+             f"hydra.run.dir={tmp / 'run'}"],
+            "logger.mlflow.tracking_uri='htp://localhost:5000': MLflow has no tracking store",
+        ),
     ],
-    ids=["tensorboard-file", "wandb-file", "wandb-dir-read-only", "mlflow-store-read-only"],
+    ids=["tensorboard-file", "wandb-file", "wandb-dir-read-only", "mlflow-store-read-only",
+         "mlflow-unknown-scheme"],
 )  # fmt: skip
 def test_a_tracker_that_cannot_write_is_one_line_before_anything_is_written(tmp_path, setup):
     args, shown = setup(tmp_path)

@@ -198,6 +198,65 @@ def test_bad_values_are_refused_with_the_key(overrides, message):
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
+# Keys whose type the schema leaves to their constructor (a union such as ``str | list[str]``
+# or ``int | tuple``), which refuses a wrong value later, still before anything is written:
+# method.meta_params when the method is set up (first step), model.input_size when the model
+# is built (tests/test_models.py).
+CHECKED_LATER = {"method.meta_params", "model.input_size"}
+
+
+def wrong_values(value) -> list:
+    """Values of the wrong kind for a key whose default is ``value`` (as the command line's
+    parser would give them: ``x=abc`` is a string, ``x=[1,2]`` a list)."""
+    if isinstance(value, bool):
+        return [2, "maybe"]
+    if isinstance(value, int):
+        return ["abc"]  # (not 1.5: some keys with an integer default take any number)
+    if isinstance(value, float):
+        return ["abc", float("nan")]
+    if isinstance(value, list):
+        return ["abc"]
+    if isinstance(value, str):
+        return [[1, 2]]
+    return [[1, {"a": 1}]]  # None: whatever the key takes, not a list holding a mapping
+
+
+def leaves(node: dict, prefix: str = ""):
+    for name, value in node.items():
+        if isinstance(value, dict):  # logger.csv: {} (no key)
+            yield from leaves(value, f"{prefix}{name}.")
+        elif not name.startswith("_"):  # _target_, _partial_: not a user's value
+            yield f"{prefix}{name}", value
+
+
+@pytest.mark.parametrize(("group", "option"), [("root", "default"), *[p.values for p in OPTIONS]])
+def test_every_key_with_a_wrong_value_is_one_line_naming_it(group, option):
+    """Every key of every option of conf/ (and the root config's), set to each value of the
+    wrong kind: refused before any work with one config error line naming the key (what
+    ``python -m reweight`` prints as ``error: ...``, exit status 2)."""
+    from reweight.cli.errors import is_config_error, one_line
+
+    base = [] if group == "root" else [f"{group}={option}", *NEEDS.get((group, option), [])]
+    cfg = cfg_of(*base)
+    values = OmegaConf.to_container(cfg, resolve=True)
+    node = (
+        {k: v for k, v in values.items() if k not in GROUPS}
+        if group == "root"
+        else {group: values[group] or {}}
+    )
+    for key, value in leaves(node):
+        if key in CHECKED_LATER:
+            continue
+        for wrong in wrong_values(value):
+            bad = cfg.copy()
+            OmegaConf.update(bad, key, wrong, merge=False)
+            with pytest.raises(Exception) as info:  # any: which one is the finding
+                cli.validate(bad)
+            assert is_config_error(info.value, task=cli.train), (key, wrong, info.value)
+            line = one_line(info.value, task=cli.train)
+            assert "\n" not in line and key.split(".")[-1] in line, (key, wrong, line)
+
+
 def test_batch_must_split_over_the_processes():
     cfg = cfg_of("trainer.batch_size=15")
     assert validate_config(cfg, world_size=1).trainer.batch_size == 15
@@ -247,6 +306,8 @@ CASES = [
      "optimizer.betas must be a pair of numbers in [0, 1), e.g. [0.9,0.999], got [0.9, 1.5]"),
     (["trainer.max_steps=0"], "trainer.max_steps must be >= 1, got 0"),  # TrainerConfig's own
     (["optimizer.lr=-1"], "optimizer (SGD): Invalid learning rate: -1.0"),  # torch's own
+    (["method.name=[l2rw,erm]"], "method.name must be one of"),  # was a TypeError traceback
+    (["model.name=[mlp]"], "model name ['mlp'] is unknown; allowed: "),
 ]  # fmt: skip
 BATCH_15 = (
     "error: trainer.batch_size (15) must be divisible by the number of processes (2): "

@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -255,6 +256,66 @@ def test_loggers_are_closed_on_errors_and_interrupts(tmp_path: Path) -> None:
     with pytest.raises(TrainingInterrupted):
         trainer.fit()
     assert rec2.calls[-1] == ("close",)
+
+
+class StatusRecorder(Recorder):
+    """A Recorder that notes the status it is closed with and whether the run's files were
+    all written then (``summary.json``, written last, is there)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__()
+        self.run_dir = run_dir
+
+    def close(self, status="FINISHED"):
+        self.calls.append(("close", status, (self.run_dir / "summary.json").is_file()))
+
+
+@pytest.mark.parametrize(
+    ("stop", "status"),
+    [
+        (None, "FINISHED"),
+        (OSError(28, "No space left on device"), "FAILED"),
+        (KeyboardInterrupt(), "KILLED"),
+    ],
+)
+def test_trackers_are_finished_only_once_the_run_files_are_written(
+    tmp_path: Path, monkeypatch, stop, status
+) -> None:
+    """Trainer(run_dir=...): the trackers are closed after the run's files, FINISHED only when
+    every one is written; an error while writing them (a full disk) is FAILED, a signal
+    (KeyboardInterrupt) KILLED; ``on_end`` runs before the trackers close too."""
+    import reweight.train.trainer as trainer_module
+
+    write = trainer_module.write_trainer_files
+
+    def writer(trainer, result):
+        if stop is not None:
+            raise stop
+        return write(trainer, result)
+
+    monkeypatch.setattr(trainer_module, "write_trainer_files", writer)
+    rec = StatusRecorder(tmp_path / "run")
+    trainer = _tiny_trainer(tmp_path, 2, [rec], run_dir=tmp_path / "run")
+    ended = []
+    if stop is None:
+        trainer.fit(on_end=lambda result: ended.append(rec.calls[-1][0]))
+        assert ended == ["hist"]  # on_end came after the last row, before close
+    else:
+        with pytest.raises(type(stop)):
+            trainer.fit()
+    assert rec.calls[-1] == ("close", status, stop is None)
+
+
+def test_an_error_in_on_end_is_failed_in_the_trackers(tmp_path: Path) -> None:
+    rec = StatusRecorder(tmp_path)
+    trainer = _tiny_trainer(tmp_path, 2, [rec])
+
+    def fail(result):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        trainer.fit(on_end=fail)
+    assert rec.calls[-1] == ("close", "FAILED", False)
 
 
 def test_tensorboard_resume_appends_without_duplicates(tmp_path: Path) -> None:
@@ -526,6 +587,53 @@ def test_an_interrupted_or_failed_run_is_not_finished_in_any_tracker(tmp_path, d
     assert line.startswith("error: training loss is nan at step ")
     assert _mlflow_status(run) == "FAILED"
     assert _exit_codes(run) and all(code != 0 for code in _exit_codes(run))
+
+
+# `python -m reweight` stopped while it draws the learning curves, after training and before
+# summary.json: the drawing raises ENOSPC (a full disk), or the process sends itself SIGINT.
+_STOPPED_IN_PLOTS = """
+import errno, os, runpy, signal, sys
+how = sys.argv.pop(1)
+import reweight.train.run_files as files
+draw = files.plot_learning_curves
+def plot(*args, **kwargs):
+    if how == "SIGINT":
+        os.kill(os.getpid(), signal.SIGINT)  # the handler runs before the next line
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(args[1]))  # args[1]: the file
+files.plot_learning_curves = plot
+runpy.run_module("reweight", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("how", "exit_status", "status"), [("disk_full", 1, "FAILED"), ("SIGINT", 130, "KILLED")]
+)
+def test_a_run_stopped_while_writing_its_files_is_not_finished_in_any_tracker(
+    tmp_path, data_root, how, exit_status, status
+):
+    """Trained, then stopped before summary.json (a full disk, or Ctrl-C, while the plots are
+    drawn): MLflow's run is FAILED / KILLED and W&B's exit code non-zero, not FINISHED and 0.
+    The same command then writes the files and each tracker ends FINISHED, exit code 0."""
+    run = tmp_path / "run"
+    args = [*TINY, "logger=[mlflow,wandb]", f"hydra.run.dir={run}"]
+    proc = run_command(
+        [sys.executable, "-c", _STOPPED_IN_PLOTS, how, *args], tmp_path, env=_env(tmp_path)
+    )
+    assert proc.returncode == exit_status, proc.stderr
+    [line] = proc.stderr.splitlines()
+    if how == "SIGINT":
+        assert line == "interrupted; run the same command to continue", line
+    else:
+        assert line.startswith("error: no space left on device writing "), line
+        assert "learning_curves.png: free some space" in line, line
+    assert not (run / "summary.json").exists()
+    assert _mlflow_status(run) == status
+    assert _exit_codes(run) and all(code != 0 for code in _exit_codes(run))
+    _cli(args, tmp_path)  # the files are written now
+    assert (run / "summary.json").is_file()
+    assert _mlflow_status(run) == "FINISHED"
+    assert _exit_codes(run)[-1] == 0
 
 
 @pytest.mark.slow

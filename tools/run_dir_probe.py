@@ -16,9 +16,12 @@ After the interrupted command the probe checks (``check_interrupted``): the exit
 that never made its first step left the folder exactly as it was; ``summary.json`` (the marker of
 a finished run) only beside every file it promises; a checkpoint at the step the line names, with
 ``metrics.csv`` up to that step; every file readable; a finished run that was being replaced kept
-whole (in place, or in ``<run dir>.replaced``). Then the command the interrupt line names is run
-(``check_rerun``): exit 0, the run finished with every file, nothing left beside, and its model and
-``metrics.csv`` equal, bit for bit, to those of the same run never interrupted.
+whole (in place, or in ``<run dir>.replaced``); the trackers (``logger=...``) agreeing with the
+folder: MLflow's run KILLED and W&B's exit code non-zero unless ``summary.json`` is there. Then
+the command the interrupt line names is run (``check_rerun``): exit 0, the run finished with
+every file, nothing left beside, its model and ``metrics.csv`` equal, bit for bit, to those of
+the same run never interrupted, and every tracker saying FINISHED (MLflow) and 0 (W&B's last
+session).
 
 Example::
 
@@ -247,7 +250,15 @@ def cli(
         capture_output=True,
         text=True,
         timeout=900,
+        preexec_fn=_sigint_default,
     )
+
+
+def _sigint_default() -> None:
+    """In the child, before the CLI starts: SIGINT at its default. A probe started in the
+    background (``nohup``, ``&`` in a script) has SIGINT ignored, which its children inherit,
+    and the CLI rightly leaves an ignored signal ignored: its SIGINT cases would finish."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def snapshot(root: Path, skip: Sequence[str] = ()) -> dict[str, tuple]:
@@ -324,6 +335,49 @@ def readable(run: Path) -> list[str]:
     return bad
 
 
+def tracker_endings(run: Path) -> dict[str, object]:
+    """How each tracker of ``run`` says the run ended: MLflow's run status, the exit code of
+    W&B's last offline session (None: it has none). A tracker never opened is absent."""
+    import warnings
+
+    from reweight.core.files import MLFLOW_DB, MLFLOW_RUN_ID, WANDB_DIR
+    from reweight.train.trackers import _read_wandb_records
+
+    out: dict[str, object] = {}
+    if (run / MLFLOW_RUN_ID).is_file():
+        import mlflow
+
+        with warnings.catch_warnings():  # MLflow's SQL store uses APIs SQLAlchemy deprecates
+            warnings.simplefilter("ignore", DeprecationWarning)
+            client = mlflow.tracking.MlflowClient(f"sqlite:///{run / MLFLOW_DB}")
+            out["mlflow"] = client.get_run((run / MLFLOW_RUN_ID).read_text().strip()).info.status
+    sessions = sorted((run / WANDB_DIR).glob("offline-run-*/run-*.wandb"))  # oldest first
+    if sessions:
+        codes = [
+            r.exit.exit_code
+            for path in sessions
+            for r in _read_wandb_records(path)
+            if r.WhichOneof("record_type") == "exit"
+        ]
+        out["wandb"] = codes[-1] if codes else None
+    return out
+
+
+def tracker_problems(run: Path, finished: bool) -> list[str]:
+    """Each tracker that disagrees with the run directory: a finished run is FINISHED in
+    MLflow and exits 0 in W&B; an interrupted one is KILLED and exits non-zero."""
+    endings = tracker_endings(run)
+    want = {"mlflow": "FINISHED", "wandb": 0} if finished else {"mlflow": "KILLED"}
+    problems = [
+        f"{name} says {endings[name]!r}, not {value!r}"
+        for name, value in want.items()
+        if name in endings and endings[name] != value
+    ]
+    if not finished and "wandb" in endings and endings["wandb"] in (0, None):
+        problems.append(f"wandb's last session exits {endings['wandb']!r}, not non-zero")
+    return problems
+
+
 def check_interrupted(
     out: Outcome, proc: subprocess.CompletedProcess, tmp: Path, run: Path, before: dict
 ) -> None:
@@ -376,6 +430,8 @@ def check_interrupted(
                 problems.append(f"metrics.csv steps {steps}, checkpoint {out.checkpoint_step}")
     if run.is_dir():
         problems.extend(readable(run))
+    if out.committed:  # before, the trackers' files are those of the run it replaces
+        problems.extend(tracker_problems(run, out.finished_after_signal))
 
 
 def check_rerun(out: Outcome, proc: subprocess.CompletedProcess, run: Path, ref: Reference) -> None:
@@ -415,6 +471,7 @@ def check_rerun(out: Outcome, proc: subprocess.CompletedProcess, run: Path, ref:
     if metric_rows(run) != ref.rows:
         problems.append("rerun: metrics.csv differs from the run never interrupted")
     problems.extend(f"rerun: {p}" for p in readable(run))
+    problems.extend(f"rerun: {p}" for p in tracker_problems(run, finished=True))
 
 
 def rerun_args(line: str, args: list[str]) -> list[str]:

@@ -173,17 +173,41 @@ def _train(built: Settings, run: RunDir) -> float:
         records = {RESOLVED_CONFIG: resolved.encode(), **hydra_files(cfg)}
         commit = functools.partial(run.commit, records, functools.partial(save_labels, bundle))
     resume = cfg.resume and not _continue_diverged(trainer, run)
+
+    def report(result: FitResult) -> None:
+        """The run's files, summary.json last; ``fit`` closes the trackers after them, so
+        that none says FINISHED for a run stopped while writing them."""
+        if commit is not None:  # a resumed run with no step left commits here
+            commit()
+        objective = float(result.metrics.get(cfg.objective, math.nan))
+        _write_outputs(cfg, run, trainer, bundle, result, objective)
+
     try:
-        result = trainer.fit(resume=resume, on_start=commit)
+        result = trainer.fit(resume=resume, on_start=commit, on_end=report if main_rank else None)
     except FloatingPointError as err:  # NaN/inf: one line naming the step and what is kept
         reason = str(err).split(";")[0]  # the Trainer's own advice follows the ";"
         raise RunFailed(run.diverged(reason) if main_rank else reason) from None
-    if commit is not None:
-        commit()
     objective = float(result.metrics.get(cfg.objective, math.nan))
     if main_rank:
-        _write_outputs(cfg, run, trainer, bundle, result, objective)
+        run.finish()  # finished: the run it replaced (kept beside until now) goes
+        _log_done(trainer, result, run_dir)
     return _objective(cfg, objective)
+
+
+def _log_done(trainer: Trainer, result: FitResult, run_dir: Path) -> None:
+    """The run's last line: its step, test accuracies and where its summary is."""
+    others = "".join(  # the further test sets (mini_webvision: ImageNet's validation images)
+        f", {name} test accuracy {result.metrics.get(f'test_{name}_accuracy', math.nan):.4f}"
+        for name in trainer.evaluation.extra_tests
+    )
+    log.info(
+        "done: step %d, test accuracy %.4f, balanced %.4f%s -> %s",
+        trainer.step,
+        result.metrics.get("test_accuracy", math.nan),
+        result.metrics.get("test_balanced_accuracy", math.nan),
+        others,
+        run_dir / SUMMARY,
+    )
 
 
 def _dataset(cfg: DictConfig, ctx: DistContext | None) -> DataBundle:
@@ -265,7 +289,7 @@ def _write_outputs(
     objective: float,
 ) -> None:
     """The same files as ``Trainer(..., run_dir=...)`` writes (``reweight.train.run_files``),
-    with the CLI's keys in the summary; then the run is marked finished."""
+    with the CLI's keys in the summary (written last: the run is finished once it is)."""
     info, name, run_dir = bundle.info, bundle.info.get("name", cfg.dataset.name), run.path
     write_run_files(
         run_dir,
@@ -288,19 +312,6 @@ def _write_outputs(
             # own data without a test set: what its test accuracy is measured against
             **({"test_labels": info["held_out_test"]["note"]} if "held_out_test" in info else {}),
         },
-    )
-    run.finish()
-    others = "".join(  # the further test sets (mini_webvision: ImageNet's validation images)
-        f", {name} test accuracy {result.metrics.get(f'test_{name}_accuracy', math.nan):.4f}"
-        for name in trainer.evaluation.extra_tests
-    )
-    log.info(
-        "done: step %d, test accuracy %.4f, balanced %.4f%s -> %s",
-        trainer.step,
-        result.metrics.get("test_accuracy", math.nan),
-        result.metrics.get("test_balanced_accuracy", math.nan),
-        others,
-        run_dir / SUMMARY,
     )
 
 

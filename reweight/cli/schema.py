@@ -286,9 +286,22 @@ def _check_values(
         value = given[f.name]
         if kind in (bool, bool | None) and not (isinstance(value, bool) or value is None):
             raise ValueError(f"{key} must be {_describe(kind)}, got {value!r}")
+        if _of_scalars(kind) and isinstance(value, list | tuple):  # OmegaConf lets [1,{a:1}] in
+            if any(isinstance(item, dict | list) for item in value):
+                raise ValueError(f"{key} must be {_describe(kind)}, got {value!r}")
         rule = f.metadata.get("rule")
         if rule is not None and typed[f.name] is not None:
             rule(key, typed[f.name])
+
+
+def _of_scalars(kind: Any) -> bool:
+    """Whether ``kind`` (or ``kind | None``) is a list or tuple of ints, floats, bools or
+    strings: a value whose items must not be lists or mappings."""
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return len(args) == 1 and _of_scalars(args[0])
+    scalars = (int, float, bool, str)
+    return typing.get_origin(kind) in (list, tuple) and bool(args) and set(args) <= set(scalars)
 
 
 def _check_finite(node: Any, prefix: str) -> None:

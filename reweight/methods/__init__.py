@@ -37,10 +37,9 @@ METHODS: dict[str, type[Method]] = {
 
 def method_class(name: str) -> type[Method]:
     """The class of method ``name``; its constructor's arguments are the method's config keys."""
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ValueError(f"method.name must be one of {sorted(METHODS)}, got {name!r}") from None
+    if not isinstance(name, str) or name not in METHODS:  # a list from the command line too
+        raise ValueError(f"method.name must be one of {sorted(METHODS)}, got {name!r}")
+    return METHODS[name]
 
 
 def build_method(name: str, **kwargs: Any) -> Method:

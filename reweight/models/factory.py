@@ -28,7 +28,7 @@ def _lenet(
 ) -> nn.Module:
     size: int | tuple[int, int] = 28
     if input_size is not None:
-        size = input_size if isinstance(input_size, int) else _pair(input_size, "input_size")
+        size = input_size if isinstance(input_size, int) else _pair(input_size, "model.input_size")
     if input_shape is not None:
         if len(input_shape) != 3:
             raise ValueError(
@@ -159,16 +159,18 @@ def model_builder(name: str) -> _Builder:
     """The function behind model ``name``: its keyword-only arguments are the keys that
     ``conf/model/<name>.yaml`` may set besides ``name`` and ``input_shape``, typed by their
     annotations (``reweight.cli.schema`` reads them there)."""
-    builder = _REGISTRY.get(name)
+    builder = _REGISTRY.get(name) if isinstance(name, str) else None  # a list: unhashable
     if builder is None:
         raise ValueError(f"model name {name!r} is unknown; allowed: {list(MODEL_NAMES)}")
     return builder
 
 
 def _pair(value: Sequence[int], key: str) -> tuple[int, int]:
-    items = tuple(int(v) for v in value)
-    if len(items) != 2:
-        raise ValueError(f"{key} must be an int or (H, W), got {list(value)}")
+    """``value`` as ``(H, W)``; ``ValueError`` naming ``key`` for anything but two integers
+    (a string or a list holding a mapping, from the command line, included)."""
+    items = tuple(value) if isinstance(value, Sequence) and not isinstance(value, str) else ()
+    if len(items) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+        raise ValueError(f"{key} must be an integer or a pair [H,W] of integers, got {value!r}")
     return items[0], items[1]
 
 

@@ -5,6 +5,9 @@ Why lazy: a run writes nothing before its first training step (``reweight.cli.ru
 the writers below open their files on the first call, which the Trainer makes after that step.
 ``close`` may be followed by more calls (the writer reopens), which is how ``Trainer.fit``
 closes them on success, interrupt and error alike and a later ``fit(resume=True)`` goes on.
+``close("FINISHED")`` comes only once the run's files are written; a session that finishes a
+run without logging a row (its steps were done, its files were not) reopens MLflow's and W&B's
+run to end it FINISHED.
 
 Resuming: a run killed between its last checkpoint and the kill had logged rows that are made
 again, and a tracker may have lost rows from before its checkpoint (W&B's service writes its
@@ -235,6 +238,7 @@ class MLflowLogger(_EachStepOnce):
         self._last_step = -1
         self._stored_step = -1  # the last step of the run already in the store when opened
         self._config: Mapping[str, Any] | None = None
+        self._opened = False  # by this logger: then close() never reopens
 
     def _open(self) -> tuple[Any, str]:
         if self._client is None or self._run_id is None:
@@ -261,7 +265,7 @@ class MLflowLogger(_EachStepOnce):
                 run_id = client.create_run(exp_id, run_name=self.run_name).info.run_id
                 self.id_file.parent.mkdir(parents=True, exist_ok=True)
                 self.id_file.write_text(run_id + "\n")
-            self._client, self._run_id = client, run_id
+            self._client, self._run_id, self._opened = client, run_id, True
             if self._config is not None:
                 params = [
                     self._mlflow.entities.Param(k, str(v)[:6000])
@@ -277,6 +281,7 @@ class MLflowLogger(_EachStepOnce):
         """Before the first step: ``ValueError`` if a local store (``sqlite:///`` or
         ``file:``) or its artifact folder cannot be written; a server is not contacted."""
         uri = self.tracking_uri
+        _check_mlflow_scheme(uri)
         if uri.startswith("sqlite:///"):
             check_writable(Path(uri[len("sqlite:///") :]), "logger.mlflow.tracking_uri", False)
         elif uri.startswith("file:") or "://" not in uri:
@@ -307,10 +312,34 @@ class MLflowLogger(_EachStepOnce):
         client.log_batch(run_id, metrics=metrics)
 
     def close(self, status: str = "FINISHED") -> None:
-        """End the MLflow run with ``status``: FINISHED, KILLED (interrupted) or FAILED."""
+        """End the MLflow run with ``status``: FINISHED, KILLED (interrupted) or FAILED. A run
+        finished by a session that logged nothing (an earlier one stopped while writing the
+        run's files; this one wrote them) is reopened to be marked FINISHED; a run this logger
+        opened and closed stays as it was closed."""
+        if not self._opened and status == "FINISHED" and self.id_file.is_file():
+            self._open()
         if self._client is not None and self._run_id is not None:
             self._client.set_terminated(self._run_id, status=status)
         self._client = self._run_id = None
+
+
+def _check_mlflow_scheme(uri: str) -> None:
+    """``ValueError`` naming ``logger.mlflow.tracking_uri`` when MLflow has no tracking store for
+    its scheme (a typo such as ``htp://``): found only when the first step opens the run, after
+    the run's files are written, as an MLflow traceback. The store is not built here."""
+    try:  # MLflow's own table of schemes (private: skipped if it moves)
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+        schemes = sorted(s for s in _tracking_store_registry._registry if s)
+        _tracking_store_registry.get_store_builder(uri)
+    except (ImportError, AttributeError):
+        return
+    except Exception as err:  # MLflow's UnsupportedModelRegistryStoreURIException
+        raise ValueError(
+            f"logger.mlflow.tracking_uri={uri!r}: MLflow has no tracking store for this URI "
+            f"({type(err).__name__}); use one of the schemes {', '.join(schemes)}, a folder, or "
+            "null (a SQLite store in the run directory)"
+        ) from err
 
 
 def _read_wandb_records(path: Path) -> Iterator[Any]:
@@ -375,9 +404,11 @@ class WandbLogger(_EachStepOnce):
         self._run: Any = None
         self._last_step = -1
         self._config: Mapping[str, Any] | None = None
+        self._opened = False  # by this logger: then close() never reopens
 
     def _open(self) -> Any:
         if self._run is None:
+            self._opened = True
             if self.id_file.is_file():
                 run_id = self.id_file.read_text().strip()
                 if self.mode == "offline":  # what earlier sessions wrote down is not logged again
@@ -418,7 +449,12 @@ class WandbLogger(_EachStepOnce):
         self._last_step = step
 
     def close(self, status: str = "FINISHED") -> None:
-        """Finish the W&B run with the exit code of ``status``: 0 for FINISHED, else 1."""
+        """Finish the W&B run with the exit code of ``status``: 0 for FINISHED, else 1. A run
+        finished by a session that logged nothing (an earlier one stopped while writing the
+        run's files; this one wrote them) is reopened to end with 0; a run this logger opened
+        and closed stays as it was closed."""
+        if not self._opened and status == "FINISHED" and self.id_file.is_file():
+            self._open()
         if self._run is not None:
             self._run.finish(exit_code=0 if status == "FINISHED" else 1)
             self._run = None

@@ -91,7 +91,8 @@ class Trainer:
             set: ``val_*`` keys in rows and final metrics (what a sweep should optimise).
         loggers: experiment trackers (``reweight.train.loggers.Logger``): ``log_config(run_config)``
             once after the first step, then each row and the weight histogram; closed when
-            ``fit`` returns or raises.
+            ``fit`` returns (after the run's files are written: FINISHED) or raises (KILLED on
+            a signal, FAILED on an error).
         run_config: what the loggers record as the run's config (default: the TrainerConfig
             and the method's name).
         meta_source: where meta batches come from instead of ``meta_data`` (e.g.
@@ -188,12 +189,23 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def fit(self, resume: bool = False, on_start: Callable[[], None] | None = None) -> FitResult:
+    def fit(
+        self,
+        resume: bool = False,
+        on_start: Callable[[], None] | None = None,
+        on_end: Callable[[FitResult], None] | None = None,
+    ) -> FitResult:
         """Train to ``config.max_steps``; with ``resume`` continue from ``checkpoint_path``.
 
         ``on_start`` is called once, right after the first optimizer step of this call and
         before that step is logged or checkpointed: a caller that writes nothing until training
         has really started (the CLI's run directory) writes its files there.
+
+        ``on_end`` is called with the result once training is over and the files of
+        ``run_dir`` are written, before the trackers are closed: a caller with files of its own
+        (the CLI's report and ``summary.json``) writes them there, so that no tracker records
+        FINISHED for a run whose files are not all written. The trackers record FINISHED only
+        when it returns; FAILED if it raises, KILLED if it is interrupted.
 
         Returns the history and the final metrics (the same keys as ``summary.json``).
 
@@ -209,14 +221,17 @@ class Trainer:
         try:
             with StopOnSignal(self.checkpoint_path) as stop:
                 result = self._fit(resume, stop, on_start)
+            # the run's files before the trackers' status: a run is FINISHED once they are
+            if self.run_dir is not None and self.is_main:
+                write_trainer_files(self, result)
+            if on_end is not None:
+                on_end(result)
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
             raise
         finally:
             self.records.close(status)
-        if self.run_dir is not None and self.is_main:
-            write_trainer_files(self, result)
         return result
 
     def _fit(

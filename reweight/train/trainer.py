@@ -90,9 +90,7 @@ class Trainer:
         val_data: a clean validation set, disjoint from the others, evaluated with the test
             set: ``val_*`` keys in rows and final metrics (what a sweep should optimise).
         loggers: experiment trackers (``reweight.train.loggers.Logger``): ``log_config(run_config)``
-            once after the first step, then each row and the weight histogram; closed when
-            ``fit`` returns (after the run's files are written: FINISHED) or raises (KILLED on
-            a signal, FAILED on an error).
+            once after the first step, then each row and the weight histogram; closed by ``fit``.
         run_config: what the loggers record as the run's config (default: the TrainerConfig
             and the method's name).
         meta_source: where meta batches come from instead of ``meta_data`` (e.g.
@@ -100,8 +98,7 @@ class Trainer:
             examples, no clean set); its examples are left out of training batches while they
             serve. ``from_bundle`` builds it from ``dataset.meta_source``.
         extra_tests: more test sets by name, evaluated wherever ``test_data`` is, as
-            ``test_<name>_*`` keys (``from_bundle``: ``bundle.extra_tests``, e.g. mini-WebVision's
-            ``imagenet``).
+            ``test_<name>_*`` keys (e.g. mini-WebVision's ``imagenet``; see ``from_bundle``).
     """
 
     def __init__(
@@ -197,15 +194,11 @@ class Trainer:
     ) -> FitResult:
         """Train to ``config.max_steps``; with ``resume`` continue from ``checkpoint_path``.
 
-        ``on_start`` is called once, right after the first optimizer step of this call and
-        before that step is logged or checkpointed: a caller that writes nothing until training
-        has really started (the CLI's run directory) writes its files there.
-
-        ``on_end`` is called with the result once training is over and the files of
-        ``run_dir`` are written, before the trackers are closed: a caller with files of its own
-        (the CLI's report and ``summary.json``) writes them there, so that no tracker records
-        FINISHED for a run whose files are not all written. The trackers record FINISHED only
-        when it returns; FAILED if it raises, KILLED if it is interrupted.
+        ``on_start()`` runs once, right after this call's first optimizer step, before that step
+        is logged or checkpointed (the CLI writes its run directory there). ``on_end(result)``
+        runs once training is over and ``run_dir``'s files are written, before the trackers
+        close: they record FINISHED only if it returns (FAILED if it raises, KILLED on a
+        signal), so a caller's own files (the CLI's report, ``summary.json``) belong there.
 
         Returns the history and the final metrics (the same keys as ``summary.json``).
 
@@ -414,10 +407,7 @@ class Trainer:
         cfg = self.config
         self._setup()
         return score_example_weights(
-            self.method,
-            self.model,
-            self.train_data,
-            self.placement,
+            self.method, self.model, self.train_data, self.placement,
             meta_batches=lambda stream: self._meta_batches(stream, position=0),
             step_inputs=lambda x, y, mx, my: self._step_inputs(x, y, mx, my, local=True),
             batch_size=cfg.batch_size,
@@ -425,7 +415,7 @@ class Trainer:
             num_workers=cfg.num_workers,
             passes=passes,
             progress=cfg.show_progress and self.is_main,
-        )
+        )  # fmt: skip
 
     def evaluate(self, data: Dataset) -> dict[str, Any]:
         """Accuracy, balanced (mean per-class) accuracy, per-class accuracy and mean loss."""

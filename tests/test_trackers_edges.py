@@ -66,7 +66,7 @@ def test_wandb_resume_reads_its_offline_log_and_logs_each_step_once(tmp_path: Pa
     assert sorted(wandb_history(second)) == [41]
 
 
-def test_wandb_last_step_counts_the_records_before_a_tear(tmp_path: Path, wandb_env):
+def test_wandb_last_step_counts_the_records_before_a_tear(tmp_path: Path, wandb_env, monkeypatch):
     run_dir, id_file = tmp_path / "run", tmp_path / "run" / "wandb_run_id.txt"
     _wandb_session(run_dir, id_file, range(1, 31))
     run_id = id_file.read_text().strip()
@@ -79,10 +79,20 @@ def test_wandb_last_step_counts_the_records_before_a_tear(tmp_path: Path, wandb_
     end = offsets[steps.index(20)]
     path.write_bytes(data[: end + 3])
     assert trackers._wandb_last_step(run_dir, run_id) == 20
-    # a file that is not a W&B log at all, beside it: nothing read from it, the rest counts
-    junk = run_dir / "wandb" / f"offline-run-0-{run_id}"
-    junk.mkdir()
-    (junk / f"run-{run_id}.wandb").write_bytes(b"\xff" * 4000)
+    # a log whose first record is not a protobuf, read first: it counts as nothing, the rest
+    # still counts
+    junk = run_dir / "wandb" / f"offline-run-0-{run_id}" / f"run-{run_id}.wandb"
+    junk.parent.mkdir()
+    junk.write_bytes(b":W&B\x00\x00\x00" + bytes([0, 0, 0, 0, 3, 0, 1]) + b"\xff\xff\xff")
+    from google.protobuf.message import DecodeError
+
+    with pytest.raises(DecodeError):
+        list(trackers._read_wandb_records(junk))
+    real_glob = Path.glob
+    monkeypatch.setattr(  # the junk first, whatever order the folder lists them in
+        Path, "glob", lambda self, pattern: iter([junk, path]) if self == run_dir / "wandb"
+        else real_glob(self, pattern),
+    )  # fmt: skip
     assert trackers._wandb_last_step(run_dir, run_id) == 20
 
 
@@ -266,8 +276,10 @@ def test_a_torn_event_file_does_not_hide_the_next_one(tmp_path: Path, monkeypatc
     logger.log_row(7, {"lr": 0.1})
     logger.close()
     [good] = log_dir.glob("events.out.tfevents.*")
-    torn = log_dir / "events.out.tfevents.0.torn"
-    torn.write_bytes(b"\x00" * 5)
+    # tensorboard's loader stops quietly at a torn record; what raises is a file it cannot
+    # read at all (here a folder by that name)
+    torn = log_dir / "events.out.tfevents.0.unreadable"
+    torn.mkdir()
     real_glob = Path.glob
     monkeypatch.setattr(  # the torn file first, whatever order the folder lists them in
         Path, "glob", lambda self, pattern: iter([torn, good]) if self == log_dir

@@ -311,3 +311,60 @@ def test_a_recording_of_part_of_the_model_keeps_its_graph_for_the_update():
     (s * whole.update_losses()).sum().backward()  # through the records: their gradients
     for p, g in zip(trainable(model), whole.weighted_grads(s), strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=0)
+
+
+# -- weights shared by the batch ----------------------------------------------------------------
+
+
+class Tokens(nn.Module):
+    """A class token of its own (outside torch.nn: read where used) and position embeddings
+    called once for the whole batch (a (1, T) input, broadcast over it), as in a ViT or BERT."""
+
+    def __init__(self):
+        super().__init__()
+        self.cls = nn.Parameter(rand(1, 1, 4, seed=11))
+        self.pos = nn.Embedding(3, 4)
+        self.proj = nn.Linear(2, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):  # (B, 2, 2)
+        h = torch.cat([self.cls.expand(len(x), -1, -1), self.proj(x)], 1)  # (B, 3, 4)
+        h = h + self.pos(torch.arange(3)[None])  # (1, 3, 4), broadcast
+        return self.head(torch.tanh(h)).sum(1)  # (B, 2)
+
+
+@pytest.mark.parametrize("slices", [1, 2])
+def test_weights_shared_by_the_batch_equal_per_example_gradients(slices):
+    torch.manual_seed(0)
+    model = Tokens().to(DT)
+    x = rand(5, 2, 2, seed=12)
+    weights = trainable(model)
+    layers = ghost.ghost_layers(model, weights)
+    assert set(layers.modules) == {"pos", "proj", "head"} and layers.loose == (model.cls,)
+    per, names = per_example(model, x, square)
+    recs = [record(model, xs) for xs in x.tensor_split(slices)]
+    u = [rand(*w.shape, seed=20 + i) for i, w in enumerate(weights)]
+    want = sum(per[n].flatten(1) @ d.flatten() for n, d in zip(names, u, strict=True))
+    torch.testing.assert_close(ghost.jvp_of(recs, u), want, rtol=1e-10, atol=1e-12)
+    for n, d in zip(names, u, strict=True):  # each weight alone
+        alone = [d if m == n else torch.zeros_like(w) for m, w in zip(names, weights, strict=True)]
+        torch.testing.assert_close(
+            ghost.jvp_of(recs, alone), per[n].flatten(1) @ d.flatten(), rtol=1e-10, atol=1e-12
+        )
+    s = rand(len(x), seed=29)
+    for n, g in zip(names, ghost.weighted_grads_of(recs, s), strict=True):
+        torch.testing.assert_close(
+            g, torch.einsum("b,b...->...", s, per[n]), rtol=1e-10, atol=1e-12
+        )
+
+
+def test_a_shared_weight_not_broadcast_like_the_losses_is_refused():
+    model = Tokens().to(DT)
+    with pytest.raises(ghost.Ineligible) as info:  # the class token summed: not per example
+        record(model, rand(4, 2, 2), fn=lambda x: model(x) + model.cls.sum())
+    assert str(info.value) == "a weight shared by the batch is used by sum"
+    with pytest.raises(ghost.Ineligible) as info:  # broadcast over 2, not the losses' 4
+        record(
+            model, rand(4, 2, 2), fn=lambda x: model(x) + model.cls.expand(2, 2, 4).sum((0, 1))[:2]
+        )
+    assert str(info.value) == "a weight shared by the batch is not broadcast like the losses"

@@ -368,3 +368,73 @@ def test_a_shared_weight_not_broadcast_like_the_losses_is_refused():
             model, rand(4, 2, 2), fn=lambda x: model(x) + model.cls.expand(2, 2, 4).sum((0, 1))[:2]
         )
     assert str(info.value) == "a weight shared by the batch is not broadcast like the losses"
+
+
+def test_attention_weights_are_read_where_used_and_its_variants_refused():
+    model = nn.Module()
+    model.att = nn.MultiheadAttention(4, 2, batch_first=True)
+    model.head = nn.Linear(4, 2)
+    att = model.att
+    layers = ghost.ghost_layers(model, trainable(model))
+    assert layers.modules == {"head": (model.head.weight, model.head.bias)}
+    assert layers.loose == (att.in_proj_weight, att.in_proj_bias, att.out_proj.weight,
+                            att.out_proj.bias)  # fmt: skip
+    for kwargs in ({"add_bias_kv": True}, {"kdim": 3, "vdim": 3}):
+        other = nn.Module()
+        other.att = nn.MultiheadAttention(4, 2, **kwargs)
+        ineligible(other, "att: MultiheadAttention with add_bias_kv or kdim/vdim")
+
+
+def test_a_normalisation_layer_and_an_unused_call_equal_per_example_gradients():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)).to(DT)
+    x = rand(5, 3, seed=13)
+
+    def with_unused(x):
+        model[2](model[1](model[0](x)))  # a call whose output the losses never see
+        return model(x)
+
+    weights = trainable(model)
+    per, names = per_example(model, x, square)
+    rec = record(model, x, fn=with_unused)
+    assert len(rec.calls) == 6 and rec.calls[1].kind == "norm"
+    u = [rand(*w.shape, seed=30 + i) for i, w in enumerate(weights)]
+    want = sum(per[n].flatten(1) @ d.flatten() for n, d in zip(names, u, strict=True))
+    torch.testing.assert_close(rec.jvp(u), want, rtol=1e-10, atol=1e-12)
+    s = rand(len(x), seed=39)
+    for n, g in zip(names, rec.weighted_grads(s), strict=True):
+        torch.testing.assert_close(g, torch.einsum("b,b...->...", s, per[n]), rtol=1e-10,
+                                   atol=1e-12)  # fmt: skip
+
+
+def test_finish_frees_the_graph_unless_asked_and_two_slices_give_every_loss():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    weights = trainable(model)
+    layers = ghost.ghost_layers(model, weights)
+    with ghost.recording(model, layers) as watch:
+        losses = square(model(rand(4, 3)))
+    assert ghost.finish(weights, watch, losses).graph is None  # the default: freed
+    x = rand(6, 3, seed=14)
+    recs = [record(model, xs) for xs in x.tensor_split(2)]
+    torch.testing.assert_close(ghost.losses_of(recs).detach(), square(model(x)).detach())
+
+
+def test_a_recording_keeps_the_forward_only_for_part_of_the_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    x, y = rand(6, 3, seed=5), torch.tensor([0, 1, 2, 0, 1, 2])
+    want = F.cross_entropy(model(x), y, reduction="none").detach()
+    whole = ghost.PerLayerRecording(
+        Forward(model, trainable(model), x, y, F.cross_entropy, twin=lambda: None),
+        ghost.ghost_layers(model, trainable(model)),
+    )
+    assert len(whole.records) == 1 and whole._update is None  # one slice by default, no graph
+    head = [model[2].weight, model[2].bias]
+    for chunks in (1, 2, 3):
+        part = ghost.PerLayerRecording(
+            Forward(model, head, x, y, F.cross_entropy, twin=lambda: None),
+            ghost.ghost_layers(model, head),
+            chunks=chunks,
+        )
+        assert part._update is not None and part._update.requires_grad
+        torch.testing.assert_close(part.update_losses().detach(), want)

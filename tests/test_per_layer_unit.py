@@ -438,3 +438,15 @@ def test_a_recording_keeps_the_forward_only_for_part_of_the_model():
         )
         assert part._update is not None and part._update.requires_grad
         torch.testing.assert_close(part.update_losses().detach(), want)
+
+
+def test_an_embedding_of_one_index_per_example_is_read_per_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(6, 3), nn.Tanh(), nn.Linear(3, 2)).to(DT)
+    x = torch.tensor([0, 2, 5, 2])  # (B,): one index each
+    weights = trainable(model)
+    per, names = per_example(model, x, square)
+    rec = record(model, x)
+    u = [rand(*w.shape, seed=40 + i) for i, w in enumerate(weights)]
+    want = sum(per[n].flatten(1) @ d.flatten() for n, d in zip(names, u, strict=True))
+    torch.testing.assert_close(rec.jvp(u), want, rtol=1e-10, atol=1e-12)

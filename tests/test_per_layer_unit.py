@@ -450,3 +450,13 @@ def test_an_embedding_of_one_index_per_example_is_read_per_layer():
     u = [rand(*w.shape, seed=40 + i) for i, w in enumerate(weights)]
     want = sum(per[n].flatten(1) @ d.flatten() for n, d in zip(names, u, strict=True))
     torch.testing.assert_close(rec.jvp(u), want, rtol=1e-10, atol=1e-12)
+
+
+def test_calls_not_batched_like_the_losses_are_refused():
+    model = nn.Sequential(nn.Linear(4, 4)).to(DT)
+    with pytest.raises(ghost.Ineligible) as info:  # a 1-D input as long as the batch
+        record(model, rand(4, 3), fn=lambda x: model(x[:, 0].repeat(4)[:4]))
+    assert str(info.value) == "Linear: input not batched like the losses"
+    with pytest.raises(ghost.Ineligible) as info:  # a batch of 1 whose output is not broadcast
+        record(model, rand(4, 4), fn=lambda x: (model(x[:1]), model(x))[1])
+    assert str(info.value) == "Linear: input not batched like the losses"

@@ -308,6 +308,15 @@ def test_the_group_logs_the_config_once_the_backlog_where_missing_and_histograms
     assert late.calls[0] == ("config", {})
 
 
+def test_the_group_hands_its_status_to_close_finished_by_default():
+    told, plain = Recorder(status=True), Recorder()
+    LoggerGroup([told, plain], {}).close()
+    assert (told.calls, plain.calls) == ([("close", "FINISHED")], [("close",)])
+    killed = Recorder(status=True)
+    LoggerGroup([killed], {}).close("KILLED")
+    assert killed.calls == [("close", "KILLED")]
+
+
 # -- TensorBoard -------------------------------------------------------------------------------
 
 

@@ -311,3 +311,152 @@ def test_a_recording_of_part_of_the_model_keeps_its_graph_for_the_update():
     (s * whole.update_losses()).sum().backward()  # through the records: their gradients
     for p, g in zip(trainable(model), whole.weighted_grads(s), strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=0)
+
+
+# -- weights shared by the batch ----------------------------------------------------------------
+
+
+class Tokens(nn.Module):
+    """A class token of its own (outside torch.nn: read where used) and position embeddings
+    called once for the whole batch (a (1, T) input, broadcast over it), as in a ViT or BERT."""
+
+    def __init__(self):
+        super().__init__()
+        self.cls = nn.Parameter(rand(1, 1, 4, seed=11))
+        self.pos = nn.Embedding(3, 4)
+        self.proj = nn.Linear(2, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):  # (B, 2, 2)
+        h = torch.cat([self.cls.expand(len(x), -1, -1), self.proj(x)], 1)  # (B, 3, 4)
+        h = h + self.pos(torch.arange(3)[None])  # (1, 3, 4), broadcast
+        return self.head(torch.tanh(h)).sum(1)  # (B, 2)
+
+
+@pytest.mark.parametrize("slices", [1, 2])
+def test_weights_shared_by_the_batch_equal_per_example_gradients(slices):
+    torch.manual_seed(0)
+    model = Tokens().to(DT)
+    x = rand(5, 2, 2, seed=12)
+    weights = trainable(model)
+    layers = ghost.ghost_layers(model, weights)
+    assert set(layers.modules) == {"pos", "proj", "head"} and layers.loose == (model.cls,)
+    per, names = per_example(model, x, square)
+    recs = [record(model, xs) for xs in x.tensor_split(slices)]
+    u = [rand(*w.shape, seed=20 + i) for i, w in enumerate(weights)]
+    want = sum(per[n].flatten(1) @ d.flatten() for n, d in zip(names, u, strict=True))
+    torch.testing.assert_close(ghost.jvp_of(recs, u), want, rtol=1e-10, atol=1e-12)
+    for n, d in zip(names, u, strict=True):  # each weight alone
+        alone = [d if m == n else torch.zeros_like(w) for m, w in zip(names, weights, strict=True)]
+        torch.testing.assert_close(
+            ghost.jvp_of(recs, alone), per[n].flatten(1) @ d.flatten(), rtol=1e-10, atol=1e-12
+        )
+    s = rand(len(x), seed=29)
+    for n, g in zip(names, ghost.weighted_grads_of(recs, s), strict=True):
+        torch.testing.assert_close(
+            g, torch.einsum("b,b...->...", s, per[n]), rtol=1e-10, atol=1e-12
+        )
+
+
+def test_a_shared_weight_not_broadcast_like_the_losses_is_refused():
+    model = Tokens().to(DT)
+    with pytest.raises(ghost.Ineligible) as info:  # the class token summed: not per example
+        record(model, rand(4, 2, 2), fn=lambda x: model(x) + model.cls.sum())
+    assert str(info.value) == "a weight shared by the batch is used by sum"
+    with pytest.raises(ghost.Ineligible) as info:  # broadcast over 2, not the losses' 4
+        record(
+            model, rand(4, 2, 2), fn=lambda x: model(x) + model.cls.expand(2, 2, 4).sum((0, 1))[:2]
+        )
+    assert str(info.value) == "a weight shared by the batch is not broadcast like the losses"
+
+
+def test_attention_weights_are_read_where_used_and_its_variants_refused():
+    model = nn.Module()
+    model.att = nn.MultiheadAttention(4, 2, batch_first=True)
+    model.head = nn.Linear(4, 2)
+    att = model.att
+    layers = ghost.ghost_layers(model, trainable(model))
+    assert layers.modules == {"head": (model.head.weight, model.head.bias)}
+    assert layers.loose == (att.in_proj_weight, att.in_proj_bias, att.out_proj.weight,
+                            att.out_proj.bias)  # fmt: skip
+    for kwargs in ({"add_bias_kv": True}, {"kdim": 3, "vdim": 3}):
+        other = nn.Module()
+        other.att = nn.MultiheadAttention(4, 2, **kwargs)
+        ineligible(other, "att: MultiheadAttention with add_bias_kv or kdim/vdim")
+
+
+def test_a_normalisation_layer_and_an_unused_call_equal_per_example_gradients():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)).to(DT)
+    x = rand(5, 3, seed=13)
+
+    def with_unused(x):
+        model[2](model[1](model[0](x)))  # a call whose output the losses never see
+        return model(x)
+
+    weights = trainable(model)
+    per, names = per_example(model, x, square)
+    rec = record(model, x, fn=with_unused)
+    assert len(rec.calls) == 6 and rec.calls[1].kind == "norm"
+    u = [rand(*w.shape, seed=30 + i) for i, w in enumerate(weights)]
+    want = sum(per[n].flatten(1) @ d.flatten() for n, d in zip(names, u, strict=True))
+    torch.testing.assert_close(rec.jvp(u), want, rtol=1e-10, atol=1e-12)
+    s = rand(len(x), seed=39)
+    for n, g in zip(names, rec.weighted_grads(s), strict=True):
+        torch.testing.assert_close(g, torch.einsum("b,b...->...", s, per[n]), rtol=1e-10,
+                                   atol=1e-12)  # fmt: skip
+
+
+def test_finish_frees_the_graph_unless_asked_and_two_slices_give_every_loss():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    weights = trainable(model)
+    layers = ghost.ghost_layers(model, weights)
+    with ghost.recording(model, layers) as watch:
+        losses = square(model(rand(4, 3)))
+    assert ghost.finish(weights, watch, losses).graph is None  # the default: freed
+    x = rand(6, 3, seed=14)
+    recs = [record(model, xs) for xs in x.tensor_split(2)]
+    torch.testing.assert_close(ghost.losses_of(recs).detach(), square(model(x)).detach())
+
+
+def test_a_recording_keeps_the_forward_only_for_part_of_the_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    x, y = rand(6, 3, seed=5), torch.tensor([0, 1, 2, 0, 1, 2])
+    want = F.cross_entropy(model(x), y, reduction="none").detach()
+    whole = ghost.PerLayerRecording(
+        Forward(model, trainable(model), x, y, F.cross_entropy, twin=lambda: None),
+        ghost.ghost_layers(model, trainable(model)),
+    )
+    assert len(whole.records) == 1 and whole._update is None  # one slice by default, no graph
+    head = [model[2].weight, model[2].bias]
+    for chunks in (1, 2, 3):
+        part = ghost.PerLayerRecording(
+            Forward(model, head, x, y, F.cross_entropy, twin=lambda: None),
+            ghost.ghost_layers(model, head),
+            chunks=chunks,
+        )
+        assert part._update is not None and part._update.requires_grad
+        torch.testing.assert_close(part.update_losses().detach(), want)
+
+
+def test_an_embedding_of_one_index_per_example_is_read_per_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(6, 3), nn.Tanh(), nn.Linear(3, 2)).to(DT)
+    x = torch.tensor([0, 2, 5, 2])  # (B,): one index each
+    weights = trainable(model)
+    per, names = per_example(model, x, square)
+    rec = record(model, x)
+    u = [rand(*w.shape, seed=40 + i) for i, w in enumerate(weights)]
+    want = sum(per[n].flatten(1) @ d.flatten() for n, d in zip(names, u, strict=True))
+    torch.testing.assert_close(rec.jvp(u), want, rtol=1e-10, atol=1e-12)
+
+
+def test_calls_not_batched_like_the_losses_are_refused():
+    model = nn.Sequential(nn.Linear(4, 4)).to(DT)
+    with pytest.raises(ghost.Ineligible) as info:  # a 1-D input as long as the batch
+        record(model, rand(4, 3), fn=lambda x: model(x[:, 0].repeat(4)[:4]))
+    assert str(info.value) == "Linear: input not batched like the losses"
+    with pytest.raises(ghost.Ineligible) as info:  # a batch of 1 whose output is not broadcast
+        record(model, rand(4, 4), fn=lambda x: (model(x[:1]), model(x))[1])
+    assert str(info.value) == "Linear: input not batched like the losses"

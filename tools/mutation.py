@@ -103,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         env=env,
         stdout=subprocess.DEVNULL,  # a progress line redrawn per mutant
     )
-    if run.returncode != 0:
+    if run.returncode != 0:  # e.g. a selected test failing without a mutant (mutmut's stats)
+        sys.stderr.write(
+            f"error: mutmut run ended with status {run.returncode}; its output (hidden here) "
+            f"says why: cd {scratch} && {sys.executable} -m mutmut run --max-children 1\n"
+        )
         return run.returncode
     status = _statuses(mutmut, scratch, env)
     counts = collections.Counter(status.values())

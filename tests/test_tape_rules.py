@@ -111,7 +111,9 @@ def test_max_pool3d_and_the_pool_of_an_input():
 # -- matrix products ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("beta", "alpha"), [(1.0, 1.0), (0.5, 2.0), (-1.5, 1.0), (1.0, -0.25)])
+@pytest.mark.parametrize(
+    ("beta", "alpha"), [(1.0, 1.0), (0.5, 2.0), (-1.5, 1.0), (1.0, -0.25), (2.0, 1.0)]
+)
 def test_addmm(beta, alpha):
     b, x, w = rand(5), rand(4, 3), rand(3, 5)
     check(lambda b, x, w: torch.addmm(b, x, w, beta=beta, alpha=alpha), [b, x, w])
@@ -230,8 +232,9 @@ def test_a_linear_op_of_a_weight_and_a_constant():
 @pytest.mark.parametrize(
     "f",
     [torch.tanh, torch.sigmoid, torch.exp, lambda x: x.pow(3), lambda x: F.softmax(x, -1),
-     lambda x: F.gelu(x), lambda x: F.layer_norm(x, (4,))],
-    ids=["tanh", "sigmoid", "exp", "pow", "softmax", "gelu", "layer_norm"],
+     lambda x: F.gelu(x), lambda x: F.gelu(x, approximate="tanh"),
+     lambda x: F.layer_norm(x, (4,))],
+    ids=["tanh", "sigmoid", "exp", "pow", "softmax", "gelu", "gelu-tanh", "layer_norm"],
 )  # fmt: skip
 def test_any_other_op_on_dual_numbers(f):
     check(f, [rand(3, 4)])
@@ -335,3 +338,98 @@ def test_native_dropout_scales_the_tangent_by_the_recorded_mask(p):
     want = d * mask / (1 - p)
     assert 0 < int(mask.sum()) < mask.numel()
     torch.testing.assert_close(tape.jvp([d], out), want, rtol=1e-12, atol=0)
+
+
+# -- edges the rules handle (a seed without a direction, dtypes, scales of 2, freeing) ---------
+
+
+@pytest.mark.parametrize("alpha", [1, 2, -2, 0.5])
+def test_add_and_sub_scale_the_second_tangent_by_alpha(alpha):
+    x, y = rand(4, 3), rand(3)
+    check(lambda x, y: torch.add(x, y, alpha=alpha), [x, y])
+    check(lambda x, y: torch.sub(x, y, alpha=alpha), [x, y])
+
+
+def test_a_seed_without_a_direction_leaves_relu_mul_and_max_pool_without_a_tangent():
+    """A direction of None: the rules of the ops reading only that seed get no tangent."""
+    x, w = rand(2, 1, 4, 4), rand(2, 1, 2, 2)
+    tape, out = record(lambda x, w: F.max_pool2d(F.relu(x * 1.0) * 2.0, 2) + w, x, w)
+    d = rand(2, 1, 2, 2, seed=5)
+    torch.testing.assert_close(tape.jvp([None, d], out), d, rtol=0, atol=0)
+
+
+def test_a_tangent_is_cast_like_the_result_it_belongs_to():
+    """A float32 tangent of a float64 result (a float32 weight plus a float64 constant, a
+    float32 direction for a float64 bias or input) comes back float64."""
+    x, c = rand(4, 3).float(), rand(4, 3)
+    tape, out = record(lambda x: x + c, x)
+    d = rand(4, 3, seed=6).float()
+    got = tape.jvp([d], out)
+    assert got.dtype == DT
+    torch.testing.assert_close(got, d.to(DT), rtol=0, atol=0)
+    x, w, b = rand(2, 2, 5, 5), rand(3, 2, 3, 3), rand(3)
+    tape, out = record(lambda b: F.conv2d(x, w, b), b)
+    db = rand(3, seed=7).float()
+    got = tape.jvp([db], out)
+    assert got.dtype == DT
+    torch.testing.assert_close(got, db.to(DT).view(1, 3, 1, 1).expand(2, 3, 3, 3), rtol=0, atol=0)
+    tape, out = record(lambda x: torch.flip(x, [0]), rand(4, 3))  # on dual numbers
+    got = tape.jvp([d], out)
+    assert got.dtype == DT
+    torch.testing.assert_close(got, torch.flip(d, [0]).to(DT), rtol=0, atol=0)
+
+
+def test_a_linear_op_of_a_bfloat16_weight_and_a_constant_stays_bfloat16():
+    """The zeros standing for a constant's tangent have the constant's dtype (float32 zeros
+    would make cat's result float32)."""
+    x, c = rand(2, 3).bfloat16(), rand(2, 3).bfloat16()
+    tape, out = record(lambda x: torch.cat([x, c]), x)
+    d = rand(2, 3, seed=8).bfloat16()
+    got = tape.jvp([d], out)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, torch.cat([d, torch.zeros_like(c)]))
+
+
+def test_an_op_with_a_result_that_is_not_a_tensor_is_replayed():
+    def f(x):
+        y = x * 2.0
+        return y.tanh() if torch.equal(y, y) else y
+
+    check(f, [rand(3)])
+
+
+def test_a_primal_the_tape_did_not_keep_is_an_internal_error():
+    from reweight.jvp.rules import Ref
+
+    ref = Ref(None, None, 0, (3,), DT, torch.device("cpu"))
+    with pytest.raises(RuntimeError) as info:
+        ref.primal()
+    assert str(info.value) == "internal error: the tape did not keep a primal its rule reads"
+
+
+def test_a_matrix_product_keeps_only_the_primal_its_rule_reads():
+    x, w = rand(4, 3), rand(3, 5)
+    tape, _ = record(lambda x: x @ w, x)
+    (e,) = tape.entries
+    assert e.named["self"].value is None and e.named["mat2"].value is w
+    tape, _ = record(lambda w: x @ w, w)
+    (e,) = tape.entries
+    assert e.named["self"].value is x and e.named["mat2"].value is None
+
+
+def test_a_convolution_frees_its_input_tangent_when_it_is_the_last_reader():
+    from reweight.jvp.rules import rule_convolution
+
+    x, w = rand(2, 2, 5, 5), rand(3, 2, 3, 3)
+    tape, _ = record(lambda x: F.conv2d(x * 1.0, w), x)
+    e = tape.entries[-1]
+    token = e.named["input"].token
+    tangent = rand(2, 2, 5, 5, seed=10)
+    e.last = set()
+    T = {token: tangent}
+    rule_convolution(e, T)
+    assert T == {token: tangent}
+    e.last = {token}
+    (got,) = rule_convolution(e, T)
+    assert T == {}
+    torch.testing.assert_close(got, F.conv2d(tangent, w), rtol=1e-12, atol=1e-12)

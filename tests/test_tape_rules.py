@@ -360,7 +360,7 @@ def test_a_seed_without_a_direction_leaves_relu_mul_and_max_pool_without_a_tange
 
 def test_a_tangent_is_cast_like_the_result_it_belongs_to():
     """A float32 tangent of a float64 result (a float32 weight plus a float64 constant, a
-    float32 direction for a float64 bias or input) comes back float64."""
+    float32 direction for a float64 bias) comes back float64."""
     x, c = rand(4, 3).float(), rand(4, 3)
     tape, out = record(lambda x: x + c, x)
     d = rand(4, 3, seed=6).float()
@@ -373,7 +373,11 @@ def test_a_tangent_is_cast_like_the_result_it_belongs_to():
     got = tape.jvp([db], out)
     assert got.dtype == DT
     torch.testing.assert_close(got, db.to(DT).view(1, 3, 1, 1).expand(2, 3, 3, 3), rtol=0, atol=0)
-    tape, out = record(lambda x: torch.flip(x, [0]), rand(4, 3))  # on dual numbers
+
+
+def test_an_op_on_dual_numbers_casts_a_float32_tangent_like_its_float64_primal():
+    tape, out = record(lambda x: torch.flip(x, [0]), rand(4, 3))  # flip: on dual numbers
+    d = rand(4, 3, seed=6).float()
     got = tape.jvp([d], out)
     assert got.dtype == DT
     torch.testing.assert_close(got, torch.flip(d, [0]).to(DT), rtol=0, atol=0)

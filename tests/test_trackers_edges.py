@@ -17,6 +17,7 @@ import torch
 
 from reweight.train import trackers
 from reweight.train.trackers import MLflowLogger, TensorBoardLogger, WandbLogger
+from tests.helpers import next_second
 from tests.test_loggers_unit import FakeWandb, tb_events
 from tests.test_tracker_records import wandb_history, wandb_records
 
@@ -246,6 +247,7 @@ def test_tensorboard_a_histogram_first_purges_like_a_row(tmp_path: Path):
     for step in (1, 2, 3):
         first.log_row(step, {"lr": 0.1 * step})
     first.close()
+    next_second()
     again = TensorBoardLogger(log_dir)
     again.log_histogram("weights", torch.ones(4), 2)
     again.log_row(2, {"lr": 9.0})

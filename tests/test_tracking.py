@@ -8,7 +8,6 @@ import json
 import math
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -26,7 +25,15 @@ from reweight.data import build_dataset
 from reweight.train.loggers import Logger
 from reweight.train.signals import TrainingInterrupted
 from reweight.train.trackers import TensorBoardLogger
-from tests.helpers import REWEIGHT, cli_env, quiet, run_command, signal_at, start_command
+from tests.helpers import (
+    REWEIGHT,
+    cli_env,
+    next_second,
+    quiet,
+    run_command,
+    signal_at,
+    start_command,
+)
 from tests.test_tracker_records import wandb_history, wandb_records
 
 TINY = [
@@ -319,26 +326,17 @@ def test_an_error_in_on_end_is_failed_in_the_trackers(tmp_path: Path) -> None:
     assert rec.calls[-1] == ("close", "FAILED", False)
 
 
-def _next_second() -> None:
-    """Wait for the next wall-clock second. TensorBoard reads a folder's event files in name
-    order, and a file is named by the second it was opened in, then the process id and a
-    counter written without padding: three sessions of one process within one second can sort
-    out of order when the counter passes 9 -> 10 (the reader then purges the first session's
-    steps as out of order). Sessions of a real resume are separate processes, seconds apart."""
-    time.sleep(1.0 - time.time() % 1.0 + 0.01)
-
-
 def test_tensorboard_resume_appends_without_duplicates(tmp_path: Path) -> None:
     log_dir = tmp_path / "tb"
     first = _tiny_trainer(tmp_path, 4, [TensorBoardLogger(log_dir)])
     first.fit()
     # a killed session: steps 5 and 6 logged after the checkpoint at step 4, never saved
-    _next_second()
+    next_second()
     stray = TensorBoardLogger(log_dir)
     stray.log_row(5, {"lr": 99.0})
     stray.log_row(6, {"lr": 99.0})
     stray.close()
-    _next_second()
+    next_second()
     second = _tiny_trainer(tmp_path, 6, [TensorBoardLogger(log_dir)])
     result = second.fit(resume=True)
     lr = _tb_scalars(log_dir)["lr"]

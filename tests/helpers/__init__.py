@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -215,3 +216,13 @@ def spawn_ranks(worker: Callable[..., None], out: Path, world: int = 2, **load: 
 
     mp.spawn(worker, args=(world, free_port(), str(out)), nprocs=world, join=True)
     return [torch.load(out / f"rank{r}.pt", **{"weights_only": True, **load}) for r in range(world)]
+
+
+def next_second() -> None:
+    """Wait for the next wall-clock second, before a test opens another TensorBoard session in
+    the same folder. TensorBoard reads a folder's event files in name order, and a file is
+    named by the second it was opened in, then the process id and a counter written without
+    padding: sessions of one process within one second sort out of order when the counter
+    passes 9 -> 10, and the reader then purges steps as out of order. Sessions of a real
+    resume are separate processes, seconds apart."""
+    time.sleep(1.0 - time.time() % 1.0 + 0.01)

@@ -26,6 +26,7 @@ from reweight.train.trackers import (
     flatten_config,
     scalars,
 )
+from tests.helpers import next_second
 
 # -- rows and configs --------------------------------------------------------------------------
 
@@ -349,6 +350,7 @@ def test_tensorboard_writes_the_config_with_the_first_row_and_knows_its_steps(tm
     assert text.step == 2
     shown = text.tensor_proto.string_val[0].decode()
     assert shown == '```\n{\n  "a": {\n    "c": "x"\n  },\n  "b": 2\n}\n```'
+    next_second()  # the second session's file sorts after the first one's
     again = TensorBoardLogger(log_dir)
     assert again.has_step(3) and again.has_step(2) and not again.has_step(4)
     again.log_row(4, {"lr": 1.0})

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from reweight.train.trackers import MLflowLogger, TensorBoardLogger, WandbLogger
+from tests.helpers import next_second
 
 _BLOCK, _FULL, _FIRST, _MIDDLE, _LAST = 32768, 1, 2, 3, 4
 
@@ -200,6 +201,7 @@ def test_tensorboard_close_writes_every_row(tmp_path: Path) -> None:
     scalars, hists = tb_events(log_dir)
     assert scalars["lr"] == [(1, 0.5), (2, 1.0), (3, 1.5)]
     assert hists["weights"] == [1, 2, 3]
+    next_second()  # the reopened writer's file sorts after the first one's
     logger.log_row(4, {"step": 4, "lr": 2.0})
     logger.close()
     scalars, _ = tb_events(log_dir)

@@ -4,6 +4,7 @@ records (reweight.data.checksums) in a temporary folder rather than the user's c
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,11 @@ def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
     }.items():
         monkeypatch.setenv(key, value)
+
+
+@pytest.fixture
+def mlflow_quiet():
+    """MLflow's SQL store uses APIs that SQLAlchemy 2.1 deprecates: their warnings hidden."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -379,14 +378,7 @@ def mlflow_client(uri: str):
     return mlflow.tracking.MlflowClient(uri)
 
 
-@pytest.fixture
-def quiet():
-    with warnings.catch_warnings():  # MLflow's SQL store uses APIs SQLAlchemy 2.1 deprecates
-        warnings.simplefilter("ignore", DeprecationWarning)
-        yield
-
-
-def test_mlflow_run_params_quantiles_and_status(tmp_path: Path, quiet):
+def test_mlflow_run_params_quantiles_and_status(tmp_path: Path, mlflow_quiet):
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     id_file = tmp_path / "sub" / "id.txt"
     logger = MLflowLogger(uri, id_file, experiment="exp", run_name="r",
@@ -433,7 +425,7 @@ def test_mlflow_run_params_quantiles_and_status(tmp_path: Path, quiet):
     third.close()  # closed: nothing
 
 
-def test_mlflow_run_finished_by_a_session_that_logged_nothing(tmp_path: Path, quiet):
+def test_mlflow_run_finished_by_a_session_that_logged_nothing(tmp_path: Path, mlflow_quiet):
     """A session stopped while writing the run's files ends the run KILLED; the next session,
     with no step left, writes them and ends it FINISHED without logging (reopened). A session
     that logged nothing and ends otherwise, or a logger closed twice, changes nothing."""

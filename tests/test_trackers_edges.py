@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import pytest
@@ -293,14 +292,7 @@ def test_a_torn_event_file_does_not_hide_the_next_one(tmp_path: Path, monkeypatc
 # -- MLflow ------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def quiet():
-    with warnings.catch_warnings():  # MLflow's SQL store uses APIs SQLAlchemy 2.1 deprecates
-        warnings.simplefilter("ignore", DeprecationWarning)
-        yield
-
-
-def test_mlflow_quiets_its_table_makers_and_makes_its_id_folder(tmp_path: Path, quiet):
+def test_mlflow_quiets_its_table_makers_and_makes_its_id_folder(tmp_path: Path, mlflow_quiet):
     names = ("mlflow.store.db.utils", "alembic")
     before = {n: logging.getLogger(n).level for n in (*names, None)}
     try:
@@ -320,7 +312,7 @@ def test_mlflow_quiets_its_table_makers_and_makes_its_id_folder(tmp_path: Path, 
             logging.getLogger(name).setLevel(level)
 
 
-def test_mlflow_resume_of_a_run_without_rows(tmp_path: Path, quiet):
+def test_mlflow_resume_of_a_run_without_rows(tmp_path: Path, mlflow_quiet):
     """A session that logged no ``lr`` (its history is empty): the next logs from step 0 on,
     with its parameters."""
     uri = f"sqlite:///{tmp_path / 'm.db'}"
@@ -344,7 +336,7 @@ def test_mlflow_resume_of_a_run_without_rows(tmp_path: Path, quiet):
     assert client.get_run(run_id).data.params == {"a": "1"}
 
 
-def test_mlflow_resume_after_step_0_keeps_the_first_parameters(tmp_path: Path, quiet):
+def test_mlflow_resume_after_step_0_keeps_the_first_parameters(tmp_path: Path, mlflow_quiet):
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     id_file = tmp_path / "id.txt"
     first = MLflowLogger(uri, id_file)
@@ -361,7 +353,7 @@ def test_mlflow_resume_after_step_0_keeps_the_first_parameters(tmp_path: Path, q
     assert run.data.params == {"a": "1"}
 
 
-def test_mlflow_logs_every_parameter_of_a_large_config(tmp_path: Path, quiet):
+def test_mlflow_logs_every_parameter_of_a_large_config(tmp_path: Path, mlflow_quiet):
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     id_file = tmp_path / "id.txt"
     logger = MLflowLogger(uri, id_file)
@@ -379,7 +371,7 @@ def test_mlflow_checks_an_existing_store_file(tmp_path: Path):
     MLflowLogger(f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "id").check()  # no error
 
 
-def test_mlflow_timestamps_are_wall_clock_milliseconds(tmp_path: Path, quiet):
+def test_mlflow_timestamps_are_wall_clock_milliseconds(tmp_path: Path, mlflow_quiet):
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     id_file = tmp_path / "id.txt"
     logger = MLflowLogger(uri, id_file)

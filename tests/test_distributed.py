@@ -2,7 +2,8 @@
 Every method, and both meta-gradient modes of L2RW and MW-Net: ``fast`` (the default) with the
 engines the planner picks for this MLP (per layer, its first step checked) and the tangent tape
 forced; both methods on a small attention model with a class token and a position embedding
-(per layer: their per-example terms summed over ranks like any weight's); MW-Net with both
+(per layer: their per-example terms summed over ranks like any weight's) and on a
+bidirectional LSTM (per layer: its gates read from the fused kernel's outputs); MW-Net with both
 normalisations, the replayed optimizer and the net fed the losses undetached
 (detach_loss=False: the virtual step's seeds then take the other ranks' weights' dependence on
 the local losses through the normalisation).
@@ -45,6 +46,8 @@ CASES = {
     "mwnet_dual_twin": lambda: MWNet(hidden=8, lr=1e-2, engine="dual_twin"),
     "l2rw_attention": lambda: build_method("l2rw"),
     "mwnet_attention": lambda: MWNet(hidden=8, lr=1e-2, normalize="sum"),
+    "l2rw_lstm": lambda: build_method("l2rw"),
+    "mwnet_lstm": lambda: MWNet(hidden=8, lr=1e-2, replay_optimizer=True),
     "mwnet_unrolled": lambda: MWNet(hidden=8, lr=1e-2, meta_grad="unrolled"),
     "mwnet_unrolled_sum": lambda: MWNet(hidden=8, lr=1e-2, normalize="sum", meta_grad="unrolled"),
     "mwnet_unrolled_replay": lambda: MWNet(
@@ -71,11 +74,31 @@ class Tokens(nn.Module):
         return self.head(self.attn(t, t, t, need_weights=False)[0][:, 0])
 
 
+class Steps(nn.Module):
+    """The 5 features as 5 steps of one feature, a bidirectional 2-layer LSTM, a head on the
+    final hidden states of the top layer's two directions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(1, 6, num_layers=2, bidirectional=True, batch_first=True)
+        self.head = nn.Linear(12, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, (h, _) = self.lstm(x.unsqueeze(-1))
+        return self.head(torch.cat([h[-2], h[-1]], 1))
+
+
 def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 2))
 
 
-MODELS = {"l2rw_attention": Tokens, "mwnet_attention": Tokens}  # the others: mlp
+# the others: mlp
+MODELS = {
+    "l2rw_attention": Tokens,
+    "mwnet_attention": Tokens,
+    "l2rw_lstm": Steps,
+    "mwnet_lstm": Steps,
+}
 
 
 def data():
@@ -150,6 +173,8 @@ WANT_JVPS = {
     "mwnet_dual_twin": {"dual_twin": 6},
     "l2rw_attention": {"per_layer": 6},
     "mwnet_attention": {"per_layer": 6},
+    "l2rw_lstm": {"per_layer": 6},
+    "mwnet_lstm": {"per_layer": 6},
 }
 
 

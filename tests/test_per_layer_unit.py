@@ -52,8 +52,8 @@ def test_batch_norm_in_training_after_a_layer_is_ruled_out_before_one_is_not():
 
 def test_layers_whose_weights_are_not_read_per_layer_are_named():
     only = (
-        "nn.Linear, nn.Conv, nn.Embedding, nn.MultiheadAttention and affine normalisation "
-        "layers' are read per layer"
+        "nn.Linear, nn.Conv, nn.Embedding, nn.MultiheadAttention, nn.LSTM and affine "
+        "normalisation layers' are read per layer"
     )
     bilinear = nn.Sequential(nn.Linear(3, 4), nn.Bilinear(4, 4, 2))
     ineligible(bilinear, f"1 (Bilinear) has trainable weights, and only {only}")

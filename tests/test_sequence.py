@@ -95,6 +95,7 @@ class Attention(nn.Module):
 
 MODELS = {
     "lstm": lambda: Recurrent(nn.LSTM),
+    "lstm_time_first": lambda: Recurrent(nn.LSTM, batch_first=False),
     "lstm_packed": lambda: Recurrent(nn.LSTM, packed=True),
     "gru_time_first": lambda: Recurrent(nn.GRU, batch_first=False),
     "rnn": lambda: Recurrent(nn.RNN),
@@ -175,7 +176,10 @@ def l2rw_step(model, x, y, xv, yv, **kwargs):
 L2RW_ENGINES = ["auto", "tape", "dual", "dual_twin"]
 MWNET_ENGINES = ["auto", "tape", "dual_twin"]
 MODES = ("fast", "unrolled")
-RECURRENT = {"lstm", "lstm_packed", "gru_time_first", "rnn"}
+RECURRENT = {"lstm", "lstm_time_first", "lstm_packed", "gru_time_first", "rnn"}
+# the recurrent models the per-layer path reads (nn.LSTM on padded batches); the others, and
+# a packed sequence, take dual numbers through the twin
+PER_LAYER_RECURRENT = {"lstm", "lstm_time_first"}
 
 
 def refused_tape(name: str, engine: str) -> bool:
@@ -195,8 +199,10 @@ def test_l2rw_eps_grad_equals_the_reference(name: str):
 
 def engine_cases(engines: list[str]) -> list[tuple[str, str]]:
     """(model, engine) for an every-engine test: all but the refused ones (a forced tape on a
-    recurrent model: test_a_forced_tape_is_refused_on_a_recurrent_model)."""
-    return [(name, e) for name in MODELS for e in engines if not refused_tape(name, e)]
+    recurrent model: test_a_forced_tape_is_refused_on_a_recurrent_model), and the per-layer
+    path forced on the LSTMs it reads."""
+    cases = [(name, e) for name in MODELS for e in engines if not refused_tape(name, e)]
+    return cases + [(name, "per_layer") for name in sorted(PER_LAYER_RECURRENT)]
 
 
 def step_by_engine(step, name: str, engine: str):
@@ -215,7 +221,8 @@ def test_l2rw_step_by_every_engine_equals_the_reference(name: str, engine: str):
     (model, x, y, xv, yv), method, out = step_by_engine(l2rw_step, name, engine)
     want = reference_eps_grad(model, x, y, xv, yv)
     if engine == "auto" and name in RECURRENT:
-        assert method.metastep.planner.last_engine == "dual_twin"
+        auto = "per_layer" if name in PER_LAYER_RECURRENT else "dual_twin"
+        assert method.metastep.planner.last_engine == auto
     expected_w = torch.clamp(-want, min=0)
     assert_close(out.weights, expected_w / expected_w.sum())
     # the losses the real update backpropagates are the model's, at θ
@@ -331,5 +338,5 @@ def test_the_benchmark_runs_the_sequence_models(monkeypatch: pytest.MonkeyPatch)
         assert [r["variant"] for r in rows] == ["plain", "l2rw/fast", "mwnet/fast"]
         assert all(r["ratio"] > 0 for r in rows)
         engines[name] = {r["variant"]: r["engine"] for r in rows}
-    assert engines["lstm"]["l2rw/fast"] == engines["lstm"]["mwnet/fast"] == "dual_twin"
+    assert engines["lstm"]["l2rw/fast"] == engines["lstm"]["mwnet/fast"] == "per_layer"
     assert engines["vit_tiny"]["l2rw/fast"] == engines["vit_tiny"]["mwnet/fast"] == "per_layer"

@@ -9,6 +9,7 @@ per-example gradients are read off the output of the op that broadcasts them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -46,8 +47,22 @@ class LayerCall:
     per_example: Tensor | None = None  # (B, weight.numel() [+ bias.numel()]) instead of x, g
     versions: tuple[int, int] = (0, 0)  # of x and z when recorded: in-place writes show later
     problem: str | None = None  # why this call cannot be used (raised by ``finish``)
+    recurrent: Any = None  # an ``nn.LSTM`` call's ``LstmRecord`` (``reweight.jvp.recurrent``)
 
     # -- the layer's maths -----------------------------------------------------------------
+
+    @property
+    def tensors(self) -> tuple[Tensor | None, Tensor | None]:
+        """The trainable tensors this call reads: (weight, bias), None where frozen."""
+        return self.weight, self.bias
+
+    def inner_of(self, us: list[Tensor | None]) -> Tensor:
+        """``inner`` with the direction given per tensor of ``tensors``."""
+        return self.inner(*us)
+
+    def grads_of(self, seeds: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """``weighted_grads``, per tensor of ``tensors``."""
+        return self.weighted_grads(seeds)
 
     def _conv_args(self) -> tuple:
         m = self.module

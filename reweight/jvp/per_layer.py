@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from reweight.jvp.base import Forward, Recording
 from reweight.jvp.layers import CONVS, LAYERS, LayerCall, kind_of
+from reweight.jvp.recurrent import lstm_calls, lstm_problem, record_lstm
 from reweight.jvp.shared import Watch, reduce_to
 
 __all__ = [
@@ -106,6 +107,14 @@ def ghost_layers(model: nn.Module, weights: Sequence[Tensor]) -> Layers:
         own = [p for p in m._parameters.values() if p is not None and id(p) in wanted]
         if not own:
             continue
+        if isinstance(m, nn.LSTM) and _torch(m):
+            problem = lstm_problem(m)
+            if problem is not None or m._forward_pre_hooks or m._forward_hooks:
+                raise Ineligible(f"{name}: {problem or 'hooks'}")
+            # one entry per flat weight, in the module's order: trainable, or None (frozen)
+            layers[name] = tuple(t if id(t) in wanted else None for t in m._flat_weights)
+            covered.update(id(p) for p in own)
+            continue
         if isinstance(m, nn.MultiheadAttention) or id(m) in attention_parts or not _torch(m):
             # read where the forward uses them: F.linear calls, broadcasts over the batch
             loose.extend(own)
@@ -114,7 +123,7 @@ def ghost_layers(model: nn.Module, weights: Sequence[Tensor]) -> Layers:
         if type(m) not in LAYERS:
             raise Ineligible(
                 f"{name or 'the model'} ({type(m).__name__}) has trainable weights, and only "
-                "nn.Linear, nn.Conv, nn.Embedding, nn.MultiheadAttention and affine "
+                "nn.Linear, nn.Conv, nn.Embedding, nn.MultiheadAttention, nn.LSTM and affine "
                 "normalisation layers' are read per layer"
             )
         if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.scale_grad_by_freq):
@@ -160,6 +169,9 @@ def recording(model: nn.Module, layers: Layers) -> Iterator[Watch]:
             return
         # never raise here: that would abort the model's forward, which may be the real one
         x = args[0] if args else None
+        if isinstance(module, nn.LSTM):
+            _record_lstm(watch, module, args, out, list(by_module[module]))
+            return
         w, b = by_module[module]
         kind = kind_of(module)
         name = next(c.__name__ for c in LAYERS if isinstance(module, c))
@@ -180,6 +192,20 @@ def recording(model: nn.Module, layers: Layers) -> Iterator[Watch]:
             yield watch
     finally:
         handle.remove()
+
+
+def _record_lstm(watch: Watch, module: nn.LSTM, args: tuple, out: Any, trainable: list) -> None:
+    rec = record_lstm(module, args, out, trainable)
+    if isinstance(rec, str):
+        watch.calls.append(LayerCall(module, "lstm", "LSTM", None, None, problem=rec))
+        return
+    x, z = args[0], out[0]
+    if not module.batch_first:
+        x = x.transpose(0, 1)
+    versions = (args[0]._version, z._version)
+    call = LayerCall(module, "lstm", "LSTM", None, None, x=x.detach(), z=z, versions=versions)
+    call.recurrent = rec
+    watch.calls.append(call)
 
 
 def finish(
@@ -204,19 +230,29 @@ def finish(
         if u.out.shape[0] != n or u.out._version != u.version:
             raise Ineligible("a weight shared by the batch is not broadcast like the losses")
     batched = [c for c in calls if id(c) not in shared]
-    zs = [c.z for c in batched] + [u.out for u in uses]
+    lstms = [c for c in batched if c.kind == "lstm"]
+    finals = [t for c in lstms for t in c.recurrent.finals]  # an LSTM's (h_n, c_n)
+    zs = [c.z for c in batched] + [u.out for u in uses] + finals
     gs = torch.autograd.grad(losses.sum(), zs, allow_unused=True, retain_graph=keep_graph)
-    for t, g in zip([*batched, *uses], gs, strict=True):
-        z = t.z if isinstance(t, LayerCall) else t.out
-        t.g = torch.zeros_like(z) if g is None else g.detach()
+    gs = [torch.zeros_like(z) if g is None else g.detach() for z, g in zip(zs, gs, strict=True)]
+    for t, g in zip([*batched, *uses], gs, strict=False):
+        t.g = g
+    for k, c in enumerate(lstms):
+        c.recurrent.g_finals = tuple(gs[len(batched) + len(uses) + 2 * k :][:2])
+        c.recurrent.finals = None
     for c in calls:
         c.z = None
     for u in uses:
         u.out = None
     del zs, gs
+    if lstms:  # each as the linear maps it is made of, once its gate gradients are known
+        try:
+            calls = [e for c in calls for e in (lstm_calls(c) if c.kind == "lstm" else [c])]
+        except ValueError as err:
+            raise Ineligible(f"LSTM: {err}") from err
     _fold_shared(followed, calls, n)
     for c in calls:
-        if c.per_example is not None:
+        if c.per_example is not None or c.kind == "gates":
             continue
         params = sum(t.numel() for t in (c.weight, c.bias) if t is not None)
         if c.kind == "norm" or (
@@ -242,8 +278,12 @@ def _shared_calls(calls: list[LayerCall], watch: Watch, n: int) -> dict[int, Any
             # e.g. ReLU(inplace=True) on a layer's output: autograd would then differentiate
             # with respect to the ReLU's result, not the layer's output
             raise Ineligible(f"{c.name}: its input or output was modified in place")
-        if c.x.shape[0] == n and c.z.shape[0] == n:
+        # an LSTM's input is kept batch first; its output is as the module returns it
+        z_batch = 1 if c.kind == "lstm" and not c.module.batch_first else 0
+        if c.x.shape[0] == n and c.z.shape[z_batch] == n:
             continue
+        if c.kind == "lstm":
+            raise Ineligible(f"{c.name}: input not batched like the losses")
         w = watch.watched.get(id(c.z))
         if c.x.shape[0] != 1 or c.z.shape[0] != 1 or w is None or not w.uses:
             raise Ineligible(f"{c.name}: input not batched like the losses")
@@ -298,11 +338,10 @@ class GhostRecord:
         by_id = {id(w): d for w, d in zip(self.weights, directions, strict=True)}
         out = torch.zeros_like(self.values)
         for call in self.calls:
-            u_w = by_id.get(id(call.weight)) if call.weight is not None else None
-            u_b = by_id.get(id(call.bias)) if call.bias is not None else None
-            if u_w is None and u_b is None:  # a layer the direction does not move
+            us = [None if t is None else by_id.get(id(t)) for t in call.tensors]
+            if all(u is None for u in us):  # a layer the direction does not move
                 continue
-            out += call.inner(u_w, u_b).to(out.dtype)
+            out += call.inner_of(us).to(out.dtype)
         return out
 
     @torch.no_grad()
@@ -310,7 +349,7 @@ class GhostRecord:
         """∇θ Σᵢ sᵢℓᵢ per weight (None for a weight no layer reached)."""
         grads: list[Tensor | None] = [None] * len(self.weights)
         for call in self.calls:
-            for t, g in zip((call.weight, call.bias), call.weighted_grads(seeds), strict=True):
+            for t, g in zip(call.tensors, call.grads_of(seeds), strict=True):
                 if t is None or g is None:
                     continue
                 i = self._index[id(t)]

@@ -19,12 +19,14 @@ channels) keeps those instead of Xᵢ and Gᵢ.
 
 Whether a model qualifies is decided in two stages. By structure: every trainable tensor is the
 weight or bias of an ``nn.Linear``, ``nn.Conv1d/2d/3d`` (zero padding, not transposed),
-``nn.Embedding`` or affine normalisation layer, or a ``loose`` weight, read where the forward
-uses it (``reweight.jvp.shared``): an ``nn.MultiheadAttention``'s projections, and the own
-weights of modules outside ``torch.nn`` (a ViT's class token and position embedding); no
-BatchNorm is in training mode, and every layer's input and output are batched (or, for a call
-made once for the whole batch, such as BERT's position embeddings, broadcast over it) and not
-written in place later in the forward (``ReLU(inplace=True)`` right after a layer is). By
+``nn.Embedding``, affine normalisation layer or ``nn.LSTM`` (its gates are linear maps of each
+step's input and previous hidden state: ``reweight.jvp.recurrent``), or a ``loose`` weight,
+read where the forward uses it (``reweight.jvp.shared``): an ``nn.MultiheadAttention``'s
+projections, and the own weights of modules outside ``torch.nn`` (a ViT's class token and
+position embedding); no BatchNorm is in training mode, and every layer's input and output are
+batched (or, for a call made once for the whole batch, such as BERT's position embeddings,
+broadcast over it) and not written in place later in the forward (``ReLU(inplace=True)``
+right after a layer is). By
 measurement, because a model's own code may still mix examples or use a weight outside its
 layer: on the first step of every (model, structure, mode) a separate forward computes a JVP
 both ways (this one and an exact engine's) and the per-layer path is used only if they agree

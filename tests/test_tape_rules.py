@@ -58,6 +58,9 @@ def check(f, tensors, moving=None, rng_seed=None):
             out = f(*tensors)
         assert tape.error is None, tape.error
         got = tape.jvp(dirs, out)
+        # a tangent is a value: no graph of its own (one would hold every op's inputs, and
+        # double the step's memory: ResNet-32's L2RW step went from 1.12x to 2.46x a plain one)
+        assert got.grad_fn is None and not got.requires_grad
         if rng_seed is not None:
             torch.manual_seed(rng_seed)
         want = jvp(g, tuple(s.detach() for s in seeds), tuple(dirs))[1]
@@ -437,3 +440,37 @@ def test_a_convolution_frees_its_input_tangent_when_it_is_the_last_reader():
     (got,) = rule_convolution(e, T)
     assert T == {}
     torch.testing.assert_close(got, F.conv2d(tangent, w), rtol=1e-12, atol=1e-12)
+
+
+class _GraphsMade(torch.overrides.TorchFunctionMode):
+    """Counts the ops whose result starts a graph of its own (requires grad, not a view)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.requires_grad and not out._is_view():
+            self.made.append(getattr(func, "__name__", str(func)))
+        return out
+
+
+def test_the_replay_builds_no_graph_even_with_grad_enabled():
+    """Tangents are values: the replay runs without grad, whatever the caller's mode, so no
+    op of it saves its inputs for a backward (with grad on, each would: ResNet-32's L2RW fast
+    step peaked at 2.46x a plain step's memory instead of 1.12x)."""
+    from reweight.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet32", num_classes=10, in_channels=3).to(DT)
+    x, y = rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    weights = list(model.parameters())
+    tape = TangentTape(weights)
+    with tape:
+        out = F.cross_entropy(model(x), y, reduction="none")
+    with torch.enable_grad(), _GraphsMade() as mode:
+        got = tape.jvp([rand(*w.shape, seed=5) for w in weights], out)
+    assert got.abs().max() > 0 and not got.requires_grad
+    # only the forward-AD bookkeeping of the dual level (dual tensors of the weights) remains
+    assert set(mode.made) <= {"_make_dual"}, sorted(set(mode.made))

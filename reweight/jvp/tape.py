@@ -180,7 +180,6 @@ class TangentTape(TorchDispatchMode):
 
     # -- replay -----------------------------------------------------------------------------
 
-    @torch.no_grad()
     def _schedule(self, target: int) -> dict[int, int]:
         """Mark each entry's ``last``: the tangents no entry after it reads (freed once it ran),
         and return the max-pools fused with the convolution they read (pool entry -> conv)."""
@@ -213,6 +212,7 @@ class TangentTape(TorchDispatchMode):
                     fused[j] = i
         return fused
 
+    @torch.no_grad()  # tangents are values: no graph of their own, nothing saved for one
     def jvp(self, directions: Sequence[Tensor], output: Tensor) -> Tensor:
         """The tangent of ``output`` when the seeds move in ``directions``."""
         if self.error is not None:

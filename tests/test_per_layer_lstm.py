@@ -23,7 +23,7 @@ from reweight.metastep import StepInputs
 from reweight.models import build_model
 
 from .test_fast import assert_equal, mwnet_pair
-from .test_per_layer_shared import per_example_grads
+from .test_per_layer_shared import _differs, direction, per_example_grads, records
 
 DT = torch.float64
 CLASSES = 3
@@ -62,19 +62,6 @@ def batch(n: int, seed: int, steps: int = 6):
 def net(**options) -> nn.Module:
     torch.manual_seed(0)
     return Net(**options).to(DT)
-
-
-def records(model: nn.Module, x, y) -> list[ghost.GhostRecord]:
-    _, weights = trainable(model)
-    layers = ghost.ghost_layers(model, weights)
-    with ghost.recording(model, layers) as watch:
-        losses = F.cross_entropy(model(x), y, reduction="none")
-    return [ghost.finish(weights, watch, losses)]
-
-
-def direction(weights, seed: int = 2) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(w.shape, generator=g, dtype=DT) for w in weights]
 
 
 def compare(model: nn.Module, x, y) -> tuple[torch.Tensor, torch.Tensor, list, list]:
@@ -236,14 +223,6 @@ def test_a_call_the_path_does_not_read_is_refused_and_the_step_stays_exact(how, 
 
 
 # -- mutation checks: each term the reading adds carries weight ----------------------------------
-
-
-def _differs(got: torch.Tensor, want: torch.Tensor) -> bool:
-    try:
-        assert_equal(got, want)
-    except AssertionError:
-        return True
-    return False
 
 
 def _mutant(kind: str):

@@ -60,39 +60,23 @@ def run(bundle, method, steps=STEPS, dtype=torch.float32):
 
 @pytest.fixture(scope="module")
 def results(bundle):
-    return {
-        "erm": run(bundle, "erm")[0],
-        "l2rw": run(bundle, L2RW(meta_grad="unrolled"))[0],
-        "l2rw_fast": run(bundle, L2RW(meta_grad="fast"))[0],
-    }
+    return {"erm": run(bundle, "erm")[0], "l2rw": run(bundle, L2RW())[0]}
 
 
 @pytest.mark.slow
 def test_l2rw_recovers_the_minority_class(results):
+    """L2RW as it runs by default (``meta_grad="fast"``, the per-layer path the planner picks
+    for LeNet). The unrolled step trains the same model: the float64 test below, step for
+    step (in float32 the two runs part after some dozens of steps, when rounding moves a batch
+    across L2RW's zero-sum threshold: measured 0.02–0.07 apart in balanced accuracy)."""
     erm, l2rw = results["erm"], results["l2rw"]
+    assert l2rw["meta_engine"]["jvps"] == {"per_layer": STEPS}
     # ERM all but ignores the 20 fours among 4970 nines ...
     assert erm["per_class_accuracy"][0] < 0.3
     # ... L2RW, with 10 clean images, recognises them: balanced accuracy clearly above ERM's.
     assert l2rw["test_balanced_accuracy"] > 0.85
     assert l2rw["test_balanced_accuracy"] > erm["test_balanced_accuracy"] + 0.2
     assert l2rw["zero_sum_batches"] > 0  # counted: batches whose weights were all zero
-
-
-@pytest.mark.slow
-def test_fast_meta_gradient_reaches_the_same_accuracy(results):
-    """The same smoke run with meta_grad="fast": the same recovery of the fours.
-
-    In float32 the two runs part after some dozens of steps (rounding moves a batch across
-    L2RW's zero-sum threshold, and from there they see different weights), so their accuracies
-    agree to a few points, not digits; the float64 test below shows the paths are the same.
-    Measured (torch 2.14.1, balanced accuracy, fast vs unrolled 0.964): 0.02 apart on two
-    draws with the tangent tape, 0.068 apart (0.896) with the per-layer path LeNet now takes.
-    """
-    unrolled, fast = results["l2rw"], results["l2rw_fast"]
-    assert fast["meta_engine"]["jvps"] == {"per_layer": STEPS}
-    assert fast["test_balanced_accuracy"] > 0.85
-    assert fast["test_balanced_accuracy"] > results["erm"]["test_balanced_accuracy"] + 0.2
-    assert abs(fast["test_balanced_accuracy"] - unrolled["test_balanced_accuracy"]) < 0.1
 
 
 @pytest.mark.slow

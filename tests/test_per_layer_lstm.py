@@ -110,8 +110,14 @@ def test_jvp_and_weighted_gradients_equal_per_example_gradients(
             for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
             for s in ("", "_reverse")
         ),  # the whole first layer
+        tuple(
+            f"lstm.weight_{n}_l{k}{s}"
+            for n in ("ih", "hh")
+            for k in (0, 1)
+            for s in ("", "_reverse")
+        ),  # every LSTM weight: its biases alone move
     ],
-    ids=["w_hh", "reverse_w_ih_b_hh", "b_ih", "layer0"],
+    ids=["w_hh", "reverse_w_ih_b_hh", "b_ih", "layer0", "biases_only"],
 )
 def test_frozen_parts(frozen: tuple[str, ...]):
     model = net(bidirectional=True, layers=2, finals=True)
@@ -157,26 +163,39 @@ def test_l2rw_and_mwnet_take_the_path_and_equal_unrolled(layers: int):
 @pytest.mark.parametrize(
     ("make", "reason"),
     [
-        (lambda: nn.LSTM(4, 5, proj_size=3, batch_first=True), "proj_size"),
-        (lambda: nn.LSTM(4, 5, 2, dropout=0.5, batch_first=True), "dropout between layers"),
-        (lambda: nn.GRU(4, 5, batch_first=True), r"\(GRU\).*nn.LSTM"),
+        (lambda: nn.LSTM(4, 5, proj_size=3, batch_first=True), "0: LSTM with proj_size"),
+        (
+            lambda: nn.LSTM(4, 5, 2, dropout=0.5, batch_first=True),
+            "0: LSTM with dropout between layers in training mode",
+        ),
+        (
+            lambda: nn.GRU(4, 5, batch_first=True),
+            "0 (GRU) has trainable weights, and only nn.Linear, nn.Conv, nn.Embedding, "
+            "nn.MultiheadAttention, nn.LSTM and affine normalisation layers' are read per layer",
+        ),
     ],
     ids=["proj_size", "dropout", "gru"],
 )
 def test_a_structure_the_path_does_not_read_is_refused_by_structure(make, reason: str):
     model = nn.Sequential(make()).to(DT)
-    with pytest.raises(ghost.Ineligible, match=reason):
+    with pytest.raises(ghost.Ineligible) as info:
         ghost.ghost_layers(model, list(model.parameters()))
+    assert str(info.value) == reason
 
 
-def test_dropout_between_layers_in_evaluation_mode_is_read():
+def test_dropout_between_layers_in_evaluation_mode_or_of_one_layer_is_read():
+    """Dropout acts between layers only: in evaluation mode, or with one layer (torch warns
+    that it does nothing there), the LSTM is read."""
     model = nn.Sequential(nn.LSTM(4, 5, 2, dropout=0.5, batch_first=True)).to(DT).eval()
     assert "0" in ghost.ghost_layers(model, list(model.parameters())).modules
+    with pytest.warns(UserWarning, match="dropout"):
+        one = nn.Sequential(nn.LSTM(4, 5, 1, dropout=0.5, batch_first=True)).to(DT).train()
+    assert "0" in ghost.ghost_layers(one, list(one.parameters())).modules
 
 
 class WithState(nn.Module):
-    """An LSTM started from a learned initial state, passed positionally or by keyword, or
-    fed a packed sequence."""
+    """An LSTM started from a learned initial state, passed positionally or by keyword, fed a
+    packed sequence, its input by keyword, or one unbatched sequence at a time."""
 
     def __init__(self, how: str) -> None:
         super().__init__()
@@ -191,7 +210,13 @@ class WithState(nn.Module):
             packed = nn.utils.rnn.pack_padded_sequence(x, lengths, True)
             _, (h, _) = self.lstm(packed)
             return self.head(h[-1])
+        if self.how == "input_by_keyword":
+            return self.head(self.lstm(input=x)[0][:, -1])
+        if self.how == "unbatched":
+            return torch.stack([self.head(self.lstm(seq)[0][-1]) for seq in x])
         h0 = torch.tanh(self.h0(x[:, 0])).unsqueeze(0)
+        if self.how == "keyword_small":  # its effect on c_n: ~5e-7 of c_n's largest entry
+            h0 = 1e-5 * h0
         state = (h0, torch.zeros_like(h0))
         out = self.lstm(x, state)[0] if self.how == "positional" else self.lstm(x, hx=state)[0]
         return self.head(out[:, -1])
@@ -200,10 +225,13 @@ class WithState(nn.Module):
 @pytest.mark.parametrize(
     ("how", "reason"),
     [
-        ("packed", "a packed sequence"),
-        ("positional", "called with an initial state"),
+        ("packed", "LSTM: a packed sequence"),
+        ("positional", "LSTM: called with an initial state"),
         # a keyword argument is not shown to forward hooks: the recomputation finds it out
-        ("keyword", "recomputed cell state differs"),
+        ("keyword", "LSTM: its recomputed cell state differs from the module's"),
+        ("keyword_small", "LSTM: its recomputed cell state differs from the module's"),
+        ("input_by_keyword", "LSTM: not called on one batched tensor"),
+        ("unbatched", "LSTM: not called on one batched tensor"),
     ],
 )
 def test_a_call_the_path_does_not_read_is_refused_and_the_step_stays_exact(how, reason):
@@ -211,8 +239,9 @@ def test_a_call_the_path_does_not_read_is_refused_and_the_step_stays_exact(how, 
     model = WithState(how).to(DT)
     x, y = batch(6, 1)
     xv, yv = batch(5, 2)
-    with pytest.raises(ghost.Ineligible, match=reason):
+    with pytest.raises(ghost.Ineligible) as info:
         records(model, x, y)
+    assert str(info.value) == reason
     want = l2rw_eps_grad(model, x, y, xv, yv, 0.5, meta_grad="unrolled")
     method = L2RW()
     out = method.metastep(StepInputs(model, x, y, xv, yv, 0.5, F.cross_entropy))
@@ -254,3 +283,33 @@ def test_mutation_a_dropped_term_fails_the_comparison(monkeypatch, kind: str):
     jvp, want, got, wanted = compare(model, x, y)
     assert _differs(jvp, want)
     assert any(_differs(a, b) for a, b in zip(got, wanted, strict=True))
+
+
+def test_directions_and_seeds_of_another_dtype_are_cast_like_the_record():
+    """A float64 record given float32 directions and seeds: the same JVP and weighted
+    gradients as in float64, to float32's precision (nothing mixes the two dtypes)."""
+    model = net(bidirectional=True, finals=True)
+    for name, p in model.named_parameters():  # one JVP through the bias-only branch too
+        p.requires_grad_(not name.startswith("lstm.weight_ih_l0_reverse"))
+    x, y = batch(5, 1)
+    _, weights = trainable(model)
+    rec = records(model, x, y)[0]
+    u = direction(weights)
+    seeds = torch.rand(len(y), generator=torch.Generator().manual_seed(3), dtype=DT)
+    gates = [c for c in rec.calls if c.kind == "gates"]
+    assert len(gates) == 2
+    for call in gates:
+        us = [
+            None if t is None else u[next(i for i, w in enumerate(weights) if w is t)]
+            for t in call.tensors
+        ]
+        for part in ([us[0], us[1], None, None], [None, None, us[2], us[3]], us):
+            want = call.inner_of(part)
+            got = call.inner_of([None if d is None else d.float() for d in part])
+            assert got.dtype == DT
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+        for a, b in zip(call.grads_of(seeds.float()), call.grads_of(seeds), strict=True):
+            assert (a is None) == (b is None)
+            if b is not None:
+                assert a.dtype == DT
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))

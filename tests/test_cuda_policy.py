@@ -179,3 +179,36 @@ def test_a_model_the_tape_cannot_replay_leaves_the_timing(
     assert planner.jvps == {"dual_twin": 3}
     assert planner.current.engine == "dual_twin" and "cannot replay" in planner.current.reason
     assert "timed_ms" not in planner.describe()
+
+
+def _timing_worker(rank: int, world: int, port: int, out: str) -> None:
+    """One rank of a gloo group timing the candidates on a clock of its own: rank 0 finds
+    the tape faster, rank 1 dual numbers; each writes the engine it kept."""
+    from .helpers import gloo_group
+
+    with gloo_group(rank, world, port):
+        model, x, y, xv, yv = model_and_batches("resnet")
+        step = MetaStep(at_zero=True, engine_policy="cuda")
+        faster = CANDIDATES[rank % 2]
+        slower = next(e for e in CANDIDATES if e != faster)
+        step.planner.clock = Clock(step.planner, {faster: 2.0, slower: 3.0})
+        ran = []
+        for _ in range(TIMED_STEPS * len(CANDIDATES) + 2):
+            step(StepInputs(model, x, y, xv, yv, LR, F.cross_entropy))
+            ran.append(step.planner.last_engine)
+        torch.save({"ran": ran, "kept": step.planner.plan(model, CPU).engine}, f"{out}/{rank}.pt")
+
+
+def test_every_rank_keeps_rank_0s_verdict(tmp_path):
+    """Two ranks whose own timings disagree run the engine rank 0 chose, from the step the
+    verdict is made on (as one process on the global batch would run one engine)."""
+    import torch.multiprocessing as mp
+
+    from .helpers import free_port
+
+    mp.spawn(_timing_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
+    timed = [*CANDIDATES] * TIMED_STEPS
+    for r in results:
+        assert r["kept"] == CANDIDATES[0]  # rank 0's faster one
+        assert r["ran"] == [*timed, CANDIDATES[0], CANDIDATES[0]]

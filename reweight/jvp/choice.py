@@ -28,7 +28,8 @@ policy times both on a model's first training steps
 the real update's losses; the first of each is warm-up) and keeps the faster, as
 ``torch.backends.cudnn.benchmark`` picks convolution kernels. Both are exact, so the choice
 changes results only by rounding; force ``engine`` to pin it (a run timed again after a
-resume, or each rank of a data-parallel run, may pick the other).
+resume may pick the other). In a data-parallel run every rank keeps rank 0's verdict
+(``reweight.jvp.timing.keep_rank0_verdict``).
 
 The per-layer path (``reweight.jvp.per_layer``) is the least time and keeps no
 training graph across MW-Net's meta pass, but is exact only for a model whose examples do not

@@ -28,7 +28,7 @@ from reweight.jvp.choice import POLICIES, Facts, Plan, choose, general
 from reweight.jvp.dual import DualRecording, DualTwinRecording, dual_twin_jvp
 from reweight.jvp.per_layer import Ineligible, Layers, PerLayerRecording, agree, ghost_layers
 from reweight.jvp.tape import LeanTapeRecording, TapeRecording
-from reweight.jvp.timing import Timing
+from reweight.jvp.timing import Timing, keep_rank0_verdict
 from reweight.meta import LossFn, TwinCache, trainable
 from reweight.meta.kernels import has_rnn
 from reweight.meta.twins import signature
@@ -336,6 +336,7 @@ class Planner:
         if timing is None or ran != engine or timing.verdict is not None:
             return  # the tape fell back (the model leaves the timing), or it was decided
         timing.add(engine, self._now(device) - start)  # the verdict is logged as the next plan
+        keep_rank0_verdict(timing, device)  # once decided: rank 0's, on every rank
 
     def _ran(self, engine: str) -> None:
         self.last_engine = engine

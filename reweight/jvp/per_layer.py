@@ -71,10 +71,11 @@ __all__ = [
 @dataclass(frozen=True)
 class Layers:
     """What the per-layer path reads of a model: ``modules``, name in ``model.named_modules()``
-    -> (its trainable weight, its trainable bias), None if frozen; ``loose``, the trainable
-    tensors no such layer owns, read where the forward uses them (``reweight.jvp.shared``)."""
+    -> (its trainable weight, its trainable bias), None if frozen (an LSTM's: one per flat
+    weight, in its order); ``loose``, the trainable tensors no such layer owns, read where the
+    forward uses them (``reweight.jvp.shared``)."""
 
-    modules: dict[str, tuple[Tensor | None, Tensor | None]]
+    modules: dict[str, tuple[Tensor | None, ...]]
     loose: tuple[Tensor, ...] = ()
 
     def __len__(self) -> int:
@@ -91,7 +92,7 @@ def ghost_layers(model: nn.Module, weights: Sequence[Tensor]) -> Layers:
     Raises ``Ineligible`` when the model's structure rules the path out.
     """
     wanted = {id(w) for w in weights}
-    layers: dict[str, tuple[Tensor | None, Tensor | None]] = {}
+    layers: dict[str, tuple[Tensor | None, ...]] = {}
     loose: list[Tensor] = []
     covered: set[int] = set()
     attention_parts: set[int] = set()  # an nn.MultiheadAttention's out_proj (called functionally)
@@ -110,11 +111,7 @@ def ghost_layers(model: nn.Module, weights: Sequence[Tensor]) -> Layers:
         if not own:
             continue
         if isinstance(m, nn.LSTM) and _torch(m):
-            problem = lstm_problem(m)
-            if problem is not None or m._forward_pre_hooks or m._forward_hooks:
-                raise Ineligible(f"{name}: {problem or 'hooks'}")
-            # one entry per flat weight, in the module's order: trainable, or None (frozen)
-            layers[name] = tuple(t if id(t) in wanted else None for t in m._flat_weights)
+            layers[name] = _lstm_entry(name, m, wanted)
             covered.update(id(p) for p in own)
             continue
         if isinstance(m, nn.MultiheadAttention) or id(m) in attention_parts or not _torch(m):
@@ -128,20 +125,7 @@ def ghost_layers(model: nn.Module, weights: Sequence[Tensor]) -> Layers:
                 "nn.Linear, nn.Conv, nn.Embedding, nn.MultiheadAttention, nn.LSTM and affine "
                 "normalisation layers' are read per layer"
             )
-        if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.scale_grad_by_freq):
-            # max_norm rewrites the weight in the forward; scale_grad_by_freq couples examples
-            raise Ineligible(f"{name}: Embedding with max_norm or scale_grad_by_freq")
-        if isinstance(m, nn.Embedding) and m.sparse:
-            raise Ineligible(f"{name}: a sparse Embedding")
-        if isinstance(m, CONVS):
-            if m.padding_mode != "zeros":
-                raise Ineligible(f"{name}: padding_mode={m.padding_mode!r}")
-            if m.padding == "same" and any(
-                d * (k - 1) % 2 for d, k in zip(m.dilation, m.kernel_size, strict=True)
-            ):
-                raise Ineligible(f"{name}: asymmetric 'same' padding")
-        if m._forward_pre_hooks or m._forward_hooks or getattr(m, "parametrizations", None):
-            raise Ineligible(f"{name}: hooks or parametrizations")
+        _check_layer(name, m)
         w = m.weight if id(m.weight) in wanted else None
         bias = getattr(m, "bias", None)  # Embedding and RMSNorm have none
         b = bias if bias is not None and id(bias) in wanted else None
@@ -151,6 +135,33 @@ def ghost_layers(model: nn.Module, weights: Sequence[Tensor]) -> Layers:
     if missing:
         raise Ineligible("a trainable tensor is not a weight or bias of a linear/conv layer")
     return Layers(layers, tuple(loose))
+
+
+def _check_layer(name: str, m: nn.Module) -> None:
+    """Raise ``Ineligible`` for an option of a layer its per-layer reading does not model."""
+    if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.scale_grad_by_freq):
+        # max_norm rewrites the weight in the forward; scale_grad_by_freq couples examples
+        raise Ineligible(f"{name}: Embedding with max_norm or scale_grad_by_freq")
+    if isinstance(m, nn.Embedding) and m.sparse:
+        raise Ineligible(f"{name}: a sparse Embedding")
+    if isinstance(m, CONVS):
+        if m.padding_mode != "zeros":
+            raise Ineligible(f"{name}: padding_mode={m.padding_mode!r}")
+        if m.padding == "same" and any(
+            d * (k - 1) % 2 for d, k in zip(m.dilation, m.kernel_size, strict=True)
+        ):
+            raise Ineligible(f"{name}: asymmetric 'same' padding")
+    if m._forward_pre_hooks or m._forward_hooks or getattr(m, "parametrizations", None):
+        raise Ineligible(f"{name}: hooks or parametrizations")
+
+
+def _lstm_entry(name: str, m: nn.LSTM, wanted: set[int]) -> tuple[Tensor | None, ...]:
+    """An LSTM's entry in ``Layers.modules``: one per flat weight, in the module's order, the
+    trainable tensor or None (frozen); ``Ineligible`` for what ``recurrent`` does not model."""
+    problem = lstm_problem(m)
+    if problem is not None or m._forward_pre_hooks or m._forward_hooks:
+        raise Ineligible(f"{name}: {problem or 'hooks'}")
+    return tuple(t if id(t) in wanted else None for t in m._flat_weights)
 
 
 def _torch(module: nn.Module) -> bool:

@@ -226,7 +226,8 @@ def test_two_ranks_with_one_batch_equal_one_process_with_it_twice(meta_grad):
     rank = batch_of(model, x, y, xv, yv, dist=mirror, global_batch_size=n)
     out = MetaStep(meta_grad=meta_grad)(rank, seeds)
     close(out.c, both.c[: len(y)])
-    assert both.c.abs().max() > 1e-4 and (both.c[: len(y)] - both.c[len(y) :]).abs().max() == 0
+    assert both.c.abs().max() > 1e-4
+    close(both.c[: len(y)], both.c[len(y) :])  # the two copies alike (to rounding)
     assert mirror.calls and all(mirror.calls) == (meta_grad == "unrolled")
     # at w = 0 the unrolled step is this rank's own: no collective
     at_zero = MetaStep(at_zero=True, meta_grad="unrolled")

@@ -88,7 +88,7 @@ def test_a_folder_that_is_not_one_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError) as err:
         find(tmp_path, "~/elsewhere")
     assert str(err.value) == (
-        f"dataset.imagenet_val_dir=~/elsewhere: no folder at {(tmp_path / 'elsewhere')}. "
+        f"dataset.imagenet_val_dir=~/elsewhere: no folder at {(tmp_path / 'elsewhere').resolve()}. "
         f"Download {TAR} and extract it there ({LAYOUTS}), or set dataset.imagenet_val_dir to "
         "the folder that holds it (null: WebVision's validation images only)"
     )

@@ -1,0 +1,302 @@
+"""What the per-layer engine sees beyond its layers' calls (reweight.jvp.shared), on small float64
+models: a weight shared by the batch broadcast over other dimensions too (its per-example
+gradient summed over them, against torch's ``sum_to_size`` and torch.func), ``F.linear`` on
+weights no layer owns (with or without a bias, by keyword, a frozen weight or bias beside a
+trainable one), what the watch refuses and why, and ``F.multi_head_attention_forward`` under the
+watch: computed from the calls the watch sees exactly where that is torch's own maths, left to
+torch (and the weights refused) otherwise, its result or error the same as torch's either way.
+Seconds a run: the selection for a mutation run of shared.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reweight.jvp import per_layer as ghost
+from reweight.jvp.shared import Watch, reduce_to
+
+from .test_per_layer_unit import DT, per_example, rand, record, trainable
+
+# -- reduce_to ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("g_shape", "shape"),
+    [
+        ((3, 2, 5, 4), (4,)),  # leading dims missing: summed over both
+        ((3, 2, 5, 4), (5, 4)),  # a missing dim of size 2
+        ((3, 2, 5, 4), (5, 1)),  # a missing dim and a dim of size 1
+        ((3, 2, 5, 4), (2, 1, 4)),  # one dim of size 1 in the middle
+        ((3, 2, 5, 4), (2, 5, 4)),  # nothing broadcast
+        ((3, 1, 5, 4), (1, 1, 4)),  # a dim of size 1 in both: nothing to sum there
+        ((3, 1, 4), (1, 1, 4)),  # a class token: as many dims as the gradient
+    ],
+)
+def test_reduce_to_sums_each_example_over_the_dims_it_was_broadcast_along(g_shape, shape):
+    g = rand(*g_shape, seed=1)
+    inner = shape[max(0, len(shape) - (len(g_shape) - 1)) :]  # the dims one example has
+    want = torch.stack([gi.sum_to_size(inner) for gi in g]).reshape(g_shape[0], -1)
+    got = reduce_to(g, torch.Size(shape))
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+# -- weights no layer owns ---------------------------------------------------------------------
+
+
+class Loose(nn.Module):
+    """A projection by ``F.linear`` on weights of its own (as attention's), and a shift
+    broadcast over the batch and the tokens, both read where used."""
+
+    def __init__(self, forward=None):
+        super().__init__()
+        self.w = nn.Parameter(rand(4, 2, seed=11))
+        self.b = nn.Parameter(rand(4, seed=12))
+        self.shift = nn.Parameter(rand(4, seed=13))
+        self.head = nn.Linear(4, 2)
+        self.fn = forward
+
+    def forward(self, x):  # (B, 3, 2)
+        h = self.fn(self, x) if self.fn else F.linear(x, self.w, self.b) + self.shift
+        return self.head(torch.tanh(h)).sum(1)  # (B, 2)
+
+
+def square(out):
+    return out.pow(2).flatten(1).sum(1)
+
+
+FORWARDS = {
+    "shift broadcast over the tokens": None,
+    "shift by torch.add": lambda m, x: torch.add(F.linear(x, m.w, m.b), m.shift),
+    "shift on the left": lambda m, x: m.shift + F.linear(x, m.w, m.b),
+    "shift by broadcast_to": lambda m, x: (
+        F.linear(x, m.w, m.b) * m.shift.broadcast_to(len(x), 3, 4)
+    ),
+    "no bias": lambda m, x: F.linear(x, m.w) + m.shift,
+    "bias by keyword": lambda m, x: F.linear(x, m.w, bias=m.b) + m.shift,
+    "every argument by keyword": lambda m, x: F.linear(input=x, weight=m.w, bias=m.b) + m.shift,
+}
+UNUSED = {"no bias": {"b"}}
+
+
+@pytest.mark.parametrize("name", list(FORWARDS))
+@pytest.mark.parametrize("frozen", [None, "w", "b"])
+def test_loose_weights_equal_per_example_gradients(name, frozen):
+    torch.manual_seed(0)
+    model = Loose(FORWARDS[name]).to(DT)
+    if frozen is not None:  # a frozen weight beside a trainable bias, or the other way round
+        getattr(model, frozen).requires_grad_(False)
+    x = rand(5, 3, 2, seed=14)
+    weights = trainable(model)
+    per, names = per_example(model, x, square)
+    rec = record(model, x)
+    for n, w in zip(names, weights, strict=True):  # each weight alone: none read wrongly
+        if n not in UNUSED.get(name, ()):  # every weight counts: a term dropped would show
+            assert per[n].abs().max() > 1e-3, n
+        u = [rand(*v.shape, seed=20) if v is w else torch.zeros_like(v) for v in weights]
+        torch.testing.assert_close(
+            rec.jvp(u), per[n].flatten(1) @ u[names.index(n)].flatten(), rtol=1e-10, atol=1e-12
+        )
+    s = rand(len(x), seed=29)
+    for n, g in zip(names, rec.weighted_grads(s), strict=True):
+        want = torch.einsum("b,b...->...", s, per[n])
+        assert g is not None or want.abs().max() == 0, n
+        if g is not None:
+            torch.testing.assert_close(g, want, rtol=1e-10, atol=1e-12)
+
+
+def test_per_example_gradients_need_every_term():
+    """The check above is not blind: a weight read through ``F.linear`` counted once per use is
+    told apart from the same weight's gradient counted twice."""
+    model = Loose().to(DT)
+    x = rand(5, 3, 2, seed=14)
+    per, names = per_example(model, x, square)
+    rec = record(model, x)
+    u = [rand(*v.shape, seed=20) for v in trainable(model)]
+    want = sum(per[n].flatten(1) @ d.flatten() for n, d in zip(names, u, strict=True))
+    got = rec.jvp(u)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    twice = per["shift"].flatten(1) @ u[names.index("shift")].flatten()
+    assert (got + twice - want).abs().max() > 1e-3
+
+
+def _layer_weight_outside(m, x):  # a trainable weight of a torch layer, not read where used
+    return F.linear(x, m.head.weight.t(), m.b)
+
+
+def _without_graph(m, x):  # the loose weights under no_grad, then again with a graph
+    with torch.no_grad():
+        F.linear(x, m.w, m.b)
+    return F.linear(x, m.w, m.b) + m.shift
+
+
+def _written_in_place(m, x):  # the output of F.linear changed after the call
+    return F.linear(x, m.w, m.b).mul_(2.0)
+
+
+def _scaled_broadcast(m, x):  # x + 2t: not the identity's broadcast
+    return F.linear(x, m.w, m.b).add(m.shift, alpha=2.0)
+
+
+def _in_a_list(m, x):  # the watched weight itself in cat's list
+    return F.linear(x, m.w, m.b) + torch.cat([m.shift, m.shift])[:4]
+
+
+def _two_in_a_list(m, x):
+    return F.linear(x, m.w, m.b) + torch.stack([m.b, m.shift]).sum(0)
+
+
+REFUSED = {
+    "F.linear: a trainable weight of a layer used outside its layer": _layer_weight_outside,
+    "F.linear: not called on one tensor with a graph": _without_graph,
+    "F.linear: its input or output was modified in place": _written_in_place,
+    "a weight shared by the batch is used by add": _scaled_broadcast,
+    "a weight shared by the batch is used by cat": _in_a_list,
+    "a weight shared by the batch is used by stack": _two_in_a_list,
+}
+
+
+@pytest.mark.parametrize("why", list(REFUSED))
+def test_what_the_watch_cannot_read_is_refused_with_its_reason(why):
+    model = Loose().to(DT)
+    with pytest.raises(ghost.Ineligible) as info:
+        record(model, rand(4, 3, 2, seed=15), fn=lambda x: REFUSED[why](model, x))
+    assert str(info.value) == why
+
+
+# -- attention ---------------------------------------------------------------------------------
+
+E, H, T, B = 4, 2, 3, 5
+
+
+def attention_args(**changes):
+    """The arguments ``nn.MultiheadAttention`` hands ``F.multi_head_attention_forward`` for
+    self-attention (sequence first), with ``changes``; a value ``...`` drops the argument."""
+    g = torch.Generator().manual_seed(3)
+
+    def w(*shape):
+        return torch.randn(*shape, generator=g, dtype=DT).requires_grad_()
+
+    q = torch.randn(T, B, E, generator=g, dtype=DT)
+    args = {
+        "query": q, "key": q, "value": q, "embed_dim_to_check": E, "num_heads": H,
+        "in_proj_weight": w(3 * E, E), "in_proj_bias": w(3 * E), "bias_k": None, "bias_v": None,
+        "add_zero_attn": False, "dropout_p": 0.0, "out_proj_weight": w(E, E),
+        "out_proj_bias": w(E), "training": True, "key_padding_mask": None,
+        "need_weights": False, "attn_mask": None, "average_attn_weights": True,
+        "is_causal": False,
+    }  # fmt: skip
+    args |= {k: v(args) if callable(v) else v for k, v in changes.items()}
+    return {k: v for k, v in args.items() if v is not ...}
+
+
+def outcome(args):
+    """torch's result (the attention output, weights or None) or its error."""
+    try:
+        out, weights = F.multi_head_attention_forward(**args)
+    except (AssertionError, RuntimeError) as error:
+        return type(error), str(error)
+    return out.detach(), None if weights is None else weights.detach()
+
+
+def under_watch(args):
+    """``outcome`` with the attention's weights watched; and the watch."""
+    names = ("in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias")
+    loose = tuple(args[k] for k in names if args.get(k) is not None)
+    watch = Watch(loose, [])
+    with watch:
+        got = outcome(args)
+    return got, watch
+
+
+def same(a, b):
+    assert type(a[0]) is type(b[0])
+    if isinstance(a[0], torch.Tensor):
+        torch.testing.assert_close(a[0], b[0], rtol=1e-12, atol=1e-12)
+        assert (a[1] is None) == (b[1] is None)
+        if a[1] is not None:
+            torch.testing.assert_close(a[1], b[1], rtol=1e-12, atol=1e-12)
+    else:
+        assert a == b
+
+
+COMPUTED = {
+    "as nn.MultiheadAttention calls it": {},
+    "in eval mode": {"training": False},
+    "without the arguments that have a default": {
+        "training": ...,
+        "key_padding_mask": ...,
+        "attn_mask": ...,
+        "average_attn_weights": ...,
+        "is_causal": ...,
+    },
+    "defaults given": {"use_separate_proj_weight": False, "static_k": None, "static_v": None},
+    # p = 1 drops every attention weight, whatever the draw: the output is the output bias
+    "every attention weight dropped": {"dropout_p": 1.0},
+    "every attention weight dropped, training by default": {"dropout_p": 1.0, "training": ...},
+    "dropout in eval mode": {"dropout_p": 1.0, "training": False},
+}
+
+
+@pytest.mark.parametrize("case", list(COMPUTED))
+def test_plain_self_attention_is_computed_from_calls_the_watch_sees(case):
+    args = attention_args(**COMPUTED[case])
+    want = outcome(args)
+    got, watch = under_watch(args)
+    same(got, want)
+    assert [c.name for c in watch.calls] == ["F.linear", "F.linear"]  # in and out projections
+    assert watch.calls[0].weight is args["in_proj_weight"]
+    assert watch.calls[1].bias is args["out_proj_bias"]
+    assert all(w.problem is None for w in watch.watched.values())
+    if args.get("dropout_p") and args.get("training", True):
+        torch.testing.assert_close(want[0], args["out_proj_bias"].detach().expand(T, B, E))
+
+
+def _separate(a):
+    return {
+        "use_separate_proj_weight": True,
+        "q_proj_weight": a["in_proj_weight"][:E].detach(),
+        "k_proj_weight": a["in_proj_weight"][E : 2 * E].detach(),
+        "v_proj_weight": a["in_proj_weight"][2 * E :].detach(),
+    }
+
+
+LEFT_TO_TORCH = {
+    "weights returned": {"need_weights": True},
+    "weights returned by default": {"need_weights": ...},
+    "a key padding mask": {"key_padding_mask": torch.tensor([[False, False, True]] * B)},
+    "an attention mask": {"attn_mask": torch.ones(T, T, dtype=torch.bool).triu(1)},
+    "extra key and value biases": {
+        "bias_k": torch.ones(1, 1, E, dtype=DT),
+        "bias_v": torch.ones(1, 1, E, dtype=DT),
+    },
+    "a key bias alone (torch refuses)": {"bias_k": torch.ones(1, 1, E, dtype=DT)},
+    "a value bias alone (torch refuses)": {"bias_v": torch.ones(1, 1, E, dtype=DT)},
+    "a zero attention": {"add_zero_attn": True},
+    "static keys": {"static_k": torch.ones(B * H, T, E // H, dtype=DT)},
+    "static values": {"static_v": torch.ones(B * H, T, E // H, dtype=DT)},
+    "a causal hint without a mask (torch refuses)": {"is_causal": True},
+    "separate projection weights": _separate,
+    "cross-attention": {"key": lambda a: a["query"] + 1, "value": lambda a: a["query"] + 1},
+    "an unbatched query": {
+        "query": lambda a: a["query"][:, 0],
+        "key": lambda a: a["query"][:, 0],
+        "value": lambda a: a["query"][:, 0],
+    },
+    "no packed projection": lambda a: _separate(a) | {"in_proj_weight": None},
+}
+
+
+@pytest.mark.parametrize("case", list(LEFT_TO_TORCH))
+def test_other_attention_is_left_to_torch_and_its_weights_refused(case):
+    changes = LEFT_TO_TORCH[case]
+    args = attention_args(**(changes(attention_args()) if callable(changes) else changes))
+    want = outcome(args)
+    got, watch = under_watch(args)
+    same(got, want)
+    assert watch.calls == []
+    if isinstance(want[0], torch.Tensor):
+        problems = {w.problem for w in watch.watched.values() if w.tensor.requires_grad}
+        assert problems == {"a weight shared by the batch is used by multi_head_attention_forward"}

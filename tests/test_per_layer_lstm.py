@@ -313,3 +313,82 @@ def test_directions_and_seeds_of_another_dtype_are_cast_like_the_record():
             if b is not None:
                 assert a.dtype == DT
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+
+class TwoLstms(nn.Module):
+    """A position embedding broadcast over the batch, then two LSTM modules in a row; the
+    head reads the second's output and both modules' final states."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(0.5 * torch.randn(1, 6, 4))
+        self.first = nn.LSTM(4, 5, batch_first=True)
+        self.second = nn.LSTM(5, 5, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(10, CLASSES)
+        self.state = nn.Linear(10, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, (h1, _) = self.first(x + self.pos)
+        out, (_, c2) = self.second(out)
+        return self.head(out[:, -1]) + self.state(torch.cat([h1[-1], c2[1]], 1))
+
+
+def test_two_lstm_modules_and_a_broadcast_weight_each_get_their_final_state_gradients():
+    """Each LSTM's (h_n, c_n) gradients are found among the backward's results after the
+    layer outputs and the broadcasts, two per LSTM in their order."""
+    torch.manual_seed(0)
+    model = TwoLstms().to(DT)
+    x, y = batch(5, 1)
+    jvp, want, got, wanted = compare(model, x, y)
+    assert_equal(jvp, want)
+    for a, b in zip(got, wanted, strict=True):
+        assert_equal(a, b)
+
+
+class Odd(nn.Module):
+    """An LSTM whose output is written in place, whose input was written in place before the
+    call, run on the batch twice over, or with a forward hook."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.lstm = nn.LSTM(4, 5, batch_first=True)
+        self.head = nn.Linear(5, CLASSES)
+        if how == "hooked":
+            self.lstm.register_forward_hook(lambda m, a, o: None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "input_written_before":
+            x = x * 1.0
+            x.mul_(2.0)
+        if self.how == "twice_over":
+            out = self.lstm(torch.cat([x, x]))[0]
+            return self.head(out[: len(x), -1] + out[len(x) :, -1])
+        out = self.lstm(x)[0]
+        if self.how == "output_written":
+            out.mul_(2.0)
+        return self.head(out[:, -1])
+
+
+@pytest.mark.parametrize(
+    ("how", "reason"),
+    [
+        ("output_written", "LSTM: its input or output was modified in place"),
+        ("twice_over", "LSTM: input not batched like the losses"),
+        ("hooked", "lstm: hooks"),
+        ("input_written_before", None),  # read: the write came before the call
+    ],
+)
+def test_what_the_lstm_call_check_refuses_and_reads(how: str, reason: str | None):
+    torch.manual_seed(0)
+    model = Odd(how).to(DT)
+    x, y = batch(5, 1)
+    if reason is None:
+        jvp, want, got, wanted = compare(model, x, y)
+        assert_equal(jvp, want)
+        for a, b in zip(got, wanted, strict=True):
+            assert_equal(a, b)
+        return
+    with pytest.raises(ghost.Ineligible) as info:
+        records(model, x, y)
+    assert str(info.value) == reason

@@ -12,18 +12,21 @@ import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from reweight import L2RW, l2rw_eps_grad
 from reweight.jvp import per_layer as ghost
 from reweight.jvp import recurrent
 from reweight.meta import trainable
-from reweight.metastep import StepInputs
 from reweight.models import build_model
 
 from .test_fast import assert_equal, mwnet_pair
-from .test_per_layer_shared import _differs, direction, per_example_grads, records
+from .test_per_layer_shared import (
+    _differs,
+    assert_l2rw_equals_unrolled,
+    direction,
+    per_example_grads,
+    records,
+)
 
 DT = torch.float64
 CLASSES = 3
@@ -141,12 +144,7 @@ def test_l2rw_and_mwnet_take_the_path_and_equal_unrolled(layers: int):
     g = torch.Generator().manual_seed(1)
     x, xv = (torch.randn(n, 1, 6, 5, generator=g, dtype=DT) for n in (7, 5))
     y, yv = (torch.randint(0, 4, (n,), generator=g) for n in (7, 5))
-    want = l2rw_eps_grad(model, x, y, xv, yv, 0.5, meta_grad="unrolled")
-    method = L2RW()
-    out = method.metastep(StepInputs(model, x, y, xv, yv, 0.5, F.cross_entropy))
-    assert method.metastep.planner.last_engine == "per_layer"
-    assert float(want.abs().max()) > 1e-3
-    assert_equal(out.c, want)
+    assert_l2rw_equals_unrolled(model, x, y, xv, yv, engine="per_layer")
     got, unrolled, method = mwnet_pair(
         model, x, y, xv, yv, normalize="sum", replay={"momentum": 0.9}, warm=True
     )
@@ -242,13 +240,8 @@ def test_a_call_the_path_does_not_read_is_refused_and_the_step_stays_exact(how, 
     with pytest.raises(ghost.Ineligible) as info:
         records(model, x, y)
     assert str(info.value) == reason
-    want = l2rw_eps_grad(model, x, y, xv, yv, 0.5, meta_grad="unrolled")
-    method = L2RW()
-    out = method.metastep(StepInputs(model, x, y, xv, yv, 0.5, F.cross_entropy))
+    method = assert_l2rw_equals_unrolled(model, x, y, xv, yv, engine="dual_twin")
     assert method.metastep.planner.per_layer_verdict(model) == "no"
-    assert method.metastep.planner.last_engine == "dual_twin"
-    assert float(want.abs().max()) > 1e-3
-    assert_equal(out.c, want)
 
 
 # -- mutation checks: each term the reading adds carries weight ----------------------------------

@@ -149,16 +149,23 @@ def test_jvp_and_weighted_gradients_equal_per_example_gradients(name: str):
         assert_equal(a, torch.einsum("b,b...->...", seeds, p))
 
 
+def assert_l2rw_equals_unrolled(model, x, y, xv, yv, engine: str) -> L2RW:
+    """L2RW's fast ε-gradient, by the planner's choice, equals the unrolled one (float64,
+    1e-8; not between zeros), and ``engine`` computed it. Returns the method."""
+    want = l2rw_eps_grad(model, x, y, xv, yv, 0.5, meta_grad="unrolled")
+    method = L2RW()
+    out = method.metastep(StepInputs(model, x, y, xv, yv, 0.5, F.cross_entropy))
+    assert method.metastep.planner.last_engine == engine
+    assert float(want.abs().max()) > 1e-3
+    assert_equal(out.c, want)
+    return method
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_l2rw_and_mwnet_take_the_path_and_equal_unrolled(name: str):
     model, batch = MODELS[name]()
     (x, y), (xv, yv) = batch(6, 1), batch(5, 2)
-    want = l2rw_eps_grad(model, x, y, xv, yv, 0.5, meta_grad="unrolled")
-    method = L2RW()
-    out = method.metastep(StepInputs(model, x, y, xv, yv, 0.5, F.cross_entropy))
-    assert method.metastep.planner.last_engine == "per_layer"
-    assert float(want.abs().max()) > 1e-3
-    assert_equal(out.c, want)
+    assert_l2rw_equals_unrolled(model, x, y, xv, yv, engine="per_layer")
     # the helper's reference differentiates the real model's forward twice: attention's math
     # kernel (the L2RW step above ran the default one)
     with differentiable_kernels(model):

@@ -248,10 +248,11 @@ def finish(
     zs = [c.z for c in batched] + [u.out for u in uses] + finals
     gs = torch.autograd.grad(losses.sum(), zs, allow_unused=True, retain_graph=keep_graph)
     gs = [torch.zeros_like(z) if g is None else g.detach() for z, g in zip(zs, gs, strict=True)]
-    for t, g in zip([*batched, *uses], gs, strict=False):
+    n_out = len(batched) + len(uses)  # the layer outputs' and broadcasts' gradients come first
+    for t, g in zip([*batched, *uses], gs[:n_out], strict=True):
         t.g = g
     for k, c in enumerate(lstms):
-        c.recurrent.g_finals = tuple(gs[len(batched) + len(uses) + 2 * k :][:2])
+        c.recurrent.g_finals = tuple(gs[n_out + 2 * k : n_out + 2 * k + 2])
         c.recurrent.finals = None
     for c in calls:
         c.z = None

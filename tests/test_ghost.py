@@ -20,7 +20,9 @@ from torch.func import functional_call, grad, vmap
 import reweight.metastep
 from reweight import L2RW, MWNet
 from reweight.jvp import per_layer as ghost
-from reweight.meta import trainable
+from reweight.jvp.base import Forward
+from reweight.jvp.dual import dual_twin_jvp
+from reweight.meta import TwinCache, trainable
 from reweight.methods import StepInputs
 from reweight.models import build_model
 
@@ -265,6 +267,36 @@ def test_auto_takes_two_slices_on_the_path(monkeypatch: pytest.MonkeyPatch):
     model, x, y, xv, yv = model_and_batches("lenet")  # the tape forced: one piece
     mwnet_step(mwnet_method(model, engine="tape"), model, x, y, xv, yv)
     assert seen == [2, 2, 1, 1]
+
+
+def test_dropout_in_slices_keeps_the_path(caplog: pytest.LogCaptureFixture):
+    """MW-Net's default two slices draw a dropout model's masks per slice. The first step's
+    check compares the per-layer JVP with dual numbers in the same slices, so the model keeps
+    the path (it was refused, as if its examples interacted, while the reference drew one mask
+    for the whole batch)."""
+    torch.manual_seed(0)
+    drop = [nn.Dropout(0.5), nn.Dropout(0.5)]  # two: one piece draws them in another order
+    model = nn.Sequential(nn.Linear(5, 16), drop[0], nn.Linear(16, 16), drop[1], nn.Linear(16, 3))
+    model = model.to(DT)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 5, generator=g, dtype=DT), torch.randint(0, 3, (8,), generator=g)
+    xv, yv = torch.randn(7, 5, generator=g, dtype=DT), torch.randint(0, 3, (7,), generator=g)
+    with caplog.at_level(logging.WARNING, logger="reweight.jvp.planner"):
+        method = mwnet_method(model)
+        for _ in range(2):
+            _, losses, _ = mwnet_step(method, model, x, y, xv, yv)
+    assert "does not fit" not in caplog.text
+    assert method.metastep.planner.per_layer_verdict(model) == "ok"
+    assert is_per_layer(losses) and method.metastep.planner.jvps == {"per_layer": 2}
+    # the reference in one piece would draw other masks: the slices are what the check needs
+    _, weights = trainable(model)
+    direction = [torch.randn(w.shape, generator=g, dtype=DT) for w in weights]
+    fwd = Forward(model, weights, x, y, F.cross_entropy, lambda: TwinCache().bound(model), False)
+    layers = ghost.ghost_layers(model, weights)
+    with fwd.rng.replay():
+        sliced = ghost.PerLayerRecording(fwd, layers, chunks=2).jvp(direction)
+    assert_equal(sliced, dual_twin_jvp(fwd, direction, chunks=2))
+    assert not ghost.agree(sliced, dual_twin_jvp(fwd, direction))
 
 
 def l2rw_update(model: nn.Module, verdict: str, x, y, xv, yv) -> tuple[torch.Tensor, list]:

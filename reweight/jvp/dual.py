@@ -25,6 +25,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
+from reweight.core import inputs as batch_inputs
 from reweight.jvp.base import Forward, Recording, load_forward_ad
 from reweight.meta import LossFn
 from reweight.meta.kernels import differentiable_kernels
@@ -153,10 +154,19 @@ class DualTwinRecording(Recording):
         return self._update
 
 
-def dual_twin_jvp(fwd: Forward, direction: Sequence[Tensor]) -> Tensor:
-    """⟨∇θℓᵢ, u⟩ by one dual-number forward of the bound twin, without graph, drawing the
-    random numbers the recorded forward drew."""
+def dual_twin_jvp(fwd: Forward, direction: Sequence[Tensor], chunks: int = 1) -> Tensor:
+    """⟨∇θℓᵢ, u⟩ by a dual-number forward of the bound twin, without graph, drawing the
+    random numbers the recorded forward drew; with ``chunks`` > 1, one forward per consecutive
+    slice of the batch, one after another, drawing them as a per-layer recording in as many
+    slices does (dropout's masks are drawn per slice)."""
     with torch.no_grad(), fwd.rng.replay():
-        return dual_forward(
-            fwd.twin(), fwd.weights, direction, fwd.inputs, fwd.targets, fwd.loss_fn
-        )[1]
+        twin = fwd.twin()
+        slices = zip(
+            batch_inputs.split(fwd.inputs, chunks), fwd.targets.tensor_split(chunks), strict=True
+        )
+        parts = [
+            dual_forward(twin, fwd.weights, direction, x, y, fwd.loss_fn)[1]
+            for x, y in slices
+            if len(y)
+        ]
+    return torch.cat(parts) if len(parts) > 1 else parts[0]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -514,3 +517,24 @@ def test_twin_cache_rebuilds_only_when_the_model_changes():
     assert rebuilt is not twin
     torch.testing.assert_close(rebuilt(x), model(x), rtol=0, atol=1e-12)
     assert TwinCache().bound(model) is not rebuilt  # one cache per owner
+
+
+def test_twin_cache_rebinds_a_reused_twin_to_the_models_current_state():
+    """A reused twin's binding (its names resolved once) reads the model's parameters, modes
+    and BatchNorm statistics as they are at each ``bound``, and does not keep the model alive."""
+    model, x, *_ = make("resnet")
+    twins = TwinCache()
+    twin = twins.bound(model)
+    twin.set_params({n: p.detach() + 1 for n, p in twin.named_params()})  # a virtual step's θ′
+    model.eval()
+    bn = model.layer1[0].bn1
+    bn.running_mean = torch.ones_like(bn.running_mean)  # a new tensor object in the slot
+    assert twins.bound(model) is twin
+    assert not twin.training and not twin.layer1[0].bn1.training
+    assert twin.layer1[0].bn1.running_mean is bn.running_mean
+    assert all(a is b for a, b in zip(twin.params(), model.parameters(), strict=True))
+    torch.testing.assert_close(twin(x), model(x), rtol=0, atol=1e-12)
+    alive = weakref.ref(model)
+    del model, bn
+    gc.collect()
+    assert alive() is None  # the cache holds its models weakly, binding included

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterable, Iterator, Mapping
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch.nn.functional as F
@@ -128,17 +129,45 @@ class MetaModule(nn.Module):
         of every meta step so the twin follows the real model after optimizer steps,
         ``.to(device)`` or a ``load_state_dict``.
         """
+        self.binding(source)()
+
+    def binding(self, source: nn.Module) -> Callable[[], None]:
+        """``bind(source)`` as a function to call again while ``source``'s module tree and
+        parameter objects stay the same (``reweight.meta.twins.signature``): names are
+        resolved and checked once, here; each call only copies references and flags."""
         # every slot of a tied weight (an embedding shared with the output layer), not only the
         # first name of it: a slot left out would keep the previous step's θ′
-        self.set_params(source.named_parameters(remove_duplicate=False))
         src_mods = dict(source.named_modules())
+        slots = []
+        for name, value in source.named_parameters(remove_duplicate=False):
+            mod, leaf = self._resolve(name)
+            if leaf not in getattr(mod, _META_NAMES, ()):
+                raise KeyError(f"{name!r} is not a meta weight of {type(self).__name__}")
+            current = mod._buffers[leaf]
+            if current is not None and value.shape != current.shape:
+                raise ValueError(
+                    f"{name}: new weight has shape {tuple(value.shape)}, "
+                    f"expected {tuple(current.shape)}"
+                )
+            path, _, key = name.rpartition(".")
+            slots.append((mod._buffers, leaf, src_mods[path]._parameters, key))
+        pairs = []
         for name, mod in self.named_modules():
             src = src_mods.get(name)
             if src is None:
                 raise KeyError(f"bind: {name!r} has no counterpart in {type(source).__name__}")
-            mod.training = src.training
-            for buf_name in getattr(mod, _SHARED_NAMES, ()):
-                mod._buffers[buf_name] = src._buffers[buf_name]
+            # the source's modules held weakly: a cache keyed weakly on the model holds this
+            pairs.append((mod, weakref.ref(src), src._buffers, getattr(mod, _SHARED_NAMES, ())))
+
+        def apply() -> None:
+            for buffers, leaf, params, key in slots:
+                buffers[leaf] = params[key]
+            for mod, src, buffers, shared in pairs:
+                mod.training = src().training
+                for buf_name in shared:
+                    mod._buffers[buf_name] = buffers[buf_name]
+
+        return apply
 
     def virtual_step(
         self,

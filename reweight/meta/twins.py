@@ -108,20 +108,20 @@ class TwinCache:
     """
 
     def __init__(self) -> None:
-        self._twins: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, MetaModule]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._twins: weakref.WeakKeyDictionary[
+            nn.Module, tuple[tuple, MetaModule, Callable[[], None]]
+        ] = weakref.WeakKeyDictionary()
 
     def bound(self, model: nn.Module) -> MetaModule:
         """The twin of ``model`` bound to its current weights, modes and BatchNorm statistics."""
         sig = signature(model)
         entry = self._twins.get(model)
         if entry is None or entry[0] != sig:
-            entry = (sig, to_meta(model))
+            twin = to_meta(model)
+            entry = (sig, twin, twin.binding(model))  # names resolved once per signature
             self._twins[model] = entry
-        twin = entry[1]
-        twin.bind(model)
-        return twin
+        entry[2]()
+        return entry[1]
 
 
 def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:

@@ -48,6 +48,7 @@ class LayerCall:
     versions: tuple[int, int] = (0, 0)  # of x and z when recorded: in-place writes show later
     problem: str | None = None  # why this call cannot be used (raised by ``finish``)
     recurrent: Any = None  # an ``nn.LSTM`` call's ``LstmRecord`` (``reweight.jvp.recurrent``)
+    _g_sum: Tensor | None = None  # a linear call's g summed over positions (B, out), once
 
     # -- the layer's maths -----------------------------------------------------------------
 
@@ -75,13 +76,9 @@ class LayerCall:
             )
         return list(m.stride), list(padding), list(m.dilation), m.groups
 
-    def apply(self, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-        """The layer's linear map of the recorded input with the given weight and bias."""
+    def convolve(self, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        """A convolution's map of the recorded input with the given weight and bias."""
         assert self.x is not None
-        if self.kind == "linear":
-            if weight is not None:  # one fused op with the bias
-                return torch.nn.functional.linear(self.x, weight, bias)
-            return bias.expand(*self.x.shape[:-1], -1)
         stride, padding, dilation, groups = self._conv_args()
         w = weight if weight is not None else torch.zeros_like(self.module.weight)
         return aten.convolution(
@@ -130,8 +127,7 @@ class LayerCall:
                 x, g = (x * s, g) if x.shape[-1] <= g.shape[-1] else (x, g * s)
                 gw = g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
             if self.bias is not None:
-                b = self.g.shape[0]
-                gb = seeds.to(self.g.dtype) @ self.g.reshape(b, -1, self.g.shape[-1]).sum(1)
+                gb = seeds.to(self.g.dtype) @ self.g_sum()
             return gw, gb
         gs = self.g * s
         stride, padding, dilation, groups = self._conv_args()
@@ -166,9 +162,32 @@ class LayerCall:
                 if t is not None
             ]
             return self.per_example @ torch.cat(parts).to(self.per_example.dtype)
-        assert self.g is not None
-        t = self.apply(u_w.to(self.g.dtype) if u_w is not None else None, u_b)
-        return (t * self.g).flatten(1).sum(1)
+        assert self.g is not None and self.x is not None
+        if self.kind != "linear":
+            t = self.convolve(u_w.to(self.g.dtype) if u_w is not None else None, u_b)
+            return (t * self.g).flatten(1).sum(1)
+        # Σₜ gₜ·(U xₜ + u_b): U on the narrower side (gₜU against xₜ where the output is the
+        # wider), the bias through g summed over positions
+        x, g = self.x, self.g
+        out = None
+        if u_w is not None:
+            u = u_w.to(g.dtype)
+            if g.shape[-1] > x.shape[-1]:
+                out = (torch.matmul(g, u) * x).flatten(1).sum(1)
+            else:
+                out = (torch.nn.functional.linear(x, u) * g).flatten(1).sum(1)
+        if u_b is not None:
+            part = self.g_sum() @ u_b.to(g.dtype)
+            out = part if out is None else out + part
+        assert out is not None
+        return out
+
+    def g_sum(self) -> Tensor:
+        """A linear call's output gradient summed over positions: (B, out), kept."""
+        if self._g_sum is None:
+            assert self.g is not None
+            self._g_sum = self.g.reshape(self.g.shape[0], -1, self.g.shape[-1]).sum(1)
+        return self._g_sum
 
     def _norm_per_example(self) -> Tensor:
         """(B, P): a normalisation's per-example (weight, bias) gradients, Σ over positions of

@@ -15,7 +15,8 @@ from torch import nn
 
 from reweight import L2RW, l2rw_eps_grad
 from reweight.jvp import per_layer as ghost
-from reweight.meta import trainable
+from reweight.jvp.base import Forward
+from reweight.meta import TwinCache, trainable
 from reweight.meta.kernels import differentiable_kernels
 from reweight.metastep import StepInputs
 from reweight.models import build_model
@@ -272,3 +273,56 @@ def test_attention_with_a_mask_is_refused():
     x, y = torch.randn(6, 3, 4, dtype=DT), torch.randint(0, 3, (6,))
     with pytest.raises(ghost.Ineligible, match="multi_head_attention_forward"):
         records(model, x, y)
+
+
+@pytest.mark.parametrize("attention_dropout", [0.0, 0.1])
+def test_dropout_after_attention_draws_the_models_own_masks(attention_dropout: float):
+    """The recording runs ``nn.MultiheadAttention`` by its own projections. It returned the
+    output batch-major in memory, where torch's is sequence-major, and a dropout's mask follows
+    the memory layout: a dropout after attention drew other masks than the model's own forward,
+    so the per-layer JVP was not the model's. The first step's check caught it and kept every
+    ViT with dropout off the path. Checked here against central differences of the model's own
+    forward from the same random state, and by both methods keeping the path."""
+
+    from torchvision.models import VisionTransformer
+
+    from reweight import MWNet
+
+    torch.manual_seed(0)
+    model = VisionTransformer(
+        image_size=14, patch_size=7, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
+        dropout=0.1, attention_dropout=attention_dropout, num_classes=3,
+    ).to(DT).train()  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 3, 14, 14, generator=g, dtype=DT), torch.randint(0, 3, (6,), generator=g)
+    xv, yv = (
+        torch.randn(5, 3, 14, 14, generator=g, dtype=DT),
+        torch.randint(0, 3, (5,), generator=g),
+    )
+    _, weights = trainable(model)
+    direction = [torch.randn(w.shape, generator=g, dtype=DT) for w in weights]
+    state = torch.get_rng_state()
+    fwd = Forward(model, weights, x, y, F.cross_entropy, lambda: TwinCache().bound(model), False)
+    got = ghost.PerLayerRecording(fwd, ghost.ghost_layers(model, weights)).jvp(direction)
+
+    def losses(step: float) -> torch.Tensor:  # the model's own forward, from the same state
+        torch.set_rng_state(state)
+        with torch.no_grad():
+            for w, d in zip(weights, direction, strict=True):
+                w.add_(step * d)
+            out = F.cross_entropy(model(x), y, reduction="none")
+            for w, d in zip(weights, direction, strict=True):
+                w.sub_(step * d)
+        return out
+
+    h = 1e-5  # central differences: error ~h² relative
+    want = (losses(h) - losses(-h)) / (2 * h)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6 * float(want.abs().max()))
+    method = L2RW()
+    method.metastep(StepInputs(model, x, y, xv, yv, 0.5, F.cross_entropy))
+    assert method.metastep.planner.per_layer_verdict(model) == "ok"
+    mwnet = MWNet(hidden=5)
+    mwnet.setup(model=model, device=torch.device("cpu"))
+    for _ in range(2):  # two slices: the check compares them slice by slice
+        mwnet.meta_grads(StepInputs(model, x, y, xv, yv, 0.5, F.cross_entropy))
+    assert mwnet.metastep.planner.jvps == {"per_layer": 2}

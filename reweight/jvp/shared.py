@@ -206,4 +206,6 @@ def _self_attention(
     q, k, v = qkv.view(b, t, 3, h, e // h).permute(2, 0, 3, 1, 4)  # each (B, H, T, E/H)
     o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p if training else 0.0)
     o = F.linear(o.transpose(1, 2).reshape(b, t, e), out_proj_weight, out_proj_bias)
-    return o.transpose(0, 1), None  # (T, B, E)
+    # (T, B, E) contiguous, as torch's own returns it: a dropout's mask follows the memory
+    # layout, so a dropout after the attention draws the masks the model's own forward draws
+    return o.transpose(0, 1).contiguous(), None

@@ -101,7 +101,36 @@ def hf_vit():
     return model, batch
 
 
-MODELS = {"vit_tiny": vit, "bert": bert, "hf_vit": hf_vit}
+def gpt2():
+    """A tiny GPT-2: its projections are HuggingFace's ``Conv1D``, ``torch.addmm`` on the
+    batch's tokens flattened to rows; causal attention with padding; the class read at each
+    sequence's last real token."""
+    pytest.importorskip("transformers")
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from reweight.models.hf import SequenceClassifier
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=16, num_labels=3,
+        pad_token_id=0, bos_token_id=1, eos_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )  # fmt: skip
+    model = SequenceClassifier(GPT2ForSequenceClassification(config)).to(DT).train()
+
+    def batch(n: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(2, 40, (n, 7), generator=g)
+        mask = torch.ones(n, 7, dtype=torch.long)
+        mask[: n // 2, -2:] = 0  # half the batch padded at the end
+        return {"input_ids": ids * mask, "attention_mask": mask}, torch.randint(
+            0, 3, (n,), generator=g
+        )
+
+    return model, batch
+
+
+MODELS = {"vit_tiny": vit, "bert": bert, "hf_vit": hf_vit, "gpt2": gpt2}
 
 
 def per_example_grads(model: nn.Module, x, y) -> list[torch.Tensor]:
@@ -204,6 +233,9 @@ def _differs(got: torch.Tensor, want: torch.Tensor) -> bool:
         ("bert", "model.bert.embeddings.position_embeddings.weight"),
         ("hf_vit", "model.vit.embeddings.cls_token"),
         ("hf_vit", "model.vit.embeddings.position_embeddings"),
+        ("gpt2", "model.transformer.h.0.attn.c_attn.weight"),
+        ("gpt2", "model.transformer.h.1.mlp.c_proj.bias"),
+        ("gpt2", "model.transformer.wpe.weight"),
     ],
 )
 def test_mutation_a_dropped_per_example_term_fails_the_comparison(name: str, term: str):
@@ -326,3 +358,56 @@ def test_dropout_after_attention_draws_the_models_own_masks(attention_dropout: f
     for _ in range(2):  # two slices: the check compares them slice by slice
         mwnet.meta_grads(StepInputs(model, x, y, xv, yv, 0.5, F.cross_entropy))
     assert mwnet.metastep.planner.jvps == {"per_layer": 2}
+
+
+class Rows(nn.Module):
+    """``torch.addmm`` on a weight of its own, as HuggingFace's ``Conv1D`` calls it, in ways the
+    path does not read: a scaled bias, or rows that are not each example's own."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.weight = nn.Parameter(torch.randn(5, 3))
+        self.bias = nn.Parameter(torch.randn(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.repeat(1, 2).view(-1, 5)  # two rows per example
+        if self.how == "beta":
+            return torch.addmm(self.bias, rows, self.weight, beta=0.5).view(len(x), 2, 3).sum(1)
+        return torch.addmm(self.bias, rows[1:], self.weight)[-len(x) :]  # 2B - 1 rows
+
+
+@pytest.mark.parametrize(
+    ("how", "match"),
+    [("beta", "shared by the batch is used by addmm"), ("shifted", "addmm: rows not batched")],
+)
+def test_addmm_the_path_cannot_read_is_refused(how: str, match: str):
+    torch.manual_seed(0)
+    model = Rows(how).to(DT)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 5, generator=g, dtype=DT), torch.randint(0, 3, (6,), generator=g)
+    with pytest.raises(ghost.Ineligible, match=match):
+        records(model, x, y)
+
+
+class BorrowedBias(nn.Module):
+    """A weight of its own with the bias of a layer: ``F.linear(x, W, layer.bias)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 5))
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x) + F.linear(x, self.weight, self.head.bias)
+
+
+def test_a_layers_bias_in_a_call_outside_the_layer_is_refused():
+    """The call's bias term belongs to no record the path keeps: refused by structure, not
+    left to the first step's numerical check."""
+    torch.manual_seed(0)
+    model = BorrowedBias().to(DT)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 5, generator=g, dtype=DT), torch.randint(0, 3, (6,), generator=g)
+    with pytest.raises(ghost.Ineligible, match=r"F\.linear: a trainable weight of a layer used"):
+        records(model, x, y)

@@ -1,9 +1,9 @@
 """One recorded call of a layer the per-layer engine reads (``reweight.jvp.per_layer``): its
 input and output gradient, and the layer's own maths on them (JVPs, weighted gradients,
 per-example gradients) for linear, convolutional, embedding and affine normalisation layers,
-``F.linear`` calls on weights outside such layers (``module`` None) and weights shared by every
-example of a batch (``kind`` "broadcast": a class token, a position embedding), whose
-per-example gradients are read off the output of the op that broadcasts them.
+``F.linear`` and ``torch.addmm`` calls on weights outside such layers (``module`` None) and
+weights shared by every example of a batch (``kind`` "broadcast": a class token, a position
+embedding), whose per-example gradients are read off the output of the op that broadcasts them.
 """
 
 from __future__ import annotations
@@ -49,6 +49,11 @@ class LayerCall:
     problem: str | None = None  # why this call cannot be used (raised by ``finish``)
     recurrent: Any = None  # an ``nn.LSTM`` call's ``LstmRecord`` (``reweight.jvp.recurrent``)
     _g_sum: Tensor | None = None  # a linear call's g summed over positions (B, out), once
+    # a linear call as ``torch.addmm(b, x, W)`` (HuggingFace's ``Conv1D``): W is (in, out), and
+    # x, z are the batch flattened to (B·k, ·) rows, k consecutive ones per example, until
+    # ``finish`` views x and g per example
+    transposed: bool = False
+    flat: bool = False
 
     # -- the layer's maths -----------------------------------------------------------------
 
@@ -125,7 +130,8 @@ class LayerCall:
             gw = gb = None
             if self.weight is not None:  # the seeds scale the narrower of input and gradient
                 x, g = (x * s, g) if x.shape[-1] <= g.shape[-1] else (x, g * s)
-                gw = g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+                x, g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+                gw = x.t() @ g if self.transposed else g.t() @ x
             if self.bias is not None:
                 gb = seeds.to(self.g.dtype) @ self.g_sum()
             return gw, gb
@@ -171,7 +177,7 @@ class LayerCall:
         x, g = self.x, self.g
         out = None
         if u_w is not None:
-            u = u_w.to(g.dtype)
+            u = u_w.to(g.dtype).t() if self.transposed else u_w.to(g.dtype)  # (out, in)
             if g.shape[-1] > x.shape[-1]:
                 out = (torch.matmul(g, u) * x).flatten(1).sum(1)
             else:
@@ -234,7 +240,8 @@ class LayerCall:
                     self.x.reshape(b, -1, self.x.shape[-1]),
                     self.g.reshape(b, -1, self.g.shape[-1]),
                 )
-                cols.append((g3.transpose(1, 2) @ x3).reshape(b, -1))
+                per = x3.transpose(1, 2) @ g3 if self.transposed else g3.transpose(1, 2) @ x3
+                cols.append(per.reshape(b, -1))
             else:  # the batch as groups: one grouped weight gradient gives all B of them
                 stride, padding, dilation, groups = self._conv_args()
                 w = self.module.weight

@@ -7,9 +7,13 @@ A ``Watch`` is a ``TorchFunctionMode`` over the recorded forward. It follows *wa
 notes each use of one:
 
 - ``F.linear(x, W, b)`` with a watched ``W`` or ``b``: a linear call like an ``nn.Linear``'s;
+- ``torch.addmm(b, x, W)`` likewise (HuggingFace's ``Conv1D``, GPT-2's projections): W is
+  (in, out) and x the batch's tokens flattened to rows, read per example once the batch size
+  is known (k consecutive rows per example; the first step's check catches any other order);
 - a broadcast over the batch (``t.expand(B, ...)``, ``x + t``, ``x += t``): for every example,
   ∂ℓᵢ/∂t is the gradient at that op's output, example i's row, summed over the broadcast dims,
   so the gradient of a weight shared by every example comes from the same one backward;
+- an op that returns a watched tensor itself (``.to`` the device it is on) is no use;
 - anything else that carries a watched tensor's graph on is a use the path cannot read: noted
   as the reason the model is refused (the forward itself goes on untouched).
 
@@ -103,9 +107,16 @@ class Watch(TorchFunctionMode):
                 out = func(*args, **kwargs)
                 self._linear(x, w, b, out)
                 return out
+        if func is torch.addmm and not kwargs and len(args) == 3:  # b + x W: HF's Conv1D
+            b, x, w = args
+            if id(w) in self.loose or id(b) in self.loose:
+                out = func(*args)
+                self._linear(x, w, b, out, "addmm")
+                return out
         hits = self._hits(args, kwargs)
         out = func(*args, **kwargs)
-        if not hits:
+        if not hits or any(out is w.tensor for w in hits):
+            # an op that hands its input on as it is (``.to`` its own device) is no use of it
             return out
         name = getattr(func, "__name__", str(func))
         if (
@@ -132,14 +143,23 @@ class Watch(TorchFunctionMode):
                         found.append(w)
         return found
 
-    def _linear(self, x: object, w: Tensor, b: Tensor | None, out: Tensor) -> None:
+    def _linear(
+        self, x: object, w: Tensor, b: Tensor | None, out: Tensor, name: str = "F.linear"
+    ) -> None:
+        """A linear call on a watched weight: ``F.linear(x, W, b)``, or ``torch.addmm(b, x, W)``
+        (W transposed; x the batch's rows flattened, read per example by ``finish``)."""
         weight = w if id(w) in self.loose else None
         bias = b if b is not None and id(b) in self.loose else None
-        call = LayerCall(None, "linear", "F.linear", weight, bias)
+        call = LayerCall(None, "linear", name, weight, bias)
+        call.transposed = call.flat = name == "addmm"
         if not isinstance(x, Tensor) or not out.requires_grad:
-            call.problem = "F.linear: not called on one tensor with a graph"
-        elif weight is None and w.requires_grad:
-            call.problem = "F.linear: a trainable weight of a layer used outside its layer"
+            call.problem = f"{name}: not called on one tensor with a graph"
+        elif (weight is None and w.requires_grad) or (
+            bias is None and b is not None and b.requires_grad
+        ):
+            call.problem = f"{name}: a trainable weight of a layer used outside its layer"
+        elif name == "addmm" and (b.dim() != 1 or x.dim() != 2):
+            call.problem = "addmm: not a bias and a matrix of rows"
         else:
             call.x, call.z, call.versions = x.detach(), out, (x._version, out._version)
         self.calls.append(call)

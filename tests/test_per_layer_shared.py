@@ -130,7 +130,70 @@ def gpt2():
     return model, batch
 
 
-MODELS = {"vit_tiny": vit, "bert": bert, "hf_vit": hf_vit, "gpt2": gpt2}
+def _text(config_of, dropout: float = 0.0):
+    """A tiny HuggingFace sequence classifier of the family ``config_of`` names (random
+    weights) and its batches: token ids with the second half of the batch padded at the end."""
+    pytest.importorskip("transformers")
+    import transformers
+
+    from reweight.models.hf import SequenceClassifier
+
+    config_cls, model_cls, options = config_of(dropout)
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(**options)
+    model = SequenceClassifier(getattr(transformers, model_cls)(config)).to(DT).train()
+
+    def batch(n: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(2, 40, (n, 7), generator=g)
+        mask = torch.ones(n, 7, dtype=torch.long)
+        mask[n // 2 :, -2:] = 0
+        return {"input_ids": ids * mask, "attention_mask": mask}, torch.randint(
+            0, 3, (n,), generator=g
+        )
+
+    return model, batch
+
+
+def roberta_config(dropout: float):
+    return "RobertaConfig", "RobertaForSequenceClassification", {
+        "vocab_size": 40, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "intermediate_size": 32, "max_position_embeddings": 16, "num_labels": 3,
+        "pad_token_id": 0, "hidden_dropout_prob": dropout,
+        "attention_probs_dropout_prob": dropout,
+    }  # fmt: skip
+
+
+def distilbert_config(dropout: float):
+    return "DistilBertConfig", "DistilBertForSequenceClassification", {
+        "vocab_size": 40, "dim": 16, "n_layers": 2, "n_heads": 2, "hidden_dim": 32,
+        "max_position_embeddings": 16, "num_labels": 3, "pad_token_id": 0, "dropout": dropout,
+        "attention_dropout": dropout, "seq_classif_dropout": dropout,
+    }  # fmt: skip
+
+
+def gpt2_config(dropout: float):
+    return "GPT2Config", "GPT2ForSequenceClassification", {
+        "vocab_size": 40, "n_embd": 16, "n_layer": 2, "n_head": 2, "n_positions": 16,
+        "num_labels": 3, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1,
+        "resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": dropout,
+    }  # fmt: skip
+
+
+def bert_config(dropout: float):
+    from .helpers import tiny_bert_config
+
+    return "BertConfig", "BertForSequenceClassification", tiny_bert_config(dropout).to_dict()
+
+
+MODELS = {
+    "vit_tiny": vit,
+    "bert": bert,
+    "hf_vit": hf_vit,
+    "gpt2": gpt2,
+    "roberta": lambda: _text(roberta_config),
+    "distilbert": lambda: _text(distilbert_config),
+}
 
 
 def per_example_grads(model: nn.Module, x, y) -> list[torch.Tensor]:
@@ -411,3 +474,25 @@ def test_a_layers_bias_in_a_call_outside_the_layer_is_refused():
     x, y = torch.randn(6, 5, generator=g, dtype=DT), torch.randint(0, 3, (6,), generator=g)
     with pytest.raises(ghost.Ineligible, match=r"F\.linear: a trainable weight of a layer used"):
         records(model, x, y)
+
+
+@pytest.mark.parametrize(
+    "config_of",
+    [bert_config, roberta_config, distilbert_config, gpt2_config],
+    ids=lambda f: f.__name__,
+)
+def test_hf_text_models_with_dropout_keep_the_path(config_of):
+    """With their dropout on (0.1 everywhere, as their defaults), both methods' first step
+    checks the path against an exact JVP drawing the same masks, and keeps it."""
+    from reweight import MWNet
+
+    model, batch = _text(config_of, dropout=0.1)
+    (x, y), (xv, yv) = batch(6, 1), batch(5, 2)
+    method = L2RW()
+    method.metastep(StepInputs(model, x, y, xv, yv, 0.5, F.cross_entropy))
+    assert method.metastep.planner.last_engine == "per_layer"
+    mwnet = MWNet(hidden=5)
+    mwnet.setup(model=model, device=torch.device("cpu"))
+    mwnet.meta_grads(StepInputs(model, x, y, xv, yv, 0.5, F.cross_entropy))
+    assert mwnet.metastep.planner.per_layer_verdict(model) == "ok"
+    assert mwnet.metastep.planner.last_engine == "per_layer"

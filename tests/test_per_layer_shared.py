@@ -496,3 +496,33 @@ def test_hf_text_models_with_dropout_keep_the_path(config_of):
     mwnet.meta_grads(StepInputs(model, x, y, xv, yv, 0.5, F.cross_entropy))
     assert mwnet.metastep.planner.per_layer_verdict(model) == "ok"
     assert mwnet.metastep.planner.last_engine == "per_layer"
+
+
+def test_gpt2_with_more_positions_than_width_keeps_per_example_gradients():
+    """Sequences longer than the width: ``Conv1D`` calls with fewer weights than output
+    gradients per example are kept as per-example gradients (B, in·out), in their weight's
+    (in, out) order, and read the same."""
+    model, _ = _text(gpt2_config)
+    model = model.model.__class__(model.model.config.__class__(**{
+        **model.model.config.to_dict(), "n_embd": 8, "n_positions": 16,
+    }))  # fmt: skip
+    from reweight.models.hf import SequenceClassifier
+
+    torch.manual_seed(0)
+    model = SequenceClassifier(model).to(DT).train()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, 40, (5, 12), generator=g)
+    x, y = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.randint(0, 3, (5,))
+    recs = records(model, x, y)
+    kept = [c for c in recs[0].calls if c.name == "addmm"]
+    # (32 → 8 stays as its input and output gradient: both readings in one model)
+    assert {c.per_example is not None for c in kept} == {True, False}
+    _, weights = trainable(model)
+    per = per_example_grads(model, x, y)
+    u = direction(weights)
+    want = sum(p.flatten(1) @ d.flatten() for p, d in zip(per, u, strict=True))
+    assert_equal(ghost.jvp_of(recs, u), want)
+    seeds = torch.rand(len(y), generator=g, dtype=DT)
+    got = torch.autograd.grad((seeds * ghost.losses_of(recs)).sum(), weights)
+    for a, p in zip(got, per, strict=True):
+        assert_equal(a, torch.einsum("b,b...->...", seeds, p))

@@ -122,6 +122,8 @@ CASES = {
     # a tiny BERT (HuggingFace, random weights; width 64 like vit_tiny, 2 layers, 4 heads) on
     # token sequences of 32, padded from 16-32 tokens
     "bert": [Case("bert", 100, 100, (32,), 2)],
+    # the same with HuggingFace's default dropout (0.1 on hidden states and attention weights)
+    "bert_dropout": [Case("bert_dropout", 100, 100, (32,), 2)],
 }
 
 
@@ -181,7 +183,7 @@ def _floor_step(model, opt, data, autocast) -> None:
     _plain_step(model, opt, data, autocast)
 
 
-def tiny_bert(num_classes: int, length: int) -> nn.Module:
+def tiny_bert(num_classes: int, length: int, dropout: float = 0.0) -> nn.Module:
     """The benchmark's tiny BERT: random weights, nothing downloaded."""
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -195,8 +197,8 @@ def tiny_bert(num_classes: int, length: int) -> nn.Module:
         intermediate_size=128,
         max_position_embeddings=length,
         num_labels=num_classes,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     return SequenceClassifier(BertForSequenceClassification(config))
 
@@ -272,8 +274,8 @@ def build_variants(
 ]:
     """One step callable per variant (each on its own copy of one initial model)."""
     torch.manual_seed(0)
-    if case.model == "bert":
-        base = tiny_bert(case.num_classes, case.shape[0])
+    if case.model.startswith("bert"):
+        base = tiny_bert(case.num_classes, case.shape[0], 0.1 if "dropout" in case.model else 0.0)
     else:
         base = build_model(
             case.model,
@@ -413,7 +415,7 @@ def run_case(
     gen = torch.Generator().manual_seed(1)
 
     def inputs(n: int):
-        if case.model == "bert":
+        if case.model.startswith("bert"):
             return tokens(n, case.shape[0], gen)
         return torch.randn(n, *case.shape, generator=gen)
 
@@ -531,7 +533,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--models",
         default="lenet,resnet32",
-        help="comma-separated: lenet,resnet32,resnet32_tiny,lstm,vit_tiny,bert",
+        help="comma-separated: lenet,resnet32,resnet32_tiny,lstm,vit_tiny,bert,bert_dropout",
     )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")

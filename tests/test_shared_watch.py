@@ -77,6 +77,10 @@ FORWARDS = {
     "no bias": lambda m, x: F.linear(x, m.w) + m.shift,
     "bias by keyword": lambda m, x: F.linear(x, m.w, bias=m.b) + m.shift,
     "every argument by keyword": lambda m, x: F.linear(input=x, weight=m.w, bias=m.b) + m.shift,
+    # ops that hand the shift on as it is: no use of it
+    "shift through .to and .contiguous": lambda m, x: (
+        F.linear(x, m.w, m.b) + m.shift.to(x.dtype).to(x.device).contiguous()
+    ),
 }
 UNUSED = {"no bias": {"b"}}
 

@@ -115,10 +115,13 @@ class Watch(TorchFunctionMode):
                 return out
         hits = self._hits(args, kwargs)
         out = func(*args, **kwargs)
-        if not hits or any(out is w.tensor for w in hits):
-            # an op that hands its input on as it is (``.to`` its own device) is no use of it
+        if not hits:
             return out
         name = getattr(func, "__name__", str(func))
+        if not name.endswith("_") and any(out is w.tensor for w in hits):
+            # an op that hands its input on as it is (``.to`` its own device) is no use of it;
+            # one that writes into it in place is (the version checks refuse that later)
+            return out
         if (
             func in _BROADCASTS
             and len(hits) == 1  # once: ``t + t`` is not a broadcast of t

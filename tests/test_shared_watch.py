@@ -111,6 +111,54 @@ def test_loose_weights_equal_per_example_gradients(name, frozen):
             torch.testing.assert_close(g, want, rtol=1e-10, atol=1e-12)
 
 
+class Rows(nn.Module):
+    """HuggingFace's ``Conv1D``: ``torch.addmm(b, x, W)`` on the tokens flattened to rows, W
+    (in, out), on weights of its own; a ``bias`` of shape (1, out) is not the vector it reads."""
+
+    def __init__(self, bias_shape=(4,)):
+        super().__init__()
+        self.w = nn.Parameter(rand(2, 4, seed=16))
+        self.b = nn.Parameter(rand(*bias_shape, seed=17))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):  # (B, 3, 2)
+        h = torch.addmm(self.b, x.reshape(-1, 2), self.w).view(len(x), 3, 4)
+        return self.head(torch.tanh(h)).sum(1)
+
+
+@pytest.mark.parametrize("frozen", [None, "w", "b", "both"])
+def test_addmm_rows_equal_per_example_gradients(frozen):
+    """Each of W and b read wherever it is trainable, whichever else is frozen (with both
+    frozen, the call is not recorded at all)."""
+    torch.manual_seed(0)
+    model = Rows().to(DT)
+    for n in {"w": ["w"], "b": ["b"], "both": ["w", "b"]}.get(frozen, []):
+        getattr(model, n).requires_grad_(False)
+    x = rand(5, 3, 2, seed=14)
+    weights = trainable(model)
+    per, names = per_example(model, x, square)
+    rec = record(model, x)
+    assert sum(c.name == "addmm" for c in rec.calls) == (frozen != "both")
+    for n, w in zip(names, weights, strict=True):
+        assert per[n].abs().max() > 1e-3, n
+        u = [rand(*v.shape, seed=20) if v is w else torch.zeros_like(v) for v in weights]
+        torch.testing.assert_close(
+            rec.jvp(u), per[n].flatten(1) @ u[names.index(n)].flatten(), rtol=1e-10, atol=1e-12
+        )
+    s = rand(len(x), seed=29)
+    for n, g in zip(names, rec.weighted_grads(s), strict=True):
+        torch.testing.assert_close(
+            g, torch.einsum("b,b...->...", s, per[n]), rtol=1e-10, atol=1e-12
+        )
+
+
+def test_addmm_with_a_bias_matrix_is_refused():
+    model = Rows(bias_shape=(1, 4)).to(DT)
+    with pytest.raises(ghost.Ineligible) as info:
+        record(model, rand(5, 3, 2, seed=14))
+    assert str(info.value) == "addmm: not a bias and a matrix of rows"
+
+
 def test_per_example_gradients_need_every_term():
     """The check above is not blind: a weight read through ``F.linear`` counted once per use is
     told apart from the same weight's gradient counted twice."""

@@ -92,12 +92,19 @@ def test_loose_weights_equal_per_example_gradients(name, frozen):
     model = Loose(FORWARDS[name]).to(DT)
     if frozen is not None:  # a frozen weight beside a trainable bias, or the other way round
         getattr(model, frozen).requires_grad_(False)
+    assert_read_per_example(model, UNUSED.get(name, set()))
+
+
+def assert_read_per_example(model: nn.Module, unused: set[str] = frozenset()) -> ghost.GhostRecord:
+    """Each trainable weight's JVP alone, and the weighted gradients, equal torch.func's
+    per-example gradients; every weight not ``unused`` counts (a term dropped would show).
+    Returns the record."""
     x = rand(5, 3, 2, seed=14)
     weights = trainable(model)
     per, names = per_example(model, x, square)
     rec = record(model, x)
     for n, w in zip(names, weights, strict=True):  # each weight alone: none read wrongly
-        if n not in UNUSED.get(name, ()):  # every weight counts: a term dropped would show
+        if n not in unused:
             assert per[n].abs().max() > 1e-3, n
         u = [rand(*v.shape, seed=20) if v is w else torch.zeros_like(v) for v in weights]
         torch.testing.assert_close(
@@ -109,6 +116,7 @@ def test_loose_weights_equal_per_example_gradients(name, frozen):
         assert g is not None or want.abs().max() == 0, n
         if g is not None:
             torch.testing.assert_close(g, want, rtol=1e-10, atol=1e-12)
+    return rec
 
 
 class Rows(nn.Module):
@@ -134,22 +142,8 @@ def test_addmm_rows_equal_per_example_gradients(frozen):
     model = Rows().to(DT)
     for n in {"w": ["w"], "b": ["b"], "both": ["w", "b"]}.get(frozen, []):
         getattr(model, n).requires_grad_(False)
-    x = rand(5, 3, 2, seed=14)
-    weights = trainable(model)
-    per, names = per_example(model, x, square)
-    rec = record(model, x)
+    rec = assert_read_per_example(model)
     assert sum(c.name == "addmm" for c in rec.calls) == (frozen != "both")
-    for n, w in zip(names, weights, strict=True):
-        assert per[n].abs().max() > 1e-3, n
-        u = [rand(*v.shape, seed=20) if v is w else torch.zeros_like(v) for v in weights]
-        torch.testing.assert_close(
-            rec.jvp(u), per[n].flatten(1) @ u[names.index(n)].flatten(), rtol=1e-10, atol=1e-12
-        )
-    s = rand(len(x), seed=29)
-    for n, g in zip(names, rec.weighted_grads(s), strict=True):
-        torch.testing.assert_close(
-            g, torch.einsum("b,b...->...", s, per[n]), rtol=1e-10, atol=1e-12
-        )
 
 
 def test_addmm_with_a_bias_matrix_is_refused():

@@ -107,20 +107,22 @@ class MetaModule(nn.Module):
         ``KeyError`` / ``ValueError`` before anything is replaced.
         """
         items = list(params.items()) if isinstance(params, Mapping) else list(params)
-        targets = []
-        for name, value in items:
-            mod, leaf = self._resolve(name)
-            if leaf not in getattr(mod, _META_NAMES, ()):
-                raise KeyError(f"{name!r} is not a meta weight of {type(self).__name__}")
-            current = mod._buffers[leaf]
-            if current is not None and value.shape != current.shape:
-                raise ValueError(
-                    f"{name}: new weight has shape {tuple(value.shape)}, "
-                    f"expected {tuple(current.shape)}"
-                )
-            targets.append((mod, leaf, value))
+        targets = [(*self._slot(name, value), value) for name, value in items]
         for mod, leaf, value in targets:
             mod._buffers[leaf] = value
+
+    def _slot(self, name: str, value: Tensor) -> tuple[nn.Module, str]:
+        """Where meta weight ``name`` lives, checked to take ``value`` (its shape)."""
+        mod, leaf = self._resolve(name)
+        if leaf not in getattr(mod, _META_NAMES, ()):
+            raise KeyError(f"{name!r} is not a meta weight of {type(self).__name__}")
+        current = mod._buffers[leaf]
+        if current is not None and value.shape != current.shape:
+            raise ValueError(
+                f"{name}: new weight has shape {tuple(value.shape)}, "
+                f"expected {tuple(current.shape)}"
+            )
+        return mod, leaf
 
     def bind(self, source: nn.Module) -> None:
         """Point this twin at ``source``'s current parameters and buffers, sharing storage.
@@ -140,15 +142,7 @@ class MetaModule(nn.Module):
         src_mods = dict(source.named_modules())
         slots = []
         for name, value in source.named_parameters(remove_duplicate=False):
-            mod, leaf = self._resolve(name)
-            if leaf not in getattr(mod, _META_NAMES, ()):
-                raise KeyError(f"{name!r} is not a meta weight of {type(self).__name__}")
-            current = mod._buffers[leaf]
-            if current is not None and value.shape != current.shape:
-                raise ValueError(
-                    f"{name}: new weight has shape {tuple(value.shape)}, "
-                    f"expected {tuple(current.shape)}"
-                )
+            mod, leaf = self._slot(name, value)
             path, _, key = name.rpartition(".")
             slots.append((mod._buffers, leaf, src_mods[path]._parameters, key))
         pairs = []

@@ -194,6 +194,12 @@ def _two_in_a_list(m, x):
     return F.linear(x, m.w, m.b) + torch.stack([m.b, m.shift]).sum(0)
 
 
+def _written_in_place_without_graph(m, x):  # the weight itself, changed by an in-place op
+    with torch.no_grad():
+        m.shift.mul_(1.0)  # returns the weight: an op that writes into it is still a use
+    return F.linear(x, m.w, m.b) + m.shift
+
+
 REFUSED = {
     "F.linear: a trainable weight of a layer used outside its layer": _layer_weight_outside,
     "F.linear: not called on one tensor with a graph": _without_graph,
@@ -201,6 +207,7 @@ REFUSED = {
     "a weight shared by the batch is used by add": _scaled_broadcast,
     "a weight shared by the batch is used by cat": _in_a_list,
     "a weight shared by the batch is used by stack": _two_in_a_list,
+    "a weight shared by the batch is used by mul_": _written_in_place_without_graph,
 }
 
 

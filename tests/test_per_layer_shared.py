@@ -425,24 +425,33 @@ def test_dropout_after_attention_draws_the_models_own_masks(attention_dropout: f
 
 class Rows(nn.Module):
     """``torch.addmm`` on a weight of its own, as HuggingFace's ``Conv1D`` calls it, in ways the
-    path does not read: a scaled bias, or rows that are not each example's own."""
+    path does not read: a scaled bias, rows that are not each example's own; or read, but
+    followed by a layer whose output is changed in place."""
 
     def __init__(self, how: str) -> None:
         super().__init__()
         self.how = how
         self.weight = nn.Parameter(torch.randn(5, 3))
         self.bias = nn.Parameter(torch.randn(3))
+        self.head = nn.Linear(3, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.repeat(1, 2).view(-1, 5)  # two rows per example
         if self.how == "beta":
             return torch.addmm(self.bias, rows, self.weight, beta=0.5).view(len(x), 2, 3).sum(1)
+        if self.how == "in place after":
+            h = torch.addmm(self.bias, rows, self.weight).view(len(x), 2, 3).sum(1)
+            return self.head(h).relu_()
         return torch.addmm(self.bias, rows[1:], self.weight)[-len(x) :]  # 2B - 1 rows
 
 
 @pytest.mark.parametrize(
     ("how", "match"),
-    [("beta", "shared by the batch is used by addmm"), ("shifted", "addmm: rows not batched")],
+    [
+        ("beta", "shared by the batch is used by addmm"),
+        ("shifted", "addmm: rows not batched"),
+        ("in place after", "Linear: its input or output was modified in place"),
+    ],
 )
 def test_addmm_the_path_cannot_read_is_refused(how: str, match: str):
     torch.manual_seed(0)

@@ -254,7 +254,6 @@ def finish(
     for c in batched:
         if c.flat:  # (B·k, ·) rows as (B, k, ·): per example
             c.x, c.g = c.x.reshape(n, -1, c.x.shape[-1]), c.g.reshape(n, -1, c.g.shape[-1])
-            c.flat = False
     for k, c in enumerate(lstms):
         c.recurrent.g_finals = tuple(gs[n_out + 2 * k : n_out + 2 * k + 2])
         c.recurrent.finals = None

@@ -41,9 +41,15 @@ def worker(root: Path, model: str, variants: list[str], warmup: int) -> None:
     spec.loader.exec_module(bench)
     case = bench.CASES[model][0]
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(case.batch, *case.shape, generator=gen)
+
+    def inputs(n: int):  # as meta_step.run_case makes them: token ids for a BERT
+        if case.model.startswith("bert"):
+            return bench.tokens(n, case.shape[0], gen)
+        return torch.randn(n, *case.shape, generator=gen)
+
+    x = inputs(case.batch)
     y = torch.randint(0, case.num_classes, (case.batch,), generator=gen)
-    mx = torch.randn(case.meta_batch, *case.shape, generator=gen)
+    mx = inputs(case.meta_batch)
     my = torch.randint(0, case.num_classes, (case.meta_batch,), generator=gen)
     cpu = torch.device("cpu")
     steps, *_ = bench.build_variants(case, cpu, False, (x, y, mx, my), False, variants)

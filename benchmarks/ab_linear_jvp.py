@@ -81,24 +81,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     case = ms.CASES[args.model][0]
-    gen = torch.Generator().manual_seed(1)
-
-    def inputs(n: int):
-        if case.model.startswith("bert"):
-            return ms.tokens(n, case.shape[0], gen)
-        return torch.randn(n, *case.shape, generator=gen)
-
-    x = inputs(case.batch)
-    y = torch.randint(0, case.num_classes, (case.batch,), generator=gen)
-    mx = inputs(case.meta_batch)
-    my = torch.randint(0, case.num_classes, (case.meta_batch,), generator=gen)
+    data = ms.batches(case)
     names = ["plain", "floor", "l2rw/fast", "mwnet/fast"]
     steps = {}
     for tag, new in (("old", False), ("new", True)):
         use(new)
-        built, *_ = ms.build_variants(
-            case, torch.device("cpu"), False, (x, y, mx, my), False, names
-        )
+        built, *_ = ms.build_variants(case, torch.device("cpu"), False, data, False, names)
         for name, step in built.items():
             if name in ("plain", "floor"):
                 if new:

@@ -400,6 +400,23 @@ def peak_memory(
 # Runs and the table
 
 
+def batches(case: Case) -> tuple:
+    """The case's fixed random batches (x, y, meta x, meta y), on the CPU: images, or token ids
+    for a BERT."""
+    gen = torch.Generator().manual_seed(1)
+
+    def inputs(n: int):
+        if case.model.startswith("bert"):
+            return tokens(n, case.shape[0], gen)
+        return torch.randn(n, *case.shape, generator=gen)
+
+    x = inputs(case.batch)
+    y = torch.randint(0, case.num_classes, (case.batch,), generator=gen)
+    mx = inputs(case.meta_batch)
+    my = torch.randint(0, case.num_classes, (case.meta_batch,), generator=gen)
+    return x, y, mx, my
+
+
 def run_case(
     case: Case,
     device: torch.device,
@@ -412,20 +429,9 @@ def run_case(
     variants: Sequence[str] = VARIANTS,
     policy: str = "auto",
 ) -> list[dict]:
-    gen = torch.Generator().manual_seed(1)
-
-    def inputs(n: int):
-        if case.model.startswith("bert"):
-            return tokens(n, case.shape[0], gen)
-        return torch.randn(n, *case.shape, generator=gen)
-
-    x = inputs(case.batch)
-    y = torch.randint(0, case.num_classes, (case.batch,), generator=gen)
-    mx = inputs(case.meta_batch)
-    my = torch.randint(0, case.num_classes, (case.meta_batch,), generator=gen)
     data = tuple(
         {k: v.to(device) for k, v in t.items()} if isinstance(t, dict) else t.to(device)
-        for t in (x, y, mx, my)
+        for t in batches(case)
     )
     if channels_last:
         data = tuple(

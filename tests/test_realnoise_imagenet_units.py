@@ -229,25 +229,31 @@ def test_the_lists_a_layout_reads_are_named_where_missing(tmp_path, layout):
     val = write_imagenet_val(tmp_path, layout)
     webvision = tmp_path / "webvision"
     synsets = webvision / "info" / "synsets.txt"
-    synsets.unlink()
-    with pytest.raises(FileNotFoundError) as err:
-        find(tmp_path)
-    assert str(err.value) == (
+    assert_missing_named(
+        tmp_path,
+        synsets,
         f"synsets.txt not found: expected {synsets.resolve()}. Download it from "
         f"{DOWNLOADS['webvision']} and extract it into {webvision.resolve()}, or set "
-        "dataset.root / REWEIGHT_DATA_DIR"
+        "dataset.root / REWEIGHT_DATA_DIR",
     )
     if layout == "flat":
         devkit = val.parent / "ILSVRC2012_devkit_t12"
         truth = devkit / "data" / "ILSVRC2012_validation_ground_truth.txt"
-        truth.unlink()
-        with pytest.raises(FileNotFoundError) as err:
-            find(tmp_path)
-        assert str(err.value) == (
+        assert_missing_named(
+            tmp_path,
+            truth,
             f"ILSVRC2012's validation ground truth not found: expected {truth.resolve()}. "
             f"Download it from {TAR} and extract it into {devkit.resolve()}, or set "
-            "dataset.imagenet_val_dir"
+            "dataset.imagenet_val_dir",
         )
+
+
+def assert_missing_named(root, path, message: str) -> None:
+    """With ``path`` removed, finding the data under ``root`` fails with ``message``."""
+    path.unlink()
+    with pytest.raises(FileNotFoundError) as err:
+        find(root)
+    assert str(err.value) == message
 
 
 def test_the_devkits_meta_without_scipy_is_one_line(tmp_path, monkeypatch):

@@ -52,8 +52,7 @@ class LayerCall:
     # a linear call as ``torch.addmm(b, x, W)`` (HuggingFace's ``Conv1D``): W is (in, out), and
     # x, z are the batch flattened to (B·k, ·) rows, k consecutive ones per example, until
     # ``finish`` views x and g per example
-    transposed: bool = False
-    flat: bool = False
+    addmm: bool = False
 
     # -- the layer's maths -----------------------------------------------------------------
 
@@ -131,7 +130,7 @@ class LayerCall:
             if self.weight is not None:  # the seeds scale the narrower of input and gradient
                 x, g = (x * s, g) if x.shape[-1] <= g.shape[-1] else (x, g * s)
                 x, g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-                gw = x.t() @ g if self.transposed else g.t() @ x
+                gw = x.t() @ g if self.addmm else g.t() @ x
             if self.bias is not None:
                 gb = seeds.to(self.g.dtype) @ self.g_sum()
             return gw, gb
@@ -177,7 +176,7 @@ class LayerCall:
         x, g = self.x, self.g
         out = None
         if u_w is not None:
-            u = u_w.to(g.dtype).t() if self.transposed else u_w.to(g.dtype)  # (out, in)
+            u = u_w.to(g.dtype).t() if self.addmm else u_w.to(g.dtype)  # (out, in)
             if g.shape[-1] > x.shape[-1]:
                 out = (torch.matmul(g, u) * x).flatten(1).sum(1)
             else:
@@ -240,7 +239,7 @@ class LayerCall:
                     self.x.reshape(b, -1, self.x.shape[-1]),
                     self.g.reshape(b, -1, self.g.shape[-1]),
                 )
-                per = x3.transpose(1, 2) @ g3 if self.transposed else g3.transpose(1, 2) @ x3
+                per = x3.transpose(1, 2) @ g3 if self.addmm else g3.transpose(1, 2) @ x3
                 cols.append(per.reshape(b, -1))
             else:  # the batch as groups: one grouped weight gradient gives all B of them
                 stride, padding, dilation, groups = self._conv_args()
@@ -264,7 +263,7 @@ class LayerCall:
                 cols.append(gw.reshape(b, -1))
         if self.bias is not None:
             if self.kind == "linear":
-                cols.append(self.g.reshape(b, -1, self.g.shape[-1]).sum(1))
+                cols.append(self.g_sum())
             else:
                 cols.append(self.g.flatten(2).sum(2))
         self.per_example = torch.cat(cols, 1) if len(cols) > 1 else cols[0]

@@ -252,7 +252,7 @@ def finish(
     for t, g in zip([*batched, *uses], gs[:n_out], strict=True):
         t.g = g
     for c in batched:
-        if c.flat:  # (B·k, ·) rows as (B, k, ·): per example
+        if c.addmm:  # (B·k, ·) rows as (B, k, ·): per example
             c.x, c.g = c.x.reshape(n, -1, c.x.shape[-1]), c.g.reshape(n, -1, c.g.shape[-1])
     for k, c in enumerate(lstms):
         c.recurrent.g_finals = tuple(gs[n_out + 2 * k : n_out + 2 * k + 2])
@@ -295,7 +295,7 @@ def _shared_calls(calls: list[LayerCall], watch: Watch, n: int) -> dict[int, Any
             # e.g. ReLU(inplace=True) on a layer's output: autograd would then differentiate
             # with respect to the ReLU's result, not the layer's output
             raise Ineligible(f"{c.name}: its input or output was modified in place")
-        if c.flat:  # k rows per example, consecutive: read per example once g is known
+        if c.addmm:  # k rows per example, consecutive: read per example once g is known
             if c.x.shape[0] % n or c.z.shape[0] != c.x.shape[0]:
                 raise Ineligible(f"{c.name}: rows not batched like the losses")
             continue

@@ -154,7 +154,7 @@ class Watch(TorchFunctionMode):
         weight = w if id(w) in self.loose else None
         bias = b if b is not None and id(b) in self.loose else None
         call = LayerCall(None, "linear", name, weight, bias)
-        call.transposed = call.flat = name == "addmm"
+        call.addmm = name == "addmm"
         if not isinstance(x, Tensor) or not out.requires_grad:
             call.problem = f"{name}: not called on one tensor with a graph"
         elif (weight is None and w.requires_grad) or (

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from reweight.core import inputs as batch_inputs
 from reweight.jvp import Planner
 from reweight.jvp.base import zeros_for_none
 from reweight.meta import (
@@ -236,7 +237,8 @@ class MetaStep:
             state (``StepInputs.optimizer``) instead of a plain SGD step at ``StepInputs.lr``.
         chunks: with ``"fast"``, take the training forward and the meta gradient at θ′ in
             this many slices of the batch (less memory; only for models whose examples do not
-            interact). ``"auto"``: 2 when the per-layer path records the batch, else 1.
+            interact). ``"auto"``: under the planner's cuda policy (least memory) 2 when the
+            per-layer path records the batch, else 1; under the cpu policy (least time) 1.
         at_zero: the method takes c at w = 0 (L2RW): its seeds are zero, the virtual step's
             direction is known before the training forward (so the ``dual`` engine can run),
             and ``__call__`` takes no seed function.
@@ -391,8 +393,10 @@ class MetaStep:
         model = batch.model
         names, weights = self._moved(model)
         chunks = self.chunks
-        if chunks == "auto" and _batch_norms(model, training=True):  # slices would change
-            # the batch statistics (a BatchNorm upstream of a moved head; per layer)
+        if chunks == "auto" and (
+            self.planner.policy_for(batch_inputs.device(batch.inputs)) != "cuda"
+            or _batch_norms(model, training=True)  # slices would change the batch statistics
+        ):  # the cpu policy's least time is one piece (the cuda policy's least memory: two)
             chunks = 1
         recording = self.planner.record(
             model, batch.inputs, batch.targets, batch.loss_fn,

@@ -249,7 +249,10 @@ def test_the_first_step_checks_the_path_and_computes_what_later_steps_do():
     assert method.metastep.planner.per_layer_verdict(model) == "check"
 
 
-def test_auto_takes_two_slices_on_the_path(monkeypatch: pytest.MonkeyPatch):
+def test_auto_slices_the_batch_under_the_cuda_policy_only(monkeypatch: pytest.MonkeyPatch):
+    """``meta_chunks="auto"``: the cpu policy's least time is one piece; the cuda policy's least
+    memory is two slices on the per-layer path, one where BatchNorm couples the examples or
+    another engine records the batch."""
     seen = []
     meta_gradient = reweight.metastep.meta_gradient
 
@@ -258,22 +261,25 @@ def test_auto_takes_two_slices_on_the_path(monkeypatch: pytest.MonkeyPatch):
         return meta_gradient(*args)
 
     monkeypatch.setattr(reweight.metastep, "meta_gradient", spy)
-    model, x, y, xv, yv = model_and_batches("lenet")
-    method = mwnet_method(model)
-    for _ in range(2):
-        mwnet_step(method, model, x, y, xv, yv)
+    for policy in ("cpu", "cuda"):
+        model, x, y, xv, yv = model_and_batches("lenet")
+        method = mwnet_method(model, engine_policy=policy)
+        for _ in range(2):
+            mwnet_step(method, model, x, y, xv, yv)
+        assert method.metastep.planner.jvps == {"per_layer": 2}
+    assert seen == [1, 1, 2, 2]
     model, x, y, xv, yv = model_and_batches("resnet")  # BatchNorm: one piece, no error
-    mwnet_step(mwnet_method(model), model, x, y, xv, yv)
+    mwnet_step(mwnet_method(model, engine_policy="cuda"), model, x, y, xv, yv)
     model, x, y, xv, yv = model_and_batches("lenet")  # the tape forced: one piece
-    mwnet_step(mwnet_method(model, engine="tape"), model, x, y, xv, yv)
-    assert seen == [2, 2, 1, 1]
+    mwnet_step(mwnet_method(model, engine="tape", engine_policy="cuda"), model, x, y, xv, yv)
+    assert seen == [1, 1, 2, 2, 1, 1]
 
 
 def test_dropout_in_slices_keeps_the_path(caplog: pytest.LogCaptureFixture):
-    """MW-Net's default two slices draw a dropout model's masks per slice. The first step's
-    check compares the per-layer JVP with dual numbers in the same slices, so the model keeps
-    the path (it was refused, as if its examples interacted, while the reference drew one mask
-    for the whole batch)."""
+    """MW-Net's two slices (``"auto"``'s under the cuda policy) draw a dropout model's masks
+    per slice. The first step's check compares the per-layer JVP with dual numbers in the same
+    slices, so the model keeps the path (it was refused, as if its examples interacted, while
+    the reference drew one mask for the whole batch)."""
     torch.manual_seed(0)
     drop = [nn.Dropout(0.5), nn.Dropout(0.5)]  # two: one piece draws them in another order
     model = nn.Sequential(nn.Linear(5, 16), drop[0], nn.Linear(16, 16), drop[1], nn.Linear(16, 3))
@@ -282,7 +288,7 @@ def test_dropout_in_slices_keeps_the_path(caplog: pytest.LogCaptureFixture):
     x, y = torch.randn(8, 5, generator=g, dtype=DT), torch.randint(0, 3, (8,), generator=g)
     xv, yv = torch.randn(7, 5, generator=g, dtype=DT), torch.randint(0, 3, (7,), generator=g)
     with caplog.at_level(logging.WARNING, logger="reweight.jvp.planner"):
-        method = mwnet_method(model)
+        method = mwnet_method(model, chunks=2)
         for _ in range(2):
             _, losses, _ = mwnet_step(method, model, x, y, xv, yv)
     assert "does not fit" not in caplog.text

@@ -416,7 +416,7 @@ def test_dropout_after_attention_draws_the_models_own_masks(attention_dropout: f
     method = L2RW()
     method.metastep(StepInputs(model, x, y, xv, yv, 0.5, F.cross_entropy))
     assert method.metastep.planner.per_layer_verdict(model) == "ok"
-    mwnet = MWNet(hidden=5)
+    mwnet = MWNet(hidden=5, meta_chunks=2)
     mwnet.setup(model=model, device=torch.device("cpu"))
     for _ in range(2):  # two slices: the check compares them slice by slice
         mwnet.meta_grads(StepInputs(model, x, y, xv, yv, 0.5, F.cross_entropy))
@@ -500,11 +500,12 @@ def test_hf_text_models_with_dropout_keep_the_path(config_of):
     method = L2RW()
     method.metastep(StepInputs(model, x, y, xv, yv, 0.5, F.cross_entropy))
     assert method.metastep.planner.last_engine == "per_layer"
-    mwnet = MWNet(hidden=5)
-    mwnet.setup(model=model, device=torch.device("cpu"))
-    mwnet.meta_grads(StepInputs(model, x, y, xv, yv, 0.5, F.cross_entropy))
-    assert mwnet.metastep.planner.per_layer_verdict(model) == "ok"
-    assert mwnet.metastep.planner.last_engine == "per_layer"
+    for chunks in ("auto", 2):  # one piece (the cpu policy's default) and two slices
+        mwnet = MWNet(hidden=5, meta_chunks=chunks)
+        mwnet.setup(model=model, device=torch.device("cpu"))
+        mwnet.meta_grads(StepInputs(model, x, y, xv, yv, 0.5, F.cross_entropy))
+        assert mwnet.metastep.planner.per_layer_verdict(model) == "ok"
+        assert mwnet.metastep.planner.last_engine == "per_layer"
 
 
 def test_gpt2_with_more_positions_than_width_keeps_per_example_gradients():

@@ -130,7 +130,8 @@ class Planner:
         if self.engine == "per_layer":
             self.plan(model, device, weights)
 
-    def _policy(self, device: torch.device) -> str:
+    def policy_for(self, device: torch.device) -> str:
+        """The policy in force for a batch on ``device``: ``"cpu"`` or ``"cuda"``."""
         if self.policy != "auto":
             return self.policy
         return "cpu" if device.type == "cpu" else "cuda"
@@ -164,7 +165,7 @@ class Planner:
     def _facts(self, model: nn.Module, state: str, why: str, device: torch.device) -> Facts:
         """What ``choose`` needs of ``model``; under the cuda policy its timings (made on first
         use), which ``describe`` then reports."""
-        policy, key = self._policy(device), signature(model)
+        policy, key = self.policy_for(device), signature(model)
         refused = self._no_tape.get(model)
         tape_off = refused[1] if refused is not None and refused[0] == key else None
         recurrent = has_rnn(model)
@@ -185,7 +186,8 @@ class Planner:
             return choose(None, self.engine)[0], Layers({}), False
         state, layers, why = self._per_layer_state(model, weights, device)
         if self.engine == "per_layer":
-            facts = Facts(type(model).__name__, self._policy(device), state, why, False, None, None)
+            policy = self.policy_for(device)
+            facts = Facts(type(model).__name__, policy, state, why, False, None, None)
         else:
             facts = self._facts(model, state, why, device)
         plan, check = choose(facts, self.engine)
@@ -238,7 +240,7 @@ class Planner:
         if plan.engine == "tape":
             # the cuda policy holds no training graph across MW-Net's meta pass (L2RW's comes
             # before the recorded forward)
-            lean = update and direction is None and self._policy(device) == "cuda"
+            lean = update and direction is None and self.policy_for(device) == "cuda"
             rec = LeanTapeRecording(fwd) if lean else TapeRecording(fwd)
         elif plan.engine == "dual":
             if direction is None:

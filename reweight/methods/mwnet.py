@@ -51,10 +51,12 @@ class MWNet(WeightingNetMethod):
             the batch. The result is the same (a mean loss is a weighted sum of the slices'
             means) while only one slice's activations are alive at a time: the step's peak
             memory falls to about a plain step's at k = 2 (LeNet: 0.96×, against 1.40× in
-            one piece; ~5 % more time). Exact only for a model whose examples do not
-            interact, so an integer k > 1 refuses models with BatchNorm layers. ``"auto"``
-            (the default) takes 2 when the planner runs the per-layer path (the model was
-            verified to treat the examples of a batch independently), else 1.
+            one piece), for 5–15 % more time (0.10–0.18× the floor: twice the per-op work).
+            Exact only for a model whose examples do not interact, so an integer k > 1
+            refuses models with BatchNorm layers. ``"auto"`` (the default) follows the
+            planner's policy (``engine_policy``): the cpu policy, least time, takes 1; the
+            cuda policy, least memory, takes 2 when the planner runs the per-layer path (the
+            model was verified to treat the examples of a batch independently), else 1.
         meta_every: the meta step runs on every k-th batch (1: every batch, as in the paper);
             the batches between are weighted by the current net at a plain step's cost.
         meta_params: the parameters the virtual step moves (``"all"``, ``"head"``, patterns).

@@ -124,6 +124,8 @@ CASES = {
     "bert": [Case("bert", 100, 100, (32,), 2)],
     # the same with HuggingFace's default dropout (0.1 on hidden states and attention weights)
     "bert_dropout": [Case("bert_dropout", 100, 100, (32,), 2)],
+    # the tiny BERT where per-op host work dominates (batch 2), as for a small model on a GPU
+    "bert_tiny": [Case("bert", 2, 2, (32,), 2)],
 }
 
 

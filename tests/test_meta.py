@@ -22,6 +22,7 @@ from reweight.meta import (
     trainable,
 )
 from reweight.meta.modules import MetaLinear, MetaSequential
+from reweight.meta.twins import modules_of, signature
 
 # ---------------------------------------------------------------------------------------------
 # Small models used throughout: a LeNet-sized CNN, an MLP and a ResNet with BatchNorm.
@@ -517,6 +518,39 @@ def test_twin_cache_rebuilds_only_when_the_model_changes():
     assert rebuilt is not twin
     torch.testing.assert_close(rebuilt(x), model(x), rtol=0, atol=1e-12)
     assert TwinCache().bound(model) is not rebuilt  # one cache per owner
+
+
+def test_modules_of_is_modules_and_signature_sees_what_a_twin_copies():
+    """``modules_of`` (the per-step walk) lists what ``model.modules()`` lists, in its order:
+    a module registered twice once, an empty slot skipped. ``signature`` changes when a module
+    or a parameter object is replaced or a copied buffer is written, not when a weight's
+    values or BatchNorm statistics change."""
+    shared = nn.Linear(3, 3)
+    model = nn.Sequential(
+        nn.Sequential(shared, nn.ReLU(), shared),
+        nn.BatchNorm1d(3),
+        nn.ModuleDict({"a": nn.Linear(3, 3), "b": nn.Sequential(shared, nn.Identity())}),
+    )
+    model.register_module("empty", None)
+    model.register_buffer("scale", torch.ones(3))
+    assert [id(m) for m in modules_of(model)] == [id(m) for m in model.modules()]
+    net = torchvision.models.resnet18()
+    assert [id(m) for m in modules_of(net)] == [id(m) for m in net.modules()]
+
+    before = signature(model)
+    assert signature(model) == before
+    with torch.no_grad():
+        shared.weight.add_(1.0)
+    model[1](torch.randn(4, 3))  # BatchNorm statistics move: the twin shares them
+    assert signature(model) == before
+    model.scale.mul_(2.0)  # a buffer the twin copies
+    assert signature(model) != before
+    before = signature(model)
+    shared.weight = nn.Parameter(torch.zeros(3, 3))
+    assert signature(model) != before
+    before = signature(model)
+    model[2]["a"] = nn.Linear(3, 3)
+    assert signature(model) != before
 
 
 def test_twin_cache_rebinds_a_reused_twin_to_the_models_current_state():

@@ -30,8 +30,7 @@ from reweight.jvp.per_layer import Ineligible, Layers, PerLayerRecording, agree,
 from reweight.jvp.tape import LeanTapeRecording, TapeRecording
 from reweight.jvp.timing import Timing, keep_rank0_verdict
 from reweight.meta import LossFn, TwinCache, trainable
-from reweight.meta.kernels import has_rnn
-from reweight.meta.twins import signature
+from reweight.meta.twins import modules_of, signature
 
 __all__ = ["POLICIES", "Plan", "Planner"]
 
@@ -137,14 +136,21 @@ class Planner:
         return "cpu" if device.type == "cpu" else "cuda"
 
     def _per_layer_state(
-        self, model: nn.Module, weights: Sequence[Tensor], device: torch.device
+        self,
+        model: nn.Module,
+        weights: Sequence[Tensor],
+        device: torch.device,
+        mods: list[nn.Module] | None = None,
+        sig: tuple | None = None,
     ) -> tuple[str, Layers, str]:
-        """("ok" | "check" | "no", layers, why not) for the model's current structure and modes."""
+        """("ok" | "check" | "no", layers, why not) for the model's current structure and modes
+        (``mods``, ``sig``: its ``modules_of`` and ``signature``, when the caller has them)."""
         if torch.is_autocast_enabled(device.type):
             return "no", Layers({}), "autocast is on"
+        mods = mods if mods is not None else modules_of(model)
         key = (
-            signature(model),
-            tuple(m.training for m in model.modules()),
+            signature(model, mods) if sig is None else sig,
+            tuple(m.training for m in mods),
             tuple(id(w) for w in weights),
         )
         entry = self._per_layer.get(model)
@@ -162,13 +168,22 @@ class Planner:
             layers = entry[2] if state == "ok" else Layers({})
             self._per_layer[model] = (entry[0], state, layers, why)
 
-    def _facts(self, model: nn.Module, state: str, why: str, device: torch.device) -> Facts:
+    def _facts(
+        self,
+        model: nn.Module,
+        state: str,
+        why: str,
+        device: torch.device,
+        mods: list[nn.Module] | None = None,
+        sig: tuple | None = None,
+    ) -> Facts:
         """What ``choose`` needs of ``model``; under the cuda policy its timings (made on first
         use), which ``describe`` then reports."""
-        policy, key = self.policy_for(device), signature(model)
+        mods = mods if mods is not None else modules_of(model)
+        policy, key = self.policy_for(device), signature(model, mods) if sig is None else sig
         refused = self._no_tape.get(model)
         tape_off = refused[1] if refused is not None and refused[0] == key else None
-        recurrent = has_rnn(model)
+        recurrent = any(isinstance(m, nn.RNNBase) for m in mods)
         timing = None
         if policy == "cuda" and not recurrent and tape_off is None:
             timing = self._timings.get(model)
@@ -184,12 +199,14 @@ class Planner:
         this (model, structure, mode) and is to be compared with an exact JVP."""
         if self.engine not in ("auto", "per_layer"):
             return choose(None, self.engine)[0], Layers({}), False
-        state, layers, why = self._per_layer_state(model, weights, device)
+        mods = modules_of(model)  # one walk of the model per step
+        sig = signature(model, mods)
+        state, layers, why = self._per_layer_state(model, weights, device, mods, sig)
         if self.engine == "per_layer":
             policy = self.policy_for(device)
             facts = Facts(type(model).__name__, policy, state, why, False, None, None)
         else:
-            facts = self._facts(model, state, why, device)
+            facts = self._facts(model, state, why, device, mods, sig)
         plan, check = choose(facts, self.engine)
         return plan, (layers if plan.engine == "per_layer" else Layers({})), check
 

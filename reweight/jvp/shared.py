@@ -55,6 +55,8 @@ _BROADCASTS = frozenset(
     }
 )
 _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+# the functions whose calls the watch reads (the others it only scans for watched tensors)
+_READ = frozenset({F.multi_head_attention_forward, F.linear, torch.addmm})
 
 
 @dataclass(slots=True)
@@ -94,6 +96,10 @@ class Watch(TorchFunctionMode):
 
     def __torch_function__(self, func: Callable, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func not in _READ:  # the common case, kept short: every op of the forward comes here
+            hits = self._hits(args, kwargs)
+            out = func(*args, **kwargs)
+            return self._used(func, hits, kwargs, out) if hits else out
         if func is F.multi_head_attention_forward:
             bound = _MHA_SIGNATURE.bind(*args, **kwargs)
             if _plain_self_attention(bound.arguments) and self._hits(
@@ -115,8 +121,10 @@ class Watch(TorchFunctionMode):
                 return out
         hits = self._hits(args, kwargs)
         out = func(*args, **kwargs)
-        if not hits:
-            return out
+        return self._used(func, hits, kwargs, out) if hits else out
+
+    def _used(self, func: Callable, hits: list[Watched], kwargs: dict, out: object) -> object:
+        """Note ``out``, made by ``func`` from the watched tensors ``hits``, as their use."""
         name = getattr(func, "__name__", str(func))
         if not name.endswith("_") and any(out is w.tensor for w in hits):
             # an op that hands its input on as it is (``.to`` its own device) is no use of it;
@@ -136,14 +144,13 @@ class Watch(TorchFunctionMode):
         return out
 
     def _hits(self, args: tuple, kwargs: dict) -> list[Watched]:
-        found = []
-        for a in (*args, *kwargs.values()):
-            items = a if isinstance(a, (list, tuple)) else (a,)
-            for t in items:
-                if isinstance(t, Tensor) and id(t) in self.watched:
-                    w = self.watched[id(t)]
-                    if w.tensor is t:
-                        found.append(w)
+        """The watched tensors among the arguments (and in lists or tuples of them)."""
+        watched, found = self.watched, []
+        for a in (*args, *kwargs.values()) if kwargs else args:
+            for t in a if isinstance(a, (list, tuple)) else (a,):
+                w = watched.get(id(t))  # an id is a watched tensor's only while it lives
+                if w is not None and w.tensor is t:
+                    found.append(w)
         return found
 
     def _linear(

@@ -22,6 +22,7 @@ __all__ = [
     "LossFn",
     "TwinCache",
     "meta_gradient",
+    "modules_of",
     "signature",
     "slots",
     "substituted",
@@ -73,13 +74,30 @@ def substituted(
             store[key] = t
 
 
-def signature(model: nn.Module) -> tuple:
+def modules_of(model: nn.Module) -> list[nn.Module]:
+    """``list(model.modules())``: every module once, in the same order, without the names
+    ``named_modules`` builds (this runs on every meta step)."""
+    out: list[nn.Module] = []
+    seen: set[int] = set()
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        out.append(m)
+        stack.extend(reversed([c for c in m._modules.values() if c is not None]))
+    return out
+
+
+def signature(model: nn.Module, mods: Sequence[nn.Module] | None = None) -> tuple:
     """What a twin copies from its model: the module tree, the parameter objects and the
-    contents (by version) of buffers other than BatchNorm statistics (which it shares)."""
-    mods = list(model.modules())
+    contents (by version) of buffers other than BatchNorm statistics (which it shares).
+    ``mods``: ``modules_of(model)``, when the caller has it."""
+    mods = modules_of(model) if mods is None else mods
     return (
         tuple(id(m) for m in mods),
-        tuple(id(p) for p in model.parameters()),
+        tuple(id(p) for m in mods for p in m._parameters.values() if p is not None),
         tuple(
             (id(b), b._version)
             for m in mods

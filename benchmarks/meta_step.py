@@ -541,7 +541,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--models",
         default="lenet,resnet32",
-        help="comma-separated: lenet,resnet32,resnet32_tiny,lstm,vit_tiny,bert,bert_dropout",
+        help="comma-separated: " + ",".join(CASES),
     )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")

@@ -423,7 +423,11 @@ class MetaStep:
             batch.loss_fn, chunks,
         )  # fmt: skip
         del new
-        c = -step * recording.jvp([k * d for k, d in zip(kappa, v, strict=True)])
+        # plain SGD's κ is 1.0 for each weight with a gradient: its d as it is (1·d, a copy)
+        direction = [
+            d if isinstance(k, float) and k == 1.0 else k * d for k, d in zip(kappa, v, strict=True)
+        ]
+        c = -step * recording.jvp(direction)
         return MetaGrad(c, seeds, recording.update_losses(), meta_loss)
 
     # -- the unrolled route -------------------------------------------------------------------

@@ -154,8 +154,25 @@ def square(out):
     return out.pow(2).flatten(1).sum(1)
 
 
+class Projections(nn.Module):
+    """An attention block's shape: three projections of one input, then a fourth layer on
+    another tensor of the same shape, and a norm that reads the shared input in between."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(4, 4) for _ in range(4))
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(x)
+        a = self.q(h) * self.norm(h) + self.k(h) * self.v(h)
+        return self.head(self.o(torch.tanh(a))).mean(1)
+
+
 MODELS = {
     "mlp": (lambda: nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)), (6, 3)),
+    "projections": (Projections, (6, 3, 4)),
     "conv": (
         lambda: nn.Sequential(
             nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Conv2d(3, 4, 3, padding="same"), nn.Flatten(),
@@ -205,6 +222,26 @@ def test_jvp_and_weighted_grads_equal_per_example_gradients(name, slices):
     back = torch.autograd.grad((s * losses).sum(), weights)
     for a, b in zip(back, got, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
+def test_one_scaled_input_serves_every_projection_of_it():
+    """The weighted gradients scale a linear call's input by the seeds once per input: the
+    query, key and value projections of one tensor share it; another tensor of the same shape
+    (the output projection's input) is scaled on its own (its values are checked above)."""
+    torch.manual_seed(0)
+    model = Projections().to(DT)
+    rec = record(model, rand(6, 3, 4, seed=1))
+    shapes = []
+
+    class Products(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("mul", "__mul__"):
+                shapes.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    with Products():
+        rec.weighted_grads(rand(6, seed=2))
+    assert shapes.count((6, 3, 4)) == 2  # h once for q, k and v; tanh(a) once for o
 
 
 def test_a_weight_no_layer_reached_has_no_gradient():

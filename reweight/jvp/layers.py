@@ -65,9 +65,11 @@ class LayerCall:
         """``inner`` with the direction given per tensor of ``tensors``."""
         return self.inner(*us)
 
-    def grads_of(self, seeds: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """``weighted_grads``, per tensor of ``tensors``."""
-        return self.weighted_grads(seeds)
+    def grads_of(
+        self, seeds: Tensor, last: list | None = None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """``weighted_grads``, per tensor of ``tensors`` (``last``: see ``weighted_grads``)."""
+        return self.weighted_grads(seeds, last)
 
     def _conv_args(self) -> tuple:
         m = self.module
@@ -113,8 +115,12 @@ class LayerCall:
             idx, g = idx[keep], g[keep]
         return idx, g
 
-    def weighted_grads(self, seeds: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """(∂/∂W, ∂/∂b) of Σᵢ sᵢℓᵢ for this layer."""
+    def weighted_grads(
+        self, seeds: Tensor, last: list | None = None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """(∂/∂W, ∂/∂b) of Σᵢ sᵢℓᵢ for this layer. ``last``: a list shared by the calls of one
+        record, holding the latest scaled input; the next call on the same input (an
+        attention block's query, key and value projections read one tensor) reuses it."""
         if self.kind == "embedding":
             idx, g = self._embedding_rows(seeds)
             assert self.weight is not None
@@ -128,7 +134,7 @@ class LayerCall:
             x, g = self.x, self.g
             gw = gb = None
             if self.weight is not None:  # the seeds scale the narrower of input and gradient
-                x, g = (x * s, g) if x.shape[-1] <= g.shape[-1] else (x, g * s)
+                x, g = (_scaled(x, s, last), g) if x.shape[-1] <= g.shape[-1] else (x, g * s)
                 x, g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
                 gw = x.t() @ g if self.addmm else g.t() @ x
             if self.bias is not None:
@@ -268,3 +274,16 @@ class LayerCall:
                 cols.append(self.g.flatten(2).sum(2))
         self.per_example = torch.cat(cols, 1) if len(cols) > 1 else cols[0]
         self.x = self.g = None
+
+
+def _scaled(x: Tensor, s: Tensor, last: list | None) -> Tensor:
+    """x scaled per example by the seeds ``s``; ``last`` (one per set of seeds) holds the latest
+    result, reused when the same tensor (storage and layout) is scaled again."""
+    if last is None:
+        return x * s
+    key = (x.data_ptr(), x.shape, x.stride(), x.dtype, s.dtype, s.shape)
+    if last and last[0] == key:
+        return last[1]
+    out = x * s
+    last[:] = [key, out]
+    return out

@@ -369,8 +369,9 @@ class GhostRecord:
     def weighted_grads(self, seeds: Tensor) -> list[Tensor | None]:
         """∇θ Σᵢ sᵢℓᵢ per weight (None for a weight no layer reached)."""
         grads: list[Tensor | None] = [None] * len(self.weights)
+        last: list = []  # the latest scaled input, for the next call on the same input
         for call in self.calls:
-            for t, g in zip(call.tensors, call.grads_of(seeds), strict=True):
+            for t, g in zip(call.tensors, call.grads_of(seeds, last), strict=True):
                 if t is None or g is None:
                     continue
                 i = self._index[id(t)]

@@ -135,8 +135,9 @@ class GatesCall:
             t = torch.nn.functional.linear(self.xh, torch.cat([u_ih, u_hh], 1), bias)
         return t.mul_(self.delta).sum((0, 2))
 
-    def grads_of(self, seeds: Tensor) -> list[Tensor | None]:
-        """∂/∂(W_ih, W_hh, b_ih, b_hh) of Σᵢ sᵢℓᵢ (None where frozen)."""
+    def grads_of(self, seeds: Tensor, last: list | None = None) -> list[Tensor | None]:
+        """∂/∂(W_ih, W_hh, b_ih, b_hh) of Σᵢ sᵢℓᵢ (None where frozen; ``last`` unused: no
+        other call reads this layer's inputs)."""
         t_ih, t_hh, t_bi, t_bh = self.tensors
         s = seeds.to(self.delta.dtype)
         grads: list[Tensor | None] = [None] * 4

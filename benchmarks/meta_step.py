@@ -355,21 +355,35 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+CLOCKS: dict[str, Callable[[], float]] = {
+    # seconds that pass; or seconds this process ran on a CPU (``time.process_time``: time spent
+    # waiting for a core on a busy machine is not counted, so runs differ far less; on one
+    # thread it is the step's own work; all threads' work is summed, and a GPU's not counted)
+    "wall": time.perf_counter,
+    "cpu": time.process_time,
+}
+
+
 def time_interleaved(
-    steps: dict[str, Callable[[], None]], device: torch.device, warmup: int, rounds: int
+    steps: dict[str, Callable[[], None]],
+    device: torch.device,
+    warmup: int,
+    rounds: int,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
-    """Seconds per step for every variant, one step each per round, order rotating."""
+    """Seconds per step for every variant by ``clock``, one step each per round, order
+    rotating."""
     names = list(steps)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(warmup + rounds):
         k = r % len(names)
         for name in names[k:] + names[:k]:
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             steps[name]()
             _sync(device)
             if r >= warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(clock() - t0)
     return times
 
 
@@ -430,6 +444,7 @@ def run_case(
     channels_last: bool = False,
     variants: Sequence[str] = VARIANTS,
     policy: str = "auto",
+    clock: str = "wall",
 ) -> list[dict]:
     data = tuple(
         {k: v.to(device) for k, v in t.items()} if isinstance(t, dict) else t.to(device)
@@ -447,7 +462,7 @@ def run_case(
     )
     if skipped:
         log.warning("%s", skipped)
-    times = time_interleaved(steps, device, warmup, rounds)
+    times = time_interleaved(steps, device, warmup, rounds, CLOCKS[clock])
     peaks = {n: peak_memory(steps[n], opts[n], device) if memory else float("nan") for n in steps}
     base_t = statistics.median(times["plain"])
     floor_t = statistics.median(times["floor"]) if "floor" in times else float("nan")
@@ -468,6 +483,7 @@ def run_case(
                 + (", NHWC" if channels_last else ""),
                 "variant": name,
                 "policy": policy,
+                "clock": clock,
                 "engine": _engine_of(methods.get(name)),
                 "median_ms": statistics.median(ts) * 1e3,
                 "p25_ms": q[0] * 1e3,
@@ -566,6 +582,13 @@ def main(argv: list[str] | None = None) -> None:
         choices=["auto", "cpu", "cuda"],
         help="the planner's device policy for the fast rows (cuda: on a CPU, what a GPU runs)",
     )
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=list(CLOCKS),
+        help="wall: seconds that pass; cpu: seconds this process ran (CPU rows: a busy machine "
+        "inflates them far less; with --threads all, every thread's are summed)",
+    )
     parser.add_argument("--json", default=None, help="write the rows and the machine here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -593,6 +616,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             parser.error("--device cuda: CUDA is not available")
+        if args.clock == "cpu":
+            parser.error("--clock cpu times CPU rows only (a GPU's work is not the process's)")
         runs += [(torch.device("cuda"), None, False), (torch.device("cuda"), None, True)]
     else:
         log.info("no CUDA device: CPU rows only")
@@ -628,6 +653,7 @@ def main(argv: list[str] | None = None) -> None:
                     args.channels_last,
                     variants,
                     args.policy,
+                    args.clock,
                 )
                 print(format_table(case_rows), flush=True)
                 rows += case_rows

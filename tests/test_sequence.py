@@ -340,3 +340,14 @@ def test_the_benchmark_runs_the_sequence_models(monkeypatch: pytest.MonkeyPatch)
         engines[name] = {r["variant"]: r["engine"] for r in rows}
     assert engines["lstm"]["l2rw/fast"] == engines["lstm"]["mwnet/fast"] == "per_layer"
     assert engines["vit_tiny"]["l2rw/fast"] == engines["vit_tiny"]["mwnet/fast"] == "per_layer"
+    # --clock cpu: each step timed by the process's CPU time, not the time that passed
+    ticks = iter(range(100))
+    monkeypatch.setitem(bench.CLOCKS, "cpu", lambda: float(next(ticks)))
+    rows = bench.run_case(
+        bench.Case("lenet", 2, 2, (1, 28, 28), 2), torch.device("cpu"), threads=None,
+        bf16=False, warmup=0, rounds=2, memory=False, variants=("plain", "floor"), clock="cpu",
+    )  # fmt: skip
+    assert [(r["variant"], r["clock"], r["median_ms"]) for r in rows] == [
+        ("plain", "cpu", 1000.0),
+        ("floor", "cpu", 1000.0),
+    ]  # every step one tick of the stand-in clock

@@ -126,6 +126,9 @@ CASES = {
     "bert_dropout": [Case("bert_dropout", 100, 100, (32,), 2)],
     # the tiny BERT where per-op host work dominates (batch 2), as for a small model on a GPU
     "bert_tiny": [Case("bert", 2, 2, (32,), 2)],
+    # torch's own nn.TransformerEncoder, sequence first (its default), BERT's sizes, on the same
+    # token ids (no padding mask)
+    "encoder": [Case("encoder", 100, 100, (32,), 2)],
 }
 
 
@@ -205,6 +208,24 @@ def tiny_bert(num_classes: int, length: int, dropout: float = 0.0) -> nn.Module:
     return SequenceClassifier(BertForSequenceClassification(config))
 
 
+class SeqFirstEncoder(nn.Module):
+    """Token ids (B, T) through an ``nn.TransformerEncoder`` with ``batch_first=False``:
+    embeddings plus learned positions, 2 layers of width 64, 4 heads, a final norm; the class
+    from the mean token. Dropout 0, like the ``bert`` case."""
+
+    def __init__(self, num_classes: int, length: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(1000, 64, padding_idx=0)
+        self.position = nn.Embedding(length, 64)
+        layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, activation="gelu")
+        self.encoder = nn.TransformerEncoder(layer, 2, nn.LayerNorm(64), enable_nested_tensor=False)
+        self.head = nn.Linear(64, num_classes)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = self.embed(ids) + self.position(torch.arange(ids.shape[1], device=ids.device)[None])
+        return self.head(self.encoder(h.transpose(0, 1)).mean(0))
+
+
 def tokens(n: int, length: int, gen: torch.Generator) -> dict[str, Tensor]:
     """A padded batch of token ids (n, length): 16 to ``length`` real tokens each."""
     ids = torch.randint(1, 1000, (n, length), generator=gen)
@@ -278,6 +299,8 @@ def build_variants(
     torch.manual_seed(0)
     if case.model.startswith("bert"):
         base = tiny_bert(case.num_classes, case.shape[0], 0.1 if "dropout" in case.model else 0.0)
+    elif case.model == "encoder":
+        base = SeqFirstEncoder(case.num_classes, case.shape[0])
     else:
         base = build_model(
             case.model,
@@ -424,6 +447,8 @@ def batches(case: Case) -> tuple:
     def inputs(n: int):
         if case.model.startswith("bert"):
             return tokens(n, case.shape[0], gen)
+        if case.model == "encoder":
+            return tokens(n, case.shape[0], gen)["input_ids"]
         return torch.randn(n, *case.shape, generator=gen)
 
     x = inputs(case.batch)

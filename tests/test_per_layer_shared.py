@@ -186,7 +186,40 @@ def bert_config(dropout: float):
     return "BertConfig", "BertForSequenceClassification", tiny_bert_config(dropout).to_dict()
 
 
+class Encoder(nn.Module):
+    """Token ids through torch's own ``nn.TransformerEncoder``, sequence first (its default
+    ``batch_first=False``) or batch first, with a final norm; the class from the mean token."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.embed = nn.Embedding(40, 8, padding_idx=0)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first)
+        self.enc = nn.TransformerEncoder(layer, 2, nn.LayerNorm(8), enable_nested_tensor=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        if self.batch_first:
+            return self.head(self.enc(h).mean(1))
+        return self.head(self.enc(h.transpose(0, 1)).mean(0))
+
+
+def encoder(batch_first: bool = False):
+    """T = 5 steps: the batches of 5 have as many examples as steps."""
+    torch.manual_seed(0)
+    model = Encoder(batch_first).to(DT).train()
+
+    def batch(n: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(1, 40, (n, 5), generator=g), torch.randint(0, 3, (n,), generator=g)
+
+    return model, batch
+
+
 MODELS = {
+    "seq_first": encoder,
+    "batch_first": lambda: encoder(batch_first=True),
     "vit_tiny": vit,
     "bert": bert,
     "hf_vit": hf_vit,
@@ -299,6 +332,9 @@ def _differs(got: torch.Tensor, want: torch.Tensor) -> bool:
         ("gpt2", "model.transformer.h.0.attn.c_attn.weight"),
         ("gpt2", "model.transformer.h.1.mlp.c_proj.bias"),
         ("gpt2", "model.transformer.wpe.weight"),
+        ("seq_first", "enc.layers.0.linear1.weight"),
+        ("seq_first", "enc.layers.1.norm2.bias"),
+        ("seq_first", "enc.norm.weight"),
     ],
 )
 def test_mutation_a_dropped_per_example_term_fails_the_comparison(name: str, term: str):
@@ -320,6 +356,53 @@ def test_mutation_a_dropped_per_example_term_fails_the_comparison(name: str, ter
     (got,) = torch.autograd.grad((seeds * ghost.losses_of(recs)).sum(), [target], allow_unused=True)
     k = names.index(term)
     assert got is None or _differs(got, torch.einsum("b,b...->...", seeds, per[k]))
+
+
+def test_sequence_first_layers_are_known_by_torchs_transformer_classes_only():
+    """The layers read as (T, B, ...): those of torch's own sequence-first layers and their
+    stack's final norm; none of a batch-first stack, nor of a subclass whose forward may lay
+    its tensors out otherwise (it is checked as any model: here, refused by the batch size)."""
+    model, batch = encoder()
+    layers = ghost.ghost_layers(model, trainable(model)[1])
+    parts = ("linear1", "linear2", "norm1", "norm2")
+    assert layers.seq_first == {f"enc.layers.{i}.{p}" for i in (0, 1) for p in parts} | {"enc.norm"}
+    model, _ = encoder(batch_first=True)
+    assert ghost.ghost_layers(model, trainable(model)[1]).seq_first == frozenset()
+
+    class Own(nn.TransformerEncoderLayer):
+        pass
+
+    torch.manual_seed(0)
+    model = Encoder(batch_first=False).to(DT)
+    model.enc.layers = nn.ModuleList(
+        Own(8, 2, 16, dropout=0.0).to(DT) for _ in range(2)
+    )  # fmt: skip
+    model.enc.norm = None
+    assert ghost.ghost_layers(model, trainable(model)[1]).seq_first == frozenset()
+    x, y = batch(6, 1)
+    with pytest.raises(ghost.Ineligible, match="LayerNorm: input not batched like the losses"):
+        records(model, x, y)
+
+
+def test_a_sequence_first_encoder_with_dropout_keeps_the_path():
+    """torch's default encoder layer (sequence first, dropout 0.1): both methods' first step
+    checks the path against an exact JVP drawing the same masks, and keeps it."""
+    from reweight import MWNet
+
+    model, batch = encoder()
+    for layer in model.enc.layers:
+        for drop in (layer.dropout, layer.dropout1, layer.dropout2):
+            drop.p = 0.1
+    (x, y), (xv, yv) = batch(6, 1), batch(5, 2)
+    method = L2RW()
+    method.metastep(StepInputs(model, x, y, xv, yv, 0.5, F.cross_entropy))
+    assert method.metastep.planner.last_engine == "per_layer"
+    for chunks in ("auto", 2):
+        mwnet = MWNet(hidden=5, meta_chunks=chunks)
+        mwnet.setup(model=model, device=torch.device("cpu"))
+        mwnet.meta_grads(StepInputs(model, x, y, xv, yv, 0.5, F.cross_entropy))
+        assert mwnet.metastep.planner.per_layer_verdict(model) == "ok"
+        assert mwnet.metastep.planner.last_engine == "per_layer"
 
 
 class UsedTwice(nn.Module):

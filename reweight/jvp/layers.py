@@ -53,6 +53,8 @@ class LayerCall:
     # x, z are the batch flattened to (B·k, ·) rows, k consecutive ones per example, until
     # ``finish`` views x and g per example
     addmm: bool = False
+    # called on (T, B, ...) (``Layers.seq_first``): x and z until ``finish`` views them per example
+    seq_first: bool = False
 
     # -- the layer's maths -----------------------------------------------------------------
 

@@ -77,6 +77,9 @@ class Layers:
 
     modules: dict[str, tuple[Tensor | None, ...]]
     loose: tuple[Tensor, ...] = ()
+    # layers called on (T, B, ...): the feed-forward and norm layers of torch's sequence-first
+    # transformer layers (``batch_first=False``, torch's default), and their stacks' final norm
+    seq_first: frozenset[str] = frozenset()
 
     def __len__(self) -> int:
         return len(self.modules)
@@ -134,7 +137,29 @@ def ghost_layers(model: nn.Module, weights: Sequence[Tensor]) -> Layers:
     missing = wanted - covered
     if missing:
         raise Ineligible("a trainable tensor is not a weight or bias of a linear/conv layer")
-    return Layers(layers, tuple(loose))
+    return Layers(layers, tuple(loose), _sequence_first(model) & frozenset(layers))
+
+
+_SEQ_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+_SEQ_STACKS = (nn.TransformerEncoder, nn.TransformerDecoder)
+
+
+def _sequence_first(model: nn.Module) -> frozenset[str]:
+    """The names of the layers torch's transformer classes call on sequence-first (T, B, ...)
+    tensors: in a layer with ``batch_first=False``, its linear and norm layers; in a stack of
+    such layers, its final norm. Known by the classes' own forward (their exact types only),
+    so a batch of T examples is never read as T steps of one."""
+    names = set()
+    for name, m in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if type(m) in _SEQ_LAYERS and not m.self_attn.batch_first:
+            parts = ("linear1", "linear2", "norm1", "norm2", "norm3")
+            names.update(prefix + p for p in parts if isinstance(getattr(m, p, None), nn.Module))
+        elif type(m) in _SEQ_STACKS and m.norm is not None and len(m.layers):
+            first = m.layers[0]
+            if type(first) in _SEQ_LAYERS and not first.self_attn.batch_first:
+                names.add(prefix + "norm")
+    return frozenset(names)
 
 
 def _check_layer(name: str, m: nn.Module) -> None:
@@ -176,6 +201,7 @@ def recording(model: nn.Module, layers: Layers) -> Iterator[Watch]:
     and every use of a weight no layer owns (``reweight.jvp.shared``)."""
     watch = Watch(layers.loose, [])
     by_module = {m: layers.modules[n] for n, m in model.named_modules() if n in layers.modules}
+    seq_first = {m for n, m in model.named_modules() if n in layers.seq_first}
 
     def hook(module: nn.Module, args: tuple, out: object) -> None:
         if module not in by_module:
@@ -195,6 +221,7 @@ def recording(model: nn.Module, layers: Layers) -> Iterator[Watch]:
         call = LayerCall(
             module, kind, name, w, b, x=x.detach(), z=out, versions=(x._version, out._version)
         )
+        call.seq_first = module in seq_first
         watch.calls.append(call)
         if x.dim() and x.shape[0] == 1:  # perhaps shared by the batch: its uses are followed
             watch.watch_output(call, out)
@@ -254,6 +281,8 @@ def finish(
     for c in batched:
         if c.addmm:  # (B·k, ·) rows as (B, k, ·): per example
             c.x, c.g = c.x.reshape(n, -1, c.x.shape[-1]), c.g.reshape(n, -1, c.g.shape[-1])
+        elif c.seq_first:  # (T, B, ·) as (B, T, ·), laid out for the products that follow
+            c.x, c.g = c.x.transpose(0, 1).contiguous(), c.g.transpose(0, 1).contiguous()
     for k, c in enumerate(lstms):
         c.recurrent.g_finals = tuple(gs[n_out + 2 * k : n_out + 2 * k + 2])
         c.recurrent.finals = None
@@ -298,6 +327,10 @@ def _shared_calls(calls: list[LayerCall], watch: Watch, n: int) -> dict[int, Any
         if c.addmm:  # k rows per example, consecutive: read per example once g is known
             if c.x.shape[0] % n or c.z.shape[0] != c.x.shape[0]:
                 raise Ineligible(f"{c.name}: rows not batched like the losses")
+            continue
+        if c.seq_first:  # (T, B, ...): read per example once g is known
+            if c.x.dim() < 3 or c.x.shape[1] != n or c.z.shape[1] != n:
+                raise Ineligible(f"{c.name}: input not batched like the losses")
             continue
         # an LSTM's input is kept batch first; its output is as the module returns it
         z_batch = 1 if c.kind == "lstm" and not c.module.batch_first else 0

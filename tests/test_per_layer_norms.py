@@ -25,7 +25,7 @@ class Tokens(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.emb = nn.Embedding(11, 6, padding_idx=0)
-        self.norm = nn.LayerNorm(6)
+        self.norm = nn.LayerNorm(6, eps=0.3)  # eps large enough to count
         self.head = nn.Linear(6, 3)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -38,7 +38,7 @@ class Grouped(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(2, 4, 3, padding=1)
-        self.norm = nn.GroupNorm(2, 4)
+        self.norm = nn.GroupNorm(2, 4, eps=0.2)
         self.head = nn.Linear(4 * 5 * 5, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,7 +49,7 @@ class RMS(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.fc = nn.Linear(5, 6)
-        self.norm = nn.RMSNorm(6)
+        self.norm = nn.RMSNorm(6, eps=0.25)
         self.head = nn.Linear(6, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

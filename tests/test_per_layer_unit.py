@@ -180,6 +180,16 @@ MODELS = {
         ),
         (6, 1, 7, 7),
     ),
+    # padding "valid" by name: no padding
+    "conv-valid": (
+        lambda: nn.Sequential(nn.Conv2d(1, 3, 3, padding="valid"), nn.Tanh(), nn.Flatten(),
+                              nn.Linear(3 * 5 * 5, 2)),
+        (6, 1, 7, 7),
+    ),
+    # a frozen weight and a trainable bias: the JVP through the bias alone
+    "mlp-frozen-weight": (
+        lambda: nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)), (6, 3)
+    ),
     "conv1d-frozen": (
         lambda: nn.Sequential(nn.Conv1d(2, 3, 2, stride=2), nn.Tanh(), nn.Flatten(),
                               nn.Linear(12, 2)),
@@ -196,6 +206,8 @@ def test_jvp_and_weighted_grads_equal_per_example_gradients(name, slices):
     model = make().to(DT)
     if name.endswith("frozen"):
         model[0].bias.requires_grad_(False)
+    if name.endswith("frozen-weight"):
+        model[0].weight.requires_grad_(False)
     x = rand(*shape, seed=1)
     weights = trainable(model)
     per, names = per_example(model, x, square)
@@ -239,9 +251,12 @@ def test_one_scaled_input_serves_every_projection_of_it():
                 shapes.append(tuple(args[0].shape))
             return func(*args, **(kwargs or {}))
 
+    seeds = rand(6, seed=2)
     with Products():
-        rec.weighted_grads(rand(6, seed=2))
+        grads = rec.weighted_grads(seeds)
     assert shapes.count((6, 3, 4)) == 2  # h once for q, k and v; tanh(a) once for o
+    # a call asked alone scales its own input
+    torch.testing.assert_close(rec.calls[0].weighted_grads(seeds)[0], grads[0], rtol=0, atol=0)
 
 
 def test_a_weight_no_layer_reached_has_no_gradient():

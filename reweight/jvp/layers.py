@@ -136,7 +136,11 @@ class LayerCall:
             x, g = self.x, self.g
             gw = gb = None
             if self.weight is not None:  # the seeds scale the narrower of input and gradient
-                x, g = (_scaled(x, s, last), g) if x.shape[-1] <= g.shape[-1] else (x, g * s)
+                x, g = (
+                    (_scaled(x, s, [] if last is None else last), g)
+                    if x.shape[-1] <= g.shape[-1]
+                    else (x, g * s)
+                )
                 x, g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
                 gw = x.t() @ g if self.addmm else g.t() @ x
             if self.bias is not None:
@@ -278,11 +282,9 @@ class LayerCall:
         self.x = self.g = None
 
 
-def _scaled(x: Tensor, s: Tensor, last: list | None) -> Tensor:
+def _scaled(x: Tensor, s: Tensor, last: list) -> Tensor:
     """x scaled per example by the seeds ``s``; ``last`` (one per set of seeds) holds the latest
     result, reused when the same tensor (storage and layout) is scaled again."""
-    if last is None:
-        return x * s
     key = (x.data_ptr(), x.shape, x.stride(), x.dtype, s.dtype, s.shape)
     if last and last[0] == key:
         return last[1]

@@ -368,6 +368,15 @@ def test_sequence_first_layers_are_known_by_torchs_transformer_classes_only():
     assert layers.seq_first == {f"enc.layers.{i}.{p}" for i in (0, 1) for p in parts} | {"enc.norm"}
     model, _ = encoder(batch_first=True)
     assert ghost.ghost_layers(model, trainable(model)[1]).seq_first == frozenset()
+    # a layer as the model itself, a stack of one layer, a decoder layer (its third norm)
+    layer = nn.TransformerEncoderLayer(8, 2, 16)
+    assert ghost.ghost_layers(layer, trainable(layer)[1]).seq_first == {
+        "linear1", "linear2", "norm1", "norm2"
+    }  # fmt: skip
+    stack = nn.TransformerEncoder(layer, 1, nn.LayerNorm(8), enable_nested_tensor=False)
+    assert "norm" in ghost.ghost_layers(stack, trainable(stack)[1]).seq_first
+    decoder = nn.TransformerDecoderLayer(8, 2, 16)
+    assert "norm3" in ghost.ghost_layers(decoder, trainable(decoder)[1]).seq_first
 
     class Own(nn.TransformerEncoderLayer):
         pass
@@ -381,6 +390,75 @@ def test_sequence_first_layers_are_known_by_torchs_transformer_classes_only():
     assert ghost.ghost_layers(model, trainable(model)[1]).seq_first == frozenset()
     x, y = batch(6, 1)
     with pytest.raises(ghost.Ineligible, match="LayerNorm: input not batched like the losses"):
+        records(model, x, y)
+
+
+class Decoded(nn.Module):
+    """A sequence-first ``nn.TransformerDecoderLayer`` over each example's own tokens (its
+    memory the same embeddings), its two attentions frozen: cross-attention is torch's own
+    function, whose trainable projections the path would not see."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(40, 8)
+        self.dec = nn.TransformerDecoderLayer(8, 2, 16, dropout=0.0)
+        for p in (*self.dec.self_attn.parameters(), *self.dec.multihead_attn.parameters()):
+            p.requires_grad_(False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids).transpose(0, 1)
+        return self.head(self.dec(h, h).mean(0))
+
+
+def test_a_sequence_first_decoder_layer_is_read_per_example():
+    torch.manual_seed(0)
+    model = Decoded().to(DT)
+    x = torch.randint(1, 40, (5, 4), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(2))
+    _, weights = trainable(model)
+    per = per_example_grads(model, x, y)
+    recs = records(model, x, y)
+    assert {c.name for c in recs[0].calls if c.seq_first} == {"Linear", "LayerNorm"}
+    u = direction(weights)
+    want = sum(p.flatten(1) @ d.flatten() for p, d in zip(per, u, strict=True))
+    assert_equal(ghost.jvp_of(recs, u), want)
+    seeds = torch.rand(len(y), generator=torch.Generator().manual_seed(3), dtype=DT)
+    for a, p in zip(ghost.weighted_grads_of(recs, seeds), per, strict=True):
+        assert_equal(a, torch.einsum("b,b...->...", seeds, p))
+
+
+class Misfed(nn.Module):
+    """A sequence-first layer (norm first) handed batch-first tensors: its attention runs
+    across the batch. Or a sequence-first stack whose head's output is written in place."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.embed = nn.Embedding(40, 8)
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, norm_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        if self.how == "batch first":
+            return self.head(self.layer(h).mean(1))
+        return self.head(self.layer(h.transpose(0, 1)).mean(0)).mul_(2.0)
+
+
+@pytest.mark.parametrize(
+    ("how", "match"),
+    [
+        ("batch first", "LayerNorm: input not batched like the losses"),
+        ("in place", "Linear: its input or output was modified in place"),
+    ],
+)
+def test_sequence_first_layers_misfed_or_followed_by_a_refusal_are_refused(how, match):
+    torch.manual_seed(0)
+    model = Misfed(how).to(DT)
+    x = torch.randint(1, 40, (6, 4), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 3, (6,))
+    with pytest.raises(ghost.Ineligible, match=match):
         records(model, x, y)
 
 

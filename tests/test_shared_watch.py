@@ -70,6 +70,7 @@ def square(out):
 FORWARDS = {
     "shift broadcast over the tokens": None,
     "shift by torch.add": lambda m, x: torch.add(F.linear(x, m.w, m.b), m.shift),
+    "shift by keyword": lambda m, x: torch.add(F.linear(x, m.w, m.b), other=m.shift),
     "shift on the left": lambda m, x: m.shift + F.linear(x, m.w, m.b),
     "shift by broadcast_to": lambda m, x: (
         F.linear(x, m.w, m.b) * m.shift.broadcast_to(len(x), 3, 4)

@@ -57,6 +57,7 @@ _BROADCASTS = frozenset(
 _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 # the functions whose calls the watch reads (the others it only scans for watched tensors)
 _READ = frozenset({F.multi_head_attention_forward, F.linear, torch.addmm})
+_UNREAD = object()  # ``Watch._read``'s answer for a call it leaves to torch
 
 
 @dataclass(slots=True)
@@ -96,10 +97,17 @@ class Watch(TorchFunctionMode):
 
     def __torch_function__(self, func: Callable, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func not in _READ:  # the common case, kept short: every op of the forward comes here
-            hits = self._hits(args, kwargs)
-            out = func(*args, **kwargs)
-            return self._used(func, hits, kwargs, out) if hits else out
+        if func in _READ:  # a call the watch reads itself (most ops are only scanned)
+            out = self._read(func, args, kwargs)
+            if out is not _UNREAD:
+                return out
+        hits = self._hits(args, kwargs)
+        out = func(*args, **kwargs)
+        return self._used(func, hits, kwargs, out) if hits else out
+
+    def _read(self, func: Callable, args: tuple, kwargs: dict) -> object:
+        """The result of a linear call on a watched weight, or of self-attention computed from
+        calls the watch sees; ``_UNREAD`` for a call it leaves to torch."""
         if func is F.multi_head_attention_forward:
             bound = _MHA_SIGNATURE.bind(*args, **kwargs)
             if _plain_self_attention(bound.arguments) and self._hits(
@@ -119,9 +127,7 @@ class Watch(TorchFunctionMode):
                 out = func(*args)
                 self._linear(x, w, b, out, "addmm")
                 return out
-        hits = self._hits(args, kwargs)
-        out = func(*args, **kwargs)
-        return self._used(func, hits, kwargs, out) if hits else out
+        return _UNREAD
 
     def _used(self, func: Callable, hits: list[Watched], kwargs: dict, out: object) -> object:
         """Note ``out``, made by ``func`` from the watched tensors ``hits``, as their use."""

@@ -25,8 +25,9 @@ read where the forward uses it (``reweight.jvp.shared``): an ``nn.MultiheadAtten
 projections, and the own weights of modules outside ``torch.nn`` (a ViT's class token and
 position embedding); no BatchNorm is in training mode, and every layer's input and output are
 batched (or, for a call made once for the whole batch, such as BERT's position embeddings,
-broadcast over it) and not written in place later in the forward (``ReLU(inplace=True)``
-right after a layer is). By
+broadcast over it; or, for the linear and norm layers of torch's own sequence-first
+transformer layers, batched along their second dim) and not written in place later in the
+forward (``ReLU(inplace=True)`` right after a layer is). By
 measurement, because a model's own code may still mix examples or use a weight outside its
 layer: on the first step of every (model, structure, mode) a separate forward computes a JVP
 both ways (this one and an exact engine's) and the per-layer path is used only if they agree

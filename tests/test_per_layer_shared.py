@@ -257,15 +257,14 @@ def direction(weights, seed: int = 2) -> list[torch.Tensor]:
     return [torch.randn(w.shape, generator=g, dtype=DT) for w in weights]
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_jvp_and_weighted_gradients_equal_per_example_gradients(name: str):
-    model, batch = MODELS[name]()
-    x, y = batch(5, 1)
+def assert_per_example(model: nn.Module, x, y, padding_row: bool = False):
+    """The record's JVP in a random direction and its losses' backward under random seeds
+    equal those of per-example gradients taken one example at a time. Returns the records."""
     _, weights = trainable(model)
     per = per_example_grads(model, x, y)
     recs = records(model, x, y)
     u = direction(weights)
-    if name == "bert":  # a direction made by a backward: nothing on the padding row
+    if padding_row:  # a direction made by a backward: nothing on the padding row
         u[0][0] = 0
     want = sum(p.flatten(1) @ d.flatten() for p, d in zip(per, u, strict=True))
     assert_equal(ghost.jvp_of(recs, u), want)
@@ -273,6 +272,14 @@ def test_jvp_and_weighted_gradients_equal_per_example_gradients(name: str):
     got = torch.autograd.grad((seeds * ghost.losses_of(recs)).sum(), weights)
     for a, p in zip(got, per, strict=True):
         assert_equal(a, torch.einsum("b,b...->...", seeds, p))
+    return recs
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_jvp_and_weighted_gradients_equal_per_example_gradients(name: str):
+    model, batch = MODELS[name]()
+    x, y = batch(5, 1)
+    assert_per_example(model, x, y, padding_row=name == "bert")
 
 
 def assert_l2rw_equals_unrolled(model, x, y, xv, yv, engine: str) -> L2RW:
@@ -416,16 +423,8 @@ def test_a_sequence_first_decoder_layer_is_read_per_example():
     model = Decoded().to(DT)
     x = torch.randint(1, 40, (5, 4), generator=torch.Generator().manual_seed(1))
     y = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(2))
-    _, weights = trainable(model)
-    per = per_example_grads(model, x, y)
-    recs = records(model, x, y)
+    recs = assert_per_example(model, x, y)
     assert {c.name for c in recs[0].calls if c.seq_first} == {"Linear", "LayerNorm"}
-    u = direction(weights)
-    want = sum(p.flatten(1) @ d.flatten() for p, d in zip(per, u, strict=True))
-    assert_equal(ghost.jvp_of(recs, u), want)
-    seeds = torch.rand(len(y), generator=torch.Generator().manual_seed(3), dtype=DT)
-    for a, p in zip(ghost.weighted_grads_of(recs, seeds), per, strict=True):
-        assert_equal(a, torch.einsum("b,b...->...", seeds, p))
 
 
 class Misfed(nn.Module):

@@ -30,6 +30,7 @@ from reweight.jvp.per_layer import Ineligible, Layers, PerLayerRecording, agree,
 from reweight.jvp.tape import LeanTapeRecording, TapeRecording
 from reweight.jvp.timing import Timing, keep_rank0_verdict
 from reweight.meta import LossFn, TwinCache, trainable
+from reweight.meta.kernels import has_rnn
 from reweight.meta.twins import modules_of, signature
 
 __all__ = ["POLICIES", "Plan", "Planner"]
@@ -183,7 +184,7 @@ class Planner:
         policy, key = self.policy_for(device), signature(model, mods) if sig is None else sig
         refused = self._no_tape.get(model)
         tape_off = refused[1] if refused is not None and refused[0] == key else None
-        recurrent = any(isinstance(m, nn.RNNBase) for m in mods)
+        recurrent = has_rnn(model, mods)
         timing = None
         if policy == "cuda" and not recurrent and tape_off is None:
             timing = self._timings.get(model)

@@ -24,7 +24,7 @@ meta step does not read that forward's derivatives beyond the first.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -33,9 +33,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 __all__ = ["differentiable_kernels", "has_rnn", "native_rnn_kernels"]
 
 
-def has_rnn(module: nn.Module) -> bool:
-    """Whether ``module`` contains an ``nn.RNNBase`` layer (LSTM, GRU, RNN)."""
-    return any(isinstance(m, nn.RNNBase) for m in module.modules())
+def has_rnn(module: nn.Module, modules: Iterable[nn.Module] | None = None) -> bool:
+    """Whether ``module`` contains an ``nn.RNNBase`` layer (LSTM, GRU, RNN); ``modules``: its
+    modules, when the caller has them."""
+    return any(
+        isinstance(m, nn.RNNBase) for m in (module.modules() if modules is None else modules)
+    )
 
 
 @contextlib.contextmanager

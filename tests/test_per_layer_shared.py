@@ -461,6 +461,20 @@ def test_sequence_first_layers_misfed_or_followed_by_a_refusal_are_refused(how, 
         records(model, x, y)
 
 
+def test_a_sequence_first_encoder_read_through_its_twin():
+    """Without the real update the forward runs through the twin, whose modules are of other
+    (meta) classes: the sequence-first layers are found by name there, and the step is exact."""
+    from reweight.metastep import MetaStep
+
+    model, batch = encoder()
+    (x, y), (xv, yv) = batch(6, 1), batch(5, 2)
+    want = l2rw_eps_grad(model, x, y, xv, yv, 0.5, meta_grad="unrolled")
+    step = MetaStep(at_zero=True)
+    out = step(StepInputs(model, x, y, xv, yv, 0.5, F.cross_entropy), update=False)
+    assert step.planner.last_engine == "per_layer" and out.losses is None
+    assert_equal(out.c, want)
+
+
 def test_a_sequence_first_encoder_with_dropout_keeps_the_path():
     """torch's default encoder layer (sequence first, dropout 0.1): both methods' first step
     checks the path against an exact JVP drawing the same masks, and keeps it."""

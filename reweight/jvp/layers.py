@@ -136,11 +136,8 @@ class LayerCall:
             x, g = self.x, self.g
             gw = gb = None
             if self.weight is not None:  # the seeds scale the narrower of input and gradient
-                x, g = (
-                    (_scaled(x, s, [] if last is None else last), g)
-                    if x.shape[-1] <= g.shape[-1]
-                    else (x, g * s)
-                )
+                last = [] if last is None else last
+                x, g = (_scaled(x, s, last), g) if x.shape[-1] <= g.shape[-1] else (x, g * s)
                 x, g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
                 gw = x.t() @ g if self.addmm else g.t() @ x
             if self.bias is not None:

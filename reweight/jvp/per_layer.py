@@ -201,8 +201,13 @@ def recording(model: nn.Module, layers: Layers) -> Iterator[Watch]:
     """Note every call of the named layers of ``model`` made inside (their input and output),
     and every use of a weight no layer owns (``reweight.jvp.shared``)."""
     watch = Watch(layers.loose, [])
-    by_module = {m: layers.modules[n] for n, m in model.named_modules() if n in layers.modules}
-    seq_first = {m for n, m in model.named_modules() if n in layers.seq_first}
+    by_module: dict[nn.Module, tuple[Tensor | None, ...]] = {}
+    seq_first: set[nn.Module] = set()  # the layers called on (T, B, ...)
+    for n, m in model.named_modules():
+        if n in layers.modules:
+            by_module[m] = layers.modules[n]
+        if n in layers.seq_first:
+            seq_first.add(m)
 
     def hook(module: nn.Module, args: tuple, out: object) -> None:
         if module not in by_module:
@@ -220,9 +225,9 @@ def recording(model: nn.Module, layers: Layers) -> Iterator[Watch]:
             watch.calls.append(LayerCall(module, kind, name, w, b, problem=problem))
             return
         call = LayerCall(
-            module, kind, name, w, b, x=x.detach(), z=out, versions=(x._version, out._version)
-        )
-        call.seq_first = module in seq_first
+            module, kind, name, w, b, x=x.detach(), z=out, versions=(x._version, out._version),
+            seq_first=module in seq_first,
+        )  # fmt: skip
         watch.calls.append(call)
         if x.dim() and x.shape[0] == 1:  # perhaps shared by the batch: its uses are followed
             watch.watch_output(call, out)

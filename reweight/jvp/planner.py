@@ -17,6 +17,7 @@ import logging
 import time
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -121,7 +122,8 @@ class Planner:
     ) -> str:
         """``"check"`` (its first step will check it), ``"ok"`` or ``"no"``: whether ``model``,
         in its current structure and modes, takes the per-layer path."""
-        return self._per_layer_state(model, _weights(model, weights), torch.device(device))[0]
+        weights = _weights(model, weights)
+        return self._per_layer_state(model, weights, torch.device(device), _walk(model))[0]
 
     def check(
         self, model: nn.Module, device: torch.device, weights: Sequence[Tensor] | None = None
@@ -141,17 +143,15 @@ class Planner:
         model: nn.Module,
         weights: Sequence[Tensor],
         device: torch.device,
-        mods: list[nn.Module] | None = None,
-        sig: tuple | None = None,
+        walk: _Walk,
     ) -> tuple[str, Layers, str]:
         """("ok" | "check" | "no", layers, why not) for the model's current structure and modes
-        (``mods``, ``sig``: its ``modules_of`` and ``signature``, when the caller has them)."""
+        (``walk``: the model's modules and signature, taken once a step)."""
         if torch.is_autocast_enabled(device.type):
             return "no", Layers({}), "autocast is on"
-        mods = mods if mods is not None else modules_of(model)
         key = (
-            signature(model, mods) if sig is None else sig,
-            tuple(m.training for m in mods),
+            walk.signature,
+            tuple(m.training for m in walk.modules),
             tuple(id(w) for w in weights),
         )
         entry = self._per_layer.get(model)
@@ -175,16 +175,14 @@ class Planner:
         state: str,
         why: str,
         device: torch.device,
-        mods: list[nn.Module] | None = None,
-        sig: tuple | None = None,
+        walk: _Walk,
     ) -> Facts:
-        """What ``choose`` needs of ``model``; under the cuda policy its timings (made on first
-        use), which ``describe`` then reports."""
-        mods = mods if mods is not None else modules_of(model)
-        policy, key = self.policy_for(device), signature(model, mods) if sig is None else sig
+        """What ``choose`` needs of ``model`` (``walk``: its modules and signature); under the
+        cuda policy its timings (made on first use), which ``describe`` then reports."""
+        policy, key = self.policy_for(device), walk.signature
         refused = self._no_tape.get(model)
         tape_off = refused[1] if refused is not None and refused[0] == key else None
-        recurrent = has_rnn(model, mods)
+        recurrent = has_rnn(model, walk.modules)
         timing = None
         if policy == "cuda" and not recurrent and tape_off is None:
             timing = self._timings.get(model)
@@ -200,14 +198,13 @@ class Planner:
         this (model, structure, mode) and is to be compared with an exact JVP."""
         if self.engine not in ("auto", "per_layer"):
             return choose(None, self.engine)[0], Layers({}), False
-        mods = modules_of(model)  # one walk of the model per step
-        sig = signature(model, mods)
-        state, layers, why = self._per_layer_state(model, weights, device, mods, sig)
+        walk = _walk(model)  # one walk of the model per step
+        state, layers, why = self._per_layer_state(model, weights, device, walk)
         if self.engine == "per_layer":
             policy = self.policy_for(device)
             facts = Facts(type(model).__name__, policy, state, why, False, None, None)
         else:
-            facts = self._facts(model, state, why, device, mods, sig)
+            facts = self._facts(model, state, why, device, walk)
         plan, check = choose(facts, self.engine)
         return plan, (layers if plan.engine == "per_layer" else Layers({})), check
 
@@ -303,12 +300,13 @@ class Planner:
                         "a weight outside its layer); use method.engine=auto"
                     )
                 self._set_per_layer(model, "no", "its per-layer JVP differs from the exact one")
+                device = batch_inputs.device(fwd.inputs)
                 log.warning(
                     "meta_grad='fast': %s does not fit the per-layer path (its per-layer JVP "
                     "differs from the exact one: the forward mixes the examples of a batch or "
                     "uses a weight outside its layer); using %s",
                     name,
-                    general(self._facts(model, "no", "", batch_inputs.device(fwd.inputs))).engine,
+                    general(self._facts(model, "no", "", device, _walk(model))).engine,
                 )
                 return None
             rec = PerLayerRecording(fwd, layers, chunks)
@@ -376,6 +374,19 @@ class Planner:
                 e: [round(1e3 * t, 3) for t in ts] for e, ts in self._timing.seconds.items()
             }
         return out
+
+
+@dataclass(frozen=True)
+class _Walk:
+    """One walk of a model, taken once a step: its modules (``modules_of``) and ``signature``."""
+
+    modules: list[nn.Module]
+    signature: tuple
+
+
+def _walk(model: nn.Module) -> _Walk:
+    modules = modules_of(model)
+    return _Walk(modules, signature(model, modules))
 
 
 def _weights(model: nn.Module, weights: Sequence[Tensor] | None) -> list[Tensor]:

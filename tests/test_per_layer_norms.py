@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reweight import L2RW, l2rw_eps_grad
+from reweight.jvp import layers
 from reweight.jvp import per_layer as ghost
 from reweight.meta import trainable
 from reweight.metastep import StepInputs
@@ -130,3 +131,34 @@ def test_embeddings_the_path_cannot_read_are_refused(make, match: str):
     model = make()
     with pytest.raises(ghost.Ineligible, match=match):
         ghost.ghost_layers(model, trainable(model)[1])
+
+
+@pytest.mark.parametrize("name", ["tokens", "grouped"])
+def test_norms_take_x_hat_from_their_forwards_own_statistics(name: str):
+    model = model_of(name)
+    x, _ = batch(name)
+    _, weights = trainable(model)
+    with ghost.recording(model, ghost.ghost_layers(model, weights)) as watch:
+        model(x)
+    (call,) = [c for c in watch.calls if c.kind == "norm"]
+    assert call.stats is not None  # read from the forward, not recomputed
+    m = call.module
+    if isinstance(m, nn.GroupNorm):
+        want = F.group_norm(call.x, m.num_groups, None, None, m.eps)
+    else:
+        want = F.layer_norm(call.x, m.normalized_shape, None, None, m.eps)
+    assert_equal(call.normalized(), want)
+    call.stats = None  # the recomputation, the other way to the same x̂
+    assert_equal(call.normalized(), want)
+
+
+def test_statistics_are_read_only_from_torchs_kernel_on_the_layers_own_input():
+    x = torch.randn(3, 4, 6, dtype=DT, requires_grad=True)
+    norm, rms = nn.LayerNorm(6).to(DT), nn.RMSNorm(6).to(DT)
+    mean, rstd = layers.norm_stats(norm, x, norm(x))
+    assert_equal(((x - mean) * rstd).detach(), F.layer_norm(x, (6,), None, None, norm.eps).detach())
+    assert layers.norm_stats(norm, x, norm(x.clone())) is None  # the kernel saw a copy
+    assert layers.norm_stats(norm, x, norm(x) * 1.0) is None  # not the kernel's output
+    assert layers.norm_stats(rms, x, rms(x)) is None
+    sub = type("Sub", (nn.LayerNorm,), {})(6).to(DT)  # a subclass may have its own forward
+    assert layers.norm_stats(sub, x, sub(x)) is None

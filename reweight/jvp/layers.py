@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CONVS", "LAYERS", "NORMS", "LayerCall", "kind_of"]
+__all__ = ["CONVS", "LAYERS", "NORMS", "LayerCall", "kind_of", "norm_stats"]
 
 aten = torch.ops.aten
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -55,6 +55,10 @@ class LayerCall:
     addmm: bool = False
     # called on (T, B, ...) (``Layers.seq_first``): x and z until ``finish`` views them per example
     seq_first: bool = False
+    # a LayerNorm's or GroupNorm's mean and 1/std as its forward computed them (``norm_stats``),
+    # detached, shaped to broadcast against x (LayerNorm) or x's groups (GroupNorm); None: x̂
+    # is recomputed from x
+    stats: tuple[Tensor, Tensor] | None = None
 
     # -- the layer's maths -----------------------------------------------------------------
 
@@ -94,9 +98,17 @@ class LayerCall:
         )
 
     def normalized(self) -> Tensor:
-        """A normalisation layer's input normalised, before its affine weight and bias: x̂."""
+        """A normalisation layer's input normalised, before its affine weight and bias: x̂
+        (from the forward's own mean and 1/std where recorded: two passes over x, against a
+        layer norm's three)."""
         m, x = self.module, self.x
         assert x is not None
+        if self.stats is not None:
+            mean, rstd = self.stats
+            if isinstance(m, nn.GroupNorm):
+                groups = x.reshape(*mean.shape, -1)
+                return ((groups - mean[..., None]) * rstd[..., None]).view(x.shape)
+            return (x - mean) * rstd
         if isinstance(m, nn.GroupNorm):
             return torch.nn.functional.group_norm(x, m.num_groups, None, None, m.eps)
         if isinstance(m, nn.LayerNorm):
@@ -239,7 +251,7 @@ class LayerCall:
         b = self.x.shape[0]
         if self.kind == "norm":
             self.per_example = self._norm_per_example()
-            self.x = self.g = None
+            self.x = self.g = self.stats = None
             return
         cols = []
         if self.weight is not None:
@@ -277,6 +289,26 @@ class LayerCall:
                 cols.append(self.g.flatten(2).sum(2))
         self.per_example = torch.cat(cols, 1) if len(cols) > 1 else cols[0]
         self.x = self.g = None
+
+
+def norm_stats(module: nn.Module, x: Tensor, out: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The mean and 1/std a LayerNorm's or GroupNorm's forward computed on ``x`` to give
+    ``out``, detached; None when ``out`` is not that kernel's output on ``x`` itself (a
+    subclass's own forward, an input cast first, an RMSNorm)."""
+    node = out.grad_fn
+    kind = type(node).__name__
+    if not (
+        (kind == "NativeLayerNormBackward0" and type(module) is nn.LayerNorm)
+        or (kind == "NativeGroupNormBackward0" and type(module) is nn.GroupNorm)
+    ):
+        return None
+    saved = node._saved_input
+    if saved.data_ptr() != x.data_ptr() or saved.shape != x.shape or saved.dtype != x.dtype:
+        return None
+    mean, rstd = node._saved_result1.detach(), node._saved_result2.detach()
+    if kind == "NativeGroupNormBackward0":
+        return mean.view(x.shape[0], -1), rstd.view(x.shape[0], -1)
+    return mean, rstd
 
 
 def _scaled(x: Tensor, s: Tensor, last: list) -> Tensor:

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from reweight.jvp.base import Forward, Recording
-from reweight.jvp.layers import CONVS, LAYERS, LayerCall, kind_of
+from reweight.jvp.layers import CONVS, LAYERS, LayerCall, kind_of, norm_stats
 from reweight.jvp.recurrent import lstm_calls, lstm_problem, record_lstm
 from reweight.jvp.shared import Watch, reduce_to
 
@@ -227,6 +227,7 @@ def recording(model: nn.Module, layers: Layers) -> Iterator[Watch]:
         call = LayerCall(
             module, kind, name, w, b, x=x.detach(), z=out, versions=(x._version, out._version),
             seq_first=module in seq_first,
+            stats=norm_stats(module, x, out) if kind == "norm" and w is not None else None,
         )  # fmt: skip
         watch.calls.append(call)
         if x.dim() and x.shape[0] == 1:  # perhaps shared by the batch: its uses are followed
@@ -289,6 +290,8 @@ def finish(
             c.x, c.g = c.x.reshape(n, -1, c.x.shape[-1]), c.g.reshape(n, -1, c.g.shape[-1])
         elif c.seq_first:  # (T, B, ·) as (B, T, ·), laid out for the products that follow
             c.x, c.g = c.x.transpose(0, 1).contiguous(), c.g.transpose(0, 1).contiguous()
+            if c.stats is not None:  # a LayerNorm's (T, B, 1) as (B, T, 1)
+                c.stats = (c.stats[0].transpose(0, 1), c.stats[1].transpose(0, 1))
     for k, c in enumerate(lstms):
         c.recurrent.g_finals = tuple(gs[n_out + 2 * k : n_out + 2 * k + 2])
         c.recurrent.finals = None

@@ -58,7 +58,7 @@ def parts(batch: int, generator: torch.Generator) -> dict[str, Callable[[], obje
 
     ghost.lstm_calls = keep  # type: ignore[attr-defined]
     try:
-        with ghost.recording(model, layers) as watch:
+        with ghost.recording(model, layers, len(y)) as watch:
             out = losses()
         rec = ghost.finish(weights, watch, out)
     finally:

@@ -114,7 +114,7 @@ def records(model, x, y, slices: int = 1) -> list[ghost.GhostRecord]:
     layers = ghost.ghost_layers(model, weights)
     out = []
     for xs, ys in zip(x.tensor_split(slices), y.tensor_split(slices), strict=True):
-        with ghost.recording(model, layers) as watch:
+        with ghost.recording(model, layers, len(ys)) as watch:
             losses = F.cross_entropy(model(xs), ys, reduction="none")
         out.append(ghost.finish(weights, watch, losses))
     return out

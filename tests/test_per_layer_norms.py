@@ -138,7 +138,7 @@ def test_norms_take_x_hat_from_their_forwards_own_statistics(name: str):
     model = model_of(name)
     x, _ = batch(name)
     _, weights = trainable(model)
-    with ghost.recording(model, ghost.ghost_layers(model, weights)) as watch:
+    with ghost.recording(model, ghost.ghost_layers(model, weights), len(x)) as watch:
         model(x)
     (call,) = [c for c in watch.calls if c.kind == "norm"]
     assert call.stats is not None  # read from the forward, not recomputed

@@ -247,7 +247,7 @@ def per_example_grads(model: nn.Module, x, y) -> list[torch.Tensor]:
 def records(model: nn.Module, x, y) -> list[ghost.GhostRecord]:
     _, weights = trainable(model)
     layers = ghost.ghost_layers(model, weights)
-    with ghost.recording(model, layers) as watch:
+    with ghost.recording(model, layers, len(y)) as watch:
         losses = F.cross_entropy(model(x), y, reduction="none")
     return [ghost.finish(weights, watch, losses)]
 

@@ -103,7 +103,8 @@ def test_frozen_weights_are_none_and_layers_without_moving_weights_are_left_out(
 def record(model, x, fn=None, weights=None, keep_graph=False):
     weights = trainable(model) if weights is None else weights
     layers = ghost.ghost_layers(model, weights)
-    with ghost.recording(model, layers) as watch:
+    n = len(x) if isinstance(x, torch.Tensor) else len(next(iter(x.values())))
+    with ghost.recording(model, layers, n) as watch:
         out = (fn or model)(x)
         losses = out.pow(2).sum(tuple(range(1, out.dim()))) if out.dim() > 1 else out
     return ghost.finish(weights, watch, losses, keep_graph)
@@ -130,7 +131,7 @@ def test_the_hook_notes_only_the_named_layers_and_leaves_after_the_block():
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
     model[0].requires_grad_(False)
     layers = ghost.ghost_layers(model, trainable(model))
-    with ghost.recording(model, layers) as watch:
+    with ghost.recording(model, layers, 5) as watch:
         model(rand(5, 3))
     calls = watch.calls
     assert [c.module for c in calls] == [model[2]]
@@ -463,7 +464,7 @@ def test_finish_frees_the_graph_unless_asked_and_two_slices_give_every_loss():
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
     weights = trainable(model)
     layers = ghost.ghost_layers(model, weights)
-    with ghost.recording(model, layers) as watch:
+    with ghost.recording(model, layers, 4) as watch:
         losses = square(model(rand(4, 3)))
     assert ghost.finish(weights, watch, losses).graph is None  # the default: freed
     x = rand(6, 3, seed=14)

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from reweight.jvp import per_layer as ghost
 from reweight.jvp.shared import Watch, reduce_to
@@ -354,3 +355,139 @@ def test_other_attention_is_left_to_torch_and_its_weights_refused(case):
     if isinstance(want[0], torch.Tensor):
         problems = {w.problem for w in watch.watched.values() if w.tensor.requires_grad}
         assert problems == {"a weight shared by the batch is used by multi_head_attention_forward"}
+
+
+# -- the mode on only while something is followed ----------------------------------------------
+
+
+class Passthrough(TorchFunctionMode):
+    """A torch-function mode a model may enter in its own forward."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class Positions(nn.Module):
+    """Token embeddings plus positions looked up once for the batch (BERT's pattern), a
+    linear layer, a head; no weight outside a layer, so the watch follows only the positions.
+
+    ``how``: "once" as described; "again": the positions added a second time after the
+    layer (kept alive, used twice); "twice": a second lookup after the layer, the first one
+    gone by then; "in a mode": that second lookup inside a mode the model enters.
+    """
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(7, 4)
+        self.pos = nn.Embedding(3, 4)
+        self.mid = nn.Linear(4, 4)
+        self.pos2 = nn.Embedding(3, 4)
+        self.head = nn.Linear(4, 2)
+        self.how = how
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, 3)
+        where = torch.arange(ids.shape[1])[None]
+        p = self.pos(where)
+        h = self.tok(ids) + p
+        if self.how != "again":
+            del p
+        h = torch.tanh(self.mid(h))
+        if self.how == "again":
+            h = h + p
+        if self.how == "twice":
+            h = h + self.pos2(where)
+        elif self.how == "in a mode":
+            with Passthrough():
+                h = h + self.pos2(where)
+        return self.head(torch.tanh(h)).sum(1)
+
+
+def _ids(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 7, (n, 3), generator=torch.Generator().manual_seed(seed))
+
+
+def _record_seeing_the_mode(model: nn.Module, ids: torch.Tensor) -> tuple[ghost.GhostRecord, dict]:
+    """The record of ``square`` losses, and whether the watch's mode was on as ``pos2`` and
+    ``head`` began (pre-hooks put on after the layers were read)."""
+    weights = trainable(model)
+    layers = ghost.ghost_layers(model, weights)
+    seen: dict[str, bool] = {}
+    box: list[Watch] = []
+    handles = [
+        getattr(model, name).register_forward_pre_hook(
+            lambda m, a, name=name: seen.__setitem__(name, box[0].active)
+        )
+        for name in ("pos2", "head")
+    ]
+    depth = torch._C._len_torch_function_stack()
+    try:
+        with ghost.recording(model, layers, len(ids)) as watch:
+            box.append(watch)
+            losses = square(model(ids))
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch._C._len_torch_function_stack() == depth  # every mode left as found
+    return ghost.finish(weights, watch, losses), seen
+
+
+def _per_example_ids(model: nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
+    weights = trainable(model)
+    rows = [
+        torch.autograd.grad(square(model(ids[i : i + 1])).sum(), weights, allow_unused=True)
+        for i in range(len(ids))
+    ]
+    return [
+        torch.stack([torch.zeros_like(w) if r[k] is None else r[k] for r in rows])
+        for k, w in enumerate(weights)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("how", "mode_at"),
+    [
+        ("once", {"head": False}),  # off once the positions are gone
+        ("again", {"head": True}),  # on while they live: their second use is seen
+        # off, then on for the second lookup (its one use is in the record), then off again
+        ("twice", {"pos2": False, "head": False}),
+    ],
+)
+def test_the_mode_is_on_while_a_followed_output_lives_and_the_record_is_exact(how, mode_at):
+    torch.manual_seed(0)
+    model = Positions(how).to(DT)
+    ids = _ids(5)
+    rec, seen = _record_seeing_the_mode(model, ids)
+    assert {k: seen[k] for k in mode_at} == mode_at
+    per = _per_example_ids(model, ids)
+    weights = trainable(model)
+    used = {"pos2"} if how == "twice" else set()
+    for (name, _), p in zip(model.named_parameters(), per, strict=True):
+        if name.split(".")[0] in {"pos", "mid", "head", "tok"} | used:
+            assert p.abs().max() > 1e-3, name  # every term counts
+    u = [rand(*w.shape, seed=20 + k) for k, w in enumerate(weights)]
+    want = sum(p.flatten(1) @ d.flatten() for p, d in zip(per, u, strict=True))
+    torch.testing.assert_close(rec.jvp(u), want, rtol=1e-10, atol=1e-12)
+    s = rand(len(ids), seed=29)
+    for g, p in zip(rec.weighted_grads(s), per, strict=True):
+        torch.testing.assert_close(
+            torch.zeros_like(p[0]) if g is None else g, torch.einsum("b,b...->...", s, p)
+        )
+
+
+def test_a_shared_lookup_inside_a_mode_the_model_entered_is_refused():
+    torch.manual_seed(0)
+    model = Positions("in a mode").to(DT)
+    with pytest.raises(ghost.Ineligible, match="Embedding: called on an input shared by"):
+        _record_seeing_the_mode(model, _ids(5))
+
+
+def test_with_one_example_nothing_is_followed_and_the_mode_stays_off():
+    torch.manual_seed(0)
+    model = Positions("once").to(DT)
+    ids = _ids(1)
+    rec, seen = _record_seeing_the_mode(model, ids)
+    assert seen == {"head": False}
+    (p,) = [p for p in _per_example_ids(model, ids)[1:2]]  # the positions' weight
+    u = [torch.zeros_like(w) for w in trainable(model)]
+    u[1] = rand(*u[1].shape, seed=3)
+    torch.testing.assert_close(rec.jvp(u), p.flatten(1) @ u[1].flatten())

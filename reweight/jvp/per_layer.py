@@ -40,9 +40,8 @@ model or of its twin (whose layers have the same names and hold the same weight 
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,9 +49,9 @@ import torch
 from torch import Tensor, nn
 
 from reweight.jvp.base import Forward, Recording
-from reweight.jvp.layers import CONVS, LAYERS, LayerCall, kind_of, norm_stats
-from reweight.jvp.recurrent import lstm_calls, lstm_problem, record_lstm
-from reweight.jvp.shared import Watch, reduce_to
+from reweight.jvp.layers import CONVS, LAYERS, LayerCall
+from reweight.jvp.recurrent import lstm_calls, lstm_problem
+from reweight.jvp.shared import Watch, fold_shared, recording
 
 __all__ = [
     "GhostRecord",
@@ -196,65 +195,6 @@ def _torch(module: nn.Module) -> bool:
     return type(module).__module__.startswith("torch.")
 
 
-@contextlib.contextmanager
-def recording(model: nn.Module, layers: Layers) -> Iterator[Watch]:
-    """Note every call of the named layers of ``model`` made inside (their input and output),
-    and every use of a weight no layer owns (``reweight.jvp.shared``)."""
-    watch = Watch(layers.loose, [])
-    by_module: dict[nn.Module, tuple[Tensor | None, ...]] = {}
-    seq_first: set[nn.Module] = set()  # the layers called on (T, B, ...)
-    for n, m in model.named_modules():
-        if n in layers.modules:
-            by_module[m] = layers.modules[n]
-        if n in layers.seq_first:
-            seq_first.add(m)
-
-    def hook(module: nn.Module, args: tuple, out: object) -> None:
-        if module not in by_module:
-            return
-        # never raise here: that would abort the model's forward, which may be the real one
-        x = args[0] if args else None
-        if isinstance(module, nn.LSTM):
-            _record_lstm(watch, module, args, out, list(by_module[module]))
-            return
-        w, b = by_module[module]
-        kind = kind_of(module)
-        name = next(c.__name__ for c in LAYERS if isinstance(module, c))
-        if not isinstance(x, Tensor) or not isinstance(out, Tensor) or not out.requires_grad:
-            problem = f"{name}: not called on one tensor with a graph"
-            watch.calls.append(LayerCall(module, kind, name, w, b, problem=problem))
-            return
-        call = LayerCall(
-            module, kind, name, w, b, x=x.detach(), z=out, versions=(x._version, out._version),
-            seq_first=module in seq_first,
-            stats=norm_stats(module, x, out) if kind == "norm" and w is not None else None,
-        )  # fmt: skip
-        watch.calls.append(call)
-        if x.dim() and x.shape[0] == 1:  # perhaps shared by the batch: its uses are followed
-            watch.watch_output(call, out)
-
-    handle = nn.modules.module.register_module_forward_hook(hook)
-    try:
-        with watch:
-            yield watch
-    finally:
-        handle.remove()
-
-
-def _record_lstm(watch: Watch, module: nn.LSTM, args: tuple, out: Any, trainable: list) -> None:
-    rec = record_lstm(module, args, out, trainable)
-    if isinstance(rec, str):
-        watch.calls.append(LayerCall(module, "lstm", "LSTM", None, None, problem=rec))
-        return
-    x, z = args[0], out[0]
-    if not module.batch_first:
-        x = x.transpose(0, 1)
-    versions = (args[0]._version, z._version)
-    call = LayerCall(module, "lstm", "LSTM", None, None, x=x.detach(), z=z, versions=versions)
-    call.recurrent = rec
-    watch.calls.append(call)
-
-
 def finish(
     weights: Sequence[Tensor], watch: Watch, losses: Tensor, keep_graph: bool = False
 ) -> GhostRecord:
@@ -286,12 +226,7 @@ def finish(
     for t, g in zip([*batched, *uses], gs[:n_out], strict=True):
         t.g = g
     for c in batched:
-        if c.addmm:  # (B·k, ·) rows as (B, k, ·): per example
-            c.x, c.g = c.x.reshape(n, -1, c.x.shape[-1]), c.g.reshape(n, -1, c.g.shape[-1])
-        elif c.seq_first:  # (T, B, ·) as (B, T, ·), laid out for the products that follow
-            c.x, c.g = c.x.transpose(0, 1).contiguous(), c.g.transpose(0, 1).contiguous()
-            if c.stats is not None:  # a LayerNorm's (T, B, 1) as (B, T, 1)
-                c.stats = (c.stats[0].transpose(0, 1), c.stats[1].transpose(0, 1))
+        _per_example_view(c, n)
     for k, c in enumerate(lstms):
         c.recurrent.g_finals = tuple(gs[n_out + 2 * k : n_out + 2 * k + 2])
         c.recurrent.finals = None
@@ -305,7 +240,7 @@ def finish(
             calls = [e for c in calls for e in (lstm_calls(c) if c.kind == "lstm" else [c])]
         except ValueError as err:
             raise Ineligible(f"LSTM: {err}") from err
-    _fold_shared(followed, calls, n)
+    fold_shared(followed, calls, n)
     for c in calls:
         if c.per_example is not None or c.kind == "gates":
             continue
@@ -319,14 +254,36 @@ def finish(
     return record
 
 
+def _per_example_view(c: LayerCall, n: int) -> None:
+    """A call's input and output gradient viewed per example, batch first: an addmm's
+    (B·k, ·) rows as (B, k, ·); a sequence-first call's (T, B, ·) as (B, T, ·), laid out for
+    the products that follow."""
+    if c.addmm:
+        c.x, c.g = c.x.reshape(n, -1, c.x.shape[-1]), c.g.reshape(n, -1, c.g.shape[-1])
+    elif c.seq_first:
+        c.x, c.g = c.x.transpose(0, 1).contiguous(), c.g.transpose(0, 1).contiguous()
+        if c.stats is not None:  # a LayerNorm's (T, B, 1) as (B, T, 1)
+            c.stats = (c.stats[0].transpose(0, 1), c.stats[1].transpose(0, 1))
+
+
 def _shared_calls(calls: list[LayerCall], watch: Watch, n: int) -> dict[int, Any]:
     """Every layer call checked to be readable per example (batched like the ``n`` losses, not
     modified in place); ``{id(call): its Watched}`` for those on an input the batch shares."""
     shared = {}  # id(call) -> its Watched: a layer call on an input shared by the batch
+    followed = {id(w.call): w for w in watch.watched.values() if w.call is not None}
     for c in calls:
         if c.problem is not None:
             raise Ineligible(c.problem)
         least = 1 if c.kind == "embedding" else 2  # indices (B,) or (B, T, ...)
+        w = followed.get(id(c))
+        if w is not None:  # called on one row: shared by the batch if its uses broadcast it
+            z = w.ref()  # None: gone, so unchanged since the watch last saw it
+            if c.x is None or c.x.dim() < least or w.shape[0] != 1 or not w.uses:
+                raise Ineligible(f"{c.name}: input not batched like the losses")
+            if c.x._version != c.versions[0] or (z is not None and z._version != c.versions[1]):
+                raise Ineligible(f"{c.name}: its input or output was modified in place")
+            shared[id(c)] = w
+            continue
         if c.x is None or c.x.dim() < least or c.z is None:
             raise Ineligible(f"{c.name}: input not batched like the losses")
         if (c.x._version, c.z._version) != c.versions:
@@ -343,33 +300,9 @@ def _shared_calls(calls: list[LayerCall], watch: Watch, n: int) -> dict[int, Any
             continue
         # an LSTM's input is kept batch first; its output is as the module returns it
         z_batch = 1 if c.kind == "lstm" and not c.module.batch_first else 0
-        if c.x.shape[0] == n and c.z.shape[z_batch] == n:
-            continue
-        if c.kind == "lstm":
+        if c.x.shape[0] != n or c.z.shape[z_batch] != n:
             raise Ineligible(f"{c.name}: input not batched like the losses")
-        w = watch.watched.get(id(c.z))
-        if c.x.shape[0] != 1 or c.z.shape[0] != 1 or w is None or not w.uses:
-            raise Ineligible(f"{c.name}: input not batched like the losses")
-        shared[id(c)] = w
     return shared
-
-
-def _fold_shared(followed: list[Any], calls: list[LayerCall], n: int) -> None:
-    """Each weight shared by the batch gets its per-example gradients (the sum over its uses,
-    reduced to its shape): a weight no layer owns as a record of its own, a layer called on a
-    shared input as if called on every example's copy of it."""
-    for w in followed:
-        if not w.uses:
-            continue
-        per_example = sum(reduce_to(u.g, u.shape) for u in w.uses)
-        if w.call is None:  # a weight no layer owns: its per-example gradients, as they are
-            calls.append(LayerCall(None, "broadcast", "broadcast", w.tensor, None))
-            calls[-1].per_example = per_example
-        else:  # the layer's call, as if made on every example's copy of its input
-            c = w.call
-            c.g = per_example.view(n, *w.tensor.shape[1:])
-            c.x = c.x.expand(n, *c.x.shape[1:])
-        w.uses = []
 
 
 def losses_of(records: Sequence[GhostRecord]) -> Tensor:
@@ -473,7 +406,7 @@ class PerLayerRecording(Recording):
                 if not len(part):
                     continue
                 rows = slice(int(part[0]), int(part[-1]) + 1)
-                with recording(fwd.module, layers) as watch:
+                with recording(fwd.module, layers, len(part)) as watch:
                     losses = fwd.run(rows=rows)
                 record = finish(fwd.weights, watch, losses, keep)
                 self.records.append(record)

@@ -1,10 +1,12 @@
-"""What the per-layer engine sees of a forward beyond its layers' calls: weights used outside a
-layer (``F.linear`` on an attention block's projections, a class token, a position embedding)
-and layer calls shared by every example (a position embedding looked up once for the batch).
+"""What the per-layer engine sees of a recorded forward (``recording``): its layers' calls, by
+module hooks, and beyond them weights used outside a layer (``F.linear`` on an attention block's
+projections, a class token, a position embedding) and layer calls shared by every example (a
+position embedding looked up once for the batch), by a ``Watch``.
 
-A ``Watch`` is a ``TorchFunctionMode`` over the recorded forward. It follows *watched* tensors
-(the trainable weights no layer owns, and the outputs of layer calls on an unbatched input) and
-notes each use of one:
+A ``Watch`` is a ``TorchFunctionMode`` over the recorded forward, entered only while it follows
+something (every op under it takes a detour through Python). It follows *watched* tensors (the
+trainable weights no layer owns, from the start; the outputs of layer calls on an unbatched
+input, from the call until they are gone) and notes each use of one:
 
 - ``F.linear(x, W, b)`` with a watched ``W`` or ``b``: a linear call like an ``nn.Linear``'s;
 - ``torch.addmm(b, x, W)`` likewise (HuggingFace's ``Conv1D``, GPT-2's projections): W is
@@ -26,18 +28,25 @@ projection, batch first (the same maths; its dropout draws what torch's would).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from reweight.jvp.layers import LayerCall
+from reweight.jvp.layers import LAYERS, LayerCall, kind_of, norm_stats
+from reweight.jvp.recurrent import record_lstm
 
-__all__ = ["Use", "Watch", "reduce_to"]
+if TYPE_CHECKING:  # the per-layer engine's, which imports this module
+    from reweight.jvp.per_layer import Layers
+
+__all__ = ["Use", "Watch", "Watched", "fold_shared", "recording", "reduce_to"]
 
 # out = f(t, ...) broadcasting t over the batch: ∂out/∂t is the identity, broadcast
 _BROADCASTS = frozenset(
@@ -73,27 +82,83 @@ class Use:
 @dataclass(slots=True)
 class Watched:
     """A watched tensor's owner and uses: a weight no layer owns (``call`` None until its
-    broadcast record exists) or a layer call on an unbatched input."""
+    broadcast record exists) or a layer call on an unbatched input (held weakly: the mode
+    follows it only while it lives)."""
 
-    tensor: Tensor
+    ref: weakref.ref  # the tensor
+    shape: torch.Size
     call: LayerCall | None = None  # the layer call whose output this is
     uses: list[Use] = field(default_factory=list)
     problem: str | None = None
 
+    @property
+    def tensor(self) -> Tensor | None:
+        """The watched tensor (None once it is gone: no later op can use it)."""
+        return self.ref()
+
+
+def _watched(t: Tensor, call: LayerCall | None = None) -> Watched:
+    return Watched(weakref.ref(t), t.shape, call)
+
 
 class Watch(TorchFunctionMode):
     """Notes the uses of watched tensors in a forward (``calls``: where ``F.linear`` calls on
-    watched weights go, in order with the layer calls)."""
+    watched weights go, in order with the layer calls).
+
+    On (the torch-function mode entered) only while something is followed: from ``begin`` to
+    ``end`` when there are weights no layer owns (they may be used anywhere); else from the
+    first followed output until, at a later module call, no followed output lives. Every op
+    under the mode costs a detour through Python, so a BERT, whose one followed output is its
+    position embeddings, runs its encoder's layers without it.
+    """
 
     def __init__(self, loose: tuple[Tensor, ...], calls: list[LayerCall]) -> None:
         super().__init__()
         self.calls = calls
         self.loose = {id(t) for t in loose}
-        self.watched: dict[int, Watched] = {id(t): Watched(t) for t in loose}
+        self.watched: dict[int, Watched] = {id(t): _watched(t) for t in loose}
+        self.active = False  # the mode entered
+        self._depth = 0  # the torch-function mode stack's depth when the recording began
+
+    def begin(self) -> None:
+        """The recording begins: on at once when there are weights no layer owns."""
+        self._depth = torch._C._len_torch_function_stack()
+        if self.loose:
+            self._switch(True)
+
+    def end(self) -> None:
+        if self.active:
+            self._switch(False)
+
+    def settle(self) -> None:
+        """Off when nothing followed lives and the mode is the innermost one (a mode the
+        model entered and has not left stays above it)."""
+        if (
+            self.active
+            and not self.loose
+            and all(w.ref() is None for w in self.watched.values())
+            and torch._C._len_torch_function_stack() == self._depth + 1
+        ):
+            self._switch(False)
+
+    def _switch(self, on: bool) -> None:
+        if on:
+            self.__enter__()
+        else:
+            self.__exit__(None, None, None)
+        self.active = on
 
     def watch_output(self, call: LayerCall, out: Tensor) -> None:
-        """Follow a layer call's output (its input is not batched: it may be shared)."""
-        self.watched[id(out)] = Watched(out, call)
+        """Follow a layer call's output (its input is not batched: it may be shared). Turning
+        the mode on inside one the model entered would leave it above that one, whose exit
+        would then take ours off the stack: such a call is refused instead."""
+        self.watched[id(out)] = _watched(out, call)
+        if self.active:
+            return
+        if torch._C._len_torch_function_stack() == self._depth:
+            self._switch(True)
+        else:
+            call.problem = f"{call.name}: called on an input shared by the batch inside a mode"
 
     def __torch_function__(self, func: Callable, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -132,7 +197,7 @@ class Watch(TorchFunctionMode):
     def _used(self, func: Callable, hits: list[Watched], kwargs: dict, out: object) -> object:
         """Note ``out``, made by ``func`` from the watched tensors ``hits``, as their use."""
         name = getattr(func, "__name__", str(func))
-        if not name.endswith("_") and any(out is w.tensor for w in hits):
+        if not name.endswith("_") and any(out is w.ref() for w in hits):
             # an op that hands its input on as it is (``.to`` its own device) is no use of it;
             # one that writes into it in place is (the version checks refuse that later)
             return out
@@ -143,7 +208,7 @@ class Watch(TorchFunctionMode):
             and isinstance(out, Tensor)
             and out.requires_grad
         ):
-            hits[0].uses.append(Use(out, hits[0].tensor.shape, out._version))
+            hits[0].uses.append(Use(out, hits[0].shape, out._version))
         elif _carries_graph(out):
             for w in hits:
                 w.problem = w.problem or f"a weight shared by the batch is used by {name}"
@@ -155,7 +220,7 @@ class Watch(TorchFunctionMode):
         for a in (*args, *kwargs.values()) if kwargs else args:
             for t in a if isinstance(a, (list, tuple)) else (a,):
                 w = watched.get(id(t))  # an id is a watched tensor's only while it lives
-                if w is not None and w.tensor is t:
+                if w is not None and w.ref() is t:
                     found.append(w)
         return found
 
@@ -179,6 +244,95 @@ class Watch(TorchFunctionMode):
         else:
             call.x, call.z, call.versions = x.detach(), out, (x._version, out._version)
         self.calls.append(call)
+
+
+def fold_shared(followed: list[Watched], calls: list[LayerCall], n: int) -> None:
+    """Each weight shared by the batch gets its per-example gradients (the sum over its uses,
+    reduced to its shape): a weight no layer owns as a record of its own, a layer called on a
+    shared input as if called on every example's copy of it."""
+    for w in followed:
+        if not w.uses:
+            continue
+        per_example = sum(reduce_to(u.g, u.shape) for u in w.uses)
+        if w.call is None:  # a weight no layer owns: its per-example gradients, as they are
+            calls.append(LayerCall(None, "broadcast", "broadcast", w.ref(), None))
+            calls[-1].per_example = per_example
+        else:  # the layer's call, as if made on every example's copy of its input
+            c = w.call
+            c.g = per_example.view(n, *w.shape[1:])
+            c.x = c.x.expand(n, *c.x.shape[1:])
+        w.uses = []
+
+
+@contextlib.contextmanager
+def recording(model: nn.Module, layers: Layers, batch: int) -> Iterator[Watch]:
+    """Note every call of the named layers of ``model`` made inside (their input and output),
+    and every use of a weight no layer owns (the ``Watch``), in a forward of ``batch``
+    examples: a layer called on one row when the batch has more may be shared by all of them,
+    and its output is followed (held only by the watch, weakly)."""
+    watch = Watch(layers.loose, [])
+    by_module: dict[nn.Module, tuple[Tensor | None, ...]] = {}
+    seq_first: set[nn.Module] = set()  # the layers called on (T, B, ...)
+    for n, m in model.named_modules():
+        if n in layers.modules:
+            by_module[m] = layers.modules[n]
+        if n in layers.seq_first:
+            seq_first.add(m)
+
+    def settle(module: nn.Module, args: tuple) -> None:  # the mode off once nothing followed lives
+        watch.settle()
+
+    def hook(module: nn.Module, args: tuple, out: object) -> None:
+        watch.settle()
+        if module not in by_module:
+            return
+        # never raise here: that would abort the model's forward, which may be the real one
+        x = args[0] if args else None
+        if isinstance(module, nn.LSTM):
+            _record_lstm(watch, module, args, out, list(by_module[module]))
+            return
+        w, b = by_module[module]
+        kind = kind_of(module)
+        name = next(c.__name__ for c in LAYERS if isinstance(module, c))
+        if not isinstance(x, Tensor) or not isinstance(out, Tensor) or not out.requires_grad:
+            problem = f"{name}: not called on one tensor with a graph"
+            watch.calls.append(LayerCall(module, kind, name, w, b, problem=problem))
+            return
+        call = LayerCall(
+            module, kind, name, w, b, x=x.detach(), z=out, versions=(x._version, out._version),
+            seq_first=module in seq_first,
+            stats=norm_stats(module, x, out) if kind == "norm" and w is not None else None,
+        )  # fmt: skip
+        watch.calls.append(call)
+        if batch != 1 and x.dim() and x.shape[0] == 1:  # perhaps shared: its uses are followed
+            call.z = None  # its gradient comes from its uses: the watch holds it, weakly
+            watch.watch_output(call, out)
+
+    handles = (
+        nn.modules.module.register_module_forward_pre_hook(settle),
+        nn.modules.module.register_module_forward_hook(hook),
+    )
+    watch.begin()
+    try:
+        yield watch
+    finally:
+        watch.end()
+        for handle in handles:
+            handle.remove()
+
+
+def _record_lstm(watch: Watch, module: nn.LSTM, args: tuple, out: Any, trainable: list) -> None:
+    rec = record_lstm(module, args, out, trainable)
+    if isinstance(rec, str):
+        watch.calls.append(LayerCall(module, "lstm", "LSTM", None, None, problem=rec))
+        return
+    x, z = args[0], out[0]
+    if not module.batch_first:
+        x = x.transpose(0, 1)
+    versions = (args[0]._version, z._version)
+    call = LayerCall(module, "lstm", "LSTM", None, None, x=x.detach(), z=z, versions=versions)
+    call.recurrent = rec
+    watch.calls.append(call)
 
 
 def reduce_to(g: Tensor, shape: torch.Size) -> Tensor:

@@ -115,20 +115,6 @@ class LayerCall:
             return torch.nn.functional.layer_norm(x, m.normalized_shape, None, None, m.eps)
         return torch.nn.functional.rms_norm(x, m.normalized_shape, None, m.eps)
 
-    def _embedding_rows(self, seeds: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(indices, g) of an embedding's calls, flat, padding positions dropped (its row gets
-        no gradient), g scaled per example by ``seeds``."""
-        assert self.x is not None and self.g is not None
-        idx, g = self.x, self.g
-        if seeds is not None:
-            g = g * seeds.to(g.dtype).view(-1, *([1] * (g.dim() - 1)))
-        idx, g = idx.reshape(-1), g.reshape(-1, g.shape[-1])
-        pad = self.module.padding_idx
-        if pad is not None:
-            keep = idx != pad
-            idx, g = idx[keep], g[keep]
-        return idx, g
-
     def weighted_grads(
         self, seeds: Tensor, last: list | None = None
     ) -> tuple[Tensor | None, Tensor | None]:
@@ -136,9 +122,14 @@ class LayerCall:
         record, holding the latest scaled input; the next call on the same input (an
         attention block's query, key and value projections read one tensor) reuses it."""
         if self.kind == "embedding":
-            idx, g = self._embedding_rows(seeds)
-            assert self.weight is not None
-            return torch.zeros_like(self.weight).index_add_(0, idx, g.to(self.weight.dtype)), None
+            assert self.x is not None and self.g is not None and self.weight is not None
+            g = self.g * seeds.to(self.g.dtype).view(-1, *([1] * (self.g.dim() - 1)))
+            gw = torch.zeros_like(self.weight).index_add_(
+                0, self.x.reshape(-1), g.reshape(-1, g.shape[-1]).to(self.weight.dtype)
+            )
+            if self.module.padding_idx is not None:  # that row gets no gradient (torch's rule);
+                gw[self.module.padding_idx] = 0  # the other rows' sums are as without its rows
+            return gw, None
         if self.per_example is not None:
             flat = seeds.to(self.per_example.dtype) @ self.per_example
             return self._split(flat)

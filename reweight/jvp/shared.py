@@ -273,9 +273,12 @@ def recording(model: nn.Module, layers: Layers, batch: int) -> Iterator[Watch]:
     watch = Watch(layers.loose, [])
     by_module: dict[nn.Module, tuple[Tensor | None, ...]] = {}
     seq_first: set[nn.Module] = set()  # the layers called on (T, B, ...)
+    kinds: dict[nn.Module, tuple[str, str]] = {}  # a layer's kind and its class's name
     for n, m in model.named_modules():
         if n in layers.modules:
             by_module[m] = layers.modules[n]
+            if not isinstance(m, nn.LSTM):
+                kinds[m] = kind_of(m), next(c.__name__ for c in LAYERS if isinstance(m, c))
         if n in layers.seq_first:
             seq_first.add(m)
 
@@ -292,8 +295,7 @@ def recording(model: nn.Module, layers: Layers, batch: int) -> Iterator[Watch]:
             _record_lstm(watch, module, args, out, list(by_module[module]))
             return
         w, b = by_module[module]
-        kind = kind_of(module)
-        name = next(c.__name__ for c in LAYERS if isinstance(module, c))
+        kind, name = kinds[module]
         if not isinstance(x, Tensor) or not isinstance(out, Tensor) or not out.requires_grad:
             problem = f"{name}: not called on one tensor with a graph"
             watch.calls.append(LayerCall(module, kind, name, w, b, problem=problem))

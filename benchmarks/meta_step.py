@@ -12,7 +12,10 @@ median over the timed rounds is reported with its ratio to the plain step.
     plain            forward, mean loss, backward, SGD step: the unit every ratio divides by
     floor            the least an exact meta step can cost (issue 28): the plain step, the
                      meta batch's forward and backward, and one more forward of the training
-                     batch (without graph); fast rows are also given × floor
+                     batch (without graph); fast rows are also given × floor: the ratio
+                     of the medians, and paired (the median over rounds of the step over the
+                     floor of the same round, which a machine slowing down for minutes moves
+                     far less)
     erm              the Trainer's path with ERM (method.step, then Σ wᵢℓᵢ as the loss)
     l2rw/unrolled    virtual step through the meta twin with a double backward (the reference)
     l2rw/fast        the exact forward-mode identity, by the engine the planner picks
@@ -515,6 +518,7 @@ def run_case(
                 "p75_ms": q[2] * 1e3,
                 "ratio": statistics.median(ts) / base_t,
                 "floor_ratio": statistics.median(ts) / floor_t,
+                "floor_paired": _paired(times[name], times.get("floor"), "-every" in name),
                 "peak_mb": peaks[name] / 2**20,
                 "peak_ratio": peaks[name] / peaks["plain"] if peaks["plain"] else float("nan"),
                 "steps": len(ts),
@@ -523,6 +527,17 @@ def run_case(
     if skipped:
         rows.append({**rows[0], "variant": "l2rw/higher", "skipped": skipped})
     return rows
+
+
+def _paired(ts: list[float], floor: list[float] | None, amortised: bool) -> float:
+    """The median over rounds of a step's time over the floor's in the same round (the
+    variants of a round run within a second of each other, so a machine that slows down for
+    minutes slows both); for a meta step on every k-th batch, the mean over the mean."""
+    if floor is None:
+        return float("nan")
+    if amortised:
+        return statistics.fmean(ts) / statistics.fmean(floor)
+    return statistics.median(t / f for t, f in zip(ts, floor, strict=True))
 
 
 def _engine_of(method: Method | None) -> str:
@@ -536,8 +551,9 @@ def _engine_of(method: Method | None) -> str:
 def format_table(rows: list[dict]) -> str:
     head = (
         "| model | batch / meta | device | threads | dtype | policy | variant | engine "
-        "| ms / step (median) | p25–p75 ms | × plain | × floor | peak MB | × plain |\n"
-        "|---|---|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"
+        "| ms / step (median) | p25–p75 ms | × plain | × floor | × floor, paired | peak MB "
+        "| × plain |\n"
+        "|---|---|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"
     )
     lines = [head]
     for r in rows:
@@ -545,12 +561,13 @@ def format_table(rows: list[dict]) -> str:
         where += f"{r['threads'] if r['threads'] is not None else '-'} | {r['dtype']} | "
         where += f"{r.get('policy', 'auto')} | "
         if "skipped" in r:
-            lines.append(where + f"{r['variant']} | - | {r['skipped']} | | | | | |")
+            lines.append(where + f"{r['variant']} | - | {r['skipped']} | | | | | | |")
             continue
         lines.append(
             where + f"{r['variant']} | {r.get('engine', '-')} | {r['median_ms']:.1f} "
             f"| {r['p25_ms']:.1f}–{r['p75_ms']:.1f} "
             f"| {r['ratio']:.2f} | {r.get('floor_ratio', float('nan')):.2f} "
+            f"| {r.get('floor_paired', float('nan')):.2f} "
             f"| {r['peak_mb']:.1f} | {r['peak_ratio']:.2f} |"
         )
     return "\n".join(lines)

@@ -351,3 +351,8 @@ def test_the_benchmark_runs_the_sequence_models(monkeypatch: pytest.MonkeyPatch)
         ("plain", "cpu", 1000.0),
         ("floor", "cpu", 1000.0),
     ]  # every step one tick of the stand-in clock
+    assert [r["floor_paired"] for r in rows] == [1.0, 1.0]
+    # paired: each round's step over the same round's floor, the median over rounds
+    assert bench._paired([2.0, 9.0, 3.0], [1.0, 3.0, 3.0], False) == 2.0
+    assert bench._paired([2.0, 4.0], [1.0, 3.0], True) == 1.5  # every k-th batch: mean / mean
+    assert "| 1.00 | 1.00 |" in bench.format_table(rows)

@@ -40,19 +40,22 @@ def worker(root: Path, model: str, variants: list[str], warmup: int) -> None:
     sys.modules["meta_step"] = bench
     spec.loader.exec_module(bench)
     case = bench.CASES[model][0]
-    gen = torch.Generator().manual_seed(1)
+    if hasattr(bench, "batches"):  # the head's own batches (token ids for a text model)
+        data = bench.batches(case)
+    else:  # a head older than meta_step.batches: images, or token ids for a BERT
+        gen = torch.Generator().manual_seed(1)
 
-    def inputs(n: int):  # as meta_step.run_case makes them: token ids for a BERT
-        if case.model.startswith("bert"):
-            return bench.tokens(n, case.shape[0], gen)
-        return torch.randn(n, *case.shape, generator=gen)
+        def inputs(n: int):
+            if case.model.startswith("bert"):
+                return bench.tokens(n, case.shape[0], gen)
+            return torch.randn(n, *case.shape, generator=gen)
 
-    x = inputs(case.batch)
-    y = torch.randint(0, case.num_classes, (case.batch,), generator=gen)
-    mx = inputs(case.meta_batch)
-    my = torch.randint(0, case.num_classes, (case.meta_batch,), generator=gen)
-    cpu = torch.device("cpu")
-    steps, *_ = bench.build_variants(case, cpu, False, (x, y, mx, my), False, variants)
+        x = inputs(case.batch)
+        y = torch.randint(0, case.num_classes, (case.batch,), generator=gen)
+        mx = inputs(case.meta_batch)
+        my = torch.randint(0, case.num_classes, (case.meta_batch,), generator=gen)
+        data = (x, y, mx, my)
+    steps, *_ = bench.build_variants(case, torch.device("cpu"), False, data, False, variants)
     for _ in range(warmup):
         for step in steps.values():
             step()

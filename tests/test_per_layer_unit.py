@@ -513,3 +513,15 @@ def test_calls_not_batched_like_the_losses_are_refused():
     with pytest.raises(ghost.Ineligible) as info:  # a batch of 1 whose output is not broadcast
         record(model, rand(4, 4), fn=lambda x: (model(x[:1]), model(x))[1])
     assert str(info.value) == "Linear: input not batched like the losses"
+
+
+def test_products_are_written_into_the_fresh_operand_only_where_its_dtype_holds_them():
+    from reweight.jvp.layers import _times
+
+    a, b = torch.ones(2, 3, dtype=torch.float32), torch.full((2, 3), 2.0, dtype=torch.float64)
+    out = _times(a, b)  # float32 * float64 is float64: a new tensor, a left as it was
+    assert out.dtype == torch.float64 and torch.equal(a, torch.ones(2, 3))
+    c = torch.ones(2, 3, dtype=torch.float64)
+    assert _times(c, a) is c and torch.equal(c, torch.ones(2, 3, dtype=DT))
+    d = torch.full((2, 3), 3.0, dtype=torch.bfloat16)
+    assert _times(d, torch.full((2, 1), 2.0, dtype=torch.bfloat16)) is d and float(d[1, 2]) == 6

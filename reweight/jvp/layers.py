@@ -107,8 +107,8 @@ class LayerCall:
             mean, rstd = self.stats
             if isinstance(m, nn.GroupNorm):
                 groups = x.reshape(*mean.shape, -1)
-                return ((groups - mean[..., None]) * rstd[..., None]).view(x.shape)
-            return (x - mean) * rstd
+                return _times(groups - mean[..., None], rstd[..., None]).view(x.shape)
+            return _times(x - mean, rstd)
         if isinstance(m, nn.GroupNorm):
             return torch.nn.functional.group_norm(x, m.num_groups, None, None, m.eps)
         if isinstance(m, nn.LayerNorm):
@@ -171,7 +171,7 @@ class LayerCall:
             # it (a direction made by a backward is zero there: torch gives that row no gradient)
             assert self.x is not None and self.g is not None and u_w is not None
             rows = torch.nn.functional.embedding(self.x, u_w.to(self.g.dtype))
-            return (rows * self.g).flatten(1).sum(1)
+            return _times(rows, self.g).flatten(1).sum(1)
         if self.per_example is not None:
             parts = [
                 (torch.zeros_like(t) if u is None else u).reshape(-1)
@@ -182,7 +182,7 @@ class LayerCall:
         assert self.g is not None and self.x is not None
         if self.kind != "linear":
             t = self.convolve(u_w.to(self.g.dtype) if u_w is not None else None, u_b)
-            return (t * self.g).flatten(1).sum(1)
+            return _times(t, self.g).flatten(1).sum(1)
         # Σₜ gₜ·(U xₜ + u_b): U on the narrower side (gₜU against xₜ where the output is the
         # wider), the bias through g summed over positions
         x, g = self.x, self.g
@@ -190,9 +190,9 @@ class LayerCall:
         if u_w is not None:
             u = u_w.to(g.dtype).t() if self.addmm else u_w.to(g.dtype)  # (out, in)
             if g.shape[-1] > x.shape[-1]:
-                out = (torch.matmul(g, u) * x).flatten(1).sum(1)
+                out = _times(torch.matmul(g, u), x).flatten(1).sum(1)
             else:
-                out = (torch.nn.functional.linear(x, u) * g).flatten(1).sum(1)
+                out = _times(torch.nn.functional.linear(x, u), g).flatten(1).sum(1)
         if u_b is not None:
             part = self.g_sum() @ u_b.to(g.dtype)
             out = part if out is None else out + part
@@ -221,7 +221,7 @@ class LayerCall:
 
         cols = []
         if self.weight is not None:
-            cols.append(over_positions(g * self.normalized()))
+            cols.append(over_positions(_times(self.normalized(), g)))
         if self.bias is not None:
             cols.append(over_positions(g))
         return torch.cat(cols, 1) if len(cols) > 1 else cols[0]
@@ -300,6 +300,14 @@ def norm_stats(module: nn.Module, x: Tensor, out: Tensor) -> tuple[Tensor, Tenso
     if kind == "NativeGroupNormBackward0":
         return mean.view(x.shape[0], -1), rstd.view(x.shape[0], -1)
     return mean, rstd
+
+
+def _times(fresh: Tensor, other: Tensor) -> Tensor:
+    """``fresh * other``, written into ``fresh`` (a result nothing else holds) where its dtype
+    is the product's: one tensor of the batch's size made fewer per product."""
+    if torch.promote_types(fresh.dtype, other.dtype) == fresh.dtype:
+        return fresh.mul_(other)
+    return fresh * other
 
 
 def _scaled(x: Tensor, s: Tensor, last: list) -> Tensor:

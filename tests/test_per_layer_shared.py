@@ -400,6 +400,17 @@ def test_sequence_first_layers_are_known_by_torchs_transformer_classes_only():
         records(model, x, y)
 
 
+def test_sequence_first_layers_on_long_sequences_keep_per_example_gradients():
+    """T = 24 steps of width 8: the feed-forward layers' per-example gradients are smaller than
+    their output gradients, so finish keeps those, made from the (T, B, ·) tensors."""
+    model, _ = encoder()
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randint(1, 40, (5, 24), generator=g), torch.randint(0, 3, (5,), generator=g)
+    (rec,) = assert_per_example(model, x, y, padding_row=True)
+    kept = {c.module for c in rec.calls if c.seq_first and c.per_example is not None}
+    assert {model.enc.layers[0].linear1, model.enc.layers[1].linear2} <= kept
+
+
 class Decoded(nn.Module):
     """A sequence-first ``nn.TransformerDecoderLayer`` over each example's own tokens (its
     memory the same embeddings), its two attentions frozen: cross-attention is torch's own

@@ -53,7 +53,7 @@ class LayerCall:
     # x, z are the batch flattened to (B·k, ·) rows, k consecutive ones per example, until
     # ``finish`` views x and g per example
     addmm: bool = False
-    # called on (T, B, ...) (``Layers.seq_first``): x and z until ``finish`` views them per example
+    # called on (T, B, ...) (``Layers.seq_first``): x, z, g and stats stay so, the batch dim 1
     seq_first: bool = False
     # a LayerNorm's or GroupNorm's mean and 1/std as its forward computed them (``norm_stats``),
     # detached, shaped to broadcast against x (LayerNorm) or x's groups (GroupNorm); None: x̂
@@ -134,7 +134,7 @@ class LayerCall:
             flat = seeds.to(self.per_example.dtype) @ self.per_example
             return self._split(flat)
         assert self.x is not None and self.g is not None
-        s = seeds.to(self.g.dtype).view(-1, *([1] * (self.g.dim() - 1)))
+        s = self._per_example_view(seeds.to(self.g.dtype))
         if self.kind == "linear":
             x, g = self.x, self.g
             gw = gb = None
@@ -190,9 +190,9 @@ class LayerCall:
         if u_w is not None:
             u = u_w.to(g.dtype).t() if self.addmm else u_w.to(g.dtype)  # (out, in)
             if g.shape[-1] > x.shape[-1]:
-                out = _times(torch.matmul(g, u), x).flatten(1).sum(1)
+                out = self._per_row(_times(torch.matmul(g, u), x))
             else:
-                out = _times(torch.nn.functional.linear(x, u), g).flatten(1).sum(1)
+                out = self._per_row(_times(torch.nn.functional.linear(x, u), g))
         if u_b is not None:
             part = self.g_sum() @ u_b.to(g.dtype)
             out = part if out is None else out + part
@@ -203,18 +203,38 @@ class LayerCall:
         """A linear call's output gradient summed over positions: (B, out), kept."""
         if self._g_sum is None:
             assert self.g is not None
-            self._g_sum = self.g.reshape(self.g.shape[0], -1, self.g.shape[-1]).sum(1)
+            g = self.g
+            if self.seq_first:  # (T, B, ..., out)
+                self._g_sum = g.sum((0, *range(2, g.dim() - 1))) if g.dim() > 2 else g
+            else:
+                self._g_sum = g.reshape(g.shape[0], -1, g.shape[-1]).sum(1)
         return self._g_sum
+
+    def _per_row(self, t: Tensor) -> Tensor:
+        """(B,): ``t`` (batched as x and g are) summed over all but its batch dim."""
+        if self.seq_first:
+            return t.sum((0, *range(2, t.dim())))
+        return t.flatten(1).sum(1)
+
+    def _per_example_view(self, seeds: Tensor) -> Tensor:
+        """The seeds (B,) shaped to scale g (or x) per example along its batch dim."""
+        assert self.g is not None
+        shape = [1] * self.g.dim()
+        shape[1 if self.seq_first else 0] = -1
+        return seeds.view(shape)
 
     def _norm_per_example(self) -> Tensor:
         """(B, P): a normalisation's per-example (weight, bias) gradients, Σ over positions of
         g ⊙ x̂ and of g (the affine acts on dim 1 for GroupNorm, on the trailing dims else)."""
         assert self.g is not None
-        g, b = self.g, self.g.shape[0]
+        g = self.g
         if isinstance(self.module, nn.GroupNorm):
-            dims = tuple(range(2, g.dim()))
+            dims: tuple[int, ...] = tuple(range(2, g.dim()))
         else:
             dims = tuple(range(1, g.dim() - len(self.module.normalized_shape)))
+        if self.seq_first:  # (T, B, ...): the batch is dim 1, the steps dim 0
+            dims = (0, *(d for d in dims if d != 1))
+        b = g.shape[1 if self.seq_first else 0]
 
         def over_positions(t: Tensor) -> Tensor:  # (B, P); an empty dims would sum everything
             return (t.sum(dims) if dims else t).reshape(b, -1)
@@ -239,7 +259,7 @@ class LayerCall:
     def make_per_example(self) -> None:
         """Replace (x, g) by the per-example gradients (B, P) of this layer."""
         assert self.x is not None and self.g is not None
-        b = self.x.shape[0]
+        b = self.x.shape[1 if self.seq_first else 0]
         if self.kind == "norm":
             self.per_example = self._norm_per_example()
             self.x = self.g = self.stats = None
@@ -247,10 +267,12 @@ class LayerCall:
         cols = []
         if self.weight is not None:
             if self.kind == "linear":
-                x3, g3 = (
-                    self.x.reshape(b, -1, self.x.shape[-1]),
-                    self.g.reshape(b, -1, self.g.shape[-1]),
+                x, g = (
+                    (self.x.transpose(0, 1), self.g.transpose(0, 1))
+                    if self.seq_first
+                    else (self.x, self.g)
                 )
+                x3, g3 = x.reshape(b, -1, x.shape[-1]), g.reshape(b, -1, g.shape[-1])
                 per = x3.transpose(1, 2) @ g3 if self.addmm else g3.transpose(1, 2) @ x3
                 cols.append(per.reshape(b, -1))
             else:  # the batch as groups: one grouped weight gradient gives all B of them

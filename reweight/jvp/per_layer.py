@@ -255,15 +255,10 @@ def finish(
 
 
 def _per_example_view(c: LayerCall, n: int) -> None:
-    """A call's input and output gradient viewed per example, batch first: an addmm's
-    (B·k, ·) rows as (B, k, ·); a sequence-first call's (T, B, ·) as (B, T, ·), laid out for
-    the products that follow."""
+    """An addmm call's input and output gradient, (B·k, ·) rows, viewed as (B, k, ·): per
+    example. (A sequence-first call's stay (T, B, ·): its maths sums over dim 0.)"""
     if c.addmm:
         c.x, c.g = c.x.reshape(n, -1, c.x.shape[-1]), c.g.reshape(n, -1, c.g.shape[-1])
-    elif c.seq_first:
-        c.x, c.g = c.x.transpose(0, 1).contiguous(), c.g.transpose(0, 1).contiguous()
-        if c.stats is not None:  # a LayerNorm's (T, B, 1) as (B, T, 1)
-            c.stats = (c.stats[0].transpose(0, 1), c.stats[1].transpose(0, 1))
 
 
 def _shared_calls(calls: list[LayerCall], watch: Watch, n: int) -> dict[int, Any]:

@@ -158,6 +158,7 @@ def test_statistics_are_read_only_from_torchs_kernel_on_the_layers_own_input():
     mean, rstd = layers.norm_stats(norm, x, norm(x))
     assert_equal(((x - mean) * rstd).detach(), F.layer_norm(x, (6,), None, None, norm.eps).detach())
     assert layers.norm_stats(norm, x, norm(x.clone())) is None  # the kernel saw a copy
+    assert layers.norm_stats(norm, x, norm(x.view(12, 6))) is None  # a view of another shape
     assert layers.norm_stats(norm, x, norm(x) * 1.0) is None  # not the kernel's output
     assert layers.norm_stats(rms, x, rms(x)) is None
     sub = type("Sub", (nn.LayerNorm,), {})(6).to(DT)  # a subclass may have its own forward

@@ -521,6 +521,7 @@ def test_products_are_written_into_the_fresh_operand_only_where_its_dtype_holds_
     a, b = torch.ones(2, 3, dtype=torch.float32), torch.full((2, 3), 2.0, dtype=torch.float64)
     out = _times(a, b)  # float32 * float64 is float64: a new tensor, a left as it was
     assert out.dtype == torch.float64 and torch.equal(a, torch.ones(2, 3))
+    assert torch.equal(out, torch.full((2, 3), 2.0, dtype=torch.float64))
     c = torch.ones(2, 3, dtype=torch.float64)
     assert _times(c, a) is c and torch.equal(c, torch.ones(2, 3, dtype=DT))
     d = torch.full((2, 3), 3.0, dtype=torch.bfloat16)

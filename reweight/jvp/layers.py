@@ -56,8 +56,8 @@ class LayerCall:
     # called on (T, B, ...) (``Layers.seq_first``): x, z, g and stats stay so, the batch dim 1
     seq_first: bool = False
     # a LayerNorm's or GroupNorm's mean and 1/std as its forward computed them (``norm_stats``),
-    # detached, shaped to broadcast against x (LayerNorm) or x's groups (GroupNorm); None: x̂
-    # is recomputed from x
+    # detached: shaped to broadcast against x (LayerNorm), or (N, groups); None: x̂ is
+    # recomputed from x
     stats: tuple[Tensor, Tensor] | None = None
 
     # -- the layer's maths -----------------------------------------------------------------
@@ -204,8 +204,8 @@ class LayerCall:
         if self._g_sum is None:
             assert self.g is not None
             g = self.g
-            if self.seq_first:  # (T, B, ..., out)
-                self._g_sum = g.sum((0, *range(2, g.dim() - 1))) if g.dim() > 2 else g
+            if self.seq_first:  # (T, B, ..., out): over dim 0 and any between B and out
+                self._g_sum = g.sum((0, *range(2, g.dim() - 1)))
             else:
                 self._g_sum = g.reshape(g.shape[0], -1, g.shape[-1]).sum(1)
         return self._g_sum
@@ -318,10 +318,8 @@ def norm_stats(module: nn.Module, x: Tensor, out: Tensor) -> tuple[Tensor, Tenso
     saved = node._saved_input
     if saved.data_ptr() != x.data_ptr() or saved.shape != x.shape or saved.dtype != x.dtype:
         return None
-    mean, rstd = node._saved_result1.detach(), node._saved_result2.detach()
-    if kind == "NativeGroupNormBackward0":
-        return mean.view(x.shape[0], -1), rstd.view(x.shape[0], -1)
-    return mean, rstd
+    # LayerNorm's broadcast against x; GroupNorm's are (N, groups)
+    return node._saved_result1.detach(), node._saved_result2.detach()
 
 
 def _times(fresh: Tensor, other: Tensor) -> Tensor:

@@ -353,7 +353,7 @@ def test_other_attention_is_left_to_torch_and_its_weights_refused(case):
     same(got, want)
     assert watch.calls == []
     if isinstance(want[0], torch.Tensor):
-        problems = {w.problem for w in watch.watched.values() if w.tensor.requires_grad}
+        problems = {w.problem for w in watch.watched.values() if w.ref().requires_grad}
         assert problems == {"a weight shared by the batch is used by multi_head_attention_forward"}
 
 

@@ -134,7 +134,7 @@ class LayerCall:
             flat = seeds.to(self.per_example.dtype) @ self.per_example
             return self._split(flat)
         assert self.x is not None and self.g is not None
-        s = self._per_example_view(seeds.to(self.g.dtype))
+        s = self._seeds_shaped(seeds.to(self.g.dtype))
         if self.kind == "linear":
             x, g = self.x, self.g
             gw = gb = None
@@ -216,7 +216,7 @@ class LayerCall:
             return t.sum((0, *range(2, t.dim())))
         return t.flatten(1).sum(1)
 
-    def _per_example_view(self, seeds: Tensor) -> Tensor:
+    def _seeds_shaped(self, seeds: Tensor) -> Tensor:
         """The seeds (B,) shaped to scale g (or x) per example along its batch dim."""
         assert self.g is not None
         shape = [1] * self.g.dim()

@@ -226,7 +226,7 @@ def finish(
     for t, g in zip([*batched, *uses], gs[:n_out], strict=True):
         t.g = g
     for c in batched:
-        _per_example_view(c, n)
+        _rows_per_example(c, n)
     for k, c in enumerate(lstms):
         c.recurrent.g_finals = tuple(gs[n_out + 2 * k : n_out + 2 * k + 2])
         c.recurrent.finals = None
@@ -254,7 +254,7 @@ def finish(
     return record
 
 
-def _per_example_view(c: LayerCall, n: int) -> None:
+def _rows_per_example(c: LayerCall, n: int) -> None:
     """An addmm call's input and output gradient, (B·k, ·) rows, viewed as (B, k, ·): per
     example. (A sequence-first call's stay (T, B, ·): its maths sums over dim 0.)"""
     if c.addmm:

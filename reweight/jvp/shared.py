@@ -91,11 +91,6 @@ class Watched:
     uses: list[Use] = field(default_factory=list)
     problem: str | None = None
 
-    @property
-    def tensor(self) -> Tensor | None:
-        """The watched tensor (None once it is gone: no later op can use it)."""
-        return self.ref()
-
 
 def _watched(t: Tensor, call: LayerCall | None = None) -> Watched:
     return Watched(weakref.ref(t), t.shape, call)

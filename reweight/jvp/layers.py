@@ -123,7 +123,7 @@ class LayerCall:
         attention block's query, key and value projections read one tensor) reuses it."""
         if self.kind == "embedding":
             assert self.x is not None and self.g is not None and self.weight is not None
-            g = self.g * seeds.to(self.g.dtype).view(-1, *([1] * (self.g.dim() - 1)))
+            g = self.g * self._seeds_shaped(seeds.to(self.g.dtype))
             gw = torch.zeros_like(self.weight).index_add_(
                 0, self.x.reshape(-1), g.reshape(-1, g.shape[-1]).to(self.weight.dtype)
             )
@@ -171,7 +171,7 @@ class LayerCall:
             # it (a direction made by a backward is zero there: torch gives that row no gradient)
             assert self.x is not None and self.g is not None and u_w is not None
             rows = torch.nn.functional.embedding(self.x, u_w.to(self.g.dtype))
-            return _times(rows, self.g).flatten(1).sum(1)
+            return self._per_row(_times(rows, self.g))
         if self.per_example is not None:
             parts = [
                 (torch.zeros_like(t) if u is None else u).reshape(-1)
@@ -182,7 +182,7 @@ class LayerCall:
         assert self.g is not None and self.x is not None
         if self.kind != "linear":
             t = self.convolve(u_w.to(self.g.dtype) if u_w is not None else None, u_b)
-            return _times(t, self.g).flatten(1).sum(1)
+            return self._per_row(_times(t, self.g))
         # Σₜ gₜ·(U xₜ + u_b): U on the narrower side (gₜU against xₜ where the output is the
         # wider), the bias through g summed over positions
         x, g = self.x, self.g

@@ -402,6 +402,50 @@ class Positions(nn.Module):
         return self.head(torch.tanh(h)).sum(1)
 
 
+class Noting(TorchFunctionMode):
+    """A mode a model enters itself, noting the names of the functions it sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.add(getattr(func, "__name__", ""))
+        return func(*args, **(kwargs or {}))
+
+
+class ModeAbove(Positions):
+    """The positions followed, then a mode of the model's own entered while they live; they
+    are gone inside it when a module is called: the watch's mode, below it, stays."""
+
+    def __init__(self) -> None:
+        super().__init__("once")
+        self.seen: set[str] = set()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        p = self.pos(torch.arange(ids.shape[1])[None])
+        h = self.tok(ids) + p
+        noting = Noting()
+        with noting:
+            del p
+            h = torch.tanh(self.mid(h))
+        self.seen = noting.names
+        return self.head(torch.tanh(h)).sum(1)
+
+
+def test_a_mode_the_model_entered_above_the_watch_is_left_in_place():
+    torch.manual_seed(0)
+    model = ModeAbove().to(DT)
+    ids = _ids(5)
+    rec, seen = _record_seeing_the_mode(model, ids)
+    assert {"linear", "tanh"} <= model.seen  # the watch did not take it off the stack
+    assert seen["head"] is False  # the watch's mode went off once the model's was gone
+    per = _per_example_ids(model, ids)
+    u = [rand(*w.shape, seed=20 + k) for k, w in enumerate(trainable(model))]
+    want = sum(p.flatten(1) @ d.flatten() for p, d in zip(per, u, strict=True))
+    torch.testing.assert_close(rec.jvp(u), want, rtol=1e-10, atol=1e-12)
+
+
 def _ids(n: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 7, (n, 3), generator=torch.Generator().manual_seed(seed))
 

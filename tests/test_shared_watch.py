@@ -360,10 +360,15 @@ def test_other_attention_is_left_to_torch_and_its_weights_refused(case):
 # -- the mode on only while something is followed ----------------------------------------------
 
 
-class Passthrough(TorchFunctionMode):
-    """A torch-function mode a model may enter in its own forward."""
+class Noting(TorchFunctionMode):
+    """A mode a model enters itself, noting the names of the functions it sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.add(getattr(func, "__name__", ""))
         return func(*args, **(kwargs or {}))
 
 
@@ -397,21 +402,9 @@ class Positions(nn.Module):
         if self.how == "twice":
             h = h + self.pos2(where)
         elif self.how == "in a mode":
-            with Passthrough():
+            with Noting():
                 h = h + self.pos2(where)
         return self.head(torch.tanh(h)).sum(1)
-
-
-class Noting(TorchFunctionMode):
-    """A mode a model enters itself, noting the names of the functions it sees."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: set[str] = set()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.names.add(getattr(func, "__name__", ""))
-        return func(*args, **(kwargs or {}))
 
 
 class ModeAbove(Positions):

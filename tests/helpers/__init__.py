@@ -214,7 +214,15 @@ def spawn_ranks(worker: Callable[..., None], out: Path, world: int = 2, **load: 
     port for their gloo group); then what each rank saved as ``out/rank<r>.pt``."""
     import torch.multiprocessing as mp
 
-    mp.spawn(worker, args=(world, free_port(), str(out)), nprocs=world, join=True)
+    for attempt in range(3):
+        try:
+            mp.spawn(worker, args=(world, free_port(), str(out)), nprocs=world, join=True)
+            break
+        except mp.ProcessRaisedException as err:
+            # the port was free when chosen; another test's process may have taken it before
+            # rank 0 listened on it (the suite runs in parallel): a fresh port, then again
+            if attempt == 2 or "address already in use" not in str(err).lower():
+                raise
     return [torch.load(out / f"rank{r}.pt", **{"weights_only": True, **load}) for r in range(world)]
 
 

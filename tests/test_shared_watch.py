@@ -304,7 +304,7 @@ def test_plain_self_attention_is_computed_from_calls_the_watch_sees(case):
     assert [c.name for c in watch.calls] == ["F.linear", "F.linear"]  # in and out projections
     assert watch.calls[0].weight is args["in_proj_weight"]
     assert watch.calls[1].bias is args["out_proj_bias"]
-    assert all(w.problem is None for w in watch.watched.values())
+    assert all(w.problem is None for w in watch.entries)
     if args.get("dropout_p") and args.get("training", True):
         torch.testing.assert_close(want[0], args["out_proj_bias"].detach().expand(T, B, E))
 
@@ -353,7 +353,7 @@ def test_other_attention_is_left_to_torch_and_its_weights_refused(case):
     same(got, want)
     assert watch.calls == []
     if isinstance(want[0], torch.Tensor):
-        problems = {w.problem for w in watch.watched.values() if w.ref().requires_grad}
+        problems = {w.problem for w in watch.entries if w.ref().requires_grad}
         assert problems == {"a weight shared by the batch is used by multi_head_attention_forward"}
 
 
@@ -528,3 +528,21 @@ def test_with_one_example_nothing_is_followed_and_the_mode_stays_off():
     u = [torch.zeros_like(w) for w in trainable(model)]
     u[1] = rand(*u[1].shape, seed=3)
     torch.testing.assert_close(rec.jvp(u), p.flatten(1) @ u[1].flatten())
+
+
+def test_a_followed_output_keeps_its_record_when_a_later_tensor_takes_its_id():
+    # a gone output's id may be a later tensor's (the watch holds outputs weakly): here two
+    # calls' outputs share one id, as a reused id would; the index points at the latest, and
+    # both records stay, so finish reads both calls
+    watch = Watch((), [])
+    watch.begin()
+    try:
+        out = rand(1, 3).requires_grad_()
+        first = ghost.LayerCall(None, "embedding", "a", None, None)
+        second = ghost.LayerCall(None, "embedding", "b", None, None)
+        watch.watch_output(first, out)
+        watch.watch_output(second, out)
+    finally:
+        watch.end()
+    assert [w.call for w in watch.entries] == [first, second]
+    assert watch.watched[id(out)].call is second

@@ -208,7 +208,7 @@ def finish(
     n = losses.shape[0]
     calls = list(watch.calls)
     shared = _shared_calls(calls, watch, n)
-    followed = [w for w in watch.watched.values() if w.call is None or id(w.call) in shared]
+    followed = [w for w in watch.entries if w.call is None or id(w.call) in shared]
     uses = [u for w in followed for u in w.uses]
     for w in followed:
         if w.problem is not None:
@@ -265,7 +265,7 @@ def _shared_calls(calls: list[LayerCall], watch: Watch, n: int) -> dict[int, Any
     """Every layer call checked to be readable per example (batched like the ``n`` losses, not
     modified in place); ``{id(call): its Watched}`` for those on an input the batch shares."""
     shared = {}  # id(call) -> its Watched: a layer call on an input shared by the batch
-    followed = {id(w.call): w for w in watch.watched.values() if w.call is not None}
+    followed = {id(w.call): w for w in watch.entries if w.call is not None}
     for c in calls:
         if c.problem is not None:
             raise Ineligible(c.problem)

@@ -111,7 +111,11 @@ class Watch(TorchFunctionMode):
         super().__init__()
         self.calls = calls
         self.loose = {id(t) for t in loose}
-        self.watched: dict[int, Watched] = {id(t): _watched(t) for t in loose}
+        # every watched tensor's record, and an index of them by id for the ops' arguments: a
+        # followed output is held weakly, so once it is gone its id may be another tensor's,
+        # whose record then takes the index's slot while this list keeps both
+        self.entries: list[Watched] = [_watched(t) for t in loose]
+        self.watched: dict[int, Watched] = {id(w.ref()): w for w in self.entries}
         self.active = False  # the mode entered
         self._depth = 0  # the torch-function mode stack's depth when the recording began
 
@@ -131,7 +135,7 @@ class Watch(TorchFunctionMode):
         if (
             self.active
             and not self.loose
-            and all(w.ref() is None for w in self.watched.values())
+            and all(w.ref() is None for w in self.entries)
             and torch._C._len_torch_function_stack() == self._depth + 1
         ):
             self._switch(False)
@@ -147,7 +151,9 @@ class Watch(TorchFunctionMode):
         """Follow a layer call's output (its input is not batched: it may be shared). Turning
         the mode on inside one the model entered would leave it above that one, whose exit
         would then take ours off the stack: such a call is refused instead."""
-        self.watched[id(out)] = _watched(out, call)
+        w = _watched(out, call)
+        self.entries.append(w)
+        self.watched[id(out)] = w
         if self.active:
             return
         if torch._C._len_torch_function_stack() == self._depth:

@@ -84,9 +84,11 @@ def test_fast_and_unrolled_train_the_same_model_in_float64(bundle):
     """In float64 the two meta-gradients differ only by rounding (~1e-16), too little to move
     any batch across the zero-sum threshold: after the same steps the models are the same and
     so are their test predictions."""
-    unrolled, w_unrolled = run(bundle, L2RW(meta_grad="unrolled"), steps=50, dtype=torch.float64)
-    fast, w_fast = run(bundle, L2RW(meta_grad="fast"), steps=50, dtype=torch.float64)
-    assert fast["meta_engine"]["jvps"] == {"per_layer": 50}  # the first step checked, all per layer
+    # 30 steps: both classes are predicted by then (balanced accuracy ~0.77), and a dozen
+    # batches have had all-zero weights
+    unrolled, w_unrolled = run(bundle, L2RW(meta_grad="unrolled"), steps=30, dtype=torch.float64)
+    fast, w_fast = run(bundle, L2RW(meta_grad="fast"), steps=30, dtype=torch.float64)
+    assert fast["meta_engine"]["jvps"] == {"per_layer": 30}  # the first step checked, all per layer
     for key, value in w_unrolled.items():
         torch.testing.assert_close(w_fast[key], value, rtol=1e-8, atol=1e-10, msg=key)
     assert fast["zero_sum_batches"] == unrolled["zero_sum_batches"] > 0
@@ -97,15 +99,15 @@ def test_fast_and_unrolled_train_the_same_model_in_float64(bundle):
 @pytest.mark.slow
 def test_mwnet_fast_per_layer_trains_the_same_model_in_float64(bundle):
     """MW-Net's fast step on the per-layer path (two slices a step, the first step checked)
-    against the unrolled double backward: the same model after 30 steps, the same accuracy."""
+    against the unrolled double backward: the same model after 20 steps, the same accuracy."""
 
     def mwnet(mode: str) -> MWNet:
         torch.manual_seed(1)  # the weighting net's initial weights
         return MWNet(meta_grad=mode)
 
-    unrolled, w_unrolled = run(bundle, mwnet("unrolled"), steps=30, dtype=torch.float64)
-    fast, w_fast = run(bundle, mwnet("fast"), steps=30, dtype=torch.float64)
-    assert fast["meta_engine"]["jvps"] == {"per_layer": 30}
+    unrolled, w_unrolled = run(bundle, mwnet("unrolled"), steps=20, dtype=torch.float64)
+    fast, w_fast = run(bundle, mwnet("fast"), steps=20, dtype=torch.float64)
+    assert fast["meta_engine"]["jvps"] == {"per_layer": 20}
     for key, value in w_unrolled.items():
         torch.testing.assert_close(w_fast[key], value, rtol=1e-8, atol=1e-10, msg=key)
     assert fast["test_balanced_accuracy"] == unrolled["test_balanced_accuracy"]

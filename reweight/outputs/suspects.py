@@ -161,6 +161,11 @@ def suspects_table(
         return class_names[c] if class_names is not None else str(c)
 
     names = example_ids(ids, n)
+    # Python lists first: indexing a tensor element by element costs ~20 us an example
+    given, predicted = labels.tolist(), scores["predicted"].tolist()
+    probability, loss, mean_w = (t.tolist() for t in (scores["probability"], scores["loss"], mean))
+    final_w = final.tolist() if final is not None else None
+    bad = corrupted.tolist() if corrupted is not None else None
     rows = []
     for rank, i in enumerate(order.tolist(), start=1):
         rows.append(
@@ -168,13 +173,13 @@ def suspects_table(
                 "rank": rank,
                 "index": i,
                 "id": names[i],
-                "given_label": name(int(labels[i])),
-                "predicted_label": name(int(scores["predicted"][i])),
-                "probability": f"{float(scores['probability'][i]):.6g}",
-                "loss": f"{float(scores['loss'][i]):.6g}",
-                "final_weight": f"{float(final[i]):.6g}" if final is not None else "",
-                "mean_weight": f"{float(mean[i]):.6g}",
-                "corrupted": int(corrupted[i]) if corrupted is not None else "",
+                "given_label": name(int(given[i])),
+                "predicted_label": name(predicted[i]),
+                "probability": f"{probability[i]:.6g}",
+                "loss": f"{loss[i]:.6g}",
+                "final_weight": f"{final_w[i]:.6g}" if final_w is not None else "",
+                "mean_weight": f"{mean_w[i]:.6g}",
+                "corrupted": int(bad[i]) if bad is not None else "",
             }
         )
     return rows, ranking_w, scores["loss"]

@@ -68,6 +68,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reweight import ERM, L2RW, CMWNet, MWNet, normalize_l2rw
+from reweight.core.malloc import MALLOC_CHOICES, tune_malloc
 from reweight.methods import Method, StepInputs
 from reweight.models import build_model
 
@@ -631,9 +632,17 @@ def main(argv: list[str] | None = None) -> None:
         help="wall: seconds that pass; cpu: seconds this process ran (CPU rows: a busy machine "
         "inflates them far less; with --threads all, every thread's are summed)",
     )
+    parser.add_argument(
+        "--malloc",
+        default="system",
+        choices=list(MALLOC_CHOICES),
+        help="glibc's malloc: system (its defaults) or tuned (as the CLI runs: "
+        "reweight.core.malloc)",
+    )
     parser.add_argument("--json", default=None, help="write the rows and the machine here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    log.info("malloc: %s", tune_malloc(args.malloc))
     if args.steps < 20:
         parser.error(f"--steps must be >= 20, got {args.steps}")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -664,7 +673,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         log.info("no CUDA device: CPU rows only")
 
-    info = machine()
+    info = {**machine(), "malloc": args.malloc}
     log.info("machine: %s", info)
     rows: list[dict] = []
     for device, threads, bf16 in runs:

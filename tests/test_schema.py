@@ -189,6 +189,7 @@ def test_torch_schemas_name_arguments_of_their_target(schema):
         (["dataset.name=imagenet"], "dataset.name must be one of mnist_imbalanced, mnist_noisy"),
         (["meta_grad=fsat"], "meta_grad must be one of ['fast', 'unrolled'], got 'fsat'"),
         (["threads=0"], "threads must be an integer >= 1, got 0"),
+        (["malloc=jemalloc"], "malloc must be one of tuned, system"),
         (["trainer.device=cuda:x"], "trainer.device must be cpu, cuda, cuda:<index> or auto"),
     ],
 )  # fmt: skip

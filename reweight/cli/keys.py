@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from reweight.core.device import resolve_device
+from reweight.core.malloc import MALLOC_CHOICES
 from reweight.data._validate import check_choice
 from reweight.data.build import META_SOURCES
 from reweight.functional import check_meta_grad
@@ -92,6 +93,10 @@ def _milestones(key: str, value: Any) -> None:
         )
 
 
+def _malloc(key: str, value: Any) -> None:
+    check_choice(key, value, MALLOC_CHOICES)
+
+
 def _objective(key: str, value: Any) -> None:
     check_choice(key, value, OBJECTIVES)
 
@@ -120,6 +125,7 @@ class RunConfig:
     resume: bool = MISSING
     meta_grad: str = field(default=MISSING, metadata={"rule": _meta_grad})
     threads: int | None = field(default=MISSING, metadata={"rule": at_least(1)})
+    malloc: str = field(default=MISSING, metadata={"rule": _malloc})
     objective: str = field(default=MISSING, metadata={"rule": _objective})
     objective_allow_test: bool = MISSING
 

@@ -16,6 +16,7 @@ __all__ = ["LENGTH_KEY", "NO_EFFECT_KEYS", "another_config", "config_differences
 NO_EFFECT_KEYS = (
     "resume",
     "threads",
+    "malloc",
     "dataset.root",
     "dataset.download",
     *(f"trainer.{name}" for name in NO_EFFECT_FIELDS),

@@ -3,7 +3,7 @@
 ``conf/*.yaml`` owns the defaults; this module owns the types, and reads each from where the
 key is consumed, so that a new argument is typed where it is written:
 
-- the root keys ``seed``, ``resume``, ``meta_grad``, ``threads``, ``objective``,
+- the root keys ``seed``, ``resume``, ``meta_grad``, ``threads``, ``malloc``, ``objective``,
   ``objective_allow_test``: :class:`RunConfig`;
 - ``logger``: :class:`LoggerConfig`, one dataclass per option of ``conf/logger/``;
 - ``trainer``: the fields of :class:`reweight.train.TrainerConfig` (less ``seed``, a root key);

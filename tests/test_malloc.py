@@ -86,3 +86,28 @@ def test_a_refused_mallopt_is_said(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc())
     assert malloc.tune_malloc("tuned") == "mallopt refused: unchanged"
+
+
+def test_system_after_tuned_in_one_process_says_the_limits_stay_lifted(monkeypatch):
+    """glibc's adaptive threshold cannot be restored: a later malloc=system job of the same
+    process (a sweep) is told so rather than told it has glibc's defaults."""
+    calls = []
+
+    class Libc:
+        @staticmethod
+        def mallopt(param: int, value: int) -> int:
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(platform, "system", lambda: "Linux")
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("glibc", "2.36"))
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc())
+    monkeypatch.setattr(malloc, "_tuned", False)
+    assert malloc.tune_malloc("system") == "glibc's defaults (malloc=system)"
+    assert malloc.tune_malloc("tuned").startswith("freed memory kept for reuse")
+    assert calls == [(-3, 2**31 - 1), (-1, 2**31 - 1)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    assert malloc.tune_malloc("system").endswith(
+        "as an earlier job of this process asked: glibc's defaults are gone"
+    )

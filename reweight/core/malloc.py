@@ -29,14 +29,22 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _LIMIT = 2**31 - 1
 _ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+_KEPT = "freed memory kept for reuse (mmap and trim thresholds 2 GiB)"
+_tuned = False  # this process's thresholds lifted (by an earlier job of a sweep, say)
 
 
 def tune_malloc(choice: str = "tuned") -> str:
     """Lift glibc's mmap and trim thresholds to 2 GiB for this process (``choice="tuned"``);
-    ``"system"`` leaves them. Returns what was done, in words, for the log."""
+    ``"system"`` leaves them. Returns what was done, in words, for the log.
+
+    glibc's defaults cannot be restored once lifted (its mmap threshold then stops adapting), so
+    ``"system"`` after ``"tuned"`` in one process (two jobs of a sweep) says they stay lifted."""
+    global _tuned
     if choice not in MALLOC_CHOICES:
         raise ValueError(f"malloc must be one of {', '.join(MALLOC_CHOICES)}; got {choice!r}")
     if choice == "system":
+        if _tuned:
+            return f"{_KEPT}, as an earlier job of this process asked: glibc's defaults are gone"
         return "glibc's defaults (malloc=system)"
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return "not glibc: unchanged"
@@ -50,8 +58,5 @@ def tune_malloc(choice: str = "tuned") -> str:
         )
     except (OSError, AttributeError):
         done = False
-    return (
-        "freed memory kept for reuse (mmap and trim thresholds 2 GiB)"
-        if done
-        else "mallopt refused: unchanged"
-    )
+    _tuned = _tuned or done
+    return _KEPT if done else "mallopt refused: unchanged"

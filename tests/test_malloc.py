@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import platform
 import sys
 
 import pytest
@@ -33,7 +32,7 @@ print(json.dumps({"said": said, "held": held, "freed": rss()}))
 """
 
 glibc = pytest.mark.skipif(
-    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+    not malloc._glibc(),
     reason="glibc's malloc (the CI machine's): elsewhere tune_malloc changes nothing",
 )
 
@@ -48,7 +47,7 @@ def probe(choice: str, **env: str) -> dict:
 def test_tuned_keeps_a_freed_tensor_and_system_gives_it_back():
     tuned, system = probe("tuned"), probe("system")
     assert tuned["said"] == "freed memory kept for reuse (mmap and trim thresholds 2 GiB)"
-    assert system["said"] == "glibc's defaults (malloc=system)"
+    assert system["said"] == "left as it is (malloc=system)"
     # glibc maps a 64 MiB block on its own and unmaps it when freed; tuned, it comes from the
     # heap and stays there for the next step
     assert system["held"] - system["freed"] > 48
@@ -67,8 +66,8 @@ def test_nothing_is_asked_of_the_c_library_unless_tuned(monkeypatch):
         raise AssertionError("the C library was opened")
 
     monkeypatch.setattr(ctypes, "CDLL", refuse)
-    assert malloc.tune_malloc("system") == "glibc's defaults (malloc=system)"
-    monkeypatch.setattr(platform, "libc_ver", lambda: ("musl", "1.2"))
+    assert malloc.tune_malloc("system") == "left as it is (malloc=system)"
+    monkeypatch.setattr(malloc, "_glibc", lambda: False)
     assert malloc.tune_malloc("tuned") == "not glibc: unchanged"
     with pytest.raises(ValueError, match="malloc must be one of tuned, system; got 'jemalloc'"):
         malloc.tune_malloc("jemalloc")
@@ -80,17 +79,14 @@ def test_a_refused_mallopt_is_said(monkeypatch):
         def mallopt(param: int, value: int) -> int:
             return 0
 
-    monkeypatch.setattr(platform, "system", lambda: "Linux")
-    monkeypatch.setattr(platform, "libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.setattr(malloc, "_glibc", lambda: True)
     for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc())
     assert malloc.tune_malloc("tuned") == "mallopt refused: unchanged"
 
 
-def test_system_after_tuned_in_one_process_says_the_limits_stay_lifted(monkeypatch):
-    """glibc's adaptive threshold cannot be restored: a later malloc=system job of the same
-    process (a sweep) is told so rather than told it has glibc's defaults."""
+def test_tuned_asks_mallopt_for_both_limits(monkeypatch):
     calls = []
 
     class Libc:
@@ -99,15 +95,9 @@ def test_system_after_tuned_in_one_process_says_the_limits_stay_lifted(monkeypat
             calls.append((param, value))
             return 1
 
-    monkeypatch.setattr(platform, "system", lambda: "Linux")
-    monkeypatch.setattr(platform, "libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.setattr(malloc, "_glibc", lambda: True)
     for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc())
-    monkeypatch.setattr(malloc, "_tuned", False)
-    assert malloc.tune_malloc("system") == "glibc's defaults (malloc=system)"
     assert malloc.tune_malloc("tuned").startswith("freed memory kept for reuse")
     assert calls == [(-3, 2**31 - 1), (-1, 2**31 - 1)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
-    assert malloc.tune_malloc("system").endswith(
-        "as an earlier job of this process asked: glibc's defaults are gone"
-    )

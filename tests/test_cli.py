@@ -22,6 +22,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
 from reweight import cli
+from reweight.core import malloc
 
 from .helpers import cli_env, run_command
 
@@ -90,6 +91,9 @@ def test_single_run_writes_every_output(tmp_path, data_root):
     finally:
         os.umask(umask)
     run_dir = tmp_path / "outputs" / "mnist_imbalanced" / "l2rw" / "trainer.max_steps=20" / "seed0"
+    # malloc=tuned, the default, asked of glibc (reweight.core.malloc; tests/test_malloc.py)
+    kept = "freed memory kept for reuse" if malloc._glibc() else "not glibc: unchanged"
+    assert f"malloc: {kept}" in proc.stdout + proc.stderr
     assert run_dirs(tmp_path) == [run_dir]
 
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -73,31 +73,30 @@ def test_nothing_is_asked_of_the_c_library_unless_tuned(monkeypatch):
         malloc.tune_malloc("jemalloc")
 
 
-def test_a_refused_mallopt_is_said(monkeypatch):
-    class Libc:
-        @staticmethod
-        def mallopt(param: int, value: int) -> int:
-            return 0
-
-    monkeypatch.setattr(malloc, "_glibc", lambda: True)
-    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc())
-    assert malloc.tune_malloc("tuned") == "mallopt refused: unchanged"
-
-
-def test_tuned_asks_mallopt_for_both_limits(monkeypatch):
-    calls = []
+def stand_in_libc(monkeypatch, answer: int) -> list[tuple[int, int]]:
+    """glibc without limits in the environment, and a C library whose mallopt answers
+    ``answer``; returns the list its calls are recorded in."""
+    calls: list[tuple[int, int]] = []
 
     class Libc:
         @staticmethod
         def mallopt(param: int, value: int) -> int:
             calls.append((param, value))
-            return 1
+            return answer
 
     monkeypatch.setattr(malloc, "_glibc", lambda: True)
     for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc())
+    return calls
+
+
+def test_a_refused_mallopt_is_said(monkeypatch):
+    stand_in_libc(monkeypatch, answer=0)
+    assert malloc.tune_malloc("tuned") == "mallopt refused: unchanged"
+
+
+def test_tuned_asks_mallopt_for_both_limits(monkeypatch):
+    calls = stand_in_libc(monkeypatch, answer=1)
     assert malloc.tune_malloc("tuned").startswith("freed memory kept for reuse")
     assert calls == [(-3, 2**31 - 1), (-1, 2**31 - 1)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD

@@ -9,6 +9,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from reweight.core import malloc
 
@@ -67,6 +68,9 @@ def test_nothing_is_asked_of_the_c_library_unless_tuned(monkeypatch):
 
     monkeypatch.setattr(ctypes, "CDLL", refuse)
     assert malloc.tune_malloc("system") == "left as it is (malloc=system)"
+    for gpu in ("cuda", "cuda:1", torch.device("cuda", 0)):  # a GPU run's steps are on the GPU
+        said = malloc.tune_malloc("tuned", gpu)
+        assert said == "left as it is: a cuda run (the tuning is for steps on the CPU)"
     monkeypatch.setattr(malloc, "_glibc", lambda: False)
     assert malloc.tune_malloc("tuned") == "not glibc: unchanged"
     with pytest.raises(ValueError, match="malloc must be one of tuned, system; got 'jemalloc'"):
@@ -98,5 +102,5 @@ def test_a_refused_mallopt_is_said(monkeypatch):
 
 def test_tuned_asks_mallopt_for_both_limits(monkeypatch):
     calls = stand_in_libc(monkeypatch, answer=1)
-    assert malloc.tune_malloc("tuned").startswith("freed memory kept for reuse")
+    assert malloc.tune_malloc("tuned", torch.device("cpu")).startswith("freed memory kept")
     assert calls == [(-3, 2**31 - 1), (-1, 2**31 - 1)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD

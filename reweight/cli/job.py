@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from reweight.cli.errors import RunFailed
 from reweight.cli.run_dir import RunDir, hydra_files
 from reweight.cli.schema import validate_config
+from reweight.core.device import resolve_device
 from reweight.core.distributed import DistContext, env_rank, env_world_size, init_from_env
 from reweight.core.malloc import tune_malloc
 from reweight.data import DataBundle, build_dataset, resolve_data_root, save_labels
@@ -145,7 +146,8 @@ def _train(built: Settings, run: RunDir) -> float:
     threads = cfg.get("threads")
     if threads is not None:
         torch.set_num_threads(threads)
-    log.info("malloc: %s", tune_malloc(cfg.get("malloc", "tuned")))
+    device = resolve_device(built.trainer.device)
+    log.info("malloc: %s", tune_malloc(cfg.get("malloc", "tuned"), device))
     # torchrun: join the process group; rank 0 alone writes the run's files (see distributed.py)
     ctx = init_from_env()
     main_rank = ctx is None or ctx.is_main

@@ -9,9 +9,9 @@ held and the next step reuses it (measured on 1 thread: ResNet-32's meta step 5-
 BERT's 3-5 % nearer its floor; docs/benchmarks.md, seventeenth run). The process's resident
 memory then stays at its peak.
 
-The CLI calls :func:`tune_malloc` at start (the root key ``malloc``); research code may call it
-too, or set the same limits in the environment before Python starts
-(``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``). It changes nothing where the C library
+The CLI calls :func:`tune_malloc` at a CPU run's start (the root key ``malloc``; a GPU run is
+left as it is); research code may call it too, or set the same limits in the environment
+before Python starts (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``). It changes nothing where the C library
 is not glibc, or where the environment already sets either limit (the user's choice stands).
 The limits are the process's: the jobs of a sweep that share a process (Hydra's basic
 launcher) keep them once a job has lifted them.
@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+
+import torch
 
 __all__ = ["MALLOC_CHOICES", "tune_malloc"]
 
@@ -33,15 +35,20 @@ _LIMIT = 2**31 - 1
 _ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
-def tune_malloc(choice: str = "tuned") -> str:
-    """Lift glibc's mmap and trim thresholds to 2 GiB for this process (``choice="tuned"``);
-    ``"system"`` leaves the allocator as it is: glibc's defaults, unless this process lifted
-    them before (an earlier job of a sweep; glibc cannot restore its adaptive threshold).
+def tune_malloc(choice: str = "tuned", device: str | torch.device = "cpu") -> str:
+    """Lift glibc's mmap and trim thresholds to 2 GiB for this process (``choice="tuned"``)
+    when it trains on ``device`` = the CPU; ``"system"`` leaves the allocator as it is: glibc's
+    defaults, unless this process lifted them before (an earlier job of a sweep; glibc cannot
+    restore its adaptive threshold). A GPU run's steps allocate on the GPU: the tuning would
+    gain it nothing and keep its host memory at its peak, so it is left as it is too.
     Returns what was done, in words, for the log."""
     if choice not in MALLOC_CHOICES:
         raise ValueError(f"malloc must be one of {', '.join(MALLOC_CHOICES)}; got {choice!r}")
     if choice == "system":
         return "left as it is (malloc=system)"
+    kind = torch.device(device).type
+    if kind != "cpu":
+        return f"left as it is: a {kind} run (the tuning is for steps on the CPU)"
     if not _glibc():
         return "not glibc: unchanged"
     chosen = [name for name in _ENV if name in os.environ]

@@ -11,8 +11,9 @@ memory then stays at its peak.
 
 The CLI calls :func:`tune_malloc` at a CPU run's start (the root key ``malloc``; a GPU run is
 left as it is); research code may call it too, or set the same limits in the environment
-before Python starts (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``). It changes nothing where the C library
-is not glibc, or where the environment already sets either limit (the user's choice stands).
+before Python starts (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``). It changes
+nothing where the C library is not glibc, or where the environment already sets either limit
+(the user's choice stands).
 The limits are the process's: the jobs of a sweep that share a process (Hydra's basic
 launcher) keep them once a job has lifted them.
 """

@@ -146,8 +146,7 @@ def _train(built: Settings, run: RunDir) -> float:
     threads = cfg.get("threads")
     if threads is not None:
         torch.set_num_threads(threads)
-    device = resolve_device(built.trainer.device)
-    log.info("malloc: %s", tune_malloc(cfg.get("malloc", "tuned"), device))
+    log.info("malloc: %s", tune_malloc(cfg.malloc, resolve_device(built.trainer.device)))
     # torchrun: join the process group; rank 0 alone writes the run's files (see distributed.py)
     ctx = init_from_env()
     main_rank = ctx is None or ctx.is_main

@@ -226,36 +226,47 @@ def _rule_batch_norm(e: Entry, T: dict[int, Tensor]) -> list[Tensor | None]:
     """BatchNorm's tangent from the statistics the forward saved, without recomputing it.
 
     With x̂ = (x − μ)·σ⁻¹ per channel: in training mode (μ, σ the batch's, so they move with x)
-    ẏ = γ·σ⁻¹·(ẋ − mean(ẋ) − x̂·mean(ẋ·x̂)), means over all but the channel dimension (mean(x̂)
-    is 0, so ẋ need not be centred inside the second mean); in eval mode (running statistics)
-    ẏ = γ·σ⁻¹·ẋ; plus γ̇·x̂ + β̇ in both. Gathered per channel as ẏ = k·ẋ + c·x̂ + b, it takes
-    seven passes over the activation (x̂ two, the means three, ẏ two).
+    ẏ = γ·σ⁻¹·(ẋ − mean(ẋ) − x̂·mean(ẋ·x̂)), means over all but the channel dimension; in eval
+    mode (running statistics) ẏ = γ·σ⁻¹·ẋ; plus γ̇·x̂ + β̇ in both.
+
+    The training-mode term is the map BatchNorm's backward applies to an output gradient (the
+    Jacobian of x ↦ y is symmetric per channel), so torch's fused backward kernel computes it
+    from ẋ in two passes over the activation, x̂ formed on the fly; γ̇·x̂ + β̇ takes two more.
+    Where that kernel cannot take the tangent as it is (a dtype other than the input's), the
+    same terms are gathered per channel as ẏ = k·ẋ + c·x̂ + b: seven passes.
     """
     a = e.named
     tx, tw, tb = _t(T, a["input"]), _t(T, a["weight"]), _t(T, a["bias"])
     ref = a["input"]
     view = [1, ref.shape[1]] + [1] * (len(ref.shape) - 2)
-    dims = [0, *range(2, len(ref.shape))]
     if a["training"]:
-        mean, invstd = e.outs[1].primal().view(view), e.outs[2].primal().view(view)
+        mean, invstd = e.outs[1].primal(), e.outs[2].primal()
     else:
-        mean = a["running_mean"].primal().view(view)
-        invstd = torch.rsqrt(a["running_var"].primal() + a["eps"]).view(view)
+        mean = a["running_mean"].primal()
+        invstd = torch.rsqrt(a["running_var"].primal() + a["eps"])
+    out = None
+    if tx is not None and a["training"] and tx.dtype == ref.dtype:
+        weight = None if a["weight"] is None else a["weight"].primal()
+        out = aten.native_batch_norm_backward(
+            tx, ref.primal(), weight, None, None, mean, invstd, True, a["eps"], [True, False, False]
+        )[0]
+        tx = None
+    mean, invstd = mean.view(view), invstd.view(view)
     xhat = None
     if tw is not None or (tx is not None and a["training"]):
         xhat = (ref.primal() - mean).mul_(invstd)
-    # ẏ = k·ẋ + c·x̂ + b, with k, c, b per channel (None: zero)
+    # the rest as ẏ += k·ẋ + c·x̂ + b, with k, c, b per channel (None: zero)
     k = c = b = None
     if tx is not None:
         k = invstd if a["weight"] is None else invstd * a["weight"].primal().view(view)
         if a["training"]:
+            dims = [0, *range(2, len(ref.shape))]
             b = -k * tx.mean(dims, keepdim=True)
             c = -k * (tx * xhat).mean(dims, keepdim=True)
     if tw is not None:
         c = _add(c, tw.view(view))
     if tb is not None:
         b = _add(b, tb.view(view))
-    out = None
     if tx is not None:
         out = tx * k if b is None else torch.addcmul(b, tx, k)
         b = None

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -48,6 +49,8 @@ CASES = {
     "mwnet_attention": lambda: MWNet(hidden=8, lr=1e-2, normalize="sum"),
     "l2rw_lstm": lambda: build_method("l2rw"),
     "mwnet_lstm": lambda: MWNet(hidden=8, lr=1e-2, replay_optimizer=True),
+    "l2rw_fconv": lambda: build_method("l2rw"),
+    "mwnet_fconv": lambda: MWNet(hidden=8, lr=1e-2, replay_optimizer=True),
     "mwnet_unrolled": lambda: MWNet(hidden=8, lr=1e-2, meta_grad="unrolled"),
     "mwnet_unrolled_sum": lambda: MWNet(hidden=8, lr=1e-2, normalize="sum", meta_grad="unrolled"),
     "mwnet_unrolled_replay": lambda: MWNet(
@@ -88,6 +91,21 @@ class Steps(nn.Module):
         return self.head(torch.cat([h[-2], h[-1]], 1))
 
 
+class Signal(nn.Module):
+    """The 5 features as a 1-channel signal, convolved by ``F.conv1d`` with a weight and bias of
+    the module's own (no ``nn.Conv1d``): the per-layer path's functional convolutions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(0.5 * torch.randn(4, 1, 3))
+        self.bias = nn.Parameter(0.1 * torch.randn(4))
+        self.head = nn.Linear(20, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = torch.tanh(F.conv1d(x.unsqueeze(1), self.weight, self.bias, padding=1))
+        return self.head(t.flatten(1))
+
+
 def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 2))
 
@@ -98,6 +116,8 @@ MODELS = {
     "mwnet_attention": Tokens,
     "l2rw_lstm": Steps,
     "mwnet_lstm": Steps,
+    "l2rw_fconv": Signal,
+    "mwnet_fconv": Signal,
 }
 
 
@@ -175,6 +195,8 @@ WANT_JVPS = {
     "mwnet_attention": {"per_layer": 6},
     "l2rw_lstm": {"per_layer": 6},
     "mwnet_lstm": {"per_layer": 6},
+    "l2rw_fconv": {"per_layer": 6},
+    "mwnet_fconv": {"per_layer": 6},
 }
 
 

@@ -525,7 +525,13 @@ def test_a_shared_weight_used_otherwise_is_refused_and_the_step_stays_exact():
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(6, 5, generator=g, dtype=DT), torch.randint(0, 3, (6,), generator=g)
     xv, yv = torch.randn(7, 5, generator=g, dtype=DT), torch.randint(0, 3, (7,), generator=g)
-    with pytest.raises(ghost.Ineligible, match="shared by the batch is used by mul"):
+    assert_refused_and_exact_on_tape(model, x, y, xv, yv, "shared by the batch is used by mul")
+
+
+def assert_refused_and_exact_on_tape(model, x, y, xv, yv, match: str) -> None:
+    """The recording refuses the model with ``match`` as its reason; MW-Net's fast step then
+    runs on the tape and equals the unrolled one."""
+    with pytest.raises(ghost.Ineligible, match=match):
         records(model, x, y)
     got, want, method = mwnet_pair(model, x, y, xv, yv, normalize="sum", replay=None, warm=False)
     assert method.metastep.planner.per_layer_verdict(model) == "no"

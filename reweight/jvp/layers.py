@@ -1,20 +1,22 @@
 """One recorded call of a layer the per-layer engine reads (``reweight.jvp.per_layer``): its
 input and output gradient, and the layer's own maths on them (JVPs, weighted gradients,
 per-example gradients) for linear, convolutional, embedding and affine normalisation layers,
-``F.linear`` and ``torch.addmm`` calls on weights outside such layers (``module`` None) and
+``F.linear``, ``torch.addmm`` and ``F.conv*`` calls on weights outside such layers (``module``
+None) and
 weights shared by every example of a batch (``kind`` "broadcast": a class token, a position
 embedding), whose per-example gradients are read off the output of the op that broadcasts them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CONVS", "LAYERS", "NORMS", "LayerCall", "kind_of", "norm_stats"]
+__all__ = ["CONVS", "LAYERS", "NORMS", "LayerCall", "kind_of", "norm_stats", "same_padding"]
 
 aten = torch.ops.aten
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -59,6 +61,11 @@ class LayerCall:
     # detached: shaped to broadcast against x (LayerNorm), or (N, groups); None: x̂ is
     # recomputed from x
     stats: tuple[Tensor, Tensor] | None = None
+    # a functional convolution's (``F.conv*`` on a weight no layer owns, ``module`` None): its
+    # stride, padding, dilation and groups, as ``aten.convolution`` takes them, and the weight
+    # it was called with, detached (its shape, and its value for per-example gradients)
+    conv: tuple[list[int], list[int], list[int], int] | None = None
+    kernel: Tensor | None = None
 
     # -- the layer's maths -----------------------------------------------------------------
 
@@ -78,21 +85,27 @@ class LayerCall:
         return self.weighted_grads(seeds, last)
 
     def _conv_args(self) -> tuple:
+        if self.conv is not None:
+            return self.conv
         m = self.module
         padding = m.padding
         if isinstance(padding, str):  # "valid" or a symmetric "same" (checked at record time)
             padding = (
                 [0] * len(m.kernel_size)
                 if padding == "valid"
-                else [d * (k - 1) // 2 for d, k in zip(m.dilation, m.kernel_size, strict=True)]
+                else same_padding(m.dilation, m.kernel_size)
             )
         return list(m.stride), list(padding), list(m.dilation), m.groups
+
+    def _kernel(self) -> Tensor:
+        """A convolution's weight as the forward used it (a frozen one included)."""
+        return self.kernel if self.kernel is not None else self.module.weight
 
     def convolve(self, weight: Tensor | None, bias: Tensor | None) -> Tensor:
         """A convolution's map of the recorded input with the given weight and bias."""
         assert self.x is not None
         stride, padding, dilation, groups = self._conv_args()
-        w = weight if weight is not None else torch.zeros_like(self.module.weight)
+        w = weight if weight is not None else torch.zeros_like(self._kernel())
         return aten.convolution(
             self.x, w, bias, stride, padding, dilation, False, [0] * len(padding), groups
         )
@@ -148,7 +161,7 @@ class LayerCall:
             return gw, gb
         gs = self.g * s
         stride, padding, dilation, groups = self._conv_args()
-        w = self.module.weight
+        w = self._kernel()
         _, gw, gb = aten.convolution_backward(
             gs,
             self.x,
@@ -277,7 +290,7 @@ class LayerCall:
                 cols.append(per.reshape(b, -1))
             else:  # the batch as groups: one grouped weight gradient gives all B of them
                 stride, padding, dilation, groups = self._conv_args()
-                w = self.module.weight
+                w = self._kernel()
                 x = self.x.reshape(1, -1, *self.x.shape[2:])
                 g = self.g.reshape(1, -1, *self.g.shape[2:])
                 wide = w.detach().repeat(b, *([1] * (w.dim() - 1)))
@@ -302,6 +315,13 @@ class LayerCall:
                 cols.append(self.g.flatten(2).sum(2))
         self.per_example = torch.cat(cols, 1) if len(cols) > 1 else cols[0]
         self.x = self.g = None
+
+
+def same_padding(dilation: Sequence[int], kernel_size: Sequence[int]) -> list[int] | None:
+    """The padding on each side that ``padding="same"`` gives, per spatial dim; None where the
+    two sides differ (an even d·(k − 1): torch pads one side more, by copying the input)."""
+    total = [d * (k - 1) for d, k in zip(dilation, kernel_size, strict=True)]
+    return None if any(t % 2 for t in total) else [t // 2 for t in total]
 
 
 def norm_stats(module: nn.Module, x: Tensor, out: Tensor) -> tuple[Tensor, Tensor] | None:

@@ -23,12 +23,12 @@ weight or bias of an ``nn.Linear``, ``nn.Conv1d/2d/3d`` (zero padding, not trans
 step's input and previous hidden state: ``reweight.jvp.recurrent``), or a ``loose`` weight,
 read where the forward uses it (``reweight.jvp.shared``): an ``nn.MultiheadAttention``'s
 projections, and the own weights of modules outside ``torch.nn`` (a ViT's class token and
-position embedding); no BatchNorm is in training mode, and every layer's input and output are
-batched (or, for a call made once for the whole batch, such as BERT's position embeddings,
-broadcast over it; or, for the linear and norm layers of torch's own sequence-first
-transformer layers, batched along their second dim) and not written in place later in the
-forward (``ReLU(inplace=True)`` right after a layer is). By
-measurement, because a model's own code may still mix examples or use a weight outside its
+position embedding, a module's own ``F.linear`` or ``F.conv*`` weight); no BatchNorm is in
+training mode, and every layer's input and output are batched (or, for a call made once for
+the whole batch, such as BERT's position embeddings, broadcast over it; or, for the linear and
+norm layers of torch's own sequence-first transformer layers, batched along their second dim)
+and not written in place later in the forward (``ReLU(inplace=True)`` right after a layer
+is). By measurement, because a model's own code may still mix examples or use a weight outside its
 layer: on the first step of every (model, structure, mode) a separate forward computes a JVP
 both ways (this one and an exact engine's) and the per-layer path is used only if they agree
 to rounding; otherwise a warning says so and the exact general path stays
@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from reweight.jvp.base import Forward, Recording
-from reweight.jvp.layers import CONVS, LAYERS, LayerCall
+from reweight.jvp.layers import CONVS, LAYERS, LayerCall, same_padding
 from reweight.jvp.recurrent import lstm_calls, lstm_problem
 from reweight.jvp.shared import Watch, fold_shared, recording
 
@@ -172,9 +172,7 @@ def _check_layer(name: str, m: nn.Module) -> None:
     if isinstance(m, CONVS):
         if m.padding_mode != "zeros":
             raise Ineligible(f"{name}: padding_mode={m.padding_mode!r}")
-        if m.padding == "same" and any(
-            d * (k - 1) % 2 for d, k in zip(m.dilation, m.kernel_size, strict=True)
-        ):
+        if m.padding == "same" and same_padding(m.dilation, m.kernel_size) is None:
             raise Ineligible(f"{name}: asymmetric 'same' padding")
     if m._forward_pre_hooks or m._forward_hooks or getattr(m, "parametrizations", None):
         raise Ineligible(f"{name}: hooks or parametrizations")

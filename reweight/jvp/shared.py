@@ -9,6 +9,8 @@ trainable weights no layer owns, from the start; the outputs of layer calls on a
 input, from the call until they are gone) and notes each use of one:
 
 - ``F.linear(x, W, b)`` with a watched ``W`` or ``b``: a linear call like an ``nn.Linear``'s;
+- ``F.conv1d/2d/3d(x, W, b, ...)`` with a watched ``W`` or ``b``: a convolution like an
+  ``nn.Conv*``'s (zero padding, ``"same"`` only where it pads both sides alike);
 - ``torch.addmm(b, x, W)`` likewise (HuggingFace's ``Conv1D``, GPT-2's projections): W is
   (in, out) and x the batch's tokens flattened to rows, read per example once the batch size
   is known (k consecutive rows per example; the first step's check catches any other order);
@@ -40,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from reweight.jvp.layers import LAYERS, LayerCall, kind_of, norm_stats
+from reweight.jvp.layers import LAYERS, LayerCall, kind_of, norm_stats, same_padding
 from reweight.jvp.recurrent import record_lstm
 
 if TYPE_CHECKING:  # the per-layer engine's, which imports this module
@@ -64,8 +66,11 @@ _BROADCASTS = frozenset(
     }
 )
 _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+# F.conv1d/2d/3d (torch's own functions) by their number of spatial dims, and their arguments
+_CONVS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 # the functions whose calls the watch reads (the others it only scans for watched tensors)
-_READ = frozenset({F.multi_head_attention_forward, F.linear, torch.addmm})
+_READ = frozenset({F.multi_head_attention_forward, F.linear, torch.addmm, *_CONVS})
 _UNREAD = object()  # ``Watch._read``'s answer for a call it leaves to torch
 
 
@@ -187,6 +192,13 @@ class Watch(TorchFunctionMode):
                 out = func(*args, **kwargs)
                 self._linear(x, w, b, out)
                 return out
+        if func in _CONVS:
+            a = dict(zip(_CONV_ARGS, args, strict=False)) | kwargs
+            w, b = a["weight"], a.get("bias")
+            if id(w) in self.loose or (b is not None and id(b) in self.loose):
+                out = func(*args, **kwargs)
+                self._conv(func, a, out)
+                return out
         if func is torch.addmm and not kwargs and len(args) == 3:  # b + x W: HF's Conv1D
             b, x, w = args
             if id(w) in self.loose or id(b) in self.loose:
@@ -245,6 +257,49 @@ class Watch(TorchFunctionMode):
         else:
             call.x, call.z, call.versions = x.detach(), out, (x._version, out._version)
         self.calls.append(call)
+
+    def _conv(self, func: Callable, a: dict, out: Tensor) -> None:
+        """A convolution on a watched weight or bias: ``F.conv2d(x, W, b, stride, ...)``."""
+        x, w, b = a["input"], a["weight"], a.get("bias")
+        name = f"F.{func.__name__}"
+        weight = w if id(w) in self.loose else None
+        bias = b if b is not None and id(b) in self.loose else None
+        call = LayerCall(None, "conv", name, weight, bias)
+        nd = _CONVS[func]
+        args = _conv_args(a, w, nd)
+        if not isinstance(x, Tensor) or not out.requires_grad:
+            call.problem = f"{name}: not called on one tensor with a graph"
+        elif (call.weight is None and w.requires_grad) or (
+            call.bias is None and b is not None and b.requires_grad
+        ):
+            call.problem = f"{name}: a trainable weight of a layer used outside its layer"
+        elif x.dim() != nd + 2:
+            call.problem = f"{name}: an unbatched input"
+        elif isinstance(args, str):
+            call.problem = f"{name}: {args}"
+        else:
+            call.x, call.z, call.versions = x.detach(), out, (x._version, out._version)
+            call.conv, call.kernel = args, w.detach()
+        self.calls.append(call)
+
+
+def _conv_args(a: dict, w: Tensor, nd: int) -> tuple[list[int], list[int], list[int], int] | str:
+    """A functional convolution's (stride, padding, dilation, groups) as ``aten.convolution``
+    takes them, each of the first three one int per spatial dim; or why they cannot be."""
+
+    def per_dim(v: Any) -> list[int]:
+        v = [v] * nd if isinstance(v, int) else list(v)
+        return v * nd if len(v) == 1 else v
+
+    stride, dilation = per_dim(a.get("stride", 1)), per_dim(a.get("dilation", 1))
+    padding = a.get("padding", 0)
+    if padding == "valid":
+        padding = 0
+    elif padding == "same":
+        padding = same_padding(dilation, w.shape[2:])
+        if padding is None:
+            return "asymmetric 'same' padding"
+    return stride, per_dim(padding), dilation, int(a.get("groups", 1))
 
 
 def fold_shared(followed: list[Watched], calls: list[LayerCall], n: int) -> None:

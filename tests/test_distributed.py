@@ -49,6 +49,7 @@ CASES = {
     "mwnet_attention": lambda: MWNet(hidden=8, lr=1e-2, normalize="sum"),
     "l2rw_lstm": lambda: build_method("l2rw"),
     "mwnet_lstm": lambda: MWNet(hidden=8, lr=1e-2, replay_optimizer=True),
+    "mwnet_masked_attention": lambda: MWNet(hidden=8, lr=1e-2, normalize="sum"),
     "l2rw_fconv": lambda: build_method("l2rw"),
     "mwnet_fconv": lambda: MWNet(hidden=8, lr=1e-2, replay_optimizer=True),
     "mwnet_unrolled": lambda: MWNet(hidden=8, lr=1e-2, meta_grad="unrolled"),
@@ -74,7 +75,17 @@ class Tokens(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.embed(x.unsqueeze(-1))  # (B, 5, 8)
         t = torch.cat([self.cls.expand(len(x), -1, -1), t], 1) + self.pos
-        return self.head(self.attn(t, t, t, need_weights=False)[0][:, 0])
+        return self.head(self.attn(t, t, t, need_weights=False, **self.masks(x))[0][:, 0])
+
+    def masks(self, x: torch.Tensor) -> dict:
+        return {}
+
+
+class MaskedTokens(Tokens):
+    """``Tokens`` with the features above 1 masked as padding (torch's own attention code)."""
+
+    def masks(self, x: torch.Tensor) -> dict:
+        return {"key_padding_mask": torch.cat([torch.zeros_like(x[:, :1]), x], 1) > 1.0}
 
 
 class Steps(nn.Module):
@@ -116,6 +127,7 @@ MODELS = {
     "mwnet_attention": Tokens,
     "l2rw_lstm": Steps,
     "mwnet_lstm": Steps,
+    "mwnet_masked_attention": MaskedTokens,
     "l2rw_fconv": Signal,
     "mwnet_fconv": Signal,
 }
@@ -195,6 +207,7 @@ WANT_JVPS = {
     "mwnet_attention": {"per_layer": 6},
     "l2rw_lstm": {"per_layer": 6},
     "mwnet_lstm": {"per_layer": 6},
+    "mwnet_masked_attention": {"per_layer": 6},
     "l2rw_fconv": {"per_layer": 6},
     "mwnet_fconv": {"per_layer": 6},
 }

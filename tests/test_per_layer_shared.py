@@ -296,7 +296,11 @@ def assert_l2rw_equals_unrolled(model, x, y, xv, yv, engine: str) -> L2RW:
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_l2rw_and_mwnet_take_the_path_and_equal_unrolled(name: str):
-    model, batch = MODELS[name]()
+    assert_fast_takes_the_path_and_equals_unrolled(*MODELS[name]())
+
+
+def assert_fast_takes_the_path_and_equals_unrolled(model: nn.Module, batch) -> None:
+    """L2RW's and MW-Net's fast steps, by the per-layer engine, equal the unrolled ones."""
     (x, y), (xv, yv) = batch(6, 1), batch(5, 2)
     assert_l2rw_equals_unrolled(model, x, y, xv, yv, engine="per_layer")
     # the helper's reference differentiates the real model's forward twice: attention's math
@@ -310,6 +314,27 @@ def test_l2rw_and_mwnet_take_the_path_and_equal_unrolled(name: str):
     for a, b in zip(got, unrolled, strict=True):
         assert b.abs().max() > 0
         assert_equal(a, b)
+
+
+def assert_each_dropped_call_fails(model: nn.Module, x, y, calls_of) -> None:
+    """For each call ``calls_of(records)`` picks, the record without it gives a JVP and a
+    weighted gradient of the call's weight that differ from the per-example ones."""
+    _, weights = trainable(model)
+    per = per_example_grads(model, x, y)
+    u = direction(weights)
+    want = sum(p.flatten(1) @ d.flatten() for p, d in zip(per, u, strict=True))
+    for k in range(len(calls_of(records(model, x, y)))):
+        recs = records(model, x, y)
+        dropped = calls_of(recs)[k]
+        recs[0].calls = [c for c in recs[0].calls if c is not dropped]
+        assert _differs(ghost.jvp_of(recs, u), want)
+        target = dropped.weight if dropped.weight is not None else dropped.bias
+        i = next(j for j, w in enumerate(weights) if w is target)
+        seeds = torch.rand(len(y), generator=torch.Generator().manual_seed(3), dtype=DT)
+        (got,) = torch.autograd.grad(
+            (seeds * ghost.losses_of(recs)).sum(), [target], allow_unused=True
+        )
+        assert got is None or _differs(got, torch.einsum("b,b...->...", seeds, per[i]))
 
 
 def _dropped(recs: list[ghost.GhostRecord], keep) -> list[ghost.GhostRecord]:
@@ -538,27 +563,6 @@ def assert_refused_and_exact_on_tape(model, x, y, xv, yv, match: str) -> None:
     assert method.metastep.planner.last_engine == "tape"
     for a, b in zip(got, want, strict=True):
         assert_equal(a, b)
-
-
-def test_attention_with_a_mask_is_refused():
-    """Masked attention is computed by torch's own function, whose projections the path does
-    not see: refused (here, at the recording), never read wrongly."""
-
-    class Masked(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
-            self.head = nn.Linear(4, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).triu(1)
-            return self.head(self.attn(x, x, x, attn_mask=mask, need_weights=False)[0].mean(1))
-
-    torch.manual_seed(0)
-    model = Masked().to(DT)
-    x, y = torch.randn(6, 3, 4, dtype=DT), torch.randint(0, 3, (6,))
-    with pytest.raises(ghost.Ineligible, match="multi_head_attention_forward"):
-        records(model, x, y)
 
 
 @pytest.mark.parametrize("attention_dropout", [0.0, 0.1])

@@ -16,7 +16,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CONVS", "LAYERS", "NORMS", "LayerCall", "kind_of", "norm_stats", "same_padding"]
+__all__ = [
+    "CONVS",
+    "LAYERS",
+    "NORMS",
+    "LayerCall",
+    "conv_call_args",
+    "kind_of",
+    "norm_stats",
+    "same_padding",
+]
 
 aten = torch.ops.aten
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -57,13 +66,16 @@ class LayerCall:
     addmm: bool = False
     # called on (T, B, ...) (``Layers.seq_first``): x, z, g and stats stay so, the batch dim 1
     seq_first: bool = False
+    # a sequence-first call on (T·B, ·) rows, step-major (T, when so): x and g are viewed as
+    # (T, B, ·) by ``finish`` (torch's own attention's output projection)
+    steps: int = 0
     # a LayerNorm's or GroupNorm's mean and 1/std as its forward computed them (``norm_stats``),
     # detached: shaped to broadcast against x (LayerNorm), or (N, groups); None: x̂ is
     # recomputed from x
     stats: tuple[Tensor, Tensor] | None = None
     # a functional convolution's (``F.conv*`` on a weight no layer owns, ``module`` None): its
     # stride, padding, dilation and groups, as ``aten.convolution`` takes them, and the weight
-    # it was called with, detached (its shape, and its value for per-example gradients)
+    # it was called with, detached (for its shape: no value of it enters the maths)
     conv: tuple[list[int], list[int], list[int], int] | None = None
     kernel: Tensor | None = None
 
@@ -322,6 +334,27 @@ def same_padding(dilation: Sequence[int], kernel_size: Sequence[int]) -> list[in
     two sides differ (an even d·(k − 1): torch pads one side more, by copying the input)."""
     total = [d * (k - 1) for d, k in zip(dilation, kernel_size, strict=True)]
     return None if any(t % 2 for t in total) else [t // 2 for t in total]
+
+
+def conv_call_args(
+    a: dict, w: Tensor, nd: int
+) -> tuple[list[int], list[int], list[int], int] | str:
+    """A functional convolution's (stride, padding, dilation, groups) as ``aten.convolution``
+    takes them, each of the first three one int per spatial dim; or why they cannot be."""
+
+    def per_dim(v: Any) -> list[int]:
+        v = [v] * nd if isinstance(v, int) else list(v)
+        return v * nd if len(v) == 1 else v
+
+    stride, dilation = per_dim(a.get("stride", 1)), per_dim(a.get("dilation", 1))
+    padding = a.get("padding", 0)
+    if padding == "valid":
+        padding = 0
+    elif padding == "same":
+        padding = same_padding(dilation, w.shape[2:])
+        if padding is None:
+            return "asymmetric 'same' padding"
+    return stride, per_dim(padding), dilation, int(a.get("groups", 1))
 
 
 def norm_stats(module: nn.Module, x: Tensor, out: Tensor) -> tuple[Tensor, Tensor] | None:

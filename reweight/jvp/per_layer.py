@@ -254,9 +254,12 @@ def finish(
 
 def _rows_per_example(c: LayerCall, n: int) -> None:
     """An addmm call's input and output gradient, (B·k, ·) rows, viewed as (B, k, ·): per
-    example. (A sequence-first call's stay (T, B, ·): its maths sums over dim 0.)"""
+    example; a call's on step-major (T·B, ·) rows as (T, B, ·). (A sequence-first call's stay
+    (T, B, ·): its maths sums over dim 0.)"""
     if c.addmm:
         c.x, c.g = c.x.reshape(n, -1, c.x.shape[-1]), c.g.reshape(n, -1, c.g.shape[-1])
+    elif c.steps:
+        c.x, c.g = c.x.reshape(c.steps, n, c.x.shape[-1]), c.g.reshape(c.steps, n, c.g.shape[-1])
 
 
 def _shared_calls(calls: list[LayerCall], watch: Watch, n: int) -> dict[int, Any]:
@@ -285,6 +288,10 @@ def _shared_calls(calls: list[LayerCall], watch: Watch, n: int) -> dict[int, Any
             raise Ineligible(f"{c.name}: its input or output was modified in place")
         if c.addmm:  # k rows per example, consecutive: read per example once g is known
             if c.x.shape[0] % n or c.z.shape[0] != c.x.shape[0]:
+                raise Ineligible(f"{c.name}: rows not batched like the losses")
+            continue
+        if c.steps:  # (T·B, ·) rows, step-major: read as (T, B, ·) once g is known
+            if c.x.dim() != 2 or c.x.shape[0] != c.steps * n or c.z.shape[0] != c.x.shape[0]:
                 raise Ineligible(f"{c.name}: rows not batched like the losses")
             continue
         if c.seq_first:  # (T, B, ...): read per example once g is known

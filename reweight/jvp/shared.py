@@ -25,13 +25,18 @@ input, from the call until they are gone) and notes each use of one:
 mode sees whole and whose ``F.linear`` calls it would not; for self-attention without masks,
 extra key/value biases or returned weights (a ViT's encoder), the watch computes it from calls
 it does see: the packed projection, ``F.scaled_dot_product_attention`` and the output
-projection, batch first (the same maths; its dropout draws what torch's would).
+projection, batch first (the same maths; its dropout draws what torch's would). Otherwise
+(masks, returned weights) it runs torch's own function, less its torch-function check, under
+the mode: the packed input projection is then read on the sequence-first query, the output
+projection on (T·B, E) rows, step-major, and any other use of a weight (a key/value projection
+split off the packed one, a trained key bias) refuses the model as usual.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import types
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -42,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from reweight.jvp.layers import LAYERS, LayerCall, kind_of, norm_stats, same_padding
+from reweight.jvp.layers import LAYERS, LayerCall, conv_call_args, kind_of, norm_stats
 from reweight.jvp.recurrent import record_lstm
 
 if TYPE_CHECKING:  # the per-layer engine's, which imports this module
@@ -181,11 +186,11 @@ class Watch(TorchFunctionMode):
         calls the watch sees; ``_UNREAD`` for a call it leaves to torch."""
         if func is F.multi_head_attention_forward:
             bound = _MHA_SIGNATURE.bind(*args, **kwargs)
-            if _plain_self_attention(bound.arguments) and self._hits(
-                (), {k: v for k, v in bound.arguments.items() if isinstance(v, Tensor)}
-            ):
-                with self:  # its linear calls are seen
-                    return _self_attention(**bound.arguments)
+            if self._hits((), {k: v for k, v in bound.arguments.items() if isinstance(v, Tensor)}):
+                if _plain_self_attention(bound.arguments):
+                    with self:  # its linear calls are seen
+                        return _self_attention(**bound.arguments)
+                return self._attention(args, kwargs, bound.arguments["query"])
         if func is F.linear:
             x, w, b = _linear_args(args, kwargs)
             if id(w) in self.loose or (b is not None and id(b) in self.loose):
@@ -258,6 +263,27 @@ class Watch(TorchFunctionMode):
             call.x, call.z, call.versions = x.detach(), out, (x._version, out._version)
         self.calls.append(call)
 
+    def _attention(self, args: tuple, kwargs: dict, query: Tensor) -> object:
+        """torch's own attention (masks, returned weights), its body run under the watch: its
+        packed input projection is an ``F.linear`` call on the sequence-first (T, B, E) query,
+        its output projection one on (T·B, E) rows, step-major; both read so. Any other use of
+        the weights (a separate key/value projection's split) is refused as usual."""
+        start = len(self.calls)
+        if _MHA_BODY is None:  # a torch whose function cannot be run so: refused, not misread
+            self.calls.append(LayerCall(None, "linear", "attention", None, None))
+            self.calls[-1].problem = "F.multi_head_attention_forward: not readable in this torch"
+            return F.multi_head_attention_forward(*args, **kwargs)
+        with self:
+            out = _MHA_BODY(*args, **kwargs)
+        for call in self.calls[start:]:
+            if query.dim() != 3:  # one sequence: not batched like the losses
+                call.problem = call.problem or "attention on an unbatched query"
+                continue
+            call.seq_first = True  # (T, B, E)
+            if call.x is not None and call.x.dim() == 2:  # the output projection's rows
+                call.steps = query.shape[0]
+        return out
+
     def _conv(self, func: Callable, a: dict, out: Tensor) -> None:
         """A convolution on a watched weight or bias: ``F.conv2d(x, W, b, stride, ...)``."""
         x, w, b = a["input"], a["weight"], a.get("bias")
@@ -266,7 +292,7 @@ class Watch(TorchFunctionMode):
         bias = b if b is not None and id(b) in self.loose else None
         call = LayerCall(None, "conv", name, weight, bias)
         nd = _CONVS[func]
-        args = _conv_args(a, w, nd)
+        args = conv_call_args(a, w, nd)
         if not isinstance(x, Tensor) or not out.requires_grad:
             call.problem = f"{name}: not called on one tensor with a graph"
         elif (call.weight is None and w.requires_grad) or (
@@ -281,25 +307,6 @@ class Watch(TorchFunctionMode):
             call.x, call.z, call.versions = x.detach(), out, (x._version, out._version)
             call.conv, call.kernel = args, w.detach()
         self.calls.append(call)
-
-
-def _conv_args(a: dict, w: Tensor, nd: int) -> tuple[list[int], list[int], list[int], int] | str:
-    """A functional convolution's (stride, padding, dilation, groups) as ``aten.convolution``
-    takes them, each of the first three one int per spatial dim; or why they cannot be."""
-
-    def per_dim(v: Any) -> list[int]:
-        v = [v] * nd if isinstance(v, int) else list(v)
-        return v * nd if len(v) == 1 else v
-
-    stride, dilation = per_dim(a.get("stride", 1)), per_dim(a.get("dilation", 1))
-    padding = a.get("padding", 0)
-    if padding == "valid":
-        padding = 0
-    elif padding == "same":
-        padding = same_padding(dilation, w.shape[2:])
-        if padding is None:
-            return "asymmetric 'same' padding"
-    return stride, per_dim(padding), dilation, int(a.get("groups", 1))
 
 
 def fold_shared(followed: list[Watched], calls: list[LayerCall], n: int) -> None:
@@ -410,6 +417,23 @@ def _linear_args(args: tuple, kwargs: dict) -> tuple[object, Tensor, Tensor | No
 def _carries_graph(out: object) -> bool:
     items = out if isinstance(out, (list, tuple)) else (out,)
     return any(isinstance(t, Tensor) and t.requires_grad for t in items)
+
+
+def _mha_body() -> Callable | None:
+    """``F.multi_head_attention_forward`` less its own torch-function check (the one use of
+    ``has_torch_function`` in it), so that run under the watch its calls reach the mode instead
+    of handing the whole function back to it; None where the function is not so made."""
+    f = F.multi_head_attention_forward
+    code = f.__code__
+    if "has_torch_function" not in code.co_names or code.co_freevars:
+        return None
+    scope = {**f.__globals__, "has_torch_function": lambda *_: False}
+    body = types.FunctionType(code, scope, f.__name__, f.__defaults__)
+    body.__kwdefaults__ = f.__kwdefaults__
+    return body
+
+
+_MHA_BODY = _mha_body()
 
 
 def _plain_self_attention(a: dict) -> bool:

@@ -133,6 +133,9 @@ CASES = {
     # torch's own nn.TransformerEncoder, sequence first (its default), BERT's sizes, on the same
     # token ids (no padding mask)
     "encoder": [Case("encoder", 100, 100, (32,), 2)],
+    # the same with the padding as src_key_padding_mask: torch's own attention code, read under
+    # the watch (the tangent tape before)
+    "encoder_masked": [Case("encoder_masked", 100, 100, (32,), 2)],
 }
 
 
@@ -215,10 +218,12 @@ def tiny_bert(num_classes: int, length: int, dropout: float = 0.0) -> nn.Module:
 class SeqFirstEncoder(nn.Module):
     """Token ids (B, T) through an ``nn.TransformerEncoder`` with ``batch_first=False``:
     embeddings plus learned positions, 2 layers of width 64, 4 heads, a final norm; the class
-    from the mean token. Dropout 0, like the ``bert`` case."""
+    from the mean token. Dropout 0, like the ``bert`` case. ``masked``: the padding (id 0) is
+    the encoder's ``src_key_padding_mask``."""
 
-    def __init__(self, num_classes: int, length: int) -> None:
+    def __init__(self, num_classes: int, length: int, masked: bool = False) -> None:
         super().__init__()
+        self.masked = masked
         self.embed = nn.Embedding(1000, 64, padding_idx=0)
         self.position = nn.Embedding(length, 64)
         layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, activation="gelu")
@@ -227,7 +232,8 @@ class SeqFirstEncoder(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         h = self.embed(ids) + self.position(torch.arange(ids.shape[1], device=ids.device)[None])
-        return self.head(self.encoder(h.transpose(0, 1)).mean(0))
+        pad = ids == 0 if self.masked else None
+        return self.head(self.encoder(h.transpose(0, 1), src_key_padding_mask=pad).mean(0))
 
 
 def tokens(n: int, length: int, gen: torch.Generator) -> dict[str, Tensor]:
@@ -303,8 +309,8 @@ def build_variants(
     torch.manual_seed(0)
     if case.model.startswith("bert"):
         base = tiny_bert(case.num_classes, case.shape[0], 0.1 if "dropout" in case.model else 0.0)
-    elif case.model == "encoder":
-        base = SeqFirstEncoder(case.num_classes, case.shape[0])
+    elif case.model.startswith("encoder"):
+        base = SeqFirstEncoder(case.num_classes, case.shape[0], masked="masked" in case.model)
     else:
         base = build_model(
             case.model,
@@ -451,7 +457,7 @@ def batches(case: Case) -> tuple:
     def inputs(n: int):
         if case.model.startswith("bert"):
             return tokens(n, case.shape[0], gen)
-        if case.model == "encoder":
+        if case.model.startswith("encoder"):
             return tokens(n, case.shape[0], gen)["input_ids"]
         return torch.randn(n, *case.shape, generator=gen)
 

@@ -2,9 +2,9 @@
 input and output gradient, and the layer's own maths on them (JVPs, weighted gradients,
 per-example gradients) for linear, convolutional, embedding and affine normalisation layers,
 ``F.linear``, ``torch.addmm`` and ``F.conv*`` calls on weights outside such layers (``module``
-None) and
-weights shared by every example of a batch (``kind`` "broadcast": a class token, a position
-embedding), whose per-example gradients are read off the output of the op that broadcasts them.
+None) and weights shared by every example of a batch (``kind`` "broadcast": a class token, a
+position embedding), whose per-example gradients are read off the output of the op that
+broadcasts them.
 """
 
 from __future__ import annotations

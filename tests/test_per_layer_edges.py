@@ -1,10 +1,11 @@
-"""Two edges of the per-layer path (reweight.jvp.per_layer, through the planner), in float64:
+"""Edges of the per-layer path (reweight.jvp.per_layer, through the planner), in float64:
 
 - a dilated ``padding="same"`` convolution: symmetric (every ``dilation * (kernel - 1)`` even)
   it is read per layer, exactly; asymmetric in any dimension it is ruled out by structure, and
   the MW-Net step falls back to an exact engine rather than breaking;
 - the check that keeps a model whose examples interact slightly off the path: its JVPs must
-  agree to rounding (√eps of the largest entry), not to a looser tolerance.
+  agree to rounding (√eps of the largest entry), not to a looser tolerance;
+- a model that writes a buffer in its forward every step is checked once, not every step.
 """
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from reweight import L2RW, l2rw_eps_grad
 from reweight.jvp import per_layer as ghost
+from reweight.jvp import planner
 from reweight.meta import trainable
+from reweight.metastep import StepInputs
 
 from .test_fast import assert_equal
 from .test_ghost import DT, assert_checked_step, per_example_grads, records
@@ -120,3 +125,41 @@ def test_slight_interaction_between_examples_keeps_the_model_off_the_path():
     gap = float((approx - exact).abs().max() / exact.abs().max())
     assert 1e-7 < gap < 1e-3, gap
     assert_checked_step(model, x, y, xv, yv, verdict="no", engine="tape")
+
+
+class Counting(nn.Module):
+    """Writes a buffer in every training forward (the examples seen so far), as a running
+    statistic of the user's own would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("seen", torch.zeros((), dtype=DT))
+        self.body = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.seen += len(x)
+        return self.body(x)
+
+
+def test_a_buffer_written_every_step_does_not_repeat_the_check(monkeypatch):
+    """The per-layer path is checked once per (model, structure, mode): what a buffer holds is
+    neither, so 4 L2RW steps of a model that writes one in its forward check once, and each
+    step runs per layer and equals the unrolled one."""
+    checks = []
+    real = planner._agrees
+    monkeypatch.setattr(planner, "_agrees", lambda *a, **k: checks.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    model = Counting().to(DT)
+    method = L2RW()
+    for step in range(4):
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(6, 5, generator=g, dtype=DT), torch.randint(0, 3, (6,), generator=g)
+        xv, yv = torch.randn(5, 5, generator=g, dtype=DT), torch.randint(0, 3, (5,), generator=g)
+        want = l2rw_eps_grad(model, x, y, xv, yv, 0.5, meta_grad="unrolled")
+        out = method.metastep(StepInputs(model, x, y, xv, yv, 0.5, F.cross_entropy))
+        assert method.metastep.planner.last_engine == "per_layer"
+        assert float(want.abs().max()) > 1e-3
+        assert_equal(out.c, want)
+    assert len(checks) == 1
+    assert float(model.seen) >= 4 * 6  # the forward did write it, every step

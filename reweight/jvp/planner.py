@@ -32,7 +32,7 @@ from reweight.jvp.tape import LeanTapeRecording, TapeRecording
 from reweight.jvp.timing import Timing, keep_rank0_verdict
 from reweight.meta import LossFn, TwinCache, trainable
 from reweight.meta.kernels import has_rnn
-from reweight.meta.twins import modules_of, signature
+from reweight.meta.twins import modules_of, structure
 
 __all__ = ["POLICIES", "Plan", "Planner"]
 
@@ -96,7 +96,7 @@ class Planner:
         self._per_layer: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str, Layers, str]] = (
             weakref.WeakKeyDictionary()
         )
-        # model -> (signature, why the tape cannot replay its forward)
+        # model -> (structure, why the tape cannot replay its forward)
         self._no_tape: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str]] = (
             weakref.WeakKeyDictionary()
         )
@@ -146,11 +146,11 @@ class Planner:
         walk: _Walk,
     ) -> tuple[str, Layers, str]:
         """("ok" | "check" | "no", layers, why not) for the model's current structure and modes
-        (``walk``: the model's modules and signature, taken once a step)."""
+        (``walk``: the model's modules and structure, taken once a step)."""
         if torch.is_autocast_enabled(device.type):
             return "no", Layers({}), "autocast is on"
         key = (
-            walk.signature,
+            walk.structure,
             tuple(m.training for m in walk.modules),
             tuple(id(w) for w in weights),
         )
@@ -177,9 +177,9 @@ class Planner:
         device: torch.device,
         walk: _Walk,
     ) -> Facts:
-        """What ``choose`` needs of ``model`` (``walk``: its modules and signature); under the
+        """What ``choose`` needs of ``model`` (``walk``: its modules and structure); under the
         cuda policy its timings (made on first use), which ``describe`` then reports."""
-        policy, key = self.policy_for(device), walk.signature
+        policy, key = self.policy_for(device), walk.structure
         refused = self._no_tape.get(model)
         tape_off = refused[1] if refused is not None and refused[0] == key else None
         recurrent = has_rnn(model, walk.modules)
@@ -332,7 +332,7 @@ class Planner:
                 f"method.engine=tape cannot run {type(model).__name__}: the tangent tape cannot "
                 f"replay its forward ({why}); use method.engine=auto or dual_twin"
             )
-        self._no_tape[model] = (signature(model), why)
+        self._no_tape[model] = (structure(model), why)
         log.warning(
             "meta_grad='fast': the tangent tape cannot replay %s's forward (%s); using dual "
             "numbers through the twin instead (exact, one more forward per step)",
@@ -378,15 +378,17 @@ class Planner:
 
 @dataclass(frozen=True)
 class _Walk:
-    """One walk of a model, taken once a step: its modules (``modules_of``) and ``signature``."""
+    """One walk of a model, taken once a step: its modules (``modules_of``) and ``structure``
+    (what its buffers hold is left out: a forward that writes one every step, a counter or a
+    running average, changes neither what the per-layer path can read nor the timings)."""
 
     modules: list[nn.Module]
-    signature: tuple
+    structure: tuple
 
 
 def _walk(model: nn.Module) -> _Walk:
     modules = modules_of(model)
-    return _Walk(modules, signature(model, modules))
+    return _Walk(modules, structure(model, modules))
 
 
 def _weights(model: nn.Module, weights: Sequence[Tensor] | None) -> list[Tensor]:

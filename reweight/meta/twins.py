@@ -90,14 +90,23 @@ def modules_of(model: nn.Module) -> list[nn.Module]:
     return out
 
 
-def signature(model: nn.Module, mods: Sequence[nn.Module] | None = None) -> tuple:
-    """What a twin copies from its model: the module tree, the parameter objects and the
-    contents (by version) of buffers other than BatchNorm statistics (which it shares).
-    ``mods``: ``modules_of(model)``, when the caller has it."""
+def structure(model: nn.Module, mods: Sequence[nn.Module] | None = None) -> tuple:
+    """The model's module tree and parameter objects (not what its buffers hold, which a
+    forward may write every step). ``mods``: ``modules_of(model)``, when the caller has it."""
     mods = modules_of(model) if mods is None else mods
     return (
         tuple(id(m) for m in mods),
         tuple(id(p) for m in mods for p in m._parameters.values() if p is not None),
+    )
+
+
+def signature(model: nn.Module, mods: Sequence[nn.Module] | None = None) -> tuple:
+    """What a twin copies from its model: its ``structure`` and the contents (by version) of
+    buffers other than BatchNorm statistics (which it shares). ``mods``: ``modules_of(model)``,
+    when the caller has it."""
+    mods = modules_of(model) if mods is None else mods
+    return (
+        *structure(model, mods),
         tuple(
             (id(b), b._version)
             for m in mods

@@ -20,7 +20,7 @@ from torch import nn
 from reweight import L2RW, l2rw_eps_grad
 from reweight.jvp import per_layer as ghost
 from reweight.jvp import planner
-from reweight.meta import trainable
+from reweight.meta import trainable, twins
 from reweight.metastep import StepInputs
 
 from .test_fast import assert_equal
@@ -163,3 +163,25 @@ def test_a_buffer_written_every_step_does_not_repeat_the_check(monkeypatch):
         assert_equal(out.c, want)
     assert len(checks) == 1
     assert float(model.seen) >= 4 * 6  # the forward did write it, every step
+
+
+def test_a_buffer_written_every_step_refreshes_the_twin_without_rebuilding_it(monkeypatch):
+    """The twin's copy of a buffer the model writes follows it (a fresh tensor each time) and
+    the twin is built once; a buffer moved to another dtype rebuilds it."""
+    built = []
+    real = twins.to_meta
+    monkeypatch.setattr(twins, "to_meta", lambda m: built.append(1) or real(m))
+    torch.manual_seed(0)
+    model = Counting().to(DT)
+    cache = twins.TwinCache()
+    copies = []
+    for _ in range(3):
+        model(torch.randn(4, 5, dtype=DT))  # writes model.seen
+        twin = cache.bound(model)
+        assert torch.equal(twin.seen, model.seen) and twin.seen is not model.seen
+        copies.append(twin.seen)
+    assert len(built) == 1
+    assert [float(c) for c in copies] == [4.0, 8.0, 12.0]  # each copy kept its value
+    model.seen = model.seen.float()  # another dtype: a rebuild
+    assert cache.bound(model).seen.dtype == torch.float32
+    assert len(built) == 2

@@ -120,9 +120,12 @@ def signature(model: nn.Module, mods: Sequence[nn.Module] | None = None) -> tupl
 class TwinCache:
     """Each model's twin, built once (``to_meta`` copies the module tree) and re-bound per use.
 
-    A twin is rebuilt when its model's modules or parameter objects are replaced, or when a
+    A twin is rebuilt when its model's modules or parameter objects are replaced. When only a
     buffer the twin holds a copy of (anything but BatchNorm statistics, which it shares) has
-    been written to. Models are held weakly.
+    been written to, the copies are refreshed in place (a forward that updates a counter or a
+    running average of its own every step would otherwise rebuild the twin every step); a
+    buffer replaced by one of another shape, dtype or device rebuilds it. Models are held
+    weakly.
 
     Example:
         >>> import torch
@@ -141,14 +144,43 @@ class TwinCache:
 
     def bound(self, model: nn.Module) -> MetaModule:
         """The twin of ``model`` bound to its current weights, modes and BatchNorm statistics."""
-        sig = signature(model)
+        mods = modules_of(model)
+        sig = signature(model, mods)
         entry = self._twins.get(model)
-        if entry is None or entry[0] != sig:
+        if entry is not None and entry[0] != sig:
+            if entry[0][:2] == sig[:2] and _refreshed(entry[1], model):  # the same structure
+                entry = (sig, *entry[1:])
+                self._twins[model] = entry
+            else:
+                entry = None
+        if entry is None:
             twin = to_meta(model)
-            entry = (sig, twin, twin.binding(model))  # names resolved once per signature
+            entry = (sig, twin, twin.binding(model))  # names resolved once per structure
             self._twins[model] = entry
         entry[2]()
         return entry[1]
+
+
+def _refreshed(twin: MetaModule, model: nn.Module) -> bool:
+    """Give ``twin`` fresh copies of ``model``'s buffers (new tensors, as a rebuild would: a
+    graph still holding an old copy keeps it unchanged); False, and nothing changed, if one has
+    no counterpart of the same shape, dtype and device."""
+    fresh = []
+    for name, b in model.named_buffers():
+        path, _, leaf = name.rpartition(".")
+        try:
+            mod = twin.get_submodule(path)
+        except AttributeError:
+            return False
+        mine = mod._buffers.get(leaf)
+        if mine is b:  # shared (BatchNorm statistics)
+            continue
+        if mine is None or (mine.shape, mine.dtype, mine.device) != (b.shape, b.dtype, b.device):
+            return False
+        fresh.append((mod._buffers, leaf, b))
+    for buffers, leaf, b in fresh:
+        buffers[leaf] = b.detach().clone()
+    return True
 
 
 def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:

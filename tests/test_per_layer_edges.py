@@ -185,3 +185,22 @@ def test_a_buffer_written_every_step_refreshes_the_twin_without_rebuilding_it(mo
     model.seen = model.seen.float()  # another dtype: a rebuild
     assert cache.bound(model).seen.dtype == torch.float32
     assert len(built) == 2
+
+
+def test_a_buffer_tied_under_two_names_stays_tied_in_the_refreshed_twin():
+    """One tensor registered as a buffer of two modules: after a write the twin's fresh copy is
+    one tensor under both names, as a rebuild's deepcopy would make it."""
+
+    class Shift(nn.Module):
+        def __init__(self, shift: torch.Tensor) -> None:
+            super().__init__()
+            self.register_buffer("shift", shift)
+
+    shared = torch.zeros(3, dtype=DT)
+    model = nn.Sequential(Shift(shared), Shift(shared))
+    cache = twins.TwinCache()
+    cache.bound(model)
+    model[0].shift += 1  # written through one name: the other sees it too
+    twin = cache.bound(model)
+    assert twin[0].shift is twin[1].shift
+    assert twin[0].shift is not shared and torch.equal(twin[0].shift, shared)

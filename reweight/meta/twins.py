@@ -166,7 +166,7 @@ def _refreshed(twin: MetaModule, model: nn.Module) -> bool:
     graph still holding an old copy keeps it unchanged); False, and nothing changed, if one has
     no counterpart of the same shape, dtype and device."""
     fresh = []
-    for name, b in model.named_buffers():
+    for name, b in model.named_buffers(remove_duplicate=False):  # a tied buffer under each name
         path, _, leaf = name.rpartition(".")
         try:
             mod = twin.get_submodule(path)
@@ -178,8 +178,9 @@ def _refreshed(twin: MetaModule, model: nn.Module) -> bool:
         if mine is None or (mine.shape, mine.dtype, mine.device) != (b.shape, b.dtype, b.device):
             return False
         fresh.append((mod._buffers, leaf, b))
+    copies: dict[int, Tensor] = {}  # one copy of a buffer tied under several names, as deepcopy
     for buffers, leaf, b in fresh:
-        buffers[leaf] = b.detach().clone()
+        buffers[leaf] = copies.setdefault(id(b), b.detach().clone())
     return True
 
 

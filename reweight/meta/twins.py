@@ -122,7 +122,7 @@ class TwinCache:
 
     A twin is rebuilt when its model's modules or parameter objects are replaced. When only a
     buffer the twin holds a copy of (anything but BatchNorm statistics, which it shares) has
-    been written to, the copies are refreshed in place (a forward that updates a counter or a
+    been written to, the twin gets fresh copies of them (a forward that updates a counter or a
     running average of its own every step would otherwise rebuild the twin every step); a
     buffer replaced by one of another shape, dtype or device rebuilds it. Models are held
     weakly.
@@ -180,7 +180,9 @@ def _refreshed(twin: MetaModule, model: nn.Module) -> bool:
         fresh.append((mod._buffers, leaf, b))
     copies: dict[int, Tensor] = {}  # one copy of a buffer tied under several names, as deepcopy
     for buffers, leaf, b in fresh:
-        buffers[leaf] = copies.setdefault(id(b), b.detach().clone())
+        if id(b) not in copies:
+            copies[id(b)] = b.detach().clone()
+        buffers[leaf] = copies[id(b)]
     return True
 
 

@@ -31,7 +31,7 @@ from reweight.data import (
 )
 from reweight.data.build import COMMON_KEYS, dataset_builder, dataset_defaults
 from reweight.data.core import DATA_DIR_ENV, INFO_FILE, LABELS_FILE, tensor_hash
-from reweight.data.mnist import MNIST_MEAN, MNIST_STD
+from reweight.data.mnist import MNIST_MEAN, MNIST_STD, load_mnist
 
 # the real MNIST: $REWEIGHT_DATA_DIR (tests/conftest.py defaults it to ../shared/data)
 SHARED_DATA = Path(os.environ["REWEIGHT_DATA_DIR"])
@@ -173,7 +173,7 @@ def test_mnist_imbalanced_counts(
     meta_idx = set(bundle.meta.source_indices.tolist())
     assert len(train_idx) == 4990 and len(meta_idx) == 10 and not train_idx & meta_idx
     assert len(set(bundle.test.source_indices.tolist())) == len(bundle.test) == 2 * n_test_fours
-    assert bundle.info["source"] == "torchvision.datasets.MNIST"
+    assert bundle.info["source"] == "MNIST IDX files"
 
     # nothing is corrupted in a pure imbalance set
     assert torch.equal(bundle.true_labels, bundle.train_labels)
@@ -193,6 +193,17 @@ def test_mnist_imbalanced_counts(
 def test_mnist_imbalanced_unbalanced_test(mnist_env: Path) -> None:
     bundle = build_dataset("mnist_imbalanced", test_balanced=False)
     assert torch.bincount(bundle.test.labels).tolist() == [982, 1009]
+
+
+def test_mnist_is_read_as_torchvision_reads_it(mnist_env: Path) -> None:
+    """The package reads the checked IDX files itself (torchvision's import takes seconds):
+    every image and label as torchvision's own reader gives them."""
+    ours = load_mnist(mnist_env, download=False)
+    train = torchvision.datasets.MNIST(mnist_env, train=True, download=False)
+    test = torchvision.datasets.MNIST(mnist_env, train=False, download=False)
+    theirs = (train.data, train.targets, test.data, test.targets)
+    for a, b, dtype in zip(ours, theirs, (torch.uint8, torch.int64) * 2, strict=True):
+        assert a.dtype == dtype and torch.equal(a, b.to(dtype))
 
 
 def test_mnist_inputs_are_normalised_images(

@@ -12,7 +12,12 @@ would otherwise meet the root ``__init__``). The graph must have no cycle.
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
+
+import pytest
+
+from tests.helpers import run_command
 
 PACKAGE = Path(__file__).resolve().parents[1] / "reweight"
 
@@ -265,3 +270,33 @@ def test_the_layer_check_finds_an_upward_import():
         "reweight.data.core (a leaf) imports reweight.models.lenet",
         "reweight.meta.twins (meta) imports reweight.methods.base (methods)",
     ]
+
+
+def _imported(importtime_stderr: str) -> set[str]:
+    """The modules named by ``python -X importtime``'s report (one ``import time:`` line each)."""
+    return {
+        line.rsplit("|", 1)[1].strip()
+        for line in importtime_stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+
+
+@pytest.mark.slow
+def test_a_mnist_run_never_imports_torchvision(tmp_path: Path):
+    """torchvision's import alone takes seconds (with torch's compiler, which it imports), so
+    the package imports it only where it is used (CIFAR, the real-noise images, torchvision's
+    and the ViT models, a download): a MNIST run, or a bad key refused, goes without it."""
+    run = tmp_path / "run"
+    args = ["dataset=mnist_imbalanced", "trainer.max_steps=1", "trainer.final_weights=0"]
+    proc = run_command(
+        [sys.executable, "-X", "importtime", "-m", "reweight", *args, f"hydra.run.dir={run}"],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = _imported(proc.stderr)
+    assert {"torch", "reweight.cli.app", "reweight.data.mnist", "reweight.models.lenet"} <= imported
+    assert not {m for m in imported if m.split(".")[0] == "torchvision"}
+    # the report does see torchvision where a model needs it
+    probe = "from reweight.models import build_model; build_model('vit_tiny', 10, 1, (1, 28, 28))"
+    proc = run_command([sys.executable, "-X", "importtime", "-c", probe], tmp_path)
+    assert proc.returncode == 0 and "torchvision.models" in _imported(proc.stderr), proc.stderr

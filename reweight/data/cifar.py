@@ -23,14 +23,12 @@ import pickle
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torchvision
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision import transforms
 
 from reweight.data._validate import (
     check_at_least,
@@ -43,6 +41,9 @@ from reweight.data.checksums import verify_md5
 from reweight.data.core import DATA_DIR_ENV, DataBundle, download_atomically
 from reweight.data.noise import NOISE_TYPES
 from reweight.data.splits import SplitPlan, plan_human_noise, plan_long_tail, plan_noisy
+
+if TYPE_CHECKING:
+    import torchvision
 
 __all__ = [
     "CIFAR10N_FILE",
@@ -89,12 +90,16 @@ _URLS = {
 
 def _tv_class(variant: str) -> type[torchvision.datasets.CIFAR10]:
     check_choice("variant", variant, CIFAR_VARIANTS)
+    import torchvision  # here, not at the top: its import alone takes seconds (MNIST runs skip it)
+
     return torchvision.datasets.CIFAR10 if variant == "cifar10" else torchvision.datasets.CIFAR100
 
 
 def cifar_transform(variant: str, *, train: bool, augment: bool = True) -> Callable[[Any], Tensor]:
     """PIL image -> normalised float tensor (3, 32, 32); with pad-4 random crop and horizontal
     flip first when ``train and augment``."""
+    from torchvision import transforms  # here: see _tv_class
+
     mean, std = CIFAR_STATS[check_choice("variant", variant, CIFAR_VARIANTS)]
     steps: list[Callable[[Any], Any]] = []
     if train and augment:

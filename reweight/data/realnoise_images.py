@@ -13,7 +13,6 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision import transforms
 
 from reweight.data.cifar import RelabeledSubset
 from reweight.data.core import DataBundle
@@ -69,6 +68,8 @@ def recipe_transform(image_size: int, *, train: bool, augment: bool, crop: str) 
     style): resize the short side to ``image_size * 256 / 224``, then a random (train) or centre
     crop of ``image_size`` and a random horizontal flip. ``crop="pad"`` (ANIMAL-10N's 64x64 images):
     resize to ``image_size``, then pad-4 random crop and flip. ImageNet normalisation."""
+    from torchvision import transforms  # here, not at the top: its import alone takes seconds
+
     steps: list[Callable] = []
     if crop == "resize":
         steps.append(transforms.Resize(round(image_size * 256 / 224)))

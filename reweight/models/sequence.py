@@ -8,7 +8,6 @@ like any other (``reweight.meta.kernels``).
 from __future__ import annotations
 
 from torch import Tensor, nn
-from torchvision.models import VisionTransformer
 
 __all__ = ["RowLSTM", "image_shape", "vit_tiny"]
 
@@ -70,6 +69,8 @@ def vit_tiny(
         >>> vit_tiny(num_classes=10)(torch.randn(2, 1, 28, 28)).shape
         torch.Size([2, 10])
     """
+    from torchvision.models import VisionTransformer  # here: its import alone takes seconds
+
     _, h, w = image_shape("vit_tiny", input_shape)
     if h != w or h % patch_size:
         raise ValueError(

@@ -1,4 +1,7 @@
-"""Any torchvision classification model by name, with its head and stem adapted to the data."""
+"""Any torchvision classification model by name, with its head and stem adapted to the data.
+
+torchvision is imported by the functions that use it: its import alone takes seconds, which a
+run of the package's own models does without (``tests/test_imports.py`` holds that)."""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
-import torchvision
 from torch import nn
 
 __all__ = ["adapt_input_channels", "replace_head", "torchvision_model", "torchvision_model_names"]
@@ -20,6 +22,8 @@ _INIT_WEIGHTS_WARN = frozenset({"googlenet", "inception_v3"})
 
 def torchvision_model_names() -> list[str]:
     """Names of torchvision's classification models (``resnet18``, ``vgg11``, ...), sorted."""
+    import torchvision
+
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
@@ -153,6 +157,8 @@ def torchvision_model(
         >>> model(torch.randn(2, 1, 32, 32)).shape
         torch.Size([2, 10])
     """
+    import torchvision
+
     _check_name(name)
     if name in _INIT_WEIGHTS_WARN:
         # Their builders warn (an error under ``-W error``) unless init_weights is explicit;
@@ -173,6 +179,8 @@ def torchvision_model(
 def _pretrained(name: str, weights: str, **kwargs: Any) -> nn.Module:
     """torchvision's ``name`` with ``weights``; a failed download of a file not in torch's cache
     is one line naming the file, where torch looks for it and where to get it."""
+    import torchvision
+
     table = torchvision.models.get_model_weights(name)
     if weights != "DEFAULT" and weights not in table.__members__:
         allowed = ", ".join(["DEFAULT", *table.__members__])

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import cli_env
+from tests.helpers import cli_env, run_command
 from tests.realnoise_replicas import (
     IMAGENET_PER_CLASS,
     write_animal10n,
@@ -71,9 +71,7 @@ def command(experiment: str, root: Path, run_dir: Path, *extra: str) -> list[str
 
 
 def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        args, cwd=cwd, env=cli_env(**env), capture_output=True, text=True, timeout=600
-    )
+    return run_command(args, cwd, env=cli_env(**env))
 
 
 # Each dataset's reader with each method once over the file (a Latin square, not all twelve: a

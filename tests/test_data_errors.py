@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +23,7 @@ import torchvision
 from reweight.data import build_dataset, checksums
 from reweight.data.checksums import CACHE_DIR_ENV, file_md5, resolve_cache_dir, verify_md5
 from reweight.data.mnist import check_mnist_files, load_mnist
+from tests.helpers import REWEIGHT, cli_env, run_command
 
 MNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -60,14 +60,10 @@ def snapshot(root: Path) -> dict[str, tuple]:
 
 def run_reweight(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     """``python -m reweight`` with a tiny run, one thread, the MD5 records in tmp_path/cache."""
-    environ = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "PYTHONPATH")}
-    environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **env)
-    environ[CACHE_DIR_ENV] = str(tmp_path / "cache")
-    return subprocess.run(
+    environ = cli_env(**{CACHE_DIR_ENV: str(tmp_path / "cache"), **env})
+    return run_command(
         [
-            sys.executable,
-            "-m",
-            "reweight",
+            *REWEIGHT,
             "trainer.max_steps=2",
             "trainer.eval_every=0",
             "trainer.batch_size=8",
@@ -75,10 +71,8 @@ def run_reweight(tmp_path: Path, *args: str, **env: str) -> subprocess.Completed
             f"hydra.run.dir={tmp_path / 'run'}",
             *args,
         ],
-        cwd=tmp_path,
+        tmp_path,
         env=environ,
-        capture_output=True,
-        text=True,
         timeout=300,
     )
 

@@ -31,7 +31,7 @@ from reweight.outputs.suspects import (
     suspects_table,
     write_suspects,
 )
-from tests.helpers import cli_env, tiny_l2rw_trainer
+from tests.helpers import run_command, tiny_l2rw_trainer
 
 N_TRAIN, N_META, N_TEST = 240, 60, 60
 
@@ -77,14 +77,7 @@ def files(tmp_path_factory, data_root: Path) -> dict:
 
 
 def run(args: list[str], cwd: Path, module: str = "reweight") -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    return run_command([sys.executable, "-m", module, *args], cwd, timeout=900)
 
 
 TINY = ["trainer.batch_size=20", "trainer.eval_every=0", "threads=1", "trainer.max_steps=30"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -20,7 +19,8 @@ import torch
 import torchvision
 from PIL import Image
 
-from tests.test_cli import cli_env, read_csv
+from tests.helpers import REWEIGHT, cli_env, run_command
+from tests.test_cli import read_csv
 
 N_TRAIN, N_META, N_TEST = 60, 30, 30  # digits 0-2 only
 TINY = [
@@ -35,14 +35,7 @@ TINY = [
 
 
 def cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "reweight", *args],
-        cwd=cwd,
-        env=cli_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_command([*REWEIGHT, *args], cwd, env=cli_env(**env))
 
 
 def write_png(image: np.ndarray, path: Path) -> None:

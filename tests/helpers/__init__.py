@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from reweight import Trainer, TrainerConfig
+from tests.helpers.warm import can_run_warm, run_warm
 
 __all__ = [
     "REWEIGHT",
@@ -167,11 +168,16 @@ def run_command(
     **options: Any,
 ) -> subprocess.CompletedProcess:
     """``command`` run to its end in ``cwd`` with ``env`` (``cli_env()`` where None), its stdout
-    and stderr captured as text."""
+    and stderr captured as text. ``python -m reweight ...`` without other ``options`` is forked
+    from a warm interpreter where it would start alike (``tests.helpers.warm.can_run_warm``)."""
+    env = cli_env() if env is None else env
+    options = {k: v for k, v in options.items() if v is not None}
+    if command[:3] == REWEIGHT and not options and can_run_warm(env, cli_env()):
+        return run_warm(command, cwd, env, timeout, server_env=cli_env())
     return subprocess.run(
         command,
         cwd=cwd,
-        env=cli_env() if env is None else env,
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -22,6 +22,7 @@ import json
 import locale
 import os
 import selectors
+import shutil
 import signal
 import socket
 import struct
@@ -154,6 +155,7 @@ class _Server:
         self.proc.wait()
         assert self.proc.stdout is not None
         self.proc.stdout.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 _server: _Server | None = None

@@ -125,14 +125,16 @@ def _become(request: dict[str, Any], fds: list[int]) -> None:
 def can_run_warm(env: dict[str, str], server_env: dict[str, str]) -> bool:
     """Whether a run with ``env`` starts as it would in a fresh interpreter started with it:
     every variable read at start the same as the server's, and no ``REWEIGHT_TESTS_FRESH=1``."""
-    if os.environ.get(FRESH_ENV) == "1":
-        return False
-    at_start = {k for k in (*env, *server_env) if k.startswith(_READ_AT_START)}
-    return all(env.get(k) == server_env.get(k) for k in at_start)
+    return os.environ.get(FRESH_ENV) != "1" and _at_start(env) == _at_start(server_env)
+
+
+def _at_start(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k.startswith(_READ_AT_START)}
 
 
 class _Server:
     def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
         self.folder = Path(tempfile.mkdtemp(prefix="reweight-warm-"))
         self.path = str(self.folder / "socket")
         self.log = self.folder / "server.log"
@@ -162,7 +164,11 @@ _server: _Server | None = None
 
 
 def _started(env: dict[str, str]) -> _Server:
+    """The running server, (re)started if it is gone or was started with other start values."""
     global _server
+    if _server is not None and _at_start(_server.env) != _at_start(env):
+        _server.close()
+        _server = None
     if _server is None or _server.proc.poll() is not None:
         _server = _Server(env)
     return _server

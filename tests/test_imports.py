@@ -285,7 +285,7 @@ def _imported(importtime_stderr: str) -> set[str]:
 def test_a_mnist_run_never_imports_torchvision(tmp_path: Path):
     """torchvision's import alone takes seconds (with torch's compiler, which it imports), so
     the package imports it only where it is used (CIFAR, the real-noise images, torchvision's
-    and the ViT models, a download): a MNIST run, or a bad key refused, goes without it."""
+    and the ViT models, a download): a MNIST run, from the command line, goes without it."""
     run = tmp_path / "run"
     args = ["dataset=mnist_imbalanced", "trainer.max_steps=1", "trainer.final_weights=0"]
     proc = run_command(

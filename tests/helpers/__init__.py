@@ -172,8 +172,9 @@ def run_command(
     from a warm interpreter where it would start alike (``tests.helpers.warm.can_run_warm``)."""
     env = cli_env() if env is None else env
     options = {k: v for k, v in options.items() if v is not None}
-    if command[:3] == REWEIGHT and not options and can_run_warm(env, cli_env()):
-        return run_warm(command, cwd, env, timeout, server_env=cli_env())
+    base = cli_env()  # what the warm server starts with
+    if command[:3] == REWEIGHT and not options and can_run_warm(env, base):
+        return run_warm(command, cwd, env, timeout, server_env=base)
     return subprocess.run(
         command,
         cwd=cwd,

@@ -18,6 +18,7 @@ of a fresh process.
 from __future__ import annotations
 
 import atexit
+import gc
 import json
 import locale
 import os
@@ -44,7 +45,8 @@ _HEADER = struct.Struct("!Q")  # the request's length, sent with the three descr
 
 
 def _warm_up() -> None:
-    """Import what every run imports (nothing is computed: the server stays one thread)."""
+    """Import what every run imports (nothing is computed: the server stays one thread), then
+    freeze the heap."""
     import matplotlib
     import torch._dynamo  # noqa: F401  (torch.optim's first use imports it)
 
@@ -52,6 +54,10 @@ def _warm_up() -> None:
     import matplotlib.pyplot
 
     import reweight.cli  # noqa: F401
+
+    # what was imported stays out of every garbage collection: a child's collections (and its
+    # pages, shared with the server until written) then see only the run's own objects
+    gc.freeze()
 
 
 def _serve(path: str) -> tuple[dict[str, Any], list[int]]:

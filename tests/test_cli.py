@@ -24,7 +24,7 @@ from hydra.core.global_hydra import GlobalHydra
 from reweight import cli
 from reweight.core import malloc
 
-from .helpers import cli_env, run_command
+from .helpers import cli_env, run_command, start_command
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -296,9 +296,10 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     victim_dir.mkdir()
     command = [sys.executable, "-m", "reweight", *RESUME_ARGS]
     logs = {name: (tmp_path / f"{name}.err").open("w") for name in ("reference", "victim")}
-    popen = dict(env=cli_env(), stdout=subprocess.DEVNULL)
-    uninterrupted = subprocess.Popen(command, cwd=reference, stderr=logs["reference"], **popen)
-    victim = subprocess.Popen(command, cwd=victim_dir, stderr=logs["victim"], **popen)
+    uninterrupted, victim = (
+        start_command(command, cwd, stdout=subprocess.DEVNULL, stderr=logs[name])
+        for cwd, name in ((reference, "reference"), (victim_dir, "victim"))
+    )
     try:
         deadline = time.monotonic() + 300
         step = -1

@@ -26,7 +26,15 @@ from torch.utils.data import TensorDataset
 import reweight
 from reweight import CheckpointError, Trainer, TrainingInterrupted
 from reweight.train.checkpoint import read_checkpoint
-from tests.helpers import REWEIGHT, cli_env, free_port, gloo_group, quiet, start_command, torchrun
+from tests.helpers import (
+    REWEIGHT,
+    free_port,
+    gloo_group,
+    quiet,
+    run_command,
+    start_command,
+    torchrun,
+)
 from tests.test_cli import read_csv
 
 SGD = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)
@@ -446,8 +454,7 @@ def test_interrupted_sweep_stops_and_the_same_command_continues(tmp_path, data_r
         f"hydra.sweep.dir={sweep}",
     ]
     command = [*REWEIGHT, *args]
-    popen = dict(cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    proc = subprocess.Popen(command, text=True, **popen)
+    proc = start_command(command, tmp_path)
     try:
         wait_for_step(proc, sweep / "1" / "metrics.csv", 5)
         proc.send_signal(signal.SIGINT)
@@ -462,7 +469,7 @@ def test_interrupted_sweep_stops_and_the_same_command_continues(tmp_path, data_r
     assert (sweep / "0" / "summary.json").exists() and not (sweep / "1" / "summary.json").exists()
     assert [r["n"] for r in read_csv(sweep / "results.csv")] == ["1"]  # as job 0 ended
 
-    again = subprocess.run(command, text=True, timeout=600, **popen)
+    again = run_command(command, tmp_path)
     assert again.returncode == 0, again.stderr
     assert f"resumed from {sweep / '1' / 'checkpoint.pt'} at step {step}" in again.stdout
     assert [r["n"] for r in read_csv(sweep / "results.csv")] == ["2"]

@@ -1,18 +1,20 @@
 """The tests' warm runs (``tests/helpers/warm.py``) against fresh interpreters: the same exit
-status, output and results, and each path really taken."""
+status, output and results, a signalled run answering as a Popen does, and each path really
+taken."""
 
 from __future__ import annotations
 
 import csv
 import json
 import re
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import REWEIGHT, cli_env, run_command
-from tests.helpers.warm import can_run_warm, run_warm
+from tests.helpers import REWEIGHT, cli_env, run_command, signal_at, start_command
+from tests.helpers.warm import WarmProcess, can_run_warm, run_warm
 
 TINY = [
     "dataset=mnist_imbalanced",
@@ -88,3 +90,72 @@ def test_run_command_forks_the_cli_from_the_warm_server(tmp_path: Path, monkeypa
     assert run_command([*REWEIGHT, *args], tmp_path).returncode == 2
     assert run_command([*REWEIGHT, *args], tmp_path, env=cli_env(PYTHONPATH="/x")).returncode == 2
     assert taken == [[*REWEIGHT, *args]]  # the second: a fresh interpreter
+
+
+LONG = [*TINY, "trainer.max_steps=5000", "trainer.log_every=1", "trainer.eval_every=0"]
+
+
+def _signalled(proc: subprocess.Popen | WarmProcess) -> list:
+    """Popen's protocol on a long run: still running, SIGINT at step 5's line, its end."""
+    with proc:
+        seen = [proc.poll()]
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.01)
+        signal_at(proc, "step 5:", signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        seen += [proc.returncode, proc.poll(), proc.wait(), re.sub(r"[0-9]+", "N", err)]
+        proc.send_signal(signal.SIGTERM)  # after its end: nothing to signal, no error
+    return seen
+
+
+@pytest.mark.slow
+def test_a_signalled_run_is_the_same_warm_or_fresh(tmp_path: Path):
+    command = [*REWEIGHT, *LONG, "hydra.run.dir=run"]
+    for name in ("warm", "fresh"):
+        (tmp_path / name).mkdir()
+    fresh = subprocess.Popen(
+        command,
+        cwd=tmp_path / "fresh",
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    warm = WarmProcess(command, tmp_path / "warm", cli_env(), cli_env())
+    expected = [None, 130, 130, 130, "interrupted at step N; run the same command to continue\n"]
+    assert _signalled(warm) == _signalled(fresh) == expected
+    for name in ("warm", "fresh"):
+        assert (tmp_path / name / "run" / "checkpoint.pt").exists()
+
+
+@pytest.mark.slow
+def test_a_warm_run_is_killed_timed_out_and_redirected_as_popen_does(tmp_path: Path):
+    err = (tmp_path / "err.txt").open("w")
+    command = [*REWEIGHT, *LONG, f"hydra.run.dir={tmp_path / 'run'}"]
+    with err, WarmProcess(command, tmp_path, cli_env(), cli_env(), stderr=err) as proc:
+        assert proc.stderr is None and proc.poll() is None
+        so_far = ""
+        while "run directory" not in so_far:  # each time out gives the output so far
+            with pytest.raises(subprocess.TimeoutExpired) as expired:
+                proc.communicate(timeout=0.1)
+            assert expired.value.stderr is None
+            so_far = expired.value.output
+        signal_at(proc, "step 20:", signal.SIGKILL)
+        out, none = proc.communicate(timeout=120)  # goes on where it stopped
+    assert (proc.returncode, none) == (-signal.SIGKILL, None)
+    assert out.startswith(so_far) and "step 19:" not in so_far
+    assert "step 20:" not in out  # read by signal_at, through the stream, as with Popen
+    assert (tmp_path / "err.txt").read_text() == ""  # the run's stderr went to the file
+    refused = run_warm([*REWEIGHT, "trainer.batch_size=0"], tmp_path, cli_env(), 60, cli_env())
+    assert refused.returncode == 2 and refused.stderr.startswith("error: trainer.batch_size")
+
+
+@pytest.mark.slow
+def test_start_command_forks_the_cli_from_the_warm_server(tmp_path: Path):
+    args = [*REWEIGHT, "trainer.batch_size=0", f"hydra.run.dir={tmp_path / 'run'}"]
+    warm = start_command(args, tmp_path)
+    fresh = start_command(args, tmp_path, env=cli_env(PYTHONPATH="/x"))
+    assert isinstance(warm, WarmProcess) and isinstance(fresh, subprocess.Popen)
+    assert [proc.communicate(timeout=120)[1][:30] for proc in (warm, fresh)] == [
+        "error: trainer.batch_size must"
+    ] * 2

@@ -14,13 +14,13 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 import torch.distributed as dist
 
 from reweight import Trainer, TrainerConfig
-from tests.helpers.warm import can_run_warm, run_warm
+from tests.helpers.warm import WarmProcess, can_run_warm, run_warm
 
 __all__ = [
     "REWEIGHT",
@@ -159,6 +159,15 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _warm_server_env(command: list[str], env: dict[str, str], options: dict) -> dict | None:
+    """The warm server's environment where ``command`` may be forked from it: ``python -m
+    reweight ...`` with no other ``options``, starting alike (``can_run_warm``); else None."""
+    base = cli_env()  # what the warm server starts with
+    if command[:3] == REWEIGHT and not options and can_run_warm(env, base):
+        return base
+    return None
+
+
 def run_command(
     command: list[str],
     cwd: Path | None = None,
@@ -172,9 +181,9 @@ def run_command(
     from a warm interpreter where it would start alike (``tests.helpers.warm.can_run_warm``)."""
     env = cli_env() if env is None else env
     options = {k: v for k, v in options.items() if v is not None}
-    base = cli_env()  # what the warm server starts with
-    if command[:3] == REWEIGHT and not options and can_run_warm(env, base):
-        return run_warm(command, cwd, env, timeout, server_env=base)
+    server_env = _warm_server_env(command, env, options)
+    if server_env is not None:
+        return run_warm(command, cwd, env, timeout, server_env=server_env)
     return subprocess.run(
         command,
         cwd=cwd,
@@ -191,23 +200,24 @@ def start_command(
     cwd: Path,
     *,
     env: dict[str, str] | None = None,
-    stderr: int = subprocess.PIPE,
+    stdout: int | IO[Any] = subprocess.PIPE,
+    stderr: int | IO[Any] = subprocess.PIPE,
     **options: Any,
-) -> subprocess.Popen:
-    """``command`` started in ``cwd`` with ``env`` (``cli_env()`` where None): its stdout a text
-    pipe, its stderr a pipe unless ``stderr`` says otherwise (``subprocess.DEVNULL``)."""
+) -> subprocess.Popen | WarmProcess:
+    """``command`` started in ``cwd`` with ``env`` (``cli_env()`` where None), its stdout and
+    stderr text pipes unless they say otherwise (``subprocess.DEVNULL``, an open file). As in
+    ``run_command``, ``python -m reweight ...`` is forked from the warm interpreter where it
+    would start alike: a ``WarmProcess``, which answers as a Popen does."""
+    env = cli_env() if env is None else env
+    server_env = _warm_server_env(command, env, options)
+    if server_env is not None:
+        return WarmProcess(command, cwd, env, server_env, stdout=stdout, stderr=stderr)
     return subprocess.Popen(
-        command,
-        cwd=cwd,
-        env=cli_env() if env is None else env,
-        stdout=subprocess.PIPE,
-        stderr=stderr,
-        text=True,
-        **options,
+        command, cwd=cwd, env=env, stdout=stdout, stderr=stderr, text=True, **options
     )
 
 
-def signal_at(proc: subprocess.Popen, text: str, signum: signal.Signals) -> None:
+def signal_at(proc: subprocess.Popen | WarmProcess, text: str, signum: signal.Signals) -> None:
     """Sends ``signum`` to ``proc`` when a line of its stdout first holds ``text`` (the lines
     before it are read and dropped; none is sent if its stdout ends first)."""
     for line in proc.stdout:

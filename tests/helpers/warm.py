@@ -1,27 +1,32 @@
-"""``python -m reweight`` run to its end in a process forked from a warm interpreter.
+"""``python -m reweight`` in a process forked from a warm interpreter.
 
 A fresh interpreter spends 6-8 s of a CLI test's ~12 s importing torch, the compiler that
 torch.optim's first use imports, Hydra and matplotlib, before the run does anything. The
 suite starts a few hundred such runs, so each pytest worker starts this module once as a
-server, which imports all that and waits on a Unix socket; a run asked of it is a fork of
-the server that takes the caller's standard streams, working directory, environment and
-arguments, re-seeds what a fresh interpreter would have seeded anew (Python's and numpy's
-global generators), and runs ``reweight`` as ``python -m`` does (``runpy``, as
-``__main__``). Its exit status is the process's own, a signal's death included.
+server, which imports all that, freezes it out of garbage collection and waits on a Unix
+socket; a run asked of it is a fork of the server that takes the caller's standard streams,
+working directory, environment and arguments, re-seeds what a fresh interpreter would have
+seeded anew (Python's and numpy's global generators), and runs ``reweight`` as ``python -m``
+does (``runpy``, as ``__main__``). Its exit status is the process's own, a signal's death
+included; the caller gets it as ``subprocess.run`` or ``subprocess.Popen`` would give it
+(``run_warm``, ``WarmProcess``), and may signal the run by its pid.
 
-Runs that a test signals, stops or starts in another way (torchrun, ``-X`` options, another
-interpreter, a ``preexec_fn``, a variable read at start such as ``PYTHONPATH`` set otherwise)
-take a fresh interpreter, as do all runs when ``REWEIGHT_TESTS_FRESH=1``: those cover the start
-of a fresh process.
+Runs started in another way (torchrun, ``-X`` options, another interpreter, a
+``preexec_fn`` or a session of their own, a variable read at start such as ``PYTHONPATH`` set
+otherwise) take a fresh interpreter, as do all runs when ``REWEIGHT_TESTS_FRESH=1``: those
+cover the start of a fresh process.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
+import io
 import json
 import locale
 import os
+import select
 import selectors
 import shutil
 import signal
@@ -32,7 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 FRESH_ENV = "REWEIGHT_TESTS_FRESH"  # "1": every run takes a fresh interpreter
 # variables read as an interpreter, the C library or torch start: a run whose values differ from
@@ -180,6 +185,148 @@ def _started(env: dict[str, str]) -> _Server:
     return _server
 
 
+Target = int | IO[Any]  # subprocess.PIPE, subprocess.DEVNULL or an open file
+
+
+class WarmProcess:
+    """What ``subprocess.Popen(command, stdout=..., stderr=..., text=True)`` gives for
+    ``python -m reweight ARGS``, the process forked from the warm server (started with
+    ``server_env`` on first use): ``pid``, ``args``, ``returncode``, ``stdout`` and ``stderr``
+    (text streams where they are pipes), ``poll``, ``wait``, ``communicate``, ``send_signal``,
+    ``terminate``, ``kill``, a context manager. Its exit status comes from the server, which
+    reaps it (a signal's death is minus the signal, as for Popen)."""
+
+    def __init__(
+        self,
+        command: list[str],
+        cwd: Path | None,
+        env: dict[str, str],
+        server_env: dict[str, str],
+        stdout: Target = subprocess.PIPE,
+        stderr: Target = subprocess.PIPE,
+    ) -> None:
+        self._server = _started(server_env)
+        self.args, self.returncode = command, None
+        self._received = b""  # the server's lines not yet read
+        self._output: dict[str, list[bytes]] = {"stdout": [], "stderr": []}  # communicate's
+        ends = [_end(subprocess.DEVNULL, "r"), _end(stdout, "w"), _end(stderr, "w")]
+        body = json.dumps({"args": command[3:], "cwd": str(cwd or os.getcwd()), "env": env})
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._sock.connect(self._server.path)
+            socket.send_fds(self._sock, [_HEADER.pack(len(body))], [fd for fd, _ in ends])
+            self._sock.sendall(body.encode())
+        finally:
+            for fd, _ in ends:
+                os.close(fd)
+        self.pid = int(self._line(None))
+        self.stdout, self.stderr = (_stream(ours) for _, ours in ends[1:])
+
+    def _line(self, timeout: float | None) -> bytes | None:
+        """The server's next line (this run's pid, then its exit status), or None when none
+        came within ``timeout`` seconds (None: as long as it takes)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self._received:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([self._sock], [], [], left)[0]:
+                return None
+            data = self._sock.recv(64)
+            if not data:
+                raise RuntimeError(
+                    f"the warm server failed: {self._server.log.read_text()[-2000:]}"
+                )
+            self._received += data
+        line, self._received = self._received.split(b"\n", 1)
+        return line
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            line = self._line(timeout)
+            if line is None:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            self.returncode = int(line)
+            self._sock.close()
+        return self.returncode
+
+    def poll(self) -> int | None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.wait(0)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:  # not yet reaped: the pid is still the run's
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signum)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str | None, str | None]:
+        """As Popen's: the pipes read to their ends from their descriptors (what was read
+        through ``stdout``/``stderr`` before is not in it), then the exit status awaited;
+        called again after ``TimeoutExpired``, it goes on where it stopped."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pipes = {
+            name: stream
+            for name, stream in (("stdout", self.stdout), ("stderr", self.stderr))
+            if stream is not None and not stream.closed
+        }
+        with selectors.DefaultSelector() as selector:
+            for name, stream in pipes.items():
+                selector.register(stream.fileno(), selectors.EVENT_READ, name)
+            while selector.get_map():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise subprocess.TimeoutExpired(self.args, timeout, *self._decoded())
+                for key, _ in selector.select(timeout=left):
+                    data = os.read(key.fd, 1 << 16)
+                    if data:
+                        self._output[key.data].append(data)
+                    else:
+                        selector.unregister(key.fd)
+                        pipes[key.data].close()
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        self.wait(left)
+        return self._decoded()
+
+    def _decoded(self) -> tuple[str | None, str | None]:
+        streams = (self.stdout, self.stderr)
+        return tuple(  # type: ignore[return-value]
+            None if stream is None else _text(b"".join(self._output[name]))
+            for name, stream in zip(("stdout", "stderr"), streams, strict=True)
+        )
+
+    def __enter__(self) -> WarmProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for stream in (self.stdout, self.stderr):
+            if stream is not None:
+                stream.close()
+        self.wait()
+
+
+def _end(target: Target, mode: str) -> tuple[int, int | None]:
+    """(the run's descriptor, ours to read where ``target`` is a pipe): a pipe's write end,
+    the null device, or a duplicate of an open file's descriptor."""
+    if target == subprocess.PIPE:
+        ours, theirs = os.pipe()
+        return theirs, ours
+    if target == subprocess.DEVNULL:
+        return os.open(os.devnull, os.O_RDONLY if mode == "r" else os.O_WRONLY), None
+    return os.dup(target if isinstance(target, int) else target.fileno()), None
+
+
+def _stream(fd: int | None) -> IO[str] | None:
+    """A pipe's read end as Popen gives it in text mode (universal newlines)."""
+    if fd is None:
+        return None
+    return io.TextIOWrapper(open(fd, "rb"), encoding=locale.getpreferredencoding(False))
+
+
 def run_warm(
     command: list[str],
     cwd: Path | None,
@@ -188,54 +335,15 @@ def run_warm(
     server_env: dict[str, str],
 ) -> subprocess.CompletedProcess:
     """``command`` (``python -m reweight ARGS``) as ``subprocess.run(..., capture_output=True,
-    text=True, timeout=timeout)`` would give it, the run forked from the warm server (started
-    with ``server_env`` on first use)."""
-    server = _started(server_env)
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    stdin = os.open(os.devnull, os.O_RDONLY)
-    body = json.dumps({"args": command[3:], "cwd": str(cwd or os.getcwd()), "env": env}).encode()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.connect(server.path)
-        socket.send_fds(sock, [_HEADER.pack(len(body))], [stdin, out_w, err_w])
-        sock.sendall(body)
-        for fd in (stdin, out_w, err_w):
-            os.close(fd)
-        answers = sock.makefile("rb")
-        line = answers.readline()
-        if not line:
-            raise RuntimeError(f"the warm server failed: {server.log.read_text()[-2000:]}")
-        pid = int(line)
-        out, err, finished = _drain(out_r, err_r, time.monotonic() + timeout)
-        if not finished:
-            os.kill(pid, signal.SIGKILL)
-        code = int(answers.readline())
-    stdout, stderr = _text(out), _text(err)
-    if not finished:
-        raise subprocess.TimeoutExpired(command, timeout, stdout, stderr)
-    return subprocess.CompletedProcess(command, code, stdout, stderr)
-
-
-def _drain(out_r: int, err_r: int, deadline: float) -> tuple[bytes, bytes, bool]:
-    """Both pipes read to their ends (every process holding them gone), or to the deadline."""
-    chunks: dict[int, list[bytes]] = {out_r: [], err_r: []}
-    with selectors.DefaultSelector() as selector:
-        for fd in chunks:
-            selector.register(fd, selectors.EVENT_READ)
-        while selector.get_map():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            for key, _ in selector.select(timeout=left):
-                data = os.read(key.fd, 1 << 16)
-                if data:
-                    chunks[key.fd].append(data)
-                else:
-                    selector.unregister(key.fd)
-        finished = not selector.get_map()
-    for fd in chunks:
-        os.close(fd)
-    return b"".join(chunks[out_r]), b"".join(chunks[err_r]), finished
+    text=True, timeout=timeout)`` would give it, the run a ``WarmProcess``."""
+    with WarmProcess(command, cwd, env, server_env) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            raise subprocess.TimeoutExpired(command, timeout, out, err) from None
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
 def _text(data: bytes) -> str:

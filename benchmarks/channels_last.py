@@ -15,6 +15,7 @@ convolutions (``reweight.core.device.channels_last_choice``).
 Usage:
     python benchmarks/channels_last.py                          # lenet and resnet32, l2rw
     python benchmarks/channels_last.py --models lenet --methods erm,l2rw,mwnet --steps 40
+    python benchmarks/channels_last.py --models lenet --methods erm,l2rw,mwnet --dtype float64
 """
 
 from __future__ import annotations
@@ -37,13 +38,16 @@ CASES = {  # model: (input shape, classes, batch, meta batch)
 }
 
 
-def _trainer(name: str, method: str, channels_last: bool) -> tuple[Trainer, tuple]:
+def _trainer(
+    name: str, method: str, channels_last: bool, dtype: torch.dtype = torch.float32
+) -> tuple[Trainer, tuple]:
     shape, k, batch, meta = CASES[name]
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(batch, *shape, generator=g), torch.randint(0, k, (batch,), generator=g)
     mx, my = torch.randn(meta, *shape, generator=g), torch.randint(0, k, (meta,), generator=g)
+    x, mx = x.to(dtype), mx.to(dtype)
     torch.manual_seed(0)
-    model = build_model(name, num_classes=k, in_channels=shape[0], input_shape=shape)
+    model = build_model(name, num_classes=k, in_channels=shape[0], input_shape=shape).to(dtype)
     config = TrainerConfig(
         batch_size=batch, meta_batch_size=meta, channels_last=channels_last, progress=False
     )
@@ -64,8 +68,10 @@ def _max_diff(a: Trainer, b: Trainer) -> float:
     return max(float((p - q).abs().max()) for p, q in pairs)
 
 
-def run_case(name: str, method: str, steps: int, warmup: int) -> dict:
-    pair = {fmt: _trainer(name, method, fmt) for fmt in (False, True)}
+def run_case(
+    name: str, method: str, steps: int, warmup: int, dtype: torch.dtype = torch.float32
+) -> dict:
+    pair = {fmt: _trainer(name, method, fmt, dtype) for fmt in (False, True)}
     times: dict[bool, list[float]] = {False: [], True: []}
     diff = float("nan")
     for i in range(warmup + steps):
@@ -92,11 +98,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per format")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
     print(
-        f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} CPU(s), "
+        f"torch {torch.__version__}, {args.dtype}, {args.threads} thread(s), "
+        f"{os.cpu_count()} CPU(s), "
         f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min)"
     )
     print(
@@ -106,7 +115,7 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|")
     for name in args.models.split(","):
         for method in args.methods.split(","):
-            r = run_case(name, method, args.steps, args.warmup)
+            r = run_case(name, method, args.steps, args.warmup, dtype)
             a, b = r["nchw"], r["nhwc"]
             print(
                 f"| {name} | {method} | {a[0]:.1f} ({a[1]:.1f}–{a[2]:.1f}) "

@@ -38,3 +38,20 @@ def test_workers_and_resume_give_the_same_augmented_batches():
     for a, b in zip(plain[6:], resumed, strict=True):
         assert torch.equal(a, b)
     assert not torch.equal(plain[0] - plain[0].floor(), plain[4] - plain[4].floor())
+
+
+def test_a_batch_draws_from_the_cpu_generator_seeded_with_its_key(monkeypatch):
+    """A batch's draws are those of torch's CPU generator seeded with the batch's key (worked
+    out here a second way: seed 7, stream 0, epoch e, position j in it); no GPU generator is
+    seeded on the way (``torch.manual_seed`` would re-seed every CUDA device to the key)."""
+    seeded = []
+    monkeypatch.setattr("torch.cuda.manual_seed_all", seeded.append)
+    batches = BatchStream(Augmented(), 5, 7, 0, True, 0, False).iterate(0)
+    for position in range(6):  # 4 batches per epoch: into the second epoch
+        idx, x, _ = next(batches)
+        epoch, j = divmod(position, 4)
+        epoch_seed = (7 * 1_000_003 + epoch * 104_729) % 2**62
+        g = torch.Generator().manual_seed((epoch_seed * 15_485_863 + 2 * j + 1) % 2**62)
+        draws = torch.cat([torch.rand(1, generator=g) for _ in idx])
+        assert torch.equal(x[:, 0], idx.float() + draws), position
+    assert seeded == []

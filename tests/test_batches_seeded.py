@@ -1,13 +1,16 @@
 """BatchStream seeds each batch's random transforms from the batch's key: the same augmented
 batches with or without DataLoader workers and after a resume mid-epoch, and the global RNG
-stream untouched by them."""
+stream untouched by them. Tensors in memory are gathered a batch at once, into the batches
+torch's default collate makes."""
 
 from __future__ import annotations
 
+import pytest
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from reweight.train.batches import BatchStream
+from reweight.data.core import TensorData
+from reweight.train.batches import BatchStream, loader
 
 
 class Augmented(Dataset):
@@ -55,3 +58,34 @@ def test_a_batch_draws_from_the_cpu_generator_seeded_with_its_key(monkeypatch):
         draws = torch.cat([torch.rand(1, generator=g) for _ in idx])
         assert torch.equal(x[:, 0], idx.float() + draws), position
     assert seeded == []
+
+
+class Shifted(TensorDataset):
+    """A TensorDataset whose items are fetched otherwise (its inputs plus one)."""
+
+    def __getitem__(self, index: int):
+        return self.tensors[0][index] + 1, self.tensors[1][index]
+
+
+def _refuse(*args):
+    raise AssertionError("fetched item by item")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_tensors_in_memory_are_gathered_into_the_default_collates_batches(monkeypatch, workers):
+    x, y = torch.randn(23, 3, 4, dtype=torch.float64), torch.arange(23) % 5
+    order = torch.randperm(23, generator=torch.Generator().manual_seed(1)).tolist()
+    batches = [order[i : i + 5] for i in range(0, 23, 5)]  # the last one of 3
+    cases = [TensorDataset(x, y), TensorData(x, y), Shifted(x, y)]
+    expected = [list(DataLoader(data, batch_sampler=batches)) for data in cases]
+    # gathered whole: never item by item (the subclass's own __getitem__ stays)
+    for kind, method in ((TensorDataset, "__getitem__"), (TensorData, "__getitem__")):
+        monkeypatch.setattr(kind, method, _refuse)
+    monkeypatch.setattr(TensorData, "__getitems__", _refuse)
+    for data, want in zip(cases, expected, strict=True):
+        got = list(loader(data, batch_sampler=batches, num_workers=workers))
+        assert len(got) == len(want) == 5
+        for (a, b), (c, d) in zip(want, got, strict=True):
+            assert torch.equal(a, c) and a.dtype == c.dtype and a.is_contiguous()
+            assert torch.equal(torch.as_tensor(b), torch.as_tensor(d))
+    assert torch.equal(expected[2][0][0], x[batches[0]] + 1)  # the subclass's own fetch

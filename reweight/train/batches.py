@@ -8,12 +8,62 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
-__all__ = ["BatchStream", "shuffled_pass"]
+from reweight.data.core import TensorData
+
+__all__ = ["BatchStream", "Batched", "Gathered", "collate", "loader", "shuffled_pass"]
 
 
-class _SeededBatches(Dataset):
+class Gathered(tuple):
+    """A batch fetched whole, one gather per tensor: ``collate`` passes it on as it is."""
+
+    __slots__ = ()
+
+
+def collate(samples: Any) -> Any:
+    """A DataLoader's collate: a ``Gathered`` batch as it is, else torch's default collate."""
+    return samples if isinstance(samples, Gathered) else default_collate(samples)
+
+
+class Batched(Dataset):
+    """``dataset`` served a batch at a time (``collate`` its DataLoader's collate): one index
+    per tensor where its examples are tensors in memory (torch's ``TensorDataset``, this
+    package's ``TensorData``; the same tensors the default collate stacks, without a copy per
+    example), else its own ``__getitems__`` or item by item."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def _tensors(self) -> tuple[Tensor, ...] | None:
+        kind = type(self.dataset)  # a subclass may fetch otherwise: item by item
+        if kind is TensorDataset:
+            return self.dataset.tensors  # type: ignore[attr-defined]
+        if kind is TensorData:
+            return self.dataset.inputs, self.dataset.labels  # type: ignore[attr-defined]
+        return None
+
+    def __getitems__(self, indices: Sequence[int]) -> Any:
+        tensors = self._tensors()
+        if tensors is not None:
+            idx = torch.as_tensor(indices, dtype=torch.int64)
+            return Gathered(t[idx] for t in tensors)
+        fetch = getattr(self.dataset, "__getitems__", None)
+        if fetch is not None:
+            return list(fetch(indices))
+        return [self.dataset[i] for i in indices]
+
+
+def loader(dataset: Dataset, **options: Any) -> DataLoader:
+    """``DataLoader(dataset, **options)`` that serves ``dataset`` a batch at a time
+    (``Batched``): the same batches, in memory without a copy per example."""
+    return DataLoader(Batched(dataset), collate_fn=collate, **options)
+
+
+class _SeededBatches(Batched):
     """``dataset`` fetched a batch at a time, torch's CPU generator seeded from the batch's key
     first.
 
@@ -23,22 +73,16 @@ class _SeededBatches(Dataset):
     training stream (dropout, the weighting net) does not see the augmentation's draws; the
     generators of a GPU are left alone (``torch.manual_seed`` would re-seed them to each batch's
     key, and, before CUDA starts, format a traceback for each: 2 ms of every batch on CPU).
+    Tensors in memory draw nothing: they are gathered at once.
     """
 
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitems__(self, keyed: Sequence[tuple[int, int]]) -> list[Any]:
+    def __getitems__(self, keyed: Sequence[tuple[int, int]]) -> Any:
         indices = [i for _, i in keyed]
+        if self._tensors() is not None:
+            return super().__getitems__(indices)
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(keyed[0][0])
-            fetch = getattr(self.dataset, "__getitems__", None)
-            if fetch is not None:
-                return list(fetch(indices))
-            return [self.dataset[i] for i in indices]
+            return super().__getitems__(indices)
 
 
 class BatchStream:
@@ -97,14 +141,15 @@ class BatchStream:
             # random transforms are the same with or without workers, and after a resume
             keys = [self._batch_key(epoch, offset + j) for j in range(len(batches))]
             keyed = [[(key, i) for i in b] for key, b in zip(keys, batches, strict=True)]
-            loader = DataLoader(
+            batched = DataLoader(
                 _SeededBatches(self.dataset),
                 batch_sampler=keyed,
+                collate_fn=collate,
                 num_workers=self.num_workers,
                 pin_memory=self.pin_memory,
                 generator=self._generator(epoch, offset + 1),
             )
-            for idx, (x, y) in zip(batches, loader, strict=True):
+            for idx, (x, y) in zip(batches, batched, strict=True):
                 yield torch.as_tensor(idx), x, torch.as_tensor(y)
             epoch, offset = epoch + 1, 0
 
@@ -118,6 +163,6 @@ def shuffled_pass(
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(dataset), generator=gen).tolist()  # type: ignore[arg-type]
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, generator=gen)
-    for idx, (x, y) in zip(batches, loader, strict=True):
+    batched = loader(dataset, batch_sampler=batches, num_workers=num_workers, generator=gen)
+    for idx, (x, y) in zip(batches, batched, strict=True):
         yield idx, x, torch.as_tensor(y)

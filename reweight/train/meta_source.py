@@ -47,10 +47,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, default_collate
 
 from reweight.core.inputs import take
 from reweight.data.build import META_SOURCES
+from reweight.train.batches import Batched, collate, loader
 
 __all__ = ["META_SOURCES", "SmallLossMetaSource", "drop_rows", "small_loss_selection"]
 
@@ -215,7 +215,7 @@ class SmallLossMetaSource:
         """(N,) each training example's loss under ``trainer.model`` in evaluation mode, in
         dataset order (one forward pass; the model's mode is restored)."""
         model, cfg = trainer.model, trainer.config
-        loader = DataLoader(
+        batched = loader(
             trainer.train_data,
             batch_size=cfg.eval_batch_size,
             num_workers=cfg.num_workers,
@@ -225,7 +225,7 @@ class SmallLossMetaSource:
         model.eval()
         out = []
         try:
-            for x, y in loader:
+            for x, y in batched:
                 y = torch.as_tensor(y).to(trainer.device)
                 with trainer.placement.autocast():
                     logits = model(trainer.placement.inputs(x))
@@ -243,7 +243,7 @@ class SmallLossMetaSource:
 
     @staticmethod
     def _fetch(data: Any, idx: Tensor) -> tuple[Any, Tensor]:
-        x, y = default_collate([data[int(i)] for i in idx])
+        x, y = collate(Batched(data).__getitems__(idx.tolist()))
         return x, torch.as_tensor(y)
 
     def _corrupted_frac(self) -> float:

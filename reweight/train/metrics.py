@@ -10,10 +10,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from reweight.core.device import Placement
+from reweight.train.batches import loader
 from reweight.train.config import TrainerConfig
 
 __all__ = [
@@ -156,7 +157,7 @@ class Evaluation:
 
     def evaluate(self, data: Dataset) -> dict[str, Any]:
         """Accuracy, balanced (mean per-class) accuracy, per-class accuracy and mean loss."""
-        loader = DataLoader(
+        batched = loader(
             data,
             batch_size=self.config.eval_batch_size,
             num_workers=self.config.num_workers,
@@ -165,7 +166,7 @@ class Evaluation:
         device = self.placement.device
         return evaluate_classifier(
             self.model,
-            loader,
+            batched,
             self.loss_fn,
             prepare=lambda x, y: (self.placement.inputs(x), torch.as_tensor(y).to(device)),
             autocast=self.placement.autocast,

@@ -12,7 +12,6 @@ the local losses through the normalisation).
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from torch.utils.data import TensorDataset
 from reweight import MWNet, Trainer, TrainerConfig, build_method
 from reweight.jvp import ENGINES
 
-from .helpers import free_port, gloo_group, quiet, torchrun
+from .helpers import REWEIGHT, cli_env, free_port, gloo_group, quiet, run_command, torchrun
 
 STEPS = 6
 CASES = {
@@ -238,9 +237,6 @@ def test_torchrun_cli_writes_one_set_of_outputs_equal_to_one_process(tmp_path, d
     different weights when a batch's weight sum is near zero (measured on torch 2.14.1: 9e-4
     apart after 20 steps; MW-Net 3e-8). Every method's data-parallel step equals one process
     in float64 in test_two_processes_equal_one."""
-    import subprocess
-    import sys
-
     args = [
         "dataset=mnist_imbalanced",
         "method=mwnet",
@@ -248,16 +244,11 @@ def test_torchrun_cli_writes_one_set_of_outputs_equal_to_one_process(tmp_path, d
         "trainer.eval_every=0",
         "trainer.final_weights=0",
     ]
-    env = {**os.environ, "REWEIGHT_DATA_DIR": str(data_root), "PYTHONUNBUFFERED": "1"}
+    env = cli_env(REWEIGHT_DATA_DIR=str(data_root))  # one thread, as torchrun gives each rank
     console = {}
-    for cmd, run in ((torchrun(), "ddp"), ([sys.executable, "-m", "reweight"], "single")):
-        proc = console[run] = subprocess.run(
-            [*cmd, *args, f"hydra.run.dir={tmp_path / run}"],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=600,
+    for cmd, run in ((torchrun(), "ddp"), (REWEIGHT, "single")):
+        proc = console[run] = run_command(
+            [*cmd, *args, f"hydra.run.dir={tmp_path / run}"], tmp_path, env=env
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
     ddp, single = tmp_path / "ddp", tmp_path / "single"

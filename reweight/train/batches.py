@@ -78,7 +78,7 @@ class _SeededBatches(Batched):
 
     def __getitems__(self, keyed: Sequence[tuple[int, int]]) -> Any:
         indices = [i for _, i in keyed]
-        if self._tensors() is not None:
+        if self._tensors() is not None:  # nothing drawn: no seed, no fork
             return super().__getitems__(indices)
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(keyed[0][0])

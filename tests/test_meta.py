@@ -497,6 +497,24 @@ def test_sgd_replay_lands_where_torch_sgd_steps(case: str):
         torch.testing.assert_close(v, p.detach(), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("foreach", [False, True])
+def test_sgd_values_are_torch_sgds_step_bit_for_bit(foreach: bool):
+    """Plain SGD's virtual step in float32 is the real step's arithmetic, not just close to it:
+    θ − lr·g rounded once per entry, as ``torch.optim.SGD`` writes it (either implementation),
+    on sizes with a vectorised body and a tail."""
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(n, generator=gen) for n in (1, 7, 1000, 4099)]
+    grads = [torch.randn(w.shape, generator=gen) for w in weights]
+    names = [str(i) for i in range(len(weights))]
+    values, _ = sgd_values(weights, grads, names, 0.037)
+    params = [nn.Parameter(w.clone()) for w in weights]
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g.clone()
+    torch.optim.SGD(params, lr=0.037, foreach=foreach).step()
+    for v, p in zip(values, params, strict=True):
+        assert torch.equal(v, p.detach())
+
+
 def test_sgd_values_skips_weights_without_gradient():
     theta = torch.ones(3, dtype=torch.float64)
     new, kappa = sgd_values([theta, theta * 2], [None, torch.ones(3)], ["a", "b"], 0.5)

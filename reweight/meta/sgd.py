@@ -87,8 +87,8 @@ def sgd_step(
     rule = (weight_decay, momentum, dampening, nesterov)
     weights = [params[n] for n in names]
     new = dict(params)
-    for i, value, _ in _moved(names, weights, grads, lr, momentum_buffers, rule):
-        new[names[i]] = value
+    for i, theta, d, _ in _moved(names, weights, grads, momentum_buffers, rule):
+        new[names[i]] = keep_layout(theta - lr * d, theta)
     return new
 
 
@@ -114,8 +114,9 @@ def sgd_values(
     rule = (weight_decay, momentum, dampening, nesterov)
     new = [theta.detach() for theta in weights]  # a weight without gradient keeps θ
     kappa = [0.0] * len(new)
-    for i, value, k in _moved(names, weights, grads, lr, momentum_buffers, rule):
-        new[i], kappa[i] = value, k
+    for i, theta, d, k in _moved(names, weights, grads, momentum_buffers, rule):
+        # θ − lr·d in one pass, as torch.optim.SGD writes its step (no lr·d in between)
+        new[i], kappa[i] = keep_layout(theta.sub(d, alpha=lr), theta), k
     return new, kappa
 
 
@@ -123,12 +124,11 @@ def _moved(
     names: Sequence[str],
     weights: Sequence[Tensor],
     grads: Sequence[Tensor | None],
-    lr: float | Tensor,
     momentum_buffers: Mapping[str, Tensor | None] | None,
     rule: tuple[float, float, float, bool],
-) -> Iterator[tuple[int, Tensor, float]]:
-    """``(i, θ′, κ)`` for each weight ``i`` with a gradient: θ′ = θ − lr·d in θ's layout, d and κ
-    from ``sgd_direction`` with ``rule`` = (weight_decay, momentum, dampening, nesterov)."""
+) -> Iterator[tuple[int, Tensor, Tensor, float]]:
+    """``(i, θ, d, κ)`` for each weight ``i`` with a gradient, d and κ from ``sgd_direction``
+    with ``rule`` = (weight_decay, momentum, dampening, nesterov)."""
     weight_decay, momentum, dampening, nesterov = rule
     buffers = momentum_buffers or {}
     for i, (name, theta, g) in enumerate(zip(names, weights, grads, strict=True)):
@@ -143,7 +143,7 @@ def _moved(
             dampening=dampening,
             nesterov=nesterov,
         )
-        yield i, keep_layout(theta - lr * d, theta), k
+        yield i, theta, d, k
 
 
 def keep_layout(value: Tensor, template: Tensor) -> Tensor:

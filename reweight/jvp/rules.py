@@ -252,9 +252,7 @@ def _rule_batch_norm(e: Entry, T: dict[int, Tensor]) -> list[Tensor | None]:
         )[0]
         tx = None
     mean, invstd = mean.view(view), invstd.view(view)
-    xhat = None
-    if tw is not None or (tx is not None and a["training"]):
-        xhat = (ref.primal() - mean).mul_(invstd)
+    x = ref.primal()
     # the rest as ẏ += k·ẋ + c·x̂ + b, with k, c, b per channel (None: zero)
     k = c = b = None
     if tx is not None:
@@ -262,7 +260,7 @@ def _rule_batch_norm(e: Entry, T: dict[int, Tensor]) -> list[Tensor | None]:
         if a["training"]:
             dims = [0, *range(2, len(ref.shape))]
             b = -k * tx.mean(dims, keepdim=True)
-            c = -k * (tx * xhat).mean(dims, keepdim=True)
+            c = -k * (tx * (x - mean).mul_(invstd)).mean(dims, keepdim=True)
     if tw is not None:
         c = _add(c, tw.view(view))
     if tb is not None:
@@ -270,8 +268,10 @@ def _rule_batch_norm(e: Entry, T: dict[int, Tensor]) -> list[Tensor | None]:
     if tx is not None:
         out = tx * k if b is None else torch.addcmul(b, tx, k)
         b = None
-    if c is not None:
-        out = xhat.mul_(c) if out is None else out.addcmul_(xhat, c)
+    if c is not None:  # c·x̂ = (c·σ⁻¹)·x − (c·σ⁻¹)·μ: one pass over x, x̂ not formed again
+        c = c * invstd
+        b = _add(b, -(c * mean))
+        out = x * c if out is None else out.addcmul_(x, c)
     if b is not None:
         out = b if out is None else out.add_(b)
     return [_shaped(out, e.outs[0]), None, None]

@@ -16,6 +16,7 @@ ratio new / old of each, and each head's ratio to its own plain step.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib.util
 import json
 import os
@@ -70,9 +71,21 @@ def worker(root: Path, model: str, variants: list[str], warmup: int) -> None:
         print(json.dumps(times), flush=True)
 
 
-def start(root: Path, model: str, variants: list[str], warmup: int) -> subprocess.Popen:
+def tune_malloc() -> None:
+    """glibc's mmap and trim thresholds lifted to 2 GiB, as ``reweight.core.malloc`` lifts them
+    for a CPU run of the CLI; done here so that a head older than that module is tuned alike
+    (the environment would not do: glibc ignores a ``MALLOC_MMAP_THRESHOLD_`` above 32 MiB)."""
+    libc = ctypes.CDLL(None)
+    for param in (-1, -3):  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD (malloc.h)
+        if libc.mallopt(param, 2**31 - 1) != 1:
+            raise SystemExit("mallopt refused: use --malloc system")
+
+
+def start(
+    root: Path, model: str, variants: list[str], warmup: int, malloc: str
+) -> subprocess.Popen:
     cmd = [sys.executable, __file__, "--worker", str(root.resolve()), "--models", model]
-    cmd += ["--variants", ",".join(variants), "--warmup", str(warmup)]
+    cmd += ["--variants", ",".join(variants), "--warmup", str(warmup), "--malloc", malloc]
     env = {**os.environ, "PYTHONPATH": str(root.resolve()), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
@@ -87,7 +100,7 @@ def ask(proc: subprocess.Popen, line: str) -> list:
 def compare(roots: dict[str, Path], model: str, args: argparse.Namespace) -> list[str]:
     """Table rows for ``model``: per variant, both heads' medians and their ratios."""
     variants = ["plain", *args.variants.split(",")]
-    procs = {head: start(roots[head], model, variants, args.warmup) for head in HEADS}
+    procs = {head: start(roots[head], model, variants, args.warmup, args.malloc) for head in HEADS}
     built = {head: json.loads(procs[head].stdout.readline()) for head in HEADS}  # type: ignore[union-attr]
     common = [v for v in variants if all(v in built[h] for h in HEADS)]
     times: dict[tuple[str, str], list[tuple[float, float]]] = {}
@@ -125,9 +138,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default="lenet,resnet32")
     parser.add_argument("--variants", default="l2rw/fast,mwnet/fast")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each variant")
+    parser.add_argument(
+        "--malloc",
+        default="tuned",
+        choices=("tuned", "system"),
+        help="glibc's malloc in both workers: tuned (as the CLI runs on a CPU: "
+        "reweight.core.malloc's limits) or system (its defaults)",
+    )
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
+        if args.malloc == "tuned":
+            tune_malloc()
         return worker(args.worker, args.models, args.variants.split(","), args.warmup)
     if args.old is None or args.new is None:
         parser.error("give the old and the new head's checkouts")

@@ -136,6 +136,9 @@ CASES = {
     # the same with the padding as src_key_padding_mask: torch's own attention code, read under
     # the watch (the tangent tape before)
     "encoder_masked": [Case("encoder_masked", 100, 100, (32,), 2)],
+    # torchvision's ResNet-18 (11 M weights) at batch 8 on 16-pixel crops, as the real-noise
+    # recipes' replica runs: a step bound by per-weight work, not by the batch
+    "resnet18_small": [Case("resnet18", 8, 8, (3, 16, 16), 10)],
 }
 
 
@@ -311,6 +314,8 @@ def build_variants(
         base = tiny_bert(case.num_classes, case.shape[0], 0.1 if "dropout" in case.model else 0.0)
     elif case.model.startswith("encoder"):
         base = SeqFirstEncoder(case.num_classes, case.shape[0], masked="masked" in case.model)
+    elif case.model == "resnet18":
+        base = build_model("torchvision", case.num_classes, case.shape[0], arch="resnet18")
     else:
         base = build_model(
             case.model,

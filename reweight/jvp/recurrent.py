@@ -78,12 +78,12 @@ def _deltas(
     z4 = z.view(t_len, b, 4, hidden)
     torch.sigmoid_(z4[:, :, :2])
     torch.sigmoid_(z4[:, :, 3])
-    torch.tanh_(z4[:, :, 2])
+    _tanh(z4[:, :, 2], inplace=True)
     i, f, gg, o = z4.unbind(2)
     c = i * gg  # the cell states, one step after another
     for t in range(1, t_len):
         c[t].addcmul_(f[t], c[t - 1])
-    tc = c.tanh()
+    tc = _tanh(c)
     # per step: ∂(i, f, g gates' pre-activations)/∂c, ∂(o gate's)/∂h and ∂c/∂h (through h's
     # tanh), by the activations' own backward kernels
     fac = torch.empty(t_len, b, 5, hidden, dtype=z.dtype, device=z.device)
@@ -103,6 +103,17 @@ def _deltas(
         torch.mul(fac[t, :, :3], dc.unsqueeze(1), out=delta[t, :, :3])
         torch.mul(fac[t, :, 3], dh, out=delta[t, :, 3])
     return xh, delta.view(t_len, b, 4 * hidden), c[-1]
+
+
+def _tanh(t: Tensor, inplace: bool = False) -> Tensor:
+    """tanh (written into ``t`` when ``inplace``). On a CPU as 2σ(2x) − 1, the same function:
+    torch's vectorised tanh costs 2.5x its sigmoid there (1.8 against 0.7 ms for an LSTM's
+    (28, 100, 128) gates, one thread), so the four passes take less than the one; the result
+    differs from ``tanh`` by rounding (about 2⁻²³ absolute in float32). On a GPU, where each
+    pass is one more over memory, torch's own."""
+    if t.device.type != "cpu":
+        return t.tanh_() if inplace else t.tanh()
+    return (t.mul_(2) if inplace else t * 2).sigmoid_().mul_(2).sub_(1)
 
 
 @dataclass(slots=True, eq=False)

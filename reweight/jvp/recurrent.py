@@ -81,8 +81,11 @@ def _deltas(
     _tanh(z4[:, :, 2], inplace=True)
     i, f, gg, o = z4.unbind(2)
     c = i * gg  # the cell states, one step after another
+    # each step's views made once, by unbind (an index in Python is a few µs of host time,
+    # and the loops below would take ~14 a step)
+    cs, fs = c.unbind(0), f.unbind(0)
     for t in range(1, t_len):
-        c[t].addcmul_(f[t], c[t - 1])
+        cs[t].addcmul_(fs[t], cs[t - 1])
     tc = _tanh(c)
     # per step: ∂(i, f, g gates' pre-activations)/∂c, ∂(o gate's)/∂h and ∂c/∂h (through h's
     # tanh), by the activations' own backward kernels
@@ -94,15 +97,18 @@ def _deltas(
     aten.sigmoid_backward.grad_input(tc, o, grad_input=fac[:, :, 3])
     aten.tanh_backward.grad_input(o, tc, grad_input=fac[:, :, 4])
     delta = torch.empty(t_len, b, 4, hidden, dtype=z.dtype, device=z.device)
-    dh = gt[-1] + g_last[0]
-    dc = torch.addcmul(g_last[1], dh, fac[-1, :, 4])
+    gts, rows = gt.unbind(0), delta.view(t_len, b, -1).unbind(0)
+    d_ifg, d_o = delta[:, :, :3].unbind(0), delta[:, :, 3].unbind(0)
+    k_ifg, k_o, k_c = fac[:, :, :3].unbind(0), fac[:, :, 3].unbind(0), fac[:, :, 4].unbind(0)
+    dh = gts[-1] + g_last[0]
+    dc = torch.addcmul(g_last[1], dh, k_c[-1])
     for t in range(t_len - 1, -1, -1):
         if t < t_len - 1:  # the gradient reaching step t's states from step t + 1
-            dh = torch.addmm(gt[t], delta[t + 1].view(b, -1), w_hh)
-            dc = torch.addcmul(dc * f[t + 1], dh, fac[t, :, 4])
-        torch.mul(fac[t, :, :3], dc.unsqueeze(1), out=delta[t, :, :3])
-        torch.mul(fac[t, :, 3], dh, out=delta[t, :, 3])
-    return xh, delta.view(t_len, b, 4 * hidden), c[-1]
+            dh = torch.addmm(gts[t], rows[t + 1], w_hh)
+            dc = torch.addcmul(dc.mul_(fs[t + 1]), dh, k_c[t])  # dc: this loop's own
+        torch.mul(k_ifg[t], dc.unsqueeze(1), out=d_ifg[t])
+        torch.mul(k_o[t], dh, out=d_o[t])
+    return xh, delta.view(t_len, b, 4 * hidden), cs[-1]
 
 
 def _tanh(t: Tensor, inplace: bool = False) -> Tensor:

@@ -10,10 +10,11 @@ BERT's 3-5 % nearer its floor; docs/benchmarks.md, seventeenth run). The process
 memory then stays at its peak.
 
 The CLI calls :func:`tune_malloc` at a CPU run's start (the root key ``malloc``; a GPU run is
-left as it is); research code may call it too, or set the same limits in the environment
-before Python starts (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``). It changes
-nothing where the C library is not glibc, or where the environment already sets either limit
-(the user's choice stands).
+left as it is); research code may call it too. glibc's environment variables
+(``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``) do not do the same: set to 2 GiB
+before Python started, a 7 MiB tensor still had its pages faulted in at every allocation
+(glibc 2.36), where ``mallopt`` here keeps them. It changes nothing where the C library is not
+glibc, or where the environment already sets either limit (the user's choice stands).
 The limits are the process's: the jobs of a sweep that share a process (Hydra's basic
 launcher) keep them once a job has lifted them.
 """

@@ -74,7 +74,8 @@ def worker(root: Path, model: str, variants: list[str], warmup: int) -> None:
 def tune_malloc() -> None:
     """glibc's mmap and trim thresholds lifted to 2 GiB, as ``reweight.core.malloc`` lifts them
     for a CPU run of the CLI; done here so that a head older than that module is tuned alike
-    (the environment would not do: glibc ignores a ``MALLOC_MMAP_THRESHOLD_`` above 32 MiB)."""
+    (the environment would not do: with glibc's variables set to 2 GiB, a 7 MiB tensor was
+    still faulted in at every allocation; README, "your own process")."""
     libc = ctypes.CDLL(None)
     for param in (-1, -3):  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD (malloc.h)
         if libc.mallopt(param, 2**31 - 1) != 1:

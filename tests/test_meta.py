@@ -500,8 +500,8 @@ def test_sgd_replay_lands_where_torch_sgd_steps(case: str):
 @pytest.mark.parametrize("foreach", [False, True])
 def test_sgd_values_are_torch_sgds_step_bit_for_bit(foreach: bool):
     """Plain SGD's virtual step in float32 is the real step's arithmetic, not just close to it:
-    θ − lr·g rounded once per entry, as ``torch.optim.SGD`` writes it (either implementation),
-    on sizes with a vectorised body and a tail."""
+    θ − lr·g as one op with lr as its alpha, as ``torch.optim.SGD`` writes it (either
+    implementation), not with lr·g rounded first; on sizes with a vectorised body and a tail."""
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(n, generator=gen) for n in (1, 7, 1000, 4099)]
     grads = [torch.randn(w.shape, generator=gen) for w in weights]

@@ -116,19 +116,21 @@ class TangentTape(TorchDispatchMode):
         return out
 
     def _record(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
-        inputs = [t for a in (*args, *kwargs.values()) for t in leaves(a)]
-        if all(self._token(t) is None for t in inputs) or func.overloadpacket in NO_TANGENT:
+        if func.overloadpacket in NO_TANGENT:
             return  # its results are constants for the JVP
+        # each input's token, looked up once for this op (by id: the inputs are alive)
+        tokens = {id(t): self._token(t) for a in (*args, *kwargs.values()) for t in leaves(a)}
+        if all(token is None for token in tokens.values()):
+            return  # likewise: no input depends on the seeds
         info = op_info(func)
         if info.refuse is not None:
             raise Unsupported(info.refuse)
-        if info.in_place:
-            token = self._token(args[0])
-            if args[0]._is_view() or (token is not None and token in self._viewed):
-                raise Unsupported(f"in-place {func} on a view")
+        first = tokens.get(id(args[0])) if args and isinstance(args[0], Tensor) else None
+        if info.in_place and (args[0]._is_view() or (first is not None and first in self._viewed)):
+            raise Unsupported(f"in-place {func} on a view")
         by_name = dict(zip(info.names, args, strict=False)) | kwargs
         dep = {
-            name: any(self._token(t) is not None for t in leaves(v)) for name, v in by_name.items()
+            name: any(tokens[id(t)] is not None for t in leaves(v)) for name, v in by_name.items()
         }
         keep = None if info.reads is None else info.reads(dep)
         copy = info.rule is rule_dual
@@ -137,7 +139,7 @@ class TangentTape(TorchDispatchMode):
             kept = keep is None or name in keep
 
             def make(t: Tensor) -> Ref:
-                ref = self._ref(t, self._token(t), kept)
+                ref = self._ref(t, tokens[id(t)], kept)
                 ref.copy = copy and name in STATS
                 return ref
 
@@ -150,18 +152,17 @@ class TangentTape(TorchDispatchMode):
         rkwargs = {k: map_refs(v, ref_of(k)) for k, v in kwargs.items()}
         results = list(out) if isinstance(out, (list, tuple)) else [out]
         outs: list[Ref | None] = []
-        src = self._token(args[0]) if args and isinstance(args[0], Tensor) else None
         for i, o in enumerate(results):
             if not isinstance(o, Tensor):
                 outs.append(None)
                 continue
             token = None
             if o.is_floating_point() or o.is_complex():
-                token = self._token(o) if info.in_place and o is args[0] else None
+                token = first if info.in_place and o is args[0] else None
                 token = token if token is not None else self._new_token(o)
                 self._dependent.add(token)
-                if func.is_view and src is not None:
-                    self._viewed.update((token, src))
+                if func.is_view and first is not None:
+                    self._viewed.update((token, first))
             outs.append(self._ref(o, token, i in info.reads_out))
         named = info.defaults | dict(zip(info.names, rargs, strict=False)) | rkwargs
         if info.written:

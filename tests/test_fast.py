@@ -457,7 +457,11 @@ def test_training_fast_follows_unrolled(make_method, batchnorm: bool):
     method = build("fast")
     fast = train(method, batchnorm=batchnorm)
     engine = "tape" if batchnorm else "per_layer"
-    assert method.metastep.planner.jvps == {engine: 30}
+    planner = method.metastep.planner
+    assert planner.jvps == {engine: 30}
+    if batchnorm:  # the first forward recorded, every later one followed
+        programs = planner.describe()["tape_programs"]
+        assert programs == {"signatures": 1, "followed": 29, "stale": 0}
     unrolled = train(build("unrolled"), batchnorm=batchnorm)
     moved = train(build("fast"), steps=1, batchnorm=batchnorm)
     for (name, a), b, c in zip(

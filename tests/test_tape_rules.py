@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.func import jvp
 
 from reweight.jvp.base import Unsupported
+from reweight.jvp.program import FollowingTape
 from reweight.jvp.rules import op_info
 from reweight.jvp.tape import TangentTape
 
@@ -67,6 +68,37 @@ def check(f, tensors, moving=None, rng_seed=None):
         assert want.abs().max() > 1e-3, subset
         assert got.shape == want.shape and got.dtype == want.dtype
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=f"moving {subset}")
+        check_following(f, tensors, subset, dirs, tape.freeze(), rng_seed)
+
+
+def check_following(f, tensors, subset, dirs, program, rng_seed):
+    """The same forward with other values, on a ``FollowingTape`` of the first's program: its
+    replay reads the new forward's primals (against torch.func.jvp at the new values)."""
+    assert program is not None
+    moved = [
+        t + 0.25 * rand(*t.shape, seed=7) if i in subset and t.is_floating_point() else t
+        for i, t in enumerate(tensors)
+    ]
+    moved = [t.detach().requires_grad_(t.is_floating_point()) for t in moved]
+    seeds = [moved[i] for i in subset]
+    follow = FollowingTape(seeds, program)
+    if rng_seed is not None:
+        torch.manual_seed(rng_seed + 1)  # other dropout masks: read from this forward
+    with follow:
+        out = f(*moved)
+    got = follow.jvp(dirs, out)
+    assert follow.stale is None
+
+    def g(*xs):
+        args = list(moved)
+        for i, m in zip(subset, xs, strict=True):
+            args[i] = m
+        return f(*args)
+
+    if rng_seed is not None:
+        torch.manual_seed(rng_seed + 1)
+    want = jvp(g, tuple(s.detach() for s in seeds), tuple(dirs))[1]
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=f"following {subset}")
 
 
 # -- convolutions and pools --------------------------------------------------------------------

@@ -40,6 +40,7 @@ __all__ = [
     "Forward",
     "Recording",
     "RngState",
+    "Stale",
     "Unsupported",
     "load_forward_ad",
     "zeros_for_none",
@@ -71,6 +72,12 @@ ENGINES = tuple(ENGINE_SPECS)
 
 class Unsupported(Exception):
     """An engine cannot compute this forward's JVP; the reason is the message."""
+
+
+class Stale(Unsupported):
+    """A forward did not follow the tape program recorded for its model and signature (its ops
+    or the tensors they read differ): this step's JVP is computed another way, and the next
+    forward is recorded afresh. Not a reason to give up on the tape."""
 
 
 @functools.cache

@@ -24,10 +24,11 @@ import torch
 from torch import Tensor, nn
 
 from reweight.core import inputs as batch_inputs
-from reweight.jvp.base import ENGINE_SPECS, ENGINES, Forward, Recording, Unsupported
+from reweight.jvp.base import ENGINE_SPECS, ENGINES, Forward, Recording, Stale, Unsupported
 from reweight.jvp.choice import POLICIES, Facts, Plan, choose, general
 from reweight.jvp.dual import DualRecording, DualTwinRecording, dual_twin_jvp
 from reweight.jvp.per_layer import Ineligible, Layers, PerLayerRecording, agree, ghost_layers
+from reweight.jvp.program import ModelPrograms
 from reweight.jvp.tape import LeanTapeRecording, TapeRecording
 from reweight.jvp.timing import Timing, keep_rank0_verdict
 from reweight.meta import LossFn, TwinCache, trainable
@@ -98,6 +99,10 @@ class Planner:
         )
         # model -> (structure, why the tape cannot replay its forward)
         self._no_tape: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str]] = (
+            weakref.WeakKeyDictionary()
+        )
+        # model -> its tape programs (``reweight.jvp.program``)
+        self._programs: weakref.WeakKeyDictionary[nn.Module, ModelPrograms] = (
             weakref.WeakKeyDictionary()
         )
         # model -> the cuda policy's timings of its candidates
@@ -256,7 +261,10 @@ class Planner:
             # the cuda policy holds no training graph across MW-Net's meta pass (L2RW's comes
             # before the recorded forward)
             lean = update and direction is None and self.policy_for(device) == "cuda"
-            rec = LeanTapeRecording(fwd) if lean else TapeRecording(fwd)
+            programs = self._programs.get(model)
+            if programs is None:
+                programs = self._programs[model] = ModelPrograms()
+            rec = (LeanTapeRecording if lean else TapeRecording)(fwd, programs)
         elif plan.engine == "dual":
             if direction is None:
                 raise RuntimeError("internal error: the dual engine needs the direction first")
@@ -368,6 +376,13 @@ class Planner:
             "reason": plan.reason if plan else "no meta step taken yet",
             "jvps": dict(self.jvps),
         }
+        programs = list(self._programs.values())
+        if programs:  # forwards the tape followed from a program, and those that departed
+            out["tape_programs"] = {
+                "signatures": sum(len(p.programs) for p in programs),
+                "followed": sum(p.followed for p in programs),
+                "stale": sum(p.stale for p in programs),
+            }
         if self._timing is not None and any(self._timing.seconds.values()):
             # the cuda policy's timings, ms per step
             out["timed_ms"] = {
@@ -457,6 +472,9 @@ class _Planned(Recording):
     def jvp(self, direction: Sequence[Tensor]) -> Tensor:
         try:
             out = self.rec.jvp(direction)
+        except Stale as err:  # this step only: the next forward is recorded afresh
+            log.info("meta_grad='fast': %s; this step's JVP by dual numbers through the twin", err)
+            out, self.engine = dual_twin_jvp(self.fwd, direction), "dual_twin"
         except Unsupported as err:
             self.on_unsupported(str(err))  # raises when the tape was forced
             out, self.engine = dual_twin_jvp(self.fwd, direction), "dual_twin"

@@ -52,6 +52,7 @@ class Ref:
     dtype: torch.dtype
     device: torch.device
     copy: bool = False  # the op writes it as a side effect (BatchNorm statistics): replay a copy
+    slot: int = -1  # where a tape program captures the kept primal (-1: nothing kept)
 
     def primal(self) -> Tensor:
         if self.value is None:

@@ -13,6 +13,12 @@ An op the tape cannot replay (an in-place op on a view or other than ReLU/add/su
 other than dropout) makes ``jvp`` raise ``Unsupported``; the planner then uses dual numbers
 through the twin (or, for a forced ``engine="tape"``, stops with an error).
 
+Recording costs Python work at every op (~70 µs, as much again as the dispatch mode itself),
+which dominates a small model's step. So a recording given the planner's ``ModelPrograms``
+becomes its model's program for that batch signature after its JVP, and later forwards of the
+signature run on a ``FollowingTape`` that checks each op against it and keeps only the primals
+(``reweight.jvp.program``).
+
 Two arrangements for MW-Net, whose JVP direction exists only after its meta pass:
 
 - ``TapeRecording`` records the real forward first; its graph serves the virtual step's
@@ -33,25 +39,27 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from reweight.jvp.base import Forward, Recording, Unsupported, load_forward_ad
+from reweight.jvp.base import Forward, Recording, Stale, Unsupported
 from reweight.jvp.dual import DualTwinRecording
-from reweight.jvp.rules import (
-    NO_TANGENT,
-    STATS,
-    Entry,
-    Ref,
-    fused_conv_pool,
-    leaves,
-    map_refs,
-    op_info,
-    rule_convolution,
-    rule_dual,
-    rule_max_pool,
+from reweight.jvp.program import (
+    CONSTANT,
+    INDEPENDENT,
+    MAX_STALE,
+    RECORDED,
+    FollowingTape,
+    ModelPrograms,
+    OpSpec,
+    Program,
+    freeze,
+    program_key,
+    replay,
+    schedule,
+    split,
 )
+from reweight.jvp.rules import NO_TANGENT, STATS, Entry, Ref, leaves, map_refs, op_info, rule_dual
 from reweight.meta.kernels import differentiable_kernels
 
 __all__ = ["LeanTapeRecording", "TangentTape", "TapeRecording"]
@@ -78,6 +86,9 @@ class TangentTape(TorchDispatchMode):
         self._written: list[tuple[Ref, Tensor]] = []
         self._seeds = [self._new_token(s) for s in seeds]
         self._dependent.update(self._seeds)
+        self.ops: list[OpSpec] = []  # every op dispatched, as a program checks them
+        self._slots = 0  # kept primals so far (each Ref that keeps one has its slot)
+        self.target: int | None = None  # the token of the latest JVP's output
 
     # -- recording --------------------------------------------------------------------------
 
@@ -117,10 +128,13 @@ class TangentTape(TorchDispatchMode):
 
     def _record(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
         if func.overloadpacket in NO_TANGENT:
+            self.ops.append(OpSpec(func, CONSTANT))
             return  # its results are constants for the JVP
         # each input's token, looked up once for this op (by id: the inputs are alive)
-        tokens = {id(t): self._token(t) for a in (*args, *kwargs.values()) for t in leaves(a)}
+        flat, static = split(args, kwargs)
+        tokens = {id(t): self._token(t) for t in flat}
         if all(token is None for token in tokens.values()):
+            self.ops.append(OpSpec(func, INDEPENDENT))
             return  # likewise: no input depends on the seeds
         info = op_info(func)
         if info.refuse is not None:
@@ -165,55 +179,39 @@ class TangentTape(TorchDispatchMode):
                     self._viewed.update((token, first))
             outs.append(self._ref(o, token, i in info.reads_out))
         named = info.defaults | dict(zip(info.names, rargs, strict=False)) | rkwargs
-        if info.written:
-            targets = {id(args[i]) for i in info.written if i < len(args)}
-            pairs = [
-                (r, t)
-                for a, ra in zip(args, rargs, strict=True)
-                for r, t in zip(leaves(ra), leaves(a), strict=True)
-            ]
-            pairs += [(r, t) for r, t in zip(outs, results, strict=True) if r is not None]
-            self._written = [(r, t) for r, t in pairs if id(t) in targets]
+        rflat = [r for a in (*rargs, *rkwargs.values()) for r in leaves(a)]
+        written = self._note_written(info.written, args, flat, rflat, results, outs)
         self.entries.append(Entry(func, info.rule, rargs, rkwargs, named, outs, set()))
+        self.ops.append(_spec(func, info.in_place, static, rflat, outs, written))
+
+    def _note_written(
+        self,
+        positions: tuple[int, ...],
+        args: tuple,
+        flat: list[Tensor],
+        rflat: list[Ref],
+        results: list[Any],
+        outs: list[Ref | None],
+    ) -> tuple[tuple[int, int], ...]:
+        """Note the refs of the tensors an op writes (their versions are read at the next op);
+        return the (position, slot) of those that keep a primal, as ``OpSpec.written``."""
+        if not positions:
+            return ()
+        targets = {id(args[i]) for i in positions if i < len(args)}
+        pairs = [(r, t, pos) for pos, (r, t) in enumerate(zip(rflat, flat, strict=True))]
+        pairs += [(r, t, -1 - i) for i, (r, t) in enumerate(zip(outs, results, strict=True)) if r]
+        self._written = [(r, t) for r, t, _ in pairs if id(t) in targets]
+        return tuple((pos, r.slot) for r, t, pos in pairs if id(t) in targets and r.slot >= 0)
 
     def _ref(self, t: Tensor, token: int | None, keep: bool) -> Ref:
-        return Ref(token, t if keep else None, t._version, tuple(t.shape), t.dtype, t.device)
+        ref = Ref(token, t if keep else None, t._version, tuple(t.shape), t.dtype, t.device)
+        if keep:
+            ref.slot = self._slots
+            self._slots += 1
+        return ref
 
     # -- replay -----------------------------------------------------------------------------
 
-    def _schedule(self, target: int) -> dict[int, int]:
-        """Mark each entry's ``last``: the tangents no entry after it reads (freed once it ran),
-        and return the max-pools fused with the convolution they read (pool entry -> conv)."""
-        readers: dict[int, list[int]] = {}
-        producer: dict[int, int] = {}
-        for i, e in enumerate(self.entries):
-            e.last = set()
-            for x in (*e.args, *e.kwargs.values()):
-                for r in leaves(x):
-                    if r.token is not None:
-                        readers.setdefault(r.token, []).append(i)
-            for r in e.outs:
-                if r is not None and r.token is not None:
-                    producer[r.token] = i
-        for token, idx in readers.items():
-            if token != target:
-                self.entries[idx[-1]].last.add(token)
-        fused: dict[int, int] = {}
-        for j, e in enumerate(self.entries):
-            if e.rule is rule_max_pool:
-                token = e.named["self"].token
-                i = producer.get(token, -1)
-                conv = self.entries[i] if i >= 0 else None
-                if (
-                    conv is not None
-                    and conv.rule is rule_convolution
-                    and readers.get(token) == [j]
-                    and len(conv.outs[0].shape) == len(conv.named["weight"].shape)  # batched
-                ):
-                    fused[j] = i
-        return fused
-
-    @torch.no_grad()  # tangents are values: no graph of their own, nothing saved for one
     def jvp(self, directions: Sequence[Tensor], output: Tensor) -> Tensor:
         """The tangent of ``output`` when the seeds move in ``directions``."""
         if self.error is not None:
@@ -221,36 +219,17 @@ class TangentTape(TorchDispatchMode):
         found = self._ids.get(id(output))
         if found is None or found[0]() is not output:
             return torch.zeros_like(output)
-        target = found[1]
-        fused = self._schedule(target)
-        skipped = set(fused.values())
-        tangents = {
-            s: d.detach() for s, d in zip(self._seeds, directions, strict=True) if d is not None
-        }
-        load_forward_ad()
-        with fwAD.dual_level():
-            for j, e in enumerate(self.entries):
-                if j in skipped:
-                    continue
-                try:
-                    if j in fused:
-                        conv = self.entries[fused[j]]
-                        results = fused_conv_pool(conv, e, tangents)
-                        for token in conv.last:
-                            tangents.pop(token, None)
-                    else:
-                        results = e.rule(e, tangents)
-                except Unsupported:
-                    raise
-                except Exception as err:  # a rule that does not fit: the caller falls back
-                    raise Unsupported(f"{e.func}: {type(err).__name__}: {err}") from err
-                for ref, t in zip(e.outs, results, strict=False):
-                    if ref is not None and ref.token is not None and t is not None:
-                        tangents[ref.token] = t
-                for token in e.last:
-                    tangents.pop(token, None)
-        out = tangents.get(target)
-        return torch.zeros_like(output) if out is None else out.detach()
+        self.target = found[1]
+        fused = schedule(self.entries, self.target)
+        out = replay(self.entries, fused, self._seeds, directions, self.target)
+        return torch.zeros_like(output) if out is None else out
+
+    def freeze(self) -> Program | None:
+        """This recording as a program for later forwards (``reweight.jvp.program``), once its
+        JVP has been computed; None when there is none to make."""
+        if self.error is not None or self.target is None:
+            return None
+        return freeze(self.ops, self.entries, self._seeds, self.target)
 
 
 class TapeRecording(Recording):
@@ -262,9 +241,9 @@ class TapeRecording(Recording):
 
     engine = "tape"
 
-    def __init__(self, fwd: Forward) -> None:
+    def __init__(self, fwd: Forward, programs: ModelPrograms | None = None) -> None:
         self.weights = fwd.weights
-        self.tape = TangentTape(fwd.weights)
+        self.tape, self._programs = _tape(fwd, programs)
         grad = torch.enable_grad() if fwd.update else torch.no_grad()
         # the tape replays every op by its rule or on dual numbers: kernels that have them
         with grad, differentiable_kernels(fwd.module), self.tape:
@@ -277,7 +256,7 @@ class TapeRecording(Recording):
         return self.tape.error
 
     def jvp(self, direction: Sequence[Tensor]) -> Tensor:
-        return self.tape.jvp(direction, self.losses)
+        return _tape_jvp(self.tape, self._programs, direction, self.losses)
 
     def weighted_grads(self, seeds: Tensor) -> list[Tensor | None]:
         return list(
@@ -303,17 +282,75 @@ class LeanTapeRecording(DualTwinRecording):
 
     engine = "tape"
 
-    def __init__(self, fwd: Forward) -> None:
+    def __init__(self, fwd: Forward, programs: ModelPrograms | None = None) -> None:
         if not fwd.update:
             raise RuntimeError("internal error: the lean tape serves a training step")
         super().__init__(fwd)
+        self.programs = programs
 
     def jvp(self, direction: Sequence[Tensor]) -> Tensor:
         if self._update is not None:
             raise RuntimeError("internal error: the lean tape replays one JVP per recording")
-        tape = TangentTape(self.fwd.weights)
+        tape, programs = _tape(self.fwd, self.programs)
         # the real update's forward, recorded (kernels the tape replays, as TapeRecording's)
         with torch.enable_grad(), self.fwd.rng.replay():
             with differentiable_kernels(self.fwd.module), tape:
                 self._update = self.fwd.run()
-        return tape.jvp(direction, self._update)
+        return _tape_jvp(tape, programs, direction, self._update)
+
+
+def _spec(
+    func: Any,
+    in_place: bool,
+    static: tuple,
+    rflat: list[Ref],
+    outs: list[Ref | None],
+    written: tuple[tuple[int, int], ...],
+) -> OpSpec:
+    """A recorded op as a later forward must repeat it (``reweight.jvp.program.OpSpec``)."""
+    return OpSpec(
+        func,
+        RECORDED,
+        static,
+        tuple(r.token for r in rflat),
+        tuple(None if r is None else (r.token, r.shape, r.dtype) for r in outs),
+        tuple((pos, r.slot) for pos, r in enumerate(rflat) if r.slot >= 0)
+        + tuple((-1 - i, r.slot) for i, r in enumerate(outs) if r is not None and r.slot >= 0),
+        written,
+        in_place,
+    )
+
+
+Tape = TangentTape | FollowingTape
+Keyed = tuple[ModelPrograms, tuple] | None  # a model's programs and this forward's key
+
+
+def _tape(fwd: Forward, programs: ModelPrograms | None) -> tuple[Tape, Keyed]:
+    """The tape to record ``fwd`` on: following its program when its model has one for this
+    signature (``reweight.jvp.program``), else recording in full."""
+    if programs is None:
+        return TangentTape(fwd.weights), None
+    key = program_key(fwd)
+    program = programs.get(key)
+    tape = TangentTape(fwd.weights) if program is None else FollowingTape(fwd.weights, program)
+    return tape, (programs, key)
+
+
+def _tape_jvp(tape: Tape, keyed: Keyed, direction: Sequence[Tensor], output: Tensor) -> Tensor:
+    """``tape``'s JVP; a full recording becomes its signature's program, a stale one is
+    dropped (``Stale`` propagates: the caller computes this JVP another way)."""
+    try:
+        out = tape.jvp(direction, output)
+    except Stale:
+        if keyed is not None:
+            keyed[0].drop(keyed[1])
+        raise
+    if keyed is not None:
+        programs, key = keyed
+        if isinstance(tape, FollowingTape):
+            programs.followed += 1
+        elif programs.get(key) is None and programs.stale < MAX_STALE:
+            program = tape.freeze()
+            if program is not None:
+                programs.put(key, program)
+    return out

@@ -218,7 +218,42 @@ def replay(
     return None if out is None else out.detach()
 
 
-class FollowingTape(TorchDispatchMode):
+class Watcher(TorchDispatchMode):
+    """A dispatch mode that runs each op of a forward, then hands it to ``_note`` (the tapes'
+    common part). The versions of the tensors an op writes are read at the next op (autograd
+    bumps them after this mode returns) or on exit, by ``_refresh_versions``. Whatever
+    ``_note`` raises is caught: watching must never break the real forward; ``_failed`` keeps
+    the reason and turns watching off."""
+
+    watching = True
+
+    def _note(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        raise NotImplementedError
+
+    def _failed(self, why: str) -> None:
+        raise NotImplementedError
+
+    def _refresh_versions(self) -> None:
+        raise NotImplementedError
+
+    def __exit__(self, *exc: object) -> None:
+        self._refresh_versions()
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self._refresh_versions()
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.watching:
+            try:
+                self._note(func, args, kwargs, out)
+            except Exception as err:
+                self.watching = False
+                self._failed(f"{func}: {type(err).__name__}: {err}")
+        return out
+
+
+class FollowingTape(Watcher):
     """A forward checked against ``program`` op by op, keeping the primals its replay reads.
 
     Used like ``TangentTape`` (a context manager around the forward, then ``jvp``); where the
@@ -242,24 +277,19 @@ class FollowingTape(TorchDispatchMode):
         return None if entry is None or entry[0]() is not t else entry[1]
 
     def _refresh_versions(self) -> None:
-        for slot, t in self._written:
-            self.values[slot] = (t, t._version)
-        self._written.clear()
-
-    def __exit__(self, *exc: object) -> None:
-        self._refresh_versions()
-        return super().__exit__(*exc)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if self._written:
-            self._refresh_versions()
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if self.stale is None:
-            why = self._follow(func, args, kwargs, out)
-            if why is not None:
-                self.stale = f"op {self._k - 1} ({func}): {why}"
-        return out
+            for slot, t in self._written:
+                self.values[slot] = (t, t._version)
+            self._written.clear()
+
+    def _note(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        why = self._follow(func, args, kwargs, out)
+        if why is not None:
+            self._failed(f"op {self._k - 1} ({func}): {why}")
+
+    def _failed(self, why: str) -> None:
+        self.watching = False
+        self.stale = why
 
     def _follow(self, func: Any, args: tuple, kwargs: dict, out: Any) -> str | None:
         ops, k = self.program.ops, self._k

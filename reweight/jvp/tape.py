@@ -40,7 +40,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from reweight.jvp.base import Forward, Recording, Stale, Unsupported
 from reweight.jvp.dual import DualTwinRecording
@@ -53,6 +52,7 @@ from reweight.jvp.program import (
     ModelPrograms,
     OpSpec,
     Program,
+    Watcher,
     freeze,
     program_key,
     replay,
@@ -65,7 +65,7 @@ from reweight.meta.kernels import differentiable_kernels
 __all__ = ["LeanTapeRecording", "TangentTape", "TapeRecording"]
 
 
-class TangentTape(TorchDispatchMode):
+class TangentTape(Watcher):
     """Record one forward's aten ops that depend on ``seeds``; replay its JVP on demand.
 
     Use as a context manager around the forward (autograd still builds its reverse graph: the
@@ -105,28 +105,16 @@ class TangentTape(TorchDispatchMode):
         return entry[1]
 
     def _refresh_versions(self) -> None:
-        for ref, t in self._written:
-            ref.version = t._version
-        self._written.clear()
-
-    def __exit__(self, *exc: object) -> None:
-        self._refresh_versions()
-        return super().__exit__(*exc)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if self._written:
-            self._refresh_versions()
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if self.error is None:
-            try:
-                self._record(func, args, kwargs, out)
-            except Exception as err:  # recording must never break the real forward
-                self.error = f"{func}: {type(err).__name__}: {err}"
-                self.entries.clear()
-        return out
+            for ref, t in self._written:
+                ref.version = t._version
+            self._written.clear()
 
-    def _record(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+    def _failed(self, why: str) -> None:
+        self.error = why
+        self.entries.clear()
+
+    def _note(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
         if func.overloadpacket in NO_TANGENT:
             self.ops.append(OpSpec(func, CONSTANT))
             return  # its results are constants for the JVP

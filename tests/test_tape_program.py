@@ -17,7 +17,7 @@ from reweight import MWNet
 from reweight.jvp.base import Stale
 from reweight.jvp.dual import dual_forward
 from reweight.jvp.planner import Planner
-from reweight.jvp.program import MAX_STALE, FollowingTape
+from reweight.jvp.program import MAX_STALE, FollowingTape, split
 from reweight.jvp.tape import TangentTape
 from reweight.meta import to_meta, trainable
 from reweight.metastep import StepInputs
@@ -199,3 +199,14 @@ def test_a_followed_jvp_of_another_tensor_is_stale():
         else:
             want = torch.func.jvp(lambda v: torch.tanh(x @ v).sum(1), (w.detach(),), (d,))[1]
             torch.testing.assert_close(follow.jvp([d], out), want, rtol=0, atol=1e-12)
+
+
+def test_split_tells_a_tensor_from_none_in_an_index_list():
+    """x[:, i, j] and x[i, :, j] are aten.index(x, [None, i, j]) and (x, [i, None, j]): the
+    same tensors, in other places; what a program compares must differ."""
+    x, i, j = torch.zeros(3, 3, 3), torch.tensor([0, 1]), torch.tensor([1, 2])
+    a = split((x, [None, i, j]), {})
+    b = split((x, [i, None, j]), {})
+    assert a[0] == [x, i, j] and b[0] == [x, i, j]
+    assert a[1] != b[1]
+    assert split((x, [None, i, j]), {"k": 2})[1] != split((x, [None, i, j]), {"k": 3})[1]

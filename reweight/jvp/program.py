@@ -84,20 +84,30 @@ class OpSpec:
     in_place: bool = False
 
 
+class _Tensor:
+    """Where ``split`` found a tensor (None is an argument of its own: ``x[None, i]``)."""
+
+    def __repr__(self) -> str:
+        return "<tensor>"
+
+
+TENSOR = _Tensor()
+
+
 def split(args: tuple, kwargs: dict) -> tuple[list[Tensor], tuple]:
-    """An op's tensor arguments in order (lists flattened) and the rest, tensors as None."""
+    """An op's tensor arguments in order (lists flattened) and the rest, tensors as TENSOR."""
     flat: list[Tensor] = []
     static: list[Any] = []
     for a in (*args, *kwargs.values()):
         if isinstance(a, Tensor):
             flat.append(a)
-            static.append(None)
+            static.append(TENSOR)
         elif isinstance(a, (list, tuple)):
             items = []
             for o in a:
                 if isinstance(o, Tensor):
                     flat.append(o)
-                    items.append(None)
+                    items.append(TENSOR)
                 else:
                     items.append(o)
             static.append(tuple(items))

@@ -18,7 +18,7 @@ from reweight.jvp.base import Stale
 from reweight.jvp.dual import dual_forward
 from reweight.jvp.planner import Planner
 from reweight.jvp.program import MAX_STALE, FollowingTape, split
-from reweight.jvp.tape import TangentTape
+from reweight.jvp.tape import LeanTapeRecording, TangentTape, TapeRecording
 from reweight.meta import to_meta, trainable
 from reweight.metastep import StepInputs
 
@@ -109,11 +109,13 @@ class Departing(nn.Module):
         return self.fc2(h)
 
 
+@pytest.mark.parametrize("policy", ["cpu", "cuda"], ids=["graph-kept", "lean"])
 @pytest.mark.parametrize("how", ["op", "scalar", "weight", "shape", "buffer"])
-def test_a_departing_forward_is_caught_and_its_step_is_exact(how: str):
+def test_a_departing_forward_is_caught_and_its_step_is_exact(how: str, policy: str):
+    """Under either policy's tape (the cuda policy's records the forward at its JVP)."""
     torch.manual_seed(0)
     model = Departing(how, at={3}).double().train()
-    planner = Planner(engine="tape", policy="cpu")
+    planner = Planner(engine="tape", policy=policy, direction_first=False)
     g = torch.Generator().manual_seed(1)
     engines = []
     for step in range(1, 6):
@@ -122,6 +124,7 @@ def test_a_departing_forward_is_caught_and_its_step_is_exact(how: str):
         u = directions(model, step)
         STEP["n"] = step
         rec = planner.record(model, x, y, F.cross_entropy)
+        assert isinstance(rec.rec, LeanTapeRecording if policy == "cuda" else TapeRecording)
         got = rec.jvp(u)
         engines.append(planner.last_engine)
         want = reference(model, x, y, u, 0)

@@ -52,7 +52,7 @@ def check(f, tensors, moving=None, rng_seed=None):
                 args[i] = m
             return f(*args)
 
-        tape = TangentTape(seeds)
+        tape = TangentTape(seeds, program=True)
         if rng_seed is not None:
             torch.manual_seed(rng_seed)
         with tape:

@@ -2,12 +2,13 @@
 
 Recording a forward on the tangent tape (``reweight.jvp.tape``) costs Python work at every aten
 op: a token per tensor, a ``Ref`` per argument, an ``Entry`` per op. For a given model and
-batch signature the recorded ops are the same every step; only the tensors differ. So the
-first recording is frozen into a ``Program`` (its entries without tensors, and for every op
-the forward dispatched what the tape expects of it), and later forwards of that signature run
+batch signature the recorded ops are the same every step; only the tensors differ. So a
+recording is frozen into a ``Program`` (its entries without tensors, and for every op the
+forward dispatched what the tape expects of it), and later forwards of that signature run
 under a ``FollowingTape``, which checks each op against the program and keeps just the primal
 tensors the replay reads, in the program's slots. The replay is the program's, with those
-tensors filled in.
+tensors filled in. The program is made from a signature's second forward (``ModelPrograms``):
+making one costs a recording 10–30 %, which a planner used once would pay for nothing.
 
 What is checked at each op, so that a followed forward replays exactly what a recorded one
 would: the op itself, its arguments other than tensors (sizes, scalars, flags), whether each
@@ -380,12 +381,26 @@ def program_key(fwd: Forward) -> tuple:
 
 
 class ModelPrograms:
-    """One model's programs by ``program_key``; off after ``MAX_STALE`` stale forwards."""
+    """One model's programs by ``program_key``; off after ``MAX_STALE`` stale forwards.
+
+    A program is made from a signature's second forward, not its first: making one costs its
+    recording 10–30 %, which a planner used once (a functional call's) would pay for nothing.
+    """
 
     def __init__(self) -> None:
         self.programs: dict[tuple, Program] = {}
+        self.seen: set[tuple] = set()  # signatures recorded once
         self.stale = 0
         self.followed = 0  # forwards replayed from a program (a count, for tests and reports)
+
+    def wanted(self, key: tuple) -> bool:
+        """Whether this forward (with no program) is to be recorded as one."""
+        if self.stale >= MAX_STALE:
+            return False
+        if key in self.seen:
+            return True
+        self.seen.add(key)
+        return False
 
     def get(self, key: tuple) -> Program | None:
         return None if self.stale >= MAX_STALE else self.programs.get(key)

@@ -14,10 +14,10 @@ other than dropout) makes ``jvp`` raise ``Unsupported``; the planner then uses d
 through the twin (or, for a forced ``engine="tape"``, stops with an error).
 
 Recording costs Python work at every op (~70 µs, as much again as the dispatch mode itself),
-which dominates a small model's step. So a recording given the planner's ``ModelPrograms``
-becomes its model's program for that batch signature after its JVP, and later forwards of the
-signature run on a ``FollowingTape`` that checks each op against it and keeps only the primals
-(``reweight.jvp.program``).
+which dominates a small model's step. So the second recording of a batch signature, given the
+planner's ``ModelPrograms``, becomes its model's program for that signature after its JVP, and
+later forwards of the signature run on a ``FollowingTape`` that checks each op against it and
+keeps only the primals (``reweight.jvp.program``).
 
 Two arrangements for MW-Net, whose JVP direction exists only after its meta pass:
 
@@ -73,7 +73,7 @@ class TangentTape(Watcher):
     seeds are recorded, and each keeps just the primal tensors its tangent rule reads.
     """
 
-    def __init__(self, seeds: Sequence[Tensor]) -> None:
+    def __init__(self, seeds: Sequence[Tensor], program: bool = False) -> None:
         super().__init__()
         self.entries: list[Entry] = []
         self.error: str | None = None
@@ -86,7 +86,8 @@ class TangentTape(Watcher):
         self._written: list[tuple[Ref, Tensor]] = []
         self._seeds = [self._new_token(s) for s in seeds]
         self._dependent.update(self._seeds)
-        self.ops: list[OpSpec] = []  # every op dispatched, as a program checks them
+        # every op dispatched, as a program checks them (None: no program is to be made)
+        self.ops: list[OpSpec] | None = [] if program else None
         self._slots = 0  # kept primals so far (each Ref that keeps one has its slot)
         self.target: int | None = None  # the token of the latest JVP's output
 
@@ -116,13 +117,15 @@ class TangentTape(Watcher):
 
     def _note(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
         if func.overloadpacket in NO_TANGENT:
-            self.ops.append(OpSpec(func, CONSTANT))
+            if self.ops is not None:
+                self.ops.append(OpSpec(func, CONSTANT))
             return  # its results are constants for the JVP
         # each input's token, looked up once for this op (by id: the inputs are alive)
         flat, static = split(args, kwargs)
         tokens = {id(t): self._token(t) for t in flat}
         if all(token is None for token in tokens.values()):
-            self.ops.append(OpSpec(func, INDEPENDENT))
+            if self.ops is not None:
+                self.ops.append(OpSpec(func, INDEPENDENT))
             return  # likewise: no input depends on the seeds
         info = op_info(func)
         if info.refuse is not None:
@@ -170,7 +173,8 @@ class TangentTape(Watcher):
         rflat = [r for a in (*rargs, *rkwargs.values()) for r in leaves(a)]
         written = self._note_written(info.written, args, flat, rflat, results, outs)
         self.entries.append(Entry(func, info.rule, rargs, rkwargs, named, outs, set()))
-        self.ops.append(_spec(func, info.in_place, static, rflat, outs, written))
+        if self.ops is not None:
+            self.ops.append(_spec(func, info.in_place, static, rflat, outs, written))
 
     def _note_written(
         self,
@@ -215,7 +219,7 @@ class TangentTape(Watcher):
     def freeze(self) -> Program | None:
         """This recording as a program for later forwards (``reweight.jvp.program``), once its
         JVP has been computed; None when there is none to make."""
-        if self.error is not None or self.target is None:
+        if self.error is not None or self.target is None or self.ops is None:
             return None
         return freeze(self.ops, self.entries, self._seeds, self.target)
 
@@ -320,8 +324,11 @@ def _tape(fwd: Forward, programs: ModelPrograms | None) -> tuple[Tape, Keyed]:
         return TangentTape(fwd.weights), None
     key = program_key(fwd)
     program = programs.get(key)
-    tape = TangentTape(fwd.weights) if program is None else FollowingTape(fwd.weights, program)
-    return tape, (programs, key)
+    if program is not None:
+        return FollowingTape(fwd.weights, program), (programs, key)
+    if not programs.wanted(key):  # a signature's first forward: one that may never come again
+        return TangentTape(fwd.weights), None
+    return TangentTape(fwd.weights, program=True), (programs, key)
 
 
 def _tape_jvp(tape: Tape, keyed: Keyed, direction: Sequence[Tensor], output: Tensor) -> Tensor:

@@ -46,7 +46,6 @@ from reweight.jvp.dual import DualTwinRecording
 from reweight.jvp.program import (
     CONSTANT,
     INDEPENDENT,
-    MAX_STALE,
     RECORDED,
     FollowingTape,
     ModelPrograms,
@@ -344,8 +343,6 @@ def _tape_jvp(tape: Tape, keyed: Keyed, direction: Sequence[Tensor], output: Ten
         programs, key = keyed
         if isinstance(tape, FollowingTape):
             programs.followed += 1
-        elif programs.get(key) is None and programs.stale < MAX_STALE:
-            program = tape.freeze()
-            if program is not None:
-                programs.put(key, program)
+        elif (program := tape.freeze()) is not None:
+            programs.put(key, program)  # (not once the model's programs are off)
     return out

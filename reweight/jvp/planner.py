@@ -472,11 +472,11 @@ class _Planned(Recording):
     def jvp(self, direction: Sequence[Tensor]) -> Tensor:
         try:
             out = self.rec.jvp(direction)
-        except Stale as err:  # this step only: the next forward is recorded afresh
-            log.info("meta_grad='fast': %s; this step's JVP by dual numbers through the twin", err)
-            out, self.engine = dual_twin_jvp(self.fwd, direction), "dual_twin"
         except Unsupported as err:
-            self.on_unsupported(str(err))  # raises when the tape was forced
+            if isinstance(err, Stale):  # this step only: the next forward is recorded afresh
+                log.info("meta_grad='fast': %s; this step's JVP by dual numbers", err)
+            else:
+                self.on_unsupported(str(err))  # raises when the tape was forced
             out, self.engine = dual_twin_jvp(self.fwd, direction), "dual_twin"
         self.on_jvp(self.engine)
         return out

@@ -234,7 +234,7 @@ class TapeRecording(Recording):
 
     def __init__(self, fwd: Forward, programs: ModelPrograms | None = None) -> None:
         self.weights = fwd.weights
-        self.tape, self._programs = _tape(fwd, programs)
+        self.tape, self._keyed = _tape(fwd, programs)
         grad = torch.enable_grad() if fwd.update else torch.no_grad()
         # the tape replays every op by its rule or on dual numbers: kernels that have them
         with grad, differentiable_kernels(fwd.module), self.tape:
@@ -247,7 +247,7 @@ class TapeRecording(Recording):
         return self.tape.error
 
     def jvp(self, direction: Sequence[Tensor]) -> Tensor:
-        return _tape_jvp(self.tape, self._programs, direction, self.losses)
+        return _tape_jvp(self.tape, self._keyed, direction, self.losses)
 
     def weighted_grads(self, seeds: Tensor) -> list[Tensor | None]:
         return list(
@@ -282,12 +282,12 @@ class LeanTapeRecording(DualTwinRecording):
     def jvp(self, direction: Sequence[Tensor]) -> Tensor:
         if self._update is not None:
             raise RuntimeError("internal error: the lean tape replays one JVP per recording")
-        tape, programs = _tape(self.fwd, self.programs)
+        tape, keyed = _tape(self.fwd, self.programs)
         # the real update's forward, recorded (kernels the tape replays, as TapeRecording's)
         with torch.enable_grad(), self.fwd.rng.replay():
             with differentiable_kernels(self.fwd.module), tape:
                 self._update = self.fwd.run()
-        return _tape_jvp(tape, programs, direction, self._update)
+        return _tape_jvp(tape, keyed, direction, self._update)
 
 
 def _spec(
